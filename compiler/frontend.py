@@ -1,0 +1,294 @@
+"""torch.export front door: trace the model, cut it at its MoE layers, import the parts to Relax.
+
+The whole model is exported once with every MoE block replaced by an opaque custom op
+(`moetvm::moe_layer`), so the dense code between MoE layers is traced exactly as PyTorch runs it.
+TVM's exported-program importer turns each marker into an external call; `split_at_moe_layers`
+then cuts the Relax function at those calls into segment functions, and records the program
+(segment / moe steps with named values) that the runtime interprets. Routers and expert FFNs
+are lowered separately from the canonical spec, with expert weights as function parameters so
+one kernel serves every expert of a workload.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.export import Dim
+
+import tvm
+from tvm import relax
+from tvm.relax.frontend.torch import from_exported_program
+
+from moetvm.artifact import Step, TensorSpec
+
+from .spec import ExpertWeights, MoELayerSpec
+
+MOE_SYMBOL = "moetvm.moe_layer."
+MAX_TOKENS = 4096
+
+
+@torch.library.custom_op("moetvm::moe_layer", mutates_args=())
+def _moe_layer(x: torch.Tensor, layer: int) -> torch.Tensor:
+    raise RuntimeError("moetvm::moe_layer only marks an MoE layer for export; it never runs")
+
+
+@_moe_layer.register_fake
+def _(x, layer):
+    return torch.empty_like(x)
+
+
+class _MoEMarker(nn.Module):
+    def __init__(self, layer: int):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return torch.ops.moetvm.moe_layer(x, self.layer)
+
+
+def _convert_marker(node, importer):
+    x = importer.env[node.args[0]]
+    call = relax.call_dps_packed(relax.ExternFunc(f"{MOE_SYMBOL}{node.args[1]}"), [x], out_ty=x.ty)
+    return importer.block_builder.emit(call)
+
+
+def _with_markers(model: nn.Module, specs: list[MoELayerSpec]) -> nn.Module:
+    marked = copy.deepcopy(model)
+    for i, spec in enumerate(specs):
+        parent_path, _, attr = spec.path.rpartition(".")
+        parent = marked.get_submodule(parent_path) if parent_path else marked
+        setattr(parent, attr, _MoEMarker(i))
+    return marked
+
+
+def _import(module: nn.Module, args: tuple, dynamic_shapes) -> tvm.IRModule:
+    with torch.no_grad():
+        ep = torch.export.export(module.eval(), args, dynamic_shapes=dynamic_shapes)
+    return from_exported_program(ep, unwrap_unit_return_tuple=True, custom_convert_map={"moe_layer.default": _convert_marker})
+
+
+# --- what the compiler exports for each supported kind of model ------------------------------
+class _LMStep(nn.Module):
+    """The KV-cached LM protocol (`step`, `kv_layout`) as a module torch.export can trace."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, tokens, positions, past_positions, past_keys, past_values):
+        return self.lm.step(tokens, positions, past_positions, past_keys, past_values)
+
+
+def export_causal_lm(model: nn.Module, specs: list[MoELayerSpec]) -> tvm.IRModule:
+    layers, heads, head_dim = model.kv_layout
+    b, s, p = 2, 3, 2  # example sizes; all three dimensions are exported as symbolic
+    batch, seq, past = Dim("batch", min=1, max=64), Dim("seq", min=1, max=MAX_TOKENS), Dim("past", min=0, max=MAX_TOKENS)
+    # Distinct tensors: torch.export would treat one object passed twice as one input.
+    kv = lambda: [torch.zeros(b, heads, p, head_dim) for _ in range(layers)]  # noqa: E731
+    args = (torch.zeros(b, s, dtype=torch.long), torch.zeros(b, s, dtype=torch.long),
+            torch.zeros(b, p, dtype=torch.long), kv(), kv())
+    dyn = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: past},
+           [{0: batch, 2: past}] * layers, [{0: batch, 2: past}] * layers)
+    return _import(_LMStep(_with_markers(model, specs)), args, dyn)
+
+
+def export_moe_block(model: nn.Module, specs: list[MoELayerSpec], example: torch.Tensor) -> tvm.IRModule:
+    dyn = ({i: Dim(f"d{i}", min=1, max=MAX_TOKENS) for i in range(example.dim() - 1)},)
+    return _import(_with_markers(model, specs), (example,), dyn)
+
+
+# --- cutting the traced model into segments --------------------------------------------------
+@dataclass
+class SplitProgram:
+    segments: tvm.IRModule  # one Relax function per segment
+    program: list[Step]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+def _moe_layer_of(binding) -> int | None:
+    value = binding.value
+    if isinstance(value, relax.Call) and isinstance(value.args[0] if value.args else None, relax.ExternFunc):
+        symbol = value.args[0].global_symbol
+        if symbol.startswith(MOE_SYMBOL):
+            return int(symbol[len(MOE_SYMBOL):])
+    return None
+
+
+def _free_values(expr, values: set) -> list:
+    # free_vars also reports symbolic dims (same Var class in this TVM); those travel inside
+    # tensor shapes, so keep only variables that are values of the function.
+    return [v for v in relax.analysis.free_vars(expr) if v in values]
+
+
+def _tensor_spec(name: str, var: relax.Var) -> TensorSpec:
+    ty = var.ty
+    shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else str(d) for d in ty.shape.values]
+    return TensorSpec(name=name, shape=shape, dtype=str(ty.dtype))
+
+
+def split_at_moe_layers(mod: tvm.IRModule, input_names: list[str], output_names: list[str]) -> SplitProgram:
+    """Cut `main` at its MoE markers: each run of bindings between markers becomes a segment."""
+    main = relax.transform.ToNonDataflow()(mod)["main"]
+    params = list(main.params)
+    body = main.body
+    bindings = [b for block in body.blocks for b in block.bindings]
+
+    result = body.body
+    if isinstance(result, relax.Var) and bindings and bindings[-1].var.same_as(result) \
+            and isinstance(bindings[-1].value, relax.Tuple):
+        result = bindings.pop().value  # `gv = (logits, k0, ...)`: return the fields themselves
+    values = set(params) | {b.var for b in bindings}
+    final_outputs = list(result.fields) if isinstance(result, relax.Tuple) else [result]
+    if len(final_outputs) != len(output_names) or not all(isinstance(e, relax.Var) for e in final_outputs):
+        raise ValueError(f"expected {len(output_names)} model outputs, the traced graph has {len(final_outputs)}")
+    # Name every value that crosses a step boundary; model inputs and outputs keep their names.
+    names: dict[relax.Var, str] = {v: n for v, n in zip(params, input_names)}
+    names.update(zip(final_outputs, output_names))
+
+    def name_of(var):
+        return names.setdefault(var, f"v{len(names)}")
+
+    # Cut into pieces: ("segment", [bindings]) and ("moe", layer, binding).
+    pieces, current = [], []
+    for b in bindings:
+        layer = _moe_layer_of(b)
+        if layer is None:
+            current.append(b)
+            continue
+        if current:
+            pieces.append(("segment", current))
+            current = []
+        pieces.append(("moe", layer, b))
+    if current:
+        pieces.append(("segment", current))
+
+    # Values each piece must export: used by a later piece or by the model's outputs.
+    needed_later: list[set] = [set() for _ in pieces]
+    live = set(final_outputs)
+    for i in range(len(pieces) - 1, -1, -1):
+        needed_later[i] = set(live)
+        piece = pieces[i]
+        binds = piece[1] if piece[0] == "segment" else [piece[2]]
+        for b in binds:
+            live.discard(b.var)
+            live |= set(_free_values(b.value, values))
+
+    segments = tvm.IRModule()
+    program: list[Step] = []
+    for i, piece in enumerate(pieces):
+        if piece[0] == "moe":
+            _, layer, b = piece
+            (x,) = b.value.args[1].fields
+            program.append(Step(op="moe", name=f"moe_{layer}", layer=layer, inputs=[name_of(x)], outputs=[name_of(b.var)]))
+            continue
+        binds = piece[1]
+        defined = [b.var for b in binds]
+        used = []
+        for b in binds:
+            for v in _free_values(b.value, values):
+                if v not in defined and v not in used:
+                    used.append(v)
+        outs = [v for v in defined if v in needed_later[i]]
+        fn_name = f"segment_{sum(p.op == 'segment' for p in program)}"
+        func, seg_inputs = _segment_function(used, binds, outs, params)
+        segments[fn_name] = func.with_attr("global_symbol", fn_name)
+        program.append(Step(op="segment", name=fn_name, inputs=[name_of(v) for v in seg_inputs], outputs=[name_of(v) for v in outs]))
+
+    inputs = [_tensor_spec(n, p) for n, p in zip(input_names, params)]
+    outputs = [_tensor_spec(n, e) for n, e in zip(output_names, final_outputs)]
+    return SplitProgram(segments=segments, program=program, inputs=inputs, outputs=outputs)
+
+
+def _segment_function(inputs: list, binds: list, outputs: list, model_params: list) -> tuple[relax.Function, list]:
+    """A Relax function for one segment; adds model inputs needed only to define symbolic dims
+    (e.g. the past length, which later segments see only inside `past + seq`)."""
+    params = list(inputs)
+    ret_ty = relax.TupleType([v.ty for v in outputs])
+
+    def make(ps):
+        body = relax.SeqExpr([relax.BindingBlock(binds)], relax.Tuple(outputs))
+        return relax.Function(ps, body, ret_ty)
+
+    func = make(params)
+    missing = set(relax.analysis.free_symbolic_vars(func))
+    for p in model_params:
+        if not missing:
+            break
+        defines = set(relax.analysis.definable_tir_vars_in_type(p.ty)) & missing
+        if defines and p not in params:
+            params.append(p)
+            missing -= defines
+    if missing:
+        raise ValueError(f"cannot define symbolic dims {sorted(map(str, missing))} for a segment")
+    return relax.utils.copy_with_new_vars(make(params)), params
+
+
+# --- routers and experts, lowered from the canonical spec ------------------------------------
+class _Router(nn.Module):
+    """scores = score_fn(x @ W^T + b), computed at fp32 (the router is the sensitive part)."""
+
+    def __init__(self, spec: MoELayerSpec):
+        super().__init__()
+        self.weight = nn.Parameter(torch.from_numpy(spec.router_weight))
+        self.bias = None if spec.router_bias is None else nn.Parameter(torch.from_numpy(spec.router_bias))
+        self.score_fn = spec.score_fn
+
+    def forward(self, x):
+        logits = F.linear(x, self.weight, self.bias)
+        return F.softmax(logits, dim=-1) if self.score_fn == "softmax" else torch.sigmoid(logits)
+
+
+class _SharedGate(nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = nn.Parameter(torch.from_numpy(weight))
+
+    def forward(self, x):
+        return torch.sigmoid(F.linear(x, self.weight))
+
+
+class _SwiGLUKernel(nn.Module):
+    """The expert workload: weights are inputs, stored (in, out) so every matmul is x @ W."""
+
+    def forward(self, x, w_gate, w_up, w_down):
+        return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+def _token_dim():
+    return Dim("tokens", min=1, max=MAX_TOKENS)
+
+
+def _main_as(mod: tvm.IRModule, name: str) -> relax.Function:
+    return mod["main"].with_attr("global_symbol", name)
+
+
+def lower_router(spec: MoELayerSpec, name: str) -> relax.Function:
+    x = torch.zeros(3, spec.d_model)
+    return _main_as(_import(_Router(spec), (x,), ({0: _token_dim()},)), name)
+
+
+def lower_shared_gate(spec: MoELayerSpec, name: str) -> relax.Function:
+    x = torch.zeros(3, spec.d_model)
+    return _main_as(_import(_SharedGate(spec.shared_gate_weight), (x,), ({0: _token_dim()},)), name)
+
+
+def workload_key(e: ExpertWeights) -> tuple:
+    return (e.kind, e.d_model, e.d_ff, "float32")
+
+
+def kernel_weights(e: ExpertWeights) -> dict[str, "np.ndarray"]:
+    """An expert's weights in the kernel's (in, out) layout, in call order."""
+    return {"w_gate": e.w_gate.T.copy(), "w_up": e.w_up.T.copy(), "w_down": e.w_down.T.copy()}
+
+
+def lower_expert_workload(e: ExpertWeights, name: str) -> relax.Function:
+    if e.kind != "swiglu":
+        raise ValueError(f"unsupported expert kind {e.kind!r}")
+    x = torch.zeros(3, e.d_model)
+    w = [torch.from_numpy(v) for v in kernel_weights(e).values()]
+    return _main_as(_import(_SwiGLUKernel(), (x, *w), ({0: _token_dim()}, None, None, None)), name)

@@ -1,0 +1,130 @@
+"""Default CPU schedules: every PrimFunc leaves the compiler scheduled, none runs TVM's naive loops.
+
+Order of rules: dlight's CPU GEMV and Reduction rules where they match, then two small rules of
+ours: `MatmulOuterProduct` for contractions whose innermost output axis is contiguous in the
+right-hand operand (x @ W with W stored (in, out), which is how the compiler lays out every
+weight), and `InjectiveVectorize` for elementwise/layout functions. They give vectorised inner
+loops without needing float reassociation, and parallel outer loops.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.target import Target
+
+VECTOR_LANES = 8  # fp32 lanes of a 256-bit vector; 2x NEON's 128 bits, which LLVM splits fine
+
+
+def _is_cpu(target: Target) -> bool:
+    return target.kind.name == "llvm"
+
+
+class InjectiveVectorize(ScheduleRule):
+    """Elementwise/layout functions: fuse the spatial loops, vectorise the innermost chunk."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or not infos or any(not i.is_injective() for i in infos):
+            return None
+        # Inline everything but the last block, then schedule the survivor.
+        for info in infos[:-1]:
+            try:
+                sch.compute_inline(info.block_rv)
+            except Exception:  # noqa: BLE001 - not inlinable: leave the function to the next rule
+                return None
+        _parallel_vectorize(sch, infos[-1].block_rv)
+        return sch
+
+
+class MatmulOuterProduct(ScheduleRule):
+    """C[..., i, j] = sum_k A[..., i, k] * B[..., k, j] (+ an injective epilogue).
+
+    Loop order (..., i, jo, k, ji): ji walks contiguous columns of B and C and is vectorised,
+    so each k step is a broadcast-multiply-add; jo is parallel. The reduction stays in order,
+    so results match a sequential fp32 sum closely.
+    """
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        reductions = [i for i in infos if i.is_reduction()]
+        if len(reductions) != 1:
+            return None
+        main = reductions[0]
+        kinds = "".join(it.kind for it in main.iters)
+        # Spatial iters first, exactly one reduction iter last, at least (i, j).
+        if not (kinds.endswith("SR") and kinds.count("R") == 1 and kinds.startswith("S" * (len(kinds) - 1))):
+            return None
+        if not self._j_is_contiguous(sch, main):
+            return None
+        # Everything else must be injective and inline-able into or after the reduction.
+        for info in infos:
+            if info is main:
+                continue
+            if not info.is_injective():
+                return None
+        block = main.block_rv
+        for info in infos[: infos.index(main)]:
+            try:
+                sch.compute_inline(info.block_rv)
+            except Exception:  # noqa: BLE001
+                return None
+        epilogues = infos[infos.index(main) + 1 :]
+        loops = sch.get_loops(block)
+        *spatial, j, k = loops
+        jo, ji = sch.split(j, factors=[None, VECTOR_LANES])
+        sch.reorder(*spatial, jo, k, ji)
+        outer = sch.fuse(*spatial, jo) if spatial else jo
+        sch.parallel(outer)
+        sch.vectorize(ji)  # before decomposing: TVM checks vectorisation on the reduction block
+        init = sch.decompose_reduction(block, k)
+        sch.vectorize(sch.get_loops(init)[-1])
+        for info in epilogues:
+            _parallel_vectorize(sch, info.block_rv)
+        return sch
+
+    @staticmethod
+    def _j_is_contiguous(sch, info) -> bool:
+        """The innermost spatial iter must index the last dim of the output and of one read."""
+        block = sch.get(info.block_rv)
+        j_var = block.iter_vars[-2].var
+        store = block.writes[0]
+        if not store.region or not _is_var(store.region[-1].min, j_var):
+            return False
+        return any(r.region and _is_var(r.region[-1].min, j_var) for r in block.reads)
+
+
+def _parallel_vectorize(sch, block) -> None:
+    """Fuse a spatial block's loops; parallel outer chunks, vectorised inner lanes."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    outer, inner = sch.split(fused, factors=[None, VECTOR_LANES * 8])
+    sch.parallel(outer)
+    _, vec = sch.split(inner, factors=[None, VECTOR_LANES])
+    sch.vectorize(vec)
+
+
+def _is_var(expr, var) -> bool:
+    return isinstance(expr, tirx.Var) and expr.same_as(var)
+
+
+def default_cpu_schedule():
+    """The pass applied after legalization for LLVM targets."""
+    return dl.ApplyDefaultSchedule(
+        dl.cpu.GEMV(),
+        MatmulOuterProduct(),
+        dl.cpu.Reduction(),
+        InjectiveVectorize(),
+    )

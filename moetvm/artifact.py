@@ -1,0 +1,299 @@
+"""The artifact: the one contract between the compiler and the runtime.
+
+An artifact is a directory holding `manifest.json`, kernel libraries and one safetensors file per
+expert. The compiler writes it, the runtime reads it; both use only this module (standard library
+only, so it ships to boards). The manifest is a typed schema with a format version; `parse`
+validates structure and types, and `check_files` validates every referenced file against its
+recorded size and SHA-256 before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1, 1)
+MANIFEST_NAME = "manifest.json"
+
+
+class ArtifactError(Exception):
+    """A problem with an artifact; the message names the file and the failed check."""
+
+
+@dataclass(frozen=True)
+class FileRef:
+    path: str  # relative to the artifact directory, POSIX separators
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: list[int | str]  # str entries are symbolic dimensions ("batch", "seq", ...)
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Library:
+    name: str
+    file: FileRef
+    functions: list[str]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the program the runtime interprets: a dense segment or an MoE layer."""
+
+    op: str  # "segment" | "moe"
+    name: str  # segment: function name in the segments library; moe: "moe_<layer>"
+    inputs: list[str]
+    outputs: list[str]
+    layer: int | None = None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A distinct expert kernel: every expert with this shape and dtype shares its library."""
+
+    id: str
+    kind: str  # "swiglu"
+    library: str
+    function: str
+    d_model: int
+    d_ff: int
+    dtype: str
+    params: list[TensorSpec]  # weight tensors, in call order after the activations
+
+
+@dataclass(frozen=True)
+class Expert:
+    index: int
+    workload: str
+    file: FileRef
+    weight_bytes: int  # bytes the expert occupies in the cache
+
+
+@dataclass(frozen=True)
+class Router:
+    library: str
+    function: str  # hidden (n, d) -> scores (n, n_experts), score_fn already applied
+    n_experts: int
+    top_k: int
+    score_fn: str  # "softmax" | "sigmoid"
+    normalize: bool  # renormalise the top-k weights to sum to 1
+    n_groups: int = 1  # grouped top-k (DeepSeek-V3): experts split into groups...
+    top_groups: int = 1  # ...and only the best groups compete
+    scaling: float = 1.0  # routed scaling factor applied to the final weights
+    selection_bias: list[float] | None = None  # added to scores for selection only
+
+
+@dataclass(frozen=True)
+class SharedExpert:
+    expert: Expert
+    gate_function: str | None = None  # sigmoid gate (n, d) -> (n, 1) in the router library
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    layer: int
+    d_model: int
+    router: Router
+    experts: list[Expert]
+    shared: list[SharedExpert] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    kind: str  # "causal_lm" | "moe_block"
+    model: dict
+    target: dict
+    libraries: list[Library]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    program: list[Step]
+    workloads: list[Workload]
+    moe_layers: list[MoELayer]
+    compile_info: dict = field(default_factory=dict)
+
+    def library(self, name: str) -> Library:
+        for lib in self.libraries:
+            if lib.name == name:
+                return lib
+        raise ArtifactError(f"{MANIFEST_NAME}: no library named {name!r}")
+
+    def workload(self, wid: str) -> Workload:
+        for w in self.workloads:
+            if w.id == wid:
+                return w
+        raise ArtifactError(f"{MANIFEST_NAME}: no workload named {wid!r}")
+
+    def files(self) -> list[FileRef]:
+        refs = [lib.file for lib in self.libraries]
+        for layer in self.moe_layers:
+            refs += [e.file for e in layer.experts] + [s.expert.file for s in layer.shared]
+        return refs
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=False)
+
+
+# --- parsing: structural validation of untrusted JSON into the dataclasses -------------------
+def _convert(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _convert(option, value, where)
+            except ArtifactError as e:
+                errors.append(str(e))
+        raise ArtifactError(errors[0] if errors else f"{where}: unexpected null")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ArtifactError(f"{where}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ArtifactError(f"{where}: expected an object, got {type(value).__name__}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is tp):
+        return value
+    raise ArtifactError(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
+
+
+def _from_dict(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ArtifactError(f"{where}: unknown field(s) {sorted(unknown)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ArtifactError(f"{where}: missing field {name!r}")
+            continue
+        kwargs[name] = _convert(hints[name], data[name], f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def parse(text: str | bytes) -> Manifest:
+    """Parse and validate manifest JSON (untrusted input)."""
+    try:
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{MANIFEST_NAME}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{MANIFEST_NAME}: expected a JSON object")
+    version = data.get("format_version")
+    lo, hi = SUPPORTED_FORMAT_VERSIONS
+    if type(version) is not int or not lo <= version <= hi:
+        raise ArtifactError(
+            f"{MANIFEST_NAME}: format_version {version!r} is not supported "
+            f"(this runtime reads versions {lo}..{hi})"
+        )
+    manifest = _from_dict(Manifest, data, "manifest")
+    _check_consistency(manifest)
+    return manifest
+
+
+def _check_consistency(m: Manifest) -> None:
+    if m.kind not in ("causal_lm", "moe_block"):
+        raise ArtifactError(f"{MANIFEST_NAME}: unknown artifact kind {m.kind!r}")
+    libs = {lib.name: lib for lib in m.libraries}
+    for ref in m.files():
+        safe_relative_path(ref.path)
+    wids = {w.id for w in m.workloads}
+    for w in m.workloads:
+        if w.library not in libs or w.function not in libs[w.library].functions:
+            raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id} names missing {w.library}:{w.function}")
+    for layer in m.moe_layers:
+        r = layer.router
+        if r.library not in libs or r.function not in libs[r.library].functions:
+            raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer} router names a missing function")
+        if r.score_fn not in ("softmax", "sigmoid"):
+            raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: unknown score_fn {r.score_fn!r}")
+        if not (0 < r.top_k <= r.n_experts) or r.n_experts % max(r.n_groups, 1):
+            raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: bad top_k/groups")
+        indices = sorted(e.index for e in layer.experts)
+        if len(set(indices)) != len(indices) or any(not 0 <= i < r.n_experts for i in indices):
+            raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: bad expert indices")
+        for e in layer.experts + [s.expert for s in layer.shared]:
+            if e.workload not in wids:
+                raise ArtifactError(f"{MANIFEST_NAME}: expert {e.file.path} names unknown workload")
+    layers = {layer.layer for layer in m.moe_layers}
+    for step in m.program:
+        if step.op == "moe":
+            if step.layer not in layers or len(step.inputs) != 1 or len(step.outputs) != 1:
+                raise ArtifactError(f"{MANIFEST_NAME}: program step {step.name} is malformed")
+        elif step.op == "segment":
+            if "segments" not in libs or step.name not in libs["segments"].functions:
+                raise ArtifactError(f"{MANIFEST_NAME}: segment {step.name} is not in a library")
+        else:
+            raise ArtifactError(f"{MANIFEST_NAME}: unknown program op {step.op!r}")
+
+
+def safe_relative_path(path: str) -> PurePosixPath:
+    p = PurePosixPath(path)
+    if not path or p.is_absolute() or ".." in p.parts or "\\" in path:
+        raise ArtifactError(f"{MANIFEST_NAME}: path {path!r} escapes the artifact directory")
+    return p
+
+
+def resolve(root: Path, ref: FileRef) -> Path:
+    """The file's real location, refusing anything (symlinks included) outside `root`."""
+    root = root.resolve()
+    full = (root / safe_relative_path(ref.path)).resolve()
+    if root not in full.parents:
+        raise ArtifactError(f"{ref.path}: resolves outside the artifact directory")
+    return full
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_file(root: Path, ref: FileRef) -> Path:
+    """Size and SHA-256 of one referenced file; returns its path."""
+    path = resolve(root, ref)
+    if not path.is_file():
+        raise ArtifactError(f"{ref.path}: missing from the artifact")
+    size = path.stat().st_size
+    if size != ref.size:
+        raise ArtifactError(f"{ref.path}: size {size} bytes, manifest says {ref.size} (truncated or replaced)")
+    if sha256_file(path) != ref.sha256:
+        raise ArtifactError(f"{ref.path}: SHA-256 mismatch (corrupted or tampered)")
+    return path
+
+
+def file_ref(root: Path, path: Path) -> FileRef:
+    return FileRef(path=path.relative_to(root).as_posix(), size=path.stat().st_size, sha256=sha256_file(path))
+
+
+def read_manifest(root: Path) -> Manifest:
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no manifest (not a moetvm artifact directory?)")
+    return parse(path.read_bytes())

@@ -1,0 +1,242 @@
+"""Load an artifact and run it: dense segments, and per MoE layer route -> fetch -> run -> fuse."""
+
+from __future__ import annotations
+
+import resource
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm.runtime.vm import VirtualMachine
+
+from moetvm.artifact import ArtifactError, Expert, Manifest, MoELayer, check_file, read_manifest
+
+from .cache import ExpertCache, parse_budget
+from .routing import group_by_expert, select_experts
+
+
+class InputError(ValueError):
+    """Inputs that do not fit the artifact (shape, dtype, range)."""
+
+
+@dataclass
+class Timings:
+    """Where the time goes, summed over calls (seconds)."""
+
+    segments: float = 0.0
+    routing: float = 0.0
+    experts: float = 0.0
+    expert_loads: float = 0.0
+    token_latencies: list = field(default_factory=list)  # one per generated token (decode step)
+    prefill: list = field(default_factory=list)
+
+
+def load_model(path: str | Path, cache_budget: int | float | str = "100%", verify: bool = True) -> "MoEModel":
+    """Validate and load the artifact at `path`.
+
+    cache_budget: bytes of expert weights kept loaded (int), a fraction (float), "25%", or a
+    size ("64MB"). Every file's size and SHA-256 is checked before any library is loaded.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    if verify:
+        for ref in manifest.files():
+            check_file(root, ref)
+    return MoEModel(root, manifest, cache_budget)
+
+
+class MoEModel:
+    def __init__(self, root: Path, manifest: Manifest, cache_budget):
+        self.root, self.manifest = root, manifest
+        self.device = tvm.device(manifest.target.get("device", "cpu"))
+        self._vms = {lib.name: VirtualMachine(tvm.runtime.load_module(str(root / lib.file.path)), self.device)
+                     for lib in manifest.libraries}
+        self._layers = {layer.layer: layer for layer in manifest.moe_layers}
+        self._experts = {(layer.layer, e.index): e for layer in manifest.moe_layers for e in layer.experts}
+        self._experts.update({(layer.layer, "shared", j): s.expert
+                              for layer in manifest.moe_layers for j, s in enumerate(layer.shared)})
+        self.total_expert_bytes = sum(e.weight_bytes for e in self._experts.values())
+        budget = parse_budget(cache_budget, self.total_expert_bytes)
+        largest = max(e.weight_bytes for e in self._experts.values())
+        if budget < largest:
+            raise ValueError(f"cache budget {budget} bytes is below one expert ({largest} bytes)")
+        self.cache = ExpertCache(budget, self._load_expert)
+        self.timings = Timings()
+        self._timing_lock = threading.Lock()
+
+    # --- the hot path ------------------------------------------------------------------------
+    def run_program(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        env = {name: tvm.runtime.tensor(value, self.device) for name, value in inputs.items()}
+        for step in self.manifest.program:
+            t0 = time.perf_counter()
+            if step.op == "segment":
+                results = self._vms["segments"][step.name](*[env[n] for n in step.inputs])
+                env.update(zip(step.outputs, results))
+                self._add_time("segments", time.perf_counter() - t0)
+            else:
+                x = env[step.inputs[0]].numpy()
+                y = self.moe_layer(step.layer, x.reshape(-1, x.shape[-1])).reshape(x.shape)
+                env[step.outputs[0]] = tvm.runtime.tensor(y, self.device)
+        return {spec.name: env[spec.name].numpy() for spec in self.manifest.outputs}
+
+    def moe_layer(self, index: int, x: np.ndarray) -> np.ndarray:
+        """One MoE layer on tokens x (n, d): route, fetch each selected expert, run, fuse."""
+        layer = self._layers[index]
+        t0 = time.perf_counter()
+        xt = tvm.runtime.tensor(x, self.device)
+        scores = self._call(layer.router.library, layer.router.function, xt).numpy()
+        indices, weights = select_experts(scores, layer.router)
+        t1 = time.perf_counter()
+        out = np.zeros_like(x)
+        for expert, rows, w in group_by_expert(indices, weights):
+            out[rows] += self._run_expert((index, expert), x[rows]) * w[:, None]
+        for j, shared in enumerate(layer.shared):
+            y = self._run_expert((index, "shared", j), x)
+            if shared.gate_function:
+                y = y * self._call(layer.router.library, shared.gate_function, xt).numpy()
+            out += y
+        self._add_time("routing", t1 - t0)
+        self._add_time("experts", time.perf_counter() - t1)
+        return out
+
+    def _run_expert(self, key, rows: np.ndarray) -> np.ndarray:
+        weights = self.cache.get(key)
+        workload = self.manifest.workload(self._experts[key].workload)
+        x = tvm.runtime.tensor(np.ascontiguousarray(rows), self.device)
+        return self._call(workload.library, workload.function, x, *weights).numpy()
+
+    def _call(self, library: str, function: str, *args):
+        return self._vms[library][function](*args)
+
+    def _load_expert(self, key) -> tuple[list, int]:
+        """Read, verify and upload one expert's weights (the cache's loader)."""
+        expert: Expert = self._experts[key]
+        path = check_file(self.root, expert.file)  # also catches files changed after load
+        from safetensors.numpy import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file
+            raise ArtifactError(f"{expert.file.path}: not a readable safetensors file ({e})") from None
+        workload = self.manifest.workload(expert.workload)
+        arrays = []
+        for spec in workload.params:
+            array = tensors.get(spec.name)
+            if array is None or list(array.shape) != spec.shape or str(array.dtype) != spec.dtype:
+                got = None if array is None else f"{array.dtype}{list(array.shape)}"
+                raise ArtifactError(f"{expert.file.path}: tensor {spec.name} is {got}, "
+                                    f"expected {spec.dtype}{spec.shape}")
+            arrays.append(tvm.runtime.tensor(array, self.device))
+        return arrays, expert.weight_bytes
+
+    def _add_time(self, what: str, seconds: float) -> None:
+        with self._timing_lock:
+            setattr(self.timings, what, getattr(self.timings, what) + seconds)
+
+    # --- user-facing calls -------------------------------------------------------------------
+    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        """Token ids (batch, seq) -> logits (batch, seq, vocab) for an LM; hidden states ->
+        outputs for an MoE block."""
+        if self.manifest.kind == "moe_block":
+            spec = self.manifest.inputs[0]
+            x = _check_array(inputs, spec.dtype, len(spec.shape), "hidden states")
+            if x.shape[-1] != spec.shape[-1]:
+                raise InputError(f"hidden states have size {x.shape[-1]}, the block expects {spec.shape[-1]}")
+            return self.run_program({spec.name: x})[self.manifest.outputs[0].name]
+        tokens = self._check_tokens(inputs)
+        logits, _ = self._lm_step(tokens, KVCache.empty(self.manifest, tokens.shape[0]))
+        return logits
+
+    def _check_tokens(self, tokens) -> np.ndarray:
+        tokens = _check_array(tokens, "int64", 2, "token ids")
+        vocab = self.manifest.model.get("vocab_size")
+        if vocab and tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+            raise InputError(f"token ids must be in [0, {vocab}), got [{tokens.min()}, {tokens.max()}]")
+        if tokens.shape[1] == 0:
+            raise InputError("token ids: empty sequence")
+        return tokens
+
+    def _lm_step(self, tokens: np.ndarray, cache: "KVCache") -> tuple[np.ndarray, "KVCache"]:
+        b, s = tokens.shape
+        p = cache.length
+        limit = self.manifest.model.get("max_positions")
+        if limit and p + s > limit:
+            raise InputError(f"sequence of {p + s} tokens exceeds the model's {limit} positions")
+        positions = np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy()
+        inputs = {"tokens": tokens, "positions": positions,
+                  "past_positions": np.broadcast_to(np.arange(p, dtype=np.int64), (b, p)).copy()}
+        layers = len(cache.keys)
+        inputs.update({f"past_keys_{i}": cache.keys[i] for i in range(layers)})
+        inputs.update({f"past_values_{i}": cache.values[i] for i in range(layers)})
+        out = self.run_program(inputs)
+        new = KVCache([out[f"keys_{i}"] for i in range(layers)], [out[f"values_{i}"] for i in range(layers)])
+        return out["logits"], new
+
+    def generate(self, prompt, max_new_tokens: int) -> list[int]:
+        """Greedy decoding with a KV cache; returns the new token ids."""
+        tokens = self._check_tokens(np.asarray(prompt, dtype=np.int64).reshape(1, -1))
+        cache = KVCache.empty(self.manifest, 1)
+        t0 = time.perf_counter()
+        logits, cache = self._lm_step(tokens, cache)
+        self.timings.prefill.append(time.perf_counter() - t0)
+        new = []
+        for _ in range(max_new_tokens):
+            new.append(int(np.argmax(logits[0, -1])))
+            if len(new) == max_new_tokens:
+                break
+            t0 = time.perf_counter()
+            logits, cache = self._lm_step(np.array([[new[-1]]], dtype=np.int64), cache)
+            self.timings.token_latencies.append(time.perf_counter() - t0)
+        return new
+
+    def stats(self) -> dict:
+        c = self.cache.stats
+        lat = np.array(self.timings.token_latencies) * 1e3
+        pct = {f"p{q}": (float(np.percentile(lat, q)) if lat.size else None) for q in (50, 95, 99)}
+        return {
+            "hit_rate": c.hit_rate,
+            "hits": c.hits,
+            "misses": c.misses,
+            "expert_loads": c.loads,
+            "evictions": c.evictions,
+            "expert_load_ms": c.load_seconds * 1e3,
+            "resident_expert_bytes": c.resident_bytes,
+            "peak_resident_expert_bytes": c.peak_resident_bytes,
+            "cache_budget_bytes": self.cache.budget,
+            "total_expert_bytes": self.total_expert_bytes,
+            "latency_ms": pct,
+            "decode_tokens": int(lat.size),
+            "prefill_ms": [t * 1e3 for t in self.timings.prefill],
+            "time_ms": {k: getattr(self.timings, k) * 1e3 for k in ("segments", "routing", "experts")},
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+
+
+@dataclass
+class KVCache:
+    keys: list
+    values: list
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    @staticmethod
+    def empty(manifest: Manifest, batch: int) -> "KVCache":
+        layers, heads, head_dim = manifest.model["kv_layout"]
+        z = np.zeros((batch, heads, 0, head_dim), dtype=np.float32)
+        return KVCache([z] * layers, [z] * layers)
+
+
+def _check_array(value, dtype: str, ndim: int, what: str) -> np.ndarray:
+    array = np.asarray(value)
+    if array.ndim != ndim:
+        raise InputError(f"{what}: expected {ndim} dimensions, got shape {array.shape}")
+    if str(array.dtype) != dtype:
+        if dtype == "int64" and np.issubdtype(array.dtype, np.integer):
+            return array.astype(np.int64)
+        raise InputError(f"{what}: expected dtype {dtype}, got {array.dtype}")
+    return np.ascontiguousarray(array)

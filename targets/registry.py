@@ -1,0 +1,130 @@
+"""Named deployment targets: what a compile and a deploy need to know about a board.
+
+Built-ins cover the workstation (`host`), a Raspberry Pi 4 class board (`cortex-a72`) and an
+NVIDIA Jetson Orin (`jetson-orin`). Users add boards from TOML or JSON files (a table per target,
+same fields as `DeployTarget`) without editing code: `load_targets_file(path)`, or list files in
+the MOETVM_TARGETS environment variable (path-separated).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+GiB = 1 << 30
+
+
+class TargetError(ValueError):
+    """Unknown or unusable target; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class DeployTarget:
+    name: str
+    description: str
+    tvm_target: dict  # JSON dict accepted by tvm.target.Target
+    host: dict | None = None  # host-side target for device (CUDA) code
+    cross_compiler: str | None = None  # g++ used by export_library; None = the system default
+    cross_compiler_package: str | None = None  # Debian package providing it
+    memory_budget: int = 1 * GiB  # default expert-cache ceiling on the board, bytes
+    rpc_key: str = ""
+    device: str = "cpu"  # "cpu" | "cuda"
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check_toolchain(self) -> str | None:
+        """Path of the cross compiler, or a clear error naming the package to install."""
+        if self.cross_compiler is None:
+            return None
+        found = shutil.which(self.cross_compiler)
+        if not found:
+            pkg = self.cross_compiler_package or "a cross toolchain providing it"
+            raise TargetError(
+                f"target {self.name!r} needs the cross compiler {self.cross_compiler!r}, which is "
+                f"not on PATH: install it (Debian/Ubuntu: apt-get install {pkg})"
+            )
+        return found
+
+
+def _host_target() -> DeployTarget:
+    # Resolve the CPU at compile time: an artifact for `host` is for this very machine.
+    from tvm.target import codegen
+
+    cpu = codegen.llvm_get_system_cpu()
+    return DeployTarget(
+        name="host",
+        description=f"this workstation ({platform.machine()}, LLVM mcpu={cpu})",
+        tvm_target={"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1},
+        memory_budget=4 * GiB,
+        rpc_key="host",
+    )
+
+
+BUILTIN = {
+    "cortex-a72": DeployTarget(
+        name="cortex-a72",
+        description="Raspberry Pi 4 class board: 4x Cortex-A72, AArch64 + NEON, no SVE",
+        tvm_target={
+            "kind": "llvm",
+            "mtriple": "aarch64-linux-gnu",
+            "mcpu": "cortex-a72",
+            "mattr": ["+neon"],
+            "num-cores": 4,
+        },
+        cross_compiler="aarch64-linux-gnu-g++",
+        cross_compiler_package="g++-aarch64-linux-gnu",
+        memory_budget=1 * GiB,
+        rpc_key="rasp4",
+    ),
+    "jetson-orin": DeployTarget(
+        name="jetson-orin",
+        description="NVIDIA Jetson Orin: Ampere GPU (CUDA sm_87) with Cortex-A78AE host cores",
+        tvm_target={"kind": "cuda", "arch": "sm_87", "max_num_threads": 1024, "thread_warp_size": 32},
+        host={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78ae"},
+        cross_compiler="aarch64-linux-gnu-g++",
+        cross_compiler_package="g++-aarch64-linux-gnu",
+        memory_budget=4 * GiB,
+        rpc_key="orin",
+        device="cuda",
+    ),
+}
+
+
+def _parse_targets(path: Path) -> list[DeployTarget]:
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    else:
+        data = json.loads(text)
+    entries = data.get("targets", data)
+    out = []
+    for name, spec in entries.items():
+        try:
+            out.append(DeployTarget(name=name, **spec))
+        except TypeError as e:
+            raise TargetError(f"{path}: target {name!r}: {e}") from None
+    return out
+
+
+def known_targets(extra_files: list[Path] = ()) -> dict[str, DeployTarget]:
+    targets = {"host": None, **BUILTIN}  # host is resolved lazily (needs TVM)
+    files = list(extra_files) + [Path(p) for p in os.environ.get("MOETVM_TARGETS", "").split(os.pathsep) if p]
+    for f in files:
+        for t in _parse_targets(Path(f)):
+            targets[t.name] = t
+    return targets
+
+
+def get_target(name: str, extra_files: list[Path] = ()) -> DeployTarget:
+    targets = known_targets(extra_files)
+    if name not in targets:
+        raise TargetError(f"unknown target {name!r}; known targets: {', '.join(sorted(targets))}")
+    return targets[name] or _host_target()
