@@ -68,6 +68,7 @@ def atomic_directory(out: Path):
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
     try:
         yield tmp
         if out.exists():
@@ -90,6 +91,7 @@ def compile_model(
     *,
     name: str | None = None,
     description: str = "",
+    source: str | None = None,
     progress: bool = True,
 ) -> Path:
     """Compile a supported MoE model into an artifact directory and return its path.
@@ -162,7 +164,7 @@ def compile_model(
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
                 kind="causal_lm" if lm else "moe_block",
-                model=_model_info(model, name, description, specs),
+                model={**_model_info(model, name, description, specs), "source": source},
                 target={"name": dt.name, "description": dt.description, "tvm_target": dt.tvm_target,
                         "host": dt.host, "device": dt.device, "memory_budget": dt.memory_budget},
                 libraries=libraries,

@@ -12,6 +12,7 @@ one kernel serves every expert of a workload.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,9 @@ from tvm.relax.frontend.torch import from_exported_program
 from moetvm.artifact import Step, TensorSpec
 
 from .spec import ExpertWeights, MoELayerSpec
+
+# torch 2.13 warns about its own pytree internals on every export; it is not actionable here.
+warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
 
 MOE_SYMBOL = "moetvm.moe_layer."
 MAX_TOKENS = 4096
@@ -57,6 +61,8 @@ def _convert_marker(node, importer):
 
 
 def _with_markers(model: nn.Module, specs: list[MoELayerSpec]) -> nn.Module:
+    if [s.path for s in specs] == [""]:  # the model is itself one MoE block
+        return _MoEMarker(0)
     marked = copy.deepcopy(model)
     for i, spec in enumerate(specs):
         parent_path, _, attr = spec.path.rpartition(".")
@@ -66,7 +72,8 @@ def _with_markers(model: nn.Module, specs: list[MoELayerSpec]) -> nn.Module:
 
 
 def _import(module: nn.Module, args: tuple, dynamic_shapes) -> tvm.IRModule:
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation noise
         ep = torch.export.export(module.eval(), args, dynamic_shapes=dynamic_shapes)
     return from_exported_program(ep, unwrap_unit_return_tuple=True, custom_convert_map={"moe_layer.default": _convert_marker})
 
@@ -133,7 +140,8 @@ def _tensor_spec(name: str, var: relax.Var) -> TensorSpec:
 
 def split_at_moe_layers(mod: tvm.IRModule, input_names: list[str], output_names: list[str]) -> SplitProgram:
     """Cut `main` at its MoE markers: each run of bindings between markers becomes a segment."""
-    main = relax.transform.ToNonDataflow()(mod)["main"]
+    # Drop trivial `a = b` bindings first, so no segment is a mere rename.
+    main = relax.transform.CanonicalizeBindings()(relax.transform.ToNonDataflow()(mod))["main"]
     params = list(main.params)
     body = main.body
     bindings = [b for block in body.blocks for b in block.bindings]

@@ -141,8 +141,8 @@ class MoEModel:
         """Token ids (batch, seq) -> logits (batch, seq, vocab) for an LM; hidden states ->
         outputs for an MoE block."""
         if self.manifest.kind == "moe_block":
-            spec = self.manifest.inputs[0]
-            x = _check_array(inputs, spec.dtype, len(spec.shape), "hidden states")
+            spec = self.manifest.inputs[0]  # a lone MoE block is per token: any leading dims
+            x = _check_array(inputs, spec.dtype, max(np.ndim(inputs), 2), "hidden states")
             if x.shape[-1] != spec.shape[-1]:
                 raise InputError(f"hidden states have size {x.shape[-1]}, the block expects {spec.shape[-1]}")
             return self.run_program({spec.name: x})[self.manifest.outputs[0].name]

@@ -1,0 +1,211 @@
+"""The `moetvm` command line. Compile-side commands import torch lazily, so `run`, `inspect`
+and `targets` work on a board that has only the runtime installed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from moetvm.artifact import ArtifactError
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+def _encode(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def _decode(ids) -> str:
+    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+@click.group()
+def main():
+    """Compile PyTorch Mixture-of-Experts models with Apache TVM and run them with an expert cache."""
+
+
+@main.command()
+def targets():
+    """List the known deployment targets."""
+    from moetvm.targets import get_target, known_targets
+
+    for name in sorted(known_targets()):
+        t = get_target(name)
+        kind = t.tvm_target.get("kind")
+        click.echo(f"{name:14s} {kind:5s} budget {t.memory_budget / 2**30:.1f} GiB  {t.description}")
+
+
+@main.command("compile")
+@click.argument("model")
+@click.option("--target", default="host", show_default=True, help="target name (see `moetvm targets`)")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="artifact directory")
+@click.option("--quiet", is_flag=True, help="no progress lines")
+def compile_cmd(model, target, out, quiet):
+    """Compile MODEL ('reference' or a checkpoint path) into an artifact directory."""
+    from moetvm.targets import TargetError, get_target
+
+    try:
+        deploy_target = get_target(target)
+        deploy_target.check_toolchain()
+    except TargetError as e:
+        _fail(str(e))
+    from moetvm.compiler import compile_model
+    from moetvm.compiler.models import load_model_source
+
+    try:
+        torch_model = load_model_source(model)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    path = compile_model(torch_model, target=deploy_target, out=out, name=model, source=model, progress=not quiet)
+    from moetvm.artifact import read_manifest
+
+    m = read_manifest(path)
+    size = sum(f.size for f in m.files())
+    click.echo(f"wrote {path} ({size / 1e6:.2f} MB, {len(m.libraries)} libraries, "
+               f"{sum(len(layer.experts) for layer in m.moe_layers)} experts) "
+               f"in {m.compile_info['seconds']:.1f}s", err=True)
+
+
+def _load(directory: Path, cache_budget: str):
+    from moetvm.runtime import load_model
+
+    try:
+        return load_model(directory, cache_budget=cache_budget)
+    except (ArtifactError, ValueError) as e:
+        _fail(str(e))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--prompt", default="def ", show_default=True)
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--cache-budget", default="25%", show_default=True, help="bytes, size (64MB) or percent of all experts")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
+def run(directory, prompt, max_new_tokens, cache_budget, as_json):
+    """Generate text from a compiled LM artifact and report cache and latency stats."""
+    from moetvm.runtime import InputError
+
+    model = _load(directory, cache_budget)
+    if model.manifest.kind != "causal_lm":
+        _fail(f"{directory}: `run` needs a causal LM artifact, this one is a {model.manifest.kind}")
+    try:
+        new = model.generate(_encode(prompt), max_new_tokens)
+    except (InputError, ArtifactError) as e:
+        _fail(str(e))
+    report = {"text": _decode(new), "prompt": prompt, **model.stats()}
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(prompt + report["text"])
+    click.echo("-" * 60)
+    lat = report["latency_ms"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    click.echo(f"decode latency/token  p50 {fmt(lat['p50'])} ms  p95 {fmt(lat['p95'])} ms  p99 {fmt(lat['p99'])} ms"
+               f"  ({report['decode_tokens']} tokens; prefill {report['prefill_ms'][0]:.1f} ms)")
+    click.echo(f"expert cache          hit rate {report['hit_rate']:.1%}  loads {report['expert_loads']}  "
+               f"evictions {report['evictions']}  load time {report['expert_load_ms']:.1f} ms")
+    click.echo(f"expert memory         budget {report['cache_budget_bytes'] / 1e6:.2f} MB of "
+               f"{report['total_expert_bytes'] / 1e6:.2f} MB; resident {report['resident_expert_bytes'] / 1e6:.2f} MB")
+    t = report["time_ms"]
+    click.echo(f"time split            segments {t['segments']:.1f} ms  routing {t['routing']:.1f} ms  "
+               f"experts {t['experts']:.1f} ms (incl. loads)")
+    click.echo(f"peak RSS              {report['peak_rss_mb']:.0f} MB")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+def inspect(directory):
+    """Summarise an artifact."""
+    from moetvm.artifact import read_manifest
+
+    try:
+        m = read_manifest(directory)
+    except ArtifactError as e:
+        _fail(str(e))
+    click.echo(f"artifact   {directory}  (format {m.format_version}, {m.kind})")
+    click.echo(f"model      {m.model.get('name')}: {m.model.get('parameters', 0) / 1e6:.2f}M parameters, "
+               f"{len(m.moe_layers)} MoE layers")
+    click.echo(f"target     {m.target['name']}: {json.dumps(m.target['tvm_target'])}")
+    click.echo(f"compiled   {m.compile_info}")
+    click.echo("libraries")
+    for lib in m.libraries:
+        click.echo(f"  {lib.file.path:45s} {lib.file.size / 1e3:9.1f} KB  {', '.join(lib.functions)}")
+    click.echo("workloads")
+    for w in m.workloads:
+        users = sum(e.workload == w.id for layer in m.moe_layers for e in layer.experts)
+        click.echo(f"  {w.id:30s} d_model {w.d_model} d_ff {w.d_ff} {w.dtype}: {users} experts share it")
+    click.echo("program")
+    for step in m.program:
+        click.echo(f"  {step.op:8s} {step.name:10s} ({len(step.inputs)} in -> {len(step.outputs)} out)")
+    for layer in m.moe_layers:
+        r = layer.router
+        total = sum(e.weight_bytes for e in layer.experts)
+        click.echo(f"layer {layer.layer}: {r.n_experts} experts, top-{r.top_k} {r.score_fn}"
+                   f"{' renormalised' if r.normalize else ''}, {total / 1e6:.2f} MB of expert weights")
+    size = sum(f.size for f in m.files())
+    click.echo(f"total      {size / 1e6:.2f} MB in {len(m.files())} files")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--model", "source", default=None, help="PyTorch source (default: the one recorded at compile)")
+@click.option("--text", type=click.Path(path_type=Path), default=None, help="text to run (default: shipped held-out text)")
+@click.option("--windows", default=4, show_default=True, help="number of 128-byte windows of the text")
+@click.option("--generate", "gen_tokens", default=32, show_default=True, help="greedy tokens to compare")
+@click.option("--tolerance", default=1e-4, show_default=True, help="max logit error relative to the logits' magnitude")
+@click.option("--cache-budget", default="25%", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def verify(directory, source, text, windows, gen_tokens, tolerance, cache_budget, as_json):
+    """Run the artifact and its PyTorch source side by side; exit 1 above tolerance."""
+    import numpy as np
+    import torch
+
+    from moetvm.compiler.models import HELDOUT_TEXT, load_model_source
+
+    model = _load(directory, cache_budget)
+    source = source or model.manifest.model.get("source")
+    if not source:
+        _fail("the artifact records no PyTorch source; pass --model")
+    reference = load_model_source(source)
+    data = np.frombuffer((text or HELDOUT_TEXT).read_bytes(), dtype=np.uint8).astype(np.int64)
+    window = 128
+    starts = np.linspace(0, len(data) - window - 1, windows).astype(int)
+    worst, agree, total = 0.0, 0, 0
+    for s in starts:
+        tokens = data[s : s + window][None]
+        ours = model(tokens)
+        with torch.no_grad():
+            theirs = reference(torch.from_numpy(tokens)).numpy()
+        worst = max(worst, float(np.abs(ours - theirs).max() / np.abs(theirs).max()))
+        agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+        total += tokens.size
+    prompt = data[starts[0] : starts[0] + 32]
+    ours_gen = model.generate(prompt, gen_tokens)
+    ids = torch.from_numpy(prompt[None])
+    theirs_gen = []
+    with torch.no_grad():
+        for _ in range(gen_tokens):
+            nxt = int(reference(ids)[0, -1].argmax())
+            theirs_gen.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    same_prefix = next((i for i, (a, b) in enumerate(zip(ours_gen, theirs_gen)) if a != b), gen_tokens)
+    report = {"max_relative_logit_error": worst, "argmax_agreement": agree / total, "tokens_compared": total,
+              "greedy_tokens_equal": same_prefix, "greedy_tokens": gen_tokens, "tolerance": tolerance,
+              "ok": worst <= tolerance and same_prefix == gen_tokens}
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        click.echo(f"max relative logit error {worst:.2e} (tolerance {tolerance:.0e}) over {total} tokens")
+        click.echo(f"argmax agreement         {agree / total:.2%}")
+        click.echo(f"greedy generation        {same_prefix}/{gen_tokens} tokens identical")
+        click.echo("OK" if report["ok"] else "MISMATCH")
+    sys.exit(0 if report["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()

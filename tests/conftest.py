@@ -1,0 +1,34 @@
+"""Shared fixtures: the shipped reference model and one real compile of it per test session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
+    """Max absolute error relative to the reference's largest magnitude (logits cross zero, so
+    element-wise relative error is ill-posed)."""
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+@pytest.fixture(scope="session")
+def reference_model():
+    from moetvm.compiler.models import load_model_source
+
+    return load_model_source("reference")
+
+
+@pytest.fixture(scope="session")
+def heldout_tokens() -> np.ndarray:
+    from moetvm.compiler.models import HELDOUT_TEXT
+
+    return np.frombuffer(HELDOUT_TEXT.read_bytes(), dtype=np.uint8).astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def reference_artifact(tmp_path_factory, reference_model):
+    from moetvm.compiler import compile_model
+
+    out = tmp_path_factory.mktemp("artifacts") / "reference-host"
+    return compile_model(reference_model, target="host", out=out, source="reference", progress=False)

@@ -1,0 +1,117 @@
+"""The expert cache and the routing functions, on hand-worked cases and against PyTorch."""
+
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from moetvm.artifact import Router
+from moetvm.runtime.cache import ExpertCache, parse_budget
+from moetvm.runtime.routing import group_by_expert, select_experts
+
+
+def make_cache(budget, sizes):
+    loaded = []
+
+    def loader(key):
+        loaded.append(key)
+        return f"weights-{key}", sizes[key]
+
+    return ExpertCache(budget, loader), loaded
+
+
+def test_lru_hand_worked():
+    cache, loaded = make_cache(30, {k: 10 for k in "ABCD"})
+    for key in "ABCABDAC":
+        assert cache.get(key) == f"weights-{key}"
+    # A B C miss; A B hit; D miss evicts C (LRU); A hit; C miss evicts B.
+    assert loaded == list("ABCDC")
+    s = cache.stats
+    assert (s.hits, s.misses, s.evictions) == (3, 5, 2)
+    assert cache.keys() == ["D", "A", "C"] and s.resident_bytes == 30
+
+
+def test_mixed_sizes_evict_until_fit():
+    cache, _ = make_cache(25, {"big": 20, "a": 5, "b": 5})
+    cache.get("a"), cache.get("b"), cache.get("big")
+    assert cache.keys() == ["big", "b"] or cache.keys() == ["b", "big"]
+    assert cache.stats.resident_bytes <= 25
+    with pytest.raises(ValueError, match="more than the whole cache budget"):
+        make_cache(10, {"big": 20})[0].get("big")
+
+
+@pytest.mark.parametrize("text, expected", [("25%", 250), (0.5, 500), (123, 123), ("2KB", 2000), ("1KiB", 1024), ("1.5MB", 1_500_000)])
+def test_budget_parsing(text, expected):
+    assert parse_budget(text, 1000) == expected
+
+
+def test_budget_never_exceeded_under_threads():
+    sizes = {k: random.Random(k).randint(1, 10) for k in range(40)}
+    cache, _ = make_cache(25, sizes)
+    over = []
+
+    def worker(seed):
+        rng = random.Random(seed)
+        for _ in range(2000):
+            cache.get(rng.randrange(40))
+            if cache.stats.resident_bytes > 25:
+                over.append(cache.stats.resident_bytes)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s = cache.stats
+    assert not over and s.hits + s.misses == 16000 and s.loads == s.misses
+    assert s.resident_bytes == sum(sizes[k] for k in cache.keys())
+
+
+def router(**kw):
+    base = dict(library="r", function="f", n_experts=8, top_k=2, score_fn="softmax", normalize=True)
+    return Router(**{**base, **kw})
+
+
+def test_softmax_topk_matches_torch():
+    logits = torch.randn(50, 8)
+    probs = logits.softmax(-1)
+    w, i = probs.topk(2, -1)
+    w = w / w.sum(-1, keepdim=True)
+    idx, weights = select_experts(probs.numpy(), router())
+    assert (np.sort(idx, 1) == np.sort(i.numpy(), 1)).all()
+    np.testing.assert_allclose(np.sort(weights, 1), np.sort(w.numpy(), 1), rtol=1e-6)
+
+
+def test_grouped_topk_with_bias_and_scaling_matches_deepseek_v3_rule():
+    """DeepSeek-V3: sigmoid scores + selection bias; group score = sum of top-2 in the group;
+    keep the best groups; pick top-k inside; weights from unbiased scores, renormalised, scaled."""
+    torch.manual_seed(0)
+    n, groups, top_groups, k, scale = 8, 4, 2, 3, 2.5
+    scores = torch.rand(64, n)
+    bias = torch.randn(n) * 0.1
+    choice = scores + bias
+    g = choice.view(64, groups, -1).topk(2, -1).values.sum(-1)
+    keep = torch.zeros_like(g).scatter_(1, g.topk(top_groups, -1).indices, 1)
+    masked = choice.masked_fill(~keep.repeat_interleave(n // groups, 1).bool(), float("-inf"))
+    ref_idx = masked.topk(k, -1).indices
+    ref_w = scores.gather(1, ref_idx)
+    ref_w = ref_w / ref_w.sum(-1, keepdim=True) * scale
+    r = router(n_experts=n, top_k=k, score_fn="sigmoid", n_groups=groups, top_groups=top_groups,
+               scaling=scale, selection_bias=bias.tolist())
+    idx, w = select_experts(scores.numpy(), r)
+    order, ref_order = np.argsort(idx, 1), np.argsort(ref_idx.numpy(), 1)
+    assert (np.take_along_axis(idx, order, 1) == np.take_along_axis(ref_idx.numpy(), ref_order, 1)).all()
+    np.testing.assert_allclose(np.take_along_axis(w, order, 1), np.take_along_axis(ref_w.numpy(), ref_order, 1), rtol=1e-5)
+
+
+def test_group_by_expert_covers_every_assignment_once():
+    idx = np.array([[0, 3], [3, 1], [0, 1], [2, 0]])
+    w = np.arange(8, dtype=np.float32).reshape(4, 2)
+    seen = {}
+    for expert, rows, weights in group_by_expert(idx, w):
+        for r, wt in zip(rows, weights):
+            seen[(int(r), expert)] = float(wt)
+    assert seen == {(t, int(idx[t, j])): float(w[t, j]) for t in range(4) for j in range(2)}
+    assert [e for e, _, _ in group_by_expert(idx, w)] == [0, 1, 2, 3]
