@@ -129,11 +129,14 @@ def compile_model(
     with atomic_directory(out) as tmp:
         (tmp / "lib").mkdir()
         libraries = []
+        device_code: dict[str, dict] = {}
 
         def add_library(lib_name: str, module: tvm.IRModule):
             path = tmp / "lib" / f"{lib_name}.so"
-            functions = build_library(module, dt, path)
+            functions, device_info = build_library(module, dt, path)
             libraries.append(Library(name=lib_name, file=file_ref(tmp, path), functions=functions))
+            if device_info:
+                device_code[lib_name] = device_info
 
         with bar.step(f"build {len(split.segments.functions)} dense segments"):
             if len(split.segments.functions):
@@ -173,7 +176,8 @@ def compile_model(
                 program=split.program,
                 workloads=list(workload_entries.values()),
                 moe_layers=moe_layers,
-                compile_info={"tvm": tvm.__version__, "torch": torch.__version__, "seconds": round(bar.elapsed, 1)},
+                compile_info={"tvm": tvm.__version__, "torch": torch.__version__, "seconds": round(bar.elapsed, 1),
+                              **({"device_code": device_code} if device_code else {})},
             )
             (tmp / MANIFEST_NAME).write_text(manifest.to_json())
     return out

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import tvm
 from tvm import relax
 from tvm.support import cc
 
-from moetvm.targets import DeployTarget
+from moetvm.targets import DeployTarget, TargetError
 
+from .cuda_driver import cuda_runtime_loaded
 from .schedules import default_cpu_schedule
 
 
@@ -41,14 +46,60 @@ def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return pipeline
 
 
-def build_library(mod: tvm.IRModule, target: DeployTarget, path: Path) -> list[str]:
-    """Compile every Relax function of `mod` into one shared library at `path`."""
+@contextmanager
+def _cuda_via_nvcc():
+    # TVM's default CUDA path is NVRTC through the `cuda-bindings` package; without it TVM
+    # silently ships CUDA *source*. nvcc gives a fatbin with sm_XX cubin + PTX: real device code.
+    old = os.environ.get("TVM_CUDA_COMPILE_MODE")
+    os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TVM_CUDA_COMPILE_MODE", None)
+        else:
+            os.environ["TVM_CUDA_COMPILE_MODE"] = old
+
+
+def build_library(mod: tvm.IRModule, target: DeployTarget, path: Path) -> tuple[list[str], dict]:
+    """Compile every Relax function of `mod` into one shared library at `path`.
+
+    Returns the function names and facts about the device code (for CUDA: kernel count and the
+    smallest thread block, so a one-thread fallback kernel cannot slip through unnoticed)."""
     compiler = target.check_toolchain()
     tgt = tvm_target(target)
     mod = relax.transform.ConvertToDataflow()(mod)
-    executable = tvm.compile(mod, tgt, relax_pipeline=relax_pipeline(tgt))
+    info: dict = {}
+    if tgt.kind.name == "cuda":
+        if shutil.which("nvcc") is None:
+            raise TargetError(f"target {target.name!r} needs nvcc (the CUDA toolkit) on PATH to build device code")
+        if not cuda_runtime_loaded():
+            raise TargetError(
+                f"target {target.name!r}: TVM's CUDA runtime library is not loaded, so TVM would ship CUDA "
+                "source instead of device code; import moetvm.compiler before tvm (see compiler/cuda_driver.py)"
+            )
+        with _cuda_via_nvcc(), tgt:  # nvcc takes the arch (sm_XX) from the current target
+            executable = tvm.compile(mod, tgt, relax_pipeline=relax_pipeline(tgt))
+        info = _cuda_kernel_info(executable)
+    else:
+        executable = tvm.compile(mod, tgt, relax_pipeline=relax_pipeline(tgt))
     if compiler:
         executable.export_library(str(path), fcompile=cc.cross_compiler(compiler))
     else:
         executable.export_library(str(path))
-    return [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
+    return [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, relax.Function)], info
+
+
+def _cuda_kernel_info(executable) -> dict:
+    sources = []
+
+    def walk(module):
+        if module.kind == "cuda":
+            sources.append(str(module.inspect_source("")))
+        for sub in module.imports:
+            walk(sub)
+
+    walk(executable.mod)
+    bounds = [int(b) for src in sources for b in re.findall(r"__launch_bounds__\((\d+)\)", src)]
+    kernels = sum(src.count("__global__") for src in sources)
+    return {"cuda_kernels": kernels, "min_threads_per_block": min(bounds) if bounds else None}

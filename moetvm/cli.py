@@ -47,6 +47,7 @@ def targets():
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def compile_cmd(model, target, out, quiet):
     """Compile MODEL ('reference' or a checkpoint path) into an artifact directory."""
+    import moetvm.compiler  # noqa: F401 - first: it prepares TVM's CUDA build before TVM loads
     from moetvm.targets import TargetError, get_target
 
     try:
