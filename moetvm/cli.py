@@ -120,6 +120,40 @@ def run(directory, prompt, max_new_tokens, cache_budget, as_json):
 
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--rpc", "rpc_addr", default=None, help="HOST:PORT of a board's RPC server")
+@click.option("--tracker", default=None, help="HOST:PORT of a TVM RPC tracker")
+@click.option("--key", default=None, help="device key at the tracker (default: the target's)")
+@click.option("--prompt", default="def ", show_default=True)
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--cache-budget", default=None, help="default: the target's memory budget")
+@click.option("--timeout", default=600.0, show_default=True, help="seconds before the board session is dropped")
+def deploy(directory, rpc_addr, tracker, key, prompt, max_new_tokens, cache_budget, timeout):
+    """Upload an artifact to a board over TVM RPC, run it there, print the JSON report."""
+    from moetvm.artifact import read_manifest
+    from moetvm.runtime.remote import DeployError, deploy as deploy_artifact
+
+    if bool(rpc_addr) == bool(tracker):
+        _fail("give exactly one of --rpc HOST:PORT or --tracker HOST:PORT")
+    try:
+        manifest = read_manifest(directory)
+    except ArtifactError as e:
+        _fail(str(e))
+    if key is None:
+        from moetvm.targets import get_target
+
+        key = get_target(manifest.target["name"]).rpc_key if manifest.target["name"] != "host" else "host"
+    try:
+        report = deploy_artifact(directory, prompt_ids=_encode(prompt), max_new_tokens=max_new_tokens,
+                                 cache_budget=cache_budget, rpc_addr=rpc_addr, tracker=tracker, key=key,
+                                 timeout=timeout)
+    except (DeployError, ArtifactError) as e:
+        _fail(str(e))
+    report = {"text": _decode(report.pop("new_ids")), "prompt": prompt, **report}
+    click.echo(json.dumps(report))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
 def inspect(directory):
     """Summarise an artifact."""
     from moetvm.artifact import read_manifest

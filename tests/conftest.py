@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import moetvm.compiler  # noqa: F401 - first, before TVM loads: it prepares CUDA builds (cuda_driver.py)
+
 
 def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
     """Max absolute error relative to the reference's largest magnitude (logits cross zero, so
@@ -32,3 +34,11 @@ def reference_artifact(tmp_path_factory, reference_model):
 
     out = tmp_path_factory.mktemp("artifacts") / "reference-host"
     return compile_model(reference_model, target="host", out=out, source="reference", progress=False)
+
+
+@pytest.fixture(scope="session")
+def a72_artifact(tmp_path_factory, reference_model):
+    from moetvm.compiler import compile_model
+
+    out = tmp_path_factory.mktemp("artifacts") / "reference-a72"
+    return compile_model(reference_model, target="cortex-a72", out=out, source="reference", progress=False)

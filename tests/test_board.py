@@ -1,0 +1,151 @@
+"""The emulated Cortex-A72 board: qemu-aarch64 -cpu cortex-a72 + an aarch64 sysroot built by
+scripts/build-board-a72 (Python 3.11, numpy, the aarch64 TVM wheel, moetvm.runtime)."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import relative_error
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+BOARD_PYTHON = REPO / "scripts" / "board-a72-python"
+
+
+@pytest.fixture(scope="session")
+def board():
+    proc = subprocess.run([REPO / "scripts" / "build-board-a72"], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return BOARD_PYTHON
+
+
+BOARD_SCRIPT = """
+import json, sys
+import numpy as np
+from moetvm.runtime import load_model
+model = load_model(sys.argv[1], cache_budget=sys.argv[2])
+tokens = np.array(json.loads(sys.argv[3]), dtype=np.int64)
+np.save(sys.argv[4], model(tokens))
+import platform
+print(json.dumps({"new": model.generate(tokens[0], 32), "machine": platform.machine(), "stats": model.stats()}))
+"""
+
+
+def test_a72_artifact_runs_on_emulated_board(board, a72_artifact, reference_model, heldout_tokens, tmp_path):
+    tokens = heldout_tokens[5000:5024][None]
+    out = tmp_path / "logits.npy"
+    proc = subprocess.run([board, "-c", BOARD_SCRIPT, a72_artifact, "25%", json.dumps(tokens.tolist()), out],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["machine"] == "aarch64"
+    with torch.no_grad():
+        theirs = reference_model(torch.from_numpy(tokens)).numpy()
+    assert relative_error(np.load(out), theirs) < 1e-4
+    ids, greedy = torch.from_numpy(tokens), []
+    with torch.no_grad():
+        for _ in range(32):
+            greedy.append(int(reference_model(ids)[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[greedy[-1]]])], dim=1)
+    assert result["new"] == greedy
+    assert result["stats"]["evictions"] > 0  # 25% budget: the board's cache really worked
+
+
+def _start(cmd, ready: str, log: Path, timeout=120):
+    """Start a server in its own process group; wait for `ready` in its log; return (proc, line)."""
+    handle = open(log, "w")
+    proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = log.read_text()
+        for line in text.splitlines():
+            if ready in line:
+                return proc, line
+        if proc.poll() is not None:
+            raise AssertionError(f"{cmd[0]} exited: {text[-2000:]}")
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"{cmd[0]} not ready: {log.read_text()[-2000:]}")
+
+
+def _stop(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    proc, line = _start([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", "9190",
+                         "--port-end", "9290"], "bind to", tmp_path / "tracker.log")
+    port = int(re.search(r"bind to 127\.0\.0\.1:(\d+)", line).group(1))  # busy ports move silently
+    yield f"127.0.0.1:{port}"
+    _stop(proc)
+
+
+def _board_server(board, tmp_path, *args):
+    proc, line = _start([REPO / "scripts" / "board-a72", "--port", "9300", *args], "moetvm board serving",
+                        tmp_path / "board.log", timeout=300)
+    return proc, int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
+
+
+def _deploy(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "moetvm.cli", "deploy", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_deploy_through_tracker(board, tracker, a72_artifact, tmp_path):
+    from moetvm.runtime import load_model
+
+    server, _ = _board_server(board, tmp_path, "--tracker", tracker, "--key", "rasp4")
+    try:
+        proc = _deploy(a72_artifact, "--tracker", tracker, "--key", "rasp4", "--prompt", "import sys\n",
+                       "--max-new-tokens", "24")
+    finally:
+        _stop(server)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["board"]["machine"] == "aarch64"
+    assert set(report) >= {"text", "hit_rate", "latency_ms", "expert_loads", "peak_rss_mb", "deploy"}
+    # The board's budget is the target's 1 GB: every expert fits, so only first uses miss.
+    assert report["evictions"] == 0 and report["expert_loads"] <= 32
+    # Same tokens as this machine's runtime on the host artifact of the same model.
+    host = load_model(a72_artifact.parent / "reference-host") if (a72_artifact.parent / "reference-host").exists() else None
+    if host is None:
+        from moetvm.compiler import compile_model
+        from moetvm.compiler.models import load_model_source
+
+        host = load_model(compile_model(load_model_source("reference"), target="host",
+                                        out=tmp_path / "host", progress=False))
+    expected = bytes(host.generate(list(b"import sys\n"), 24)).decode("utf-8", errors="replace")
+    assert report["text"] == expected
+
+
+def test_board_dying_mid_deploy_is_a_clear_error(board, a72_artifact, tmp_path):
+    server, port = _board_server(board, tmp_path)
+    started = time.time()
+    deploy = subprocess.Popen([sys.executable, "-m", "moetvm.cli", "deploy", str(a72_artifact), "--rpc",
+                               f"127.0.0.1:{port}", "--max-new-tokens", "400"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "board.log"
+    deadline = time.time() + 120
+    while "start serving" not in log.read_text() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(2)  # upload done, generating
+    _stop(server)
+    out, err = deploy.communicate(timeout=60)
+    assert deploy.returncode != 0
+    assert "failed during" in err and "board closed the connection" in err, err
+    assert "Traceback" not in err
+    assert time.time() - started < 120
