@@ -30,7 +30,8 @@ from moetvm.artifact import (
 )
 from moetvm.targets import DeployTarget, get_target
 
-from . import frontend
+from . import frontend, quant_plan
+from . import quant as quantization
 from .lowering import build_library
 from .spec import MoELayerSpec, UnsupportedModelError, find_moe_layers
 
@@ -89,6 +90,11 @@ def compile_model(
     target: str | DeployTarget = "host",
     out: str | Path = "artifact",
     *,
+    quant: str = "fp32",
+    group_size: int = quantization.DEFAULT_GROUP_SIZE,
+    router_quant: str = "fp32",
+    weight_budget: int | str | None = None,
+    calibration: np.ndarray | None = None,
     name: str | None = None,
     description: str = "",
     source: str | None = None,
@@ -98,6 +104,10 @@ def compile_model(
 
     Supported: a causal LM following the KV-cached LM protocol (`step`, `kv_layout`; logits out),
     or a single MoE block taking hidden states (`example_inputs=(hidden,)`).
+
+    quant: expert weight precision, one of fp32, fp16, int8, int4 (group-wise, `group_size`) or
+    auto (per expert, from `calibration` token windows, within `weight_budget` bytes or a
+    percentage of the fp32 expert bytes). router_quant: fp32 (default) or int8.
     """
     dt = target if isinstance(target, DeployTarget) else get_target(target)
     dt.check_toolchain()
@@ -110,7 +120,9 @@ def compile_model(
         raise UnsupportedModelError(
             f"{type(model).__name__}: expected a causal LM with step()/kv_layout or a single MoE block"
         )
-    workloads = _group_workloads(specs)
+    router_scheme = quantization.scheme(router_quant, group_size)
+    plan, plan_info = _precision_plan(model, specs, quant, group_size, weight_budget, calibration)
+    workloads = _group_workloads(specs, plan)
     bar = Progress(progress, total=4 + len(workloads))
     out = Path(out)
 
@@ -142,28 +154,33 @@ def compile_model(
             if len(split.segments.functions):
                 add_library("segments", split.segments)
 
-        with bar.step(f"build {len(specs)} routers"):
+        with bar.step(f"build {len(specs)} routers ({router_scheme.tag})"):
             routers = tvm.IRModule()
             for i, spec in enumerate(specs):
-                routers[f"router_{i}"] = frontend.lower_router(spec, f"router_{i}")
+                parts = [quantization.router_module(spec.router_weight, spec.router_bias, spec.score_fn,
+                                                    router_scheme, f"router_{i}")]
                 if spec.shared_gate_weight is not None:
-                    routers[f"shared_gate_{i}"] = frontend.lower_shared_gate(spec, f"shared_gate_{i}")
+                    parts.append(quantization.router_module(spec.shared_gate_weight, None, "sigmoid",
+                                                            router_scheme, f"shared_gate_{i}"))
+                for part in parts:
+                    routers.update(part)
             add_library("routers", routers)
 
         workload_entries = {}
-        for key, (wid, example) in workloads.items():
+        for key, wid in workloads.items():
             with bar.step(f"build expert workload {wid}"):
+                kind, d_model, d_ff, sch = key
                 fn = f"expert_{wid}"
-                module = tvm.IRModule({fn: frontend.lower_expert_workload(example, fn)})
-                add_library(fn, module)
-                weights = frontend.kernel_weights(example)
+                add_library(fn, quantization.swiglu_module(d_model, d_ff, sch, fn))
                 workload_entries[key] = Workload(
-                    id=wid, kind=key[0], library=fn, function=fn, d_model=key[1], d_ff=key[2], dtype=key[3],
-                    params=[TensorSpec(name=n, shape=list(w.shape), dtype=str(w.dtype)) for n, w in weights.items()],
+                    id=wid, kind=kind, library=fn, function=fn, d_model=d_model, d_ff=d_ff, dtype="float32",
+                    quant=sch.name, group_size=sch.group_size,
+                    params=[TensorSpec(name=n, shape=list(shape), dtype=dtype)
+                            for n, shape, dtype in quantization.swiglu_params(d_model, d_ff, sch)],
                 )
 
         with bar.step("write expert weights and manifest"):
-            moe_layers = [_write_layer(tmp, i, spec, workload_entries) for i, spec in enumerate(specs)]
+            moe_layers = [_write_layer(tmp, i, spec, plan, workload_entries) for i, spec in enumerate(specs)]
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
                 kind="causal_lm" if lm else "moe_block",
@@ -177,39 +194,73 @@ def compile_model(
                 workloads=list(workload_entries.values()),
                 moe_layers=moe_layers,
                 compile_info={"tvm": tvm.__version__, "torch": torch.__version__, "seconds": round(bar.elapsed, 1),
+                              "quant": {**plan_info, "router": router_scheme.tag},
                               **({"device_code": device_code} if device_code else {})},
             )
             (tmp / MANIFEST_NAME).write_text(manifest.to_json())
     return out
 
 
-def _group_workloads(specs: list[MoELayerSpec]) -> dict[tuple, tuple[str, object]]:
-    """Distinct expert workloads (kind, d_model, d_ff, dtype) -> (id, an example expert)."""
+def _precision_plan(model, specs, quant, group_size, weight_budget, calibration):
+    """(layer, expert) -> Scheme for every routed and shared expert, and a summary for the manifest."""
+    keys = [(li, ei) for li, spec in enumerate(specs) for ei in range(len(spec.experts))]
+    shared = {(li, ("shared", j)): quantization.scheme("fp32") for li, spec in enumerate(specs) for j in range(len(spec.shared))}
+    if quant != "auto":
+        s = quantization.scheme(quant, group_size)
+        for spec in specs:
+            for e in spec.experts + spec.shared:
+                s.check(e.d_model)
+                s.check(e.d_ff)
+        return {**{k: s for k in keys}, **{k: s for k in shared}}, {"scheme": s.tag}
+    if calibration is None or weight_budget is None:
+        raise quantization.QuantizationError("--quant auto needs calibration tokens and a --weight-budget")
+    fp32_bytes = sum(e.w_gate.nbytes * 3 for spec in specs for e in spec.experts)
+    budget = _parse_size(weight_budget, fp32_bytes)
+    cal = quant_plan.calibrate(model, specs, calibration)
+    chosen = quant_plan.plan(specs, cal, budget, group_size)
+    counts = {}
+    for s in chosen.values():
+        counts[s.tag] = counts.get(s.tag, 0) + 1
+    info = {"scheme": "auto", "weight_budget": budget, "calibration_tokens": int(np.asarray(calibration).size),
+            "counts": counts, "experts": {f"{li}.{ei}": s.tag for (li, ei), s in chosen.items()}}
+    return {**chosen, **shared}, info
+
+
+def _parse_size(value, total: int) -> int:
+    text = str(value).strip()
+    if text.endswith("%"):
+        return int(float(text[:-1]) / 100 * total)
+    return int(float(text))
+
+
+def _group_workloads(specs: list[MoELayerSpec], plan: dict) -> dict[tuple, str]:
+    """Distinct expert workloads (kind, d_model, d_ff, scheme) -> workload id."""
     found = {}
-    for spec in specs:
-        for e in spec.experts + spec.shared:
-            key = frontend.workload_key(e)
-            if key not in found:
-                found[key] = (f"{key[0]}_{key[1]}x{key[2]}_{key[3]}", e)
+    for li, spec in enumerate(specs):
+        for key, e in [((li, ei), e) for ei, e in enumerate(spec.experts)] + \
+                      [((li, ("shared", j)), e) for j, e in enumerate(spec.shared)]:
+            wkey = (e.kind, e.d_model, e.d_ff, plan[key])
+            found.setdefault(wkey, f"{e.kind}_{e.d_model}x{e.d_ff}_{plan[key].tag}")
     return found
 
 
-def _write_layer(root: Path, index: int, spec: MoELayerSpec, workloads: dict) -> MoELayer:
+def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, workloads: dict) -> MoELayer:
     from safetensors.numpy import save_file
 
     folder = root / "experts" / f"layer{index}"
     folder.mkdir(parents=True)
 
-    def write(expert, stem: str, number: int) -> Expert:
-        weights = frontend.kernel_weights(expert)
+    def write(expert, key, stem: str, number: int) -> Expert:
+        sch = plan[key]
+        tensors = quantization.quantize_expert(quantization.kernel_layout(expert.w_gate, expert.w_up, expert.w_down), sch)
         path = folder / f"{stem}.safetensors"
-        save_file(weights, str(path))
-        return Expert(index=number, workload=workloads[frontend.workload_key(expert)].id,
-                      file=file_ref(root, path), weight_bytes=int(sum(w.nbytes for w in weights.values())))
+        save_file(tensors, str(path))
+        workload = workloads[(expert.kind, expert.d_model, expert.d_ff, sch)]
+        return Expert(index=number, workload=workload.id, file=file_ref(root, path), weight_bytes=quantization.nbytes(tensors))
 
-    experts = [write(e, f"expert{j}", j) for j, e in enumerate(spec.experts)]
+    experts = [write(e, (index, j), f"expert{j}", j) for j, e in enumerate(spec.experts)]
     shared = [
-        SharedExpert(expert=write(e, f"shared{j}", j),
+        SharedExpert(expert=write(e, (index, ("shared", j)), f"shared{j}", j),
                      gate_function=f"shared_gate_{index}" if spec.shared_gate_weight is not None else None)
         for j, e in enumerate(spec.shared)
     ]

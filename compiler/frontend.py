@@ -6,7 +6,7 @@ TVM's exported-program importer turns each marker into an external call; `split_
 then cuts the Relax function at those calls into segment functions, and records the program
 (segment / moe steps with named values) that the runtime interprets. Routers and expert FFNs
 are lowered separately from the canonical spec, with expert weights as function parameters so
-one kernel serves every expert of a workload.
+one kernel serves every expert of a workload (see quant.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim
 
@@ -26,7 +25,7 @@ from tvm.relax.frontend.torch import from_exported_program
 
 from moetvm.artifact import Step, TensorSpec
 
-from .spec import ExpertWeights, MoELayerSpec
+from .spec import MoELayerSpec
 
 # torch 2.13 warns about its own pytree internals on every export; it is not actionable here.
 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
@@ -234,69 +233,3 @@ def _segment_function(inputs: list, binds: list, outputs: list, model_params: li
     if missing:
         raise ValueError(f"cannot define symbolic dims {sorted(map(str, missing))} for a segment")
     return relax.utils.copy_with_new_vars(make(params)), params
-
-
-# --- routers and experts, lowered from the canonical spec ------------------------------------
-class _Router(nn.Module):
-    """scores = score_fn(x @ W^T + b), computed at fp32 (the router is the sensitive part)."""
-
-    def __init__(self, spec: MoELayerSpec):
-        super().__init__()
-        self.weight = nn.Parameter(torch.from_numpy(spec.router_weight))
-        self.bias = None if spec.router_bias is None else nn.Parameter(torch.from_numpy(spec.router_bias))
-        self.score_fn = spec.score_fn
-
-    def forward(self, x):
-        logits = F.linear(x, self.weight, self.bias)
-        return F.softmax(logits, dim=-1) if self.score_fn == "softmax" else torch.sigmoid(logits)
-
-
-class _SharedGate(nn.Module):
-    def __init__(self, weight):
-        super().__init__()
-        self.weight = nn.Parameter(torch.from_numpy(weight))
-
-    def forward(self, x):
-        return torch.sigmoid(F.linear(x, self.weight))
-
-
-class _SwiGLUKernel(nn.Module):
-    """The expert workload: weights are inputs, stored (in, out) so every matmul is x @ W."""
-
-    def forward(self, x, w_gate, w_up, w_down):
-        return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
-
-
-def _token_dim():
-    return Dim("tokens", min=1, max=MAX_TOKENS)
-
-
-def _main_as(mod: tvm.IRModule, name: str) -> relax.Function:
-    return mod["main"].with_attr("global_symbol", name)
-
-
-def lower_router(spec: MoELayerSpec, name: str) -> relax.Function:
-    x = torch.zeros(3, spec.d_model)
-    return _main_as(_import(_Router(spec), (x,), ({0: _token_dim()},)), name)
-
-
-def lower_shared_gate(spec: MoELayerSpec, name: str) -> relax.Function:
-    x = torch.zeros(3, spec.d_model)
-    return _main_as(_import(_SharedGate(spec.shared_gate_weight), (x,), ({0: _token_dim()},)), name)
-
-
-def workload_key(e: ExpertWeights) -> tuple:
-    return (e.kind, e.d_model, e.d_ff, "float32")
-
-
-def kernel_weights(e: ExpertWeights) -> dict[str, "np.ndarray"]:
-    """An expert's weights in the kernel's (in, out) layout, in call order."""
-    return {"w_gate": e.w_gate.T.copy(), "w_up": e.w_up.T.copy(), "w_down": e.w_down.T.copy()}
-
-
-def lower_expert_workload(e: ExpertWeights, name: str) -> relax.Function:
-    if e.kind != "swiglu":
-        raise ValueError(f"unsupported expert kind {e.kind!r}")
-    x = torch.zeros(3, e.d_model)
-    w = [torch.from_numpy(v) for v in kernel_weights(e).values()]
-    return _main_as(_import(_SwiGLUKernel(), (x, *w), ({0: _token_dim()}, None, None, None)), name)

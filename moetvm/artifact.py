@@ -67,8 +67,10 @@ class Workload:
     function: str
     d_model: int
     d_ff: int
-    dtype: str
-    params: list[TensorSpec]  # weight tensors, in call order after the activations
+    dtype: str  # activations
+    params: list[TensorSpec]  # stored weight tensors, in call order after the activations
+    quant: str = "fp32"  # weight storage: fp32 | fp16 | int8 | int4 (dequantized inside the kernel)
+    group_size: int | None = None  # int4: input rows sharing one scale and zero point
 
 
 @dataclass(frozen=True)

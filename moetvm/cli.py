@@ -44,8 +44,15 @@ def targets():
 @click.argument("model")
 @click.option("--target", default="host", show_default=True, help="target name (see `moetvm targets`)")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="artifact directory")
+@click.option("--quant", type=click.Choice(["fp32", "fp16", "int8", "int4", "auto"]), default="fp32", show_default=True,
+              help="expert weight precision; auto plans it per expert from calibration text")
+@click.option("--group-size", default=32, show_default=True, help="int4 group size (input rows per scale/zero)")
+@click.option("--router-quant", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True)
+@click.option("--weight-budget", default=None, help="auto: expert bytes allowed (bytes or % of fp32)")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="auto: calibration text (default: first half of the shipped held-out text)")
 @click.option("--quiet", is_flag=True, help="no progress lines")
-def compile_cmd(model, target, out, quiet):
+def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budget, calibration, quiet):
     """Compile MODEL ('reference' or a checkpoint path) into an artifact directory."""
     import moetvm.compiler  # noqa: F401 - first: it prepares TVM's CUDA build before TVM loads
     from moetvm.targets import TargetError, get_target
@@ -62,7 +69,19 @@ def compile_cmd(model, target, out, quiet):
         torch_model = load_model_source(model)
     except FileNotFoundError as e:
         _fail(str(e))
-    path = compile_model(torch_model, target=deploy_target, out=out, name=model, source=model, progress=not quiet)
+    from moetvm.compiler.quant import QuantizationError
+
+    tokens = None
+    if quant == "auto":
+        from moetvm.compiler.models import calibration_windows
+
+        tokens = calibration_windows(calibration)
+    try:
+        path = compile_model(torch_model, target=deploy_target, out=out, name=model, source=model, progress=not quiet,
+                             quant=quant, group_size=group_size, router_quant=router_quant,
+                             weight_budget=weight_budget, calibration=tokens)
+    except QuantizationError as e:
+        _fail(str(e))
     from moetvm.artifact import read_manifest
 
     m = read_manifest(path)

@@ -15,7 +15,7 @@ from tvm.runtime.vm import VirtualMachine
 from moetvm.artifact import ArtifactError, Expert, Manifest, MoELayer, check_file, read_manifest
 
 from .cache import ExpertCache, parse_budget
-from .routing import group_by_expert, select_experts
+from moetvm.routing import group_by_expert, select_experts
 
 
 class InputError(ValueError):

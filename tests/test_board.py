@@ -149,3 +149,21 @@ def test_board_dying_mid_deploy_is_a_clear_error(board, a72_artifact, tmp_path):
     assert "failed during" in err and "board closed the connection" in err, err
     assert "Traceback" not in err
     assert time.time() - started < 120
+
+
+def test_quantized_artifact_on_board_matches_host(board, reference_model, heldout_tokens, tmp_path):
+    """int4 experts + int8 router, cross-compiled: the board computes what the host computes."""
+    from moetvm.compiler import compile_model
+    from moetvm.runtime import load_model
+
+    options = dict(quant="int4", router_quant="int8", progress=False)
+    host = compile_model(reference_model, target="host", out=tmp_path / "host", **options)
+    a72 = compile_model(reference_model, target="cortex-a72", out=tmp_path / "a72", **options)
+    tokens = heldout_tokens[7000:7020][None]
+    out = tmp_path / "logits.npy"
+    proc = subprocess.run([board, "-c", BOARD_SCRIPT, a72, "50%", json.dumps(tokens.tolist()), out],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    host_logits = load_model(host)(tokens)
+    assert relative_error(np.load(out), host_logits) < 1e-4
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["new"] == load_model(host).generate(tokens[0], 32)

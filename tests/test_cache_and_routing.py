@@ -9,7 +9,7 @@ import torch
 
 from moetvm.artifact import Router
 from moetvm.runtime.cache import ExpertCache, parse_budget
-from moetvm.runtime.routing import group_by_expert, select_experts
+from moetvm.routing import group_by_expert, select_experts
 
 
 def make_cache(budget, sizes):

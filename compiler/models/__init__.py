@@ -17,3 +17,24 @@ def load_model_source(source: str):
     if not path.is_file():
         raise FileNotFoundError(f"model {source!r}: not 'reference' and no such checkpoint file")
     return load_checkpoint(path)
+
+
+def heldout_split() -> tuple[bytes, bytes]:
+    """(calibration half, evaluation half) of the shipped held-out text: plans are fitted on
+    the first and judged on the second."""
+    data = HELDOUT_TEXT.read_bytes()
+    return data[: len(data) // 2], data[len(data) // 2 :]
+
+
+def text_windows(data: bytes, window: int = 128, count: int | None = None):
+    """Non-overlapping token windows (count, window) int64 of `data`."""
+    import numpy as np
+
+    tokens = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+    n = len(tokens) // window if count is None else min(count, len(tokens) // window)
+    return tokens[: n * window].reshape(n, window)
+
+
+def calibration_windows(path=None, count: int = 32):
+    data = Path(path).read_bytes() if path else heldout_split()[0]
+    return text_windows(data, count=count)

@@ -1,4 +1,8 @@
-"""Routing: from router scores to each token's experts and weights, and tokens grouped by expert."""
+"""Routing: from router scores to each token's experts and weights, and tokens grouped by expert.
+
+Part of the artifact's contract (what a `Router` entry means), so it lives beside the schema:
+the runtime's hot path and the compiler's calibration use this one implementation.
+"""
 
 from __future__ import annotations
 

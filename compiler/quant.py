@@ -1,0 +1,216 @@
+"""Weight-only quantization of experts, with dequantization fused into the matmul kernels.
+
+Weights are stored in the kernel layout (in, out) = (K, N); activations stay fp32 and every
+product accumulates in fp32. Schemes:
+
+  fp32  plain weights.
+  fp16  half-precision storage.
+  int8  symmetric, one fp32 scale per output channel:  w[k, n] = q[k, n] * scale[n].
+  int4  asymmetric, group-wise along K (groups of `group_size` input rows share a scale and a
+        zero point per output channel), two values per byte (low nibble = even k):
+        w[k, n] = (q[k, n] - zero[k // G, n]) * scale[k // G, n].
+
+The kernels are TE computes whose reduction body dequantizes one weight at a time, so no fp32
+copy of the weights is ever materialised; the CPU schedule vectorises along N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax, te
+
+SCHEMES = ("fp32", "fp16", "int8", "int4")
+BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
+DEFAULT_GROUP_SIZE = 32
+
+
+class QuantizationError(ValueError):
+    """An unusable quantization request (scheme, group size, shapes)."""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str  # one of SCHEMES
+    group_size: int | None = None  # int4 only
+
+    def __post_init__(self):
+        if self.name not in SCHEMES:
+            raise QuantizationError(f"unknown quantization {self.name!r}; choose from {', '.join(SCHEMES)}")
+        if self.name == "int4" and (self.group_size is None or self.group_size <= 0 or self.group_size % 2):
+            raise QuantizationError(f"int4 needs a positive even group size, got {self.group_size}")
+
+    @property
+    def tag(self) -> str:
+        return f"int4g{self.group_size}" if self.name == "int4" else self.name
+
+    def check(self, k: int) -> None:
+        if self.name == "int4" and k % self.group_size:
+            raise QuantizationError(
+                f"int4 group size {self.group_size} does not divide the input dimension {k}; "
+                f"choose a group size that divides {k}"
+            )
+
+
+def scheme(name: str, group_size: int | None = None) -> Scheme:
+    return Scheme(name, (group_size or DEFAULT_GROUP_SIZE) if name == "int4" else None)
+
+
+# --- NumPy side: quantize, pack, and the reference dequantization ----------------------------
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """(K, N) values in [0, 15] -> (K/2, N) bytes, even rows in the low nibble."""
+    if q.shape[0] % 2:
+        raise QuantizationError(f"int4 packing needs an even number of rows, got {q.shape[0]}")
+    q = q.astype(np.uint8)
+    return (q[0::2] | (q[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    out = np.empty((packed.shape[0] * 2, packed.shape[1]), np.uint8)
+    out[0::2] = packed & 0xF
+    out[1::2] = packed >> 4
+    return out
+
+
+def quantize(w: np.ndarray, s: Scheme) -> dict[str, np.ndarray]:
+    """Tensors stored for one (K, N) fp32 weight, named by suffix ("" = the weight itself)."""
+    w = np.asarray(w, np.float32)
+    s.check(w.shape[0])
+    if s.name == "fp32":
+        return {"": w}
+    if s.name == "fp16":
+        return {"": w.astype(np.float16)}
+    if s.name == "int8":
+        scale = np.abs(w).max(axis=0) / 127.0
+        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        return {"": q, ".scale": scale}
+    g = w.reshape(w.shape[0] // s.group_size, s.group_size, w.shape[1])
+    lo, hi = g.min(axis=1), g.max(axis=1)
+    scale = (hi - lo) / 15.0
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float16)
+    zero = np.clip(np.rint(-lo / scale.astype(np.float32)), 0, 15).astype(np.uint8)
+    q = np.clip(np.rint(g / scale.astype(np.float32)[:, None]) + zero[:, None], 0, 15).reshape(w.shape)
+    return {"": pack_int4(q), ".scale": scale, ".zero": zero}
+
+
+def dequantize(t: dict[str, np.ndarray], s: Scheme) -> np.ndarray:
+    """The reference: the fp32 weights a quantized tensor stands for."""
+    if s.name in ("fp32", "fp16"):
+        return t[""].astype(np.float32)
+    if s.name == "int8":
+        return t[""].astype(np.float32) * t[".scale"]
+    q = unpack_int4(t[""]).astype(np.float32)
+    groups = np.repeat(np.arange(q.shape[0] // s.group_size), s.group_size)
+    return (q - t[".zero"][groups].astype(np.float32)) * t[".scale"][groups].astype(np.float32)
+
+
+def nbytes(t: dict[str, np.ndarray]) -> int:
+    return int(sum(a.nbytes for a in t.values()))
+
+
+# --- TVM side: fused dequantize-matmul ---------------------------------------------------------
+def _matmul_te(x: te.Tensor, weights: list[te.Tensor], s: Scheme, name: str) -> te.Tensor:
+    n, k_dim = x.shape
+    w = weights[0]
+    out_dim = w.shape[1]
+    k = te.reduce_axis((0, k_dim), "k")
+    f32 = "float32"
+    if s.name in ("fp32", "fp16"):
+        def body(i, j):
+            return te.sum(x[i, k] * w[k, j].astype(f32), axis=k)
+    elif s.name == "int8":
+        scale = weights[1]
+
+        def body(i, j):
+            return te.sum(x[i, k] * (w[k, j].astype(f32) * scale[j]), axis=k)
+    else:
+        scale, zero = weights[1], weights[2]
+        g = s.group_size
+
+        def body(i, j):
+            q = (w[k // 2, j] >> ((k % 2) * 4).astype("uint8")) & tvm.tirx.const(15, "uint8")
+            deq = (q.astype(f32) - zero[k // g, j].astype(f32)) * scale[k // g, j].astype(f32)
+            return te.sum(x[i, k] * deq, axis=k)
+    return te.compute((n, out_dim), body, name=name)
+
+
+def weight_params(prefix: str, k: int, n: int, s: Scheme) -> list[tuple[str, tuple, str]]:
+    """(name, shape, dtype) of the tensors stored for one (k, n) weight, in call order."""
+    if s.name == "fp32":
+        return [(prefix, (k, n), "float32")]
+    if s.name == "fp16":
+        return [(prefix, (k, n), "float16")]
+    if s.name == "int8":
+        return [(prefix, (k, n), "int8"), (prefix + ".scale", (n,), "float32")]
+    groups = k // s.group_size
+    return [(prefix, (k // 2, n), "uint8"), (prefix + ".scale", (groups, n), "float16"),
+            (prefix + ".zero", (groups, n), "uint8")]
+
+
+def swiglu_params(d_model: int, d_ff: int, s: Scheme) -> list[tuple[str, tuple, str]]:
+    s.check(d_model)
+    s.check(d_ff)
+    return (weight_params("w_gate", d_model, d_ff, s) + weight_params("w_up", d_model, d_ff, s)
+            + weight_params("w_down", d_ff, d_model, s))
+
+
+def swiglu_module(d_model: int, d_ff: int, s: Scheme, name: str) -> tvm.IRModule:
+    """An IRModule whose function `name` is the expert kernel:
+    (x (n, d_model) f32, *weights) -> (n, d_model) = down(silu(x@gate) * (x@up))."""
+    n = tvm.tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType((n, d_model), "float32"))
+    params = {p: relax.Var(p, relax.TensorType(shape, dtype)) for p, shape, dtype in swiglu_params(d_model, d_ff, s)}
+
+    def group(prefix):
+        return [v for key, v in params.items() if key == prefix or key.startswith(prefix + ".")]
+
+    bb = relax.BlockBuilder()
+    with bb.function(name, [x, *params.values()]):
+        with bb.dataflow():
+            def matmul(a, prefix):
+                return bb.emit_te(lambda a_, *w: _matmul_te(a_, list(w), s, prefix), a, *group(prefix),
+                                  primfunc_name_hint=f"{prefix}_{s.tag}_matmul")
+
+            h = bb.emit(relax.op.multiply(relax.op.nn.silu(matmul(x, "w_gate")), matmul(x, "w_up")))
+            y = bb.emit_output(matmul(h, "w_down"))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+def quantize_expert(weights: dict[str, np.ndarray], s: Scheme) -> dict[str, np.ndarray]:
+    """Kernel-layout fp32 weights {"w_gate", "w_up", "w_down"} -> the stored tensors."""
+    out = {}
+    for prefix, w in weights.items():
+        out.update({prefix + suffix: t for suffix, t in quantize(w, s).items()})
+    return out
+
+
+def router_module(weight: np.ndarray, bias: np.ndarray | None, score_fn: str, s: Scheme, name: str) -> tvm.IRModule:
+    """router(x (n, d) f32) -> scores (n, E) = score_fn(x @ W^T + b), weights baked in as
+    constants at precision `s` (fp32 by default: routing is the most sensitive part)."""
+    if score_fn not in ("softmax", "sigmoid"):
+        raise QuantizationError(f"unknown router score function {score_fn!r}")
+    n = tvm.tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType((n, weight.shape[1]), "float32"))
+    stored = quantize(np.ascontiguousarray(weight.T), s)
+    bb = relax.BlockBuilder()
+    with bb.function(name, [x]):
+        with bb.dataflow():
+            consts = [relax.const(stored[key]) for key in ("", ".scale", ".zero") if key in stored]
+            logits = bb.emit_te(lambda a, *w: _matmul_te(a, list(w), s, "logits"), x, *consts,
+                                primfunc_name_hint=f"{name}_logits")
+            if bias is not None:
+                logits = bb.emit(relax.op.add(logits, relax.const(np.asarray(bias, np.float32))))
+            scores = relax.op.nn.softmax(logits, axis=-1) if score_fn == "softmax" else relax.op.sigmoid(logits)
+            out = bb.emit_output(bb.emit(scores))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def kernel_layout(w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray) -> dict[str, np.ndarray]:
+    """PyTorch (out, in) weights -> the kernels' (in, out) layout, fp32."""
+    return {"w_gate": np.ascontiguousarray(w_gate.T, np.float32), "w_up": np.ascontiguousarray(w_up.T, np.float32),
+            "w_down": np.ascontiguousarray(w_down.T, np.float32)}

@@ -1,0 +1,165 @@
+"""Weight quantization: fused kernels against NumPy, packing, errors, and accuracy on the shipped model."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm.runtime.vm import VirtualMachine
+
+from moetvm.compiler import compile_model, quant
+from moetvm.compiler.lowering import build_library
+from moetvm.targets import get_target
+
+
+def _ref_swiglu(x, w):
+    g = x @ w["w_gate"]
+    return (g / (1 + np.exp(-g)) * (x @ w["w_up"])) @ w["w_down"]
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    """One compiled expert kernel per scheme (d_model 64, d_ff 96: int4 groups of 32 divide both)."""
+    root = tmp_path_factory.mktemp("quant")
+    built = {}
+    for name in quant.SCHEMES:
+        s = quant.scheme(name, 32)
+        path = root / f"{s.tag}.so"
+        build_library(quant.swiglu_module(64, 96, s, "expert"), get_target("host"), path)
+        built[name] = (s, VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu()))
+    return built
+
+
+@pytest.mark.parametrize("name", quant.SCHEMES)
+def test_fused_kernel_matches_numpy_dequantize_then_matmul(kernels, name):
+    s, vm = kernels[name]
+    rng = np.random.default_rng()  # fresh inputs every run
+    weights = {"w_gate": rng.standard_normal((64, 96), np.float32), "w_up": rng.standard_normal((64, 96), np.float32),
+               "w_down": rng.standard_normal((96, 64), np.float32)}
+    stored = quant.quantize_expert(weights, s)
+    reference_weights = {p: quant.dequantize({k[len(p):]: v for k, v in stored.items() if k == p or k.startswith(p + ".")}, s)
+                         for p in weights}
+    args = [tvm.runtime.tensor(stored[n]) for n, _, _ in quant.swiglu_params(64, 96, s)]
+    for tokens in (1, 4, 33):
+        x = rng.standard_normal((tokens, 64), np.float32)
+        ours = vm["expert"](tvm.runtime.tensor(x), *args).numpy()
+        ref = _ref_swiglu(x.astype(np.float64), {k: v.astype(np.float64) for k, v in reference_weights.items()})
+        assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-5, (name, tokens)
+
+
+def test_stored_bytes_shrink():
+    w = np.random.default_rng(0).standard_normal((128, 256), np.float32)
+    sizes = {name: quant.nbytes(quant.quantize(w, quant.scheme(name, 32))) for name in quant.SCHEMES}
+    assert sizes["fp32"] == 131072 and sizes["fp16"] == 65536
+    assert sizes["int8"] == 128 * 256 + 256 * 4
+    assert sizes["int4"] == 128 * 256 // 2 + (128 // 32) * 256 * 3  # nibbles + fp16 scale + u8 zero
+
+
+def test_int4_pack_unpack_round_trip():
+    q = np.random.default_rng().integers(0, 16, (64, 7), dtype=np.uint8)
+    packed = quant.pack_int4(q)
+    assert packed.shape == (32, 7) and packed.dtype == np.uint8
+    assert (quant.unpack_int4(packed) == q).all()
+    assert (packed[0] & 0xF == q[0]).all() and (packed[0] >> 4 == q[1]).all()
+
+
+def test_quantization_error_bounds():
+    w = np.random.default_rng(1).standard_normal((128, 64), np.float32)
+    for name, bound in (("fp16", 1e-3), ("int8", 1 / 127 / 2 + 1e-6), ("int4", 1 / 15 / 2 + 1e-3)):
+        s = quant.scheme(name, 32)
+        err = np.abs(quant.dequantize(quant.quantize(w, s), s) - w)
+        span = (np.abs(w).max(0) if name == "int8" else
+                (w.reshape(4, 32, 64).max(1) - w.reshape(4, 32, 64).min(1)).repeat(32, 0) if name == "int4" else 1)
+        assert (err <= bound * 2 * span + 1e-7).all() if name != "fp16" else (err <= bound * np.abs(w) + 1e-7).all()
+
+
+def test_bad_group_sizes_rejected(reference_model, tmp_path):
+    with pytest.raises(quant.QuantizationError, match="int4 group size 48 does not divide the input dimension 128"):
+        compile_model(reference_model, target="host", out=tmp_path / "x", quant="int4", group_size=48, progress=False)
+    with pytest.raises(quant.QuantizationError, match="positive even group size"):
+        quant.scheme("int4", 7)
+    with pytest.raises(quant.QuantizationError, match="unknown quantization 'int3'"):
+        quant.scheme("int3")
+    assert not (tmp_path / "x").exists()
+
+
+# --- accuracy on the shipped model: evaluated on the held-out half not used for calibration ---
+def _eval_tokens():
+    from moetvm.compiler.models import heldout_split, text_windows
+
+    return text_windows(heldout_split()[1], count=24)
+
+
+@pytest.fixture(scope="module")
+def fp32_reference(reference_model):
+    with torch.no_grad():
+        return reference_model(torch.from_numpy(_eval_tokens())).numpy()
+
+
+def _agreement(artifact, fp32_logits):
+    from moetvm.runtime import load_model
+
+    model = load_model(artifact)
+    ours = model(_eval_tokens())
+    return float((ours.argmax(-1) == fp32_logits.argmax(-1)).mean())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme, floor", [("int8", 0.99), ("int4", 0.95)])
+def test_quantized_model_agrees_with_fp32(reference_model, fp32_reference, tmp_path, scheme, floor):
+    out = compile_model(reference_model, target="host", out=tmp_path / scheme, quant=scheme, progress=False)
+    agreement = _agreement(out, fp32_reference)
+    assert agreement >= floor, agreement
+    from moetvm.artifact import read_manifest
+
+    m = read_manifest(out)
+    per_expert = m.moe_layers[0].experts[0].weight_bytes
+    values = 3 * 128 * 256
+    expected = {"int8": values + (256 + 256 + 128) * 4,  # int8 weights + fp32 scale per output channel
+                "int4": values // 2 + (2 * (128 // 32) * 256 + (256 // 32) * 128) * 3}  # + fp16 scale, u8 zero per group
+    assert per_expert == expected[scheme]
+    assert all(w.quant == scheme for w in m.workloads)
+
+
+@pytest.mark.slow
+def test_int8_router_topk_set_agreement(reference_model, tmp_path):
+    """The int8 router picks the same top-k *set* as the fp32 one on held-out inputs."""
+    from moetvm.compiler.models import heldout_split, text_windows
+    from moetvm.compiler.quant_plan import calibrate
+    from moetvm.compiler.spec import find_moe_layers
+    from moetvm.routing import select_experts
+    from moetvm.runtime import load_model
+
+    out = compile_model(reference_model, target="host", out=tmp_path / "r8", router_quant="int8", progress=False)
+    model = load_model(out)
+    specs = find_moe_layers(reference_model)
+    same = total = 0
+    for layer, cal in enumerate(calibrate(reference_model, specs, text_windows(heldout_split()[1], count=16))):
+        router = model.manifest.moe_layers[layer].router
+        scores = model._call(router.library, router.function, tvm.runtime.tensor(cal.inputs)).numpy()
+        idx, _ = select_experts(scores, router)
+        same += sum(set(a) == set(b) for a, b in zip(idx.tolist(), cal.indices.tolist()))
+        total += len(idx)
+    assert same / total >= 0.99, same / total
+
+
+@pytest.mark.slow
+def test_auto_plan_respects_budget_and_is_recorded(reference_model, fp32_reference, tmp_path):
+    from moetvm.artifact import read_manifest
+    from moetvm.compiler.models import calibration_windows
+
+    fp32_bytes = 32 * 3 * 128 * 256 * 4
+    out = compile_model(reference_model, target="host", out=tmp_path / "auto", quant="auto", weight_budget="30%",
+                        calibration=calibration_windows(), progress=False)
+    m = read_manifest(out)
+    used = sum(e.weight_bytes for layer in m.moe_layers for e in layer.experts)
+    assert used <= 0.30 * fp32_bytes
+    plan = m.compile_info["quant"]
+    assert plan["scheme"] == "auto" and len(plan["experts"]) == 32 and sum(plan["counts"].values()) == 32
+    assert len(plan["counts"]) >= 2  # a real mix of precisions at this budget
+    assert _agreement(out, fp32_reference) >= 0.97
+    with pytest.raises(quant.QuantizationError, match="below the all-int4 size"):
+        compile_model(reference_model, target="host", out=tmp_path / "tiny", quant="auto", weight_budget=1000,
+                      calibration=calibration_windows(), progress=False)
