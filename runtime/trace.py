@@ -117,8 +117,8 @@ class RoutingTrace:
         with open(path, "wb") as f:  # a file object: numpy would append ".npz" to a bare name
             np.savez_compressed(f, **arrays)
 
-    @staticmethod
-    def load(path: str | Path) -> "RoutingTrace":
+    @classmethod
+    def load(cls, path: str | Path) -> "RoutingTrace":
         """Read and validate a trace written by `save`; anything else raises TraceError."""
         try:
             z = np.load(path, allow_pickle=False)
@@ -171,14 +171,18 @@ def _from_arrays(a: dict[str, np.ndarray]) -> RoutingTrace:
         raise TraceError("record arrays step/layer/shape/pred_shape disagree in length")
     if n and (step.min() < 0 or step.max() >= n_steps or np.any(np.diff(step) < 0)):
         raise TraceError("record steps must be ascending and within n_steps")
+    has_pred = pred_shape[:, 0] >= 0
+    if np.any(pred_shape[has_pred] < 0) or np.any(pred_shape[~has_pred] != -1):
+        raise TraceError("pred_shape rows must be a (tokens, k) shape or (-1, -1)")
     rows = shape.prod(axis=1)
-    prows = np.where(pred_shape[:, 0] >= 0, pred_shape.prod(axis=1), 0)
+    prows = np.where(has_pred, pred_shape.prod(axis=1), 0)
     if np.any(shape < 0) or rows.sum() != a["indices"].size or a["weights"].size != a["indices"].size:
         raise TraceError("indices/weights sizes do not match the record shapes")
     if prows.sum() != a["predicted"].size:
         raise TraceError("predicted size does not match the record pred_shapes")
 
     steps: list[Step] = [{} for _ in range(n_steps)]
+    max_id = max(n_experts, default=0)
     ends, pends = np.cumsum(rows), np.cumsum(prows)
     for r in range(n):
         lo, plo = ends[r] - rows[r], pends[r] - prows[r]
@@ -186,9 +190,9 @@ def _from_arrays(a: dict[str, np.ndarray]) -> RoutingTrace:
         if l in steps[s]:
             raise TraceError(f"step {s} records layer {l} twice")
         pred = None if pred_shape[r, 0] < 0 else a["predicted"][plo:pends[r]].reshape(pred_shape[r])
-        steps[s][l] = LayerRouting(_ids(a["indices"][lo:ends[r]].reshape(shape[r]), max(n_experts, default=0)),
+        steps[s][l] = LayerRouting(_ids(a["indices"][lo:ends[r]].reshape(shape[r]), max_id),
                                    a["weights"][lo:ends[r]].reshape(shape[r]).astype(np.float32),
-                                   None if pred is None else _ids(pred, max(n_experts, default=0)))
+                                   None if pred is None else _ids(pred, max_id))
     return RoutingTrace(n_layers, n_experts, expert_bytes, steps).validate()
 
 
@@ -197,8 +201,14 @@ def _flat(parts, dtype) -> np.ndarray:
 
 
 def _ids(array, n_experts: int) -> np.ndarray:
-    """Expert ids in the narrowest dtype the brief allows: int16 when every id fits."""
-    return np.asarray(array).astype(np.int16 if n_experts <= np.iinfo(np.int16).max else np.int32)
+    """Expert ids as int16 when every id fits (int32 beyond 32767 experts); raises TraceError on
+    ids the narrow type cannot hold exactly (a cast would wrap them into valid-looking ids)."""
+    array = np.asarray(array)
+    ids = array.astype(np.int16 if n_experts <= np.iinfo(np.int16).max else np.int32)
+    if not np.array_equal(ids, array):
+        raise TraceError(f"expert ids must be integers below {n_experts}, got {array.dtype} values "
+                         f"in [{array.min()}, {array.max()}]")
+    return ids
 
 
 def accesses(trace: RoutingTrace) -> list[Key]:

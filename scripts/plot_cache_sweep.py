@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from moetvm.runtime.simulator import DEFAULT_PIN_FRACTION, POLICIES, sweep
-from moetvm.runtime.trace import RoutingTrace, TraceError
+from moetvm.runtime.trace import RoutingTrace
 
 DEFAULT_BUDGETS = "12.5%,25%,37.5%,50%,62.5%,75%,87.5%,100%"
 

@@ -46,10 +46,11 @@ def random_trace(seed, n_layers=4, n_experts=8, steps=30, tokens=(1, 4), k=2, si
 
 
 def sequence_trace(experts, n_experts=6, predicted=None):
-    """One layer, one token, top-1: the access sequence is exactly (0, e) for e in `experts`."""
+    """One layer, one token, top-1: the access sequence is exactly (0, e) for e in `experts`;
+    predicted[i] is step i's prediction (None: none)."""
     steps = []
     for i, e in enumerate(experts):
-        pred = None if predicted is None else np.array([[predicted[i]]], dtype=np.int16)
+        pred = None if predicted is None or predicted[i] is None else np.array([[predicted[i]]], dtype=np.int16)
         steps.append({0: LayerRouting(np.array([[e]], dtype=np.int16), np.ones((1, 1), np.float32), pred)})
     return RoutingTrace(1, [n_experts], {(0, e): 1 for e in range(n_experts)}, steps)
 
@@ -64,7 +65,7 @@ def cycle_trace(steps, n_layers=4, n_experts=8, period=4, offset=0):
     return trace
 
 
-A, B, C, D, E = range(5)
+A, B, C, D, E = range(5)  # expert ids of layer 0 in the hand-worked cases
 
 
 # --- accesses: what the runtime fetches ------------------------------------------------------
@@ -219,6 +220,38 @@ def test_prefetch_never_evicts_the_layer_served_or_pinned():
     # Prefetch loads A, B, C into free room (all then hit); D and E do not fit -> skipped;
     # D misses (evicts A), A misses (evicts B).
     assert (r["prefetch_loads"], r["prefetch_skipped"], r["hits"], r["misses"]) == (3, 2, 3, 2)
+    # Two layers, budget 2: layer 0 fills the cache with (0,0) (0,1). Layer 1's prefetch of (1,0)
+    # overlaps layer 0's compute, so it may not evict layer 0's experts: skipped; the demand
+    # access then misses and evicts (0,0) by LRU.
+    idx = lambda *e: np.array([e], dtype=np.int16)
+    two = RoutingTrace(2, [2, 2], {(l, e): 1 for l in range(2) for e in range(2)}, [{
+        0: LayerRouting(idx(0, 1), np.ones((1, 2), np.float32)),
+        1: LayerRouting(idx(0), np.ones((1, 1), np.float32), predicted=idx(0))}])
+    r = simulate(two, 2, ["runtime"], pin_fraction=0.0)["runtime"]
+    assert (r["prefetch_loads"], r["prefetch_skipped"], r["misses"]) == (0, 1, 3)
+
+
+def test_predicted_resident_expert_is_kept():
+    # Budget 2, one layer: C, then B -> [C B]. Step 2 selects A and C and predicted C: C is
+    # resident, so the prefetch just marks it most recent [B C]; A's miss then evicts B, not C,
+    # and C hits. (Plain LRU would evict C for A and miss C again.)
+    w1, w2 = np.ones((1, 1), np.float32), np.ones((1, 2), np.float32)
+    trace = RoutingTrace(1, [3], {(0, e): 1 for e in range(3)}, [
+        {0: LayerRouting(np.array([[C]], np.int16), w1)}, {0: LayerRouting(np.array([[B]], np.int16), w1)},
+        {0: LayerRouting(np.array([[A, C]], np.int16), w2, predicted=np.array([[C]], np.int16))}])
+    r = simulate(trace, 2, ["runtime", "lru"], pin_fraction=0.0)
+    assert (r["runtime"]["hits"], r["runtime"]["misses"]) == (1, 3)
+    assert (r["lru"]["hits"], r["lru"]["misses"]) == (0, 4)
+
+
+def test_prefetch_usefulness_accounting():
+    # Budget 2, one layer. Step 0 predicts B, runs A: B prefetched, A misses [B A].
+    # C misses, evicts B unused (a wasted prefetch) [A C]; B misses [C B]; B hits. A demand hit on
+    # a key that was prefetched, evicted and then reloaded by demand is not a useful prefetch.
+    trace = sequence_trace([A, C, B, B], predicted=[B, None, None, None])
+    r = simulate(trace, 2, ["runtime"], pin_fraction=0.0)["runtime"]
+    assert (r["prefetch_loads"], r["useful_prefetches"], r["hits"], r["misses"]) == (1, 0, 1, 3)
+    assert r["prefetch_precision"] == 0.0 and r["bytes_loaded"] == 4
 
 
 def test_hot_set_profile():
@@ -340,12 +373,16 @@ def test_bad_trace_files(tmp_path):
         h = json.loads(z["header"].tobytes())
         indices = z["indices"].copy()
     indices[0] = 99
+    wrapped = indices.copy()
+    wrapped[0] = 65536  # int16 would wrap it to expert 0
     cases = {
         "version": (rewrite("v2.npz", header=header(**{**h, "version": 2})), "format version 2"),
         "format": (rewrite("fmt.npz", header=header(a=1)), "does not name format"),
         "json": (rewrite("json.npz", header=np.frombuffer(b"{nope", np.uint8)), "not JSON"),
         "missing": (rewrite("missing.npz", weights=None), "missing array"),
         "range": (rewrite("range.npz", indices=indices), r"outside \[0, 8\)"),
+        "wrap": (rewrite("wrap.npz", indices=wrapped), "must be integers below 8"),
+        "pred_shape": (rewrite("ps.npz", pred_shape=np.full((12, 2), -2)), "pred_shape rows"),
         "sizes": (rewrite("sizes.npz", weights=np.zeros(3, np.float32)), "sizes do not match"),
         "no-bytes": (rewrite("nob.npz", header=header(**{**h, "expert_bytes": []})), "no size recorded"),
     }
@@ -381,6 +418,10 @@ def test_recorder_steps():
     assert first.experts() == [0, 2]
     with pytest.raises(ValueError, match="must both be"):
         rec.record(0, [[1, 2]], [[1.0]])
+    with pytest.raises(TraceError, match="must be integers"):
+        rec.record(0, [[70000, 1]], [[0.5, 0.5]])
+    with pytest.raises(TraceError, match="must be integers"):
+        rec.record(0, [[1.5, 1]], [[0.5, 0.5]])
     rec.record(1, [[7]], [[1.0]])
     rec.end_step()
     with pytest.raises(TraceError, match="outside"):

@@ -41,7 +41,7 @@ def test_jetson_orin_device_code_is_sm87(tmp_path, reference_model):
 
     out = compile_model(reference_model, target="jetson-orin", out=tmp_path / "orin", progress=False)
     manifest = read_manifest(out)
-    assert {lib.name for lib in manifest.libraries} == {"segments", "routers", "expert_swiglu_128x256_float32"}
+    assert {lib.name for lib in manifest.libraries} == {"segments", "routers", "expert_swiglu_128x256_fp32"}
     for lib in manifest.libraries:
         path = out / lib.file.path
         assert elf_machine(path) == "aarch64"  # the host side runs on the Orin's Cortex-A78AE
