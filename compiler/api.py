@@ -108,6 +108,8 @@ def compile_model(
     quant: expert weight precision, one of fp32, fp16, int8, int4 (group-wise, `group_size`) or
     auto (per expert, from `calibration` token windows, within `weight_budget` bytes or a
     percentage of the fp32 expert bytes). router_quant: fp32 (default) or int8.
+    calibration: token windows (batch, seq) run through the model to profile expert usage (stored
+    per expert, it orders the runtime's preload) and, for auto, to plan precisions.
     """
     dt = target if isinstance(target, DeployTarget) else get_target(target)
     dt.check_toolchain()
@@ -121,7 +123,9 @@ def compile_model(
             f"{type(model).__name__}: expected a causal LM with step()/kv_layout or a single MoE block"
         )
     router_scheme = quantization.scheme(router_quant, group_size)
-    plan, plan_info = _precision_plan(model, specs, quant, group_size, weight_budget, calibration)
+    cal = quant_plan.calibrate(model, specs, calibration) if calibration is not None else None
+    plan, plan_info = _precision_plan(specs, cal, quant, group_size, weight_budget, calibration)
+    usage = _usage_profile(specs, cal)
     workloads = _group_workloads(specs, plan)
     bar = Progress(progress, total=4 + len(workloads))
     out = Path(out)
@@ -180,7 +184,7 @@ def compile_model(
                 )
 
         with bar.step("write expert weights and manifest"):
-            moe_layers = [_write_layer(tmp, i, spec, plan, workload_entries) for i, spec in enumerate(specs)]
+            moe_layers = [_write_layer(tmp, i, spec, plan, usage, workload_entries) for i, spec in enumerate(specs)]
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
                 kind="causal_lm" if lm else "moe_block",
@@ -201,7 +205,18 @@ def compile_model(
     return out
 
 
-def _precision_plan(model, specs, quant, group_size, weight_budget, calibration):
+def _usage_profile(specs, cal) -> dict:
+    """(layer, expert) -> share of the layer's routing on the calibration tokens."""
+    if cal is None:
+        return {}
+    usage = {}
+    for li, (spec, c) in enumerate(zip(specs, cal)):
+        counts = np.bincount(c.indices.ravel(), minlength=spec.n_experts)
+        usage.update({(li, ei): float(n / counts.sum()) for ei, n in enumerate(counts)})
+    return usage
+
+
+def _precision_plan(specs, cal, quant, group_size, weight_budget, calibration):
     """(layer, expert) -> Scheme for every routed and shared expert, and a summary for the manifest."""
     keys = [(li, ei) for li, spec in enumerate(specs) for ei in range(len(spec.experts))]
     shared = {(li, ("shared", j)): quantization.scheme("fp32") for li, spec in enumerate(specs) for j in range(len(spec.shared))}
@@ -216,7 +231,6 @@ def _precision_plan(model, specs, quant, group_size, weight_budget, calibration)
         raise quantization.QuantizationError("--quant auto needs calibration tokens and a --weight-budget")
     fp32_bytes = sum(e.w_gate.nbytes * 3 for spec in specs for e in spec.experts)
     budget = _parse_size(weight_budget, fp32_bytes)
-    cal = quant_plan.calibrate(model, specs, calibration)
     chosen = quant_plan.plan(specs, cal, budget, group_size)
     counts = {}
     for s in chosen.values():
@@ -244,7 +258,7 @@ def _group_workloads(specs: list[MoELayerSpec], plan: dict) -> dict[tuple, str]:
     return found
 
 
-def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, workloads: dict) -> MoELayer:
+def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: dict, workloads: dict) -> MoELayer:
     from safetensors.numpy import save_file
 
     folder = root / "experts" / f"layer{index}"
@@ -256,7 +270,8 @@ def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, workloa
         path = folder / f"{stem}.safetensors"
         save_file(tensors, str(path))
         workload = workloads[(expert.kind, expert.d_model, expert.d_ff, sch)]
-        return Expert(index=number, workload=workload.id, file=file_ref(root, path), weight_bytes=quantization.nbytes(tensors))
+        return Expert(index=number, workload=workload.id, file=file_ref(root, path),
+                      weight_bytes=quantization.nbytes(tensors), usage=usage.get(key))
 
     experts = [write(e, (index, j), f"expert{j}", j) for j, e in enumerate(spec.experts)]
     shared = [

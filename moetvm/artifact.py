@@ -79,6 +79,7 @@ class Expert:
     workload: str
     file: FileRef
     weight_bytes: int  # bytes the expert occupies in the cache
+    usage: float | None = None  # share of its layer's routing on calibration text (preload order)
 
 
 @dataclass(frozen=True)

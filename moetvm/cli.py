@@ -50,7 +50,8 @@ def targets():
 @click.option("--router-quant", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True)
 @click.option("--weight-budget", default=None, help="auto: expert bytes allowed (bytes or % of fp32)")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
-              help="auto: calibration text (default: first half of the shipped held-out text)")
+              help="text profiling expert usage (preload order) and planning auto precision "
+                   "(default for the reference model: first half of its held-out text)")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budget, calibration, quiet):
     """Compile MODEL ('reference' or a checkpoint path) into an artifact directory."""
@@ -72,7 +73,7 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budg
     from moetvm.compiler.quant import QuantizationError
 
     tokens = None
-    if quant == "auto":
+    if quant == "auto" or calibration or model == "reference":  # the shipped model profiles on its own text
         from moetvm.compiler.models import calibration_windows
 
         tokens = calibration_windows(calibration)
@@ -91,11 +92,11 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budg
                f"in {m.compile_info['seconds']:.1f}s", err=True)
 
 
-def _load(directory: Path, cache_budget: str):
+def _load(directory: Path, cache_budget: str, **options):
     from moetvm.runtime import load_model
 
     try:
-        return load_model(directory, cache_budget=cache_budget)
+        return load_model(directory, cache_budget=cache_budget, **options)
     except (ArtifactError, ValueError) as e:
         _fail(str(e))
 
@@ -105,12 +106,16 @@ def _load(directory: Path, cache_budget: str):
 @click.option("--prompt", default="def ", show_default=True)
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--cache-budget", default="25%", show_default=True, help="bytes, size (64MB) or percent of all experts")
+@click.option("--prefetch/--no-prefetch", default=False, show_default=True,
+              help="load each next layer's predicted experts in the background")
+@click.option("--preload", default=0.0, show_default=True, help="fraction of experts, hottest first, pinned at start")
+@click.option("--storage-mbps", type=float, default=None, help="throttle expert reads to simulate slow storage")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
-def run(directory, prompt, max_new_tokens, cache_budget, as_json):
+def run(directory, prompt, max_new_tokens, cache_budget, prefetch, preload, storage_mbps, as_json):
     """Generate text from a compiled LM artifact and report cache and latency stats."""
     from moetvm.runtime import InputError
 
-    model = _load(directory, cache_budget)
+    model = _load(directory, cache_budget, prefetch=prefetch, preload=preload, storage_mbps=storage_mbps)
     if model.manifest.kind != "causal_lm":
         _fail(f"{directory}: `run` needs a causal LM artifact, this one is a {model.manifest.kind}")
     try:
@@ -134,6 +139,11 @@ def run(directory, prompt, max_new_tokens, cache_budget, as_json):
     t = report["time_ms"]
     click.echo(f"time split            segments {t['segments']:.1f} ms  routing {t['routing']:.1f} ms  "
                f"experts {t['experts']:.1f} ms (incl. loads)")
+    p = report["prefetch"]
+    if p["enabled"]:
+        fmt_pct = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
+        click.echo(f"prefetch              {p['loads']} loads, {p['useful']} useful (precision {fmt_pct(p['precision'])}, "
+                   f"recall {fmt_pct(p['recall'])}), {p['wasted']} wasted, {p['skipped']} skipped, {p['failed']} failed")
     click.echo(f"peak RSS              {report['peak_rss_mb']:.0f} MB")
 
 
@@ -169,6 +179,67 @@ def deploy(directory, rpc_addr, tracker, key, prompt, max_new_tokens, cache_budg
         _fail(str(e))
     report = {"text": _decode(report.pop("new_ids")), "prompt": prompt, **report}
     click.echo(json.dumps(report))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--text", type=click.Path(path_type=Path), required=True, help="text to run, token by token")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="trace file to write")
+@click.option("--max-tokens", default=1024, show_default=True)
+@click.option("--window", default=128, show_default=True, help="tokens per KV-cache window before restarting")
+def trace(directory, text, out, max_tokens, window):
+    """Record a routing trace: decode TEXT token by token (teacher-forced) and log, per token
+    and MoE layer, the chosen experts, their weights and the lookahead predictions."""
+    import numpy as np
+
+    from moetvm.runtime.model import KVCache
+
+    model = _load(directory, "100%")
+    if model.manifest.kind != "causal_lm":
+        _fail("`trace` needs a causal LM artifact")
+    tokens = np.frombuffer(text.read_bytes(), dtype=np.uint8).astype(np.int64)[:max_tokens]
+    model.start_trace()
+    for start in range(0, len(tokens), window):
+        cache = KVCache.empty(model.manifest, 1)
+        for t in tokens[start : start + window]:
+            _, cache = model._lm_step(np.array([[t]], dtype=np.int64), cache)
+    recorded = model.stop_trace()
+    recorded.save(out)
+    click.echo(f"wrote {out}: {len(recorded.steps)} steps x {recorded.n_layers} layers", err=True)
+
+
+@main.command()
+@click.argument("trace_file", type=click.Path(path_type=Path))
+@click.option("--budget", "budgets", multiple=True, default=["25%"], show_default=True,
+              help="bytes or percent of all experts; repeat for several")
+@click.option("--profile", type=click.Path(path_type=Path), default=None,
+              help="a calibration trace for the pinned hot set (default: the trace itself)")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout (first budget)")
+def simulate(trace_file, budgets, profile, as_json):
+    """Replay a routing trace against cache policies: LRU, LFU, pinned, runtime, Belady's MIN."""
+    from moetvm.runtime.simulator import simulate as run_simulation
+    from moetvm.runtime.trace import RoutingTrace, TraceError
+
+    try:
+        recorded = RoutingTrace.load(trace_file)
+        calibration = RoutingTrace.load(profile) if profile else None
+    except (TraceError, OSError) as e:
+        _fail(str(e))
+    for budget in budgets:
+        result = run_simulation(recorded, budget, profile=calibration)
+        if as_json:
+            click.echo(json.dumps(result))
+            return
+        click.echo(f"budget {budget}: {result['lru']['budget_bytes'] / 1e6:.2f} MB of "
+                   f"{recorded.total_bytes / 1e6:.2f} MB, {result['lru']['accesses']} expert accesses")
+        click.echo(f"  {'policy':8s} {'hit rate':>8s} {'hits':>6s} {'misses':>6s} {'MB loaded':>9s}")
+        for name, r in result.items():
+            extra = ""
+            if name == "runtime" and r.get("prefetch_precision") is not None:
+                extra = f"  prefetch precision {r['prefetch_precision']:.0%} recall {r['prefetch_recall']:.0%}"
+            if name == "belady" and not r.get("exact", True):
+                extra = "  (mixed sizes: a bound, not exact)"
+            click.echo(f"  {name:8s} {r['hit_rate']:8.1%} {r['hits']:6d} {r['misses']:6d} {r['bytes_loaded'] / 1e6:9.2f}{extra}")
 
 
 @main.command()

@@ -1,12 +1,20 @@
-"""The expert cache: loaded experts, least-recently-used first out, under a budget in bytes."""
+"""The expert cache: loaded experts, least-recently-used first out, under a budget in bytes.
+
+Demand fetches (`get`) run on the caller's thread. Optionally a background loader thread
+fetches predicted experts ahead of use (`prefetch`): it never evicts a pinned expert or one the
+current layer still needs, skips when there is no room, and a failed prefetch leaves nothing
+behind (the demand path then loads, or reports, the expert itself). Hot experts from a usage
+profile can be `preload`ed and pinned.
+"""
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Iterable
 
 
 @dataclass
@@ -16,8 +24,17 @@ class CacheStats:
     loads: int = 0
     evictions: int = 0
     load_seconds: float = 0.0
+    loaded_bytes: int = 0
     resident_bytes: int = 0
     peak_resident_bytes: int = 0
+    preloaded: int = 0
+    prefetch_requests: int = 0
+    prefetch_loads: int = 0
+    prefetch_useful: int = 0  # prefetched experts later hit on demand: misses saved
+    prefetch_wasted: int = 0  # prefetched experts evicted before any use
+    prefetch_skipped: int = 0  # no room without evicting protected experts
+    prefetch_failed: int = 0
+    demand_waits: int = 0  # demand found its expert still being prefetched and waited
 
     @property
     def hit_rate(self) -> float:
@@ -46,6 +63,13 @@ def parse_budget(budget: int | float | str, total_bytes: int) -> int:
         raise ValueError(f"bad cache budget {budget!r}: use bytes, a size like 64MB, or a percentage like 25%") from None
 
 
+class _Entry:
+    __slots__ = ("value", "nbytes", "prefetched")
+
+    def __init__(self, value, nbytes: int, prefetched: bool):
+        self.value, self.nbytes, self.prefetched = value, nbytes, prefetched
+
+
 class ExpertCache:
     """Thread-safe LRU cache of loaded experts.
 
@@ -58,39 +82,147 @@ class ExpertCache:
             raise ValueError(f"cache budget must be positive, got {budget_bytes} bytes")
         self.budget = budget_bytes
         self._loader = loader
-        self._entries: OrderedDict[Hashable, tuple[object, int]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._pinned: set = set()
+        self._inflight: dict[Hashable, threading.Event] = {}
+        self._queued: set = set()  # prefetches not yet started: a demand takes them over
         self._lock = threading.Lock()
+        self._queue: queue.Queue | None = None
         self.stats = CacheStats()
+        self.errors: list[str] = []  # prefetch failures, for the report
 
+    # --- demand path ----------------------------------------------------------------------
     def get(self, key: Hashable):
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-                self.stats.hits += 1
-                return entry[0]
-            self.stats.misses += 1
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    self.stats.hits += 1
+                    if entry.prefetched:
+                        entry.prefetched = False
+                        self.stats.prefetch_useful += 1
+                    return entry.value
+                pending = self._inflight.get(key)
+                if pending is None or key in self._queued:
+                    # Not loading yet (or only queued behind other prefetches): load it here,
+                    # never wait behind the prefetch queue.
+                    self._queued.discard(key)
+                    self.stats.misses += 1
+                    self._inflight.setdefault(key, threading.Event())
+                    break
+                self.stats.demand_waits += 1
+            pending.wait()  # its load is under way: wait, then look again (it may have failed)
+        try:
+            value, nbytes = self._timed_load(key)
+            with self._lock:
+                self._insert(key, value, nbytes, prefetched=False, protected=())
+            return value
+        finally:
+            self._finish(key)
+
+    def _timed_load(self, key):
         t0 = time.perf_counter()
         value, nbytes = self._loader(key)
-        elapsed = time.perf_counter() - t0
         with self._lock:
             self.stats.loads += 1
-            self.stats.load_seconds += elapsed
-            if key not in self._entries:  # another thread may have loaded it meanwhile
-                self._insert(key, value, nbytes)
-            self._entries.move_to_end(key)
-            return self._entries[key][0]
+            self.stats.loaded_bytes += nbytes
+            self.stats.load_seconds += time.perf_counter() - t0
+        return value, nbytes
 
-    def _insert(self, key, value, nbytes: int) -> None:
+    def _finish(self, key) -> None:
+        with self._lock:
+            event = self._inflight.pop(key, None)
+        if event is not None:
+            event.set()
+
+    def _insert(self, key, value, nbytes: int, prefetched: bool, protected) -> bool:
+        """Make room (LRU first, never pinned or protected ones) and insert; False if no room."""
         if nbytes > self.budget:
             raise ValueError(f"expert {key} needs {nbytes} bytes, more than the whole cache budget ({self.budget})")
-        while self.stats.resident_bytes + nbytes > self.budget:
-            _, (_, freed) = self._entries.popitem(last=False)
-            self.stats.resident_bytes -= freed
+        victims, free = [], self.budget - self.stats.resident_bytes
+        for k, e in self._entries.items():
+            if free >= nbytes:
+                break
+            if k not in self._pinned and k not in protected:
+                victims.append(k)
+                free += e.nbytes
+        if free < nbytes:
+            return False
+        for k in victims:
+            e = self._entries.pop(k)
+            self.stats.resident_bytes -= e.nbytes
             self.stats.evictions += 1
-        self._entries[key] = (value, nbytes)
+            self.stats.prefetch_wasted += e.prefetched
+        self._entries[key] = _Entry(value, nbytes, prefetched)
         self.stats.resident_bytes += nbytes
         self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.stats.resident_bytes)
+        assert self.stats.resident_bytes <= self.budget
+        return True
+
+    # --- warm-up ---------------------------------------------------------------------------
+    def preload(self, keys: Iterable[Hashable], pin: bool = True) -> int:
+        """Load `keys` now (in order, while they fit) and pin them; returns how many."""
+        done = 0
+        for key in keys:
+            value, nbytes = self._loader(key)
+            with self._lock:
+                if self.stats.resident_bytes + nbytes > self.budget:
+                    break
+                self._insert(key, value, nbytes, prefetched=False, protected=())
+                if pin:
+                    self._pinned.add(key)
+                self.stats.preloaded += 1
+                self.stats.loaded_bytes += nbytes
+                done += 1
+        return done
+
+    # --- prefetch --------------------------------------------------------------------------
+    def prefetch(self, keys: Iterable[Hashable], protected: Iterable[Hashable] = ()) -> None:
+        """Ask the loader thread for `keys`; returns at once. `protected` (the experts the
+        current layer still needs) are never evicted to make room."""
+        if self._queue is None:
+            self._queue = queue.Queue()
+            threading.Thread(target=self._prefetch_worker, name="moetvm-prefetch", daemon=True).start()
+        protected = frozenset(protected)
+        for key in keys:
+            with self._lock:
+                if key in self._entries or key in self._inflight:
+                    if key in self._entries:
+                        self._entries.move_to_end(key)  # wanted soon: keep it
+                    continue
+                self._inflight[key] = threading.Event()
+                self._queued.add(key)
+                self.stats.prefetch_requests += 1
+            self._queue.put((key, protected))
+
+    def drain(self) -> None:
+        """Wait until every requested prefetch has finished (tests, orderly shutdown)."""
+        if self._queue is not None:
+            self._queue.join()
+
+    def _prefetch_worker(self) -> None:
+        while True:
+            key, protected = self._queue.get()
+            with self._lock:
+                taken_over = key not in self._queued  # a demand fetch is loading it
+                self._queued.discard(key)
+            if taken_over:
+                self._queue.task_done()
+                continue
+            try:
+                value, nbytes = self._timed_load(key)
+                with self._lock:
+                    self.stats.prefetch_loads += 1
+                    if not self._insert(key, value, nbytes, prefetched=True, protected=protected):
+                        self.stats.prefetch_skipped += 1
+            except Exception as e:  # noqa: BLE001 - a failed prefetch must not poison the cache
+                with self._lock:
+                    self.stats.prefetch_failed += 1
+                    self.errors.append(f"prefetch of {key}: {e}")
+            finally:
+                self._finish(key)
+                self._queue.task_done()
 
     def __contains__(self, key) -> bool:
         with self._lock:

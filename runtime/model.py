@@ -34,23 +34,35 @@ class Timings:
     prefill: list = field(default_factory=list)
 
 
-def load_model(path: str | Path, cache_budget: int | float | str = "100%", verify: bool = True) -> "MoEModel":
+def load_model(path: str | Path, cache_budget: int | float | str = "100%", verify: bool = True, *,
+               prefetch: bool = False, preload: float = 0.0, storage_mbps: float | None = None) -> "MoEModel":
     """Validate and load the artifact at `path`.
 
     cache_budget: bytes of expert weights kept loaded (int), a fraction (float), "25%", or a
     size ("64MB"). Every file's size and SHA-256 is checked before any library is loaded.
+    prefetch: a background thread loads each next layer's predicted experts (the next router
+    applied to this layer's input) while this layer computes.
+    preload: fraction of the experts, hottest first by the artifact's usage profile, loaded and
+    pinned at start (within the budget).
+    storage_mbps: throttle expert reads to this many MB/s (to study slow storage such as an SD card).
     """
     root = Path(path)
     manifest = read_manifest(root)
     if verify:
         for ref in manifest.files():
             check_file(root, ref)
-    return MoEModel(root, manifest, cache_budget)
+    model = MoEModel(root, manifest, cache_budget, prefetch=prefetch, storage_mbps=storage_mbps)
+    if preload:
+        model.preload_hot(preload)
+    return model
 
 
 class MoEModel:
-    def __init__(self, root: Path, manifest: Manifest, cache_budget):
+    def __init__(self, root: Path, manifest: Manifest, cache_budget, prefetch: bool = False,
+                 storage_mbps: float | None = None):
         self.root, self.manifest = root, manifest
+        self.prefetch_enabled, self.storage_mbps = prefetch, storage_mbps
+        self.recorder = None  # a TraceRecorder while recording routing traces
         self.device = tvm.device(manifest.target.get("device", "cpu"))
         self._vms = {lib.name: VirtualMachine(tvm.runtime.load_module(str(root / lib.file.path)), self.device)
                      for lib in manifest.libraries}
@@ -66,10 +78,13 @@ class MoEModel:
         self.cache = ExpertCache(budget, self._load_expert)
         self.timings = Timings()
         self._timing_lock = threading.Lock()
+        moe_steps = [step.layer for step in manifest.program if step.op == "moe"]
+        self._next_layer = dict(zip(moe_steps, moe_steps[1:]))
 
     # --- the hot path ------------------------------------------------------------------------
     def run_program(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         env = {name: tvm.runtime.tensor(value, self.device) for name, value in inputs.items()}
+        predictions: dict[int, np.ndarray] = {}  # this call's lookahead guesses, by layer
         for step in self.manifest.program:
             t0 = time.perf_counter()
             if step.op == "segment":
@@ -78,17 +93,29 @@ class MoEModel:
                 self._add_time("segments", time.perf_counter() - t0)
             else:
                 x = env[step.inputs[0]].numpy()
-                y = self.moe_layer(step.layer, x.reshape(-1, x.shape[-1])).reshape(x.shape)
+                y = self.moe_layer(step.layer, x.reshape(-1, x.shape[-1]), predictions).reshape(x.shape)
                 env[step.outputs[0]] = tvm.runtime.tensor(y, self.device)
+        if self.recorder is not None:
+            self.recorder.end_step()
         return {spec.name: env[spec.name].numpy() for spec in self.manifest.outputs}
 
-    def moe_layer(self, index: int, x: np.ndarray) -> np.ndarray:
+    def moe_layer(self, index: int, x: np.ndarray, predictions: dict | None = None) -> np.ndarray:
         """One MoE layer on tokens x (n, d): route, fetch each selected expert, run, fuse."""
         layer = self._layers[index]
         t0 = time.perf_counter()
         xt = tvm.runtime.tensor(x, self.device)
-        scores = self._call(layer.router.library, layer.router.function, xt).numpy()
-        indices, weights = select_experts(scores, layer.router)
+        indices, weights = self._route(layer, xt)
+        if self.recorder is not None:
+            self.recorder.record(index, indices, weights, (predictions or {}).get(index))
+        nxt = self._next_layer.get(index)
+        if nxt is not None and (self.prefetch_enabled or self.recorder is not None):
+            # Gate lookahead: the next layer's router on this layer's input predicts its experts.
+            guess, _ = self._route(self._layers[nxt], xt)
+            if predictions is not None:
+                predictions[nxt] = guess
+            if self.prefetch_enabled:
+                self.cache.prefetch([(nxt, int(e)) for e in np.unique(guess)],
+                                    protected=[(index, int(e)) for e in np.unique(indices)])
         t1 = time.perf_counter()
         out = np.zeros_like(x)
         for expert, rows, w in group_by_expert(indices, weights):
@@ -101,6 +128,27 @@ class MoEModel:
         self._add_time("routing", t1 - t0)
         self._add_time("experts", time.perf_counter() - t1)
         return out
+
+    def _route(self, layer: MoELayer, xt) -> tuple[np.ndarray, np.ndarray]:
+        scores = self._call(layer.router.library, layer.router.function, xt).numpy()
+        return select_experts(scores, layer.router)
+
+    def start_trace(self) -> None:
+        """Record every routing decision (and the lookahead predictions) from now on."""
+        from .trace import TraceRecorder
+
+        self.recorder = TraceRecorder.for_manifest(self.manifest)
+
+    def stop_trace(self):
+        """The recorded `RoutingTrace`; recording stops."""
+        recorder, self.recorder = self.recorder, None
+        return recorder.to_trace()
+
+    def preload_hot(self, fraction: float) -> int:
+        """Load and pin the hottest `fraction` of experts (usage profile from calibration)."""
+        ranked = sorted(((e.usage or 0.0, key) for key, e in self._experts.items() if len(key) == 2), reverse=True)
+        count = round(fraction * len(ranked))
+        return self.cache.preload([key for _, key in ranked[:count]])
 
     def _run_expert(self, key, rows: np.ndarray) -> np.ndarray:
         weights = self.cache.get(key)
@@ -115,6 +163,8 @@ class MoEModel:
         """Read, verify and upload one expert's weights (the cache's loader)."""
         expert: Expert = self._experts[key]
         path = check_file(self.root, expert.file)  # also catches files changed after load
+        if self.storage_mbps:
+            time.sleep(expert.file.size / (self.storage_mbps * 1e6))
         from safetensors.numpy import load_file
 
         try:
@@ -196,13 +246,29 @@ class MoEModel:
         c = self.cache.stats
         lat = np.array(self.timings.token_latencies) * 1e3
         pct = {f"p{q}": (float(np.percentile(lat, q)) if lat.size else None) for q in (50, 95, 99)}
+        prefetch = {
+            "enabled": self.prefetch_enabled,
+            "requests": c.prefetch_requests,
+            "loads": c.prefetch_loads,
+            "useful": c.prefetch_useful,
+            "wasted": c.prefetch_wasted,
+            "skipped": c.prefetch_skipped,
+            "failed": c.prefetch_failed,
+            "demand_waits": c.demand_waits,
+            "precision": c.prefetch_useful / c.prefetch_loads if c.prefetch_loads else None,
+            "recall": c.prefetch_useful / (c.prefetch_useful + c.misses) if c.prefetch_useful + c.misses else None,
+        }
         return {
+            "prefetch": prefetch,
+            "preloaded": c.preloaded,
             "hit_rate": c.hit_rate,
             "hits": c.hits,
             "misses": c.misses,
             "expert_loads": c.loads,
             "evictions": c.evictions,
             "expert_load_ms": c.load_seconds * 1e3,
+            "loaded_bytes": c.loaded_bytes,
+            "storage_mb_per_s": (c.loaded_bytes / c.load_seconds / 1e6) if c.load_seconds else None,
             "resident_expert_bytes": c.resident_bytes,
             "peak_resident_expert_bytes": c.peak_resident_bytes,
             "cache_budget_bytes": self.cache.budget,
