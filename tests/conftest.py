@@ -32,8 +32,11 @@ def heldout_tokens() -> np.ndarray:
 def reference_artifact(tmp_path_factory, reference_model):
     from moetvm.compiler import compile_model
 
+    from moetvm.compiler.models import calibration_windows
+
     out = tmp_path_factory.mktemp("artifacts") / "reference-host"
-    return compile_model(reference_model, target="host", out=out, source="reference", progress=False)
+    return compile_model(reference_model, target="host", out=out, source="reference", progress=False,
+                         calibration=calibration_windows())  # usage profile, as the CLI records it
 
 
 @pytest.fixture(scope="session")
