@@ -33,6 +33,8 @@ from moetvm.targets import DeployTarget, get_target
 from . import frontend, quant_plan
 from . import quant as quantization
 from .lowering import build_library
+from moetvm.routing import ROUTING_MODES
+
 from .spec import MoELayerSpec, UnsupportedModelError, find_moe_layers
 
 
@@ -95,6 +97,10 @@ def compile_model(
     router_quant: str = "fp32",
     weight_budget: int | str | None = None,
     calibration: np.ndarray | None = None,
+    routing: str = "learned",
+    tile: int = 16,
+    cycle_dwell: int = 8,
+    mask_below: float | None = None,
     name: str | None = None,
     description: str = "",
     source: str | None = None,
@@ -110,6 +116,11 @@ def compile_model(
     percentage of the fp32 expert bytes). router_quant: fp32 (default) or int8.
     calibration: token windows (batch, seq) run through the model to profile expert usage (stored
     per expert, it orders the runtime's preload) and, for auto, to plan precisions.
+    routing: learned (the model's router), hash (token id -> experts, fitted on calibration so
+    tokens keep the experts the router preferred for them), tiling (by position, `tile`
+    positions per expert set) or cycle (by time step, each set held `cycle_dwell` steps).
+    mask_below: experts taking less than this share of their layer's routing on the calibration
+    text are masked (their traffic goes to each token's next-best expert) and pruned.
     """
     dt = target if isinstance(target, DeployTarget) else get_target(target)
     dt.check_toolchain()
@@ -123,9 +134,19 @@ def compile_model(
             f"{type(model).__name__}: expected a causal LM with step()/kv_layout or a single MoE block"
         )
     router_scheme = quantization.scheme(router_quant, group_size)
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"unknown routing mode {routing!r}; choose from {', '.join(ROUTING_MODES)}")
+    if (routing == "hash" or mask_below is not None) and calibration is None:
+        raise ValueError(f"routing {routing!r} / mask_below need calibration tokens to fit on")
     cal = quant_plan.calibrate(model, specs, calibration) if calibration is not None else None
     plan, plan_info = _precision_plan(specs, cal, quant, group_size, weight_budget, calibration)
     usage = _usage_profile(specs, cal)
+    masked = _masked_experts(specs, usage, mask_below)
+    vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
+    if routing == "hash" and (not lm or vocab is None):
+        raise UnsupportedModelError("hash routing needs a language model with a known vocabulary (cfg.vocab_size)")
+    routers = [_router_entry(i, spec, masked[i], routing, tile, cycle_dwell, calibration, cal, vocab)
+               for i, spec in enumerate(specs)]
     workloads = _group_workloads(specs, plan)
     bar = Progress(progress, total=4 + len(workloads))
     out = Path(out)
@@ -158,17 +179,20 @@ def compile_model(
             if len(split.segments.functions):
                 add_library("segments", split.segments)
 
-        with bar.step(f"build {len(specs)} routers ({router_scheme.tag})"):
-            routers = tvm.IRModule()
+        with bar.step(f"build {len(specs)} routers ({routing}, {router_scheme.tag})"):
+            router_mod = tvm.IRModule()
             for i, spec in enumerate(specs):
-                parts = [quantization.router_module(spec.router_weight, spec.router_bias, spec.score_fn,
-                                                    router_scheme, f"router_{i}")]
+                parts = []
+                if routing == "learned":  # fixed patterns need no router at run time
+                    parts.append(quantization.router_module(spec.router_weight, spec.router_bias, spec.score_fn,
+                                                            router_scheme, f"router_{i}"))
                 if spec.shared_gate_weight is not None:
                     parts.append(quantization.router_module(spec.shared_gate_weight, None, "sigmoid",
                                                             router_scheme, f"shared_gate_{i}"))
                 for part in parts:
-                    routers.update(part)
-            add_library("routers", routers)
+                    router_mod.update(part)
+            if any(isinstance(f, tvm.relax.Function) for f in router_mod.functions.values()):
+                add_library("routers", router_mod)
 
         workload_entries = {}
         for key, wid in workloads.items():
@@ -184,7 +208,8 @@ def compile_model(
                 )
 
         with bar.step("write expert weights and manifest"):
-            moe_layers = [_write_layer(tmp, i, spec, plan, usage, workload_entries) for i, spec in enumerate(specs)]
+            moe_layers = [_write_layer(tmp, i, spec, plan, usage, workload_entries, routers[i])
+                          for i, spec in enumerate(specs)]
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
                 kind="causal_lm" if lm else "moe_block",
@@ -258,7 +283,48 @@ def _group_workloads(specs: list[MoELayerSpec], plan: dict) -> dict[tuple, str]:
     return found
 
 
-def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: dict, workloads: dict) -> MoELayer:
+def _masked_experts(specs, usage: dict, mask_below: float | None) -> list[list[int]]:
+    """Per layer, experts used less than `mask_below` of the layer's routing (never so many
+    that fewer than top_k remain: the most used of them are kept)."""
+    out = []
+    for li, spec in enumerate(specs):
+        if mask_below is None:
+            out.append([])
+            continue
+        ranked = sorted(range(spec.n_experts), key=lambda e: usage[(li, e)], reverse=True)
+        out.append(sorted(e for e in ranked[spec.top_k:] if usage[(li, e)] < mask_below))
+    return out
+
+
+def _router_entry(index, spec, masked, mode, tile, cycle_dwell, calibration, cal, vocab) -> Router:
+    allowed = [e for e in range(spec.n_experts) if e not in masked]
+    k = spec.top_k
+    table = cycle = None
+    if mode == "hash":  # each token keeps the allowed experts the learned router chose most for it
+        tokens = np.asarray(calibration).ravel()
+        counts = np.zeros((vocab, spec.n_experts))
+        np.add.at(counts, (np.repeat(tokens, k), cal[index].indices.ravel()), 1)
+        counts[:, masked] = -1
+        table = []
+        for t in range(vocab):
+            if counts[t].max() > 0:
+                table.append(sorted(int(e) for e in np.argsort(-counts[t], kind="stable")[:k]))
+            else:  # unseen token: a balanced default
+                table.append(sorted(allowed[(t * k + j) % len(allowed)] for j in range(k)))
+    if mode == "cycle":
+        sets = [sorted(allowed[(b * k + j) % len(allowed)] for j in range(k)) for b in range(-(-len(allowed) // k))]
+        cycle = [s for s in sets for _ in range(cycle_dwell)]
+    return Router(
+        library="routers", function=f"router_{index}" if mode == "learned" else "", n_experts=spec.n_experts,
+        top_k=k, score_fn=spec.score_fn, normalize=spec.normalize, n_groups=spec.n_groups,
+        top_groups=spec.top_groups, scaling=float(spec.scaling),
+        selection_bias=None if spec.selection_bias is None else [float(v) for v in np.asarray(spec.selection_bias)],
+        mode=mode, table=table, tile=tile, cycle=cycle, masked=masked,
+    )
+
+
+def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: dict, workloads: dict,
+                 router: Router) -> MoELayer:
     from safetensors.numpy import save_file
 
     folder = root / "experts" / f"layer{index}"
@@ -273,18 +339,12 @@ def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: 
         return Expert(index=number, workload=workload.id, file=file_ref(root, path),
                       weight_bytes=quantization.nbytes(tensors), usage=usage.get(key))
 
-    experts = [write(e, (index, j), f"expert{j}", j) for j, e in enumerate(spec.experts)]
+    experts = [write(e, (index, j), f"expert{j}", j) for j, e in enumerate(spec.experts) if j not in router.masked]
     shared = [
         SharedExpert(expert=write(e, (index, ("shared", j)), f"shared{j}", j),
                      gate_function=f"shared_gate_{index}" if spec.shared_gate_weight is not None else None)
         for j, e in enumerate(spec.shared)
     ]
-    router = Router(
-        library="routers", function=f"router_{index}", n_experts=spec.n_experts, top_k=spec.top_k,
-        score_fn=spec.score_fn, normalize=spec.normalize, n_groups=spec.n_groups, top_groups=spec.top_groups,
-        scaling=float(spec.scaling),
-        selection_bias=None if spec.selection_bias is None else [float(v) for v in np.asarray(spec.selection_bias)],
-    )
     return MoELayer(layer=index, d_model=spec.d_model, router=router, experts=experts, shared=shared)
 
 

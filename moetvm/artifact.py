@@ -94,6 +94,11 @@ class Router:
     top_groups: int = 1  # ...and only the best groups compete
     scaling: float = 1.0  # routed scaling factor applied to the final weights
     selection_bias: list[float] | None = None  # added to scores for selection only
+    mode: str = "learned"  # learned (the router above) | hash | tiling | cycle (see moetvm.routing)
+    table: list[list[int]] | None = None  # hash: token id -> its top_k experts
+    tile: int = 16  # tiling: consecutive positions that share one expert set
+    cycle: list[list[int]] | None = None  # cycle: expert sets, one per time step, repeated
+    masked: list[int] = field(default_factory=list)  # experts disabled and pruned from the artifact
 
 
 @dataclass(frozen=True)
@@ -228,10 +233,18 @@ def _check_consistency(m: Manifest) -> None:
     for w in m.workloads:
         if w.library not in libs or w.function not in libs[w.library].functions:
             raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id} names missing {w.library}:{w.function}")
+    from .routing import ROUTING_MODES, check_router  # routing semantics live beside the schema
+
     for layer in m.moe_layers:
         r = layer.router
-        if r.library not in libs or r.function not in libs[r.library].functions:
+        if r.mode not in ROUTING_MODES:
+            raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: routing mode {r.mode!r} is unknown to this "
+                                f"runtime (known: {', '.join(ROUTING_MODES)})")
+        if r.mode == "learned" and (r.library not in libs or r.function not in libs[r.library].functions):
             raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer} router names a missing function")
+        problem = check_router(r, [e.index for e in layer.experts])
+        if problem:
+            raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: {problem}")
         if r.score_fn not in ("softmax", "sigmoid"):
             raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: unknown score_fn {r.score_fn!r}")
         if not (0 < r.top_k <= r.n_experts) or r.n_experts % max(r.n_groups, 1):

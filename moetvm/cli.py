@@ -52,8 +52,15 @@ def targets():
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="text profiling expert usage (preload order) and planning auto precision "
                    "(default for the reference model: first half of its held-out text)")
+@click.option("--routing", type=click.Choice(["learned", "hash", "tiling", "cycle"]), default="learned", show_default=True,
+              help="learned router, or a fixed pattern (no router at run time, exact prefetch)")
+@click.option("--tile", default=16, show_default=True, help="tiling: positions per expert set")
+@click.option("--cycle-dwell", default=8, show_default=True, help="cycle: time steps per expert set")
+@click.option("--mask-below", type=float, default=None,
+              help="mask and prune experts taking less than this share of their layer's routing")
 @click.option("--quiet", is_flag=True, help="no progress lines")
-def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budget, calibration, quiet):
+def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budget, calibration, routing, tile,
+                cycle_dwell, mask_below, quiet):
     """Compile MODEL ('reference' or a checkpoint path) into an artifact directory."""
     import moetvm.compiler  # noqa: F401 - first: it prepares TVM's CUDA build before TVM loads
     from moetvm.targets import TargetError, get_target
@@ -80,8 +87,9 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budg
     try:
         path = compile_model(torch_model, target=deploy_target, out=out, name=model, source=model, progress=not quiet,
                              quant=quant, group_size=group_size, router_quant=router_quant,
-                             weight_budget=weight_budget, calibration=tokens)
-    except QuantizationError as e:
+                             weight_budget=weight_budget, calibration=tokens, routing=routing, tile=tile,
+                             cycle_dwell=cycle_dwell, mask_below=mask_below)
+    except (QuantizationError, ValueError) as e:
         _fail(str(e))
     from moetvm.artifact import read_manifest
 

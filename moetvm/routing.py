@@ -1,7 +1,17 @@
-"""Routing: from router scores to each token's experts and weights, and tokens grouped by expert.
+"""Routing: from router scores (or a fixed pattern) to each token's experts and weights, and
+tokens grouped by expert.
 
 Part of the artifact's contract (what a `Router` entry means), so it lives beside the schema:
 the runtime's hot path and the compiler's calibration use this one implementation.
+
+Modes:
+  learned  the model's router: scores -> (optionally biased, grouped) top-k -> weights.
+  hash     expert set looked up by the token id (`table[token]`), weights 1/k: no router runs.
+  tiling   expert set by position: positions [b*tile, (b+1)*tile) use allowed experts
+           b*k .. b*k+k-1 (mod the number allowed), weights 1/k.
+  cycle    expert set by time step t: `cycle[t % len(cycle)]`, weights 1/k.
+Masked experts are never selected: learned routing gives their traffic to each token's
+next-best allowed expert; fixed patterns are built over the allowed experts only.
 """
 
 from __future__ import annotations
@@ -9,6 +19,56 @@ from __future__ import annotations
 import numpy as np
 
 from moetvm.artifact import Router
+
+ROUTING_MODES = ("learned", "hash", "tiling", "cycle")
+FIXED_MODES = ("hash", "tiling", "cycle")
+
+
+def check_router(router: Router, present: list[int]) -> str | None:
+    """What is wrong with a router entry, given the experts the artifact holds (None if fine)."""
+    allowed = sorted(set(range(router.n_experts)) - set(router.masked))
+    if any(not 0 <= e < router.n_experts for e in router.masked) or len(allowed) < router.top_k:
+        return f"masked experts {router.masked} leave fewer than top_k={router.top_k} of {router.n_experts}"
+    if sorted(present) != allowed:
+        return f"experts present {sorted(present)} differ from the unmasked experts {allowed}"
+    sets = router.table if router.mode == "hash" else router.cycle if router.mode == "cycle" else None
+    if router.mode in ("hash", "cycle"):
+        if not sets or any(len(s) != router.top_k or any(e not in allowed for e in s) for s in sets):
+            return f"{router.mode} routing needs expert sets of {router.top_k} allowed experts"
+    if router.mode == "tiling" and router.tile < 1:
+        return f"tiling needs a positive tile, got {router.tile}"
+    return None
+
+
+def allowed_experts(router: Router) -> np.ndarray:
+    return np.array(sorted(set(range(router.n_experts)) - set(router.masked)), dtype=np.int64)
+
+
+def fixed_experts(router: Router, tokens: np.ndarray | None, positions: np.ndarray) -> np.ndarray:
+    """(n, k) experts of a fixed-pattern router for tokens at `positions` (flattened)."""
+    k = router.top_k
+    if router.mode == "hash":
+        if tokens is None:
+            raise ValueError("hash routing needs the token ids")
+        return np.asarray(router.table, dtype=np.int64)[tokens]
+    if router.mode == "tiling":
+        allowed = allowed_experts(router)
+        block = positions // router.tile
+        return allowed[(block[:, None] * k + np.arange(k)) % len(allowed)]
+    if router.mode == "cycle":
+        cycle = np.asarray(router.cycle, dtype=np.int64)
+        return cycle[positions % len(cycle)]
+    raise ValueError(f"routing mode {router.mode!r} is not a fixed pattern")
+
+
+def route(router: Router, scores: np.ndarray | None, tokens: np.ndarray | None,
+          positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, weights), each (n, top_k), for any routing mode."""
+    if router.mode == "learned":
+        return select_experts(scores, router)
+    indices = fixed_experts(router, tokens, positions)
+    weights = np.full(indices.shape, router.scaling / router.top_k, dtype=np.float32)
+    return indices, weights
 
 
 def select_experts(scores: np.ndarray, router: Router) -> tuple[np.ndarray, np.ndarray]:
@@ -18,6 +78,9 @@ def select_experts(scores: np.ndarray, router: Router) -> tuple[np.ndarray, np.n
     restrict to the best groups (DeepSeek-V3); the weights always come from the unbiased scores.
     """
     choice = scores if router.selection_bias is None else scores + np.asarray(router.selection_bias, scores.dtype)
+    if router.masked:
+        choice = choice.copy()
+        choice[:, router.masked] = -np.inf
     if router.n_groups > 1:
         tokens, n = choice.shape
         grouped = choice.reshape(tokens, router.n_groups, n // router.n_groups)

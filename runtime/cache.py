@@ -92,7 +92,9 @@ class ExpertCache:
         self.errors: list[str] = []  # prefetch failures, for the report
 
     # --- demand path ----------------------------------------------------------------------
-    def get(self, key: Hashable):
+    def get(self, key: Hashable, order: Callable[[list], list] | None = None):
+        """The expert's value, loading it on a miss. `order`, if given, ranks eviction candidates
+        (first evicted first) instead of least-recently-used order."""
         while True:
             with self._lock:
                 entry = self._entries.get(key)
@@ -116,7 +118,7 @@ class ExpertCache:
         try:
             value, nbytes = self._timed_load(key)
             with self._lock:
-                self._insert(key, value, nbytes, prefetched=False, protected=())
+                self._insert(key, value, nbytes, prefetched=False, protected=(), order=order)
             return value
         finally:
             self._finish(key)
@@ -136,17 +138,18 @@ class ExpertCache:
         if event is not None:
             event.set()
 
-    def _insert(self, key, value, nbytes: int, prefetched: bool, protected) -> bool:
-        """Make room (LRU first, never pinned or protected ones) and insert; False if no room."""
+    def _insert(self, key, value, nbytes: int, prefetched: bool, protected, order=None) -> bool:
+        """Make room (LRU first, or by `order`; never pinned or protected ones) and insert;
+        False if there is no room."""
         if nbytes > self.budget:
             raise ValueError(f"expert {key} needs {nbytes} bytes, more than the whole cache budget ({self.budget})")
         victims, free = [], self.budget - self.stats.resident_bytes
-        for k, e in self._entries.items():
+        candidates = [k for k in self._entries if k not in self._pinned and k not in protected]
+        for k in order(candidates) if order and free < nbytes else candidates:
             if free >= nbytes:
                 break
-            if k not in self._pinned and k not in protected:
-                victims.append(k)
-                free += e.nbytes
+            victims.append(k)
+            free += self._entries[k].nbytes
         if free < nbytes:
             return False
         for k in victims:
@@ -178,7 +181,7 @@ class ExpertCache:
         return done
 
     # --- prefetch --------------------------------------------------------------------------
-    def prefetch(self, keys: Iterable[Hashable], protected: Iterable[Hashable] = ()) -> None:
+    def prefetch(self, keys: Iterable[Hashable], protected: Iterable[Hashable] = (), order=None) -> None:
         """Ask the loader thread for `keys`; returns at once. `protected` (the experts the
         current layer still needs) are never evicted to make room."""
         if self._queue is None:
@@ -194,7 +197,7 @@ class ExpertCache:
                 self._inflight[key] = threading.Event()
                 self._queued.add(key)
                 self.stats.prefetch_requests += 1
-            self._queue.put((key, protected))
+            self._queue.put((key, protected, order))
 
     def drain(self) -> None:
         """Wait until every requested prefetch has finished (tests, orderly shutdown)."""
@@ -203,7 +206,7 @@ class ExpertCache:
 
     def _prefetch_worker(self) -> None:
         while True:
-            key, protected = self._queue.get()
+            key, protected, order = self._queue.get()
             with self._lock:
                 taken_over = key not in self._queued  # a demand fetch is loading it
                 self._queued.discard(key)
@@ -214,7 +217,7 @@ class ExpertCache:
                 value, nbytes = self._timed_load(key)
                 with self._lock:
                     self.stats.prefetch_loads += 1
-                    if not self._insert(key, value, nbytes, prefetched=True, protected=protected):
+                    if not self._insert(key, value, nbytes, prefetched=True, protected=protected, order=order):
                         self.stats.prefetch_skipped += 1
             except Exception as e:  # noqa: BLE001 - a failed prefetch must not poison the cache
                 with self._lock:

@@ -15,7 +15,7 @@ from tvm.runtime.vm import VirtualMachine
 from moetvm.artifact import ArtifactError, Expert, Manifest, MoELayer, check_file, read_manifest
 
 from .cache import ExpertCache, parse_budget
-from moetvm.routing import group_by_expert, select_experts
+from moetvm.routing import allowed_experts, fixed_experts, group_by_expert, route
 
 
 class InputError(ValueError):
@@ -80,11 +80,17 @@ class MoEModel:
         self._timing_lock = threading.Lock()
         moe_steps = [step.layer for step in manifest.program if step.op == "moe"]
         self._next_layer = dict(zip(moe_steps, moe_steps[1:]))
+        self._next_layer_order = moe_steps
 
     # --- the hot path ------------------------------------------------------------------------
     def run_program(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         env = {name: tvm.runtime.tensor(value, self.device) for name, value in inputs.items()}
         predictions: dict[int, np.ndarray] = {}  # this call's lookahead guesses, by layer
+        # What fixed-pattern routers look at: token ids and positions, one per row of an MoE input.
+        tokens = inputs.get("tokens")
+        positions = inputs.get("positions")
+        where = {"tokens": None if tokens is None else np.asarray(tokens).ravel(),
+                 "positions": None if positions is None else np.asarray(positions).ravel()}
         for step in self.manifest.program:
             t0 = time.perf_counter()
             if step.op == "segment":
@@ -93,33 +99,37 @@ class MoEModel:
                 self._add_time("segments", time.perf_counter() - t0)
             else:
                 x = env[step.inputs[0]].numpy()
-                y = self.moe_layer(step.layer, x.reshape(-1, x.shape[-1]), predictions).reshape(x.shape)
+                y = self.moe_layer(step.layer, x.reshape(-1, x.shape[-1]), predictions, where).reshape(x.shape)
                 env[step.outputs[0]] = tvm.runtime.tensor(y, self.device)
         if self.recorder is not None:
             self.recorder.end_step()
         return {spec.name: env[spec.name].numpy() for spec in self.manifest.outputs}
 
-    def moe_layer(self, index: int, x: np.ndarray, predictions: dict | None = None) -> np.ndarray:
+    def moe_layer(self, index: int, x: np.ndarray, predictions: dict | None = None, where: dict | None = None) -> np.ndarray:
         """One MoE layer on tokens x (n, d): route, fetch each selected expert, run, fuse."""
         layer = self._layers[index]
         t0 = time.perf_counter()
         xt = tvm.runtime.tensor(x, self.device)
-        indices, weights = self._route(layer, xt)
+        where = where if where and where.get("positions") is not None else {"tokens": None, "positions": np.arange(len(x))}
+        indices, weights = self._route(layer, xt, where)
         if self.recorder is not None:
             self.recorder.record(index, indices, weights, (predictions or {}).get(index))
         nxt = self._next_layer.get(index)
         if nxt is not None and (self.prefetch_enabled or self.recorder is not None):
-            # Gate lookahead: the next layer's router on this layer's input predicts its experts.
-            guess, _ = self._route(self._layers[nxt], xt)
+            # Gate lookahead: the next layer's router on this layer's input predicts its experts
+            # (exactly, for fixed-pattern routing).
+            guess, _ = self._route(self._layers[nxt], xt, where)
             if predictions is not None:
                 predictions[nxt] = guess
             if self.prefetch_enabled:
                 self.cache.prefetch([(nxt, int(e)) for e in np.unique(guess)],
-                                    protected=[(index, int(e)) for e in np.unique(indices)])
+                                    protected=[(index, int(e)) for e in np.unique(indices)],
+                                    order=self._future_order(index, where))
         t1 = time.perf_counter()
         out = np.zeros_like(x)
+        order = self._future_order(index, where)
         for expert, rows, w in group_by_expert(indices, weights):
-            out[rows] += self._run_expert((index, expert), x[rows]) * w[:, None]
+            out[rows] += self._run_expert((index, expert), x[rows], order) * w[:, None]
         for j, shared in enumerate(layer.shared):
             y = self._run_expert((index, "shared", j), x)
             if shared.gate_function:
@@ -129,9 +139,36 @@ class MoEModel:
         self._add_time("experts", time.perf_counter() - t1)
         return out
 
-    def _route(self, layer: MoELayer, xt) -> tuple[np.ndarray, np.ndarray]:
-        scores = self._call(layer.router.library, layer.router.function, xt).numpy()
-        return select_experts(scores, layer.router)
+    def _route(self, layer: MoELayer, xt, where: dict) -> tuple[np.ndarray, np.ndarray]:
+        router = layer.router
+        scores = self._call(router.library, router.function, xt).numpy() if router.mode == "learned" else None
+        return route(router, scores, where["tokens"], where["positions"])
+
+    def _future_order(self, index: int, where: dict):
+        """With position-determined routing (tiling, cycle) on every layer the future is known:
+        order eviction candidates by next use, furthest first (Belady's MIN). Else None (LRU)."""
+        routers = [self._layers[layer].router for layer in self._next_layer_order]
+        if any(r.mode not in ("tiling", "cycle") for r in routers):
+            return None
+        now = int(where["positions"].max())
+        # Every expert of a pattern recurs within one period: tile x allowed experts, or the cycle.
+        span = max((r.tile * len(allowed_experts(r)) if r.mode == "tiling" else len(r.cycle)) for r in routers) + 2
+        slots = max(r.top_k for r in routers)
+        current = self._next_layer_order.index(index)
+
+        def next_use(key) -> float:
+            layer, expert = key[0], key[1]
+            li = self._next_layer_order.index(layer)
+            router = self._layers[layer].router
+            for q in range(now, now + span):
+                if q == now and li < current:
+                    continue  # this layer already ran for the current position
+                chosen = sorted(fixed_experts(router, None, np.array([q]))[0].tolist())
+                if expert in chosen:
+                    return ((q - now) * len(routers) + li) * slots + chosen.index(expert)
+            return float("inf")
+
+        return lambda keys: sorted(keys, key=next_use, reverse=True)
 
     def start_trace(self) -> None:
         """Record every routing decision (and the lookahead predictions) from now on."""
@@ -150,8 +187,8 @@ class MoEModel:
         count = round(fraction * len(ranked))
         return self.cache.preload([key for _, key in ranked[:count]])
 
-    def _run_expert(self, key, rows: np.ndarray) -> np.ndarray:
-        weights = self.cache.get(key)
+    def _run_expert(self, key, rows: np.ndarray, order=None) -> np.ndarray:
+        weights = self.cache.get(key, order=order)
         workload = self.manifest.workload(self._experts[key].workload)
         x = tvm.runtime.tensor(np.ascontiguousarray(rows), self.device)
         return self._call(workload.library, workload.function, x, *weights).numpy()

@@ -241,7 +241,7 @@ class TraceRecorder:
         layers = manifest.moe_layers
         n_experts = [0] * (max((l.layer for l in layers), default=-1) + 1)
         for l in layers:
-            n_experts[l.layer] = len(l.experts)
+            n_experts[l.layer] = l.router.n_experts  # pruned experts keep their ids
         return cls(n_experts, {(l.layer, e.index): e.weight_bytes for l in layers for e in l.experts})
 
     def record(self, layer: int, indices, weights, predicted=None) -> None:
