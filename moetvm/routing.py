@@ -44,31 +44,39 @@ def allowed_experts(router: Router) -> np.ndarray:
     return np.array(sorted(set(range(router.n_experts)) - set(router.masked)), dtype=np.int64)
 
 
-def fixed_experts(router: Router, tokens: np.ndarray | None, positions: np.ndarray) -> np.ndarray:
-    """(n, k) experts of a fixed-pattern router for tokens at `positions` (flattened)."""
-    k = router.top_k
-    if router.mode == "hash":
-        if tokens is None:
-            raise ValueError("hash routing needs the token ids")
-        return np.asarray(router.table, dtype=np.int64)[tokens]
-    if router.mode == "tiling":
-        allowed = allowed_experts(router)
-        block = positions // router.tile
-        return allowed[(block[:, None] * k + np.arange(k)) % len(allowed)]
-    if router.mode == "cycle":
-        cycle = np.asarray(router.cycle, dtype=np.int64)
-        return cycle[positions % len(cycle)]
-    raise ValueError(f"routing mode {router.mode!r} is not a fixed pattern")
+class FixedPattern:
+    """A fixed-pattern router's tables as arrays, built once per loaded model (the manifest keeps
+    them as JSON lists)."""
+
+    def __init__(self, router: Router):
+        if router.mode not in FIXED_MODES:
+            raise ValueError(f"routing mode {router.mode!r} is not a fixed pattern")
+        self.mode, self.k, self.tile = router.mode, router.top_k, router.tile
+        self.allowed = allowed_experts(router)
+        self.sets = np.asarray(router.table if router.mode == "hash" else router.cycle or [[0] * self.k], np.int64)
+        self.weight = np.float32(router.scaling / router.top_k)
+
+    def experts(self, tokens: np.ndarray | None, positions: np.ndarray) -> np.ndarray:
+        """(n, k) experts for tokens at `positions` (flattened)."""
+        if self.mode == "hash":
+            if tokens is None:
+                raise ValueError("hash routing needs the token ids")
+            return self.sets[tokens]
+        if self.mode == "tiling":
+            block = positions // self.tile
+            return self.allowed[(block[:, None] * self.k + np.arange(self.k)) % len(self.allowed)]
+        return self.sets[positions % len(self.sets)]
 
 
-def route(router: Router, scores: np.ndarray | None, tokens: np.ndarray | None,
-          positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, weights), each (n, top_k), for any routing mode."""
+def route(router: Router, scores: np.ndarray | None, tokens: np.ndarray | None, positions: np.ndarray,
+          pattern: FixedPattern | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, weights), each (n, top_k), for any routing mode (`pattern`: the router's
+    prebuilt FixedPattern, to avoid rebuilding its tables on every call)."""
     if router.mode == "learned":
         return select_experts(scores, router)
-    indices = fixed_experts(router, tokens, positions)
-    weights = np.full(indices.shape, router.scaling / router.top_k, dtype=np.float32)
-    return indices, weights
+    pattern = pattern or FixedPattern(router)
+    indices = pattern.experts(tokens, positions)
+    return indices, np.full(indices.shape, pattern.weight, dtype=np.float32)
 
 
 def select_experts(scores: np.ndarray, router: Router) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ from tvm.runtime.vm import VirtualMachine
 from moetvm.artifact import ArtifactError, Expert, Manifest, MoELayer, check_file, read_manifest
 
 from .cache import ExpertCache, parse_budget
-from moetvm.routing import allowed_experts, fixed_experts, group_by_expert, route
+from moetvm.routing import FIXED_MODES, FixedPattern, allowed_experts, group_by_expert, route
 
 
 class InputError(ValueError):
@@ -27,7 +27,8 @@ class Timings:
     """Where the time goes, summed over calls (seconds)."""
 
     segments: float = 0.0
-    routing: float = 0.0
+    routing: float = 0.0  # this layer's router and top-k (or pattern lookup)
+    lookahead: float = 0.0  # predicting and requesting the next layer's experts, trace recording
     experts: float = 0.0
     expert_loads: float = 0.0
     token_latencies: list = field(default_factory=list)  # one per generated token (decode step)
@@ -67,6 +68,8 @@ class MoEModel:
         self._vms = {lib.name: VirtualMachine(tvm.runtime.load_module(str(root / lib.file.path)), self.device)
                      for lib in manifest.libraries}
         self._layers = {layer.layer: layer for layer in manifest.moe_layers}
+        self._patterns = {layer.layer: FixedPattern(layer.router) for layer in manifest.moe_layers
+                          if layer.router.mode in FIXED_MODES}
         self._experts = {(layer.layer, e.index): e for layer in manifest.moe_layers for e in layer.experts}
         self._experts.update({(layer.layer, "shared", j): s.expert
                               for layer in manifest.moe_layers for j, s in enumerate(layer.shared)})
@@ -112,6 +115,7 @@ class MoEModel:
         xt = tvm.runtime.tensor(x, self.device)
         where = where if where and where.get("positions") is not None else {"tokens": None, "positions": np.arange(len(x))}
         indices, weights = self._route(layer, xt, where)
+        t_routed = time.perf_counter()
         if self.recorder is not None:
             self.recorder.record(index, indices, weights, (predictions or {}).get(index))
         nxt = self._next_layer.get(index)
@@ -135,14 +139,15 @@ class MoEModel:
             if shared.gate_function:
                 y = y * self._call(layer.router.library, shared.gate_function, xt).numpy()
             out += y
-        self._add_time("routing", t1 - t0)
+        self._add_time("routing", t_routed - t0)
+        self._add_time("lookahead", t1 - t_routed)
         self._add_time("experts", time.perf_counter() - t1)
         return out
 
     def _route(self, layer: MoELayer, xt, where: dict) -> tuple[np.ndarray, np.ndarray]:
         router = layer.router
         scores = self._call(router.library, router.function, xt).numpy() if router.mode == "learned" else None
-        return route(router, scores, where["tokens"], where["positions"])
+        return route(router, scores, where["tokens"], where["positions"], self._patterns.get(layer.layer))
 
     def _future_order(self, index: int, where: dict):
         """With position-determined routing (tiling, cycle) on every layer the future is known:
@@ -159,11 +164,11 @@ class MoEModel:
         def next_use(key) -> float:
             layer, expert = key[0], key[1]
             li = self._next_layer_order.index(layer)
-            router = self._layers[layer].router
+            pattern = self._patterns[layer]
             for q in range(now, now + span):
                 if q == now and li < current:
                     continue  # this layer already ran for the current position
-                chosen = sorted(fixed_experts(router, None, np.array([q]))[0].tolist())
+                chosen = sorted(pattern.experts(None, np.array([q]))[0].tolist())
                 if expert in chosen:
                     return ((q - now) * len(routers) + li) * slots + chosen.index(expert)
             return float("inf")
@@ -313,7 +318,7 @@ class MoEModel:
             "latency_ms": pct,
             "decode_tokens": int(lat.size),
             "prefill_ms": [t * 1e3 for t in self.timings.prefill],
-            "time_ms": {k: getattr(self.timings, k) * 1e3 for k in ("segments", "routing", "experts")},
+            "time_ms": {k: getattr(self.timings, k) * 1e3 for k in ("segments", "routing", "lookahead", "experts")},
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
 
