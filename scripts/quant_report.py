@@ -22,7 +22,8 @@ import tvm
 
 from moetvm.artifact import read_manifest
 from moetvm.compiler import compile_model
-from moetvm.compiler.models import calibration_windows, heldout_split, load_model_source, text_windows
+from moetvm.compiler.models import (calibration_windows, cross_entropy_bits, heldout_split, load_model_source,
+                                    text_windows)
 from moetvm.compiler.quant_plan import calibrate
 from moetvm.compiler.spec import find_moe_layers
 from moetvm.routing import select_experts

@@ -22,7 +22,8 @@ import torch
 
 from moetvm.artifact import read_manifest
 from moetvm.compiler import compile_model
-from moetvm.compiler.models import calibration_windows, heldout_split, load_model_source, text_windows
+from moetvm.compiler.models import (calibration_windows, cross_entropy_bits, heldout_split, load_model_source,
+                                    text_windows)
 from moetvm.runtime import load_model
 from moetvm.runtime.model import KVCache
 from moetvm.runtime.simulator import simulate
@@ -36,11 +37,6 @@ VARIANTS = [
     ("cycle (dwell 8)", {"routing": "cycle", "cycle_dwell": 8}),
 ]
 
-
-def cross_entropy_bits(logits, tokens):
-    z = logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    return float(-np.take_along_axis(logp, tokens[:, 1:, None], -1).mean() / np.log(2))
 
 
 def main() -> int:

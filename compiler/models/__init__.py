@@ -38,3 +38,12 @@ def text_windows(data: bytes, window: int = 128, count: int | None = None):
 def calibration_windows(path=None, count: int = 32):
     data = Path(path).read_bytes() if path else heldout_split()[0]
     return text_windows(data, count=count)
+
+
+def cross_entropy_bits(logits, tokens) -> float:
+    """Mean next-byte cross-entropy in bits of logits (batch, seq, vocab) on tokens (batch, seq)."""
+    import numpy as np
+
+    z = logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return float(-np.take_along_axis(logp, tokens[:, 1:, None], -1).mean() / np.log(2))
