@@ -39,13 +39,6 @@ VARIANTS = [  # (label, compile options)
 ]
 
 
-def cross_entropy_bits(logits: np.ndarray, tokens: np.ndarray) -> float:
-    z = logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    picked = np.take_along_axis(logp, tokens[:, 1:, None], -1)
-    return float(-picked.mean() / np.log(2))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--out", type=Path, default=Path("build/quant-report"))
