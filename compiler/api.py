@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,7 @@ def compile_model(
     tile: int = 16,
     cycle_dwell: int = 8,
     mask_below: float | None = None,
+    tuning_db: str | Path | None = None,
     name: str | None = None,
     description: str = "",
     source: str | None = None,
@@ -121,7 +123,81 @@ def compile_model(
     positions per expert set) or cycle (by time step, each set held `cycle_dwell` steps).
     mask_below: experts taking less than this share of their layer's routing on the calibration
     text are masked (their traffic goes to each token's next-best expert) and pruned.
+    tuning_db: a MetaSchedule database written by `tune_model`: kernels with records get their
+    tuned schedules, the rest the default ones; the manifest says how many of each.
     """
+    bar = Progress(progress, total=0)  # _prepare sizes it once the workloads are known
+    p = _prepare(model, example_inputs, target, quant=quant, group_size=group_size, router_quant=router_quant,
+                 weight_budget=weight_budget, calibration=calibration, routing=routing, tile=tile,
+                 cycle_dwell=cycle_dwell, mask_below=mask_below, bar=bar)
+    dt, specs = p.target, p.specs
+    out = Path(out)
+
+    with atomic_directory(out) as tmp:
+        (tmp / "lib").mkdir()
+        libraries = []
+        device_code: dict[str, dict] = {}
+        tuning = {"tuned": 0, "default": 0}
+
+        for lib_name, module in _relax_libraries(p).items():
+            what = {"segments": f"{len(module.functions)} dense segments",
+                    "routers": f"{len(specs)} routers ({p.routing}, {p.router_scheme.tag})"}.get(lib_name, f"expert workload {lib_name}")
+            with bar.step(f"build {what}"):
+                path = tmp / "lib" / f"{lib_name}.so"
+                functions, info = build_library(module, dt, path, tuning_db=tuning_db)
+                libraries.append(Library(name=lib_name, file=file_ref(tmp, path), functions=functions))
+                if "tuning" in info:
+                    stats = info.pop("tuning")
+                    tuning = {k: tuning[k] + stats[k] for k in tuning}
+                if info:
+                    device_code[lib_name] = info
+
+        with bar.step("write expert weights and manifest"):
+            moe_layers = [_write_layer(tmp, i, spec, p.plan, p.usage, p.workload_entries, p.routers[i])
+                          for i, spec in enumerate(specs)]
+            manifest = Manifest(
+                format_version=FORMAT_VERSION,
+                kind="causal_lm" if p.lm else "moe_block",
+                model={**_model_info(model, name, description, specs), "source": source},
+                target={"name": dt.name, "description": dt.description, "tvm_target": dt.tvm_target,
+                        "host": dt.host, "device": dt.device, "memory_budget": dt.memory_budget},
+                libraries=libraries,
+                inputs=p.split.inputs,
+                outputs=p.split.outputs,
+                program=p.split.program,
+                workloads=list(p.workload_entries.values()),
+                moe_layers=moe_layers,
+                compile_info={"tvm": tvm.__version__, "torch": torch.__version__, "seconds": round(bar.elapsed, 1),
+                              "quant": {**p.plan_info, "router": p.router_scheme.tag},
+                              **({"tuning": {**tuning, "database": str(tuning_db)}} if tuning_db else {}),
+                              **({"device_code": device_code} if device_code else {})},
+            )
+            (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+    if tuning_db and progress:
+        print(f"tuning database {tuning_db}: {tuning['tuned']} kernels tuned, {tuning['default']} default", file=sys.stderr)
+    return out
+
+
+@dataclass
+class _Prepared:
+    """Everything decided before code is built: shared by compile and tune, so tuning sees
+    exactly the kernels the compile will build."""
+
+    target: DeployTarget
+    specs: list
+    lm: bool
+    split: object
+    plan: dict
+    plan_info: dict
+    usage: dict
+    routers: list
+    routing: str
+    router_scheme: quantization.Scheme
+    workload_entries: dict
+
+
+def _prepare(model, example_inputs, target, *, quant, group_size, router_quant, weight_budget, calibration,
+             routing, tile, cycle_dwell, mask_below, bar: Progress) -> _Prepared:
     dt = target if isinstance(target, DeployTarget) else get_target(target)
     dt.check_toolchain()
     model = model.eval()
@@ -148,9 +224,17 @@ def compile_model(
     routers = [_router_entry(i, spec, masked[i], routing, tile, cycle_dwell, calibration, cal, vocab)
                for i, spec in enumerate(specs)]
     workloads = _group_workloads(specs, plan)
-    bar = Progress(progress, total=4 + len(workloads))
-    out = Path(out)
-
+    entries = {}
+    for key, wid in workloads.items():
+        kind, d_model, d_ff, sch = key
+        fn = f"expert_{wid}"
+        entries[key] = Workload(
+            id=wid, kind=kind, library=fn, function=fn, d_model=d_model, d_ff=d_ff, dtype="float32",
+            quant=sch.name, group_size=sch.group_size,
+            params=[TensorSpec(name=n, shape=list(shape), dtype=dtype)
+                    for n, shape, dtype in quantization.swiglu_params(d_model, d_ff, sch)],
+        )
+    bar.total = 4 + len(entries)
     with bar.step(f"trace {type(model).__name__} with torch.export ({len(specs)} MoE layers)"):
         if lm:
             layers = model.kv_layout[0]
@@ -162,72 +246,52 @@ def compile_model(
             input_names, output_names = ["hidden"], ["output"]
             mod = frontend.export_moe_block(model, specs, example)
         split = frontend.split_at_moe_layers(mod, input_names, output_names)
+    return _Prepared(dt, specs, lm, split, plan, plan_info, usage, routers, routing, router_scheme, entries)
 
-    with atomic_directory(out) as tmp:
-        (tmp / "lib").mkdir()
-        libraries = []
-        device_code: dict[str, dict] = {}
 
-        def add_library(lib_name: str, module: tvm.IRModule):
-            path = tmp / "lib" / f"{lib_name}.so"
-            functions, device_info = build_library(module, dt, path)
-            libraries.append(Library(name=lib_name, file=file_ref(tmp, path), functions=functions))
-            if device_info:
-                device_code[lib_name] = device_info
+def _relax_libraries(p: _Prepared) -> dict[str, tvm.IRModule]:
+    """Library name -> the Relax module it is built from: segments, routers, one per workload."""
+    libs = {}
+    if len(p.split.segments.functions):
+        libs["segments"] = p.split.segments
+    router_mod = tvm.IRModule()
+    for i, spec in enumerate(p.specs):
+        if p.routing == "learned":  # fixed patterns need no router at run time
+            router_mod.update(quantization.router_module(spec.router_weight, spec.router_bias, spec.score_fn,
+                                                         p.router_scheme, f"router_{i}"))
+        if spec.shared_gate_weight is not None:
+            router_mod.update(quantization.router_module(spec.shared_gate_weight, None, "sigmoid",
+                                                         p.router_scheme, f"shared_gate_{i}"))
+    if any(isinstance(f, tvm.relax.Function) for f in router_mod.functions.values()):
+        libs["routers"] = router_mod
+    for (kind, d_model, d_ff, sch), w in p.workload_entries.items():
+        libs[w.library] = quantization.swiglu_module(d_model, d_ff, sch, w.function)
+    return libs
 
-        with bar.step(f"build {len(split.segments.functions)} dense segments"):
-            if len(split.segments.functions):
-                add_library("segments", split.segments)
 
-        with bar.step(f"build {len(specs)} routers ({routing}, {router_scheme.tag})"):
-            router_mod = tvm.IRModule()
-            for i, spec in enumerate(specs):
-                parts = []
-                if routing == "learned":  # fixed patterns need no router at run time
-                    parts.append(quantization.router_module(spec.router_weight, spec.router_bias, spec.score_fn,
-                                                            router_scheme, f"router_{i}"))
-                if spec.shared_gate_weight is not None:
-                    parts.append(quantization.router_module(spec.shared_gate_weight, None, "sigmoid",
-                                                            router_scheme, f"shared_gate_{i}"))
-                for part in parts:
-                    router_mod.update(part)
-            if any(isinstance(f, tvm.relax.Function) for f in router_mod.functions.values()):
-                add_library("routers", router_mod)
+def tune_model(model: nn.Module, example_inputs: tuple = (), target: str | DeployTarget = "host", *,
+               db: str | Path, trials: int = 64, tracker: str | None = None, key: str | None = None,
+               parts: tuple[str, ...] = ("segments", "routers", "experts"), progress: bool = True, **options):
+    """Tune every distinct kernel the compile would build (same `options` as compile_model) with
+    MetaSchedule + XGBoost into TVM's JSON database at `db`; resumable. Boards are measured
+    through TVM's RPC tracker (`tracker="HOST:PORT"`, `key`). `parts` limits the libraries tuned
+    (segments, routers, experts)."""
+    from . import tuning
+    from .lowering import tvm_target
 
-        workload_entries = {}
-        for key, wid in workloads.items():
-            with bar.step(f"build expert workload {wid}"):
-                kind, d_model, d_ff, sch = key
-                fn = f"expert_{wid}"
-                add_library(fn, quantization.swiglu_module(d_model, d_ff, sch, fn))
-                workload_entries[key] = Workload(
-                    id=wid, kind=kind, library=fn, function=fn, d_model=d_model, d_ff=d_ff, dtype="float32",
-                    quant=sch.name, group_size=sch.group_size,
-                    params=[TensorSpec(name=n, shape=list(shape), dtype=dtype)
-                            for n, shape, dtype in quantization.swiglu_params(d_model, d_ff, sch)],
-                )
-
-        with bar.step("write expert weights and manifest"):
-            moe_layers = [_write_layer(tmp, i, spec, plan, usage, workload_entries, routers[i])
-                          for i, spec in enumerate(specs)]
-            manifest = Manifest(
-                format_version=FORMAT_VERSION,
-                kind="causal_lm" if lm else "moe_block",
-                model={**_model_info(model, name, description, specs), "source": source},
-                target={"name": dt.name, "description": dt.description, "tvm_target": dt.tvm_target,
-                        "host": dt.host, "device": dt.device, "memory_budget": dt.memory_budget},
-                libraries=libraries,
-                inputs=split.inputs,
-                outputs=split.outputs,
-                program=split.program,
-                workloads=list(workload_entries.values()),
-                moe_layers=moe_layers,
-                compile_info={"tvm": tvm.__version__, "torch": torch.__version__, "seconds": round(bar.elapsed, 1),
-                              "quant": {**plan_info, "router": router_scheme.tag},
-                              **({"device_code": device_code} if device_code else {})},
-            )
-            (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-    return out
+    defaults = dict(quant="fp32", group_size=quantization.DEFAULT_GROUP_SIZE, router_quant="fp32", weight_budget=None,
+                    calibration=None, routing="learned", tile=16, cycle_dwell=8, mask_below=None)
+    p = _prepare(model, example_inputs, target, **{**defaults, **options}, bar=Progress(progress, total=4))
+    tgt = tvm_target(p.target)
+    libs = {k: v for k, v in _relax_libraries(p).items()
+            if (k if k in ("segments", "routers") else "experts") in parts}
+    # Segments carry batch, sequence and past length: tune them at the decode shape (all 1);
+    # routers and experts also at a prefill bucket.
+    tasks = tuning.extract_tasks({k: v for k, v in libs.items() if k == "segments"}, tgt, buckets=(1,))
+    tasks += tuning.extract_tasks({k: v for k, v in libs.items() if k != "segments"}, tgt)
+    runner = tuning.rpc_runner(tracker, key or p.target.rpc_key) if tracker else None
+    return tuning.tune(tasks, tgt, Path(db), trials, runner=runner, cross_compiler=p.target.cross_compiler,
+                       progress=(lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None))
 
 
 def _usage_profile(specs, cal) -> dict:

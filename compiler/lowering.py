@@ -24,9 +24,10 @@ def tvm_target(target: DeployTarget) -> tvm.target.Target:
     return tvm.target.Target(target.tvm_target)
 
 
-def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+def relax_pipeline(target: tvm.target.Target, tuned: tvm.transform.Pass | None = None) -> tvm.transform.Pass:
     """TVM's own pipeline, with our default CPU schedules inserted after legalization (the
-    CUDA pipeline already applies dlight's GPU schedules)."""
+    CUDA pipeline already applies dlight's GPU schedules); `tuned` (a tuning database pass)
+    schedules the kernels it has records for first, the defaults take the rest."""
     if target.kind.name != "llvm":
         return relax.get_default_pipeline(target)
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -37,6 +38,7 @@ def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
             passes = (
                 cpu.library_dispatch_passes(target)
                 + cpu.legalize_passes(target)
+                + ([tuned] if tuned is not None else [])
                 + [default_cpu_schedule()]
                 + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target)
@@ -61,11 +63,13 @@ def _cuda_via_nvcc():
             os.environ["TVM_CUDA_COMPILE_MODE"] = old
 
 
-def build_library(mod: tvm.IRModule, target: DeployTarget, path: Path) -> tuple[list[str], dict]:
+def build_library(mod: tvm.IRModule, target: DeployTarget, path: Path,
+                  tuning_db: Path | None = None) -> tuple[list[str], dict]:
     """Compile every Relax function of `mod` into one shared library at `path`.
 
-    Returns the function names and facts about the device code (for CUDA: kernel count and the
-    smallest thread block, so a one-thread fallback kernel cannot slip through unnoticed)."""
+    Returns the function names and facts about the code: for CUDA, kernel count and the smallest
+    thread block (so a one-thread fallback kernel cannot slip through unnoticed); with a tuning
+    database, how many kernels took tuned schedules."""
     compiler = target.check_toolchain()
     tgt = tvm_target(target)
     mod = relax.transform.ConvertToDataflow()(mod)
@@ -82,7 +86,14 @@ def build_library(mod: tvm.IRModule, target: DeployTarget, path: Path) -> tuple[
             executable = tvm.compile(mod, tgt, relax_pipeline=relax_pipeline(tgt))
         info = _cuda_kernel_info(executable)
     else:
-        executable = tvm.compile(mod, tgt, relax_pipeline=relax_pipeline(tgt))
+        tuned = None
+        if tuning_db is not None:
+            from .tuning import apply_database
+
+            tuned = apply_database(tuning_db, tgt)  # one pass per library: its stats accumulate
+        executable = tvm.compile(mod, tgt, relax_pipeline=relax_pipeline(tgt, tuned))
+        if tuned is not None:
+            info["tuning"] = tuned.stats.as_dict()
     if compiler:
         executable.export_library(str(path), fcompile=cc.cross_compiler(compiler))
     else:

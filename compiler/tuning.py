@@ -111,7 +111,7 @@ def _serialization_problem() -> str | None:
     apache-tvm 0.27.0.post1 and apache-tvm-ffi 0.1.15.x that writer crashes the process (SIGSEGV)
     on any IR node with a dtype field; 0.1.14.x works. Probe in a child process, once."""
     probe = "import tvm; tvm.ir.save_json(tvm.ir.PrimType('int32'))"
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     if r.returncode == 0:
         return None
     return (
@@ -133,10 +133,12 @@ def _load_tensor_intrinsics(target: tvm.target.Target) -> None:
     taking 10-35 s; for CPU targets load only the x86 and Arm ones (about 1.5 s). TuneContext then
     finds the package imported and does not import the rest; any submodule still imports on use."""
     name = "tvm.s_tir.tensor_intrin"
-    if name in sys.modules:
-        return
-    if target.kind.name != "llvm":
+    if target.kind.name != "llvm":  # everything, as the package itself would (also after a CPU run)
         importlib.import_module(name)
+        for sub in ("cuda", "arm_cpu", "x86", "rocm", "hexagon", "riscv_cpu"):
+            importlib.import_module(f"{name}.{sub}")
+        return
+    if name in sys.modules:
         return
     spec = importlib.util.find_spec(name)
     package = importlib.util.module_from_spec(spec)  # the package, without running its __init__
@@ -179,31 +181,68 @@ def symbolic_vars(func: tirx.PrimFunc) -> list[tirx.Var]:
     return found
 
 
-def specialize(func: tirx.PrimFunc, value: int) -> tirx.PrimFunc | None:
-    """`func` with every symbolic dim bound to `value` (what Relax's BindSymbolicVars + LegalizeOps
-    produce for the bound module, structurally equal), or None where a dim is only defined through
-    an expression and cannot be bound."""
+def bucket_values(func: tirx.PrimFunc, bucket) -> dict[str, int] | None:
+    """Symbolic dim name -> value for `bucket`: an int binds every symbolic dim of the kernel to
+    it; a mapping binds dims by name ("*" for the rest). None where a dim has no value."""
+    values = {}
+    for v in symbolic_vars(func):
+        if isinstance(bucket, Mapping):
+            value = bucket.get(v.name, bucket.get("*"))
+            if value is None:
+                return None
+        else:
+            value = bucket
+        values[v.name] = int(value)
+    return values
+
+
+def bucket_label(bucket) -> str:
+    """"n32" for an int bucket, "s10=1,s18=32" for a mapping."""
+    if isinstance(bucket, Mapping):
+        return ",".join(f"{k}={v}" for k, v in sorted(bucket.items()))
+    return f"n{int(bucket)}"
+
+
+def _values_label(values: Mapping[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in values.items())
+
+
+def _bucket_sort_key(bucket):
+    return (1, json.dumps(dict(bucket), sort_keys=True)) if isinstance(bucket, Mapping) else (0, int(bucket))
+
+
+def _normalize_buckets(buckets) -> list:
+    out = []
+    for b in buckets:
+        b = {str(k): int(v) for k, v in b.items()} if isinstance(b, Mapping) else int(b)
+        if b not in out:
+            out.append(b)
+    return sorted(out, key=_bucket_sort_key)
+
+
+def specialize(func: tirx.PrimFunc, bucket) -> tirx.PrimFunc | None:
+    """`func` with its symbolic dims bound to `bucket` (see `bucket_values`): for an int, the
+    kernel Relax's BindSymbolicVars + legalisation produce for the bound module (structurally
+    equal). None where the bucket gives no value for a dim or the signature cannot be bound."""
     syms = symbolic_vars(func)
     if not syms:
         return func
+    values = bucket_values(func, bucket)
+    if values is None:
+        return None
     mapping = {}
-    bound: list[tirx.Var] = []
     for p in func.params:
         if _is_buffer(p):
             dims = list(p.shape)
-            if not any(not isinstance(d, tirx.IntImm) for d in dims):
-                continue
-            if not all(isinstance(d, (tirx.IntImm, tirx.Var)) for d in dims):
-                continue  # e.g. (n + past, d): substituted through the vars bound elsewhere
-            shape = [d if isinstance(d, tirx.IntImm) else tirx.IntImm(str(d.ty.dtype), value) for d in dims]
+            if not any(isinstance(d, tirx.Var) for d in dims):
+                continue  # static, or only compound dims (n + past): substituted through the vars
+            # Pure-var dims take their values; compound dims stay as they are (matched equal),
+            # and are substituted once their vars are bound.
+            shape = [tirx.IntImm(str(d.ty.dtype), values[d.name]) if isinstance(d, tirx.Var) else d for d in dims]
             mapping[p] = tirx.decl_buffer(shape, p.dtype, p.name, data_alignment=p.data_alignment,
                                           offset_factor=p.offset_factor, elem_offset=p.elem_offset)
-            bound += [d for d in dims if isinstance(d, tirx.Var)]
         elif any(p.same_as(v) for v in syms):
-            mapping[p] = tirx.IntImm(str(p.ty.dtype), value)
-            bound.append(p)
-    if not all(any(v.same_as(b) for b in bound) for v in syms):
-        return None
+            mapping[p] = tirx.IntImm(str(p.ty.dtype), values[p.name])
     try:
         out = func.specialize(mapping)
     except Exception:  # noqa: BLE001 - an exotic signature: leave the kernel to the defaults
@@ -232,14 +271,15 @@ def _is_scheduled(func: tirx.PrimFunc) -> bool:
 class Task:
     """One distinct kernel to tune (at one token-count bucket, for symbolic kernels)."""
 
-    name: str  # "<library>.<kernel>", plus "@n<bucket>" for a bucket of a symbolic kernel
+    name: str  # "<library>.<kernel>", plus "@<bucket>" ("@n32", "@s10=1,s18=32") for a symbolic kernel
     mod: tvm.IRModule  # the static workload ("main" PrimFunc) MetaSchedule tunes
     key: str  # workload_key(mod): MetaSchedule's structural hash
     weight: int  # call sites using it, over every function of every library
     libraries: list[str]  # the libraries it came from
     kernel: str  # PrimFunc name in the lowered module (first seen)
-    bucket: int | None = None  # value the symbolic dims were bound to; None: a static kernel
+    bucket: int | dict | None = None  # the bucket its symbolic dims were bound to; None: a static kernel
     symbolic: list[str] = field(default_factory=list)  # names of those dims
+    values: dict[str, int] = field(default_factory=dict)  # the value each got
 
     def __repr__(self) -> str:
         return f"Task({self.name!r}, key={self.key}, weight={self.weight}, libraries={self.libraries})"
@@ -264,16 +304,21 @@ def _call_sites(mod: tvm.IRModule) -> dict[str, int]:
 def extract_tasks(
     mods: Mapping[str, tvm.IRModule],
     target,
-    buckets: Iterable[int] = DEFAULT_BUCKETS,
+    buckets: Iterable[int | Mapping[str, int]] = DEFAULT_BUCKETS,
 ) -> list[Task]:
     """Distinct kernels of `mods` (library name -> Relax module), deduplicated by structural hash.
 
     Static kernels give one task each; symbolic ones one task per bucket (`specialize`). Weight =
     call sites over all functions and libraries, so E experts of one shape give one task of weight E
     per kernel when compiled together (compile_model builds one expert function per workload, so
-    there the weight is the number of workloads sharing the kernel)."""
+    there the weight is the number of workloads sharing the kernel).
+
+    A bucket is an int, binding every symbolic dim of a kernel (a kernel with batch, seq and past
+    dims at bucket 32 is tuned for batch=seq=past=32, and its tuned code runs only when all three
+    are 32), or a mapping from dim name to value ("*" for unnamed dims; kernels with a dim it
+    does not cover are not tuned at that bucket). Call once per library for different buckets."""
     target = as_tvm_target(target)
-    buckets = sorted({int(b) for b in buckets})
+    buckets = _normalize_buckets(buckets)
     tasks: dict[str, Task] = {}
     for library, mod in mods.items():
         lowered = lower_for_tuning(mod, target)
@@ -290,9 +335,10 @@ def extract_tasks(
                 key = workload_key(wl)
                 task = tasks.get(key)
                 if task is None:
-                    name = f"{library}.{gv.name_hint}" + ("" if bucket is None else f"@n{bucket}")
+                    name = f"{library}.{gv.name_hint}" + ("" if bucket is None else f"@{bucket_label(bucket)}")
                     tasks[key] = Task(name=name, mod=wl, key=key, weight=sites[gv.name_hint], libraries=[library],
-                                      kernel=gv.name_hint, bucket=bucket, symbolic=[v.name for v in syms])
+                                      kernel=gv.name_hint, bucket=bucket, symbolic=[v.name for v in syms],
+                                      values=bucket_values(func, bucket) if bucket is not None else {})
                 else:
                     task.weight += sites[gv.name_hint]
                     if library not in task.libraries:
@@ -411,7 +457,7 @@ def _runs_here(target: tvm.target.Target) -> bool:
 class TaskResult:
     name: str
     key: str
-    bucket: int | None
+    bucket: int | dict | None
     libraries: list[str]
     trials_before: int
     trials_run: int
@@ -498,6 +544,10 @@ def tune(
         raise TuningError("trials_per_task must be >= 1")
     if runner is None and not _runs_here(target):
         raise TuningError(f"target {target} does not run on this machine: pass runner=rpc_runner(tracker, key)")
+    unique: dict[str, Task] = {}
+    for task in tasks:  # the same kernel from two extract_tasks calls is tuned once
+        unique.setdefault(task.key, task)
+    tasks = list(unique.values())
     for task in tasks:
         if symbolic_vars(task.mod["main"]):
             raise TuningError(f"task {task.name} has symbolic dims, which MetaSchedule cannot tune: "
@@ -523,8 +573,8 @@ def tune(
         results.append(res)
         if not res.skipped:
             todo.append((task, res))
-    buckets = sorted({t.bucket for t in tasks if t.bucket is not None} | set(sidecar.get("buckets", [])))
-    sidecar["buckets"] = buckets
+    sidecar["buckets"] = _normalize_buckets(list(sidecar.get("buckets", []))
+                                            + [t.bucket for t in tasks if t.bucket is not None])
 
     for i, res in enumerate(results):
         if res.skipped:
@@ -553,7 +603,7 @@ def tune(
             remaining = trials_per_task - res.trials_before
             state = {"done": 0, "best": None if res.best_us is None else res.best_us / 1e6}
 
-            def report(n, best, task=task, res=res, number=number, state=state):
+            def on_batch(n, best, task=task, res=res, number=number, state=state):
                 state["done"] += n
                 if best is not None:
                     state["best"] = best if state["best"] is None else min(state["best"], best)
@@ -574,7 +624,7 @@ def tune(
                 builder=builder, runner=runner, database=db,
                 cost_model=ms.cost_model.CostModel.create("xgb", num_tuning_cores=cores, tree_method="auto"),
                 measure_callbacks=list(ms.measure_callback.MeasureCallback.create("default"))
-                + [_progress_callback(report)],
+                + [_progress_callback(on_batch)],
                 task_scheduler="round-robin",
             )
             res.trials_run = state["done"]
@@ -600,9 +650,9 @@ def tune(
 class TuningStats:
     """What `apply_database` did to the kernels of the modules it ran on."""
 
-    tuned: dict[str, str] = field(default_factory=dict)  # kernel -> "exact" | "buckets n1,n32"
+    tuned: dict[str, str] = field(default_factory=dict)  # kernel -> "exact" | "buckets n=1; n=32"
     default: list[str] = field(default_factory=list)  # kernels left entirely to the default schedules
-    rejected: dict[str, str] = field(default_factory=dict)  # kernel[@n<b>] -> why a record went unused
+    rejected: dict[str, str] = field(default_factory=dict)  # kernel -> why its records went unused
 
     def summary(self) -> str:
         return f"{len(self.tuned)} kernels tuned, {len(self.default)} default"
@@ -627,7 +677,8 @@ def _apply_record(rec, func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
-def _bucket_block(bucket: int, scheduled: tirx.PrimFunc, symbolic: tirx.PrimFunc, syms) -> s_tir.SBlockRealize:
+def _bucket_block(values: Mapping[str, int], scheduled: tirx.PrimFunc, symbolic: tirx.PrimFunc,
+                  syms) -> s_tir.SBlockRealize:
     """The static kernel `scheduled` (a bucket specialisation of `symbolic`, scheduled) as a block
     inside `symbolic`: each buffer whose shape was bound is matched onto the leading region of
     the symbolic buffer (`T.match_buffer(x[0:32, 0:64], (32, 64))`), so the tuned code runs
@@ -649,25 +700,26 @@ def _bucket_block(bucket: int, scheduled: tirx.PrimFunc, symbolic: tirx.PrimFunc
     if static_params:
         raise TuningError("bucket kernel has parameters the symbolic kernel lacks")
     root = _root(scheduled)
-    block = s_tir.SBlock([], [], [], f"tuned_n{bucket}", root.body, alloc_buffers=list(root.alloc_buffers),
+    block = s_tir.SBlock([], [], [], f"tuned_{_values_label(values)}", root.body, alloc_buffers=list(root.alloc_buffers),
                          match_buffers=matches)
     return s_tir.SBlockRealize([], True, block)
 
 
-def _dispatch(symbolic: tirx.PrimFunc, fallback: tirx.PrimFunc, buckets: list[tuple[int, tirx.PrimFunc]],
+def _dispatch(symbolic: tirx.PrimFunc, fallback: tirx.PrimFunc, buckets: list[tuple[dict, tirx.PrimFunc]],
               syms) -> tirx.PrimFunc:
-    """`if n == b1: <tuned for b1> elif n == b2: ... else: <fallback>` as one kernel."""
+    """`if n == b1: <tuned for b1> elif n == b2: ... else: <fallback>` as one kernel (for several
+    symbolic dims, a branch is taken when all equal their bucket values)."""
     base = _root(fallback)
     if len(fallback.params) != len(symbolic.params) or not all(a.same_as(b) for a, b in zip(fallback.params,
                                                                                               symbolic.params)):
         raise TuningError("default schedule changed the kernel's parameters")
     stmt = base.body
-    for bucket, scheduled in sorted(buckets, key=lambda b: -b[0]):
+    for values, scheduled in reversed(buckets):
         cond = None
         for v in syms:
-            c = tirx.EQ(v, tirx.IntImm(str(v.ty.dtype), bucket))
+            c = tirx.EQ(v, tirx.IntImm(str(v.ty.dtype), values[v.name]))
             cond = c if cond is None else tirx.And(cond, c)
-        stmt = tirx.IfThenElse(cond, _bucket_block(bucket, scheduled, symbolic, syms), stmt)
+        stmt = tirx.IfThenElse(cond, _bucket_block(values, scheduled, symbolic, syms), stmt)
     root = s_tir.SBlock([], [], [], "root", stmt, alloc_buffers=list(base.alloc_buffers))
     return symbolic.with_body(s_tir.SBlockRealize([], True, root))
 
@@ -694,13 +746,13 @@ def _build_problem(func: tirx.PrimFunc, target: tvm.target.Target) -> str | None
 class ApplyTuningDatabase:
     """See `apply_database`."""
 
-    def __init__(self, work_dir, target=None, buckets: Iterable[int] | None = None, verify: bool = True,
+    def __init__(self, work_dir, target=None, buckets=None, verify: bool = True,
                  fallback: tvm.transform.Pass | None = None):
         self.work_dir = Path(work_dir)
         self.target = None if target is None else as_tvm_target(target)
         sidecar = _read_sidecar(self.work_dir)
         chosen = buckets if buckets is not None else (sidecar.get("buckets") or DEFAULT_BUCKETS)
-        self.buckets = sorted({int(b) for b in chosen})
+        self.buckets = _normalize_buckets(chosen)
         self.verify = verify
         self.fallback = fallback
         self.stats = TuningStats()
@@ -755,12 +807,15 @@ class ApplyTuningDatabase:
             return _apply_record(rec, func)
         symbolic = normalize(func)["main"]
         syms = symbolic_vars(symbolic)
-        buckets = []
+        buckets: list[tuple[dict, tirx.PrimFunc]] = []
         for bucket in self.buckets:
+            values = bucket_values(symbolic, bucket)
+            if values is None or any(values == v for v, _ in buckets):
+                continue
             static = specialize(symbolic, bucket)
             rec = None if static is None else self._best(static, tkey)
             if rec is not None:
-                buckets.append((bucket, _apply_record(rec, static)))
+                buckets.append((values, _apply_record(rec, static)))
         if not buckets:
             return None
         new = _dispatch(symbolic, self._default_schedule(symbolic, target), buckets, syms)
@@ -769,11 +824,11 @@ class ApplyTuningDatabase:
             if problem:
                 self.stats.rejected[name] = problem
                 return None
-        self.stats.tuned[name] = "buckets " + ",".join(f"n{b}" for b, _ in buckets)
+        self.stats.tuned[name] = "buckets " + "; ".join(_values_label(v) for v, _ in buckets)
         return new
 
 
-def apply_database(work_dir: str | os.PathLike, target=None, *, buckets: Iterable[int] | None = None,
+def apply_database(work_dir: str | os.PathLike, target=None, *, buckets=None,
                    verify: bool = True, fallback: tvm.transform.Pass | None = None) -> tvm.transform.Pass:
     """A module pass for the compile pipeline, to run right after legalisation and fusion and
     before the default schedules: every PrimFunc with a record in the database at `work_dir` (for

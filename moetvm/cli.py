@@ -58,9 +58,11 @@ def targets():
 @click.option("--cycle-dwell", default=8, show_default=True, help="cycle: time steps per expert set")
 @click.option("--mask-below", type=float, default=None,
               help="mask and prune experts taking less than this share of their layer's routing")
+@click.option("--tuning-db", type=click.Path(path_type=Path), default=None,
+              help="MetaSchedule database from `moetvm tune`: tuned kernels where it has records")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budget, calibration, routing, tile,
-                cycle_dwell, mask_below, quiet):
+                cycle_dwell, mask_below, tuning_db, quiet):
     """Compile MODEL ('reference' or a checkpoint path) into an artifact directory."""
     import moetvm.compiler  # noqa: F401 - first: it prepares TVM's CUDA build before TVM loads
     from moetvm.targets import TargetError, get_target
@@ -88,7 +90,7 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budg
         path = compile_model(torch_model, target=deploy_target, out=out, name=model, source=model, progress=not quiet,
                              quant=quant, group_size=group_size, router_quant=router_quant,
                              weight_budget=weight_budget, calibration=tokens, routing=routing, tile=tile,
-                             cycle_dwell=cycle_dwell, mask_below=mask_below)
+                             cycle_dwell=cycle_dwell, mask_below=mask_below, tuning_db=tuning_db)
     except (QuantizationError, ValueError) as e:
         _fail(str(e))
     from moetvm.artifact import read_manifest
@@ -98,6 +100,34 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budg
     click.echo(f"wrote {path} ({size / 1e6:.2f} MB, {len(m.libraries)} libraries, "
                f"{sum(len(layer.experts) for layer in m.moe_layers)} experts) "
                f"in {m.compile_info['seconds']:.1f}s", err=True)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--target", default="host", show_default=True)
+@click.option("--trials", default=64, show_default=True, help="measured candidates per distinct kernel")
+@click.option("--db", type=click.Path(path_type=Path), required=True, help="database directory (TVM JSON format)")
+@click.option("--tracker", default=None, help="HOST:PORT of a TVM RPC tracker whose boards measure candidates")
+@click.option("--key", default=None, help="device key at the tracker (default: the target's)")
+@click.option("--quant", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="fp32", show_default=True)
+@click.option("--group-size", default=32, show_default=True)
+@click.option("--only", "parts", multiple=True, type=click.Choice(["segments", "routers", "experts"]),
+              help="tune only these parts (repeatable; default all)")
+def tune(model, target, trials, db, tracker, key, quant, group_size, parts):
+    """Tune every distinct kernel of MODEL for TARGET with MetaSchedule + XGBoost (resumable)."""
+    from moetvm.compiler import tune_model
+    from moetvm.compiler.models import load_model_source
+    from moetvm.compiler.tuning import TuningError
+    from moetvm.targets import TargetError, get_target
+
+    try:
+        deploy_target = get_target(target)
+        report = tune_model(load_model_source(model), target=deploy_target, db=db, trials=trials, tracker=tracker,
+                            key=key, quant=quant, group_size=group_size,
+                            parts=tuple(parts) or ("segments", "routers", "experts"))
+    except (TargetError, TuningError, FileNotFoundError) as e:
+        _fail(str(e))
+    click.echo(str(report))
 
 
 def _load(directory: Path, cache_budget: str, **options):

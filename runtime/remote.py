@@ -51,11 +51,27 @@ def _safe_extract(archive: str, target: Path) -> None:
         tar.extractall(target)
 
 
+def _random_fill(tensor) -> None:
+    """MetaSchedule's RPC runner fills candidate inputs with this; the runtime-only TVM library
+    a board carries lacks it (it is built with USE_RANDOM), so the board supplies it."""
+    import numpy as np
+
+    rng = np.random.default_rng()
+    dtype = np.dtype(str(tensor.dtype))
+    if dtype.kind == "f":
+        values = rng.uniform(-1, 1, tuple(tensor.shape)).astype(dtype)
+    else:
+        values = rng.integers(0, 16 if dtype.kind == "u" else 8, tuple(tensor.shape)).astype(dtype)
+    tensor.copyfrom(values)
+
+
 def register() -> None:
     """Server init callback: runs in the RPC server process before it serves."""
     import tvm_ffi
 
     tvm_ffi.register_global_func(RUN_FUNCTION, run_uploaded, override=True)
+    if tvm_ffi.get_global_func("tvm.contrib.random.random_fill_for_measure", allow_missing=True) is None:
+        tvm_ffi.register_global_func("tvm.contrib.random.random_fill_for_measure", _random_fill)
 
 
 # --- host side -------------------------------------------------------------------------------
