@@ -167,3 +167,28 @@ def test_quantized_artifact_on_board_matches_host(board, reference_model, heldou
     host_logits = load_model(host)(tokens)
     assert relative_error(np.load(out), host_logits) < 1e-4
     assert json.loads(proc.stdout.strip().splitlines()[-1])["new"] == load_model(host).generate(tokens[0], 32)
+
+
+def test_tune_on_board_through_tracker_then_cross_compile(board, tracker, reference_model, heldout_tokens, tmp_path):
+    """MetaSchedule measures candidates on the emulated board via the tracker (emulated timings
+    are not real Cortex-A72 timings), and a cross-compile applies the records."""
+    from moetvm.artifact import read_manifest
+    from moetvm.compiler import compile_model, tune_model
+
+    server, _ = _board_server(board, tmp_path, "--tracker", tracker, "--key", "rasp4")
+    try:
+        report = tune_model(reference_model, target="cortex-a72", db=tmp_path / "db", trials=2, tracker=tracker,
+                            key="rasp4", parts=("experts",), progress=False)
+    finally:
+        _stop(server)
+    assert report.trials_run > 0 and any(t.best_us is not None for t in report.tasks)
+    out = compile_model(reference_model, target="cortex-a72", out=tmp_path / "a72", tuning_db=tmp_path / "db",
+                        progress=False)
+    assert read_manifest(out).compile_info["tuning"]["tuned"] >= 1
+    tokens = heldout_tokens[1200:1216][None]
+    proc = subprocess.run([board, "-c", BOARD_SCRIPT, out, "100%", json.dumps(tokens.tolist()), tmp_path / "l.npy"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with torch.no_grad():
+        theirs = reference_model(torch.from_numpy(tokens)).numpy()
+    assert relative_error(np.load(tmp_path / "l.npy"), theirs) < 1e-4

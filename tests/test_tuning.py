@@ -227,3 +227,31 @@ def test_rpc_runner_is_built_from_tracker_and_key():
 def test_target_without_num_cores_is_refused():
     with pytest.raises(tuning.TuningError, match="num-cores"):
         tuning.check_target(tvm.target.Target({"kind": "llvm"}))
+
+
+@pytest.mark.slow
+def test_tune_compile_verify_reference_from_cli(tmp_path):
+    """The user's flow: tune (experts only, tiny trial count), re-run (no new trials), compile
+    with the database (tuned kernels are picked, the manifest says how many), verify numerics."""
+    import json
+    import subprocess
+    import sys
+
+    def moetvm(*args):
+        proc = subprocess.run([sys.executable, "-m", "moetvm.cli", *map(str, args)], capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    db = tmp_path / "db"
+    first = moetvm("tune", "reference", "--trials", "2", "--db", db, "--only", "experts")
+    assert "6 tasks (0 already tuned)" in first.stdout  # 32 experts of one shape: 3 kernels x 2 buckets
+    assert (db / "database_workload.json").exists() and (db / "database_tuning_record.json").exists()
+    again = moetvm("tune", "reference", "--trials", "2", "--db", db, "--only", "experts")
+    assert "6 tasks (6 already tuned), 0 new trials" in again.stdout
+    out = tmp_path / "tuned"
+    compiled = moetvm("compile", "reference", "-o", out, "--tuning-db", db)
+    info = json.loads((out / "manifest.json").read_text())["compile_info"]["tuning"]
+    assert info["tuned"] >= 3 and f"{info['tuned']} kernels tuned, {info['default']} default" in compiled.stderr
+    report = json.loads(moetvm("verify", out, "--windows", "2", "--generate", "8", "--json").stdout)
+    assert report["ok"], report
