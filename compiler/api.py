@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -36,7 +37,7 @@ from . import quant as quantization
 from .lowering import build_library
 from moetvm.routing import ROUTING_MODES
 
-from .spec import MoELayerSpec, UnsupportedModelError, find_moe_layers
+from .spec import ExpertWeights, MoELayerSpec, UnsupportedModelError, find_moe_layers
 
 
 class Progress:
@@ -404,12 +405,17 @@ def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: 
                       weight_bytes=quantization.nbytes(tensors), usage=usage.get(key))
 
     experts = [write(e, (index, j), f"expert{j}", j) for j, e in enumerate(spec.experts) if j not in router.masked]
+    # The "dense" fallback policy's stand-in: the mean of the layer's experts, at the precision
+    # of its first expert (same workload, so no extra kernel).
+    mean = ExpertWeights(*(np.mean([getattr(e, w) for e in spec.experts], axis=0) for w in ("w_gate", "w_up", "w_down")),
+                         kind=spec.experts[0].kind)
+    fallback = dataclasses.replace(write(mean, (index, 0), "fallback", -1), usage=None)
     shared = [
         SharedExpert(expert=write(e, (index, ("shared", j)), f"shared{j}", j),
                      gate_function=f"shared_gate_{index}" if spec.shared_gate_weight is not None else None)
         for j, e in enumerate(spec.shared)
     ]
-    return MoELayer(layer=index, d_model=spec.d_model, router=router, experts=experts, shared=shared)
+    return MoELayer(layer=index, d_model=spec.d_model, router=router, experts=experts, shared=shared, fallback=fallback)
 
 
 def _model_info(model: nn.Module, name: str | None, description: str, specs: list[MoELayerSpec]) -> dict:

@@ -114,6 +114,7 @@ class MoELayer:
     router: Router
     experts: list[Expert]
     shared: list[SharedExpert] = field(default_factory=list)
+    fallback: Expert | None = None  # dense stand-in (mean of the experts) for the "dense" policy
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ class Manifest:
         refs = [lib.file for lib in self.libraries]
         for layer in self.moe_layers:
             refs += [e.file for e in layer.experts] + [s.expert.file for s in layer.shared]
+            refs += [layer.fallback.file] if layer.fallback else []
         return refs
 
     def to_json(self) -> str:
@@ -252,7 +254,7 @@ def _check_consistency(m: Manifest) -> None:
         indices = sorted(e.index for e in layer.experts)
         if len(set(indices)) != len(indices) or any(not 0 <= i < r.n_experts for i in indices):
             raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: bad expert indices")
-        for e in layer.experts + [s.expert for s in layer.shared]:
+        for e in layer.experts + [s.expert for s in layer.shared] + ([layer.fallback] if layer.fallback else []):
             if e.workload not in wids:
                 raise ArtifactError(f"{MANIFEST_NAME}: expert {e.file.path} names unknown workload")
     layers = {layer.layer for layer in m.moe_layers}

@@ -36,7 +36,8 @@ class Timings:
 
 
 def load_model(path: str | Path, cache_budget: int | float | str = "100%", verify: bool = True, *,
-               prefetch: bool = False, preload: float = 0.0, storage_mbps: float | None = None) -> "MoEModel":
+               prefetch: bool = False, preload: float = 0.0, storage_mbps: float | None = None,
+               fallback: str = "error", trusted_keys: list | None = None) -> "MoEModel":
     """Validate and load the artifact at `path`.
 
     cache_budget: bytes of expert weights kept loaded (int), a fraction (float), "25%", or a
@@ -46,13 +47,25 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
     preload: fraction of the experts, hottest first by the artifact's usage profile, loaded and
     pinned at start (within the budget).
     storage_mbps: throttle expert reads to this many MB/s (to study slow storage such as an SD card).
+    fallback: when an expert cannot be loaded at run time (I/O error, vanished or altered file):
+    "error" (default: raise, never a silently wrong result), "skip" (renormalise each token over
+    its remaining experts) or "dense" (the layer's compiled fallback expert stands in). Each
+    fallback is counted in stats().
+    trusted_keys: Ed25519 public key files; the artifact's signature must verify with one of them
+    before anything else is read.
     """
     root = Path(path)
+    if fallback not in ("error", "skip", "dense"):
+        raise ValueError(f"unknown fallback policy {fallback!r}: use error, skip or dense")
+    if trusted_keys is not None:
+        from moetvm.signing import verify_artifact
+
+        verify_artifact(root, trusted_keys)
     manifest = read_manifest(root)
     if verify:
         for ref in manifest.files():
             check_file(root, ref)
-    model = MoEModel(root, manifest, cache_budget, prefetch=prefetch, storage_mbps=storage_mbps)
+    model = MoEModel(root, manifest, cache_budget, prefetch=prefetch, storage_mbps=storage_mbps, fallback=fallback)
     if preload:
         model.preload_hot(preload)
     return model
@@ -60,20 +73,26 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
 
 class MoEModel:
     def __init__(self, root: Path, manifest: Manifest, cache_budget, prefetch: bool = False,
-                 storage_mbps: float | None = None):
+                 storage_mbps: float | None = None, fallback: str = "error"):
         self.root, self.manifest = root, manifest
+        self.fallback = fallback
+        self.fallbacks = {"skip": 0, "dense": 0}  # token-expert slots served by a fallback
+        self.fallback_errors: list[str] = []
         self.prefetch_enabled, self.storage_mbps = prefetch, storage_mbps
         self.recorder = None  # a TraceRecorder while recording routing traces
         self.device = tvm.device(manifest.target.get("device", "cpu"))
-        self._vms = {lib.name: VirtualMachine(tvm.runtime.load_module(str(root / lib.file.path)), self.device)
-                     for lib in manifest.libraries}
+        self._modules = {lib.name: tvm.runtime.load_module(str(root / lib.file.path)) for lib in manifest.libraries}
+        # A TVM VirtualMachine keeps per-call state: each thread gets its own over the shared modules.
+        self._thread = threading.local()
         self._layers = {layer.layer: layer for layer in manifest.moe_layers}
         self._patterns = {layer.layer: FixedPattern(layer.router) for layer in manifest.moe_layers
                           if layer.router.mode in FIXED_MODES}
         self._experts = {(layer.layer, e.index): e for layer in manifest.moe_layers for e in layer.experts}
         self._experts.update({(layer.layer, "shared", j): s.expert
                               for layer in manifest.moe_layers for j, s in enumerate(layer.shared)})
+        fallback_experts = {(layer.layer, "fallback"): layer.fallback for layer in manifest.moe_layers if layer.fallback}
         self.total_expert_bytes = sum(e.weight_bytes for e in self._experts.values())
+        self._experts.update(fallback_experts)  # loadable, but not part of the model's expert bytes
         budget = parse_budget(cache_budget, self.total_expert_bytes)
         largest = max(e.weight_bytes for e in self._experts.values())
         if budget < largest:
@@ -97,7 +116,7 @@ class MoEModel:
         for step in self.manifest.program:
             t0 = time.perf_counter()
             if step.op == "segment":
-                results = self._vms["segments"][step.name](*[env[n] for n in step.inputs])
+                results = self._call("segments", step.name, *[env[n] for n in step.inputs])
                 env.update(zip(step.outputs, results))
                 self._add_time("segments", time.perf_counter() - t0)
             else:
@@ -132,8 +151,16 @@ class MoEModel:
         t1 = time.perf_counter()
         out = np.zeros_like(x)
         order = self._future_order(index, where)
+        failed = []
         for expert, rows, w in group_by_expert(indices, weights):
-            out[rows] += self._run_expert((index, expert), x[rows], order) * w[:, None]
+            try:
+                out[rows] += self._run_expert((index, expert), x[rows], order) * w[:, None]
+            except (ArtifactError, OSError) as e:
+                if self.fallback == "error":
+                    raise
+                failed.append((expert, e))
+        if failed:
+            out = self._fall_back(index, x, indices, weights, out, failed)
         for j, shared in enumerate(layer.shared):
             y = self._run_expert((index, "shared", j), x)
             if shared.gate_function:
@@ -143,6 +170,27 @@ class MoEModel:
         self._add_time("lookahead", t1 - t_routed)
         self._add_time("experts", time.perf_counter() - t1)
         return out
+
+    def _fall_back(self, index, x, indices, weights, out, failed) -> np.ndarray:
+        """An expert could not be loaded. `skip`: each affected token renormalises its weights
+        over the experts that did load. `dense`: the layer's fallback expert (the mean of its
+        experts, built at compile time) stands in with the failed expert's weight."""
+        layer = self._layers[index]
+        lost = np.isin(indices, [e for e, _ in failed])
+        with self._timing_lock:
+            self.fallbacks[self.fallback] += int(lost.sum())
+            self.fallback_errors.extend(f"layer {index} expert {e}: {err}" for e, err in failed)
+        if self.fallback == "dense":
+            if layer.fallback is None:
+                raise ArtifactError(f"layer {index}: no dense fallback expert in this artifact "
+                                    f"(compile it with one, or use fallback='skip')") from failed[0][1]
+            rows = np.nonzero(lost.any(1))[0]
+            y = self._run_expert((index, "fallback"), x[rows])
+            out[rows] += y * (weights * lost).sum(1)[rows, None]
+            return out
+        kept = np.where(lost, 0, weights).sum(1)
+        scale = np.divide(weights.sum(1), kept, out=np.zeros_like(kept), where=kept > 0)
+        return out * scale[:, None]  # renormalise over the experts that remain (0 if none do)
 
     def _route(self, layer: MoELayer, xt, where: dict) -> tuple[np.ndarray, np.ndarray]:
         router = layer.router
@@ -188,7 +236,8 @@ class MoEModel:
 
     def preload_hot(self, fraction: float) -> int:
         """Load and pin the hottest `fraction` of experts (usage profile from calibration)."""
-        ranked = sorted(((e.usage or 0.0, key) for key, e in self._experts.items() if len(key) == 2), reverse=True)
+        ranked = sorted(((e.usage or 0.0, key) for key, e in self._experts.items() if isinstance(key[1], int)),
+                        reverse=True)
         count = round(fraction * len(ranked))
         return self.cache.preload([key for _, key in ranked[:count]])
 
@@ -199,7 +248,12 @@ class MoEModel:
         return self._call(workload.library, workload.function, x, *weights).numpy()
 
     def _call(self, library: str, function: str, *args):
-        return self._vms[library][function](*args)
+        vms = getattr(self._thread, "vms", None)
+        if vms is None:
+            vms = self._thread.vms = {}
+        if library not in vms:
+            vms[library] = VirtualMachine(self._modules[library], self.device)
+        return vms[library][function](*args)
 
     def _load_expert(self, key) -> tuple[list, int]:
         """Read, verify and upload one expert's weights (the cache's loader)."""
@@ -301,6 +355,7 @@ class MoEModel:
             "recall": c.prefetch_useful / (c.prefetch_useful + c.misses) if c.prefetch_useful + c.misses else None,
         }
         return {
+            "fallbacks": dict(self.fallbacks),
             "prefetch": prefetch,
             "preloaded": c.preloaded,
             "hit_rate": c.hit_rate,
