@@ -104,6 +104,7 @@ def compile_model(
     cycle_dwell: int = 8,
     mask_below: float | None = None,
     tuning_db: str | Path | None = None,
+    dense_fallback: bool = False,
     name: str | None = None,
     description: str = "",
     source: str | None = None,
@@ -126,6 +127,8 @@ def compile_model(
     text are masked (their traffic goes to each token's next-best expert) and pruned.
     tuning_db: a MetaSchedule database written by `tune_model`: kernels with records get their
     tuned schedules, the rest the default ones; the manifest says how many of each.
+    dense_fallback: add per layer the mean of its experts, which the runtime's "dense" fallback
+    policy uses in place of an expert that cannot be loaded (one more expert's bytes per layer).
     """
     bar = Progress(progress, total=0)  # _prepare sizes it once the workloads are known
     p = _prepare(model, example_inputs, target, quant=quant, group_size=group_size, router_quant=router_quant,
@@ -154,7 +157,7 @@ def compile_model(
                     device_code[lib_name] = info
 
         with bar.step("write expert weights and manifest"):
-            moe_layers = [_write_layer(tmp, i, spec, p.plan, p.usage, p.workload_entries, p.routers[i])
+            moe_layers = [_write_layer(tmp, i, spec, p.plan, p.usage, p.workload_entries, p.routers[i], dense_fallback)
                           for i, spec in enumerate(specs)]
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
@@ -389,7 +392,7 @@ def _router_entry(index, spec, masked, mode, tile, cycle_dwell, calibration, cal
 
 
 def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: dict, workloads: dict,
-                 router: Router) -> MoELayer:
+                 router: Router, dense_fallback: bool) -> MoELayer:
     from safetensors.numpy import save_file
 
     folder = root / "experts" / f"layer{index}"
@@ -407,9 +410,11 @@ def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: 
     experts = [write(e, (index, j), f"expert{j}", j) for j, e in enumerate(spec.experts) if j not in router.masked]
     # The "dense" fallback policy's stand-in: the mean of the layer's experts, at the precision
     # of its first expert (same workload, so no extra kernel).
-    mean = ExpertWeights(*(np.mean([getattr(e, w) for e in spec.experts], axis=0) for w in ("w_gate", "w_up", "w_down")),
-                         kind=spec.experts[0].kind)
-    fallback = dataclasses.replace(write(mean, (index, 0), "fallback", -1), usage=None)
+    fallback = None
+    if dense_fallback:
+        mean = ExpertWeights(*(np.mean([getattr(e, w) for e in spec.experts], axis=0) for w in ("w_gate", "w_up", "w_down")),
+                             kind=spec.experts[0].kind)
+        fallback = dataclasses.replace(write(mean, (index, 0), "fallback", -1), usage=None)
     shared = [
         SharedExpert(expert=write(e, (index, ("shared", j)), f"shared{j}", j),
                      gate_function=f"shared_gate_{index}" if spec.shared_gate_weight is not None else None)

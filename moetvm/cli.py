@@ -60,9 +60,12 @@ def targets():
               help="mask and prune experts taking less than this share of their layer's routing")
 @click.option("--tuning-db", type=click.Path(path_type=Path), default=None,
               help="MetaSchedule database from `moetvm tune`: tuned kernels where it has records")
+@click.option("--dense-fallback", is_flag=True, help="add a mean expert per layer for `run --fallback dense`")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
+              help="Ed25519 private key (from `moetvm keygen`) to sign the artifact with")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budget, calibration, routing, tile,
-                cycle_dwell, mask_below, tuning_db, quiet):
+                cycle_dwell, mask_below, tuning_db, dense_fallback, sign_key, quiet):
     """Compile MODEL ('reference' or a checkpoint path) into an artifact directory."""
     import moetvm.compiler  # noqa: F401 - first: it prepares TVM's CUDA build before TVM loads
     from moetvm.targets import TargetError, get_target
@@ -90,11 +93,19 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budg
         path = compile_model(torch_model, target=deploy_target, out=out, name=model, source=model, progress=not quiet,
                              quant=quant, group_size=group_size, router_quant=router_quant,
                              weight_budget=weight_budget, calibration=tokens, routing=routing, tile=tile,
-                             cycle_dwell=cycle_dwell, mask_below=mask_below, tuning_db=tuning_db)
+                             cycle_dwell=cycle_dwell, mask_below=mask_below, tuning_db=tuning_db,
+                             dense_fallback=dense_fallback)
     except (QuantizationError, ValueError) as e:
         _fail(str(e))
     from moetvm.artifact import read_manifest
 
+    if sign_key:
+        from moetvm.signing import sign_artifact
+
+        try:
+            sign_artifact(path, sign_key)
+        except ArtifactError as e:
+            _fail(str(e))
     m = read_manifest(path)
     size = sum(f.size for f in m.files())
     click.echo(f"wrote {path} ({size / 1e6:.2f} MB, {len(m.libraries)} libraries, "
@@ -148,12 +159,17 @@ def _load(directory: Path, cache_budget: str, **options):
               help="load each next layer's predicted experts in the background")
 @click.option("--preload", default=0.0, show_default=True, help="fraction of experts, hottest first, pinned at start")
 @click.option("--storage-mbps", type=float, default=None, help="throttle expert reads to simulate slow storage")
+@click.option("--fallback", type=click.Choice(["error", "skip", "dense"]), default="error", show_default=True,
+              help="when an expert cannot be loaded: fail, renormalise over the rest, or use the dense stand-in")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path),
+              help="Ed25519 public key; the artifact must be signed by one of these (repeatable)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
-def run(directory, prompt, max_new_tokens, cache_budget, prefetch, preload, storage_mbps, as_json):
+def run(directory, prompt, max_new_tokens, cache_budget, prefetch, preload, storage_mbps, fallback, trusted_keys, as_json):
     """Generate text from a compiled LM artifact and report cache and latency stats."""
     from moetvm.runtime import InputError
 
-    model = _load(directory, cache_budget, prefetch=prefetch, preload=preload, storage_mbps=storage_mbps)
+    model = _load(directory, cache_budget, prefetch=prefetch, preload=preload, storage_mbps=storage_mbps,
+                  fallback=fallback, trusted_keys=list(trusted_keys) or None)
     if model.manifest.kind != "causal_lm":
         _fail(f"{directory}: `run` needs a causal LM artifact, this one is a {model.manifest.kind}")
     try:
@@ -278,6 +294,36 @@ def simulate(trace_file, budgets, profile, as_json):
             if name == "belady" and not r.get("exact", True):
                 extra = "  (mixed sizes: a bound, not exact)"
             click.echo(f"  {name:8s} {r['hit_rate']:8.1%} {r['hits']:6d} {r['misses']:6d} {r['bytes_loaded'] / 1e6:9.2f}{extra}")
+
+
+@main.command()
+@click.argument("private_key", type=click.Path(path_type=Path))
+@click.argument("public_key", type=click.Path(path_type=Path))
+def keygen(private_key, public_key):
+    """Make an Ed25519 key pair for signing artifacts (private key written with mode 0600)."""
+    from moetvm.signing import fingerprint, generate_keypair
+
+    try:
+        generate_keypair(private_key, public_key)
+    except ArtifactError as e:
+        _fail(str(e))
+    click.echo(f"wrote {private_key} (keep secret) and {public_key}; fingerprint {fingerprint(public_key)}")
+
+
+@main.command()
+@click.argument("old", type=click.Path(path_type=Path))
+@click.argument("new", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def diff(old, new, as_json):
+    """List experts and libraries that changed between two artifacts (by SHA-256): what an
+    update must ship."""
+    from moetvm.diff import diff_artifacts, format_diff
+
+    try:
+        d = diff_artifacts(old, new)
+    except ArtifactError as e:
+        _fail(str(e))
+    click.echo(json.dumps(d) if as_json else format_diff(d))
 
 
 @main.command()

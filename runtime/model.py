@@ -57,11 +57,12 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
     root = Path(path)
     if fallback not in ("error", "skip", "dense"):
         raise ValueError(f"unknown fallback policy {fallback!r}: use error, skip or dense")
-    if trusted_keys is not None:
-        from moetvm.signing import verify_artifact
+    if trusted_keys is not None:  # the signature is checked first, on the very bytes parsed
+        from moetvm.signing import read_verified_manifest
 
-        verify_artifact(root, trusted_keys)
-    manifest = read_manifest(root)
+        manifest, _ = read_verified_manifest(root, trusted_keys)
+    else:
+        manifest = read_manifest(root)
     if verify:
         for ref in manifest.files():
             check_file(root, ref)

@@ -57,7 +57,11 @@ def test_skip_policy_equals_reference_without_the_failed_expert(artifact_copy, r
     assert stats["fallbacks"]["skip"] > 0 and "expert3" in model.fallback_errors[0]
 
 
-def test_dense_policy_uses_the_compiled_mean_expert(artifact_copy, reference_model):
+def test_dense_policy_uses_the_compiled_mean_expert(reference_model, tmp_path):
+    from moetvm.compiler import compile_model
+
+    artifact_copy = compile_model(reference_model, target="host", out=tmp_path / "dense", dense_fallback=True,
+                                  progress=False)
     model = load_model(artifact_copy, cache_budget="13%", fallback="dense")
     (artifact_copy / "experts" / "layer0" / "expert1.safetensors").unlink()
     x = np.random.default_rng(1).standard_normal((120, 128)).astype(np.float32)
@@ -151,3 +155,11 @@ def test_slow_and_failing_storage_mid_run(reference_artifact, heldout_tokens):
     model.cache.drain()
     assert outcomes["ok"] > 0 and outcomes["error"] > 0
     assert model.cache.stats.resident_bytes <= model.cache.budget
+
+
+def test_dense_policy_without_a_fallback_expert_is_a_clear_error(artifact_copy):
+    model = load_model(artifact_copy, cache_budget="13%", fallback="dense")
+    (artifact_copy / "experts" / "layer0" / "expert1.safetensors").unlink()
+    x = np.random.default_rng(1).standard_normal((120, 128)).astype(np.float32)
+    with pytest.raises(ArtifactError, match="layer 0: no dense fallback expert in this artifact"):
+        model.moe_layer(0, x)
