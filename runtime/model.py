@@ -224,6 +224,22 @@ class MoEModel:
 
         return lambda keys: sorted(keys, key=next_use, reverse=True)
 
+    def adopt_experts(self, previous: "MoEModel") -> int:
+        """Pick up a new artifact version without reloading what did not change: every expert
+        resident in `previous` whose file hash is the same here moves into this model's cache
+        (an update then ships and loads only new or changed experts). Returns how many."""
+        adopted = 0
+        for key in previous.cache.keys():
+            old, new = previous._experts.get(key), self._experts.get(key)
+            if old is None or new is None or old.file.sha256 != new.file.sha256 or old.workload != new.workload:
+                continue
+            value = previous.cache.get(key)
+            with self.cache._lock:
+                if key not in self.cache._entries and self.cache._insert(key, value, new.weight_bytes,
+                                                                          prefetched=False, protected=()):
+                    adopted += 1
+        return adopted
+
     def start_trace(self) -> None:
         """Record every routing decision (and the lookahead predictions) from now on."""
         from .trace import TraceRecorder

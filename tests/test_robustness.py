@@ -163,3 +163,40 @@ def test_dense_policy_without_a_fallback_expert_is_a_clear_error(artifact_copy):
     x = np.random.default_rng(1).standard_normal((120, 128)).astype(np.float32)
     with pytest.raises(ArtifactError, match="layer 0: no dense fallback expert in this artifact"):
         model.moe_layer(0, x)
+
+
+def test_new_version_reuses_unchanged_experts(reference_artifact, tmp_path, heldout_tokens):
+    """An update that changes one expert: `moetvm diff` names only it, and a running model
+    picks up the new version keeping every unchanged expert it already had loaded."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file, save_file
+
+    from moetvm.artifact import sha256_file
+
+    new = tmp_path / "v2"
+    shutil.copytree(reference_artifact, new)
+    data = json.loads((new / "manifest.json").read_text())
+    entry = data["moe_layers"][2]["experts"][6]["file"]
+    path = new / entry["path"]
+    save_file({k: (v * 0.9).astype(np.float32) for k, v in load_file(str(path)).items()}, str(path))
+    entry.update(size=path.stat().st_size, sha256=sha256_file(path))
+    (new / "manifest.json").write_text(json.dumps(data))
+
+    out = subprocess.run([sys.executable, "-m", "moetvm.cli", "diff", str(reference_artifact), str(new), "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    d = json.loads(out)
+    assert "experts/layer2/expert6.safetensors" in json.dumps(d)
+    old_model = load_model(reference_artifact, cache_budget="100%")
+    tokens = heldout_tokens[:64][None]
+    old_model(tokens)
+    resident = len(old_model.cache.keys())
+    new_model = load_model(new, cache_budget="100%")
+    adopted = new_model.adopt_experts(old_model)
+    assert adopted == resident - (1 if (2, 6) in old_model.cache else 0)
+    assert (2, 6) not in new_model.cache
+    fresh = load_model(new, cache_budget="100%")
+    np.testing.assert_array_equal(new_model(tokens), fresh(tokens))
+    assert new_model.cache.stats.loads == int((2, 6) in old_model.cache.keys() or (2, 6) in new_model.cache.keys())
