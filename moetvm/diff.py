@@ -2,7 +2,8 @@
 
 Everything comes from the two manifests (each file's size and SHA-256 are recorded there); no
 weight or library file is read. An expert is identified by (MoE layer, expert index), a shared
-expert by (layer, "shared<j>"), a library by its name. Statuses:
+expert by (layer, "shared<j>"), a layer's dense fallback expert by (layer, "fallback"), a
+library by its name. Statuses:
 
     unchanged  same size and SHA-256 (the path may differ)
     changed    present in both, different content
@@ -13,7 +14,7 @@ expert by (layer, "shared<j>"), a library by its name. Statuses:
 
     {"old": str, "new": str,
      "libraries": [{"name", "status", "old": FILE|None, "new": FILE|None}, ...],
-     "experts":   [{"layer": int, "expert": int|"shared0", "status", "old": FILE|None, "new": FILE|None}, ...],
+     "experts":   [{"layer": int, "expert": int|"shared0"|"fallback", "status", "old": FILE|None, "new": FILE|None}, ...],
      "layers":    {"<layer>": {"unchanged": [experts], "changed": [...], "added": [...], "removed": [...],
                                "router_changed": bool}},
      "manifest_fields_changed": [top-level manifest fields other than libraries/moe_layers that differ],
@@ -55,6 +56,9 @@ def _experts(m: Manifest) -> dict[tuple, FileRef]:
             out[(layer.layer, e.index)] = e.file
         for j, s in enumerate(layer.shared):
             out[(layer.layer, f"shared{j}")] = s.expert.file
+        fallback = getattr(layer, "fallback", None)  # the "dense" policy's stand-in expert
+        if fallback is not None:
+            out[(layer.layer, "fallback")] = fallback.file
     return out
 
 

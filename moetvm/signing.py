@@ -17,7 +17,7 @@ The signature file, `manifest.sig` beside the manifest, is UTF-8 JSON:
 `key` is only a hint for error messages (which key signed this?); trust comes solely from the
 public keys the caller passes to `verify_artifact`, each tried in turn.
 
-Keys are PEM files: PKCS#8 private keys (unencrypted, written with mode 0600) and
+Keys are PEM files: PKCS#8 private keys (written with mode 0600; optionally encrypted) and
 SubjectPublicKeyInfo public keys. A key's fingerprint is the first 16 hex digits of the SHA-256
 of its raw 32-byte public key.
 
@@ -121,9 +121,11 @@ def fingerprint(public_key_path: str | Path) -> str:
     return _fingerprint_of(load_public_key(public_key_path))
 
 
-def generate_keypair(private_path: str | Path, public_path: str | Path, *, overwrite: bool = False) -> str:
-    """Write a new Ed25519 key pair as PEM files (the private one with mode 0600); returns its
-    fingerprint. Existing files are left alone (SignatureError) unless `overwrite`."""
+def generate_keypair(private_path: str | Path, public_path: str | Path, *, overwrite: bool = False,
+                     password: bytes | None = None) -> str:
+    """Write a new Ed25519 key pair as PEM files (the private one with mode 0600, encrypted
+    with `password` if given); returns its fingerprint. Existing files are left alone
+    (SignatureError) unless `overwrite`."""
     private_path, public_path = Path(private_path), Path(public_path)
     if private_path.resolve() == public_path.resolve():
         raise SignatureError(f"{private_path}: private and public key paths are the same file")
@@ -133,8 +135,8 @@ def generate_keypair(private_path: str | Path, public_path: str | Path, *, overw
                 raise SignatureError(f"{p}: already exists; refusing to overwrite a key")
     serialization, ed25519, _ = _crypto()
     key = ed25519.Ed25519PrivateKey.generate()
-    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
+    encryption = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
     _atomic_write(private_path, private_pem, mode=0o600)
