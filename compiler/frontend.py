@@ -70,11 +70,29 @@ def _with_markers(model: nn.Module, specs: list[MoELayerSpec]) -> nn.Module:
     return marked
 
 
+@relax.expr_functor.mutator
+class _ClampGathers(relax.PyExprMutator):
+    """Embedding lookups import as `take(mode="fast")`, which reads out of bounds on a bad index.
+    The runtime validates token ids and positions, but against limits from the manifest; clamp
+    in the kernel too, so no manifest can turn a lookup into an out-of-bounds read."""
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.take" and call.attrs.mode == "fast":
+            return relax.op.take(call.args[0], call.args[1], axis=call.attrs.axis, mode="clip")
+        return call
+
+
 def _import(module: nn.Module, args: tuple, dynamic_shapes) -> tvm.IRModule:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation noise
         ep = torch.export.export(module.eval(), args, dynamic_shapes=dynamic_shapes)
-    return from_exported_program(ep, unwrap_unit_return_tuple=True, custom_convert_map={"moe_layer.default": _convert_marker})
+    mod = from_exported_program(ep, unwrap_unit_return_tuple=True, custom_convert_map={"moe_layer.default": _convert_marker})
+    clamp = _ClampGathers(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mod[gv] = clamp.visit_expr(func)
+    return mod
 
 
 # --- what the compiler exports for each supported kind of model ------------------------------

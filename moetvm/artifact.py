@@ -211,6 +211,8 @@ def parse(text: str | bytes) -> Manifest:
         data = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{MANIFEST_NAME}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ArtifactError(f"{MANIFEST_NAME}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{MANIFEST_NAME}: expected a JSON object")
     version = data.get("format_version")
@@ -225,9 +227,23 @@ def parse(text: str | bytes) -> Manifest:
     return manifest
 
 
+MAX_EXPERTS = 1 << 16  # per layer; bounds every table the runtime builds from a manifest
+DEVICES = ("cpu", "cuda")
+
+
+def _positive_int(value) -> bool:
+    return type(value) is int and value > 0
+
+
 def _check_consistency(m: Manifest) -> None:
     if m.kind not in ("causal_lm", "moe_block"):
         raise ArtifactError(f"{MANIFEST_NAME}: unknown artifact kind {m.kind!r}")
+    if m.target.get("device", "cpu") not in DEVICES:
+        raise ArtifactError(f"{MANIFEST_NAME}: target device {m.target.get('device')!r} is not one of {DEVICES}")
+    if not m.moe_layers:
+        raise ArtifactError(f"{MANIFEST_NAME}: no MoE layers")
+    _check_model_fields(m)
+    _check_program(m)
     libs = {lib.name: lib for lib in m.libraries}
     for ref in m.files():
         safe_relative_path(ref.path)
@@ -239,6 +255,16 @@ def _check_consistency(m: Manifest) -> None:
 
     for layer in m.moe_layers:
         r = layer.router
+        if not 0 < r.n_experts <= MAX_EXPERTS:
+            raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: n_experts {r.n_experts} outside 1..{MAX_EXPERTS}")
+        if r.selection_bias is not None and len(r.selection_bias) != r.n_experts:
+            raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: selection_bias has {len(r.selection_bias)} "
+                                f"entries for {r.n_experts} experts")
+        vocab = m.model.get("vocab_size")
+        if r.mode == "hash" and (not r.table or (vocab and len(r.table) < vocab)):
+            raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: hash table shorter than the vocabulary")
+        if any(e.weight_bytes <= 0 for e in layer.experts):
+            raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: an expert has no weight bytes")
         if r.mode not in ROUTING_MODES:
             raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: routing mode {r.mode!r} is unknown to this "
                                 f"runtime (known: {', '.join(ROUTING_MODES)})")
@@ -269,9 +295,45 @@ def _check_consistency(m: Manifest) -> None:
             raise ArtifactError(f"{MANIFEST_NAME}: unknown program op {step.op!r}")
 
 
+def _check_model_fields(m: Manifest) -> None:
+    """The model fields the runtime reads must have the types and values it relies on."""
+    info = m.model
+    if m.kind == "causal_lm":
+        layout = info.get("kv_layout")
+        if not (isinstance(layout, list) and len(layout) == 3 and all(_positive_int(v) for v in layout)):
+            raise ArtifactError(f"{MANIFEST_NAME}: model.kv_layout must be [layers, heads, head_dim], got {layout!r}")
+        for key in ("vocab_size", "max_positions"):
+            if key in info and not _positive_int(info[key]):
+                raise ArtifactError(f"{MANIFEST_NAME}: model.{key} must be a positive integer, got {info[key]!r}")
+        logits = next((o for o in m.outputs if o.name == "logits"), None)
+        if logits is None or not logits.shape or logits.shape[-1] != info.get("vocab_size", logits.shape[-1]):
+            raise ArtifactError(f"{MANIFEST_NAME}: model.vocab_size {info.get('vocab_size')!r} does not match "
+                                f"the logits output {None if logits is None else logits.shape}")
+
+
+def _check_program(m: Manifest) -> None:
+    """Every step reads only values that exist by then, and the declared outputs get made."""
+    available = {t.name for t in m.inputs}
+    if m.kind == "causal_lm":
+        layers = m.model["kv_layout"][0]
+        needed_in = {"tokens", "positions", "past_positions"} | {f"past_{kv}_{i}" for kv in ("keys", "values")
+                                                                  for i in range(layers)}
+        needed_out = {"logits"} | {f"{kv}_{i}" for kv in ("keys", "values") for i in range(layers)}
+        if not needed_in <= available or not needed_out <= {t.name for t in m.outputs}:
+            raise ArtifactError(f"{MANIFEST_NAME}: inputs/outputs do not follow the causal LM protocol")
+    for step in m.program:
+        missing = [n for n in step.inputs if n not in available]
+        if missing:
+            raise ArtifactError(f"{MANIFEST_NAME}: program step {step.name} reads {missing}, which no earlier step makes")
+        available.update(step.outputs)
+    unmade = [t.name for t in m.outputs if t.name not in available]
+    if unmade:
+        raise ArtifactError(f"{MANIFEST_NAME}: outputs {unmade} are never produced by the program")
+
+
 def safe_relative_path(path: str) -> PurePosixPath:
     p = PurePosixPath(path)
-    if not path or p.is_absolute() or ".." in p.parts or "\\" in path:
+    if not path or p.is_absolute() or ".." in p.parts or "\\" in path or any(ord(c) < 32 for c in path):
         raise ArtifactError(f"{MANIFEST_NAME}: path {path!r} escapes the artifact directory")
     return p
 

@@ -26,7 +26,8 @@ FIXED_MODES = ("hash", "tiling", "cycle")
 
 def check_router(router: Router, present: list[int]) -> str | None:
     """What is wrong with a router entry, given the experts the artifact holds (None if fine)."""
-    allowed = sorted(set(range(router.n_experts)) - set(router.masked))
+    masked = set(router.masked)
+    allowed = [e for e in range(router.n_experts) if e not in masked]  # n_experts is bounded by parse
     if any(not 0 <= e < router.n_experts for e in router.masked) or len(allowed) < router.top_k:
         return f"masked experts {router.masked} leave fewer than top_k={router.top_k} of {router.n_experts}"
     if sorted(present) != allowed:

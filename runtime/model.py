@@ -82,7 +82,7 @@ class MoEModel:
         self.prefetch_enabled, self.storage_mbps = prefetch, storage_mbps
         self.recorder = None  # a TraceRecorder while recording routing traces
         self.device = tvm.device(manifest.target.get("device", "cpu"))
-        self._modules = {lib.name: tvm.runtime.load_module(str(root / lib.file.path)) for lib in manifest.libraries}
+        self._modules = {lib.name: _load_library(root, lib) for lib in manifest.libraries}
         # A TVM VirtualMachine keeps per-call state: each thread gets its own over the shared modules.
         self._thread = threading.local()
         self._layers = {layer.layer: layer for layer in manifest.moe_layers}
@@ -270,7 +270,17 @@ class MoEModel:
             vms = self._thread.vms = {}
         if library not in vms:
             vms[library] = VirtualMachine(self._modules[library], self.device)
-        return vms[library][function](*args)
+        try:
+            fn = vms[library][function]
+        except AttributeError:
+            raise ArtifactError(f"{library}: the library has no function {function!r} the manifest names") from None
+        try:
+            return fn(*args)
+        except (tvm.error.InternalError, ValueError, TypeError, RuntimeError) as e:
+            # Inputs were validated before this point: a failing call means the manifest and
+            # the library disagree (argument count, shapes or dtypes).
+            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{library}:{function}: call failed, the manifest does not match the library ({first})") from None
 
     def _load_expert(self, key) -> tuple[list, int]:
         """Read, verify and upload one expert's weights (the cache's loader)."""
@@ -409,6 +419,14 @@ class KVCache:
         layers, heads, head_dim = manifest.model["kv_layout"]
         z = np.zeros((batch, heads, 0, head_dim), dtype=np.float32)
         return KVCache([z] * layers, [z] * layers)
+
+
+def _load_library(root: Path, lib) -> tvm.runtime.Module:
+    try:
+        return tvm.runtime.load_module(str(root / lib.file.path))
+    except Exception as e:  # noqa: BLE001 - whatever TVM says, the file is not a usable library
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{lib.file.path}: not a loadable kernel library ({first})") from None
 
 
 def _check_array(value, dtype: str, ndim: int, what: str) -> np.ndarray:
