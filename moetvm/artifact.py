@@ -315,7 +315,11 @@ def _check_program(m: Manifest) -> None:
     """Every step reads only values that exist by then, and the declared outputs get made."""
     available = {t.name for t in m.inputs}
     if m.kind == "causal_lm":
-        layers = m.model["kv_layout"][0]
+        layers, heads, head_dim = m.model["kv_layout"]
+        kv_inputs = [t for t in m.inputs if t.name.startswith("past_keys_") or t.name.startswith("past_values_")]
+        if len(m.inputs) != 3 + 2 * layers or any(t.shape[1::2] != [heads, head_dim] for t in kv_inputs):
+            raise ArtifactError(f"{MANIFEST_NAME}: model.kv_layout {m.model['kv_layout']} does not match the "
+                                f"{len(m.inputs)} declared inputs")
         needed_in = {"tokens", "positions", "past_positions"} | {f"past_{kv}_{i}" for kv in ("keys", "values")
                                                                   for i in range(layers)}
         needed_out = {"logits"} | {f"{kv}_{i}" for kv in ("keys", "values") for i in range(layers)}
