@@ -118,6 +118,9 @@ class MoEModel:
             t0 = time.perf_counter()
             if step.op == "segment":
                 results = self._call("segments", step.name, *[env[n] for n in step.inputs])
+                if len(results) != len(step.outputs):
+                    raise ArtifactError(f"segments:{step.name}: returns {len(results)} values, the manifest "
+                                        f"names {len(step.outputs)}")
                 env.update(zip(step.outputs, results))
                 self._add_time("segments", time.perf_counter() - t0)
             else:
