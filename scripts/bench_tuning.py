@@ -31,12 +31,8 @@ from moetvm.compiler.models import load_model_source
 from moetvm.runtime import load_model
 from moetvm.targets import get_target
 
-
-def timer(fn, calls: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t0) / calls
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_experts import timer  # noqa: E402 - one timing loop for both benchmarks
 
 
 def main() -> int:
