@@ -104,6 +104,14 @@ class MoEModel:
         moe_steps = [step.layer for step in manifest.program if step.op == "moe"]
         self._next_layer = dict(zip(moe_steps, moe_steps[1:]))
         self._next_layer_order = moe_steps
+        # (lookahead span, slots per layer) when every layer's routing is fixed by position
+        # (tiling, cycle) and eviction can use the known future; decided once, not per layer call.
+        routers = [self._layers[layer].router for layer in moe_steps]
+        self._known_future = None
+        if routers and all(r.mode in ("tiling", "cycle") for r in routers):
+            # Every expert of a pattern recurs within one period: tile x allowed experts, or the cycle.
+            span = max((r.tile * len(allowed_experts(r)) if r.mode == "tiling" else len(r.cycle)) for r in routers) + 2
+            self._known_future = (span, max(r.top_k for r in routers))
 
     # --- the hot path ------------------------------------------------------------------------
     def run_program(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -204,13 +212,11 @@ class MoEModel:
     def _future_order(self, index: int, where: dict):
         """With position-determined routing (tiling, cycle) on every layer the future is known:
         order eviction candidates by next use, furthest first (Belady's MIN). Else None (LRU)."""
-        routers = [self._layers[layer].router for layer in self._next_layer_order]
-        if any(r.mode not in ("tiling", "cycle") for r in routers):
+        if self._known_future is None:
             return None
+        span, slots = self._known_future
+        layers = len(self._next_layer_order)
         now = int(where["positions"].max())
-        # Every expert of a pattern recurs within one period: tile x allowed experts, or the cycle.
-        span = max((r.tile * len(allowed_experts(r)) if r.mode == "tiling" else len(r.cycle)) for r in routers) + 2
-        slots = max(r.top_k for r in routers)
         current = self._next_layer_order.index(index)
 
         def next_use(key) -> float:
@@ -222,7 +228,7 @@ class MoEModel:
                     continue  # this layer already ran for the current position
                 chosen = sorted(pattern.experts(None, np.array([q]))[0].tolist())
                 if expert in chosen:
-                    return ((q - now) * len(routers) + li) * slots + chosen.index(expert)
+                    return ((q - now) * layers + li) * slots + chosen.index(expert)
             return float("inf")
 
         return lambda keys: sorted(keys, key=next_use, reverse=True)

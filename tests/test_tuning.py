@@ -14,6 +14,7 @@ import tvm
 from tvm import relax, tirx
 
 from moetvm.compiler import tuning
+from moetvm.compiler.lowering import relax_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -52,28 +53,6 @@ def reference(x, w_gate, w_up, w_down):
 @pytest.fixture(scope="module")
 def target() -> tvm.target.Target:
     return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
-
-
-def cpu_pipeline(target, apply_pass):
-    """compiler/lowering.py's CPU pipeline with `apply_pass` where the integration puts it."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-    from moetvm.compiler.schedules import default_cpu_schedule
-
-    @tvm.transform.module_pass(opt_level=0, name="TestPipeline")
-    def pipeline(mod, _ctx):
-        with target:
-            passes = (
-                cpu.library_dispatch_passes(target)
-                + cpu.legalize_passes(target)
-                + ([apply_pass] if apply_pass is not None else [])
-                + [default_cpu_schedule()]
-                + cpu.dataflow_lower_passes(target)
-                + cpu.finalize_passes(target)
-            )
-            return tvm.transform.Sequential(passes)(mod)
-
-    return pipeline
 
 
 def test_extract_tasks_deduplicates_identical_experts(target):
@@ -193,7 +172,7 @@ def test_compile_with_database_uses_tuned_kernels(tuned_db, target):
     # In the compile pipeline, against numpy: tuned code at n=1 and n=32, default code otherwise.
     apply = tuning.apply_database(work_dir)  # target: the pipeline's
     executable = tvm.compile(relax.transform.ConvertToDataflow()(module), target,
-                             relax_pipeline=cpu_pipeline(target, apply))
+                             relax_pipeline=relax_pipeline(target, apply))
     assert apply.stats.summary() == "1 kernels tuned, 2 default"
     vm = relax.VirtualMachine(executable, tvm.cpu())
     rng = np.random.default_rng(0)
