@@ -134,6 +134,15 @@ def compile_model(
     p = _prepare(model, example_inputs, target, quant=quant, group_size=group_size, router_quant=router_quant,
                  weight_budget=weight_budget, calibration=calibration, routing=routing, tile=tile,
                  cycle_dwell=cycle_dwell, mask_below=mask_below, bar=bar)
+    return write_artifact(p, out, _model_info(model, name, description, p.specs) | {"source": source},
+                          tuning_db=tuning_db, dense_fallback=dense_fallback, bar=bar)
+
+
+def write_artifact(p: "_Prepared", out: str | Path, model_info: dict, *, tuning_db=None, dense_fallback: bool = False,
+                   bar: Progress | None = None) -> Path:
+    """Build every library of a prepared model and write the artifact atomically (shared by the
+    torch.export and ONNX front doors)."""
+    bar = bar or Progress(False, total=0)
     dt, specs = p.target, p.specs
     out = Path(out)
 
@@ -162,7 +171,7 @@ def compile_model(
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
                 kind="causal_lm" if p.lm else "moe_block",
-                model={**_model_info(model, name, description, specs), "source": source},
+                model=model_info,
                 target={"name": dt.name, "description": dt.description, "tvm_target": dt.tvm_target,
                         "host": dt.host, "device": dt.device, "memory_budget": dt.memory_budget},
                 libraries=libraries,
@@ -177,7 +186,7 @@ def compile_model(
                               **({"device_code": device_code} if device_code else {})},
             )
             (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-    if tuning_db and progress:
+    if tuning_db and bar.enabled:
         print(f"tuning database {tuning_db}: {tuning['tuned']} kernels tuned, {tuning['default']} default", file=sys.stderr)
     return out
 
@@ -213,18 +222,41 @@ def _prepare(model, example_inputs, target, *, quant, group_size, router_quant, 
         raise UnsupportedModelError(
             f"{type(model).__name__}: expected a causal LM with step()/kv_layout or a single MoE block"
         )
-    router_scheme = quantization.scheme(router_quant, group_size)
     if routing not in ROUTING_MODES:
         raise ValueError(f"unknown routing mode {routing!r}; choose from {', '.join(ROUTING_MODES)}")
     if (routing == "hash" or mask_below is not None) and calibration is None:
         raise ValueError(f"routing {routing!r} / mask_below need calibration tokens to fit on")
     cal = quant_plan.calibrate(model, specs, calibration) if calibration is not None else None
-    plan, plan_info = _precision_plan(specs, cal, quant, group_size, weight_budget, calibration)
-    usage = _usage_profile(specs, cal)
-    masked = _masked_experts(specs, usage, mask_below)
     vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
     if routing == "hash" and (not lm or vocab is None):
         raise UnsupportedModelError("hash routing needs a language model with a known vocabulary (cfg.vocab_size)")
+    bar.total = 4
+    with bar.step(f"trace {type(model).__name__} with torch.export ({len(specs)} MoE layers)"):
+        if lm:
+            layers = model.kv_layout[0]
+            input_names = ["tokens", "positions", "past_positions"] + [f"past_keys_{i}" for i in range(layers)] + [f"past_values_{i}" for i in range(layers)]
+            output_names = ["logits"] + [f"keys_{i}" for i in range(layers)] + [f"values_{i}" for i in range(layers)]
+            mod = frontend.export_causal_lm(model, specs)
+        else:
+            (example,) = example_inputs
+            input_names, output_names = ["hidden"], ["output"]
+            mod = frontend.export_moe_block(model, specs, example)
+        split = frontend.split_at_moe_layers(mod, input_names, output_names)
+    return plan_parts(specs, split, lm, dt, quant=quant, group_size=group_size, router_quant=router_quant,
+                      weight_budget=weight_budget, calibration=calibration, cal=cal, routing=routing, tile=tile,
+                      cycle_dwell=cycle_dwell, mask_below=mask_below, vocab=vocab, bar=bar)
+
+
+def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: DeployTarget, *, quant: str = "fp32",
+               group_size: int = quantization.DEFAULT_GROUP_SIZE, router_quant: str = "fp32", weight_budget=None,
+               calibration=None, cal=None, routing: str = "learned", tile: int = 16, cycle_dwell: int = 8,
+               mask_below: float | None = None, vocab: int | None = None, bar: Progress | None = None) -> _Prepared:
+    """Decide precisions, routers and expert workloads for MoE layers `specs` of a model already
+    cut into segments (`split`, a frontend.SplitProgram): whatever front door traced it."""
+    router_scheme = quantization.scheme(router_quant, group_size)
+    plan, plan_info = _precision_plan(specs, cal, quant, group_size, weight_budget, calibration)
+    usage = _usage_profile(specs, cal)
+    masked = _masked_experts(specs, usage, mask_below)
     routers = [_router_entry(i, spec, masked[i], routing, tile, cycle_dwell, calibration, cal, vocab)
                for i, spec in enumerate(specs)]
     workloads = _group_workloads(specs, plan)
@@ -238,19 +270,9 @@ def _prepare(model, example_inputs, target, *, quant, group_size, router_quant, 
             params=[TensorSpec(name=n, shape=list(shape), dtype=dtype)
                     for n, shape, dtype in quantization.swiglu_params(d_model, d_ff, sch)],
         )
-    bar.total = 4 + len(entries)
-    with bar.step(f"trace {type(model).__name__} with torch.export ({len(specs)} MoE layers)"):
-        if lm:
-            layers = model.kv_layout[0]
-            input_names = ["tokens", "positions", "past_positions"] + [f"past_keys_{i}" for i in range(layers)] + [f"past_values_{i}" for i in range(layers)]
-            output_names = ["logits"] + [f"keys_{i}" for i in range(layers)] + [f"values_{i}" for i in range(layers)]
-            mod = frontend.export_causal_lm(model, specs)
-        else:
-            (example,) = example_inputs
-            input_names, output_names = ["hidden"], ["output"]
-            mod = frontend.export_moe_block(model, specs, example)
-        split = frontend.split_at_moe_layers(mod, input_names, output_names)
-    return _Prepared(dt, specs, lm, split, plan, plan_info, usage, routers, routing, router_scheme, entries)
+    if bar is not None:
+        bar.total += len(entries)
+    return _Prepared(target, specs, lm, split, plan, plan_info, usage, routers, routing, router_scheme, entries)
 
 
 def _relax_libraries(p: _Prepared) -> dict[str, tvm.IRModule]:
