@@ -23,7 +23,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
-from moetvm.artifact import Step, TensorSpec
+from moetvm.artifact import Step, TensorSpec, kv_shapes
 
 from .spec import MoELayerSpec
 
@@ -70,6 +70,32 @@ def _with_markers(model: nn.Module, specs: list[MoELayerSpec]) -> nn.Module:
     return marked
 
 
+def _convert_reshape(node, importer):
+    """view/reshape without TVM 0.27's identity-reshape shortcut, which compares symbolic dims with
+    Python `==` and raises on a symbolic target shape (DeepSeek-V3's attention). An identity
+    reshape costs nothing once legalized."""
+    import torch
+
+    args = importer.retrieve_args(node)
+    dims = args[1] if isinstance(args[1], torch.Size | tuple | list) else args[1:]
+    return importer._emit_torch_reshape(args[0], dims)
+
+
+def _convert_empty(node, importer):
+    """`empty(shape)` as zeros, with the shape's symbolic dims resolved (TVM 0.27 passes the raw
+    torch.fx arguments through and fails on `new_empty(*x.shape[:-1], n)`, DeepSeek-V3)."""
+    import torch
+
+    shape = importer.retrieve_args(node)[0]
+    dtype = importer._convert_data_type(node.kwargs.get("dtype", torch.get_default_dtype()), importer.env)
+    return importer.block_builder.emit(relax.op.zeros(relax.ShapeExpr(shape), dtype))
+
+
+_CONVERTERS = {"moe_layer.default": _convert_marker, "view.default": _convert_reshape,
+               "reshape.default": _convert_reshape, "empty.memory_format": _convert_empty,
+               "empty.default": _convert_empty}
+
+
 @relax.expr_functor.mutator
 class _ClampGathers(relax.PyExprMutator):
     """Embedding lookups import as `take(mode="fast")`, which reads out of bounds on a bad index.
@@ -87,7 +113,7 @@ def _import(module: nn.Module, args: tuple, dynamic_shapes) -> tvm.IRModule:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation noise
         ep = torch.export.export(module.eval(), args, dynamic_shapes=dynamic_shapes)
-    mod = from_exported_program(ep, unwrap_unit_return_tuple=True, custom_convert_map={"moe_layer.default": _convert_marker})
+    mod = from_exported_program(ep, unwrap_unit_return_tuple=True, custom_convert_map=_CONVERTERS)
     clamp = _ClampGathers(mod)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
@@ -108,13 +134,13 @@ class _LMStep(nn.Module):
 
 
 def export_causal_lm(model: nn.Module, specs: list[MoELayerSpec]) -> tvm.IRModule:
-    layers, heads, head_dim = model.kv_layout
+    layers, key_shape, value_shape = kv_shapes(model.kv_layout)
     b, s, p = 2, 3, 2  # example sizes; all three dimensions are exported as symbolic
     batch, seq, past = Dim("batch", min=1, max=64), Dim("seq", min=1, max=MAX_TOKENS), Dim("past", min=0, max=MAX_TOKENS)
     # Distinct tensors: torch.export would treat one object passed twice as one input.
-    kv = lambda: [torch.zeros(b, heads, p, head_dim) for _ in range(layers)]  # noqa: E731
+    kv = lambda shape: [torch.zeros(b, shape[0], p, shape[1]) for _ in range(layers)]  # noqa: E731
     args = (torch.zeros(b, s, dtype=torch.long), torch.zeros(b, s, dtype=torch.long),
-            torch.zeros(b, p, dtype=torch.long), kv(), kv())
+            torch.zeros(b, p, dtype=torch.long), kv(key_shape), kv(value_shape))
     dyn = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: past},
            [{0: batch, 2: past}] * layers, [{0: batch, 2: past}] * layers)
     return _import(_LMStep(_with_markers(model, specs)), args, dyn)

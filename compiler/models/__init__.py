@@ -8,9 +8,14 @@ HELDOUT_TEXT = ASSETS / "heldout.txt"
 
 
 def load_model_source(source: str):
-    """'reference' (the shipped checkpoint) or a path to a reference-architecture checkpoint."""
+    """'reference' (the shipped checkpoint), 'hf:DIR' (a local Hugging Face transformers model
+    directory) or a path to a reference-architecture checkpoint."""
     from .reference import load_checkpoint
 
+    if source.startswith("hf:"):
+        from ..hf import load_hf
+
+        return load_hf(source[3:])
     if source == "reference":
         return load_checkpoint(REFERENCE_CHECKPOINT)
     path = Path(source)

@@ -1,0 +1,133 @@
+"""Hugging Face transformers causal LMs as compiler input.
+
+`HFCausalLM` wraps an instantiated transformers model in the compiler's KV-cached LM protocol
+(`step`, `kv_layout`), so it is exported, cut at its MoE blocks and run exactly like the reference
+model. The MoE blocks themselves are read structurally by the adapters in `hf_adapters.py`;
+everything else (embeddings, attention with its rotary embeddings, norms, head) is traced.
+
+Export choices, each because the default does not survive torch.export + TVM's importer:
+  * eager attention with an explicit 4-D additive mask computed from positions: transformers'
+    own mask builders (packed-sequence detection, symbolic `arange`) add ops TVM rejects, and an
+    explicit 4-D mask is used as given;
+  * the cache is a `DynamicCache` filled from the step's inputs and read back after the call,
+    so the traced graph is plain `cat`s;
+  * complex-number rotary embeddings (DeepSeek-V2, Llama4: `polar`, `view_as_complex`) are
+    rewritten to real arithmetic before import (see `_real_rotary`).
+transformers is an optional dependency (`pip install moetvm[hf]`); nothing here imports it at
+module import time.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+
+class HFCausalLM(nn.Module):
+    """A transformers `*ForCausalLM` in the compiler's KV-cached LM protocol."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        config = model.config
+        if getattr(config, "is_encoder_decoder", False):
+            raise ValueError(f"{type(model).__name__}: encoder-decoder models are not causal LMs")
+        model.set_attn_implementation("eager")
+        self.hf = model.eval()
+        self.config = config
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._kv_layout = self._probe_kv_layout()
+        self.window = _sliding_window(config)
+        self.cfg = SimpleNamespace(vocab_size=config.vocab_size, d_model=config.hidden_size,
+                                   max_positions=getattr(config, "max_position_embeddings", None))
+
+    @property
+    def kv_layout(self) -> tuple[int, int, int, int, int]:
+        """(layers, key heads, key dim, value heads, value dim) of what the model caches: plain
+        attention caches keys and values per KV head; DeepSeek's latent attention caches its
+        compressed latent and rope key instead, so the sizes come from a probe, not the config."""
+        return self._kv_layout
+
+    def _probe_kv_layout(self) -> tuple[int, int, int, int, int]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        with torch.no_grad():
+            self.hf(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True, **{self._cache_kwarg: cache})
+        shapes = {(tuple(layer.keys.shape[1::2]), tuple(layer.values.shape[1::2])) for layer in cache.layers}
+        if len(cache.layers) != self.config.num_hidden_layers or len(shapes) != 1:
+            raise ValueError(f"{type(self.hf).__name__}: its cache is not one key/value pair per layer of one "
+                             f"shape ({len(cache.layers)} layers, shapes {sorted(shapes)}); not supported")
+        ((key_heads, key_dim), (value_heads, value_dim)), = shapes
+        return len(cache.layers), key_heads, key_dim, value_heads, value_dim
+
+    def step(self, tokens, positions, past_positions, past_keys, past_values):
+        """Same contract as ReferenceMoELM.step: logits (b, s, vocab) and per-layer keys/values
+        (b, kv_heads, p + s, head_dim)."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        past = past_positions.shape[1]
+        for k, v in zip(past_keys, past_values):  # one past length for all layers (lets export unify it)
+            torch._check(k.shape[2] == past)
+            torch._check(v.shape[2] == past)
+        cache = DynamicCache()
+        cache.layers = []
+        for k, v in zip(past_keys, past_values):
+            layer = DynamicLayer()
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v
+            cache.layers.append(layer)
+
+        key_positions = torch.cat([past_positions, positions], dim=1)
+        visible = key_positions[:, None, :] <= positions[:, :, None]
+        if self.window is not None:
+            visible = visible & (key_positions[:, None, :] > positions[:, :, None] - self.window)
+        dtype = self.hf.dtype
+        mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)[:, None]
+        out = self.hf(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                      **{self._cache_kwarg: cache})
+        return out.logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+    def empty_cache(self, batch: int):
+        layers, key_heads, key_dim, value_heads, value_dim = self.kv_layout
+        keys = torch.zeros(batch, key_heads, 0, key_dim, dtype=self.hf.dtype)
+        values = torch.zeros(batch, value_heads, 0, value_dim, dtype=self.hf.dtype)
+        return [keys] * layers, [values] * layers
+
+    def forward(self, tokens):
+        """Logits for whole sequences (what transformers' own forward gives)."""
+        b, s = tokens.shape
+        positions = torch.arange(s).expand(b, s)
+        keys, values = self.empty_cache(b)
+        return self.step(tokens, positions, positions[:, :0], keys, values)[0]
+
+
+def _sliding_window(config) -> int | None:
+    """The attention window if every layer uses one (the step's one mask serves all layers)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = set(getattr(config, "layer_types", None) or ["sliding_attention"])
+    if types == {"sliding_attention"}:
+        return int(window)
+    if "sliding_attention" in types:
+        raise ValueError(f"{config.model_type}: layers mix sliding-window and full attention ({sorted(types)}); "
+                         f"not supported yet")
+    return None
+
+
+def load_hf(path: str | Path) -> HFCausalLM:
+    """A local transformers model directory (config.json + safetensors), no network, fp32."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"hf:{path}: no config.json there (a local transformers model directory is needed)")
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise ImportError("transformers models need the hf extra: pip install 'moetvm[hf]'") from e
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    return HFCausalLM(model)
