@@ -170,7 +170,7 @@ def write_artifact(p: "_Prepared", out: str | Path, model_info: dict, *, tuning_
                           for i, spec in enumerate(specs)]
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
-                kind="causal_lm" if p.lm else "moe_block",
+                kind=p.kind,
                 model=model_info,
                 target={"name": dt.name, "description": dt.description, "tvm_target": dt.tvm_target,
                         "host": dt.host, "device": dt.device, "memory_budget": dt.memory_budget},
@@ -207,6 +207,7 @@ class _Prepared:
     routing: str
     router_scheme: quantization.Scheme
     workload_entries: dict
+    kind: str  # the artifact kind: causal_lm | moe_block | graph
 
 
 def _prepare(model, example_inputs, target, *, quant, group_size, router_quant, weight_budget, calibration,
@@ -230,7 +231,9 @@ def _prepare(model, example_inputs, target, *, quant, group_size, router_quant, 
     vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
     if routing == "hash" and (not lm or vocab is None):
         raise UnsupportedModelError("hash routing needs a language model with a known vocabulary (cfg.vocab_size)")
-    bar.total = 4
+    p = plan_parts(specs, None, lm, dt, quant=quant, group_size=group_size, router_quant=router_quant,
+                   weight_budget=weight_budget, calibration=calibration, cal=cal, routing=routing, tile=tile,
+                   cycle_dwell=cycle_dwell, mask_below=mask_below, vocab=vocab, bar=bar)
     with bar.step(f"trace {type(model).__name__} with torch.export ({len(specs)} MoE layers)"):
         if lm:
             layers = model.kv_layout[0]
@@ -241,18 +244,18 @@ def _prepare(model, example_inputs, target, *, quant, group_size, router_quant, 
             (example,) = example_inputs
             input_names, output_names = ["hidden"], ["output"]
             mod = frontend.export_moe_block(model, specs, example)
-        split = frontend.split_at_moe_layers(mod, input_names, output_names)
-    return plan_parts(specs, split, lm, dt, quant=quant, group_size=group_size, router_quant=router_quant,
-                      weight_budget=weight_budget, calibration=calibration, cal=cal, routing=routing, tile=tile,
-                      cycle_dwell=cycle_dwell, mask_below=mask_below, vocab=vocab, bar=bar)
+        p.split = frontend.split_at_moe_layers(mod, input_names, output_names)
+    return p
 
 
 def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: DeployTarget, *, quant: str = "fp32",
                group_size: int = quantization.DEFAULT_GROUP_SIZE, router_quant: str = "fp32", weight_budget=None,
                calibration=None, cal=None, routing: str = "learned", tile: int = 16, cycle_dwell: int = 8,
-               mask_below: float | None = None, vocab: int | None = None, bar: Progress | None = None) -> _Prepared:
+               mask_below: float | None = None, vocab: int | None = None, bar: Progress | None = None,
+               kind: str | None = None) -> _Prepared:
     """Decide precisions, routers and expert workloads for MoE layers `specs` of a model already
-    cut into segments (`split`, a frontend.SplitProgram): whatever front door traced it."""
+    cut into segments (`split`, a frontend.SplitProgram): whatever front door traced it.
+    kind: the artifact kind (default causal_lm when `lm`, else moe_block)."""
     router_scheme = quantization.scheme(router_quant, group_size)
     plan, plan_info = _precision_plan(specs, cal, quant, group_size, weight_budget, calibration)
     usage = _usage_profile(specs, cal)
@@ -262,17 +265,18 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: DeployTarget,
     workloads = _group_workloads(specs, plan)
     entries = {}
     for key, wid in workloads.items():
-        kind, d_model, d_ff, sch = key
+        expert_kind, d_model, d_ff, sch = key
         fn = f"expert_{wid}"
         entries[key] = Workload(
-            id=wid, kind=kind, library=fn, function=fn, d_model=d_model, d_ff=d_ff, dtype="float32",
+            id=wid, kind=expert_kind, library=fn, function=fn, d_model=d_model, d_ff=d_ff, dtype="float32",
             quant=sch.name, group_size=sch.group_size,
             params=[TensorSpec(name=n, shape=list(shape), dtype=dtype)
                     for n, shape, dtype in quantization.swiglu_params(d_model, d_ff, sch)],
         )
     if bar is not None:
-        bar.total += len(entries)
-    return _Prepared(target, specs, lm, split, plan, plan_info, usage, routers, routing, router_scheme, entries)
+        bar.total = 4 + len(entries)  # trace, segments, routers, one per workload, write
+    return _Prepared(target, specs, lm, split, plan, plan_info, usage, routers, routing, router_scheme, entries,
+                     kind or ("causal_lm" if lm else "moe_block"))
 
 
 def _relax_libraries(p: _Prepared) -> dict[str, tvm.IRModule]:
@@ -407,7 +411,7 @@ def _router_entry(index, spec, masked, mode, tile, cycle_dwell, calibration, cal
     return Router(
         library="routers", function=f"router_{index}" if mode == "learned" else "", n_experts=spec.n_experts,
         top_k=k, score_fn=spec.score_fn, normalize=spec.normalize, n_groups=spec.n_groups,
-        top_groups=spec.top_groups, scaling=float(spec.scaling),
+        top_groups=spec.top_groups, group_score=spec.group_score, scaling=float(spec.scaling),
         selection_bias=None if spec.selection_bias is None else [float(v) for v in np.asarray(spec.selection_bias)],
         mode=mode, table=table, tile=tile, cycle=cycle, masked=masked,
     )

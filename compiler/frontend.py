@@ -109,10 +109,74 @@ class _ClampGathers(relax.PyExprMutator):
         return call
 
 
+def _lower_complex(ep: torch.export.ExportedProgram) -> None:
+    """Rewrite complex-valued arithmetic (rotary embeddings as `polar` / `view_as_complex` /
+    complex `mul` / `view_as_real`: DeepSeek-V2, Llama4), which TVM's importer rejects, into real
+    arithmetic on (..., 2) tensors holding (real, imaginary), in place."""
+    from torch._guards import detect_fake_mode
+
+    aten = torch.ops.aten
+    graph = ep.graph_module.graph
+    nodes = list(graph.nodes)
+    is_complex = lambda n: isinstance(n, torch.fx.Node) and getattr(n.meta.get("val"), "is_complex", lambda: False)()  # noqa: E731
+    if not any(is_complex(n) for n in nodes):
+        return
+    fake_mode = detect_fake_mode([n.meta["val"] for n in nodes if "val" in n.meta])
+    real: dict = {}  # complex node -> node of its (..., 2) real form
+
+    def fake(a):
+        return [fake(x) for x in a] if isinstance(a, (list, tuple)) else a.meta["val"] if isinstance(a, torch.fx.Node) else a
+
+    def emit(before, target, *args):
+        with graph.inserting_before(before):
+            node = graph.call_function(target, args)
+        with fake_mode:
+            node.meta["val"] = target(*fake(args))
+        return node
+
+    def parts(at, z):
+        pair = real[z]
+        return emit(at, aten.select.int, pair, -1, 0), emit(at, aten.select.int, pair, -1, 1)
+
+    for n in nodes:
+        if n.op != "call_function" or not (is_complex(n) or any(is_complex(a) for a in n.args)):
+            continue
+        target, args = n.target, n.args
+        if target == aten._assert_tensor_metadata.default:
+            graph.erase_node(n)  # a dtype check on the complex tensor, which no longer exists
+        elif target == aten.view_as_complex.default:
+            real[n] = args[0]
+        elif target == aten.view_as_real.default:
+            n.replace_all_uses_with(real[args[0]])
+        elif target == aten.polar.default:
+            magnitude, angle = args
+            re = emit(n, aten.mul.Tensor, magnitude, emit(n, aten.cos.default, angle))
+            im = emit(n, aten.mul.Tensor, magnitude, emit(n, aten.sin.default, angle))
+            real[n] = emit(n, aten.stack.default, [re, im], -1)
+        elif target == aten.mul.Tensor and is_complex(args[0]) and is_complex(args[1]):
+            (ar, ai), (br, bi) = parts(n, args[0]), parts(n, args[1])
+            re = emit(n, aten.sub.Tensor, emit(n, aten.mul.Tensor, ar, br), emit(n, aten.mul.Tensor, ai, bi))
+            im = emit(n, aten.add.Tensor, emit(n, aten.mul.Tensor, ar, bi), emit(n, aten.mul.Tensor, ai, br))
+            real[n] = emit(n, aten.stack.default, [re, im], -1)
+        elif target == aten.mul.Tensor and not isinstance(args[1], torch.fx.Node):
+            real[n] = emit(n, aten.mul.Tensor, real[args[0]], args[1])  # complex times a real number
+        elif target == aten.unsqueeze.default:
+            dim = args[1] - 1 if args[1] < 0 else args[1]  # the (re, im) axis is last
+            real[n] = emit(n, aten.unsqueeze.default, real[args[0]], dim)
+        elif target in (aten.to.dtype_layout, aten._to_copy.default, aten.clone.default, aten.alias.default) \
+                and is_complex(n):
+            real[n] = real[args[0]]  # same values (complex64 stays complex64 on CPU)
+        else:
+            raise ValueError(f"complex-valued {target} at {n.name}: no real-arithmetic rewrite for it")
+    graph.eliminate_dead_code()
+    ep.graph_module.recompile()
+
+
 def _import(module: nn.Module, args: tuple, dynamic_shapes) -> tvm.IRModule:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation noise
         ep = torch.export.export(module.eval(), args, dynamic_shapes=dynamic_shapes)
+    _lower_complex(ep)
     mod = from_exported_program(ep, unwrap_unit_return_tuple=True, custom_convert_map=_CONVERTERS)
     clamp = _ClampGathers(mod)
     for gv, func in mod.functions_items():

@@ -1,0 +1,42 @@
+"""Small random-weight Hugging Face transformers MoE models (2 layers, 8 experts, hidden 64), made
+locally: no model hub. Weights are drawn wider than transformers' init (std 0.02 would leave
+router scores nearly tied, so top-k could flip on rounding) and every routing bias is random, so
+tests can fail on a mistranslated term."""
+
+from __future__ import annotations
+
+import torch
+
+COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+              initializer_range=0.1, tie_word_embeddings=False)
+
+# family -> (config class, model class, config fields beyond COMMON)
+FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(num_key_value_heads=2, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_key_value_heads=2, intermediate_size=96, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                       decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=False)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(num_key_value_heads=4, intermediate_size=32, num_experts=8, num_experts_per_tok=2)),
+    # Tiny DeepSeek configs need as many KV heads as query heads.
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                         num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=0,
+                         routed_scaling_factor=2.5, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
+                         qk_rope_head_dim=8, v_head_dim=16)),
+}
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    import transformers
+
+    config_class, model_class, fields = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(**COMMON, **fields)
+    model = getattr(transformers, model_class)(config).eval()
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.normal_(0, 0.5)  # initialised to zero: make the selection bias matter
+    return model
