@@ -92,6 +92,7 @@ class Router:
     normalize: bool  # renormalise the top-k weights to sum to 1
     n_groups: int = 1  # grouped top-k (DeepSeek-V3): experts split into groups...
     top_groups: int = 1  # ...and only the best groups compete
+    group_score: str = "top2_sum"  # a group's score: sum of its 2 best (DeepSeek-V3) | "max" (DeepSeek-V2)
     scaling: float = 1.0  # routed scaling factor applied to the final weights
     selection_bias: list[float] | None = None  # added to scores for selection only
     mode: str = "learned"  # learned (the router above) | hash | tiling | cycle (see moetvm.routing)
@@ -120,7 +121,7 @@ class MoELayer:
 @dataclass(frozen=True)
 class Manifest:
     format_version: int
-    kind: str  # "causal_lm" | "moe_block"
+    kind: str  # "causal_lm" | "moe_block" | "graph" (fixed-shape inputs -> outputs, e.g. an ONNX import)
     model: dict
     target: dict
     libraries: list[Library]
@@ -227,6 +228,7 @@ def parse(text: str | bytes) -> Manifest:
     return manifest
 
 
+GROUP_SCORES = ("top2_sum", "max")  # how grouped top-k ranks a group (see routing.select_experts)
 MAX_EXPERTS = 1 << 16  # per layer; bounds every table the runtime builds from a manifest
 DEVICES = ("cpu", "cuda")
 
@@ -236,7 +238,7 @@ def _positive_int(value) -> bool:
 
 
 def _check_consistency(m: Manifest) -> None:
-    if m.kind not in ("causal_lm", "moe_block"):
+    if m.kind not in ("causal_lm", "moe_block", "graph"):
         raise ArtifactError(f"{MANIFEST_NAME}: unknown artifact kind {m.kind!r}")
     if m.target.get("device", "cpu") not in DEVICES:
         raise ArtifactError(f"{MANIFEST_NAME}: target device {m.target.get('device')!r} is not one of {DEVICES}")
@@ -277,6 +279,9 @@ def _check_consistency(m: Manifest) -> None:
             raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: unknown score_fn {r.score_fn!r}")
         if not (0 < r.top_k <= r.n_experts) or r.n_experts % max(r.n_groups, 1):
             raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: bad top_k/groups")
+        if r.group_score not in GROUP_SCORES:
+            raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: unknown group_score {r.group_score!r} "
+                                f"(known: {', '.join(GROUP_SCORES)})")
         indices = sorted(e.index for e in layer.experts)
         if len(set(indices)) != len(indices) or any(not 0 <= i < r.n_experts for i in indices):
             raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: bad expert indices")
@@ -298,10 +303,14 @@ def _check_consistency(m: Manifest) -> None:
 def _check_model_fields(m: Manifest) -> None:
     """The model fields the runtime reads must have the types and values it relies on."""
     info = m.model
+    if m.kind == "graph" and not all(_positive_int(d) for t in m.inputs for d in t.shape):
+        raise ArtifactError(f"{MANIFEST_NAME}: a graph artifact's inputs need fixed shapes, got "
+                            f"{[t.shape for t in m.inputs]}")
     if m.kind == "causal_lm":
         layout = info.get("kv_layout")
-        if not (isinstance(layout, list) and len(layout) == 3 and all(_positive_int(v) for v in layout)):
-            raise ArtifactError(f"{MANIFEST_NAME}: model.kv_layout must be [layers, heads, head_dim], got {layout!r}")
+        if not (isinstance(layout, list) and len(layout) in (3, 5) and all(_positive_int(v) for v in layout)):
+            raise ArtifactError(f"{MANIFEST_NAME}: model.kv_layout must be [layers, heads, head_dim] or [layers, "
+                                f"key heads, key dim, value heads, value dim], got {layout!r}")
         for key in ("vocab_size", "max_positions"):
             if key in info and not _positive_int(info[key]):
                 raise ArtifactError(f"{MANIFEST_NAME}: model.{key} must be a positive integer, got {info[key]!r}")
@@ -311,13 +320,22 @@ def _check_model_fields(m: Manifest) -> None:
                                 f"the logits output {None if logits is None else logits.shape}")
 
 
+def kv_shapes(layout) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """(layers, (key heads, key dim), (value heads, value dim)) from a causal LM's kv_layout:
+    [layers, heads, head_dim] when keys and values have one shape, else the five numbers
+    (DeepSeek's latent attention caches a latent and a rope key of different sizes)."""
+    layers, *rest = layout
+    return (layers, tuple(rest[:2]), tuple(rest[:2])) if len(rest) == 2 else (layers, tuple(rest[:2]), tuple(rest[2:]))
+
+
 def _check_program(m: Manifest) -> None:
     """Every step reads only values that exist by then, and the declared outputs get made."""
     available = {t.name for t in m.inputs}
     if m.kind == "causal_lm":
-        layers, heads, head_dim = m.model["kv_layout"]
-        kv_inputs = [t for t in m.inputs if t.name.startswith("past_keys_") or t.name.startswith("past_values_")]
-        if len(m.inputs) != 3 + 2 * layers or any(t.shape[1::2] != [heads, head_dim] for t in kv_inputs):
+        layers, key_shape, value_shape = kv_shapes(m.model["kv_layout"])
+        kv_inputs = [(t, key_shape if t.name.startswith("past_keys_") else value_shape) for t in m.inputs
+                     if t.name.startswith("past_keys_") or t.name.startswith("past_values_")]
+        if len(m.inputs) != 3 + 2 * layers or any(t.shape[1::2] != list(shape) for t, shape in kv_inputs):
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_layout {m.model['kv_layout']} does not match the "
                                 f"{len(m.inputs)} declared inputs")
         needed_in = {"tokens", "positions", "past_positions"} | {f"past_{kv}_{i}" for kv in ("keys", "values")

@@ -63,10 +63,12 @@ def targets():
 @click.option("--dense-fallback", is_flag=True, help="add a mean expert per layer for `run --fallback dense`")
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
               help="Ed25519 private key (from `moetvm keygen`) to sign the artifact with")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x16",
+              help="ONNX models: fixed shape for an input with symbolic dimensions (repeatable)")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budget, calibration, routing, tile,
-                cycle_dwell, mask_below, tuning_db, dense_fallback, sign_key, quiet):
-    """Compile MODEL ('reference' or a checkpoint path) into an artifact directory."""
+                cycle_dwell, mask_below, tuning_db, dense_fallback, sign_key, input_shapes, quiet):
+    """Compile MODEL ('reference', a checkpoint path or an ONNX file, *.onnx) into an artifact directory."""
     import moetvm.compiler  # noqa: F401 - first: it prepares TVM's CUDA build before TVM loads
     from moetvm.targets import TargetError, get_target
 
@@ -75,28 +77,47 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budg
         deploy_target.check_toolchain()
     except TargetError as e:
         _fail(str(e))
-    from moetvm.compiler import compile_model
-    from moetvm.compiler.models import load_model_source
-
-    try:
-        torch_model = load_model_source(model)
-    except FileNotFoundError as e:
-        _fail(str(e))
     from moetvm.compiler.quant import QuantizationError
 
-    tokens = None
-    if quant == "auto" or calibration or model == "reference":  # the shipped model profiles on its own text
-        from moetvm.compiler.models import calibration_windows
+    if model.endswith(".onnx"):
+        from moetvm.compiler.onnx_frontend import compile_onnx
 
-        tokens = calibration_windows(calibration)
-    try:
-        path = compile_model(torch_model, target=deploy_target, out=out, name=model, source=model, progress=not quiet,
-                             quant=quant, group_size=group_size, router_quant=router_quant,
-                             weight_budget=weight_budget, calibration=tokens, routing=routing, tile=tile,
-                             cycle_dwell=cycle_dwell, mask_below=mask_below, tuning_db=tuning_db,
-                             dense_fallback=dense_fallback)
-    except (QuantizationError, ValueError) as e:
-        _fail(str(e))
+        if calibration or mask_below is not None:
+            _fail("--calibration and --mask-below run the PyTorch model; not available for an ONNX model")
+        try:
+            shapes = {name: [int(d) for d in dims.split("x")]
+                      for name, _, dims in (s.partition("=") for s in input_shapes)}
+        except ValueError:
+            _fail(f"--input-shape takes NAME=1x16, got {list(input_shapes)}")
+        try:
+            path = compile_onnx(model, deploy_target, out, input_shapes=shapes, quant=quant, group_size=group_size,
+                                router_quant=router_quant, routing=routing, tile=tile, cycle_dwell=cycle_dwell,
+                                tuning_db=tuning_db, dense_fallback=dense_fallback, progress=not quiet)
+        except (QuantizationError, ValueError) as e:
+            _fail(str(e))
+    else:
+        if input_shapes:
+            _fail("--input-shape applies to ONNX models only")
+        from moetvm.compiler import compile_model
+        from moetvm.compiler.models import load_model_source
+
+        try:
+            torch_model = load_model_source(model)
+        except FileNotFoundError as e:
+            _fail(str(e))
+        tokens = None
+        if quant == "auto" or calibration or model == "reference":  # the shipped model profiles on its own text
+            from moetvm.compiler.models import calibration_windows
+
+            tokens = calibration_windows(calibration)
+        try:
+            path = compile_model(torch_model, target=deploy_target, out=out, name=model, source=model,
+                                 progress=not quiet, quant=quant, group_size=group_size, router_quant=router_quant,
+                                 weight_budget=weight_budget, calibration=tokens, routing=routing, tile=tile,
+                                 cycle_dwell=cycle_dwell, mask_below=mask_below, tuning_db=tuning_db,
+                                 dense_fallback=dense_fallback)
+        except (QuantizationError, ValueError) as e:
+            _fail(str(e))
     from moetvm.artifact import read_manifest
 
     if sign_key:
@@ -139,6 +160,38 @@ def tune(model, target, trials, db, tracker, key, quant, group_size, parts):
     except (TargetError, TuningError, FileNotFoundError) as e:
         _fail(str(e))
     click.echo(str(report))
+
+
+@main.command("export-onnx")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--model", "source", default="reference", show_default=True, help="'reference' or a checkpoint path")
+@click.option("--shape", default="1x16", show_default=True, help="token ids BATCHxSEQ the graphs are exported at")
+@click.option("--tolerance", default=1e-4, show_default=True, help="max relative error of a part (ORT vs PyTorch)")
+def export_onnx(directory, source, shape, tolerance):
+    """Write every part of MODEL as ONNX files into DIRECTORY (dense segments, routers, one expert
+    per workload, and the whole model as model.onnx) with an index, parts.json; run each in ONNX
+    Runtime on random inputs against PyTorch. Exit 1 above tolerance."""
+    from moetvm.compiler.models import load_model_source
+    from moetvm.compiler.onnx_frontend import export_parts
+    from moetvm.compiler.spec import UnsupportedModelError
+
+    try:
+        batch, seq = (int(d) for d in shape.split("x"))
+    except ValueError:
+        _fail(f"--shape takes BATCHxSEQ, got {shape!r}")
+    try:
+        rows = export_parts(load_model_source(source), directory, (batch, seq), source=source)
+    except (FileNotFoundError, UnsupportedModelError) as e:
+        _fail(str(e))
+    describe = lambda specs: ", ".join(f"{t['name']}{t['shape']}" for t in specs)  # noqa: E731
+    click.echo(f"{'part':24s} {'file':30s} {'max rel error':>13s}  inputs")
+    for r in rows:
+        error = "n/a" if r["max_relative_error"] is None else f"{r['max_relative_error']:.2e}"
+        click.echo(f"{r['part']:24s} {r['file']:30s} {error:>13s}  {describe(r['inputs'])}")
+    worst = max((r["max_relative_error"] or 0.0) for r in rows)
+    click.echo(f"wrote {len(rows)} ONNX files and parts.json to {directory}; worst error {worst:.2e} "
+               f"(tolerance {tolerance:.0e})", err=True)
+    sys.exit(0 if worst <= tolerance else 1)
 
 
 def _load(directory: Path, cache_budget: str, **options):

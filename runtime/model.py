@@ -12,7 +12,7 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from moetvm.artifact import ArtifactError, Expert, Manifest, MoELayer, check_file, read_manifest
+from moetvm.artifact import ArtifactError, Expert, Manifest, MoELayer, check_file, kv_shapes, read_manifest
 
 from .cache import ExpertCache, parse_budget
 from moetvm.routing import FIXED_MODES, FixedPattern, allowed_experts, group_by_expert, route
@@ -319,9 +319,12 @@ class MoEModel:
             setattr(self.timings, what, getattr(self.timings, what) + seconds)
 
     # --- user-facing calls -------------------------------------------------------------------
-    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+    def __call__(self, inputs: np.ndarray | dict[str, np.ndarray]) -> np.ndarray | dict[str, np.ndarray]:
         """Token ids (batch, seq) -> logits (batch, seq, vocab) for an LM; hidden states ->
-        outputs for an MoE block."""
+        outputs for an MoE block; for a graph, an array (one input) or {name: array} at the
+        compiled shapes -> its output array (or {name: array} for several)."""
+        if self.manifest.kind == "graph":
+            return self._run_graph(inputs)
         if self.manifest.kind == "moe_block":
             spec = self.manifest.inputs[0]  # a lone MoE block is per token: any leading dims
             x = _check_array(inputs, spec.dtype, max(np.ndim(inputs), 2), "hidden states")
@@ -331,6 +334,21 @@ class MoEModel:
         tokens = self._check_tokens(inputs)
         logits, _ = self._lm_step(tokens, KVCache.empty(self.manifest, tokens.shape[0]))
         return logits
+
+    def _run_graph(self, inputs) -> np.ndarray | dict[str, np.ndarray]:
+        specs = self.manifest.inputs
+        given = inputs if isinstance(inputs, dict) else {specs[0].name: inputs} if len(specs) == 1 else {}
+        if set(given) != {s.name for s in specs}:
+            raise InputError(f"the graph takes inputs {[s.name for s in specs]}, got {sorted(given)}")
+        checked = {}
+        for spec in specs:
+            array = _check_array(given[spec.name], spec.dtype, len(spec.shape), spec.name)
+            if list(array.shape) != spec.shape:
+                raise InputError(f"{spec.name}: expected shape {spec.shape} (the graph was compiled for fixed "
+                                 f"shapes), got {list(array.shape)}")
+            checked[spec.name] = array
+        out = self.run_program(checked)
+        return out[self.manifest.outputs[0].name] if len(self.manifest.outputs) == 1 else out
 
     def _check_tokens(self, tokens) -> np.ndarray:
         tokens = _check_array(tokens, "int64", 2, "token ids")
@@ -425,9 +443,10 @@ class KVCache:
 
     @staticmethod
     def empty(manifest: Manifest, batch: int) -> "KVCache":
-        layers, heads, head_dim = manifest.model["kv_layout"]
-        z = np.zeros((batch, heads, 0, head_dim), dtype=np.float32)
-        return KVCache([z] * layers, [z] * layers)
+        layers, (key_heads, key_dim), (value_heads, value_dim) = kv_shapes(manifest.model["kv_layout"])
+        keys = np.zeros((batch, key_heads, 0, key_dim), dtype=np.float32)
+        values = np.zeros((batch, value_heads, 0, value_dim), dtype=np.float32)
+        return KVCache([keys] * layers, [values] * layers)
 
 
 def _load_library(root: Path, lib) -> tvm.runtime.Module:

@@ -71,6 +71,13 @@ class MoEBlock(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         _, weights, indices = self.route(x)
+        if torch.compiler.is_exporting():
+            # Export cannot trace the per-expert token gather below (data-dependent sizes): run
+            # every expert on every token, weighted by the routing weights scattered to a dense
+            # (tokens, experts) matrix; unselected experts get weight 0, so the function is the same.
+            dense = x.new_zeros(x.shape[0], len(self.experts)).scatter(1, indices, weights)
+            out = sum(expert(x) * dense[:, e, None] for e, expert in enumerate(self.experts))
+            return out.reshape(shape)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(indices == e)

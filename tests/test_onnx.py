@@ -1,0 +1,126 @@
+"""ONNX as a second front door (`moetvm compile model.onnx`) and per-part export (`moetvm export-onnx`)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from moetvm.artifact import read_manifest
+from moetvm.cli import main
+from moetvm.compiler.onnx_frontend import OnnxModelError, compile_onnx
+from moetvm.runtime import InputError, load_model
+
+from conftest import relative_error
+
+MOETVM = Path(sys.executable).parent / "moetvm"
+
+
+@pytest.fixture(scope="module")
+def reference_onnx(tmp_path_factory, reference_model) -> Path:
+    """The reference model as torch.onnx.export (dynamo) writes it, at token ids (1, 16)."""
+    path = tmp_path_factory.mktemp("onnx") / "reference.onnx"
+    with torch.no_grad():
+        torch.onnx.export(reference_model, (torch.zeros(1, 16, dtype=torch.long),), str(path),
+                          input_names=["tokens"], output_names=["logits"], dynamo=True)
+    return path
+
+
+@pytest.mark.slow
+def test_onnx_export_of_reference_compiles_and_matches_pytorch(tmp_path, reference_onnx, reference_model):
+    out = tmp_path / "artifact"
+    result = CliRunner().invoke(main, ["compile", str(reference_onnx), "--target", "host", "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    assert manifest.kind == "graph"
+    assert len(manifest.workloads) == 1  # 32 experts of one shape: one kernel
+    assert sum(len(layer.experts) for layer in manifest.moe_layers) == 32
+    assert len(list((out / "experts").rglob("*.safetensors"))) == 32
+    assert [s.op for s in manifest.program] == ["segment", "moe"] * 4 + ["segment"]
+
+    model = load_model(out, cache_budget="25%")  # 8 of 32 experts resident
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        tokens = rng.integers(0, 256, (1, 16))
+        with torch.no_grad():
+            theirs = reference_model(torch.from_numpy(tokens)).numpy()
+        assert relative_error(model(tokens), theirs) < 1e-4
+    assert model.stats()["evictions"] > 0
+
+    with pytest.raises(InputError, match=r"\[1, 16\]"):
+        model(np.zeros((1, 17), np.int64))
+    with pytest.raises(InputError, match="int64"):
+        model(np.zeros((1, 16), np.float32))
+
+
+@pytest.mark.slow
+def test_export_onnx_parts_match_pytorch_in_onnxruntime(tmp_path):
+    out = tmp_path / "parts"
+    run = subprocess.run([str(MOETVM), "export-onnx", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    index = json.loads((out / "parts.json").read_text())
+    kinds = [p["kind"] for p in index["parts"]]
+    assert kinds == ["model"] + ["segment"] * 5 + ["router"] * 4 + ["expert"]
+    expert = index["parts"][-1]
+    assert expert["experts"] == 32 and [t["name"] for t in expert["inputs"]] == ["x", "w_gate", "w_up", "w_down"]
+    for part in index["parts"]:
+        assert (out / part["file"]).is_file()
+        onnx.checker.check_model(str(out / part["file"]))
+        assert part["max_relative_error"] < 1e-4, part
+        assert part["part"] in run.stdout
+    # The whole model it writes is what the ONNX front door takes.
+    compile_onnx(out / "model.onnx", "host", tmp_path / "artifact", progress=False)
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def _matmul_graph(weight_name: str, extra: dict[str, np.ndarray] = ()) -> onnx.GraphProto:
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), weight_name)
+    inits = [w] + [numpy_helper.from_array(v, k) for k, v in dict(extra).items()]
+    return helper.make_graph([helper.make_node("MatMul", ["x", weight_name], ["y"])], "g",
+                             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], inits)
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "no_moe", "experts_without_router", "symbolic"])
+def test_bad_onnx_inputs_give_clear_errors(tmp_path, case):
+    if case == "missing":
+        path, expected = tmp_path / "nothing.onnx", "no such ONNX file"
+    elif case == "corrupt":
+        path, expected = tmp_path / "corrupt.onnx", "not a valid ONNX model"
+        path.write_bytes(b"\x08\x07garbage" * 50)
+    elif case == "no_moe":
+        path, expected = _save(_matmul_graph("dense.weight"), tmp_path / "dense.onnx"), "no MoE block recognised"
+    elif case == "experts_without_router":
+        expert = {f"blk.experts.0.{p}.weight": np.ones((4, 4), np.float32) for p in ("w_gate", "w_up", "w_down")}
+        path = _save(_matmul_graph("dense.weight", expert), tmp_path / "half.onnx")
+        expected = "'blk' looks like an MoE block but has no router weight"
+    else:
+        graph = _matmul_graph("dense.weight")
+        graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+        path, expected = _save(graph, tmp_path / "symbolic.onnx"), "--input-shape x=NxN"
+    with pytest.raises(OnnxModelError, match=expected.replace("(", r"\(")):
+        compile_onnx(path, "host", tmp_path / "out", progress=False)
+    result = CliRunner().invoke(main, ["compile", str(path), "-o", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 1 and expected in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_input_shape_fixes_symbolic_dims(tmp_path):
+    graph = _matmul_graph("dense.weight")
+    graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    path = _save(graph, tmp_path / "symbolic.onnx")
+    # The shape is accepted; the graph then fails for the next reason: it has no MoE block.
+    result = CliRunner().invoke(main, ["compile", str(path), "-o", str(tmp_path / "out"), "--input-shape", "x=2x4"])
+    assert result.exit_code == 1 and "no MoE block recognised" in result.output
+    result = CliRunner().invoke(main, ["compile", str(path), "-o", str(tmp_path / "out"), "--input-shape", "x=2"])
+    assert result.exit_code == 1 and "has 2 dimensions" in result.output
