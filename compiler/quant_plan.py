@@ -53,6 +53,7 @@ def calibrate(model: torch.nn.Module, specs: list[MoELayerSpec], tokens: np.ndar
         scores = _softmax(logits) if spec.score_fn == "softmax" else 1 / (1 + np.exp(-logits))
         router = Router(library="", function="", n_experts=spec.n_experts, top_k=spec.top_k, score_fn=spec.score_fn,
                         normalize=spec.normalize, n_groups=spec.n_groups, top_groups=spec.top_groups,
+                        group_score=spec.group_score,
                         scaling=spec.scaling, selection_bias=None if spec.selection_bias is None else list(spec.selection_bias))
         idx, w = select_experts(scores.astype(np.float32), router)
         out.append(LayerCalibration(x, idx, w))

@@ -5,8 +5,9 @@ weights and bias/correction terms, score function, top-k (optionally grouped), r
 routed scaling factor, shared experts with an optional sigmoid gate, and the expert FFN weights.
 That covers Mixtral (softmax, renormalised top-2), Qwen2-MoE (shared expert with its own sigmoid
 gate, no renormalisation), OLMoE (softmax top-8) and DeepSeek-V3 (sigmoid scores, selection bias,
-grouped top-k, routed scaling). Adapters are tried in order; the first that accepts a module
-translates it.
+grouped top-k, routed scaling), and the transformers families that reuse their routers
+(hf_adapters.py). Adapters are tried in order; the first that accepts a module translates it; an
+adapter that recognises a module it cannot express raises UnsupportedModelError.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class MoELayerSpec:
     selection_bias: np.ndarray | None = None
     n_groups: int = 1
     top_groups: int = 1
+    group_score: str = "top2_sum"  # a group's rank: sum of its 2 best scores (DeepSeek-V3) | "max" (V2)
     scaling: float = 1.0
     shared: list[ExpertWeights] = field(default_factory=list)
     shared_gate_weight: np.ndarray | None = None  # (1, d_model): sigmoid gate on the shared expert
@@ -82,10 +84,29 @@ def _reference_block(module: nn.Module, path: str) -> MoELayerSpec | None:
 ADAPTERS: list[Callable[[nn.Module, str], MoELayerSpec | None]] = [_reference_block]
 
 
+def _router_child(module: nn.Module) -> str | None:
+    return next((a for a in ("gate", "router") if isinstance(getattr(module, a, None), (nn.Module, nn.Parameter))), None)
+
+
 def _looks_like_moe(module: nn.Module) -> bool:
-    return any(isinstance(c, nn.ModuleList) and name == "experts" for name, c in module.named_children()) or (
-        hasattr(module, "experts") and any(hasattr(module, a) for a in ("gate", "router"))
-    )
+    """An `experts` child (a ModuleList, or a fused-experts module beside a gate/router)."""
+    experts = getattr(module, "experts", None)
+    if not isinstance(experts, nn.Module):
+        return False
+    return isinstance(experts, nn.ModuleList) or _router_child(module) is not None or any(
+        isinstance(p, nn.Parameter) and p.dim() == 3 for p in experts.parameters(recurse=False))
+
+
+def _why_unsupported(module: nn.Module) -> str:
+    from .hf_adapters import KNOWN_UNSUPPORTED
+
+    name = type(module).__name__
+    if name in KNOWN_UNSUPPORTED:
+        return KNOWN_UNSUPPORTED[name]
+    experts = type(module.experts).__name__
+    router = _router_child(module)
+    return (f"no adapter knows this block class (experts: {experts}, router: "
+            f"{type(getattr(module, router)).__name__ if router else 'none found'})")
 
 
 def find_moe_layers(model: nn.Module) -> list[MoELayerSpec]:
@@ -101,7 +122,13 @@ def find_moe_layers(model: nn.Module) -> list[MoELayerSpec]:
             claimed.append(path)
         elif _looks_like_moe(module):
             raise UnsupportedModelError(
-                f"{type(module).__name__} at {path!r} looks like an MoE block (it has experts) but "
-                f"no adapter understands it; supported blocks: the reference MoEBlock"
+                f"{type(module).__name__} at {path!r} looks like an MoE block but is not supported: "
+                f"{_why_unsupported(module)}. Supported: the reference MoEBlock and the transformers "
+                f"blocks listed in moetvm.compiler.hf_adapters.FAMILIES"
             )
     return specs
+
+
+from .hf_adapters import hf_block  # noqa: E402 - hf_adapters builds on the classes above
+
+ADAPTERS.append(hf_block)

@@ -205,7 +205,9 @@ def _load(directory: Path, cache_budget: str, **options):
 
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--prompt", default="def ", show_default=True)
+@click.option("--prompt", default="def ", show_default=True, help="text, as bytes (the reference model's tokens)")
+@click.option("--token-ids", default=None,
+              help="the prompt as comma-separated token ids instead (models with their own tokenizer, e.g. transformers)")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--cache-budget", default="25%", show_default=True, help="bytes, size (64MB) or percent of all experts")
 @click.option("--prefetch/--no-prefetch", default=False, show_default=True,
@@ -217,23 +219,29 @@ def _load(directory: Path, cache_budget: str, **options):
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path),
               help="Ed25519 public key; the artifact must be signed by one of these (repeatable)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
-def run(directory, prompt, max_new_tokens, cache_budget, prefetch, preload, storage_mbps, fallback, trusted_keys, as_json):
-    """Generate text from a compiled LM artifact and report cache and latency stats."""
+def run(directory, prompt, token_ids, max_new_tokens, cache_budget, prefetch, preload, storage_mbps, fallback,
+        trusted_keys, as_json):
+    """Generate from a compiled LM artifact (greedy) and report cache and latency stats."""
     from moetvm.runtime import InputError
 
+    try:
+        prompt_ids = [int(t) for t in token_ids.split(",")] if token_ids else _encode(prompt)
+    except ValueError:
+        _fail(f"--token-ids: expected comma-separated integers, got {token_ids!r}")
     model = _load(directory, cache_budget, prefetch=prefetch, preload=preload, storage_mbps=storage_mbps,
                   fallback=fallback, trusted_keys=list(trusted_keys) or None)
     if model.manifest.kind != "causal_lm":
         _fail(f"{directory}: `run` needs a causal LM artifact, this one is a {model.manifest.kind}")
     try:
-        new = model.generate(_encode(prompt), max_new_tokens)
+        new = model.generate(prompt_ids, max_new_tokens)
     except (InputError, ArtifactError) as e:
         _fail(str(e))
-    report = {"text": _decode(new), "prompt": prompt, **model.stats()}
+    shown = (token_ids, ",".join(map(str, new))) if token_ids else (prompt, _decode(new))
+    report = {"text": shown[1], "prompt": shown[0], "new_ids": new, **model.stats()}
     if as_json:
         click.echo(json.dumps(report))
         return
-    click.echo(prompt + report["text"])
+    click.echo(shown[0] + (" -> " if token_ids else "") + shown[1])
     click.echo("-" * 60)
     lat = report["latency_ms"]
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731

@@ -93,8 +93,11 @@ def select_experts(scores: np.ndarray, router: Router) -> tuple[np.ndarray, np.n
     if router.n_groups > 1:
         tokens, n = choice.shape
         grouped = choice.reshape(tokens, router.n_groups, n // router.n_groups)
-        # A group's score is the sum of its two best experts (DeepSeek-V3's rule).
-        group_score = np.sort(grouped, axis=-1)[..., -2:].sum(-1)
+        # A group's score: the sum of its two best experts (DeepSeek-V3) or its best one (DeepSeek-V2).
+        if router.group_score == "max":
+            group_score = grouped.max(-1)
+        else:
+            group_score = np.sort(grouped, axis=-1)[..., -2:].sum(-1)
         keep = np.argsort(-group_score, axis=-1, kind="stable")[:, : router.top_groups]
         mask = np.zeros_like(group_score, dtype=bool)
         np.put_along_axis(mask, keep, True, axis=-1)

@@ -1,6 +1,8 @@
 """Whole Hugging Face transformers MoE models through the compiler and the runtime: the dense
 parts traced, every MoE block read by its adapter, experts evicted under a small cache budget."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -104,9 +106,10 @@ def test_cli_compiles_a_local_transformers_directory(tmp_path):
     with torch.no_grad():
         theirs = model(torch.from_numpy(tokens)).logits.numpy()
     assert relative_error(load_model(tmp_path / "art", cache_budget="30%")(tokens), theirs) < 1e-4
-    ran = subprocess.run([*cli, "run", tmp_path / "art", "--prompt", "abc", "--max-new-tokens", "4", "--json"],
+    ran = subprocess.run([*cli, "run", tmp_path / "art", "--token-ids", "5,17,99", "--max-new-tokens", "6", "--json"],
                          capture_output=True, text=True, timeout=600)
     assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout)["new_ids"] == _greedy(model, torch.tensor([[5, 17, 99]]), 6)
 
     missing = subprocess.run([*cli, "compile", f"hf:{tmp_path / 'nowhere'}", "-o", tmp_path / "x"],
                              capture_output=True, text=True, timeout=600)
