@@ -40,7 +40,7 @@ class HFCausalLM(nn.Module):
         self.config = config
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._kv_layout = self._probe_kv_layout()
-        self.window = _sliding_window(config)
+        self.window, self.mixed_attention = _sliding_window(config)
         self.cfg = SimpleNamespace(vocab_size=config.vocab_size, d_model=config.hidden_size,
                                    max_positions=getattr(config, "max_position_embeddings", None))
 
@@ -83,11 +83,14 @@ class HFCausalLM(nn.Module):
             cache.layers.append(layer)
 
         key_positions = torch.cat([past_positions, positions], dim=1)
-        visible = key_positions[:, None, :] <= positions[:, :, None]
+        causal = key_positions[:, None, :] <= positions[:, :, None]
+        additive = lambda visible: torch.zeros(visible.shape, dtype=self.hf.dtype).masked_fill(  # noqa: E731
+            ~visible, torch.finfo(self.hf.dtype).min)[:, None]
+        mask = additive(causal)
         if self.window is not None:
-            visible = visible & (key_positions[:, None, :] > positions[:, :, None] - self.window)
-        dtype = self.hf.dtype
-        mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)[:, None]
+            windowed = additive(causal & (key_positions[:, None, :] > positions[:, :, None] - self.window))
+            # Models mixing layer kinds take one mask per kind (transformers' causal_mask_mapping).
+            mask = {"full_attention": mask, "sliding_attention": windowed} if self.mixed_attention else windowed
         out = self.hf(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
                       **{self._cache_kwarg: cache})
         return out.logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
@@ -106,18 +109,15 @@ class HFCausalLM(nn.Module):
         return self.step(tokens, positions, positions[:, :0], keys, values)[0]
 
 
-def _sliding_window(config) -> int | None:
-    """The attention window if every layer uses one (the step's one mask serves all layers)."""
+def _sliding_window(config) -> tuple[int | None, bool]:
+    """(attention window or None, whether layers mix windowed and full attention)."""
     window = getattr(config, "sliding_window", None)
     if not window or getattr(config, "use_sliding_window", True) is False:
-        return None
+        return None, False
     types = set(getattr(config, "layer_types", None) or ["sliding_attention"])
-    if types == {"sliding_attention"}:
-        return int(window)
-    if "sliding_attention" in types:
-        raise ValueError(f"{config.model_type}: layers mix sliding-window and full attention ({sorted(types)}); "
-                         f"not supported yet")
-    return None
+    if "sliding_attention" not in types:
+        return None, False
+    return int(window), types != {"sliding_attention"}
 
 
 def load_hf(path: str | Path) -> HFCausalLM:

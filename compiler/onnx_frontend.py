@@ -1,12 +1,18 @@
 """ONNX front door (`compile_onnx`) and per-part ONNX export (`export_parts`).
 
-Import: an ONNX MoE model as `torch.onnx.export(..., dynamo=True)` writes it. Its MoE blocks are
-recognised structurally: initializers `<prefix>.router.weight` and
-`<prefix>.experts.<e>.{w_gate,w_up,w_down}.weight`, and the nodes the exporter records under the
-module scope `<prefix>` (node metadata `pkg.torch.onnx.name_scopes`) are the block. Each block is
-read into an `MoELayerSpec` and replaced by an MoE step; the rest of the graph is cut between the
-blocks into segment graphs, each imported with TVM's Relax ONNX frontend at the fixed shapes of
-the file. The artifact (kind "graph") then runs with the same expert cache as a torch.export one.
+Import: an ONNX MoE model as `torch.onnx.export(..., dynamo=True)` writes it, of the reference
+model or a transformers family (Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V3 and their copies). MoE
+blocks are recognised from the module scopes the exporter records on every node (metadata
+`pkg.torch.onnx.name_scopes`): a module `<prefix>` with an `experts` child and a `router`/`gate`
+child is a block, and all nodes under `<prefix>` are its graph. Its parts are read by their scopes,
+not by initializer names (the exporter's optimiser folds and renames parameters): router and
+shared-expert Linears, experts as per-expert Linears (`experts.<e>.w_gate`, ...) or as the fused 3-D
+tensors transformers keeps (`gate_up_proj` (E, 2I, H), `down_proj` (E, H, I), gathered per token
+in the captured form). Top-k, score function, renormalisation, routed scaling, selection bias and
+grouped choice are read from the block's ops. Each block becomes an MoELayerSpec and an MoE step
+(the captured expert computation is dropped); the rest of the graph is cut between the blocks into
+segment graphs, each imported with TVM's Relax ONNX frontend at the fixed shapes of the file. The
+artifact (kind "graph") then runs with the same expert cache as a torch.export one.
 
 Export: every part the runtime runs as its own ONNX file (dense segments, routers, one expert per
 workload with its weights as inputs) plus the whole model, each checked in ONNX Runtime against
@@ -41,8 +47,15 @@ from moetvm.targets import DeployTarget, get_target
 from . import quant as quantization
 from .spec import ExpertWeights, MoELayerSpec, UnsupportedModelError
 
-_ROUTER = re.compile(r"^(?P<prefix>.+)\.router\.weight$")
-_EXPERT = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<index>\d+)\.(?P<proj>w_gate|w_up|w_down)\.weight$")
+# Module names inside an MoE block, as the exporter's scopes record them: the reference model's
+# and transformers' alike.
+_ROUTERS = ("router", "gate")
+_SHARED = ("shared_expert", "shared_experts")  # gate_proj/up_proj/down_proj MLPs
+_SHARED_GATES = ("shared_expert_gate",)  # Linear(hidden, 1) whose sigmoid scales the shared expert
+_PROJECTIONS = (("w_gate", "w_up", "w_down"), ("gate_proj", "up_proj", "down_proj"))  # per-expert Linears
+_EXPERTS_SCOPE = re.compile(r"^(?P<prefix>.+)\.experts(\.\d+)?$")
+_EXPERT_WEIGHT = re.compile(r"^(?P<prefix>.+)\.experts\.\d+\.\w+\.weight$")
+_PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity"}
 _SCOPES = "pkg.torch.onnx.name_scopes"  # module path of every node, recorded by torch.onnx's dynamo exporter
 MARKER_DOMAIN, MARKER_OP = "moetvm", "MoELayer"
 
@@ -149,78 +162,272 @@ def _boundary(graph: onnx.GraphProto, nodes: set[int], constants: set[str], what
     return inputs[0], outputs[0]
 
 
+class _GraphIndex:
+    """Producers, consumers, constants and module scopes of a graph's nodes."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.constants = _constants(graph)
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self._consumers: dict[str, list[onnx.NodeProto]] = {}
+        self.scoped: dict[str, list[int]] = {}  # module scope -> nodes recorded under it (or below)
+        for i, n in enumerate(graph.node):
+            for t in n.input:
+                self._consumers.setdefault(t, []).append(n)
+            for s in _scopes(n):
+                self.scoped.setdefault(s, []).append(i)
+
+    def consumers(self, name: str) -> list[onnx.NodeProto]:
+        return self._consumers.get(name, [])
+
+    def array(self, name: str) -> np.ndarray | None:
+        """An initializer's value (None for anything else)."""
+        t = self.initializers.get(name)
+        return None if t is None else numpy_helper.to_array(t)
+
+    def scalar(self, name: str) -> float | None:
+        value = self.array(name)
+        return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+
+    def forward(self, name: str) -> str:
+        """Follow a tensor through the value-preserving ops the exporter puts around everything."""
+        while len(users := self.consumers(name)) == 1 and users[0].op_type in _PASS_THROUGH and users[0].input[0] == name:
+            name = users[0].output[0]
+        return name
+
+    def source(self, name: str) -> str:
+        """The tensor `name` is a reshaped or cast copy of."""
+        while (n := self.producer.get(name)) is not None and n.op_type in _PASS_THROUGH:
+            name = n.input[0]
+        return name
+
+
 def find_moe_blocks(model: onnx.ModelProto) -> list[_Block]:
-    """Every MoE block of a torch.onnx (dynamo) export, in graph order, with its spec."""
+    """Every MoE block of a torch.onnx (dynamo) export, in graph order, with its spec.
+
+    A block is the module scope `<prefix>` that holds an `experts` scope and a router scope
+    (`router` or `gate`); its parts are read from the nodes recorded under their scopes (the
+    exporter's optimiser renames and folds initializers, so names alone do not find them)."""
     graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    routers = {m["prefix"] for name in initializers if (m := _ROUTER.match(name))}
-    experts: dict[str, dict[int, dict[str, str]]] = {}
-    for name in initializers:
-        if m := _EXPERT.match(name):
-            experts.setdefault(m["prefix"], {}).setdefault(int(m["index"]), {})[m["proj"]] = name
-    for prefix in sorted(set(experts) ^ routers):
-        raise OnnxModelError(f"{prefix!r} looks like an MoE block but has "
-                             f"{'no router weight' if prefix in experts else 'no experts'}; supported: "
-                             f"'<block>.router.weight' with '<block>.experts.<e>.w_gate/w_up/w_down.weight'")
-    constants = _constants(graph)
+    ix = _GraphIndex(graph)
+    prefixes = {m["prefix"] for s in ix.scoped if (m := _EXPERTS_SCOPE.match(s))}
+    named = {m["prefix"] for name in ix.initializers if (m := _EXPERT_WEIGHT.match(name))}
+    for prefix in sorted(named - prefixes):  # names of an MoE block but no scopes: not a dynamo export
+        if not any(f"{prefix}.{r}.weight" in ix.initializers for r in _ROUTERS):
+            raise OnnxModelError(f"{prefix!r} looks like an MoE block but has no router weight; supported: "
+                                 f"'<block>.router.weight' with '<block>.experts.<e>.w_gate/w_up/w_down.weight'")
+        raise OnnxModelError(f"MoE block {prefix!r}: no node records its module scope; export the model "
+                             f"with torch.onnx.export(..., dynamo=True), which records scopes")
     blocks = []
-    for prefix in routers:
-        nodes = {i for i, n in enumerate(graph.node) if prefix in _scopes(n)}
-        if not nodes:
-            raise OnnxModelError(f"MoE block {prefix!r}: no node records its module scope; export the model "
-                                 f"with torch.onnx.export(..., dynamo=True), which records scopes")
-        x, y = _boundary(graph, nodes, constants, f"MoE block {prefix!r}")
-        blocks.append(_Block(layer=-1, input=x, output=y, nodes=nodes,
-                             spec=_block_spec(graph, prefix, nodes, initializers, experts[prefix])))
+    for prefix in prefixes:
+        if not any(f"{prefix}.{r}" in ix.scoped for r in _ROUTERS):
+            raise OnnxModelError(f"{prefix!r} looks like an MoE block (it has experts) but has no router "
+                                 f"module ({' or '.join(_ROUTERS)}) recorded in its scope")
+        nodes = _absorb_unscoped(graph, set(ix.scoped[prefix]), ix.constants)
+        x, y = _boundary(graph, nodes, ix.constants, f"MoE block {prefix!r}")
+        blocks.append(_Block(layer=-1, input=x, output=y, nodes=nodes, spec=_block_spec(ix, prefix, nodes)))
     blocks.sort(key=lambda b: min(b.nodes))
     for i, b in enumerate(blocks):
         b.layer = i
     return blocks
 
 
-def _block_spec(graph, prefix: str, nodes: set[int], initializers: dict, expert_names: dict) -> MoELayerSpec:
-    block_nodes = [graph.node[i] for i in sorted(nodes)]
-    consumers = lambda name: [n for n in block_nodes if name in n.input]  # noqa: E731
+def _absorb_unscoped(graph: onnx.GraphProto, nodes: set[int], constants: set[str]) -> set[int]:
+    """Nodes the exporter's optimiser makes (e.g. the Split of a `chunk`) carry no scope; one fed
+    only by the block belongs to it."""
+    produced = {o for i in nodes for o in graph.node[i].output}
+    for i, n in enumerate(graph.node):  # topological order: a chain of them joins in one pass
+        if i in nodes or _scopes(n):
+            continue
+        inputs = [t for t in n.input if t and t not in constants]
+        if inputs and all(t in produced for t in inputs):
+            nodes.add(i)
+            produced.update(n.output)
+    return nodes
 
-    def weight(name: str) -> np.ndarray:
-        """(out, in) as in torch.nn.Linear, whichever way the graph stores it."""
-        w = numpy_helper.to_array(initializers[name]).astype(np.float32)
-        uses = consumers(name)
-        if len(uses) == 1 and uses[0].op_type == "Gemm" and uses[0].input[1] == name:
-            trans_b = next((a.i for a in uses[0].attribute if a.name == "transB"), 0)
-            return w if trans_b else w.T.copy()
-        if len(uses) == 1 and uses[0].op_type == "MatMul" and uses[0].input[1] == name:
-            return w.T.copy()
-        if len(uses) == 1 and uses[0].op_type == "Transpose":
-            return w
-        raise OnnxModelError(f"{name}: used as {[n.op_type for n in uses]}, not as a linear layer's weight")
 
-    router_name = f"{prefix}.router.weight"
-    (router_node,) = consumers(router_name) or [None]
-    if router_node is None:
-        raise OnnxModelError(f"MoE block {prefix!r}: the router weight is not used inside the block")
-    bias = None
-    if router_node.op_type == "Gemm" and len(router_node.input) > 2 and router_node.input[2]:
-        bias = numpy_helper.to_array(initializers[router_node.input[2]]).astype(np.float32)
-    scores = [n.op_type for n in consumers(router_node.output[0])]
-    if scores not in (["Softmax"], ["Sigmoid"]):
-        raise OnnxModelError(f"MoE block {prefix!r}: router scores go to {scores}, expected Softmax or Sigmoid")
-    top = [n for n in block_nodes if n.op_type == "TopK"]
-    if len(top) != 1 or top[0].input[1] not in initializers:
-        raise OnnxModelError(f"MoE block {prefix!r}: expected one TopK with a constant k, found {len(top)}")
-    top_k = int(numpy_helper.to_array(initializers[top[0].input[1]]).reshape(-1)[0])
-    normalize = any(n.op_type == "ReduceSum" for n in consumers(top[0].output[0]))
-    expert_list = []
-    for e in range(len(expert_names)):
-        names = expert_names.get(e, {})
-        if set(names) != {"w_gate", "w_up", "w_down"}:
-            raise OnnxModelError(f"MoE block {prefix!r}: expert {e} is missing {sorted({'w_gate', 'w_up', 'w_down'} - set(names))}")
-        expert_list.append(ExpertWeights(*(weight(names[p]) for p in ("w_gate", "w_up", "w_down"))))
-    spec = MoELayerSpec(path=prefix, router_weight=weight(router_name), top_k=top_k, experts=expert_list,
-                        score_fn=scores[0].lower(), normalize=normalize, router_bias=bias)
-    if spec.n_experts != len(expert_list) or not 0 < top_k <= spec.n_experts:
-        raise OnnxModelError(f"MoE block {prefix!r}: router over {spec.n_experts} experts, {len(expert_list)} "
-                             f"expert weights, top-{top_k}")
+def _linear(ix: _GraphIndex, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(weight (out, in) as in torch.nn.Linear, bias) of a Gemm/MatMul with a constant weight."""
+    if node.op_type not in ("Gemm", "MatMul") or len(node.input) < 2:
+        return None
+    name, transposed = node.input[1], node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+    if (t := ix.producer.get(name)) is not None and t.op_type == "Transpose":  # an unfolded W.T
+        name, transposed = t.input[0], not transposed
+    w = ix.array(name)
+    if w is None or w.ndim != 2 or (node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute)):
+        return None
+    bias = ix.array(node.input[2]) if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+    if bias is None:  # MatMul + Add of a constant vector
+        users = ix.consumers(node.output[0])
+        if len(users) == 1 and users[0].op_type == "Add":
+            other = ix.array(next(t for t in users[0].input if t != node.output[0]))
+            bias = other if other is not None and other.ndim == 1 else None
+    w = w.astype(np.float32)
+    return (w if transposed else w.T.copy()), (None if bias is None else bias.astype(np.float32))
+
+
+def _one_linear(ix: _GraphIndex, scope: str, what: str) -> tuple[onnx.NodeProto, np.ndarray, np.ndarray | None]:
+    found = [(n, *lin) for i in ix.scoped.get(scope, []) if (lin := _linear(ix, n := ix.graph.node[i]))]
+    if len(found) != 1:
+        raise OnnxModelError(f"{what}: expected one linear layer with a constant weight under {scope!r}, found {len(found)}")
+    return found[0]
+
+
+def _check_swiglu(ix: _GraphIndex, gate: str, up: str, down_input: str, what: str) -> None:
+    """down(silu(gate) * up): SiLU as the exporter writes it, x * Sigmoid(x)."""
+    sig = [n.output[0] for n in ix.consumers(gate) if n.op_type == "Sigmoid"]
+    silu = [n.output[0] for n in ix.consumers(gate) if n.op_type == "Mul" and set(n.input) & set(sig)]
+    product = [n.output[0] for s in silu for n in ix.consumers(s) if n.op_type == "Mul" and up in n.input]
+    if product != [ix.source(down_input)]:
+        raise OnnxModelError(f"{what}: not a SwiGLU FFN (down(silu(gate) * up)); other activations are not supported")
+
+
+def _mlp(ix: _GraphIndex, scope: str, names: tuple[str, str, str], what: str) -> ExpertWeights:
+    """A gated MLP of three bias-free linear layers named `names` under `scope`."""
+    parts = [_one_linear(ix, f"{scope}.{p}", what) for p in names]
+    if any(bias is not None for _, _, bias in parts):
+        raise OnnxModelError(f"{what}: an expert projection has a bias (the expert kernels have none)")
+    (gate, w_gate, _), (up, w_up, _), (down, w_down, _) = parts
+    _check_swiglu(ix, gate.output[0], up.output[0], down.input[0], what)
+    return ExpertWeights(w_gate, w_up, w_down)
+
+
+def _fused_experts(ix: _GraphIndex, scope: str, n_experts: int, what: str) -> list[ExpertWeights]:
+    """Experts stored as two 3-D tensors (transformers' gate_up_proj and down_proj), each row of
+    which the captured graph gathers per token: the first gathered is gate_up, the second down."""
+    gathered = []
+    for i in ix.scoped.get(scope, []):
+        n = ix.graph.node[i]
+        w = ix.array(n.input[0]) if n.op_type in ("Gather", "GatherND") else None
+        if w is None or w.ndim != 3:
+            continue
+        (mm,) = [u for u in ix.consumers(n.output[0]) if u.op_type == "MatMul"] or [None]
+        if mm is None:
+            raise OnnxModelError(f"{what}: gathered expert weights {n.input[0]!r} do not feed a matrix product")
+        # bmm(weight, x) stores (E, out, in) as PyTorch; bmm(x, weight) stores (E, in, out).
+        first = mm.input[0] == n.output[0]
+        gathered.append((w if first else w.transpose(0, 2, 1), mm, mm.input[1 if first else 0]))
+    if len(gathered) != 2:
+        raise OnnxModelError(f"{what}: expected two gathered 3-D expert tensors (gate_up, down) under "
+                             f"{scope!r}, found {len(gathered)}")
+    (gate_up, up_mm, _), (down, _, down_input) = gathered
+    d_ff = gate_up.shape[1] // 2
+    if gate_up.shape[0] != n_experts or down.shape != (n_experts, gate_up.shape[2], d_ff) or gate_up.shape[1] != 2 * d_ff:
+        raise OnnxModelError(f"{what}: expert tensors {gate_up.shape} and {down.shape} are not gate_up (E, 2I, H) "
+                             f"and down (E, H, I) for {n_experts} experts")
+    # The default gate function chunks gate_up's output in two: gate rows first, then up rows.
+    (split,) = [u for u in ix.consumers(ix.forward(up_mm.output[0])) if u.op_type == "Split"] or [None]
+    sizes = ix.array(split.input[1]) if split is not None and len(split.input) > 1 and split.input[1] else None
+    if split is None or len(split.output) != 2 or (sizes is None and len(split.input) > 1 and split.input[1]) \
+            or (sizes is not None and sizes[0] != sizes[1]):
+        raise OnnxModelError(f"{what}: the gate_up product is not split into equal gate and up halves")
+    _check_swiglu(ix, split.output[0], split.output[1], down_input, what)
+    gate_up, down = gate_up.astype(np.float32), down.astype(np.float32)
+    return [ExpertWeights(gate_up[e, :d_ff].copy(), gate_up[e, d_ff:].copy(), down[e].copy()) for e in range(n_experts)]
+
+
+def _routing_weights(ix: _GraphIndex, values: str, nodes: set[int]) -> tuple[bool, float]:
+    """(renormalised, routed scaling) of the top-k scores on their way to weighting the experts:
+    a Div by their ReduceSum, a Mul by a constant."""
+    inside = {o for i in nodes for o in ix.graph.node[i].output}
+    normalize, scaling = False, 1.0
+    while True:
+        values = ix.forward(values)
+        users = [n for n in ix.consumers(values) if n.output[0] in inside]
+        ops = sorted(n.op_type for n in users)
+        div, total = (next((n for n in users if n.op_type == op), None) for op in ("Div", "ReduceSum"))
+        if ops == ["Div", "ReduceSum"] and list(div.input) == [values, total.output[0]]:
+            normalize, values = True, div.output[0]
+        elif ops == ["Mul"] and (c := next((ix.scalar(t) for t in users[0].input if t != values), None)) is not None:
+            scaling, values = scaling * c, users[0].output[0]
+        else:
+            return normalize, scaling
+
+
+def _routing(ix: _GraphIndex, scores_node: onnx.NodeProto, nodes: set[int], n_experts: int, what: str) -> dict:
+    """MoELayerSpec's routing fields, read from the block's ops: the last TopK picks the experts
+    (its k is top_k) from the scores, plus a constant selection bias (Add) and, before it, the
+    group choice (DeepSeek-V3: TopK 2 per group, ReduceSum, TopK of the groups, Where-masking)."""
+    scores = ix.forward(scores_node.output[0])
+    tops = [ix.graph.node[i] for i in sorted(nodes) if ix.graph.node[i].op_type == "TopK"]
+    if not tops or any(ix.scalar(t.input[1]) is None for t in tops):
+        raise OnnxModelError(f"{what}: expected a TopK with a constant k, found {len(tops)} TopK nodes")
+    final, k = tops[-1], lambda top: int(ix.scalar(top.input[1]))  # noqa: E731
+    picked_from = ix.source(final.input[0])
+    grouped = ix.producer.get(picked_from)
+    n_groups, top_groups = 1, 1
+    if grouped is not None and grouped.op_type == "Where":  # experts outside the chosen groups masked out
+        picked_from = ix.source(grouped.input[2])
+        if len(tops) != 3:
+            raise OnnxModelError(f"{what}: masked expert choice without the group TopKs it needs ({len(tops)} TopK)")
+        per_group, of_groups = tops[0], tops[1]
+        reshape = ix.producer.get(per_group.input[0])  # (tokens, experts) -> (tokens, groups, experts per group)
+        shape = ix.array(reshape.input[1]) if reshape is not None and reshape.op_type == "Reshape" else None
+        sums = [n.output[0] for n in ix.consumers(per_group.output[0]) if n.op_type == "ReduceSum"]
+        if (shape is None or ix.source(per_group.input[0]) != picked_from or k(per_group) != 2
+                or [ix.forward(t) for t in sums] != [of_groups.input[0]] or shape[-2] * shape[-1] != n_experts):
+            raise OnnxModelError(f"{what}: grouped expert choice is not a top-2-sum group rank over reshaped scores")
+        n_groups, top_groups = int(shape[-2]), k(of_groups)
+    elif len(tops) != 1:
+        raise OnnxModelError(f"{what}: {len(tops)} TopK nodes but no grouped choice this importer understands")
+    selection_bias = None
+    if picked_from != scores:
+        add = ix.producer.get(picked_from)
+        bias = None if add is None or add.op_type != "Add" else ix.array(next((t for t in add.input if t != scores), ""))
+        if bias is None or scores not in add.input or bias.shape != (n_experts,):
+            raise OnnxModelError(f"{what}: TopK does not select from the router's scores (or scores plus a bias)")
+        selection_bias = bias.astype(np.float32)
+    # The weights: the top-k values, or (with a selection bias) the unbiased scores gathered at the picks.
+    gathered = [n for n in ix.consumers(final.output[1]) if n.op_type == "GatherElements" and ix.source(n.input[0]) == scores]
+    if selection_bias is not None and len(gathered) != 1:
+        raise OnnxModelError(f"{what}: with a selection bias, expected the weights gathered from the unbiased scores")
+    normalize, scaling = _routing_weights(ix, gathered[0].output[0] if gathered else final.output[0], nodes)
+    return dict(top_k=k(final), score_fn=scores_node.op_type.lower(), normalize=normalize, scaling=scaling,
+                selection_bias=selection_bias, n_groups=n_groups, top_groups=top_groups)
+
+
+def _block_spec(ix: _GraphIndex, prefix: str, nodes: set[int]) -> MoELayerSpec:
+    what = f"MoE block {prefix!r}"
+    router = next(f"{prefix}.{r}" for r in _ROUTERS if f"{prefix}.{r}" in ix.scoped)
+    router_node, router_weight, router_bias = _one_linear(ix, router, what)
+    logits = router_node.output[0]
+    if router_bias is not None and router_node.op_type == "MatMul":
+        logits = ix.consumers(logits)[0].output[0]  # after the bias Add
+    scores = [n for n in ix.consumers(ix.forward(logits)) if n.op_type in ("Softmax", "Sigmoid")]
+    if len(scores) != 1:
+        raise OnnxModelError(f"{what}: router logits go to {[n.op_type for n in ix.consumers(logits)]}, "
+                             f"expected Softmax or Sigmoid")
+    n_experts = router_weight.shape[0]
+    routing = _routing(ix, scores[0], nodes, n_experts, what)
+
+    per_expert: dict[int, set[str]] = {}  # per-expert Linears: index -> projection names
+    for s in ix.scoped:
+        if (m := re.match(re.escape(prefix) + r"\.experts\.(\d+)\.(\w+)$", s)):
+            per_expert.setdefault(int(m[1]), set()).add(m[2])
+    if per_expert:
+        names = next((p for p in _PROJECTIONS if set(p) == per_expert[0]), None)
+        if names is None or sorted(per_expert) != list(range(n_experts)) or any(v != per_expert[0] for v in per_expert.values()):
+            raise OnnxModelError(f"{what}: expert modules {sorted(per_expert)} with projections {sorted(per_expert[0])}; "
+                                 f"expected {n_experts} experts with one of {[list(p) for p in _PROJECTIONS]}")
+        experts = [_mlp(ix, f"{prefix}.experts.{e}", names, f"{what} expert {e}") for e in range(n_experts)]
+    else:
+        experts = _fused_experts(ix, f"{prefix}.experts", n_experts, what)
+
+    shared, shared_gate = [], None
+    for name in _SHARED:
+        if f"{prefix}.{name}" in ix.scoped:
+            shared.append(_mlp(ix, f"{prefix}.{name}", _PROJECTIONS[1], f"{what} {name}"))
+    for name in _SHARED_GATES:
+        if f"{prefix}.{name}" in ix.scoped:
+            gate_node, shared_gate, bias = _one_linear(ix, f"{prefix}.{name}", what)
+            if bias is not None or shared_gate.shape[0] != 1 or [n.op_type for n in ix.consumers(gate_node.output[0])] != ["Sigmoid"]:
+                raise OnnxModelError(f"{what}: {name} is not a bias-free Linear(hidden, 1) under a Sigmoid")
+    spec = MoELayerSpec(path=prefix, router_weight=router_weight, experts=experts, router_bias=router_bias,
+                        shared=shared, shared_gate_weight=shared_gate, **routing)
+    if not 0 < spec.top_k <= n_experts or any(e.d_model != spec.d_model for e in experts + shared):
+        raise OnnxModelError(f"{what}: router over {n_experts} experts of width {spec.d_model}, top-{spec.top_k}, "
+                             f"expert widths {sorted({e.d_model for e in experts + shared})}")
     return spec
 
 
@@ -280,8 +487,8 @@ def import_onnx(model: onnx.ModelProto):
 
     blocks = find_moe_blocks(model)
     if not blocks:
-        raise OnnxModelError("no MoE block recognised in the ONNX graph (expected initializers "
-                             "'<block>.router.weight' and '<block>.experts.<e>.w_gate/w_up/w_down.weight')")
+        raise OnnxModelError("no MoE block recognised in the ONNX graph (expected a module with 'experts' and "
+                             "a 'router' or 'gate' in the node scopes of a torch.onnx.export(..., dynamo=True) file)")
     segments, program = tvm.IRModule(), []
     for part in cut_at_blocks(model, blocks):
         program.append(Step(op=part.op, name=part.name, inputs=part.inputs, outputs=part.outputs, layer=part.layer))

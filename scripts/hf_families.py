@@ -35,7 +35,7 @@ TINY = dict(
     num_experts=8, num_local_experts=8, n_routed_experts=8, moe_num_experts=8, num_experts_per_tok=2, moe_k=2,
     top_k=2, n_group=2, topk_group=1, first_k_dense_replace=0, decoder_sparse_step=1, moe_layer_freq=1,
     mlp_only_layers=[], kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
-    sliding_window=None, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    sliding_window=8, bos_token_id=0, eos_token_id=1, pad_token_id=2,
 )
 
 
@@ -73,9 +73,16 @@ def try_family(model_type: str, config_class: str, lm_class: str, workdir: Path)
     try:
         torch.manual_seed(0)
         model = getattr(transformers, lm_class)(getattr(transformers, config_class)(**TINY)).eval()
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(0, 0.5)
+        with torch.no_grad():
+            # Some families initialise routers (and selection biases) to constants: every score
+            # then ties and top-k order is arbitrary. Trained weights do not tie; random ones don't.
+            for tensor in [*model.parameters(), *model.buffers()]:
+                if tensor.is_floating_point() and tensor.numel() > 1 and bool((tensor == tensor.flatten()[0]).all()) \
+                        and tensor.dim() >= 2:
+                    tensor.normal_(0, 0.1)
+            for name, buffer in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    buffer.normal_(0, 0.5)
         row["stage"] = "wrap"
         wrapped = HFCausalLM(model)
         row["stage"] = "adapter"

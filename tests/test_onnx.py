@@ -1,8 +1,11 @@
 """ONNX as a second front door (`moetvm compile model.onnx`) and per-part export (`moetvm export-onnx`)."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +17,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from moetvm.artifact import read_manifest
 from moetvm.cli import main
-from moetvm.compiler.onnx_frontend import OnnxModelError, compile_onnx
+from moetvm.compiler.onnx_frontend import OnnxModelError, compile_onnx, find_moe_blocks
 from moetvm.runtime import InputError, load_model
 
 from conftest import relative_error
+from hf_models import tiny_model
 
 MOETVM = Path(sys.executable).parent / "moetvm"
 
@@ -76,6 +80,84 @@ def test_export_onnx_parts_match_pytorch_in_onnxruntime(tmp_path):
         assert part["part"] in run.stdout
     # The whole model it writes is what the ONNX front door takes.
     compile_onnx(out / "model.onnx", "host", tmp_path / "artifact", progress=False)
+
+
+class _HFLogits(torch.nn.Module):
+    """tokens -> logits of a transformers causal LM at a fixed length, with an explicit causal
+    mask (transformers' own mask builders add packed-sequence checks TVM rejects)."""
+
+    def __init__(self, model: torch.nn.Module, seq: int):
+        super().__init__()
+        self.model = model
+        causal = torch.full((seq, seq), torch.finfo(torch.float32).min).triu(1)
+        self.register_buffer("mask", causal[None, None], persistent=False)
+
+    def forward(self, tokens):
+        return self.model(input_ids=tokens, attention_mask=self.mask, use_cache=False).logits
+
+
+def export_hf_onnx(model: torch.nn.Module, path: Path, seq: int = 16) -> Path:
+    """A transformers MoE model as torch.onnx.export (dynamo) writes it, at token ids (1, seq).
+    Eager attention; `batched_mm` experts, the implementation that exports cleanly (the default
+    grouped_mm exports a custom op and histc; eager's loop is data-dependent)."""
+    model.set_attn_implementation("eager")
+    model.set_experts_implementation("batched_mm")
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # deprecation noise; stdout holds the exporter's progress lines
+        torch.onnx.export(_HFLogits(model, seq).eval(), (torch.zeros(1, seq, dtype=torch.long),), str(path),
+                          input_names=["tokens"], output_names=["logits"], dynamo=True)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,shared", [("mixtral", 0), ("olmoe", 0), ("qwen2_moe", 1), ("deepseek_v3", 1)])
+def test_onnx_export_of_transformers_model_compiles_and_matches(tmp_path, family, shared):
+    model = tiny_model(family)
+    out = compile_onnx(export_hf_onnx(model, tmp_path / f"{family}.onnx"), "host", tmp_path / "artifact", progress=False)
+    manifest = read_manifest(out)
+    assert [s.op for s in manifest.program] == ["segment", "moe"] * 2 + ["segment"]
+    assert [len(layer.experts) for layer in manifest.moe_layers] == [8, 8]
+    assert [len(layer.shared) for layer in manifest.moe_layers] == [shared, shared]
+    assert len(list((out / "experts").rglob("*.safetensors"))) == 2 * (8 + shared)
+
+    runtime = load_model(out, cache_budget="30%")
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        tokens = rng.integers(0, model.config.vocab_size, (1, 16))
+        with torch.no_grad():
+            theirs = model(input_ids=torch.from_numpy(tokens)).logits.numpy()
+        assert relative_error(runtime(tokens), theirs) < 1e-4
+    assert runtime.stats()["evictions"] > 0
+
+
+@pytest.fixture(scope="module")
+def mixtral_onnx(tmp_path_factory) -> onnx.ModelProto:
+    return onnx.load(str(export_hf_onnx(tiny_model("mixtral"), tmp_path_factory.mktemp("onnx") / "mixtral.onnx")))
+
+
+def _first_block_node(model: onnx.ModelProto, op_type: str, scope: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.op_type == op_type
+                and any(p.key == "pkg.torch.onnx.name_scopes" and f"layers.0.mlp.{scope}'" in p.value for p in n.metadata_props))
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("activation", "not a SwiGLU FFN"),
+    ("scores", r"router logits go to \[.Relu.\], expected Softmax or Sigmoid"),
+    ("top_k", "expected a TopK with a constant k"),
+])
+def test_transformers_block_that_cannot_be_read_is_refused(mixtral_onnx, case, expected):
+    model = onnx.ModelProto()
+    model.CopyFrom(mixtral_onnx)
+    if case == "activation":  # a GELU-like expert: tanh where SiLU's sigmoid was
+        _first_block_node(model, "Sigmoid", "experts").op_type = "Tanh"
+    elif case == "scores":
+        _first_block_node(model, "Softmax", "gate").op_type = "Relu"
+    else:  # k computed at run time
+        top = _first_block_node(model, "TopK", "gate")
+        model.graph.node.append(helper.make_node("Identity", [top.input[1]], ["runtime_k"]))
+        top.input[1] = "runtime_k"
+    with pytest.raises(OnnxModelError, match=f"MoE block 'model.model.layers.0.mlp': .*{expected}"):
+        find_moe_blocks(model)
 
 
 def _save(graph: onnx.GraphProto, path: Path) -> Path:
