@@ -239,7 +239,8 @@ def _dbrx(router, block):
 def _cohere2_shared_scale(block) -> float:
     strategy = getattr(block, "shared_expert_combination_strategy", "sum")
     _require(strategy in ("sum", "average"), f"shared_expert_combination_strategy {strategy!r}")
-    return 0.5 if strategy == "average" else 1.0
+    # "average" halves (routed + shared) only when there is a shared expert to average with.
+    return 0.5 if strategy == "average" and getattr(block, "num_shared_experts", 0) > 0 else 1.0
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,9 @@ CASES = {
     "cohere2_moe/sigmoid_average": dict(num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
                                         expert_selection_fn="sigmoid", norm_topk_prob=True,
                                         shared_expert_combination_strategy="average"),
+    # "average" with no shared expert leaves the routed output as it is (found by hf_families.py).
+    "cohere2_moe/average_without_shared": dict(num_experts=8, num_experts_per_tok=2, num_shared_experts=0,
+                                               shared_expert_combination_strategy="average"),
     "ernie4_5_moe": dict(num_experts=8, num_experts_per_tok=2, moe_num_shared_experts=1, moe_layer_start_index=0,
                          moe_layer_interval=1),
     "lfm2_moe": dict(num_experts=8, num_experts_per_tok=3, num_dense_layers=0, layer_types=["full_attention"],
