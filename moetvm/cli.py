@@ -172,7 +172,7 @@ def export_onnx(directory, source, shape, tolerance):
     per workload, and the whole model as model.onnx) with an index, parts.json; run each in ONNX
     Runtime on random inputs against PyTorch. Exit 1 above tolerance."""
     from moetvm.compiler.models import load_model_source
-    from moetvm.compiler.onnx_frontend import export_parts
+    from moetvm.compiler.onnx_export import export_parts
     from moetvm.compiler.spec import UnsupportedModelError
 
     try:
