@@ -66,6 +66,16 @@ def _is_causal_lm(model: nn.Module) -> bool:
     return hasattr(model, "kv_layout") and callable(getattr(model, "step", None))
 
 
+def _in_lm_protocol(model: nn.Module) -> nn.Module:
+    """A transformers causal LM (`*ForCausalLM`) is compiled through its LM-protocol wrapper."""
+    if not _is_causal_lm(model) and type(model).__module__.startswith("transformers.") \
+            and type(model).__name__.endswith("ForCausalLM"):
+        from .hf import HFCausalLM
+
+        return HFCausalLM(model)
+    return model
+
+
 @contextmanager
 def atomic_directory(out: Path):
     """Yield a temp dir beside `out`; on success it replaces `out` in one rename, on failure it
@@ -113,7 +123,8 @@ def compile_model(
     """Compile a supported MoE model into an artifact directory and return its path.
 
     Supported: a causal LM following the KV-cached LM protocol (`step`, `kv_layout`; logits out),
-    or a single MoE block taking hidden states (`example_inputs=(hidden,)`).
+    a transformers `*ForCausalLM` of a supported MoE family (wrapped in that protocol by
+    compiler/hf.py), or a single MoE block taking hidden states (`example_inputs=(hidden,)`).
 
     quant: expert weight precision, one of fp32, fp16, int8, int4 (group-wise, `group_size`) or
     auto (per expert, from `calibration` token windows, within `weight_budget` bytes or a
@@ -131,6 +142,7 @@ def compile_model(
     policy uses in place of an expert that cannot be loaded (one more expert's bytes per layer).
     """
     bar = Progress(progress, total=0)  # _prepare sizes it once the workloads are known
+    model = _in_lm_protocol(model)
     p = _prepare(model, example_inputs, target, quant=quant, group_size=group_size, router_quant=router_quant,
                  weight_budget=weight_budget, calibration=calibration, routing=routing, tile=tile,
                  cycle_dwell=cycle_dwell, mask_below=mask_below, bar=bar)
@@ -311,7 +323,7 @@ def tune_model(model: nn.Module, example_inputs: tuple = (), target: str | Deplo
 
     defaults = dict(quant="fp32", group_size=quantization.DEFAULT_GROUP_SIZE, router_quant="fp32", weight_budget=None,
                     calibration=None, routing="learned", tile=16, cycle_dwell=8, mask_below=None)
-    p = _prepare(model, example_inputs, target, **{**defaults, **options}, bar=Progress(progress, total=4))
+    p = _prepare(_in_lm_protocol(model), example_inputs, target, **{**defaults, **options}, bar=Progress(progress, total=4))
     tgt = tvm_target(p.target)
     libs = {k: v for k, v in _relax_libraries(p).items()
             if (k if k in ("segments", "routers") else "experts") in parts}
@@ -451,7 +463,7 @@ def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: 
 
 def _model_info(model: nn.Module, name: str | None, description: str, specs: list[MoELayerSpec]) -> dict:
     info = {
-        "name": name or type(model).__name__,
+        "name": name or type(getattr(model, "hf", model)).__name__,
         "description": description,
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "moe_layers": len(specs),

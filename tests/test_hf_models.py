@@ -19,10 +19,8 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def compiled(request, tmp_path_factory):
-    from moetvm.compiler.hf import HFCausalLM
-
-    model = tiny_model(request.param)
-    out = compile_model(HFCausalLM(model), target="host", out=tmp_path_factory.mktemp("hf") / request.param,
+    model = tiny_model(request.param)  # an instantiated transformers model, as users pass it
+    out = compile_model(model, target="host", out=tmp_path_factory.mktemp("hf") / request.param,
                         source=f"transformers:{request.param}", progress=False)
     return request.param, model, out
 
@@ -40,6 +38,7 @@ def _greedy(model, prompt: torch.Tensor, n: int) -> list[int]:
 def test_family_matches_transformers_with_evicting_cache(compiled):
     family, model, out = compiled
     manifest = read_manifest(out)
+    assert manifest.model["name"] == type(model).__name__
     assert len(manifest.moe_layers) == 2 and all(len(layer.experts) == 8 for layer in manifest.moe_layers)
     total = sum(e.weight_bytes for layer in manifest.moe_layers for e in layer.experts + [s.expert for s in layer.shared])
     runtime = load_model(out, cache_budget="30%")
