@@ -6,13 +6,14 @@ model. The MoE blocks themselves are read structurally by the adapters in `hf_ad
 everything else (embeddings, attention with its rotary embeddings, norms, head) is traced.
 
 Export choices, each because the default does not survive torch.export + TVM's importer:
-  * eager attention with an explicit 4-D additive mask computed from positions: transformers'
-    own mask builders (packed-sequence detection, symbolic `arange`) add ops TVM rejects, and an
-    explicit 4-D mask is used as given;
+  * eager attention (set on the model passed in) with an explicit 4-D additive mask computed
+    from positions, windowed for sliding-window layers (one mask per layer kind where a model
+    mixes them): transformers' own mask builders (packed-sequence detection, symbolic `arange`)
+    add ops TVM rejects, and an explicit 4-D mask is used as given;
   * the cache is a `DynamicCache` filled from the step's inputs and read back after the call,
     so the traced graph is plain `cat`s;
-  * complex-number rotary embeddings (DeepSeek-V2, Llama4: `polar`, `view_as_complex`) are
-    rewritten to real arithmetic before import (see `_real_rotary`).
+  * complex-number rotary embeddings (DeepSeek-V2: `polar`, `view_as_complex`) are rewritten to
+    real arithmetic before import (frontend._lower_complex).
 transformers is an optional dependency (`pip install moetvm[hf]`); nothing here imports it at
 module import time.
 """
