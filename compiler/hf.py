@@ -41,7 +41,7 @@ class HFCausalLM(nn.Module):
         self.config = config
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._kv_layout = self._probe_kv_layout()
-        self.window, self.mixed_attention = _sliding_window(config)
+        self.window, self.mixed_attention = self._probe_attention_window()
         self.cfg = SimpleNamespace(vocab_size=config.vocab_size, d_model=config.hidden_size,
                                    max_positions=getattr(config, "max_position_embeddings", None))
 
@@ -96,6 +96,28 @@ class HFCausalLM(nn.Module):
                       **{self._cache_kwarg: cache})
         return out.logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 
+    def _probe_attention_window(self) -> tuple[int | None, bool]:
+        """(window, mixed): whether transformers' own masks for this model are sliding-window, on
+        every layer or per layer kind. Configs do not say it uniformly (OLMoE carries a
+        `sliding_window` it never applies, Mixtral applies it without `layer_types`), so run the
+        model with a window of 2 on 4 tokens under its own masks and keep the mask of ours that
+        reproduces it."""
+        window = getattr(self.config, "sliding_window", None)
+        if not window:
+            return None, False
+        tokens = torch.arange(1, 5)[None] % self.config.vocab_size
+        self.config.sliding_window = 2
+        try:
+            with torch.no_grad():
+                theirs = self.hf(input_ids=tokens).logits
+                for self.window, self.mixed_attention in ((None, False), (2, False), (2, True)):
+                    if torch.allclose(self(tokens), theirs, rtol=1e-4, atol=1e-5):
+                        return (int(window) if self.window else None), self.mixed_attention
+        finally:
+            self.config.sliding_window = window
+        raise ValueError(f"{type(self.hf).__name__}: its attention masks (sliding window {window}) are neither full, "
+                         f"windowed, nor windowed per layer kind; not supported")
+
     def empty_cache(self, batch: int):
         layers, key_heads, key_dim, value_heads, value_dim = self.kv_layout
         keys = torch.zeros(batch, key_heads, 0, key_dim, dtype=self.hf.dtype)
@@ -108,17 +130,6 @@ class HFCausalLM(nn.Module):
         positions = torch.arange(s).expand(b, s)
         keys, values = self.empty_cache(b)
         return self.step(tokens, positions, positions[:, :0], keys, values)[0]
-
-
-def _sliding_window(config) -> tuple[int | None, bool]:
-    """(attention window or None, whether layers mix windowed and full attention)."""
-    window = getattr(config, "sliding_window", None)
-    if not window or getattr(config, "use_sliding_window", True) is False:
-        return None, False
-    types = set(getattr(config, "layer_types", None) or ["sliding_attention"])
-    if "sliding_attention" not in types:
-        return None, False
-    return int(window), types != {"sliding_attention"}
 
 
 def load_hf(path: str | Path) -> HFCausalLM:

@@ -12,8 +12,10 @@ COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention
 
 # family -> (config class, model class, config fields beyond COMMON)
 FAMILIES = {
+    # A window shorter than the test prompts: the compiled windowed mask is exercised too.
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
-                dict(num_key_value_heads=2, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)),
+                dict(num_key_value_heads=2, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2,
+                     sliding_window=8)),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
                   dict(num_key_value_heads=2, intermediate_size=96, moe_intermediate_size=32,
                        shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,

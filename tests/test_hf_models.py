@@ -58,6 +58,29 @@ def test_family_matches_transformers_with_evicting_cache(compiled):
     assert runtime.stats()["evictions"] > 0
 
 
+@pytest.mark.parametrize("family, window, mixed", [("mixtral", 4, False), ("olmoe", None, False),
+                                                  ("cohere2_moe", 4, True)])
+def test_attention_window_follows_transformers_masks(family, window, mixed):
+    """Mixtral windows every layer, Cohere2-MoE windows 3 layers in 4, and OLMoE carries a
+    `sliding_window` it never applies: the wrapper's masks reproduce each on 12 tokens."""
+    import transformers
+
+    from moetvm.compiler.hf import HFCausalLM
+
+    config_class, model_class = {"mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+                                 "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
+                                 "cohere2_moe": ("Cohere2MoeConfig", "Cohere2MoeForCausalLM")}[family]
+    config = getattr(transformers, config_class)(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=4,
+                                                 num_attention_heads=4, num_key_value_heads=4, sliding_window=4)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(config).eval()
+    wrapped = HFCausalLM(model)
+    assert (wrapped.window, wrapped.mixed_attention) == (window, mixed)
+    tokens = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(wrapped(tokens), model(tokens).logits, rtol=1e-5, atol=1e-6)
+
+
 def test_complex_rotary_is_rewritten_to_real_arithmetic(tmp_path):
     """DeepSeek-V2 / Llama4-style rotary embeddings in complex numbers, which TVM's importer
     rejects, import after the rewrite and compute the same values (symbolic batch and length)."""
