@@ -91,9 +91,17 @@ def _convert_empty(node, importer):
     return importer.block_builder.emit(relax.op.zeros(relax.ShapeExpr(shape), dtype))
 
 
+def _convert_amax(node, importer):
+    """`amax` (from `logsumexp`: attention sinks, e.g. GraniteMoE-SWA), which TVM 0.27 lacks."""
+    args = importer.retrieve_args(node)
+    dims = args[1] if len(args) > 1 else node.kwargs.get("dim", [])
+    keepdim = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
+    return importer.block_builder.emit(relax.op.max(args[0], axis=list(dims) or None, keepdims=keepdim))
+
+
 _CONVERTERS = {"moe_layer.default": _convert_marker, "view.default": _convert_reshape,
                "reshape.default": _convert_reshape, "empty.memory_format": _convert_empty,
-               "empty.default": _convert_empty}
+               "empty.default": _convert_empty, "amax.default": _convert_amax}
 
 
 @relax.expr_functor.mutator

@@ -56,8 +56,16 @@ class HFCausalLM(nn.Module):
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        with torch.no_grad():
-            self.hf(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True, **{self._cache_kwarg: cache})
+        kinds = sorted(set(getattr(self.config, "layer_types", None) or []) - {"full_attention", "sliding_attention"})
+        if kinds:  # linear attention / state-space layers keep a recurrent state, not keys and values
+            raise ValueError(f"{type(self.hf).__name__}: layers of kind {kinds} keep a recurrent state, not a "
+                             f"key/value cache; only attention layers are supported")
+        try:
+            with torch.no_grad():
+                self.hf(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True, **{self._cache_kwarg: cache})
+        except (IndexError, TypeError, ValueError, AttributeError) as e:  # e.g. a hybrid model's own cache type
+            raise ValueError(f"{type(self.hf).__name__}: does not run with a plain per-layer key/value cache "
+                             f"(transformers DynamicCache): {type(e).__name__}: {e}") from e
         shapes = {(tuple(layer.keys.shape[1::2]), tuple(layer.values.shape[1::2])) for layer in cache.layers}
         if len(cache.layers) != self.config.num_hidden_layers or len(shapes) != 1:
             raise ValueError(f"{type(self.hf).__name__}: its cache is not one key/value pair per layer of one "
