@@ -82,29 +82,17 @@ def test_export_onnx_parts_match_pytorch_in_onnxruntime(tmp_path):
     compile_onnx(out / "model.onnx", "host", tmp_path / "artifact", progress=False)
 
 
-class _HFLogits(torch.nn.Module):
-    """tokens -> logits of a transformers causal LM at a fixed length, with an explicit causal
-    mask (transformers' own mask builders add packed-sequence checks TVM rejects)."""
-
-    def __init__(self, model: torch.nn.Module, seq: int):
-        super().__init__()
-        self.model = model
-        causal = torch.full((seq, seq), torch.finfo(torch.float32).min).triu(1)
-        self.register_buffer("mask", causal[None, None], persistent=False)
-
-    def forward(self, tokens):
-        return self.model(input_ids=tokens, attention_mask=self.mask, use_cache=False).logits
-
-
 def export_hf_onnx(model: torch.nn.Module, path: Path, seq: int = 16) -> Path:
     """A transformers MoE model as torch.onnx.export (dynamo) writes it, at token ids (1, seq).
-    Eager attention; `batched_mm` experts, the implementation that exports cleanly (the default
-    grouped_mm exports a custom op and histc; eager's loop is data-dependent)."""
-    model.set_attn_implementation("eager")
+    Through HFCausalLM: eager attention and explicit masks (transformers' own mask builders add
+    packed-sequence checks TVM rejects); `batched_mm` experts, the implementation that exports
+    cleanly (the default grouped_mm exports a custom op and histc; eager's loop is data-dependent)."""
+    from moetvm.compiler.hf import HFCausalLM
+
     model.set_experts_implementation("batched_mm")
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # deprecation noise; stdout holds the exporter's progress lines
-        torch.onnx.export(_HFLogits(model, seq).eval(), (torch.zeros(1, seq, dtype=torch.long),), str(path),
+        torch.onnx.export(HFCausalLM(model), (torch.zeros(1, seq, dtype=torch.long),), str(path),
                           input_names=["tokens"], output_names=["logits"], dynamo=True)
     return path
 
@@ -156,7 +144,7 @@ def test_transformers_block_that_cannot_be_read_is_refused(mixtral_onnx, case, e
         top = _first_block_node(model, "TopK", "gate")
         model.graph.node.append(helper.make_node("Identity", [top.input[1]], ["runtime_k"]))
         top.input[1] = "runtime_k"
-    with pytest.raises(OnnxModelError, match=f"MoE block 'model.model.layers.0.mlp': .*{expected}"):
+    with pytest.raises(OnnxModelError, match=f"MoE block 'hf.model.layers.0.mlp': .*{expected}"):
         find_moe_blocks(model)
 
 
