@@ -52,7 +52,7 @@ class Progress:
         t0 = time.perf_counter()
         self.done += 1
         if self.enabled:
-            print(f"[{self.done}/{self.total}] {what} ...", end="", file=sys.stderr, flush=True)
+            print(f"[{self.done}/{self.total or '?'}] {what} ...", end="", file=sys.stderr, flush=True)
         yield
         if self.enabled:
             print(f" {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)

@@ -21,6 +21,7 @@ module import time.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -125,6 +126,19 @@ class HFCausalLM(nn.Module):
             self.config.sliding_window = window
         raise ValueError(f"{type(self.hf).__name__}: its attention masks (sliding window {window}) are neither full, "
                          f"windowed, nor windowed per layer kind; not supported")
+
+    @contextmanager
+    def exportable(self):
+        """Within: `forward` captures whole (MoE blocks included) with torch.export / torch.onnx,
+        using transformers' `batched_mm` experts (the default `grouped_mm` exports a custom op and
+        `histc`; `eager` loops over `nonzero()`). The compiler never needs this (it cuts MoE
+        blocks out); `moetvm export-onnx` writes the whole model with it."""
+        before = self.config._experts_implementation
+        self.hf.set_experts_implementation("batched_mm")
+        try:
+            yield self
+        finally:
+            self.hf.set_experts_implementation(before)
 
     def empty_cache(self, batch: int):
         layers, key_heads, key_dim, value_heads, value_dim = self.kv_layout

@@ -122,8 +122,10 @@ def export_parts(model: nn.Module, out: str | Path, tokens_shape: tuple[int, int
                      "outputs": [dataclasses.asdict(_tensor_spec(v)) for v in proto.graph.output],
                      "max_relative_error": error, **extra})
 
-    # The whole model, MoE blocks in their dense export form: what `moetvm compile model.onnx` takes.
-    whole = _to_onnx(model, (tokens,), ["tokens"], ["logits"])
+    # The whole model, MoE blocks in their export form (a model may offer an `exportable()`
+    # context for it, as HFCausalLM does): what `moetvm compile model.onnx` takes.
+    with getattr(model, "exportable", contextlib.nullcontext)():
+        whole = _to_onnx(model, (tokens,), ["tokens"], ["logits"])
     record("model", "model", whole, _relative_error(_ort_run(whole, {"tokens": tokens.numpy()})[0], logits))
 
     # Dense segments: the model exported with every MoE block as a marker node, cut at the markers.

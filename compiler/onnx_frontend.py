@@ -519,7 +519,7 @@ def compile_onnx(path: str | Path, target: str | DeployTarget = "host", out: str
     dt = target if isinstance(target, DeployTarget) else get_target(target)
     dt.check_toolchain()
     model = load_onnx(path, input_shapes)
-    bar = Progress(progress, total=4)  # import, segments, routers, write; plan_parts adds the workloads
+    bar = Progress(progress, total=0)  # known once the blocks are found (plan_parts sets it)
     with bar.step(f"cut {Path(path).name} at its MoE blocks, import segments with relax.frontend.onnx"):
         specs, split = import_onnx(model)
     p = plan_parts(specs, split, False, dt, kind="graph", quant=quant, group_size=group_size,
