@@ -65,14 +65,19 @@ def test_onnx_export_of_reference_compiles_and_matches_pytorch(tmp_path, referen
 
 @pytest.mark.slow
 def test_export_onnx_parts_match_pytorch_in_onnxruntime(tmp_path):
+    """`moetvm export-onnx` on a local transformers directory (Qwen2-MoE: routed experts and a
+    gated shared expert of another shape, so two expert workloads)."""
+    tiny_model("qwen2_moe").save_pretrained(tmp_path / "qwen2-moe")
     out = tmp_path / "parts"
-    run = subprocess.run([str(MOETVM), "export-onnx", str(out)], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([str(MOETVM), "export-onnx", str(out), "--model", f"hf:{tmp_path / 'qwen2-moe'}"],
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     index = json.loads((out / "parts.json").read_text())
     kinds = [p["kind"] for p in index["parts"]]
-    assert kinds == ["model"] + ["segment"] * 5 + ["router"] * 4 + ["expert"]
-    expert = index["parts"][-1]
-    assert expert["experts"] == 32 and [t["name"] for t in expert["inputs"]] == ["x", "w_gate", "w_up", "w_down"]
+    assert kinds == ["model"] + ["segment"] * 3 + ["router"] * 2 + ["expert"] * 2
+    routed, shared = index["parts"][-2:]
+    assert (routed["experts"], shared["experts"]) == (16, 2)
+    assert [t["name"] for t in routed["inputs"]] == ["x", "w_gate", "w_up", "w_down"]
     for part in index["parts"]:
         assert (out / part["file"]).is_file()
         onnx.checker.check_model(str(out / part["file"]))
