@@ -58,9 +58,9 @@ class HFCausalLM(nn.Module):
 
         cache = DynamicCache()
         kinds = sorted(set(getattr(self.config, "layer_types", None) or []) - {"full_attention", "sliding_attention"})
-        if kinds:  # linear attention / state-space layers keep a recurrent state, not keys and values
-            raise ValueError(f"{type(self.hf).__name__}: layers of kind {kinds} keep a recurrent state, not a "
-                             f"key/value cache; only attention layers are supported")
+        if kinds:  # linear attention / state space (a recurrent state), indexed or chunked attention, ...
+            raise ValueError(f"{type(self.hf).__name__}: layers of kind {kinds} are not supported: only full and "
+                             f"sliding-window attention (a per-layer key/value cache and a position mask)")
         try:
             with torch.no_grad():
                 self.hf(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True, **{self._cache_kwarg: cache})

@@ -29,12 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Every name a family might use for these sizes; a config keeps unknown names as plain attributes.
 TINY = dict(
-    vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+    vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
     max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False,
     intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48, expert_ffn_hidden_size=32,
     num_experts=8, num_local_experts=8, n_routed_experts=8, moe_num_experts=8, num_experts_per_tok=2, moe_k=2,
     top_k=2, n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=0, decoder_sparse_step=1, moe_layer_freq=1,
-    mlp_only_layers=[], kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
+    mlp_only_layers=[], kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
     sliding_window=8, bos_token_id=0, eos_token_id=1, pad_token_id=2,
 )
 
