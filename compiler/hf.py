@@ -28,8 +28,10 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from .models.lm import KVCachedLM
 
-class HFCausalLM(nn.Module):
+
+class HFCausalLM(KVCachedLM):
     """A transformers `*ForCausalLM` in the compiler's KV-cached LM protocol."""
 
     def __init__(self, model: nn.Module):
@@ -139,19 +141,6 @@ class HFCausalLM(nn.Module):
             yield self
         finally:
             self.hf.set_experts_implementation(before)
-
-    def empty_cache(self, batch: int):
-        layers, key_heads, key_dim, value_heads, value_dim = self.kv_layout
-        keys = torch.zeros(batch, key_heads, 0, key_dim, dtype=self.hf.dtype)
-        values = torch.zeros(batch, value_heads, 0, value_dim, dtype=self.hf.dtype)
-        return [keys] * layers, [values] * layers
-
-    def forward(self, tokens):
-        """Logits for whole sequences (what transformers' own forward gives)."""
-        b, s = tokens.shape
-        positions = torch.arange(s).expand(b, s)
-        keys, values = self.empty_cache(b)
-        return self.step(tokens, positions, positions[:, :0], keys, values)[0]
 
 
 def load_hf(path: str | Path) -> HFCausalLM:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lm import KVCachedLM
+
 
 @dataclass(frozen=True)
 class ReferenceConfig:
@@ -120,7 +122,7 @@ class Block(nn.Module):
         return h + self.moe(self.moe_norm(h)), k, v
 
 
-class ReferenceMoELM(nn.Module):
+class ReferenceMoELM(KVCachedLM):
     """Byte-level causal MoE LM with an explicit KV-cache step (the compiler's LM protocol)."""
 
     def __init__(self, cfg: ReferenceConfig = ReferenceConfig()):
@@ -158,17 +160,6 @@ class ReferenceMoELM(nn.Module):
             keys.append(k)
             values.append(v)
         return self.head(self.final_norm(h)), keys, values
-
-    def empty_cache(self, batch: int):
-        layers, heads, head_dim = self.kv_layout
-        z = torch.zeros(batch, heads, 0, head_dim)
-        return [z] * layers, [z] * layers
-
-    def forward(self, tokens):
-        b, s = tokens.shape
-        positions = torch.arange(s).expand(b, s)
-        pk, pv = self.empty_cache(b)
-        return self.step(tokens, positions, positions[:, :0], pk, pv)[0]
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [block.moe for block in self.blocks]

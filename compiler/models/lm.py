@@ -1,0 +1,24 @@
+"""The KV-cached LM protocol the compiler exports, shared by the reference model and the
+transformers wrapper (compiler/hf.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moetvm.artifact import kv_shapes
+
+
+class KVCachedLM(nn.Module):
+    """Subclasses define `kv_layout` ((layers, heads, head_dim), or (layers, key heads, key dim,
+    value heads, value dim)) and `step(tokens, positions, past_positions, past_keys, past_values)
+    -> (logits, keys, values)`; `forward` is one step over whole sequences from an empty cache."""
+
+    def forward(self, tokens):
+        b, s = tokens.shape
+        positions = torch.arange(s).expand(b, s)
+        layers, (key_heads, key_dim), (value_heads, value_dim) = kv_shapes(self.kv_layout)
+        dtype = next(self.parameters()).dtype
+        keys = [torch.zeros(b, key_heads, 0, key_dim, dtype=dtype)] * layers
+        values = [torch.zeros(b, value_heads, 0, value_dim, dtype=dtype)] * layers
+        return self.step(tokens, positions, positions[:, :0], keys, values)[0]
