@@ -420,13 +420,8 @@ def _router_entry(index, spec, masked, mode, tile, cycle_dwell, calibration, cal
     if mode == "cycle":
         sets = [sorted(allowed[(b * k + j) % len(allowed)] for j in range(k)) for b in range(-(-len(allowed) // k))]
         cycle = [s for s in sets for _ in range(cycle_dwell)]
-    return Router(
-        library="routers", function=f"router_{index}" if mode == "learned" else "", n_experts=spec.n_experts,
-        top_k=k, score_fn=spec.score_fn, normalize=spec.normalize, n_groups=spec.n_groups,
-        top_groups=spec.top_groups, group_score=spec.group_score, scaling=float(spec.scaling),
-        selection_bias=None if spec.selection_bias is None else [float(v) for v in np.asarray(spec.selection_bias)],
-        mode=mode, table=table, tile=tile, cycle=cycle, masked=masked,
-    )
+    return spec.router(library="routers", function=f"router_{index}" if mode == "learned" else "",
+                       mode=mode, table=table, tile=tile, cycle=cycle, masked=masked)
 
 
 def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: dict, workloads: dict,

@@ -31,7 +31,6 @@ class LayerCalibration:
 
 def calibrate(model: torch.nn.Module, specs: list[MoELayerSpec], tokens: np.ndarray) -> list[LayerCalibration]:
     """Run `model` on token windows (batch, seq) and capture every MoE layer's inputs."""
-    from moetvm.artifact import Router
     from moetvm.routing import select_experts
 
     captured: dict[int, list] = {i: [] for i in range(len(specs))}
@@ -51,11 +50,7 @@ def calibrate(model: torch.nn.Module, specs: list[MoELayerSpec], tokens: np.ndar
         x = np.concatenate(captured[i])
         logits = x @ spec.router_weight.T + (0 if spec.router_bias is None else spec.router_bias)
         scores = _softmax(logits) if spec.score_fn == "softmax" else 1 / (1 + np.exp(-logits))
-        router = Router(library="", function="", n_experts=spec.n_experts, top_k=spec.top_k, score_fn=spec.score_fn,
-                        normalize=spec.normalize, n_groups=spec.n_groups, top_groups=spec.top_groups,
-                        group_score=spec.group_score,
-                        scaling=spec.scaling, selection_bias=None if spec.selection_bias is None else list(spec.selection_bias))
-        idx, w = select_experts(scores.astype(np.float32), router)
+        idx, w = select_experts(scores.astype(np.float32), spec.router())
         out.append(LayerCalibration(x, idx, w))
     return out
 

@@ -18,6 +18,8 @@ from typing import Callable
 import numpy as np
 from torch import nn
 
+from moetvm.artifact import Router
+
 
 class UnsupportedModelError(ValueError):
     """The model (or one of its MoE blocks) has a structure no adapter understands."""
@@ -61,6 +63,15 @@ class MoELayerSpec:
     @property
     def n_experts(self) -> int:
         return self.router_weight.shape[0]
+
+    def router(self, **fields) -> Router:
+        """This layer's routing as the artifact's Router entry; `fields` sets the rest (library,
+        function, mode and its tables, masked experts)."""
+        bias = None if self.selection_bias is None else [float(v) for v in np.asarray(self.selection_bias)]
+        return Router(**{"library": "", "function": "", "n_experts": self.n_experts, "top_k": self.top_k,
+                         "score_fn": self.score_fn, "normalize": self.normalize, "n_groups": self.n_groups,
+                         "top_groups": self.top_groups, "group_score": self.group_score,
+                         "scaling": float(self.scaling), "selection_bias": bias, **fields})
 
     @property
     def d_model(self) -> int:

@@ -130,11 +130,7 @@ def spec_forward(spec, x: np.ndarray) -> np.ndarray:
         scores = z / z.sum(-1, keepdims=True)
     else:
         scores = 1 / (1 + np.exp(-logits))
-    router = Router(library="", function="", n_experts=spec.n_experts, top_k=spec.top_k, score_fn=spec.score_fn,
-                    normalize=spec.normalize, n_groups=spec.n_groups, top_groups=spec.top_groups,
-                    group_score=spec.group_score, scaling=spec.scaling,
-                    selection_bias=None if spec.selection_bias is None else list(spec.selection_bias))
-    indices, weights = select_experts(scores.astype(np.float32), router)
+    indices, weights = select_experts(scores.astype(np.float32), spec.router())
     out = np.zeros_like(x)
     for expert, rows, w in group_by_expert(indices, weights):
         out[rows] += _ffn(spec.experts[expert], x[rows]) * w[:, None]
