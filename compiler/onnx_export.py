@@ -72,11 +72,14 @@ def _to_onnx(module: nn.Module, args: tuple, input_names: list[str], output_name
     return onnx.shape_inference.infer_shapes(program.model_proto)
 
 
-def _ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+def _ort_session(model: onnx.ModelProto):
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(outputs, feeds)
+    return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+    return _ort_session(model).run(outputs, feeds)
 
 
 def _relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
@@ -169,12 +172,12 @@ def export_parts(model: nn.Module, out: str | Path, tokens_shape: tuple[int, int
         weights = lambda e: [torch.from_numpy(w) for w in (e.w_gate, e.w_up, e.w_down)]  # noqa: E731
         proto = _to_onnx(ExpertFFN(), (x, *weights(experts[0])), ["x", "w_gate", "w_up", "w_down"], ["y"],
                          dynamic_shapes=({0: token_dim}, None, None, None))
-        errors = []
+        session, errors = _ort_session(proto), []
         for e in experts:  # one graph, every expert of the workload through it
             with torch.no_grad():
                 theirs = ExpertFFN()(x, *weights(e)).numpy()
             feeds = {"x": x.numpy(), "w_gate": e.w_gate, "w_up": e.w_up, "w_down": e.w_down}
-            errors.append(_relative_error(_ort_run(proto, feeds)[0], theirs))
+            errors.append(_relative_error(session.run(None, feeds)[0], theirs))
         record(f"expert_{kind}_{d_model}x{d_ff}", "expert", proto, max(errors), experts=len(experts))
 
     index = {"source": source, "tokens_shape": list(tokens_shape), "parts": rows}

@@ -449,11 +449,14 @@ def cut_at_blocks(model: onnx.ModelProto, blocks: list[_Block]) -> list[_Part]:
         outputs = [o for o in made if o in needed]
         if outputs:
             inputs = list(dict.fromkeys(t for n in nodes for t in n.input if t and t not in constants and t not in made))
+            segment = extractor.extract_model(inputs, outputs)
             # Nodes no output depends on are dropped by the extraction, and with them some inputs.
-            used = {t for n in extractor.extract_model(inputs, outputs).graph.node for t in n.input} | set(outputs)
-            inputs = [t for t in inputs if t in used]
+            used = {t for n in segment.graph.node for t in n.input} | set(outputs)
+            kept = [v for v in segment.graph.input if v.name in used]
+            del segment.graph.input[:]
+            segment.graph.input.extend(kept)
             name = f"segment_{sum(p.op == 'segment' for p in parts)}"
-            parts.append(_Part("segment", name, inputs, outputs, model=extractor.extract_model(inputs, outputs)))
+            parts.append(_Part("segment", name, [v.name for v in kept], outputs, model=segment))
         if s < len(blocks):
             b = blocks[s]
             parts.append(_Part("moe", f"moe_{b.layer}", [b.input], [b.output], layer=b.layer))

@@ -164,7 +164,8 @@ def tune(model, target, trials, db, tracker, key, quant, group_size, parts):
 
 @main.command("export-onnx")
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--model", "source", default="reference", show_default=True, help="'reference' or a checkpoint path")
+@click.option("--model", "source", default="reference", show_default=True,
+              help="'reference', a checkpoint path or hf:DIR (a local transformers model directory)")
 @click.option("--shape", default="1x16", show_default=True, help="token ids BATCHxSEQ the graphs are exported at")
 @click.option("--tolerance", default=1e-4, show_default=True, help="max relative error of a part (ORT vs PyTorch)")
 def export_onnx(directory, source, shape, tolerance):
