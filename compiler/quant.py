@@ -16,6 +16,7 @@ copy of the weights is ever materialised; the CPU schedule vectorises along N.
 
 from __future__ import annotations
 
+from moetvm.errors import MoetvmError
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,7 @@ BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
 DEFAULT_GROUP_SIZE = 32
 
 
-class QuantizationError(ValueError):
+class QuantizationError(MoetvmError, ValueError):
     """An unusable quantization request (scheme, group size, shapes)."""
 
 

@@ -12,6 +12,7 @@ adapter that recognises a module it cannot express raises UnsupportedModelError.
 
 from __future__ import annotations
 
+from moetvm.errors import MoetvmError
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,7 +22,7 @@ from torch import nn
 from moetvm.artifact import Router
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(MoetvmError, ValueError):
     """The model (or one of its MoE blocks) has a structure no adapter understands."""
 
 

@@ -31,6 +31,7 @@ without tuning.
 
 from __future__ import annotations
 
+from moetvm.errors import MoetvmError
 import functools
 import importlib
 import importlib.util
@@ -54,7 +55,7 @@ _FAILED_RUN = 1e9  # MetaSchedule records failed candidates with run_secs = 1e10
 _MS_LOGGER = "tvm.s_tir.meta_schedule"
 
 
-class TuningError(RuntimeError):
+class TuningError(MoetvmError, RuntimeError):
     """Tuning cannot run here, or was asked for something it cannot do; the message says why."""
 
 

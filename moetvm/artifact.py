@@ -9,6 +9,7 @@ recorded size and SHA-256 before anything is loaded.
 
 from __future__ import annotations
 
+from moetvm.errors import MoetvmError
 import dataclasses
 import hashlib
 import json
@@ -21,7 +22,7 @@ SUPPORTED_FORMAT_VERSIONS = (1, 1)
 MANIFEST_NAME = "manifest.json"
 
 
-class ArtifactError(Exception):
+class ArtifactError(MoetvmError):
     """A problem with an artifact; the message names the file and the failed check."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moetvm.errors import MoetvmError
 import resource
 import threading
 import time
@@ -18,7 +19,7 @@ from .cache import ExpertCache, parse_budget
 from moetvm.routing import FIXED_MODES, FixedPattern, allowed_experts, group_by_expert, route
 
 
-class InputError(ValueError):
+class InputError(MoetvmError, ValueError):
     """Inputs that do not fit the artifact (shape, dtype, range)."""
 
 

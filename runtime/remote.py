@@ -11,6 +11,7 @@ Host:    deploy(artifact_dir, rpc="HOST:PORT" | tracker="HOST:PORT", key=KEY, ..
 
 from __future__ import annotations
 
+from moetvm.errors import MoetvmError
 import argparse
 import json
 import platform
@@ -75,7 +76,7 @@ def register() -> None:
 
 
 # --- host side -------------------------------------------------------------------------------
-class DeployError(RuntimeError):
+class DeployError(MoetvmError, RuntimeError):
     """The board could not be reached, or went away during the deploy."""
 
 

@@ -12,6 +12,7 @@ module imports nothing beyond numpy and the standard library: it runs in the run
 
 from __future__ import annotations
 
+from moetvm.errors import MoetvmError
 import json
 import threading
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ FORMAT_VERSION = 1
 Key = tuple[int, int]  # (layer, expert): the runtime cache's key for a routed expert
 
 
-class TraceError(ValueError):
+class TraceError(MoetvmError, ValueError):
     """A routing trace that is malformed, inconsistent or not a trace at all."""
 
 

@@ -8,6 +8,7 @@ the MOETVM_TARGETS environment variable (path-separated).
 
 from __future__ import annotations
 
+from moetvm.errors import MoetvmError
 import json
 import os
 import platform
@@ -18,7 +19,7 @@ from pathlib import Path
 GiB = 1 << 30
 
 
-class TargetError(ValueError):
+class TargetError(MoetvmError, ValueError):
     """Unknown or unusable target; the message says what to do."""
 
 
