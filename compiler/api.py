@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
+import math
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,11 +28,14 @@ from moetvm.artifact import (
     Workload,
     file_ref,
 )
+from moetvm.budget import parse_budget
+from moetvm.errors import UsageError
 from moetvm.targets import DeployTarget, get_target
 
 from . import frontend, quant_plan
 from . import quant as quantization
 from .lowering import build_library
+from .output import atomic_directory, check_output
 from moetvm.routing import ROUTING_MODES
 
 from .spec import ExpertWeights, MoELayerSpec, UnsupportedModelError, find_moe_layers
@@ -76,28 +77,6 @@ def _in_lm_protocol(model: nn.Module) -> nn.Module:
     return model
 
 
-@contextmanager
-def atomic_directory(out: Path):
-    """Yield a temp dir beside `out`; on success it replaces `out` in one rename, on failure it
-    is removed and whatever was at `out` stays untouched."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "a")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def compile_model(
     model: nn.Module,
     example_inputs: tuple = (),
@@ -119,6 +98,7 @@ def compile_model(
     description: str = "",
     source: str | None = None,
     progress: bool = True,
+    sign_key: str | Path | None = None,
 ) -> Path:
     """Compile a supported MoE model into an artifact directory and return its path.
 
@@ -140,25 +120,103 @@ def compile_model(
     tuned schedules, the rest the default ones; the manifest says how many of each.
     dense_fallback: add per layer the mean of its experts, which the runtime's "dense" fallback
     policy uses in place of an expert that cannot be loaded (one more expert's bytes per layer).
+    sign_key: an Ed25519 private key file; the artifact is signed before it replaces anything.
+
+    Every option, the output path and the signing key are checked before any work starts; the
+    new artifact is validated (manifest parsed, every file hashed, signature verified) before it
+    replaces an old one at `out`, and `out` is replaced only when it holds a moetvm artifact.
     """
+    check_compile_options(quant=quant, group_size=group_size, router_quant=router_quant, weight_budget=weight_budget,
+                          calibration=calibration, routing=routing, tile=tile, cycle_dwell=cycle_dwell,
+                          mask_below=mask_below, tuning_db=tuning_db, sign_key=sign_key)
+    check_output(out)
     bar = Progress(progress, total=0)  # _prepare sizes it once the workloads are known
     model = _in_lm_protocol(model)
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"compile_model takes a torch.nn.Module, got {type(model).__name__}")
+    if not _is_causal_lm(model):
+        if len(example_inputs) != 1 or not isinstance(example_inputs[0], torch.Tensor):
+            raise UsageError("a single MoE block needs example_inputs=(hidden,) with hidden a torch.Tensor "
+                             f"(batch, seq, d_model); got {_describe(example_inputs)}")
     p = _prepare(model, example_inputs, target, quant=quant, group_size=group_size, router_quant=router_quant,
                  weight_budget=weight_budget, calibration=calibration, routing=routing, tile=tile,
                  cycle_dwell=cycle_dwell, mask_below=mask_below, bar=bar)
     return write_artifact(p, out, _model_info(model, name, description, p.specs) | {"source": source},
-                          tuning_db=tuning_db, dense_fallback=dense_fallback, bar=bar)
+                          tuning_db=tuning_db, dense_fallback=dense_fallback, bar=bar, sign_key=sign_key)
+
+
+def _describe(values) -> str:
+    return "(" + ", ".join(type(v).__name__ for v in values) + ")" if isinstance(values, tuple) else type(values).__name__
+
+
+def check_compile_options(*, quant="fp32", group_size=quantization.DEFAULT_GROUP_SIZE, router_quant="fp32",
+                          weight_budget=None, calibration=None, routing="learned", tile=16, cycle_dwell=8,
+                          mask_below=None, tuning_db=None, sign_key=None) -> None:
+    """Refuse, before any work, every option that would fail later or build an unloadable
+    artifact (UsageError, QuantizationError, TuningError or SignatureError, one line each)."""
+    if quant != "auto":
+        quantization.scheme(quant, group_size)
+    elif weight_budget is None or calibration is None:
+        raise quantization.QuantizationError("--quant auto needs calibration tokens and a --weight-budget")
+    if not (isinstance(group_size, int) and group_size > 0):
+        raise UsageError(f"group size must be a positive integer, got {group_size!r}")
+    quantization.scheme(router_quant, group_size)
+    if weight_budget is not None:
+        parse_budget(weight_budget, 1 << 40, "weight budget")
+    if routing not in ROUTING_MODES:
+        raise UsageError(f"unknown routing mode {routing!r}; choose from {', '.join(ROUTING_MODES)}")
+    for flag, value in (("tile", tile), ("cycle dwell", cycle_dwell)):
+        if not (isinstance(value, int) and value >= 1):
+            raise UsageError(f"{flag} must be a positive number of positions, got {value!r}")
+    if mask_below is not None and not (isinstance(mask_below, (int, float)) and 0 < mask_below < 1):
+        raise UsageError(f"mask below must be a share of routing in (0, 1), got {mask_below!r}")
+    if calibration is not None:
+        cal = np.asarray(calibration)
+        if cal.ndim != 2 or cal.size == 0 or not np.issubdtype(cal.dtype, np.integer):
+            raise UsageError(f"calibration must be token windows (batch, seq) of integers with at least one token, "
+                             f"got {cal.dtype} of shape {cal.shape}")
+    if tuning_db is not None:
+        from .tuning import TuningError
+
+        db = Path(tuning_db)
+        if not db.is_dir():
+            raise TuningError(f"tuning database {db}: no such directory (make one with `moetvm tune --db {db}`)")
+        if not (db / "database_workload.json").is_file():
+            raise TuningError(f"tuning database {db}: not a MetaSchedule database (no database_workload.json)")
+    if sign_key is not None:
+        from moetvm.signing import load_private_key
+
+        load_private_key(sign_key)
+
+
+def _validate_artifact(sign_key, bar: Progress):
+    """The last check before a new artifact replaces anything: its manifest parses, every file
+    matches its recorded size and hash, and (when signing) the signature verifies."""
+    def validate(root: Path) -> None:
+        from moetvm.artifact import check_file, read_manifest
+
+        with bar.step("validate" + (" and sign" if sign_key else "") + " the new artifact"):
+            manifest = read_manifest(root)
+            for ref in manifest.files():
+                check_file(root, ref)
+            if sign_key is not None:
+                from moetvm.signing import sign_artifact, verify_signed_by
+
+                sign_artifact(root, sign_key, check_files=False)
+                verify_signed_by(root, sign_key)
+    return validate
 
 
 def write_artifact(p: "_Prepared", out: str | Path, model_info: dict, *, tuning_db=None, dense_fallback: bool = False,
-                   bar: Progress | None = None) -> Path:
+                   bar: Progress | None = None, sign_key: str | Path | None = None) -> Path:
     """Build every library of a prepared model and write the artifact atomically (shared by the
-    torch.export and ONNX front doors)."""
+    torch.export and ONNX front doors); signed with `sign_key` and validated before it replaces
+    anything at `out`."""
     bar = bar or Progress(False, total=0)
     dt, specs = p.target, p.specs
     out = Path(out)
 
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, validate=_validate_artifact(sign_key, bar)) as tmp:
         (tmp / "lib").mkdir()
         libraries = []
         device_code: dict[str, dict] = {}
@@ -192,7 +250,8 @@ def write_artifact(p: "_Prepared", out: str | Path, model_info: dict, *, tuning_
                 program=p.split.program,
                 workloads=list(p.workload_entries.values()),
                 moe_layers=moe_layers,
-                compile_info={"tvm": tvm.__version__, "torch": torch.__version__, "seconds": round(bar.elapsed, 1),
+                # No timestamps or durations: the same inputs give a byte-identical manifest.
+                compile_info={"tvm": tvm.__version__, "torch": torch.__version__,
                               "quant": {**p.plan_info, "router": p.router_scheme.tag},
                               **({"tuning": {**tuning, "database": str(tuning_db)}} if tuning_db else {}),
                               **({"device_code": device_code} if device_code else {})},
@@ -286,7 +345,7 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: DeployTarget,
                     for n, shape, dtype in quantization.swiglu_params(d_model, d_ff, sch)],
         )
     if bar is not None:
-        bar.total = 4 + len(entries)  # trace, segments, routers, one per workload, write
+        bar.total = 5 + len(entries)  # trace, segments, routers, one per workload, write, validate
     return _Prepared(target, specs, lm, split, plan, plan_info, usage, routers, routing, router_scheme, entries,
                      kind or ("causal_lm" if lm else "moe_block"))
 
@@ -321,6 +380,13 @@ def tune_model(model: nn.Module, example_inputs: tuple = (), target: str | Deplo
     from . import tuning
     from .lowering import tvm_target
 
+    # The tracker first (rpc_runner checks it gives a device under the key): an unreachable one
+    # is a TuningError now, not after preparing the model and failing every measurement.
+    if tracker:
+        deploy_target = target if isinstance(target, DeployTarget) else get_target(target)
+        runner = tuning.rpc_runner(tracker, key or deploy_target.rpc_key)
+    else:
+        runner = None
     defaults = dict(quant="fp32", group_size=quantization.DEFAULT_GROUP_SIZE, router_quant="fp32", weight_budget=None,
                     calibration=None, routing="learned", tile=16, cycle_dwell=8, mask_below=None)
     p = _prepare(_in_lm_protocol(model), example_inputs, target, **{**defaults, **options}, bar=Progress(progress, total=4))
@@ -331,7 +397,6 @@ def tune_model(model: nn.Module, example_inputs: tuple = (), target: str | Deplo
     # routers and experts also at a prefill bucket.
     tasks = tuning.extract_tasks({k: v for k, v in libs.items() if k == "segments"}, tgt, buckets=(1,))
     tasks += tuning.extract_tasks({k: v for k, v in libs.items() if k != "segments"}, tgt)
-    runner = tuning.rpc_runner(tracker, key or p.target.rpc_key) if tracker else None
     return tuning.tune(tasks, tgt, Path(db), trials, runner=runner, cross_compiler=p.target.cross_compiler,
                        progress=(lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None))
 
@@ -361,7 +426,7 @@ def _precision_plan(specs, cal, quant, group_size, weight_budget, calibration):
     if calibration is None or weight_budget is None:
         raise quantization.QuantizationError("--quant auto needs calibration tokens and a --weight-budget")
     fp32_bytes = sum(e.w_gate.nbytes * 3 for spec in specs for e in spec.experts)
-    budget = _parse_size(weight_budget, fp32_bytes)
+    budget = parse_budget(weight_budget, fp32_bytes, "weight budget")
     chosen = quant_plan.plan(specs, cal, budget, group_size)
     counts = {}
     for s in chosen.values():
@@ -369,13 +434,6 @@ def _precision_plan(specs, cal, quant, group_size, weight_budget, calibration):
     info = {"scheme": "auto", "weight_budget": budget, "calibration_tokens": int(np.asarray(calibration).size),
             "counts": counts, "experts": {f"{li}.{ei}": s.tag for (li, ei), s in chosen.items()}}
     return {**chosen, **shared}, info
-
-
-def _parse_size(value, total: int) -> int:
-    text = str(value).strip()
-    if text.endswith("%"):
-        return int(float(text[:-1]) / 100 * total)
-    return int(float(text))
 
 
 def _group_workloads(specs: list[MoELayerSpec], plan: dict) -> dict[tuple, str]:

@@ -147,7 +147,9 @@ def load_hf(path: str | Path) -> HFCausalLM:
     """A local transformers model directory (config.json + safetensors), no network, fp32."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"hf:{path}: no config.json there (a local transformers model directory is needed)")
+        from .models import ModelSourceError
+
+        raise ModelSourceError(f"hf:{path}: no config.json there (a local transformers model directory is needed)")
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as e:

@@ -510,15 +510,20 @@ def compile_onnx(path: str | Path, target: str | DeployTarget = "host", out: str
                  input_shapes: dict[str, list[int]] | None = None, quant: str = "fp32",
                  group_size: int = quantization.DEFAULT_GROUP_SIZE, router_quant: str = "fp32",
                  routing: str = "learned", tile: int = 16, cycle_dwell: int = 8, tuning_db=None,
-                 dense_fallback: bool = False, name: str | None = None, progress: bool = True) -> Path:
+                 dense_fallback: bool = False, name: str | None = None, progress: bool = True,
+                 sign_key: str | Path | None = None) -> Path:
     """Compile an ONNX MoE model (fixed shapes; `input_shapes` fixes symbolic input dims) into a
     "graph" artifact. Options as in compile_model; those that need the PyTorch model to run
     calibration text (auto quantization, hash routing, masking) are not available."""
-    from .api import Progress, plan_parts, write_artifact
+    from .api import Progress, check_compile_options, plan_parts, write_artifact
+    from .output import check_output
 
     if quant == "auto" or routing == "hash":
         raise OnnxModelError(f"{'--quant auto' if quant == 'auto' else 'hash routing'} needs calibration through "
                              f"the PyTorch model; not available for an ONNX model")
+    check_compile_options(quant=quant, group_size=group_size, router_quant=router_quant, routing=routing, tile=tile,
+                          cycle_dwell=cycle_dwell, tuning_db=tuning_db, sign_key=sign_key)
+    check_output(out, inputs=(path,))
     dt = target if isinstance(target, DeployTarget) else get_target(target)
     dt.check_toolchain()
     model = load_onnx(path, input_shapes)
@@ -532,4 +537,5 @@ def compile_onnx(path: str | Path, target: str | DeployTarget = "host", out: str
             "parameters": int(sum(np.prod(t.dims) for t in model.graph.initializer)),
             "moe_layers": len(specs), "experts_per_layer": [s.n_experts for s in specs],
             "top_k": [s.top_k for s in specs]}
-    return write_artifact(p, out, info, tuning_db=tuning_db, dense_fallback=dense_fallback, bar=bar)
+    return write_artifact(p, out, info, tuning_db=tuning_db, dense_fallback=dense_fallback, bar=bar,
+                          sign_key=sign_key)

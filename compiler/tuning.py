@@ -8,7 +8,10 @@ Three steps, each usable on its own:
 2. `tune(tasks, target, work_dir, trials_per_task)`: MetaSchedule (evolutionary search, XGBoost
    cost model) into TVM's own JSON database under `work_dir` (`database_workload.json`,
    `database_tuning_record.json`). Resumable: a task already tuned to the requested trial count is
-   skipped. Local runner by default; `rpc_runner(tracker, key)` measures on a board instead.
+   skipped; only successful measurements count (a task whose candidates all failed to build or
+   run is not tuned, and `tune` ends with TuningError). Local runner by default;
+   `rpc_runner(tracker, key)` measures on a board instead, after `check_tracker` made sure the
+   tracker gives a device.
 3. `apply_database(work_dir)`: a pass for the compile pipeline, inserted right after legalisation
    (see `compiler/lowering.py`), that gives every PrimFunc with a record its tuned schedule and
    leaves the rest to our default schedules. `pass_.stats` counts tuned and default kernels.
@@ -38,8 +41,11 @@ import importlib.util
 import json
 import logging
 import os
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,10 +59,16 @@ DEFAULT_BUCKETS: tuple[int, ...] = (1, 32)
 SIDECAR = "moetvm_tuning.json"  # our notes beside TVM's two database files
 _FAILED_RUN = 1e9  # MetaSchedule records failed candidates with run_secs = 1e10
 _MS_LOGGER = "tvm.s_tir.meta_schedule"
+_GIVE_UP_AFTER = 3  # tasks in a row with no successful measurement before a tuning run stops
 
 
 class TuningError(MoetvmError, RuntimeError):
-    """Tuning cannot run here, or was asked for something it cannot do; the message says why."""
+    """Tuning cannot run here, or was asked for something it cannot do; the message says why.
+    `report`: the TuneReport of a tuning run that ended with failed tasks, else None."""
+
+    def __init__(self, message: str, *, report: "TuneReport | None" = None):
+        super().__init__(message)
+        self.report = report
 
 
 # --- targets ---------------------------------------------------------------------------------
@@ -348,24 +360,53 @@ def extract_tasks(
 
 
 # --- the database ----------------------------------------------------------------------------
-def open_database(work_dir: str | os.PathLike):
-    """TVM's JSONDatabase in `work_dir` (created when missing)."""
+_DB_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+def open_database(work_dir: str | os.PathLike, *, create: bool = True):
+    """TVM's JSONDatabase in `work_dir`. `create`: make the directory and its files when missing
+    (tuning); otherwise (compiling with a database) a missing directory, one without TVM's two
+    database files, or files TVM cannot read are a TuningError."""
     from tvm.s_tir.meta_schedule.database import JSONDatabase
 
+    work_dir = Path(work_dir)
+    if not create:
+        if not work_dir.exists():
+            raise TuningError(f"tuning database {work_dir}: no such directory (write one with `moetvm tune`)")
+        if not work_dir.is_dir():
+            raise TuningError(f"tuning database {work_dir}: not a directory (give the directory `moetvm tune "
+                              "--db` wrote)")
+        missing = [f for f in _DB_FILES if not (work_dir / f).is_file()]
+        if missing:
+            raise TuningError(f"tuning database {work_dir}: not a tuning database (no {' or '.join(missing)}; "
+                              "write one with `moetvm tune`)")
     require_working_serialization()
-    Path(work_dir).mkdir(parents=True, exist_ok=True)
-    return JSONDatabase(work_dir=str(work_dir), module_equality="structural")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return JSONDatabase(work_dir=str(work_dir), module_equality="structural")
+    except Exception as e:  # noqa: BLE001 - TVM raises its own error types for unreadable files
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        raise TuningError(f"tuning database {work_dir}: cannot be read ({type(e).__name__}: "
+                          f"{lines[-1].strip() if lines else 'no message'})") from e
 
 
 @dataclass
 class _Entry:
-    trials: int = 0
+    trials: int = 0  # records, failed candidates included
+    valid: int = 0  # records of candidates that built and ran (MetaSchedule stores failures too)
     best: object = None  # TuningRecord with the lowest mean latency
     best_s: float = float("inf")
 
 
+def _measured(run_secs) -> list[float] | None:
+    """The times of a successful measurement; None for a failed one. MetaSchedule's AddToDatabase
+    stores a candidate that failed to build or run with run_secs [1e10]."""
+    secs = [float(s) for s in (run_secs or [])]
+    return secs if secs and max(secs) < _FAILED_RUN else None
+
+
 def _index(db) -> dict[tuple[str, str], _Entry]:
-    """(workload key, target key) -> trial count and best valid record."""
+    """(workload key, target key) -> record counts and best valid record."""
     keys: dict = {}
     out: dict[tuple[str, str], _Entry] = {}
     for rec in db.get_all_tuning_records():
@@ -375,8 +416,9 @@ def _index(db) -> dict[tuple[str, str], _Entry]:
         tkey = target_key(rec.target) if rec.target is not None else ""
         entry = out.setdefault((keys[wl], tkey), _Entry())
         entry.trials += 1
-        secs = [float(s) for s in (rec.run_secs or [])]
-        if secs and max(secs) < _FAILED_RUN:
+        secs = _measured(rec.run_secs)
+        if secs:
+            entry.valid += 1
             mean = sum(secs) / len(secs)
             if mean < entry.best_s:
                 entry.best, entry.best_s = rec, mean
@@ -424,16 +466,108 @@ def _export_shared(mod, compiler: str) -> str:
     return path
 
 
+def _tracker_address(tracker: str) -> tuple[str, int]:
+    host, sep, port = str(tracker).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise TuningError(f"tracker must be HOST:PORT, got {tracker!r}")
+    return host.strip("[]"), int(port)
+
+
+def _last_line(text) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+class _NotATracker(Exception):
+    """Connected, but the peer did not complete TVM's tracker handshake (the message says how)."""
+
+
+def _tracker_session(addr: tuple[str, int], timeout: float):
+    """TVM's tracker client (tvm.rpc.connect_tracker's TrackerSession) with a socket timeout: its
+    own connect retries a refused connection for 60 s and waits on a silent peer for ever."""
+    from tvm.rpc import base
+    from tvm.rpc.client import TrackerSession
+
+    class _Session(TrackerSession):
+        def _connect(self):  # TrackerSession._connect, with create_connection(timeout) for connect_with_retry
+            sock = socket.create_connection(self._addr, timeout=timeout)
+            try:
+                sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+                magic = struct.unpack("<i", base.recvall(sock, 4))[0]
+            except (socket.timeout, TimeoutError):
+                sock.close()
+                raise _NotATracker(f"connected, but no answer to the tracker handshake within {timeout:g} s") from None
+            except OSError as e:
+                sock.close()
+                raise _NotATracker(f"connected, but the handshake failed: {e.strerror or e}") from None
+            if magic != base.RPC_TRACKER_MAGIC:
+                sock.close()
+                raise _NotATracker("not a TVM RPC tracker (wrong answer to its handshake)")
+            self._sock = sock
+
+    return _Session(addr)
+
+
+def check_tracker(tracker: str, key: str, timeout: float = 10.0) -> None:
+    """TuningError unless the TVM RPC tracker at "HOST:PORT" answers and gives a session on a
+    device registered under `key`, each within `timeout` seconds. Run before tuning, so that a
+    wrong address or key fails at once instead of after every candidate failed to measure."""
+    addr = _tracker_address(tracker)
+    where = f"tracker {tracker}"
+    try:
+        session = _tracker_session(addr, timeout)
+    except (socket.timeout, TimeoutError):
+        raise TuningError(f"{where}: cannot connect (no answer within {timeout:g} s)") from None
+    except OSError as e:
+        raise TuningError(f"{where}: cannot connect ({e.strerror or e})") from None
+    except _NotATracker as e:
+        raise TuningError(f"{where}: {e}") from None
+    try:
+        try:
+            summary = session.summary()
+        except (OSError, RuntimeError, ValueError) as e:
+            raise TuningError(f"{where}: no summary from the tracker ({_last_line(e) or type(e).__name__})") from None
+        registered = [str(s.get("key", "")).partition(":")[2] for s in summary.get("server_info", [])]
+        keys = sorted(set(registered) - {""})
+        if key not in keys:
+            there = f"keys there: {', '.join(keys)}" if keys else "no device is registered"
+            raise TuningError(f"{where}: no device registered under key {key!r} ({there})")
+        # A session on a device, as MetaSchedule's RPC runner will ask for one: the tracker hands out
+        # a free device (or queues the request), then the client connects to the device itself.
+        box: dict = {}
+
+        def request():
+            try:
+                box["session"] = session.request(key, priority=1, session_timeout=timeout, max_retry=1)
+            except Exception as e:  # noqa: BLE001 - reported below
+                box["error"] = e
+
+        worker = threading.Thread(target=request, daemon=True)
+        worker.start()
+        worker.join(2 * timeout)
+        if "session" in box:
+            return
+        error = box.get("error")
+        if error is None or "timed out" in str(error):
+            raise TuningError(f"{where}: no free device under key {key!r} within {timeout:g} s "
+                              f"({registered.count(key)} registered, all busy or not answering)")
+        raise TuningError(f"{where}: cannot open a session on a device under key {key!r} ({_last_line(error)})")
+    finally:
+        session.close()
+
+
 def rpc_runner(tracker: str, key: str, *, session_timeout_sec: float = 60, number: int = 3, repeat: int = 1,
-               min_repeat_ms: int = 100, max_workers: int = 1):
+               min_repeat_ms: int = 100, max_workers: int = 1, check: bool = True, check_timeout: float = 10.0):
     """A MetaSchedule runner measuring on boards registered at a TVM RPC tracker ("HOST:PORT")
-    under `key`. Building it does not contact the tracker."""
+    under `key`. `check`: first make sure the tracker gives a device under `key` (`check_tracker`,
+    TuningError if not, within `check_timeout` seconds); without it, building the runner does not
+    contact the tracker."""
     from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RPCConfig, RPCRunner
 
-    host, sep, port = tracker.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise TuningError(f"tracker must be HOST:PORT, got {tracker!r}")
-    config = RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key, session_priority=1,
+    host, port = _tracker_address(tracker)
+    if check:
+        check_tracker(tracker, key, timeout=check_timeout)
+    config = RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key, session_priority=1,
                        session_timeout_sec=int(session_timeout_sec))
     evaluator = EvaluatorConfig(number=number, repeat=repeat, min_repeat_ms=min_repeat_ms, enable_cpu_cache_flush=False)
     return RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=max_workers)
@@ -464,6 +598,7 @@ class TaskResult:
     trials_run: int
     best_us: float | None
     skipped: bool
+    error: str | None = None  # why no candidate of this run built and ran (the task is then not tuned)
 
     @property
     def trials(self) -> int:
@@ -494,24 +629,45 @@ class TuneReport:
                  f"in {self.seconds:.1f}s -> {self.work_dir}"]
         for t in self.tasks:
             best = f"{t.best_us:.1f} us" if t.best_us is not None else "no valid candidate"
-            lines.append(f"  {t.name}: {t.trials} trials, best {best}{' (skipped)' if t.skipped else ''}")
+            lines.append(f"  {t.name}: {t.trials} trials, best {best}{' (skipped)' if t.skipped else ''}"
+                         + (f", FAILED: {t.error}" if t.error else ""))
         return "\n".join(lines)
 
 
-def _progress_callback(report: Callable[[int, float | None], None]):
+def _short_error(msg) -> str:
+    """One line of a builder/runner error: its first line, and its last where they differ
+    ("RPCRunner: An exception occurred: ValueError: Unable to connect ...")."""
+    lines = [line.strip() for line in str(msg).strip().splitlines() if line.strip()]
+    if not lines:
+        return "no message"
+    text = lines[0] if len(lines) == 1 or lines[-1] in lines[0] else f"{lines[0].rstrip(':')}: {lines[-1]}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _progress_callback(report: Callable[[int, int, float | None, str | None], None]):
+    """A measure callback calling report(candidates, successful, best seconds, first error)
+    after each batch."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     @derived_object
     class _Progress(PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            best = None
-            for r in runner_results:
-                secs = [float(s) for s in (r.run_secs or [])]
-                if r.error_msg is None and secs and max(secs) < _FAILED_RUN:
+            best, ok, error = None, 0, None
+            for b, r in zip(builder_results, runner_results):
+                secs = _measured(r.run_secs) if r.error_msg is None else None
+                if secs:
+                    ok += 1
                     mean = sum(secs) / len(secs)
                     best = mean if best is None else min(best, mean)
-            report(len(runner_results), best)
+                elif error is None:
+                    if b.error_msg is not None:
+                        error = "build failed: " + _short_error(b.error_msg)
+                    elif r.error_msg is not None:
+                        error = "run failed: " + _short_error(r.error_msg)
+                    else:
+                        error = "run failed: no valid time measured"
+            report(len(runner_results), ok, best, error)
 
     return _Progress()
 
@@ -530,8 +686,14 @@ def tune(
     seed: int | None = None,
 ) -> TuneReport:
     """Tune each task to `trials_per_task` measured candidates into the JSON database in
-    `work_dir`. Tasks already holding that many records (or tuned to it by an earlier run) are
-    skipped; a partly tuned task gets only the missing trials.
+    `work_dir`. Tasks already holding that many successfully measured records (or tuned to it by
+    an earlier run that measured at least one) are skipped; a partly tuned task gets only the
+    missing trials. Records of candidates that failed to build or run (MetaSchedule stores them
+    with run_secs 1e10) do not count: a task with only those is tuned again.
+
+    A task none of whose candidates built and ran in this run is not noted as tuned; once every
+    task was tried (or after three such tasks in a row from the start: a broken builder or
+    runner), TuningError names them and the first error (`error.report`: the TuneReport).
 
     `runner`: None measures on this machine; pass `rpc_runner(tracker, key)` for a board (for
     a cross target, `cross_compiler` exports candidates as .so built by that compiler instead of
@@ -565,12 +727,14 @@ def tune(
     results: list[TaskResult] = []
     todo: list[tuple[Task, TaskResult]] = []
     for task in tasks:
+        # Tuned = successful measurements only: MetaSchedule also records candidates that failed
+        # to build or run (run_secs 1e10), and a task with nothing but those is retried.
         entry = index.get((task.key, tkey), _Entry())
-        done_before = tuned_to.get(f"{task.key}|{tkey}", {}).get("trials", 0)
+        done_before = tuned_to.get(f"{task.key}|{tkey}", {}).get("trials", 0) if entry.valid else 0
         res = TaskResult(name=task.name, key=task.key, bucket=task.bucket, libraries=list(task.libraries),
-                         trials_before=entry.trials, trials_run=0,
+                         trials_before=entry.valid, trials_run=0,
                          best_us=None if entry.best is None else entry.best_s * 1e6,
-                         skipped=max(entry.trials, done_before) >= trials_per_task)
+                         skipped=max(entry.valid, done_before) >= trials_per_task)
         results.append(res)
         if not res.skipped:
             todo.append((task, res))
@@ -580,7 +744,7 @@ def tune(
     for i, res in enumerate(results):
         if res.skipped:
             best = f"{res.best_us:.1f} us" if res.best_us is not None else "none valid"
-            say(f"[tune {i + 1}/{len(results)}] {res.name}: {res.trials_before} trials in the database "
+            say(f"[tune {i + 1}/{len(results)}] {res.name}: {res.trials_before} measured trials in the database "
                 f"(>= {trials_per_task}), best {best}: skipped")
 
     if todo:
@@ -599,13 +763,20 @@ def tune(
             loggers = get_loggers_from_work_dir(str(work_dir), [t.name for t, _ in todo])
         finally:
             console.setLevel(old_level)
+        failed: list[TaskResult] = []
+        attempted = 0
         for (task, res), logger in zip(todo, loggers):
+            if len(failed) >= _GIVE_UP_AFTER and len(failed) == attempted:
+                break  # every task so far failed entirely: the builder or runner is broken, not the kernels
+            attempted += 1
             number = results.index(res) + 1
             remaining = trials_per_task - res.trials_before
-            state = {"done": 0, "best": None if res.best_us is None else res.best_us / 1e6}
+            state = {"done": 0, "ok": 0, "error": None, "best": None if res.best_us is None else res.best_us / 1e6}
 
-            def on_batch(n, best, task=task, res=res, number=number, state=state):
+            def on_batch(n, ok, best, error, task=task, res=res, number=number, state=state):
                 state["done"] += n
+                state["ok"] += ok
+                state["error"] = state["error"] or error
                 if best is not None:
                     state["best"] = best if state["best"] is None else min(state["best"], best)
                 best_txt = "none valid yet" if state["best"] is None else f"{state['best'] * 1e6:.1f} us"
@@ -629,20 +800,35 @@ def tune(
                 task_scheduler="round-robin",
             )
             res.trials_run = state["done"]
-            tuned_to[f"{task.key}|{tkey}"] = {"name": task.name, "bucket": task.bucket,
-                                               "trials": max(trials_per_task, res.trials_before)}
-            _write_sidecar(work_dir, sidecar)
+            if state["ok"]:  # noted as tuned to the requested count only when something was measured
+                tuned_to[f"{task.key}|{tkey}"] = {"name": task.name, "bucket": task.bucket,
+                                                   "trials": max(trials_per_task, res.trials_before)}
+                _write_sidecar(work_dir, sidecar)
+            else:
+                res.error = state["error"] or "MetaSchedule produced no candidate to measure"
+                failed.append(res)
+                say(f"[tune {number}/{len(results)}] {task.name}: no candidate built and ran ({res.error}); "
+                    "not recorded as tuned")
         index = _index(db)
         for res in results:
             entry = index.get((res.key, tkey))
             if entry is not None and entry.best is not None:
                 res.best_us = entry.best_s * 1e6
     else:
+        failed, attempted = [], 0
         _write_sidecar(work_dir, sidecar)
     report = TuneReport(work_dir=str(work_dir), target=str(target), trials_per_task=trials_per_task,
                         tasks=results, seconds=round(time.perf_counter() - start, 1))
     say(f"tuning: {len(results)} tasks, {report.skipped} already tuned, {report.trials_run} new trials, "
         f"{report.seconds:.1f}s")
+    if failed:
+        left = len(todo) - attempted
+        names = ", ".join(r.name for r in failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+        raise TuningError(
+            f"tuning failed: {len(failed)} of {attempted} tasks tuned here got no successful measurement "
+            f"({names}; first error: {failed[0].error}); they are not recorded as tuned and the next run "
+            "retries them" + (f"; stopped early, {left} tasks not tried" if left else ""),
+            report=report)
     return report
 
 
@@ -757,8 +943,9 @@ class ApplyTuningDatabase:
         self.verify = verify
         self.fallback = fallback
         self.stats = TuningStats()
-        has_db = (self.work_dir / "database_workload.json").exists()
-        self._index = _index(open_database(self.work_dir)) if has_db else {}
+        # A directory that is not a tuning database is a mistake (a typo, an artifact directory):
+        # TuningError here rather than a compile that quietly uses no tuned kernel.
+        self._index = _index(open_database(self.work_dir, create=False))
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         target = self.target or tvm.target.Target.current(allow_none=True)
@@ -834,7 +1021,9 @@ def apply_database(work_dir: str | os.PathLike, target=None, *, buckets=None,
     """A module pass for the compile pipeline, to run right after legalisation and fusion and
     before the default schedules: every PrimFunc with a record in the database at `work_dir` (for
     this target) gets its tuned schedule and is marked `tirx.is_scheduled`, so the default
-    schedules skip it; the others are left alone (the default schedules take them).
+    schedules skip it; the others are left alone (the default schedules take them). TuningError
+    (here, before anything is compiled) when `work_dir` does not exist or is not a tuning database;
+    `open_database(work_dir, create=False)` makes the same check on its own.
 
     Static kernels take their best record as is. A symbolic kernel becomes one kernel that
     branches on its token count: `n == bucket` runs that bucket's tuned code (the static

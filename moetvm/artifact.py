@@ -13,6 +13,8 @@ from moetvm.errors import MoetvmError
 import dataclasses
 import hashlib
 import json
+import os
+import stat
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -153,7 +155,10 @@ class Manifest:
         return refs
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=False)
+        try:  # NaN/Infinity are not JSON: refuse to write a manifest other readers would reject
+            return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=False, allow_nan=False)
+        except ValueError as e:
+            raise ArtifactError(f"{MANIFEST_NAME}: cannot be written as JSON ({e})") from None
 
 
 # --- parsing: structural validation of untrusted JSON into the dataclasses -------------------
@@ -209,8 +214,11 @@ def _from_dict(cls, data, where: str):
 
 def parse(text: str | bytes) -> Manifest:
     """Parse and validate manifest JSON (untrusted input)."""
+    def not_json(constant: str):
+        raise ValueError(f"{constant} is not a JSON number")
+
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=not_json)
     except (ValueError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{MANIFEST_NAME}: not valid JSON ({e})") from None
     except RecursionError:
@@ -229,6 +237,8 @@ def parse(text: str | bytes) -> Manifest:
     return manifest
 
 
+MAX_DIM = 1 << 31  # any one tensor dimension (a real one is below 10^6)
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
 GROUP_SCORES = ("top2_sum", "max")  # how grouped top-k ranks a group (see routing.select_experts)
 MAX_EXPERTS = 1 << 16  # per layer; bounds every table the runtime builds from a manifest
 DEVICES = ("cpu", "cuda")
@@ -250,10 +260,27 @@ def _check_consistency(m: Manifest) -> None:
     libs = {lib.name: lib for lib in m.libraries}
     for ref in m.files():
         safe_relative_path(ref.path)
+    for t in m.inputs + m.outputs:
+        if any(type(d) is int and not 0 < d < MAX_DIM for d in t.shape):
+            raise ArtifactError(f"{MANIFEST_NAME}: tensor {t.name} has a dimension outside 1..{MAX_DIM - 1}: {t.shape}")
     wids = {w.id for w in m.workloads}
+    workload_bytes = {}
     for w in m.workloads:
         if w.library not in libs or w.function not in libs[w.library].functions:
             raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id} names missing {w.library}:{w.function}")
+        if not (0 < w.d_model < MAX_DIM and 0 < w.d_ff < MAX_DIM):
+            raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id}: d_model/d_ff outside 1..{MAX_DIM - 1}")
+        total = 0
+        for t in w.params:
+            if t.dtype not in DTYPE_BYTES or not t.shape or any(type(d) is not int or not 0 < d < MAX_DIM
+                                                                 for d in t.shape):
+                raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id}: tensor {t.name} has an unusable shape or "
+                                    f"dtype {t.dtype}{t.shape}")
+            count = 1
+            for d in t.shape:
+                count *= d
+            total += count * DTYPE_BYTES[t.dtype]
+        workload_bytes[w.id] = total
     from .routing import ROUTING_MODES, check_router  # routing semantics live beside the schema
 
     for layer in m.moe_layers:
@@ -289,6 +316,10 @@ def _check_consistency(m: Manifest) -> None:
         for e in layer.experts + [s.expert for s in layer.shared] + ([layer.fallback] if layer.fallback else []):
             if e.workload not in wids:
                 raise ArtifactError(f"{MANIFEST_NAME}: expert {e.file.path} names unknown workload")
+            # The weights a workload declares are exactly what the cache holds, and fit in the file.
+            if e.weight_bytes != workload_bytes[e.workload] or e.file.size < e.weight_bytes:
+                raise ArtifactError(f"{MANIFEST_NAME}: expert {e.file.path}: {e.weight_bytes} weight bytes in a "
+                                    f"{e.file.size}-byte file, its workload's tensors take {workload_bytes[e.workload]}")
     layers = {layer.layer for layer in m.moe_layers}
     for step in m.program:
         if step.op == "moe":
@@ -391,12 +422,70 @@ def check_file(root: Path, ref: FileRef) -> Path:
     return path
 
 
+def copy_verified(root: Path, ref: FileRef, sink, verify: bool = True) -> None:
+    """Feed the file's bytes to `sink(chunk)` through one descriptor, hashing the very bytes fed;
+    ArtifactError (after the last chunk) if size or SHA-256 differ from the manifest. Whoever
+    uses what the sink kept uses exactly the bytes verified: swapping the file after the check
+    and before the use cannot work, as nothing reads the path twice."""
+    path = resolve(root, ref)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ArtifactError(f"{ref.path}: missing from the artifact") from None
+    except OSError as e:
+        raise ArtifactError(f"{ref.path}: cannot be read ({e.strerror or e})") from None
+    h, size = hashlib.sha256(), 0
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ArtifactError(f"{ref.path}: not a regular file")
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            size += len(chunk)
+            if size > ref.size:
+                raise ArtifactError(f"{ref.path}: larger than the {ref.size} bytes the manifest says (replaced?)")
+            h.update(chunk)
+            sink(chunk)
+    if size != ref.size:
+        raise ArtifactError(f"{ref.path}: size {size} bytes, manifest says {ref.size} (truncated or replaced)")
+    if verify and h.hexdigest() != ref.sha256:
+        raise ArtifactError(f"{ref.path}: SHA-256 mismatch (corrupted or tampered)")
+
+
+def read_verified(root: Path, ref: FileRef, verify: bool = True) -> bytes:
+    """The file's bytes, read once and checked against the manifest (see `copy_verified`)."""
+    chunks: list[bytes] = []
+    copy_verified(root, ref, chunks.append, verify)
+    return b"".join(chunks)
+
+
 def file_ref(root: Path, path: Path) -> FileRef:
     return FileRef(path=path.relative_to(root).as_posix(), size=path.stat().st_size, sha256=sha256_file(path))
 
 
+MAX_MANIFEST_BYTES = 256 << 20  # a hash-routed manifest of a 256k vocabulary is ~20 MB
+
+
+def read_regular_file(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of `path`, a regular file that is not a symbolic link (it could point anywhere),
+    read through one descriptor and at most `limit` bytes long."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no {what} (not a moetvm artifact directory?)") from None
+    except OSError as e:
+        if os.path.islink(path):
+            raise ArtifactError(f"{path}: is a symbolic link; an artifact's {what} must be a regular file") from None
+        raise ArtifactError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ArtifactError(f"{path}: the {what} is not a regular file")
+        if info.st_size > limit:
+            raise ArtifactError(f"{path}: the {what} is {info.st_size} bytes, more than {limit}")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ArtifactError(f"{path}: the {what} is more than {limit} bytes")
+    return data
+
+
 def read_manifest(root: Path) -> Manifest:
-    path = Path(root) / MANIFEST_NAME
-    if not path.is_file():
-        raise ArtifactError(f"{path}: no manifest (not a moetvm artifact directory?)")
-    return parse(path.read_bytes())
+    return parse(read_regular_file(Path(root) / MANIFEST_NAME, MAX_MANIFEST_BYTES, "manifest"))

@@ -35,7 +35,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from moetvm.artifact import MANIFEST_NAME, ArtifactError, Manifest, check_file, parse
+from moetvm.artifact import MANIFEST_NAME, MAX_MANIFEST_BYTES, ArtifactError, Manifest, check_file, parse, read_regular_file
 
 SIGNATURE_NAME = "manifest.sig"
 SIGNATURE_FORMAT = "moetvm-ed25519-v1"
@@ -167,10 +167,7 @@ def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 # --- signing and verifying -------------------------------------------------------------------
 def _read_manifest_bytes(root: Path) -> bytes:
-    path = root / MANIFEST_NAME
-    if not path.is_file():
-        raise ArtifactError(f"{path}: no manifest (not a moetvm artifact directory?)")
-    return path.read_bytes()
+    return read_regular_file(root / MANIFEST_NAME, MAX_MANIFEST_BYTES, "manifest")
 
 
 def sign_artifact(artifact_dir: str | Path, private_key_path: str | Path, *, password: bytes | None = None,
@@ -281,3 +278,17 @@ def read_verified_manifest(artifact_dir: str | Path, trusted_public_key_paths) -
     bytes, so nothing can swap the manifest between the check and its use."""
     data, fp = verify_manifest_bytes(artifact_dir, trusted_public_key_paths)
     return parse(data), fp
+
+
+def verify_signed_by(artifact_dir: str | Path, private_key_path: str | Path, *, password: bytes | None = None) -> str:
+    """Check that the artifact's signature verifies with the public half of this private key
+    (the compiler's last check before a freshly signed artifact replaces an old one)."""
+    root = Path(artifact_dir)
+    public = load_private_key(private_key_path, password).public_key()
+    signature, _ = _read_signature(root)
+    _, _, InvalidSignature = _crypto()
+    try:
+        public.verify(signature, _read_manifest_bytes(root))
+    except InvalidSignature:
+        raise SignatureError(f"{root / MANIFEST_NAME}: the signature just written does not verify") from None
+    return _fingerprint_of(public)

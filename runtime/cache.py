@@ -16,6 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Hashable, Iterable
 
+from moetvm.budget import parse_budget  # noqa: F401 - re-exported: the runtime's budget parser
+
 
 @dataclass
 class CacheStats:
@@ -40,27 +42,6 @@ class CacheStats:
     def hit_rate(self) -> float:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
-
-
-def parse_budget(budget: int | float | str, total_bytes: int) -> int:
-    """Bytes from an int, a float fraction, "25%", or a size such as "64MB" / "3MiB"."""
-    if isinstance(budget, bool):
-        raise ValueError(f"bad cache budget {budget!r}")
-    if isinstance(budget, int):
-        return budget
-    if isinstance(budget, float):
-        return int(budget * total_bytes)
-    text = str(budget).strip().upper()
-    try:
-        if text.endswith("%"):
-            return int(float(text[:-1]) / 100 * total_bytes)
-        for suffix, scale in (("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10),
-                              ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-            if text.endswith(suffix):
-                return int(float(text[: -len(suffix)]) * scale)
-        return int(text)
-    except ValueError:
-        raise ValueError(f"bad cache budget {budget!r}: use bytes, a size like 64MB, or a percentage like 25%") from None
 
 
 class _Entry:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from moetvm.errors import MoetvmError
+import fcntl
+import os
+import platform
 import resource
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -13,7 +17,8 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from moetvm.artifact import ArtifactError, Expert, Manifest, MoELayer, check_file, kv_shapes, read_manifest
+from moetvm.artifact import (ArtifactError, Expert, Manifest, MoELayer, check_file, copy_verified, kv_shapes, read_manifest,
+                             read_verified, resolve)
 
 from .cache import ExpertCache, parse_budget
 from moetvm.routing import FIXED_MODES, FixedPattern, allowed_experts, group_by_expert, route
@@ -64,10 +69,13 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
         manifest, _ = read_verified_manifest(root, trusted_keys)
     else:
         manifest = read_manifest(root)
-    if verify:
+    if verify:  # libraries are verified as they load (from the bytes checked), experts here and on fetch
+        library_files = {lib.file.path for lib in manifest.libraries}
         for ref in manifest.files():
-            check_file(root, ref)
-    model = MoEModel(root, manifest, cache_budget, prefetch=prefetch, storage_mbps=storage_mbps, fallback=fallback)
+            if ref.path not in library_files:
+                check_file(root, ref)
+    model = MoEModel(root, manifest, cache_budget, prefetch=prefetch, storage_mbps=storage_mbps, fallback=fallback,
+                     verify=verify)
     if preload:
         model.preload_hot(preload)
     return model
@@ -75,15 +83,16 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
 
 class MoEModel:
     def __init__(self, root: Path, manifest: Manifest, cache_budget, prefetch: bool = False,
-                 storage_mbps: float | None = None, fallback: str = "error"):
+                 storage_mbps: float | None = None, fallback: str = "error", verify: bool = True):
         self.root, self.manifest = root, manifest
+        self.verify = verify
         self.fallback = fallback
         self.fallbacks = {"skip": 0, "dense": 0}  # token-expert slots served by a fallback
         self.fallback_errors: list[str] = []
         self.prefetch_enabled, self.storage_mbps = prefetch, storage_mbps
         self.recorder = None  # a TraceRecorder while recording routing traces
         self.device = tvm.device(manifest.target.get("device", "cpu"))
-        self._modules = {lib.name: _load_library(root, lib) for lib in manifest.libraries}
+        self._modules = {lib.name: _load_library(root, lib, verify) for lib in manifest.libraries}
         # A TVM VirtualMachine keeps per-call state: each thread gets its own over the shared modules.
         self._thread = threading.local()
         self._layers = {layer.layer: layer for layer in manifest.moe_layers}
@@ -295,13 +304,13 @@ class MoEModel:
     def _load_expert(self, key) -> tuple[list, int]:
         """Read, verify and upload one expert's weights (the cache's loader)."""
         expert: Expert = self._experts[key]
-        path = check_file(self.root, expert.file)  # also catches files changed after load
+        data = read_verified(self.root, expert.file, self.verify)  # also catches files changed after load
         if self.storage_mbps:
             time.sleep(expert.file.size / (self.storage_mbps * 1e6))
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
 
         try:
-            tensors = load_file(str(path))
+            tensors = load(data)  # the bytes just verified, not the path again
         except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file
             raise ArtifactError(f"{expert.file.path}: not a readable safetensors file ({e})") from None
         workload = self.manifest.workload(expert.workload)
@@ -450,12 +459,61 @@ class KVCache:
         return KVCache([keys] * layers, [values] * layers)
 
 
-def _load_library(root: Path, lib) -> tvm.runtime.Module:
+def _load_library(root: Path, lib, verify: bool = True) -> tvm.runtime.Module:
+    """Load a kernel library from exactly the bytes whose hash was checked: they are copied,
+    while hashed, through one descriptor into a sealed memory file (Linux memfd), which the
+    dynamic loader opens; where there is no memfd, into a file in a private temp directory. A
+    library swapped on disk after the check is never the one loaded."""
+    import tempfile
+
+    import tvm_ffi
+
+    _check_machine(root, lib)
+    private = Path(tempfile.mkdtemp(prefix="moetvm-lib-"))
+    fd = None
     try:
-        return tvm.runtime.load_module(str(root / lib.file.path))
-    except Exception as e:  # noqa: BLE001 - whatever TVM says, the file is not a usable library
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactError(f"{lib.file.path}: not a loadable kernel library ({first})") from None
+        name = private / Path(lib.file.path).name  # the loader picks its format by the suffix
+        try:
+            fd = os.memfd_create(name.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except (AttributeError, OSError):
+            fd = None
+        target = open(fd, "wb", closefd=False) if fd is not None else open(name, "xb")
+        with target:
+            copy_verified(root, lib.file, target.write, verify)
+        if fd is not None:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            os.symlink(f"/proc/self/fd/{fd}", name)
+        try:
+            return tvm_ffi.load_module(str(name))
+        except Exception as e:  # noqa: BLE001 - whatever TVM says, the file is not a usable library
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{lib.file.path}: not a loadable kernel library ({first})") from None
+    finally:
+        if fd is not None:
+            os.close(fd)  # the loader holds its own mapping
+        shutil.rmtree(private, ignore_errors=True)
+
+
+_ELF_MACHINES = {62: "x86-64", 183: "aarch64", 40: "arm", 243: "riscv"}
+
+
+def _check_machine(root: Path, lib) -> None:
+    """A library built for another machine (a cross-compiled artifact run on the workstation)
+    is named as such, not reported by the loader as 'No such file or directory'."""
+    try:
+        with open(resolve(root, lib.file), "rb") as f:
+            header = f.read(20)
+    except OSError:
+        return  # copy_verified reports it
+    if len(header) < 20 or header[:4] != b"\x7fELF":
+        return
+    built = _ELF_MACHINES.get(int.from_bytes(header[18:20], "little" if header[5] == 1 else "big"))
+    here = {"x86_64": "x86-64", "amd64": "x86-64", "aarch64": "aarch64", "arm64": "aarch64"}.get(
+        platform.machine().lower(), platform.machine())
+    if built and built != here:
+        raise ArtifactError(f"{lib.file.path}: built for {built}, this machine is {here} "
+                            f"(run it on its board, e.g. with `moetvm deploy`)")
 
 
 def _check_array(value, dtype: str, ndim: int, what: str) -> np.ndarray:

@@ -2,9 +2,15 @@
 
 from pathlib import Path
 
+from moetvm.errors import UsageError
+
 ASSETS = Path(__file__).parent / "assets"
 REFERENCE_CHECKPOINT = ASSETS / "reference.safetensors"
 HELDOUT_TEXT = ASSETS / "heldout.txt"
+
+
+class ModelSourceError(UsageError, FileNotFoundError):
+    """A model source that cannot be loaded: the message names the path and what is wrong."""
 
 
 def load_model_source(source: str):
@@ -19,8 +25,11 @@ def load_model_source(source: str):
     if source == "reference":
         return load_checkpoint(REFERENCE_CHECKPOINT)
     path = Path(source)
+    if path.is_dir():
+        hint = f"; for a transformers model directory write hf:{source}" if (path / "config.json").is_file() else ""
+        raise ModelSourceError(f"model {source!r}: is a directory, not a checkpoint file{hint}")
     if not path.is_file():
-        raise FileNotFoundError(f"model {source!r}: not 'reference' and no such checkpoint file")
+        raise ModelSourceError(f"model {source!r}: not 'reference', 'hf:DIR' or an existing checkpoint file")
     return load_checkpoint(path)
 
 
@@ -40,9 +49,20 @@ def text_windows(data: bytes, window: int = 128, count: int | None = None):
     return tokens[: n * window].reshape(n, window)
 
 
-def calibration_windows(path=None, count: int = 32):
-    data = Path(path).read_bytes() if path else heldout_split()[0]
-    return text_windows(data, count=count)
+def calibration_windows(path=None, count: int = 32, window: int = 128):
+    """Token windows of a calibration text (default: the shipped held-out text's first half);
+    a missing, unreadable or too short file is a UsageError."""
+    if path is None:
+        data = heldout_split()[0]
+    else:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise UsageError(f"calibration text {path}: cannot read it ({e.strerror or e})") from None
+        if len(data) < window:
+            raise UsageError(f"calibration text {path}: {len(data)} bytes, at least {window} are needed "
+                             f"(one {window}-token window)")
+    return text_windows(data, count=count, window=window)
 
 
 def cross_entropy_bits(logits, tokens) -> float:

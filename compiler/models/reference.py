@@ -177,13 +177,28 @@ def save_checkpoint(model: ReferenceMoELM, path: Path, extra: dict | None = None
 
 def load_checkpoint(path: Path) -> ReferenceMoELM:
     """Load as fp32 (the fp16-rounded weights are the reference)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        cfg = ReferenceConfig(**json.loads(f.metadata()["config"]))
-        state = {k: f.get_tensor(k).float() for k in f.keys()}
+    from . import ModelSourceError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            config = (f.metadata() or {}).get("config")
+            if config is None:
+                raise ModelSourceError(f"model {path}: a safetensors file without the reference model's 'config' "
+                                       f"metadata (not a moetvm reference checkpoint; for transformers use hf:DIR)")
+            cfg = ReferenceConfig(**json.loads(config))
+            state = {k: f.get_tensor(k).float() for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ModelSourceError(f"model {path}: not a readable safetensors checkpoint ({e})") from None
+    except (ValueError, TypeError) as e:
+        raise ModelSourceError(f"model {path}: bad reference config in the checkpoint metadata ({e})") from None
     model = ReferenceMoELM(cfg)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ModelSourceError(f"model {path}: weights do not match its config ({first})") from None
     return model.eval()
 
 
