@@ -220,6 +220,9 @@ def export_causal_lm(model: nn.Module, specs: list[MoELayerSpec]) -> tvm.IRModul
 
 def export_moe_block(model: nn.Module, specs: list[MoELayerSpec], example: torch.Tensor) -> tvm.IRModule:
     dyn = ({i: Dim(f"d{i}", min=1, max=MAX_TOKENS) for i in range(example.dim() - 1)},)
+    # torch.export specialises a dimension it sees at size 1; every leading dimension is dynamic
+    # anyway, so trace at size >= 2 and a batch-1 example works like any other.
+    example = example.new_zeros([max(d, 2) for d in example.shape[:-1]] + [example.shape[-1]])
     return _import(_with_markers(model, specs), (example,), dyn)
 
 

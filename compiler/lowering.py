@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import MutableSet
 from contextlib import contextmanager
 from pathlib import Path
 
 import tvm
-from tvm import relax
+import tvm_ffi
+import tvm.relax.utils
+from tvm import relax, tirx
 from tvm.support import cc
 
 from moetvm.targets import DeployTarget, TargetError
@@ -29,7 +32,7 @@ def relax_pipeline(target: tvm.target.Target, tuned: tvm.transform.Pass | None =
     CUDA pipeline already applies dlight's GPU schedules); `tuned` (a tuning database pass)
     schedules the kernels it has records for first, the defaults take the rest."""
     if target.kind.name != "llvm":
-        return relax.get_default_pipeline(target)
+        return tvm.transform.Sequential([relax.get_default_pipeline(target), canonical_shape_funcs])
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     @tvm.transform.module_pass(opt_level=0, name="MoetvmCPUPipeline")
@@ -42,10 +45,144 @@ def relax_pipeline(target: tvm.target.Target, tuned: tvm.transform.Pass | None =
                 + [default_cpu_schedule()]
                 + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target)
+                + [canonical_shape_funcs]
             )
             return tvm.transform.Sequential(passes)(mod)
 
     return pipeline
+
+
+# --- reproducible builds ----------------------------------------------------------------------
+# Same model in, byte-identical libraries out. TVM 0.27 orders two things by object *address*
+# (Python `hash()` of a TVM object and C++ `StructuralHash` of a free TIR var are pointer hashes),
+# so the generated code changed with ASLR and with whatever the process had allocated before:
+#
+# 1. Legalization (`relax.utils.gen_call_tir_inputs`, behind every `call_te`) collects the
+#    symbolic shape vars a kernel takes as extra parameters in a `set` and emits them in its
+#    iteration order: one compile gives `f(x, s18, s19, out)`, the next `f(x, s19, s18, out)`.
+#    The kernels differ, so do the BlockBuilder's deduplication, the kernel count and the names.
+#    Fix: that module's `set` becomes an insertion-ordered set, so the parameters come in the
+#    order the shapes use them (installed at import, so tuning sees the same kernels).
+# 2. VMShapeLower emits one host `shape_func` per shape-computation point, its stores in the order
+#    of an unordered_map walk; equal shape functions are merged only when the order happens to
+#    match. Fix: `canonical_shape_funcs` below, run right after it.
+
+
+class _InsertionOrderedSet(MutableSet):
+    """A set that iterates in insertion order (`set - other` keeps the left operand's order)."""
+
+    def __init__(self, items=()):
+        self._items = dict.fromkeys(items)
+
+    def __contains__(self, item):
+        return item in self._items
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+    def add(self, item):
+        self._items[item] = None
+
+    def discard(self, item):
+        self._items.pop(item, None)
+
+    def update(self, *iterables):
+        for items in iterables:
+            self._items.update(dict.fromkeys(items))
+
+    def __repr__(self):
+        return f"{type(self).__name__}({list(self._items)!r})"
+
+
+def _deterministic_legalization() -> None:
+    # Shadows the builtin only for code in tvm.relax.utils, where `set` serves one purpose:
+    # collecting a kernel's unbound shape vars. Idempotent.
+    tvm.relax.utils.set = _InsertionOrderedSet
+
+
+_deterministic_legalization()
+
+_SHAPE_FUNC_NAME = re.compile(r"shape_func\d*")
+
+
+def _shape_func_stores(func) -> list | None:
+    """The stores of a VMShapeLower shape function (`H[i] = <expr of H[j]>`, one per computed
+    slot, each reading only slots of shape vars, none written here), or None if `func` is not one."""
+    if not isinstance(func, tirx.PrimFunc) or len(func.params) != 1:
+        return None
+    body = func.body
+    stmts = list(body.seq) if isinstance(body, tirx.SeqStmt) else [body]
+    if not all(isinstance(s, tirx.BufferStore) and len(s.indices) == 1 and isinstance(s.indices[0], tirx.IntImm)
+               for s in stmts):
+        return None
+    if len({int(s.indices[0]) for s in stmts}) != len(stmts):
+        return None
+    return stmts
+
+
+@relax.expr_functor.mutator
+class _RenameGlobals(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, renames: dict[str, tvm.ir.GlobalVar]):
+        super().__init__(mod)
+        self.renames = renames
+
+    def visit_global_var_(self, op):
+        return self.renames.get(op.name_hint, op)
+
+
+@tvm.transform.module_pass(opt_level=0, name="MoetvmCanonicalShapeFuncs")
+def canonical_shape_funcs(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Put VMShapeLower's shape functions in a canonical form: stores sorted by slot (they are
+    independent: each computes one slot from shape-var slots only), equal functions merged and
+    named shape_func, shape_func1, ... in the order of their (deterministic) text."""
+    found = {}
+    for gv, func in mod.functions_items():
+        stmts = _shape_func_stores(func) if _SHAPE_FUNC_NAME.fullmatch(gv.name_hint) else None
+        if stmts is not None:
+            stmts.sort(key=lambda s: int(s.indices[0]))
+            found[gv.name_hint] = func.with_body(stmts[0] if len(stmts) == 1 else tirx.SeqStmt(stmts))
+    if not found:
+        return mod
+    unique: list = []  # canonical functions, first of each equivalence class
+    cls_of: dict[str, int] = {}
+    for name, func in found.items():
+        for i, other in enumerate(unique):
+            if tvm_ffi.structural_equal(func, other):
+                cls_of[name] = i
+                break
+        else:
+            cls_of[name] = len(unique)
+            unique.append(func)
+    order = sorted(range(len(unique)), key=lambda i: unique[i].script())
+    taken = {gv.name_hint for gv in mod.get_global_vars()} - set(found)
+    new_gvs: dict[int, tvm.ir.GlobalVar] = {}
+    typed = relax.BlockBuilder()  # hands out GlobalVars typed for their function (callers need it)
+    k = 0
+    for i in order:
+        while (name := "shape_func" + (str(k) if k else "")) in taken:
+            k += 1
+        k += 1
+        new_gvs[i] = typed.add_func(unique[i], name)
+        assert new_gvs[i].name_hint == name, (new_gvs[i], name)
+    renames = {name: new_gvs[i] for name, i in cls_of.items()}
+
+    out = tvm.IRModule(attrs=mod.attrs, global_infos=mod.global_infos)
+    rename = _RenameGlobals(mod, renames)
+    for gv, func in mod.functions_items():
+        if gv.name_hint in found:
+            continue
+        if isinstance(func, relax.Function):
+            func = rename.visit_expr(func)
+        out[gv] = func
+    for i, gv in new_gvs.items():
+        func = unique[i]
+        if func.attrs is not None and "global_symbol" in func.attrs:
+            func = func.with_attr("global_symbol", gv.name_hint)
+        out[gv] = func
+    return out
 
 
 @contextmanager

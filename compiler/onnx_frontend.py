@@ -506,6 +506,22 @@ def _tuple_result(func: relax.Function) -> relax.Function:
     return relax.Function(func.params, body, relax.TupleType([func.body.body.ty]), attrs=func.attrs)
 
 
+def _index_limits(model) -> dict[str, int]:
+    """Graph inputs used as indices into a constant table (token ids into an embedding) -> the
+    table's size along that axis: the runtime refuses ids outside it instead of the kernel
+    clamping them into a quietly wrong answer."""
+    tables = {t.name: list(t.dims) for t in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input}
+    limits: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in inputs and node.input[0] in tables:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            dims = tables[node.input[0]]
+            size = int(dims[axis if axis >= 0 else axis + len(dims)])
+            limits[node.input[1]] = min(size, limits.get(node.input[1], size))
+    return limits
+
+
 def compile_onnx(path: str | Path, target: str | DeployTarget = "host", out: str | Path = "artifact", *,
                  input_shapes: dict[str, list[int]] | None = None, quant: str = "fp32",
                  group_size: int = quantization.DEFAULT_GROUP_SIZE, router_quant: str = "fp32",
@@ -536,6 +552,6 @@ def compile_onnx(path: str | Path, target: str | DeployTarget = "host", out: str
             "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
             "parameters": int(sum(np.prod(t.dims) for t in model.graph.initializer)),
             "moe_layers": len(specs), "experts_per_layer": [s.n_experts for s in specs],
-            "top_k": [s.top_k for s in specs]}
+            "top_k": [s.top_k for s in specs], "index_limits": _index_limits(model)}
     return write_artifact(p, out, info, tuning_db=tuning_db, dense_fallback=dense_fallback, bar=bar,
                           sign_key=sign_key)

@@ -338,6 +338,9 @@ def _check_model_fields(m: Manifest) -> None:
     if m.kind == "graph" and not all(_positive_int(d) for t in m.inputs for d in t.shape):
         raise ArtifactError(f"{MANIFEST_NAME}: a graph artifact's inputs need fixed shapes, got "
                             f"{[t.shape for t in m.inputs]}")
+    limits = info.get("index_limits", {})
+    if not (isinstance(limits, dict) and all(_positive_int(v) for v in limits.values())):
+        raise ArtifactError(f"{MANIFEST_NAME}: model.index_limits must map input names to positive integers")
     if m.kind == "causal_lm":
         layout = info.get("kv_layout")
         if not (isinstance(layout, list) and len(layout) in (3, 5) and all(_positive_int(v) for v in layout)):

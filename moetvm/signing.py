@@ -139,8 +139,11 @@ def generate_keypair(private_path: str | Path, public_path: str | Path, *, overw
     private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
-    _atomic_write(private_path, private_pem, mode=0o600)
-    _atomic_write(public_path, public_pem, mode=0o644)
+    for path, data, mode in ((private_path, private_pem, 0o600), (public_path, public_pem, 0o644)):
+        try:
+            _atomic_write(path, data, mode=mode)
+        except OSError as e:
+            raise SignatureError(f"{path}: cannot write the key ({e.strerror or e})") from None
     return _fingerprint_of(key.public_key())
 
 

@@ -62,7 +62,13 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
     """
     root = Path(path)
     if fallback not in ("error", "skip", "dense"):
-        raise ValueError(f"unknown fallback policy {fallback!r}: use error, skip or dense")
+        raise InputError(f"unknown fallback policy {fallback!r}: use error, skip or dense")
+    if isinstance(preload, bool) or not isinstance(preload, (int, float)) or not 0 <= preload <= 1:
+        raise InputError(f"preload is a fraction of the experts in [0, 1], got {preload!r}")
+    if storage_mbps is not None and not (isinstance(storage_mbps, (int, float)) and 0 < storage_mbps < float("inf")):
+        raise InputError(f"storage throttle must be a positive number of MB/s, got {storage_mbps!r}")
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: no such artifact directory")
     if trusted_keys is not None:  # the signature is checked first, on the very bytes parsed
         from moetvm.signing import read_verified_manifest
 
@@ -74,6 +80,9 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
         for ref in manifest.files():
             if ref.path not in library_files:
                 check_file(root, ref)
+    if fallback == "dense" and any(layer.fallback is None for layer in manifest.moe_layers):
+        raise InputError(f"{root}: fallback 'dense' needs the dense stand-in experts, which this artifact lacks "
+                         f"(compile it with --dense-fallback, or use fallback 'skip')")
     model = MoEModel(root, manifest, cache_budget, prefetch=prefetch, storage_mbps=storage_mbps, fallback=fallback,
                      verify=verify)
     if preload:
@@ -107,7 +116,7 @@ class MoEModel:
         budget = parse_budget(cache_budget, self.total_expert_bytes)
         largest = max(e.weight_bytes for e in self._experts.values())
         if budget < largest:
-            raise ValueError(f"cache budget {budget} bytes is below one expert ({largest} bytes)")
+            raise InputError(f"cache budget {budget} bytes is below one expert ({largest} bytes)")
         self.cache = ExpertCache(budget, self._load_expert)
         self.timings = Timings()
         self._timing_lock = threading.Lock()
@@ -271,11 +280,17 @@ class MoEModel:
         return recorder.to_trace()
 
     def preload_hot(self, fraction: float) -> int:
-        """Load and pin the hottest `fraction` of experts (usage profile from calibration)."""
+        """Load and pin the hottest `fraction` of experts (usage profile from calibration); the
+        pinned bytes must leave room in the cache budget for at least one more expert."""
         ranked = sorted(((e.usage or 0.0, key) for key, e in self._experts.items() if isinstance(key[1], int)),
                         reverse=True)
-        count = round(fraction * len(ranked))
-        return self.cache.preload([key for _, key in ranked[:count]])
+        chosen = [key for _, key in ranked[: round(fraction * len(ranked))]]
+        pinned = sum(self._experts[key].weight_bytes for key in chosen)
+        largest = max(e.weight_bytes for e in self._experts.values())
+        if chosen and pinned + largest > self.cache.budget:
+            raise InputError(f"preload {fraction:g} pins {pinned} bytes of experts, which leaves no room for other "
+                             f"experts in the {self.cache.budget}-byte cache budget: lower the preload or raise the budget")
+        return self.cache.preload(chosen)
 
     def _run_expert(self, key, rows: np.ndarray, order=None) -> np.ndarray:
         weights = self.cache.get(key, order=order)
@@ -356,6 +371,9 @@ class MoEModel:
             if list(array.shape) != spec.shape:
                 raise InputError(f"{spec.name}: expected shape {spec.shape} (the graph was compiled for fixed "
                                  f"shapes), got {list(array.shape)}")
+            limit = self.manifest.model.get("index_limits", {}).get(spec.name)
+            if limit is not None and array.size and (array.min() < 0 or array.max() >= limit):
+                raise InputError(f"{spec.name}: indices must be in [0, {limit}), got [{array.min()}, {array.max()}]")
             checked[spec.name] = array
         out = self.run_program(checked)
         return out[self.manifest.outputs[0].name] if len(self.manifest.outputs) == 1 else out
@@ -385,9 +403,33 @@ class MoEModel:
         new = KVCache([out[f"keys_{i}"] for i in range(layers)], [out[f"values_{i}"] for i in range(layers)])
         return out["logits"], new
 
+    def check_generation(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """InputError, before any work, when `generate` could not finish: not a causal LM, no
+        prompt, a negative count, or more positions than the model has."""
+        if self.manifest.kind != "causal_lm":
+            raise InputError(f"generate needs a causal LM artifact; this one is a {self.manifest.kind} "
+                             f"(call the model on its inputs instead)")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        if prompt_tokens < 1:
+            raise InputError("generate needs a prompt of at least one token")
+        limit = self.manifest.model.get("max_positions")
+        needed = prompt_tokens + max(int(max_new_tokens) - 1, 0)  # the last new token is never fed back
+        if limit and needed > limit:
+            raise InputError(f"a {prompt_tokens}-token prompt plus {max_new_tokens} new tokens needs {needed} positions; "
+                             f"the model has {limit} (at most {limit - prompt_tokens + 1} new tokens)")
+
     def generate(self, prompt, max_new_tokens: int) -> list[int]:
-        """Greedy decoding with a KV cache; returns the new token ids."""
-        tokens = self._check_tokens(np.asarray(prompt, dtype=np.int64).reshape(1, -1))
+        """Greedy decoding with a KV cache from one prompt (a 1-D sequence of token ids, or a
+        (1, seq) batch of one); returns the new token ids."""
+        ids = np.asarray(prompt)
+        if ids.ndim > 2 or (ids.ndim == 2 and ids.shape[0] != 1):
+            raise InputError(f"generate takes one prompt (a 1-D sequence of token ids), got shape {ids.shape}; "
+                             f"run a batch through the model call instead")
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"token ids must be integers, got {ids.dtype}")
+        self.check_generation(ids.size, max_new_tokens)
+        tokens = self._check_tokens(ids.astype(np.int64).reshape(1, -1))
         cache = KVCache.empty(self.manifest, 1)
         t0 = time.perf_counter()
         logits, cache = self._lm_step(tokens, cache)
@@ -420,6 +462,7 @@ class MoEModel:
         }
         return {
             "fallbacks": dict(self.fallbacks),
+            "fallback_errors": list(self.fallback_errors),
             "prefetch": prefetch,
             "preloaded": c.preloaded,
             "hit_rate": c.hit_rate,

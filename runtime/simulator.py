@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 
-from .cache import parse_budget
-from .trace import Key, RoutingTrace, accesses
+from moetvm.budget import BudgetError, parse_budget
+from .trace import TraceError, Key, RoutingTrace, accesses
 
 POLICIES = ("lru", "lfu", "pinned", "runtime", "belady")
 # Half the budget pinned, half LRU (+ prefetch). Pinning more helps plain `pinned` but starves the
@@ -238,6 +238,15 @@ def _profile_counts(trace: RoutingTrace, profile) -> Mapping[Key, int]:
     return profile
 
 
+def _check_profile(trace: RoutingTrace, profile) -> None:
+    """A profile trace recorded on another model would pin experts this one lacks or sizes wrong."""
+    if isinstance(profile, RoutingTrace) and (profile.n_experts != trace.n_experts
+                                              or profile.expert_bytes != trace.expert_bytes):
+        raise TraceError(f"the profile trace is of another model ({profile.n_layers} layers, experts per layer "
+                         f"{profile.n_experts}, {profile.total_bytes} expert bytes) than the trace "
+                         f"({trace.n_layers} layers, {trace.n_experts}, {trace.total_bytes} bytes)")
+
+
 def simulate(trace: RoutingTrace, budget: int | float | str, policies: Iterable[str] = POLICIES,
              profile: RoutingTrace | Mapping[Key, int] | None = None,
              pin_fraction: float = DEFAULT_PIN_FRACTION) -> dict[str, dict]:
@@ -250,10 +259,11 @@ def simulate(trace: RoutingTrace, budget: int | float | str, policies: Iterable[
     counts. pin_fraction: the share of the budget the hot set may take.
     """
     policies, sizes = tuple(policies), trace.expert_bytes
+    _check_profile(trace, profile)
     budget_bytes = parse_budget(budget, trace.total_bytes)
     largest = max(sizes.values(), default=0)
     if budget_bytes < largest:
-        raise ValueError(f"cache budget {budget_bytes} bytes is below one expert ({largest} bytes)")
+        raise BudgetError(f"cache budget {budget_bytes} bytes is below one expert ({largest} bytes)")
     sequence = accesses(trace)
     needs_pins = {"pinned", "runtime"} & set(policies)
     pinned = hot_set(_profile_counts(trace, profile), sizes, budget_bytes, pin_fraction) if needs_pins else set()

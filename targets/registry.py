@@ -98,20 +98,38 @@ BUILTIN = {
 
 
 def _parse_targets(path: Path) -> list[DeployTarget]:
-    text = path.read_text()
-    if path.suffix == ".toml":
-        import tomllib
+    where = f"{path} (from MOETVM_TARGETS)" if str(path) in os.environ.get("MOETVM_TARGETS", "") else str(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TargetError(f"{where}: cannot read the targets file ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        if path.suffix == ".toml":
+            import tomllib
 
-        data = tomllib.loads(text)
-    else:
-        data = json.loads(text)
-    entries = data.get("targets", data)
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except ValueError as e:  # json.JSONDecodeError and tomllib.TOMLDecodeError both are
+        raise TargetError(f"{where}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({e})") from None
+    entries = data.get("targets", data) if isinstance(data, dict) else None
+    if not isinstance(entries, dict):
+        raise TargetError(f"{where}: expected a table of targets by name")
     out = []
     for name, spec in entries.items():
+        if not isinstance(spec, dict):
+            raise TargetError(f"{where}: target {name!r}: expected a table of DeployTarget fields")
         try:
-            out.append(DeployTarget(name=name, **spec))
+            target = DeployTarget(name=name, **spec)
         except TypeError as e:
-            raise TargetError(f"{path}: target {name!r}: {e}") from None
+            raise TargetError(f"{where}: target {name!r}: {e}") from None
+        if not (isinstance(target.tvm_target, dict) and isinstance(target.tvm_target.get("kind"), str)):
+            raise TargetError(f"{where}: target {name!r}: tvm_target must be a table with a 'kind' (llvm, cuda, ...)")
+        if type(target.memory_budget) is not int or target.memory_budget <= 0:
+            raise TargetError(f"{where}: target {name!r}: memory_budget must be a positive number of bytes")
+        if target.device not in ("cpu", "cuda") or not isinstance(target.rpc_key, str):
+            raise TargetError(f"{where}: target {name!r}: device must be cpu or cuda and rpc_key a string")
+        out.append(target)
     return out
 
 
