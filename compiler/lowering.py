@@ -65,7 +65,9 @@ def relax_pipeline(target: tvm.target.Target, tuned: tvm.transform.Pass | None =
 #    order the shapes use them (installed at import, so tuning sees the same kernels).
 # 2. VMShapeLower emits one host `shape_func` per shape-computation point, its stores in the order
 #    of an unordered_map walk; equal shape functions are merged only when the order happens to
-#    match. Fix: `canonical_shape_funcs` below, run right after it.
+#    match. Fix: `canonical_shape_funcs` below, the last pass of `relax_pipeline` for every target.
+# Nothing else varies: the linker's build id is a hash of the contents, LLVM's debug info names
+# "." as the compile directory, and export_library's temporary paths stay out of the library.
 
 
 class _InsertionOrderedSet(MutableSet):
@@ -139,10 +141,14 @@ def canonical_shape_funcs(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     independent: each computes one slot from shape-var slots only), equal functions merged and
     named shape_func, shape_func1, ... in the order of their (deterministic) text."""
     found = {}
+    symbols = False  # after AttachGlobalSymbol (the CUDA pipeline): symbol = name, set again below
     for gv, func in mod.functions_items():
         stmts = _shape_func_stores(func) if _SHAPE_FUNC_NAME.fullmatch(gv.name_hint) else None
         if stmts is not None:
             stmts.sort(key=lambda s: int(s.indices[0]))
+            if func.attrs is not None and "global_symbol" in func.attrs:
+                symbols = True
+                func = func.without_attr("global_symbol")
             found[gv.name_hint] = func.with_body(stmts[0] if len(stmts) == 1 else tirx.SeqStmt(stmts))
     if not found:
         return mod
@@ -178,10 +184,7 @@ def canonical_shape_funcs(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
             func = rename.visit_expr(func)
         out[gv] = func
     for i, gv in new_gvs.items():
-        func = unique[i]
-        if func.attrs is not None and "global_symbol" in func.attrs:
-            func = func.with_attr("global_symbol", gv.name_hint)
-        out[gv] = func
+        out[gv] = unique[i].with_attr("global_symbol", gv.name_hint) if symbols else unique[i]
     return out
 
 

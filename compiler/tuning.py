@@ -378,7 +378,7 @@ def open_database(work_dir: str | os.PathLike, *, create: bool = True):
                               "--db` wrote)")
         missing = [f for f in _DB_FILES if not (work_dir / f).is_file()]
         if missing:
-            raise TuningError(f"tuning database {work_dir}: not a tuning database (no {' or '.join(missing)}; "
+            raise TuningError(f"tuning database {work_dir}: not a tuning database (no {' and no '.join(missing)}; "
                               "write one with `moetvm tune`)")
     require_working_serialization()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -635,12 +635,17 @@ class TuneReport:
 
 
 def _short_error(msg) -> str:
-    """One line of a builder/runner error: its first line, and its last where they differ
-    ("RPCRunner: An exception occurred: ValueError: Unable to connect ...")."""
+    """One line of a builder/runner error (they carry whole tracebacks): its first line and the
+    last line naming an exception ("RPCRunner: An exception occurred: ValueError: Unable to
+    connect to the tracker ..."), else its last line."""
+    import re
+
     lines = [line.strip() for line in str(msg).strip().splitlines() if line.strip()]
     if not lines:
         return "no message"
-    text = lines[0] if len(lines) == 1 or lines[-1] in lines[0] else f"{lines[0].rstrip(':')}: {lines[-1]}"
+    named = [line for line in lines[1:] if re.match(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b", line)]
+    last = named[-1] if named else lines[-1]
+    text = lines[0] if len(lines) == 1 or last in lines[0] else f"{lines[0].rstrip(':')}: {last.rstrip(':')}"
     return text if len(text) <= 300 else text[:297] + "..."
 
 

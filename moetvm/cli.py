@@ -30,6 +30,10 @@ class _Commands(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # a bad option value: the one line, without the usage banner
+            error = click.ClickException(_one_line(e.format_message()))
+            error.exit_code = e.exit_code
+            raise error from None
         except MoetvmError as e:
             raise click.ClickException(_one_line(e)) from None
         except OSError as e:
@@ -241,6 +245,32 @@ def _byte_level(manifest) -> bool:
     return manifest.model.get("vocab_size") == 256
 
 
+def print_run_report(report: dict, fallback: str = "error") -> None:
+    """The human form of `run --json`'s report. Fallbacks, when any happened, are said on
+    stderr: an answer computed without some experts must not pass unnoticed."""
+    lat = report["latency_ms"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    click.echo(f"decode latency/token  p50 {fmt(lat['p50'])} ms  p95 {fmt(lat['p95'])} ms  p99 {fmt(lat['p99'])} ms"
+               f"  ({report['decode_tokens']} tokens; prefill {report['prefill_ms'][0]:.1f} ms)")
+    click.echo(f"expert cache          hit rate {report['hit_rate']:.1%}  loads {report['expert_loads']}  "
+               f"evictions {report['evictions']}  load time {report['expert_load_ms']:.1f} ms")
+    click.echo(f"expert memory         budget {report['cache_budget_bytes'] / 1e6:.2f} MB of "
+               f"{report['total_expert_bytes'] / 1e6:.2f} MB; resident {report['resident_expert_bytes'] / 1e6:.2f} MB")
+    t = report["time_ms"]
+    click.echo(f"time split            segments {t['segments']:.1f} ms  routing {t['routing']:.1f} ms  "
+               f"experts {t['experts']:.1f} ms (incl. loads)")
+    p = report["prefetch"]
+    if p["enabled"]:
+        fmt_pct = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
+        click.echo(f"prefetch              {p['loads']} loads, {p['useful']} useful (precision {fmt_pct(p['precision'])}, "
+                   f"recall {fmt_pct(p['recall'])}), {p['wasted']} wasted, {p['skipped']} skipped, {p['failed']} failed")
+    fallbacks = sum(report["fallbacks"].values())
+    if fallbacks:
+        click.echo(f"FALLBACKS             {fallbacks} token-expert slots served by --fallback {fallback}: "
+                   f"{'; '.join(report['fallback_errors'][:3])}", err=True)
+    click.echo(f"peak RSS              {report['peak_rss_mb']:.0f} MB")
+
+
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--prompt", default="def ", show_default=True, help="text, as bytes (the reference model's tokens)")
@@ -277,59 +307,33 @@ def run(directory, prompt, token_ids, max_new_tokens, cache_budget, prefetch, pr
         return
     click.echo(shown[0] + (" -> " if token_ids is not None else "") + shown[1])
     click.echo("-" * 60)
-    lat = report["latency_ms"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    click.echo(f"decode latency/token  p50 {fmt(lat['p50'])} ms  p95 {fmt(lat['p95'])} ms  p99 {fmt(lat['p99'])} ms"
-               f"  ({report['decode_tokens']} tokens; prefill {report['prefill_ms'][0]:.1f} ms)")
-    click.echo(f"expert cache          hit rate {report['hit_rate']:.1%}  loads {report['expert_loads']}  "
-               f"evictions {report['evictions']}  load time {report['expert_load_ms']:.1f} ms")
-    click.echo(f"expert memory         budget {report['cache_budget_bytes'] / 1e6:.2f} MB of "
-               f"{report['total_expert_bytes'] / 1e6:.2f} MB; resident {report['resident_expert_bytes'] / 1e6:.2f} MB")
-    t = report["time_ms"]
-    click.echo(f"time split            segments {t['segments']:.1f} ms  routing {t['routing']:.1f} ms  "
-               f"experts {t['experts']:.1f} ms (incl. loads)")
-    p = report["prefetch"]
-    if p["enabled"]:
-        fmt_pct = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
-        click.echo(f"prefetch              {p['loads']} loads, {p['useful']} useful (precision {fmt_pct(p['precision'])}, "
-                   f"recall {fmt_pct(p['recall'])}), {p['wasted']} wasted, {p['skipped']} skipped, {p['failed']} failed")
-    fallbacks = sum(report["fallbacks"].values())
-    if fallbacks:
-        click.echo(f"FALLBACKS             {fallbacks} token-expert slots served by --fallback {fallback}: "
-                   f"{'; '.join(report['fallback_errors'][:3])}", err=True)
-    click.echo(f"peak RSS              {report['peak_rss_mb']:.0f} MB")
+    print_run_report(report, fallback)
 
 
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--rpc", "rpc_addr", default=None, help="HOST:PORT of a board's RPC server")
-@click.option("--tracker", default=None, help="HOST:PORT of a TVM RPC tracker")
-@click.option("--key", default=None, help="device key at the tracker (default: the target's)")
+@click.option("--rpc", "rpc_addr", default=None, metavar="HOST:PORT", help="a board's RPC server (direct connection)")
+@click.option("--tracker", default=None, metavar="HOST:PORT", help="a TVM RPC tracker that boards registered with")
+@click.option("--key", default=None,
+              help="device key, as in TVM. --tracker: the key the boards registered under (default: the "
+                   "artifact's target's rpc key: rasp4 for cortex-a72, host for host). --rpc: the board's "
+                   "--key (default: none, as a board started without --key expects)")
 @click.option("--prompt", default="def ", show_default=True)
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--cache-budget", default=None, help="default: the target's memory budget")
 @click.option("--timeout", default=600.0, show_default=True, help="seconds before the board session is dropped")
-def deploy(directory, rpc_addr, tracker, key, prompt, max_new_tokens, cache_budget, timeout):
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path),
+              help="Ed25519 public key; refuse to upload unless the artifact is signed by one of these (repeatable)")
+def deploy(directory, rpc_addr, tracker, key, prompt, max_new_tokens, cache_budget, timeout, trusted_keys):
     """Upload an artifact to a board over TVM RPC, run it there, print the JSON report."""
-    from moetvm.artifact import read_manifest
-    from moetvm.runtime.remote import DeployError, deploy as deploy_artifact
+    from moetvm.runtime.remote import deploy as deploy_artifact
 
-    if bool(rpc_addr) == bool(tracker):
-        _fail("give exactly one of --rpc HOST:PORT or --tracker HOST:PORT")
-    try:
-        manifest = read_manifest(directory)
-    except ArtifactError as e:
-        _fail(str(e))
-    if key is None:
-        from moetvm.targets import get_target
-
-        key = get_target(manifest.target["name"]).rpc_key if manifest.target["name"] != "host" else "host"
-    try:
+    try:  # address, signature and key are checked before connecting; then the board's own cause
         report = deploy_artifact(directory, prompt_ids=_encode(prompt), max_new_tokens=max_new_tokens,
                                  cache_budget=cache_budget, rpc_addr=rpc_addr, tracker=tracker, key=key,
-                                 timeout=timeout)
-    except (DeployError, ArtifactError) as e:
-        _fail(str(e))
+                                 timeout=timeout, trusted_keys=list(trusted_keys) or None)
+    except MoetvmError as e:
+        _fail(_one_line(e))
     report = {"text": _decode(report.pop("new_ids")), "prompt": prompt, **report}
     click.echo(json.dumps(report))
 

@@ -186,7 +186,8 @@ def test_compile_with_database_uses_tuned_kernels(tuned_db, target):
 
 
 def test_apply_database_without_records_changes_nothing(tmp_path, target):
-    apply = tuning.apply_database(tmp_path, target)  # empty directory: no database at all
+    tuning.open_database(tmp_path)  # a database (TVM's two files) without a record
+    apply = tuning.apply_database(tmp_path, target)
     lowered = tuning.lower_for_tuning(experts_module(1), target)
     import tvm_ffi
 
@@ -194,8 +195,133 @@ def test_apply_database_without_records_changes_nothing(tmp_path, target):
     assert apply.stats.summary() == "0 kernels tuned, 3 default"
 
 
+def test_compile_database_that_is_missing_or_not_a_database_is_an_error(tmp_path):
+    with pytest.raises(tuning.TuningError, match=r"tuning database .*/nope: no such directory"):
+        tuning.apply_database(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(tuning.TuningError, match="not a directory"):
+        tuning.apply_database(tmp_path / "file")
+    with pytest.raises(tuning.TuningError, match="not a tuning database .no database_workload.json"):
+        tuning.apply_database(tmp_path)  # an existing directory without TVM's database files
+    assert not (tmp_path / "database_workload.json").exists()  # and it was not made into one
+    tuning.open_database(tmp_path)
+    (tmp_path / "database_workload.json").write_text("not json\n")
+    with pytest.raises(tuning.TuningError, match="cannot be read"):
+        tuning.apply_database(tmp_path)
+
+
+def _unused_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracker_fails_before_any_tuning_from_cli(tmp_path):
+    """moetvm tune --tracker at a port nothing listens on: exit 1 with one line naming the
+    address and the cause, before the model is prepared; the database directory stays empty."""
+    import subprocess
+    import sys
+    import time
+
+    port = _unused_port()
+    db = tmp_path / "db"
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "moetvm.cli", "tune", "reference", "--trials", "2", "--db", str(db),
+                           "--only", "routers", "--tracker", f"127.0.0.1:{port}"],
+                          capture_output=True, text=True, timeout=300)
+    took = time.perf_counter() - start
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert f"tracker 127.0.0.1:{port}: cannot connect (Connection refused)" in proc.stderr
+    assert "Traceback" not in proc.stderr and "[tune" not in proc.stderr
+    assert not db.exists() or not any(db.iterdir())
+    assert took < 120, took  # the interpreter and imports; the check itself is immediate
+
+    # The same through the API, timed on its own: TuningError at once, not TVM's 60 s of retries.
+    start = time.perf_counter()
+    with pytest.raises(tuning.TuningError, match=rf"tracker 127.0.0.1:{port}: cannot connect \(Connection refused\)"):
+        tuning.rpc_runner(f"127.0.0.1:{port}", "host")
+    assert time.perf_counter() - start < 5
+
+
+def test_tracker_without_a_device_under_the_key_is_refused():
+    """A real TVM tracker (in-process, no board registered): a missing key is an error, with the
+    keys the tracker has; a registered but busy board is an error after the short timeout."""
+    import time
+
+    from tvm import rpc
+    from tvm.rpc.server import Server
+    from tvm.rpc.tracker import Tracker
+
+    tracker = Tracker("127.0.0.1", port=9290, port_end=9390, silent=True)
+    server = None
+    try:
+        address = f"127.0.0.1:{tracker.port}"
+        with pytest.raises(tuning.TuningError, match=rf"tracker {address}: no device registered under key 'rasp4' "
+                                                     r"\(no device is registered\)"):
+            tuning.check_tracker(address, "rasp4", timeout=2)
+        server = Server(host="127.0.0.1", port=9390, port_end=9490, key="testboard",
+                        tracker_addr=("127.0.0.1", tracker.port), silent=True)
+        deadline = time.time() + 30
+        while "testboard" not in rpc.connect_tracker("127.0.0.1", tracker.port).summary()["queue_info"]:
+            assert time.time() < deadline, "the RPC server did not register"
+            time.sleep(0.2)
+        with pytest.raises(tuning.TuningError, match=r"no device registered under key 'rasp4' \(keys there: testboard\)"):
+            tuning.rpc_runner(address, "rasp4", check_timeout=2)
+        tuning.check_tracker(address, "testboard", timeout=5)  # a free board: fine
+        busy = rpc.connect_tracker("127.0.0.1", tracker.port).request("testboard")
+        start = time.perf_counter()
+        with pytest.raises(tuning.TuningError, match=r"no free device under key 'testboard' within 1 s"):
+            tuning.check_tracker(address, "testboard", timeout=1)
+        assert time.perf_counter() - start < 5
+        del busy
+    finally:
+        if server is not None:
+            server.terminate()
+        tracker.terminate()
+
+
+def test_failed_measurements_are_not_recorded_as_tuned(tmp_path, target):
+    """Every candidate fails (measured through a tracker nobody listens at; built by a cross
+    compiler that does not exist): TuningError naming the task and the first error, nothing noted
+    as tuned, and the next run tunes the task again instead of skipping it."""
+    problem = tuning._serialization_problem()
+    if problem:
+        pytest.skip(problem)
+    task = [t for t in tuning.extract_tasks({"experts": experts_module(1)}, target, buckets=(1,))
+            if t.kernel == "matmul1"]
+    assert len(task) == 1
+    name = task[0].name
+
+    runner = tuning.rpc_runner(f"127.0.0.1:{_unused_port()}", "host", check=False, session_timeout_sec=2)
+    with pytest.raises(tuning.TuningError, match=rf"1 of 1 tasks .* no successful measurement \({name}; first error: "
+                                                 r"run failed: RPCRunner: .*Unable to connect to the tracker") as failed:
+        tuning.tune(task, target, tmp_path, trials_per_task=1, runner=runner, progress=None, seed=3)
+    assert failed.value.report.tasks[0].error.startswith("run failed")
+    with pytest.raises(tuning.TuningError, match=r"first error: build failed: .*No such file or directory: "
+                                                 r"'/nonexistent/cc'.*the next run retries them"):
+        tuning.tune(task, target, tmp_path, trials_per_task=1, cross_compiler="/nonexistent/cc", progress=None, seed=3)
+
+    # MetaSchedule recorded the failures (run_secs 1e10); none of them counts as a measurement.
+    records = [json.loads(line) for line in (tmp_path / "database_tuning_record.json").read_text().splitlines()]
+    assert len(records) == 2 and all(min(r[1][1]) >= 1e9 for r in records)
+    sidecar = json.loads((tmp_path / tuning.SIDECAR).read_text()) if (tmp_path / tuning.SIDECAR).exists() else {}
+    assert not sidecar.get("workloads")
+    apply = tuning.apply_database(tmp_path, target)
+    apply(tuning.lower_for_tuning(experts_module(1), target))
+    assert apply.stats.summary() == "0 kernels tuned, 3 default"
+
+    lines: list[str] = []
+    report = tuning.tune(task, target, tmp_path, trials_per_task=1, progress=lines.append, seed=3)
+    assert report.skipped == 0 and report.trials_run == 1, lines
+    assert report.tasks[0].best_us is not None and report.tasks[0].error is None
+    again = tuning.tune(task, target, tmp_path, trials_per_task=1, progress=None)
+    assert again.skipped == 1 and again.trials_run == 0
+
+
 def test_rpc_runner_is_built_from_tracker_and_key():
-    runner = tuning.rpc_runner("127.0.0.1:9190", "rasp4")
+    runner = tuning.rpc_runner("127.0.0.1:9190", "rasp4", check=False)
     assert runner.rpc_config.tracker_host == "127.0.0.1"
     assert runner.rpc_config.tracker_port == 9190
     assert runner.rpc_config.tracker_key == "rasp4"
