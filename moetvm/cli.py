@@ -202,6 +202,8 @@ def export_onnx(directory, source, shape, tolerance):
         _fail(f"--shape {shape}: batch and sequence must be at least 1")
     if directory.exists() and not directory.is_dir():
         _fail(f"{directory}: is a file; export-onnx writes into a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / "parts.json").is_file():
+        _fail(f"{directory}: holds files that are not an earlier export (no parts.json); refusing to write over them")
     rows = export_parts(load_model_source(source), directory, (batch, seq), source=source)
     describe = lambda specs: ", ".join(f"{t['name']}{t['shape']}" for t in specs)  # noqa: E731
     click.echo(f"{'part':24s} {'file':30s} {'max rel error':>13s}  inputs")
@@ -353,8 +355,15 @@ def trace(directory, text, out, max_tokens, window):
 
     from moetvm.runtime.model import KVCache
 
+    from moetvm.runtime.trace import RoutingTrace, TraceError
+
     if out.is_dir():
         _fail(f"-o {out}: is a directory; give the trace file's path")
+    if out.exists():
+        try:
+            RoutingTrace.load(out)
+        except TraceError:
+            _fail(f"-o {out}: exists and is not a routing trace; refusing to replace it")
     model = _load(directory, "100%")
     if model.manifest.kind != "causal_lm":
         _fail("`trace` needs a causal LM artifact")
