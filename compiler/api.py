@@ -176,13 +176,9 @@ def check_compile_options(*, quant="fp32", group_size=quantization.DEFAULT_GROUP
             raise UsageError(f"calibration must be token windows (batch, seq) of integers with at least one token, "
                              f"got {cal.dtype} of shape {cal.shape}")
     if tuning_db is not None:
-        from .tuning import TuningError
+        from .tuning import open_database
 
-        db = Path(tuning_db)
-        if not db.is_dir():
-            raise TuningError(f"tuning database {db}: no such directory (make one with `moetvm tune --db {db}`)")
-        if not (db / "database_workload.json").is_file():
-            raise TuningError(f"tuning database {db}: not a MetaSchedule database (no database_workload.json)")
+        open_database(tuning_db, create=False)  # TuningError naming what is wrong with it
     if sign_key is not None:
         from moetvm.signing import load_private_key
 

@@ -30,26 +30,44 @@ def tvm_target(target: DeployTarget) -> tvm.target.Target:
 def relax_pipeline(target: tvm.target.Target, tuned: tvm.transform.Pass | None = None) -> tvm.transform.Pass:
     """TVM's own pipeline, with our default CPU schedules inserted after legalization (the
     CUDA pipeline already applies dlight's GPU schedules); `tuned` (a tuning database pass)
-    schedules the kernels it has records for first, the defaults take the rest."""
-    if target.kind.name != "llvm":
-        return tvm.transform.Sequential([relax.get_default_pipeline(target), canonical_shape_funcs])
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    schedules the kernels it has records for first, the defaults take the rest. Both are made
+    deterministic (see "reproducible builds" below)."""
+    if target.kind.name == "llvm":
+        from tvm.relax.backend.cpu_generic import pipeline as backend
 
-    @tvm.transform.module_pass(opt_level=0, name="MoetvmCPUPipeline")
+        schedules = ([tuned] if tuned is not None else []) + [default_cpu_schedule()]
+    elif target.kind.name == "cuda":
+        from tvm.relax.backend.cuda import pipeline as backend
+
+        schedules = []  # dlight's, in the backend's legalize passes
+    else:
+        return tvm.transform.Sequential([relax.get_default_pipeline(target), canonical_shape_funcs])
+
+    @tvm.transform.module_pass(opt_level=0, name="MoetvmPipeline")
     def pipeline(mod, _ctx):
         with target:
             passes = (
-                cpu.library_dispatch_passes(target)
-                + cpu.legalize_passes(target)
-                + ([tuned] if tuned is not None else [])
-                + [default_cpu_schedule()]
-                + cpu.dataflow_lower_passes(target)
-                + cpu.finalize_passes(target)
+                backend.library_dispatch_passes(target)
+                + legalize_passes(backend, target)
+                + schedules
+                + backend.dataflow_lower_passes(target)
+                + backend.finalize_passes(target)
                 + [canonical_shape_funcs]
             )
             return tvm.transform.Sequential(passes)(mod)
 
     return pipeline
+
+
+def legalize_passes(backend, target: tvm.target.Target) -> list:
+    """`backend.legalize_passes(target)` (a tvm.relax.backend pipeline module), with the fused
+    functions put in canonical form right after FuseOps (see `canonical_fusion`)."""
+    passes = []
+    for p in backend.legalize_passes(target):
+        passes.append(p)
+        if p.info.name == "FuseOps":
+            passes.append(canonical_fusion)
+    return passes
 
 
 # --- reproducible builds ----------------------------------------------------------------------
@@ -63,7 +81,11 @@ def relax_pipeline(target: tvm.target.Target, tuned: tvm.transform.Pass | None =
 #    The kernels differ, so do the BlockBuilder's deduplication, the kernel count and the names.
 #    Fix: that module's `set` becomes an insertion-ordered set, so the parameters come in the
 #    order the shapes use them (installed at import, so tuning sees the same kernels).
-# 2. VMShapeLower emits one host `shape_func` per shape-computation point, its stores in the order
+# 2. FuseOps passes a fused function the symbolic vars it needs in a trailing `tir_vars: R.Shape`
+#    parameter, in the order of `relax.analysis.free_symbolic_vars`: an unordered_set walk. The
+#    fused kernels' scalar parameters follow it, and equal groups are merged only when it agrees.
+#    Fix: `canonical_fusion` below, right after FuseOps.
+# 3. VMShapeLower emits one host `shape_func` per shape-computation point, its stores in the order
 #    of an unordered_map walk; equal shape functions are merged only when the order happens to
 #    match. Fix: `canonical_shape_funcs` below, the last pass of `relax_pipeline` for every target.
 # Nothing else varies: the linker's build id is a hash of the contents, LLVM's debug info names
@@ -106,6 +128,152 @@ def _deterministic_legalization() -> None:
 
 
 _deterministic_legalization()
+
+def _is_primitive(func) -> bool:
+    return isinstance(func, relax.Function) and func.attrs is not None and bool(func.attrs.get("Primitive", False))
+
+
+def _symbolic_params_in_order(func: relax.Function) -> list[int] | None:
+    """For a fused function with a trailing `tir_vars` shape parameter: the permutation (new
+    position -> old index) that lists those vars in order of first occurrence in the other
+    parameters' types, then the return type; None if there is nothing to reorder."""
+    if len(func.params) < 2:
+        return None
+    last = func.params[-1]
+    values = getattr(last.ty, "values", None) if isinstance(last.ty, relax.ShapeType) else None
+    if not values or len(values) < 2 or not all(isinstance(v, tirx.Var) for v in values):
+        return None
+    if any(v.same_as(last) for v in relax.analysis.free_vars(func.body)):
+        return None  # the parameter is used as a value: leave it alone
+    index = {}
+    for i, v in enumerate(values):
+        index.setdefault(v, i)
+    perm: list[int] = []
+    for ty in [p.ty for p in func.params[:-1]] + [func.ret_ty]:
+        for v in relax.analysis.tir_vars_in_type(ty):
+            if v in index and index[v] not in perm:
+                perm.append(index[v])
+    perm += [i for i in range(len(values)) if i not in perm]
+    return None if perm == list(range(len(values))) else perm
+
+
+def _fused_name(func: relax.Function, fallback: str) -> str:
+    """The name FuseOps gives a group, before it is made unique: "fused" + callee names."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    name = "fused"
+    body = func.body
+    if not isinstance(body, relax.SeqExpr):
+        return fallback
+    for block in body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if not isinstance(value, relax.Call):
+                continue
+            if value.op.same_as(call_tir) and isinstance(value.args[0], tvm.ir.GlobalVar):
+                name += "_" + value.args[0].name_hint
+            elif isinstance(value.op, tvm.ir.Op):
+                name += "_" + value.op.name
+            elif isinstance(value.op, tvm.ir.GlobalVar):
+                name += "_" + value.op.name_hint.removeprefix("fused_")
+            else:
+                return fallback
+    return name if name != "fused" else fallback
+
+
+@relax.expr_functor.visitor
+class _CallOrder(relax.PyExprVisitor):
+    """Names of the callees among `names`, in order of first call."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names = names
+        self.order: dict[str, None] = {}
+
+    def visit_call_(self, call):
+        if isinstance(call.op, tvm.ir.GlobalVar) and call.op.name_hint in self.names:
+            self.order.setdefault(call.op.name_hint, None)
+        super().visit_call_(call)
+
+
+@relax.expr_functor.mutator
+class _RedirectCalls(relax.PyExprMutator):
+    """Calls to renamed functions go to their new GlobalVar, the trailing shape argument permuted
+    like the callee's `tir_vars` parameter."""
+
+    def __init__(self, mod: tvm.IRModule, targets: dict[str, tuple]):
+        super().__init__(mod)
+        self.targets = targets
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        target = self.targets.get(call.op.name_hint) if isinstance(call.op, tvm.ir.GlobalVar) else None
+        if target is None:
+            return call
+        gv, perm = target
+        args = list(call.args)
+        if perm is not None:
+            shape = args[-1]
+            assert isinstance(shape, relax.ShapeExpr), shape
+            args[-1] = relax.ShapeExpr([shape.values[i] for i in perm])
+        return relax.Call(gv, args, call.attrs, call.ty_args)
+
+
+@tvm.transform.module_pass(opt_level=0, name="MoetvmCanonicalFusion")
+def canonical_fusion(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Put FuseOps' output in a canonical form: each fused function's `tir_vars` in order of
+    first occurrence, equal fused functions merged, and names given the way FuseOps gives them
+    ("fused_" + callee names, made unique with 1, 2, ...) in order of first call."""
+    fused = {gv.name_hint: func for gv, func in mod.functions_items() if _is_primitive(func)}
+    if not fused:
+        return mod
+    perms: dict[str, list[int] | None] = {}
+    canon: dict[str, relax.Function] = {}
+    for name, func in fused.items():
+        perms[name] = perm = _symbolic_params_in_order(func)
+        if perm is not None:
+            last = func.params[-1]
+            params = list(func.params[:-1]) + [relax.Var(last.name,
+                                                         relax.ShapeType([last.ty.values[i] for i in perm]))]
+            func = relax.Function(params, func.body, func.ret_ty, func.is_pure, func.attrs)
+        canon[name] = func
+
+    order = _CallOrder(set(fused))
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function) and gv.name_hint not in fused:
+            order.visit_expr(func)
+    ordered = list(order.order) + [n for n in fused if n not in order.order]
+
+    taken = {gv.name_hint for gv in mod.get_global_vars()} - set(fused)
+    typed = relax.BlockBuilder()  # hands out GlobalVars typed for their function (callers need it)
+    kept: list[tuple[relax.Function, tvm.ir.GlobalVar]] = []
+    targets: dict[str, tuple] = {}
+    for name in ordered:
+        func = canon[name]
+        gv = next((g for f, g in kept if tvm_ffi.structural_equal(f, func)), None)
+        if gv is None:
+            base = new = _fused_name(func, name)
+            k = 0
+            while new in taken:
+                k += 1
+                new = f"{base}{k}"
+            taken.add(new)
+            gv = typed.add_func(func, new)
+            assert gv.name_hint == new, (gv, new)
+            kept.append((func, gv))
+        targets[name] = (gv, perms[name])
+
+    out = tvm.IRModule(attrs=mod.attrs, global_infos=mod.global_infos)
+    redirect = _RedirectCalls(mod, targets)
+    for gv, func in mod.functions_items():
+        if gv.name_hint in fused:
+            continue
+        if isinstance(func, relax.Function):
+            func = redirect.visit_expr(func)
+        out[gv] = func
+    for func, gv in kept:
+        out[gv] = func
+    return out
+
 
 _SHAPE_FUNC_NAME = re.compile(r"shape_func\d*")
 

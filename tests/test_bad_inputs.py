@@ -119,7 +119,7 @@ COMPILE_CASES = [
     (lambda f: ["reference", "-o", f["root"] / "a", "--calibration", "/missing.txt"], "does not exist"),
     (lambda f: ["reference", "-o", f["root"] / "a", "--calibration", f["empty"]], "at least 128 are needed"),
     (lambda f: ["reference", "-o", f["root"] / "a", "--tuning-db", "/missing-db"], "does not exist"),
-    (lambda f: ["reference", "-o", f["root"] / "a", "--tuning-db", f["root"]], "not a MetaSchedule database"),
+    (lambda f: ["reference", "-o", f["root"] / "a", "--tuning-db", f["root"]], "not a tuning database"),
     (lambda f: ["reference", "-o", f["root"] / "a", "--quant", "auto", "--weight-budget", "64XB"],
      "bad weight budget '64XB'"),
     (lambda f: ["reference", "-o", f["root"] / "a", "--quant", "auto", "--weight-budget", "inf%"],
