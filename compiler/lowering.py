@@ -61,12 +61,16 @@ def relax_pipeline(target: tvm.target.Target, tuned: tvm.transform.Pass | None =
 
 def legalize_passes(backend, target: tvm.target.Target) -> list:
     """`backend.legalize_passes(target)` (a tvm.relax.backend pipeline module), with the fused
-    functions put in canonical form right after FuseOps (see `canonical_fusion`)."""
+    functions put in canonical form right after FuseOps and the kernels right after FuseTIR
+    (`canonical_fusion`, `canonical_kernels`). Tuning must lower with these too, so that the
+    kernels it tunes are the kernels compiled."""
     passes = []
     for p in backend.legalize_passes(target):
         passes.append(p)
         if p.info.name == "FuseOps":
             passes.append(canonical_fusion)
+        elif p.info.name == "FuseTIR":
+            passes.append(canonical_kernels)
     return passes
 
 
@@ -85,6 +89,10 @@ def legalize_passes(backend, target: tvm.target.Target) -> list:
 #    parameter, in the order of `relax.analysis.free_symbolic_vars`: an unordered_set walk. The
 #    fused kernels' scalar parameters follow it, and equal groups are merged only when it agrees.
 #    Fix: `canonical_fusion` below, right after FuseOps.
+#    FuseTIR, in turn, sometimes emits a fused kernel's scalar parameters in the other order even
+#    from the same fused functions. Fix: `canonical_kernels`, right after FuseTIR, orders every
+#    kernel's shape scalars by first use in its buffers' shapes and merges the kernels that then
+#    turn out equal.
 # 3. VMShapeLower emits one host `shape_func` per shape-computation point, its stores in the order
 #    of an unordered_map walk; equal shape functions are merged only when the order happens to
 #    match. Fix: `canonical_shape_funcs` below, the last pass of `relax_pipeline` for every target.
@@ -266,6 +274,137 @@ def canonical_fusion(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     redirect = _RedirectCalls(mod, targets)
     for gv, func in mod.functions_items():
         if gv.name_hint in fused:
+            continue
+        if isinstance(func, relax.Function):
+            func = redirect.visit_expr(func)
+        out[gv] = func
+    for func, gv in kept:
+        out[gv] = func
+    return out
+
+
+def _is_buffer(param) -> bool:
+    return isinstance(param.ty, tirx.buffer.BufferType)
+
+
+def _kernel_scalars_in_order(func: tirx.PrimFunc) -> list | None:
+    """The kernel's parameters with its scalars (shape vars) reordered by first occurrence in its
+    buffer parameters' shapes; None if that is the order they have."""
+    params = list(func.params)
+    slots = [i for i, p in enumerate(params) if not _is_buffer(p)]
+    if len(slots) < 2:
+        return None
+    scalars = [params[i] for i in slots]
+    order: list = []
+    for p in params:
+        if _is_buffer(p):
+            for dim in p.shape:
+                for v in tirx.analysis.undefined_vars(dim, []):
+                    if any(v.same_as(s) for s in scalars) and not any(v.same_as(o) for o in order):
+                        order.append(v)
+    order += [s for s in scalars if not any(s.same_as(o) for o in order)]
+    if all(a.same_as(b) for a, b in zip(order, scalars)):
+        return None
+    for i, v in zip(slots, order):
+        params[i] = v
+    return params
+
+
+@relax.expr_functor.visitor
+class _KernelUses(relax.PyExprVisitor):
+    """Per callee name: references in all, and as the kernel of a call_tir; call_tir callees in
+    order of first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs: dict[str, int] = {}
+        self.tir_calls: dict[str, int] = {}
+        self.arity: dict[str, set[int]] = {}
+        self.ops = (tvm.ir.Op.get("relax.call_tir"), tvm.ir.Op.get("relax.call_tir_inplace"))
+
+    def visit_global_var_(self, gv):
+        self.refs[gv.name_hint] = self.refs.get(gv.name_hint, 0) + 1
+
+    def visit_call_(self, call):
+        if (any(call.op.same_as(op) for op in self.ops) and len(call.args) == 2
+                and isinstance(call.args[0], tvm.ir.GlobalVar) and isinstance(call.args[1], relax.Tuple)):
+            name = call.args[0].name_hint
+            self.tir_calls[name] = self.tir_calls.get(name, 0) + 1
+            self.arity.setdefault(name, set()).add(len(call.args[1].fields))
+        super().visit_call_(call)
+
+
+@relax.expr_functor.mutator
+class _RedirectCallTIR(relax.PyExprMutator):
+    """call_tir of a rewritten kernel: to its new GlobalVar, the arguments in its new order."""
+
+    def __init__(self, mod: tvm.IRModule, targets: dict[str, tuple]):
+        super().__init__(mod)
+        self.targets = targets
+        self.ops = (tvm.ir.Op.get("relax.call_tir"), tvm.ir.Op.get("relax.call_tir_inplace"))
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not (any(call.op.same_as(op) for op in self.ops) and isinstance(call.args[0], tvm.ir.GlobalVar)):
+            return call
+        target = self.targets.get(call.args[0].name_hint)
+        if target is None:
+            return call
+        gv, perm = target
+        args = list(call.args[1].fields)
+        if perm is not None:
+            assert len(perm) == len(args), (call.args[0], perm)
+            args = [args[i] for i in perm]
+        return relax.Call(call.op, [gv, relax.Tuple(args), *call.args[2:]], call.attrs, call.ty_args)
+
+
+@tvm.transform.module_pass(opt_level=0, name="MoetvmCanonicalKernels")
+def canonical_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Put the kernels called through call_tir in a canonical form: shape scalars ordered by first
+    use in the buffer shapes (the call sites' arguments permuted to match), then kernels that are
+    equal merged into the first one called."""
+    uses = _KernelUses()
+    for _gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            uses.visit_expr(func)
+    kernels = {gv.name_hint: func for gv, func in mod.functions_items()
+               if isinstance(func, tirx.PrimFunc) and uses.tir_calls.get(gv.name_hint, 0) > 0
+               and uses.tir_calls[gv.name_hint] == uses.refs.get(gv.name_hint)}
+    if not kernels:
+        return mod
+    perms: dict[str, list[int] | None] = {}
+    canon: dict[str, tirx.PrimFunc] = {}
+    for name, func in kernels.items():
+        params = _kernel_scalars_in_order(func)
+        perm = None
+        arity = uses.arity[name]
+        if params is not None and len(arity) == 1:
+            (n_args,) = arity  # call_tir passes the leading parameters (outputs are appended)
+            perm = [next(j for j, old in enumerate(func.params) if old.same_as(p)) for p in params][:n_args]
+            if sorted(perm) == list(range(n_args)):
+                func = tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
+            else:
+                perm = None  # a scalar among the outputs: leave this kernel as it is
+        perms[name] = perm
+        canon[name] = func
+
+    typed = relax.BlockBuilder()  # hands out GlobalVars typed for their function
+    kept: list[tuple[tirx.PrimFunc, tvm.ir.GlobalVar]] = []
+    targets: dict[str, tuple] = {}
+    ordered = [n for n in uses.tir_calls if n in kernels]
+    for name in ordered:
+        func = canon[name]
+        gv = next((g for f, g in kept if tvm_ffi.structural_equal(f, func)), None)
+        if gv is None:
+            gv = typed.add_func(func, name)
+            assert gv.name_hint == name, (gv, name)
+            kept.append((func, gv))
+        targets[name] = (gv, perms[name])
+
+    out = tvm.IRModule(attrs=mod.attrs, global_infos=mod.global_infos)
+    redirect = _RedirectCallTIR(mod, targets)
+    for gv, func in mod.functions_items():
+        if gv.name_hint in kernels:
             continue
         if isinstance(func, relax.Function):
             func = redirect.visit_expr(func)

@@ -16,12 +16,13 @@ copy of the weights is ever materialised; the CPU schedule vectorises along N.
 
 from __future__ import annotations
 
-from moetvm.errors import MoetvmError
 from dataclasses import dataclass
 
 import numpy as np
 import tvm
 from tvm import relax, te
+
+from moetvm.errors import MoetvmError
 
 SCHEMES = ("fp32", "fp16", "int8", "int4")
 BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}

@@ -12,13 +12,13 @@ adapter that recognises a module it cannot express raises UnsupportedModelError.
 
 from __future__ import annotations
 
-from moetvm.errors import MoetvmError
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 from torch import nn
 
+from moetvm.errors import MoetvmError
 from moetvm.artifact import Router
 
 

@@ -34,7 +34,6 @@ without tuning.
 
 from __future__ import annotations
 
-from moetvm.errors import MoetvmError
 import functools
 import importlib
 import importlib.util
@@ -54,6 +53,8 @@ from typing import Callable, Iterable, Mapping
 import tvm
 import tvm_ffi
 from tvm import relax, s_tir, tirx
+
+from moetvm.errors import MoetvmError
 
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 32)
 SIDECAR = "moetvm_tuning.json"  # our notes beside TVM's two database files

@@ -9,7 +9,6 @@ recorded size and SHA-256 before anything is loaded.
 
 from __future__ import annotations
 
-from moetvm.errors import MoetvmError
 import dataclasses
 import hashlib
 import json
@@ -18,6 +17,8 @@ import stat
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+from moetvm.errors import MoetvmError
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1, 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Hashable, Iterable
@@ -167,7 +168,11 @@ class ExpertCache:
         current layer still needs) are never evicted to make room."""
         if self._queue is None:
             self._queue = queue.Queue()
-            threading.Thread(target=self._prefetch_worker, name="moetvm-prefetch", daemon=True).start()
+            # The thread holds the cache weakly: a dropped model (and its experts) is freed, and
+            # its thread ends, instead of living as long as the process.
+            threading.Thread(target=_prefetch_loop, args=(weakref.ref(self), self._queue), name="moetvm-prefetch",
+                             daemon=True).start()
+            weakref.finalize(self, self._queue.put, None)
         protected = frozenset(protected)
         for key in keys:
             with self._lock:
@@ -185,28 +190,24 @@ class ExpertCache:
         if self._queue is not None:
             self._queue.join()
 
-    def _prefetch_worker(self) -> None:
-        while True:
-            key, protected, order = self._queue.get()
+    def _prefetch_one(self, key, protected, order) -> None:
+        with self._lock:
+            taken_over = key not in self._queued  # a demand fetch is loading it
+            self._queued.discard(key)
+        if taken_over:
+            return
+        try:
+            value, nbytes = self._timed_load(key)
             with self._lock:
-                taken_over = key not in self._queued  # a demand fetch is loading it
-                self._queued.discard(key)
-            if taken_over:
-                self._queue.task_done()
-                continue
-            try:
-                value, nbytes = self._timed_load(key)
-                with self._lock:
-                    self.stats.prefetch_loads += 1
-                    if not self._insert(key, value, nbytes, prefetched=True, protected=protected, order=order):
-                        self.stats.prefetch_skipped += 1
-            except Exception as e:  # noqa: BLE001 - a failed prefetch must not poison the cache
-                with self._lock:
-                    self.stats.prefetch_failed += 1
-                    self.errors.append(f"prefetch of {key}: {e}")
-            finally:
-                self._finish(key)
-                self._queue.task_done()
+                self.stats.prefetch_loads += 1
+                if not self._insert(key, value, nbytes, prefetched=True, protected=protected, order=order):
+                    self.stats.prefetch_skipped += 1
+        except Exception as e:  # noqa: BLE001 - a failed prefetch must not poison the cache
+            with self._lock:
+                self.stats.prefetch_failed += 1
+                self.errors.append(f"prefetch of {key}: {e}")
+        finally:
+            self._finish(key)
 
     def __contains__(self, key) -> bool:
         with self._lock:
@@ -215,3 +216,18 @@ class ExpertCache:
     def keys(self) -> list:
         with self._lock:
             return list(self._entries)
+
+
+def _prefetch_loop(cache_ref, requests: queue.Queue) -> None:
+    """The prefetch thread: one request at a time until its cache is gone (None is queued when
+    the cache is collected)."""
+    while True:
+        item = requests.get()
+        cache = cache_ref() if item is not None else None
+        try:
+            if cache is None:
+                return
+            cache._prefetch_one(*item)
+        finally:
+            del cache
+            requests.task_done()

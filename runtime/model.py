@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from moetvm.errors import MoetvmError
 import fcntl
 import os
 import platform
@@ -10,6 +9,7 @@ import resource
 import shutil
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +17,15 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
+from moetvm.errors import MoetvmError
 from moetvm.artifact import (ArtifactError, Expert, Manifest, MoELayer, check_file, copy_verified, kv_shapes, read_manifest,
                              read_verified, resolve)
 
 from .cache import ExpertCache, parse_budget
 from moetvm.routing import FIXED_MODES, FixedPattern, allowed_experts, group_by_expert, route
+
+
+LATENCY_WINDOW = 10_000  # decode latencies kept for the percentiles in stats()
 
 
 class InputError(MoetvmError, ValueError):
@@ -37,8 +41,10 @@ class Timings:
     lookahead: float = 0.0  # predicting and requesting the next layer's experts, trace recording
     experts: float = 0.0
     expert_loads: float = 0.0
-    token_latencies: list = field(default_factory=list)  # one per generated token (decode step)
-    prefill: list = field(default_factory=list)
+    # The latest decode steps and prefills (bounded: a board runs for days); counts are kept apart.
+    token_latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    prefill: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    decode_tokens: int = 0
 
 
 def load_model(path: str | Path, cache_budget: int | float | str = "100%", verify: bool = True, *,
@@ -442,6 +448,7 @@ class MoEModel:
             t0 = time.perf_counter()
             logits, cache = self._lm_step(np.array([[new[-1]]], dtype=np.int64), cache)
             self.timings.token_latencies.append(time.perf_counter() - t0)
+            self.timings.decode_tokens += 1
         return new
 
     def stats(self) -> dict:
@@ -478,7 +485,7 @@ class MoEModel:
             "cache_budget_bytes": self.cache.budget,
             "total_expert_bytes": self.total_expert_bytes,
             "latency_ms": pct,
-            "decode_tokens": int(lat.size),
+            "decode_tokens": self.timings.decode_tokens,
             "prefill_ms": [t * 1e3 for t in self.timings.prefill],
             "time_ms": {k: getattr(self.timings, k) * 1e3 for k in ("segments", "routing", "lookahead", "experts")},
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -502,16 +509,33 @@ class KVCache:
         return KVCache([keys] * layers, [values] * layers)
 
 
+# Libraries loaded in this process, by SHA-256. TVM keeps every loaded library for the life of
+# the process (its functions may outlive the module object), so loading the same bytes again for
+# each model would only grow memory; the hash names the code exactly, so a hit is the same code.
+_LOADED: dict[str, tvm.runtime.Module] = {}
+_LOADED_LOCK = threading.Lock()
+
+
 def _load_library(root: Path, lib, verify: bool = True) -> tvm.runtime.Module:
     """Load a kernel library from exactly the bytes whose hash was checked: they are copied,
     while hashed, through one descriptor into a sealed memory file (Linux memfd), which the
     dynamic loader opens; where there is no memfd, into a file in a private temp directory. A
     library swapped on disk after the check is never the one loaded."""
+    _check_machine(root, lib)
+    with _LOADED_LOCK:
+        loaded = _LOADED.get(lib.file.sha256)
+        if loaded is None:
+            loaded = _LOADED[lib.file.sha256] = _load_verified_library(root, lib, verify)
+        elif verify:
+            check_file(root, lib.file)  # the artifact on disk must still be intact
+    return loaded
+
+
+def _load_verified_library(root: Path, lib, verify: bool) -> tvm.runtime.Module:
     import tempfile
 
     import tvm_ffi
 
-    _check_machine(root, lib)
     private = Path(tempfile.mkdtemp(prefix="moetvm-lib-"))
     fd = None
     try:

@@ -303,10 +303,12 @@ def deploy(artifact: str | Path, *, prompt_ids: list[int], max_new_tokens: int, 
     phase = "connect"
     from tvm import rpc
 
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            archive = _pack(artifact, Path(tmp))
-            uploaded = archive.stat().st_size
+    failure = None
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = _pack(artifact, Path(tmp))  # ArtifactError: refused here, before connecting
+        uploaded = archive.stat().st_size
+        remote = session = None
+        try:
             t0 = time.perf_counter()
             if rpc_addr:
                 remote = rpc.connect(host, port, key=key, session_timeout=timeout)
@@ -322,17 +324,41 @@ def deploy(artifact: str | Path, *, prompt_ids: list[int], max_new_tokens: int, 
             phase = "run"
             report = json.loads(remote.get_function(RUN_FUNCTION)("artifact.tar", json.dumps(request)))
             t3 = time.perf_counter()
-    except DeployError:
-        raise
-    except Exception as e:  # noqa: BLE001 - whatever TVM raises, the user needs where, when and why
-        text = str(e) if not isinstance(e, OSError) else f"{e.strerror or e}"
-        if isinstance(e, ConnectionRefusedError) and phase == "connect":
-            text = "Connection refused"
-        cause = _explain(text, type(e).__name__, where if rpc_addr else f"tracker {host}:{port}", key)
-        raise DeployError(_one_line(f"deploy to {where} failed during {phase}: {cause}")) from None
+        except DeployError as e:
+            failure = str(e)
+        except Exception as e:  # noqa: BLE001 - whatever TVM raises, the user needs where, when and why
+            text = str(e) if not isinstance(e, OSError) else f"{e.strerror or e}"
+            if isinstance(e, ConnectionRefusedError) and phase == "connect":
+                text = "Connection refused"
+            cause = _explain(text, type(e).__name__, where if rpc_addr else f"tracker {host}:{port}", key)
+            failure = _one_line(f"deploy to {where} failed during {phase}: {cause}")
+        finally:
+            # A board serves one session at a time: end this one now. Raising below, outside the
+            # handler, keeps TVM's exception (and its frames, which hold the session) off the error.
+            remote = session = None  # noqa: F841
+    if failure:
+        raise DeployError(failure)
     report["deploy"] = {"connect_s": t1 - t0, "upload_s": t2 - t1, "run_s": t3 - t2,
                         "uploaded_bytes": uploaded}
     return report
+
+
+def _wait_registered(tracker_addr: tuple[str, int], key: str, port: int, wait: float = 60.0) -> None:
+    """Until the tracker lists this server under `key` (the server registers in the background):
+    after the "serving" line, `deploy --tracker` finds the board at once."""
+    from tvm import rpc
+
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            servers = rpc.connect_tracker(*tracker_addr).summary().get("server_info", [])
+        except Exception:  # noqa: BLE001 - tracker not up yet: TVM's server retries too
+            servers = []
+        if any(s.get("key") == f"server:{key}" and list(s.get("addr", []))[1:] == [port] for s in servers):
+            return
+        time.sleep(0.5)
+    print(f"moetvm board: not yet registered with the tracker {tracker_addr[0]}:{tracker_addr[1]} "
+          f"after {wait:.0f}s; still trying", file=sys.stderr, flush=True)
 
 
 def serve(host: str, port: int, tracker: str | None, key: str, trusted_keys: tuple[str, ...] = ()) -> None:
@@ -341,6 +367,8 @@ def serve(host: str, port: int, tracker: str | None, key: str, trusted_keys: tup
     tracker_addr = parse_address(tracker, "--tracker") if tracker else None
     server = rpc.Server(host=host, port=port, port_end=port + 100, tracker_addr=tracker_addr, key=key,
                         server_init_callback=functools.partial(register, tuple(trusted_keys)))
+    if tracker_addr:
+        _wait_registered(tracker_addr, key, server.port)
     if trusted_keys:
         from moetvm.signing import fingerprint
 

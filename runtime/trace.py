@@ -12,13 +12,14 @@ module imports nothing beyond numpy and the standard library: it runs in the run
 
 from __future__ import annotations
 
-from moetvm.errors import MoetvmError
 import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from moetvm.errors import MoetvmError
 
 FORMAT = "moetvm-routing-trace"
 FORMAT_VERSION = 1

@@ -8,13 +8,14 @@ the MOETVM_TARGETS environment variable (path-separated).
 
 from __future__ import annotations
 
-from moetvm.errors import MoetvmError
 import json
 import os
 import platform
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from moetvm.errors import MoetvmError
 
 GiB = 1 << 30
 

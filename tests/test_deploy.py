@@ -173,10 +173,16 @@ def test_remote_cause_reaches_the_host(servers, artifacts):
              ([], 4, "InputError: prompt_ids: expected a non-empty list of token ids, got []"),
              ([1, 2], -1, "InputError: max_new_tokens: expected an integer >= 0, got -1"),
              ([1, 2], "3", "InputError: max_new_tokens: expected an integer >= 0, got '3'")]
+    kept = []  # errors the caller keeps must not keep the board's one session open
     for prompt_ids, max_new, cause in cases:
         with pytest.raises(DeployError) as info:
             deploy(artifacts["signed-a"], prompt_ids=prompt_ids, max_new_tokens=max_new, rpc_addr=where)
         assert str(info.value) == f"deploy to {where} failed during run: {cause}"
+        assert info.value.__context__ is None and info.value.__cause__ is None
+        kept.append(info)
+    started = time.time()
+    report = deploy(artifacts["signed-a"], prompt_ids=[1, 2], max_new_tokens=2, rpc_addr=where)
+    assert len(report["new_ids"]) == 2 and time.time() - started < 30
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -237,3 +243,15 @@ def test_board_command_line_refusals(tmp_path):
 
 def test_board_errors_share_the_root():
     assert issubclass(BoardError, MoetvmError) and issubclass(DeployError, MoetvmError)
+
+
+def test_cause_line_of_a_remote_traceback():
+    """Boards whose TVM forwards the whole remote traceback: the last `Error: message` line."""
+    from moetvm.runtime.remote import _cause_line
+
+    text = ("RPCError: Error caught from RPC call:\nTraceback (most recent call last):\n"
+            '  File "/board/moetvm/runtime/remote.py", line 90, in run_uploaded\n'
+            "    model = load_model(target)\n            ^^^^^^^^^^^^^^^^^^\n"
+            "moetvm.artifact.ArtifactError: ref: libs/a.so: size 10, manifest says 12\n")
+    assert _cause_line(text) == "moetvm.artifact.ArtifactError: ref: libs/a.so: size 10, manifest says 12"
+    assert _cause_line("RPCError: Error caught from RPC call:\nValueError: bad") == "ValueError: bad"
