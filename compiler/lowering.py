@@ -75,7 +75,7 @@ def legalize_passes(backend, target: tvm.target.Target) -> list:
 
 
 # --- reproducible builds ----------------------------------------------------------------------
-# Same model in, byte-identical libraries out. TVM 0.27 orders two things by object *address*
+# Same model in, byte-identical libraries out. TVM 0.27 orders parts of its output by object *address*
 # (Python `hash()` of a TVM object and C++ `StructuralHash` of a free TIR var are pointer hashes),
 # so the generated code changed with ASLR and with whatever the process had allocated before:
 #
@@ -137,6 +137,7 @@ def _deterministic_legalization() -> None:
 
 _deterministic_legalization()
 
+
 def _is_primitive(func) -> bool:
     return isinstance(func, relax.Function) and func.attrs is not None and bool(func.attrs.get("Primitive", False))
 
@@ -153,14 +154,12 @@ def _symbolic_params_in_order(func: relax.Function) -> list[int] | None:
         return None
     if any(v.same_as(last) for v in relax.analysis.free_vars(func.body)):
         return None  # the parameter is used as a value: leave it alone
-    index = {}
-    for i, v in enumerate(values):
-        index.setdefault(v, i)
     perm: list[int] = []
     for ty in [p.ty for p in func.params[:-1]] + [func.ret_ty]:
         for v in relax.analysis.tir_vars_in_type(ty):
-            if v in index and index[v] not in perm:
-                perm.append(index[v])
+            i = next((i for i, value in enumerate(values) if value.same_as(v)), None)
+            if i is not None and i not in perm:
+                perm.append(i)
     perm += [i for i in range(len(values)) if i not in perm]
     return None if perm == list(range(len(values))) else perm
 

@@ -168,9 +168,11 @@ def lower_for_tuning(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
     the kernels compiled."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from .lowering import legalize_passes  # with the canonical-form passes: same kernels, same hashes
+
     mod = relax.transform.ConvertToDataflow()(mod)
     with target:
-        return tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
+        return tvm.transform.Sequential(cpu.library_dispatch_passes(target) + legalize_passes(cpu, target))(mod)
 
 
 def _is_buffer(param) -> bool:
