@@ -269,14 +269,17 @@ def canonical_fusion(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
             kept.append((func, gv))
         targets[name] = (gv, perms[name])
 
+    return _with_replaced(mod, fused, _RedirectCalls(mod, targets), kept)
+
+
+def _with_replaced(mod: tvm.IRModule, replaced, redirect, kept) -> tvm.IRModule:
+    """`mod` without the functions named in `replaced`, the canonical `kept` (function, global
+    var) pairs in their place, and every Relax function's calls redirected to them."""
     out = tvm.IRModule(attrs=mod.attrs, global_infos=mod.global_infos)
-    redirect = _RedirectCalls(mod, targets)
     for gv, func in mod.functions_items():
-        if gv.name_hint in fused:
+        if gv.name_hint in replaced:
             continue
-        if isinstance(func, relax.Function):
-            func = redirect.visit_expr(func)
-        out[gv] = func
+        out[gv] = redirect.visit_expr(func) if isinstance(func, relax.Function) else func
     for func, gv in kept:
         out[gv] = func
     return out
@@ -400,17 +403,7 @@ def canonical_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
             kept.append((func, gv))
         targets[name] = (gv, perms[name])
 
-    out = tvm.IRModule(attrs=mod.attrs, global_infos=mod.global_infos)
-    redirect = _RedirectCallTIR(mod, targets)
-    for gv, func in mod.functions_items():
-        if gv.name_hint in kernels:
-            continue
-        if isinstance(func, relax.Function):
-            func = redirect.visit_expr(func)
-        out[gv] = func
-    for func, gv in kept:
-        out[gv] = func
-    return out
+    return _with_replaced(mod, kernels, _RedirectCallTIR(mod, targets), kept)
 
 
 _SHAPE_FUNC_NAME = re.compile(r"shape_func\d*")

@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -413,6 +415,26 @@ def test_empty_calibration_is_refused_not_written_as_nan(reference_model, files,
 
 
 # --- load exactly the bytes verified ----------------------------------------------------------
+@contextmanager
+def swapping(target: Path, sources):
+    """A thread replacing `target` with each of `sources` in turn, atomically, as fast as it can."""
+    stop = threading.Event()
+
+    def swap():
+        while not stop.is_set():
+            for source in sources:
+                shutil.copy(source, target.with_name(".next"))
+                os.replace(target.with_name(".next"), target)
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        swapper.join()
+
+
 EVIL_LIBRARY = r"""
 #include <stdio.h>
 #include <stdlib.h>
@@ -428,8 +450,6 @@ def test_a_library_swapped_after_the_check_is_never_loaded(reference_artifact, t
     constructor leaves a mark, as fast as they can, while the model loads with trusted keys:
     the loader reads each file once and loads what it hashed, so the evil constructor never runs
     and every load either gets the good library or is refused by its hash."""
-    import threading
-
     from moetvm.signing import generate_keypair, sign_artifact
 
     artifact = tmp_path / "artifact"
@@ -444,29 +464,18 @@ def test_a_library_swapped_after_the_check_is_never_loaded(reference_artifact, t
     target = artifact / "lib" / "routers.so"
     good = tmp_path / "good.so"
     shutil.copy(target, good)
-    stop = threading.Event()
-
-    def swap():
-        while not stop.is_set():
-            for source in (evil, good):
-                shutil.copy(source, tmp_path / "next.so")
-                os.replace(tmp_path / "next.so", target)
-
-    swapper = threading.Thread(target=swap)
-    swapper.start()
     outcomes = {"loaded": 0, "refused": 0}
     try:
-        for _ in range(40):
-            try:
-                model = load_model(artifact, trusted_keys=[tmp_path / "k.pub"])
-                model(np.array([[1, 2, 3]]))
-                outcomes["loaded"] += 1
-            except ArtifactError as e:
-                assert "routers.so" in str(e)
-                outcomes["refused"] += 1
+        with swapping(target, (evil, good)):
+            for _ in range(40):
+                try:
+                    model = load_model(artifact, trusted_keys=[tmp_path / "k.pub"])
+                    model(np.array([[1, 2, 3]]))
+                    outcomes["loaded"] += 1
+                except ArtifactError as e:
+                    assert "routers.so" in str(e)
+                    outcomes["refused"] += 1
     finally:
-        stop.set()
-        swapper.join()
         del os.environ["MOETVM_EVIL_MARKER"]
     assert not marker.exists(), "an unverified library's constructor ran"
     assert outcomes["refused"] > 0 and sum(outcomes.values()) == 40, outcomes
@@ -475,8 +484,6 @@ def test_a_library_swapped_after_the_check_is_never_loaded(reference_artifact, t
 def test_an_expert_swapped_after_the_check_is_never_used(reference_artifact, tmp_path):
     """Expert weights are read once and parsed from the bytes hashed: a file swapped between a
     good expert and another valid safetensors file gives the good weights or a refusal."""
-    import threading
-
     artifact = tmp_path / "artifact"
     shutil.copytree(reference_artifact, artifact)
     target = artifact / "experts" / "layer0" / "expert0.safetensors"
@@ -484,21 +491,14 @@ def test_an_expert_swapped_after_the_check_is_never_used(reference_artifact, tmp
     shutil.copy(target, good)
     forged = tmp_path / "forged.safetensors"
     shutil.copy(artifact / "experts" / "layer0" / "expert1.safetensors", forged)  # valid, same shapes
-    one_expert = read_manifest(artifact).moe_layers[0].experts[0].weight_bytes
-    model = load_model(artifact, cache_budget=one_expert)  # every fetch of expert 0 is a fresh load
-    stop = threading.Event()
+    from safetensors.numpy import load_file
 
-    def swap():
-        while not stop.is_set():
-            for source in (forged, good):
-                shutil.copy(source, tmp_path / "next")
-                os.replace(tmp_path / "next", target)
-
-    swapper = threading.Thread(target=swap)
-    swapper.start()
-    expected = None
+    manifest = read_manifest(artifact)
+    expert = manifest.moe_layers[0].experts[0]
+    expected = [load_file(str(good))[t.name] for t in manifest.workload(expert.workload).params]
+    model = load_model(artifact, cache_budget=expert.weight_bytes)  # every fetch of expert 0 is a fresh load
     refused = used = 0
-    try:
+    with swapping(target, (forged, good)):
         for _ in range(300):
             model.cache.get((0, 1))  # evicts expert 0
             try:
@@ -507,12 +507,5 @@ def test_an_expert_swapped_after_the_check_is_never_used(reference_artifact, tmp
                 refused += 1
                 continue
             used += 1
-            from safetensors.numpy import load_file
-
-            expected = expected or [load_file(str(good))[p.name] for p in
-                                    model.manifest.workload(model._experts[(0, 0)].workload).params]
             assert all(np.array_equal(a, b) for a, b in zip(value, expected)), "forged weights were used"
-    finally:
-        stop.set()
-        swapper.join()
     assert refused > 0 and used > 0

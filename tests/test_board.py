@@ -2,9 +2,7 @@
 scripts/build-board-a72 (Python 3.11, numpy, the aarch64 TVM wheel, moetvm.runtime)."""
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ import pytest
 import torch
 
 from conftest import relative_error
+from servers import start, stop
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -60,42 +59,17 @@ def test_a72_artifact_runs_on_emulated_board(board, a72_artifact, reference_mode
     assert result["stats"]["evictions"] > 0  # 25% budget: the board's cache really worked
 
 
-def _start(cmd, ready: str, log: Path, timeout=120):
-    """Start a server in its own process group; wait for `ready` in its log; return (proc, line)."""
-    handle = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        text = log.read_text()
-        for line in text.splitlines():
-            if ready in line:
-                return proc, line
-        if proc.poll() is not None:
-            raise AssertionError(f"{cmd[0]} exited: {text[-2000:]}")
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError(f"{cmd[0]} not ready: {log.read_text()[-2000:]}")
-
-
-def _stop(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-
-
 @pytest.fixture
 def tracker(tmp_path):
-    proc, line = _start([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", "9190",
+    proc, line = start([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", "9190",
                          "--port-end", "9290"], "bind to", tmp_path / "tracker.log")
     port = int(re.search(r"bind to 127\.0\.0\.1:(\d+)", line).group(1))  # busy ports move silently
     yield f"127.0.0.1:{port}"
-    _stop(proc)
+    stop(proc)
 
 
 def _board_server(board, tmp_path, *args):
-    proc, line = _start([REPO / "scripts" / "board-a72", "--port", "9300", *args], "moetvm board serving",
+    proc, line = start([REPO / "scripts" / "board-a72", "--port", "9300", *args], "moetvm board serving",
                         tmp_path / "board.log", timeout=300)
     return proc, int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
 
@@ -113,7 +87,7 @@ def test_deploy_through_tracker(board, tracker, a72_artifact, tmp_path):
         proc = _deploy(a72_artifact, "--tracker", tracker, "--key", "rasp4", "--prompt", "import sys\n",
                        "--max-new-tokens", "24")
     finally:
-        _stop(server)
+        stop(server)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["board"]["machine"] == "aarch64"
@@ -143,7 +117,7 @@ def test_board_dying_mid_deploy_is_a_clear_error(board, a72_artifact, tmp_path):
     while "start serving" not in log.read_text() and time.time() < deadline:
         time.sleep(0.1)
     time.sleep(2)  # upload done, generating
-    _stop(server)
+    stop(server)
     out, err = deploy.communicate(timeout=60)
     assert deploy.returncode != 0
     assert "failed during" in err and "board closed the connection" in err, err
@@ -180,7 +154,7 @@ def test_tune_on_board_through_tracker_then_cross_compile(board, tracker, refere
         report = tune_model(reference_model, target="cortex-a72", db=tmp_path / "db", trials=2, tracker=tracker,
                             key="rasp4", parts=("experts",), progress=False)
     finally:
-        _stop(server)
+        stop(server)
     assert report.trials_run > 0 and any(t.best_us is not None for t in report.tasks)
     out = compile_model(reference_model, target="cortex-a72", out=tmp_path / "a72", tuning_db=tmp_path / "db",
                         progress=False)

@@ -6,10 +6,8 @@ line, addresses and keys checked before connecting, and the direct/tracker key d
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,33 +21,10 @@ from moetvm.errors import MoetvmError
 from moetvm.runtime import load_model
 from moetvm.runtime.remote import BoardError, DeployError, deploy
 
+from servers import start, stop
+
 pytest.importorskip("cryptography")
 PY = sys.executable
-
-
-def _start(cmd, ready: str, log: Path, timeout=120):
-    """Start a server in its own process group; wait for `ready` in its log; return (proc, line)."""
-    handle = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        text = log.read_text()
-        for line in text.splitlines():
-            if ready in line:
-                return proc, line
-        if proc.poll() is not None:
-            raise AssertionError(f"{cmd} exited: {text[-2000:]}")
-        time.sleep(0.2)
-    _stop(proc)
-    raise AssertionError(f"{cmd} not ready: {log.read_text()[-2000:]}")
-
-
-def _stop(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
 
 
 def cli(*args, env=None):
@@ -98,7 +73,7 @@ def servers(keys, tmp_path_factory):
     d = tmp_path_factory.mktemp("servers")
     started = []
     try:
-        tracker, line = _start([PY, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", "9690",
+        tracker, line = start([PY, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", "9690",
                                 "--port-end", "9790"], "bind to", d / "tracker.log")
         started.append(tracker)
         tracker_addr = re.search(r"bind to (127\.0\.0\.1:\d+)", line).group(1)
@@ -118,7 +93,7 @@ def servers(keys, tmp_path_factory):
         yield out
     finally:
         for proc in started:
-            _stop(proc)
+            stop(proc)
 
 
 def _wait(proc, log, timeout=120):
