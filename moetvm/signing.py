@@ -140,6 +140,9 @@ def generate_keypair(private_path: str | Path, public_path: str | Path, *, overw
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
     for path, data, mode in ((private_path, private_pem, 0o600), (public_path, public_pem, 0o644)):
+        existing = next(d for d in path.parents if d.exists())
+        if not existing.is_dir():
+            raise SignatureError(f"{path}: cannot write the key ({existing} is not a directory)")
         try:
             _atomic_write(path, data, mode=mode)
         except OSError as e:

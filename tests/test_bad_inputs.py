@@ -115,7 +115,7 @@ COMPILE_CASES = [
     (lambda f: ["reference", "-o", f["root"] / "a", "--sign", "/missing.key"], "'/missing.key' does not exist"),
     (lambda f: ["reference", "-o", f["root"] / "a", "--sign", f["text"]], "not a usable PEM Ed25519 private key"),
     (lambda f: [f["text"], "-o", f["root"] / "a"], "not a readable safetensors checkpoint"),
-    (lambda f: [f["bare"], "-o", f["root"] / "a"], "without the reference model's 'config' metadata"),
+    (lambda f: [f["bare"], "-o", f["root"] / "a"], "bare.safetensors: a safetensors file without the reference model's"),
     (lambda f: [f["hf_dir"], "-o", f["root"] / "a"], f"for a transformers model directory write hf:"),
     (lambda f: ["nonsense", "-o", f["root"] / "a"], "not 'reference', 'hf:DIR' or an existing checkpoint"),
     (lambda f: ["reference", "-o", f["root"] / "a", "--calibration", "/missing.txt"], "does not exist"),
@@ -277,7 +277,7 @@ def test_export_onnx_keygen_inspect_diff_refuse(files, tmp_path, reference_artif
         (["export-onnx", tmp_path / "x", "--shape", "banana"], "--shape takes BATCHxSEQ"),
         (["export-onnx", files["text"]], "is a file; export-onnx writes into a directory"),
         (["export-onnx", files["root"]], "not an earlier export (no parts.json)"),
-        (["keygen", files["file_parent"] / "k.pem", tmp_path / "k.pub"], "cannot write the key"),
+        (["keygen", files["file_parent"] / "k.pem", tmp_path / "k.pub"], "notes.txt is not a directory"),
         (["inspect", tmp_path], "no manifest"),
         (["diff", reference_artifact, tmp_path], "no manifest"),
     ]

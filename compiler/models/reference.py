@@ -189,6 +189,8 @@ def load_checkpoint(path: Path) -> ReferenceMoELM:
                                        f"metadata (not a moetvm reference checkpoint; for transformers use hf:DIR)")
             cfg = ReferenceConfig(**json.loads(config))
             state = {k: f.get_tensor(k).float() for k in f.keys()}
+    except ModelSourceError:
+        raise
     except (SafetensorError, OSError) as e:
         raise ModelSourceError(f"model {path}: not a readable safetensors checkpoint ({e})") from None
     except (ValueError, TypeError) as e:
