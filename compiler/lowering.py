@@ -14,6 +14,7 @@ import tvm_ffi
 import tvm.relax.utils
 from tvm import relax, tirx
 from tvm.support import cc
+from tvm.sym.analyzer import Analyzer
 
 from moetvm.targets import DeployTarget, TargetError
 
@@ -64,14 +65,52 @@ def legalize_passes(backend, target: tvm.target.Target) -> list:
     functions put in canonical form right after FuseOps and the kernels right after FuseTIR
     (`canonical_fusion`, `canonical_kernels`). Tuning must lower with these too, so that the
     kernels it tunes are the kernels compiled."""
-    passes = []
+    passes = [drop_identity_layout]
     for p in backend.legalize_passes(target):
+        if p.info.name == "LegalizeOps":
+            # A reshape is a view of a compact tensor: it stays a Relax op, which VMBuiltinLower
+            # turns into vm.builtin.reshape (what RewriteDataflowReshape would do, but its
+            # pattern check fails on symbolic shapes, e.g. (b, 4, s19 + s18, 32) ->
+            # (b * 4, s18 + s19, 32), and the reshape became a copy kernel).
+            p = relax.transform.LegalizeOps(skip_ops=["relax.reshape"])
         passes.append(p)
         if p.info.name == "FuseOps":
             passes.append(canonical_fusion)
         elif p.info.name == "FuseTIR":
             passes.append(canonical_kernels)
     return passes
+
+
+@relax.expr_functor.mutator
+class _DropIdentityLayout(relax.PyExprMutator):
+    """broadcast_to/reshape to a shape provably equal to the input's (torch's matmul decomposition
+    emits `expand` to the same shape, spelled `s18 + s19` where the input says `s19 + s18`): the
+    input itself, instead of a copy."""
+
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.analyzer = Analyzer()
+        self.ops = (tvm.ir.Op.get("relax.broadcast_to"), tvm.ir.Op.get("relax.reshape"))
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not any(call.op.same_as(op) for op in self.ops):
+            return call
+        src, dst = getattr(call.args[0].ty, "shape", None), getattr(call.ty, "shape", None)
+        if (isinstance(src, relax.ShapeExpr) and isinstance(dst, relax.ShapeExpr)
+                and len(src.values) == len(dst.values)
+                and all(self.analyzer.can_prove_equal(a, b) for a, b in zip(src.values, dst.values))):
+            return call.args[0]
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="MoetvmDropIdentityLayout")
+def drop_identity_layout(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    out = tvm.IRModule(attrs=mod.attrs, global_infos=mod.global_infos)
+    drop = _DropIdentityLayout(mod)
+    for gv, func in mod.functions_items():
+        out[gv] = drop.visit_expr(func) if isinstance(func, relax.Function) else func
+    return out
 
 
 # --- reproducible builds ----------------------------------------------------------------------

@@ -309,7 +309,11 @@ class MoEModel:
         if vms is None:
             vms = self._thread.vms = {}
         if library not in vms:
-            vms[library] = VirtualMachine(self._modules[library], self.device)
+            # Naive allocator on the CPU: the pooled one keeps a buffer of every size it has seen,
+            # and each new past length is a new size (~0.2 MB per decoded token, never reused);
+            # malloc/free per intermediate costs nothing measurable here.
+            naive = self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+            vms[library] = VirtualMachine(self._modules[library], self.device, memory_cfg="naive" if naive else None)
         try:
             fn = vms[library][function]
         except AttributeError:
