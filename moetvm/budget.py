@@ -4,6 +4,8 @@ all accept the same forms and mean the same bytes. Standard library only (ships 
 from __future__ import annotations
 
 import math
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
 from moetvm.errors import UsageError
 
@@ -26,18 +28,21 @@ def parse_budget(budget: int | float | str, total_bytes: int, what: str = "cache
         value = budget * total_bytes
     else:
         text = str(budget).strip().upper()
-        scale, number = 1.0, text
-        if text.endswith("%"):
-            scale, number = total_bytes / 100, text[:-1]
+        scale, number = Fraction(1), text
+        if text.endswith("%"):  # exact arithmetic: 100% is every byte, not one short of it
+            scale, number = Fraction(total_bytes, 100), text[:-1]
         else:
             for suffix, unit in _UNITS:
                 if text.endswith(suffix):
-                    scale, number = unit, text[: -len(suffix)]
+                    scale, number = Fraction(unit), text[: -len(suffix)]
                     break
         try:
-            value = float(number.strip()) * scale
-        except ValueError:
+            amount = Decimal(number.strip())
+        except InvalidOperation:
             raise BudgetError(f"bad {what} {budget!r}: use {FORMS}") from None
+        if not amount.is_finite():
+            raise BudgetError(f"bad {what} {budget!r}: must be a positive, finite amount ({FORMS})")
+        value = Fraction(amount) * scale
     if not math.isfinite(value) or value < 1:
         raise BudgetError(f"bad {what} {budget!r}: must be a positive, finite amount ({FORMS})")
     return int(value)

@@ -292,8 +292,8 @@ class MoEModel:
                         reverse=True)
         chosen = [key for _, key in ranked[: round(fraction * len(ranked))]]
         pinned = sum(self._experts[key].weight_bytes for key in chosen)
-        largest = max(e.weight_bytes for e in self._experts.values())
-        if chosen and pinned + largest > self.cache.budget:
+        unpinned = max((e.weight_bytes for key, e in self._experts.items() if key not in set(chosen)), default=0)
+        if chosen and pinned + unpinned > self.cache.budget:
             raise InputError(f"preload {fraction:g} pins {pinned} bytes of experts, which leaves no room for other "
                              f"experts in the {self.cache.budget}-byte cache budget: lower the preload or raise the budget")
         return self.cache.preload(chosen)

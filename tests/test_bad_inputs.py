@@ -353,6 +353,7 @@ def test_api_refusals(reference_model, reference_artifact, block_artifact, tmp_p
     with pytest.raises(InputError, match="token ids must be integers"):
         lm.generate([10**30], 2)
     assert len(lm.generate([[1, 2, 3]], 2)) == 2  # a (1, seq) batch of one is one prompt
+    assert load_model(reference_artifact, cache_budget="100%", preload=1.0).stats()["preloaded"] == 32
 
 
 def test_fallbacks_are_reported_in_the_text_report(reference_artifact, tmp_path, capsys):
