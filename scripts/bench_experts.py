@@ -31,17 +31,8 @@ from moetvm.compiler.lowering import build_library
 from moetvm.compiler.models import load_model_source
 from moetvm.targets import get_target
 
-
-def memory_bandwidth() -> float:
-    """Bytes/s of a large copy (read + write), best of 5."""
-    src = np.ones(256 * 2**20 // 8)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.nbytes / best
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode import copy_bandwidth  # noqa: E402 - one measurement of the floor for every benchmark
 
 
 def timer(fn, calls: int) -> float:
@@ -76,7 +67,7 @@ def main() -> int:
     dynamic = torch.ao.quantization.quantize_dynamic(expert, {torch.nn.Linear}, dtype=torch.qint8)
     sizes["PyTorch eager fp32"] = sum(w.nbytes for w in weights.values())
     sizes["PyTorch dynamic int8"] = 3 * 128 * 256 + 4 * 3 * 4  # int8 weights + per-tensor scale/zero
-    bandwidth = memory_bandwidth()
+    bandwidth = copy_bandwidth(256)
     print(f"memory bandwidth (NumPy 256 MB copy): {bandwidth / 1e9:.1f} GB/s; torch threads {args.threads}; "
           f"{args.rounds} rounds x {args.calls} calls, interleaved", file=sys.stderr)
 
