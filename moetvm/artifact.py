@@ -15,6 +15,7 @@ import json
 import os
 import stat
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -415,15 +416,27 @@ def sha256_file(path: Path) -> str:
 
 def check_file(root: Path, ref: FileRef) -> Path:
     """Size and SHA-256 of one referenced file; returns its path."""
-    path = resolve(root, ref)
-    if not path.is_file():
-        raise ArtifactError(f"{ref.path}: missing from the artifact")
-    size = path.stat().st_size
-    if size != ref.size:
-        raise ArtifactError(f"{ref.path}: size {size} bytes, manifest says {ref.size} (truncated or replaced)")
-    if sha256_file(path) != ref.sha256:
-        raise ArtifactError(f"{ref.path}: SHA-256 mismatch (corrupted or tampered)")
-    return path
+    copy_verified(root, ref, lambda chunk: None)
+    return resolve(root, ref)
+
+
+@contextmanager
+def _open_regular(path: Path, label: str, what: str, missing: str):
+    """(file, fstat) of `path` through one descriptor: a regular file, never reached through a
+    symbolic link at its last component (it could point anywhere)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ArtifactError(missing) from None
+    except OSError as e:
+        if os.path.islink(path):
+            raise ArtifactError(f"{label}: is a symbolic link; an artifact's {what} must be a regular file") from None
+        raise ArtifactError(f"{label}: cannot read the {what} ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ArtifactError(f"{label}: the {what} is not a regular file")
+        yield f, info
 
 
 def copy_verified(root: Path, ref: FileRef, sink, verify: bool = True) -> None:
@@ -431,21 +444,14 @@ def copy_verified(root: Path, ref: FileRef, sink, verify: bool = True) -> None:
     ArtifactError (after the last chunk) if size or SHA-256 differ from the manifest. Whoever
     uses what the sink kept uses exactly the bytes verified: swapping the file after the check
     and before the use cannot work, as nothing reads the path twice."""
-    path = resolve(root, ref)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise ArtifactError(f"{ref.path}: missing from the artifact") from None
-    except OSError as e:
-        raise ArtifactError(f"{ref.path}: cannot be read ({e.strerror or e})") from None
     h, size = hashlib.sha256(), 0
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ArtifactError(f"{ref.path}: not a regular file")
+    with _open_regular(resolve(root, ref), ref.path, "file", f"{ref.path}: missing from the artifact") as (f, info):
+        if info.st_size != ref.size:
+            raise ArtifactError(f"{ref.path}: size {info.st_size} bytes, manifest says {ref.size} (truncated or replaced)")
         for chunk in iter(lambda: f.read(1 << 20), b""):
             size += len(chunk)
-            if size > ref.size:
-                raise ArtifactError(f"{ref.path}: larger than the {ref.size} bytes the manifest says (replaced?)")
+            if size > ref.size:  # grown since the fstat: read no further than the manifest allows
+                break
             h.update(chunk)
             sink(chunk)
     if size != ref.size:
@@ -471,18 +477,7 @@ MAX_MANIFEST_BYTES = 256 << 20  # a hash-routed manifest of a 256k vocabulary is
 def read_regular_file(path: Path, limit: int, what: str) -> bytes:
     """The bytes of `path`, a regular file that is not a symbolic link (it could point anywhere),
     read through one descriptor and at most `limit` bytes long."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: no {what} (not a moetvm artifact directory?)") from None
-    except OSError as e:
-        if os.path.islink(path):
-            raise ArtifactError(f"{path}: is a symbolic link; an artifact's {what} must be a regular file") from None
-        raise ArtifactError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ArtifactError(f"{path}: the {what} is not a regular file")
+    with _open_regular(path, str(path), what, f"{path}: no {what} (not a moetvm artifact directory?)") as (f, info):
         if info.st_size > limit:
             raise ArtifactError(f"{path}: the {what} is {info.st_size} bytes, more than {limit}")
         data = f.read(limit + 1)

@@ -19,7 +19,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from moetvm.errors import MoetvmError
 from moetvm.artifact import (ArtifactError, Expert, Manifest, MoELayer, check_file, copy_verified, kv_shapes, read_manifest,
-                             read_verified, resolve)
+                             read_verified)
 
 from .cache import ExpertCache, parse_budget
 from moetvm.routing import FIXED_MODES, FixedPattern, allowed_experts, group_by_expert, route
@@ -525,7 +525,6 @@ def _load_library(root: Path, lib, verify: bool = True) -> tvm.runtime.Module:
     while hashed, through one descriptor into a sealed memory file (Linux memfd), which the
     dynamic loader opens; where there is no memfd, into a file in a private temp directory. A
     library swapped on disk after the check is never the one loaded."""
-    _check_machine(root, lib)
     with _LOADED_LOCK:
         loaded = _LOADED.get(lib.file.sha256)
         if loaded is None:
@@ -558,6 +557,7 @@ def _load_verified_library(root: Path, lib, verify: bool) -> tvm.runtime.Module:
         try:
             return tvm_ffi.load_module(str(name))
         except Exception as e:  # noqa: BLE001 - whatever TVM says, the file is not a usable library
+            _check_machine(lib, name.read_bytes()[:20])  # the common cause, named as such
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"{lib.file.path}: not a loadable kernel library ({first})") from None
     finally:
@@ -569,14 +569,9 @@ def _load_verified_library(root: Path, lib, verify: bool) -> tvm.runtime.Module:
 _ELF_MACHINES = {62: "x86-64", 183: "aarch64", 40: "arm", 243: "riscv"}
 
 
-def _check_machine(root: Path, lib) -> None:
+def _check_machine(lib, header: bytes) -> None:
     """A library built for another machine (a cross-compiled artifact run on the workstation)
     is named as such, not reported by the loader as 'No such file or directory'."""
-    try:
-        with open(resolve(root, lib.file), "rb") as f:
-            header = f.read(20)
-    except OSError:
-        return  # copy_verified reports it
     if len(header) < 20 or header[:4] != b"\x7fELF":
         return
     built = _ELF_MACHINES.get(int.from_bytes(header[18:20], "little" if header[5] == 1 else "big"))
