@@ -19,8 +19,7 @@ from typing import Callable
 
 from moetvm.artifact import MANIFEST_NAME, ArtifactError, read_manifest
 from moetvm.errors import UsageError
-
-SIGNATURE_NAME = "manifest.sig"  # moetvm.signing's; repeated to keep this import light
+from moetvm.signing import SIGNATURE_NAME
 
 
 class OutputError(UsageError):
@@ -72,8 +71,7 @@ def check_output(out: str | Path, inputs: tuple[str | Path, ...] = ()) -> Path:
             why = _our_artifact(out)
             if why:
                 raise OutputError(f"-o {out}: {why}; refusing to replace it")
-    parent = full.parent
-    probe_from = parent
+    probe_from = full.parent
     while not probe_from.exists():
         probe_from = probe_from.parent
     if not probe_from.is_dir() or not os.access(probe_from, os.W_OK | os.X_OK):

@@ -117,10 +117,13 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budg
         _fail("--input-shape applies to ONNX models only")
     if onnx and not Path(model).is_file():
         _fail(f"model {model!r}: no such ONNX file")
+    from moetvm.compiler.models import calibration_windows
+
+    # The shipped model profiles on its own text.
     calibrated = quant == "auto" or calibration is not None or model == "reference"
-    # The calibration array itself is read below; checked here with a stand-in of its shape.
+    tokens = calibration_windows(calibration) if calibrated else None
     check_compile_options(quant=quant, group_size=group_size, router_quant=router_quant, weight_budget=weight_budget,
-                          calibration=[[0]] if calibrated else None, routing=routing, tile=tile,
+                          calibration=tokens, routing=routing, tile=tile,
                           cycle_dwell=cycle_dwell, mask_below=mask_below, tuning_db=tuning_db, sign_key=sign_key)
     if onnx:
         from moetvm.compiler.onnx_frontend import compile_onnx
@@ -137,9 +140,8 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budg
                             tuning_db=tuning_db, dense_fallback=dense_fallback, progress=not quiet, sign_key=sign_key)
     else:
         from moetvm.compiler import compile_model
-        from moetvm.compiler.models import calibration_windows, load_model_source
+        from moetvm.compiler.models import load_model_source
 
-        tokens = calibration_windows(calibration) if calibrated else None  # the shipped model profiles on its own text
         torch_model = load_model_source(model)
         path = compile_model(torch_model, target=deploy_target, out=out, name=model, source=model,
                              progress=not quiet, quant=quant, group_size=group_size, router_quant=router_quant,
