@@ -11,15 +11,11 @@ from pathlib import Path
 import click
 
 from moetvm.artifact import ArtifactError
-from moetvm.errors import MoetvmError
+from moetvm.errors import MoetvmError, one_line
 
 
 def _fail(message: str) -> None:
     raise click.ClickException(message)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 class _Commands(click.Group):
@@ -31,15 +27,15 @@ class _Commands(click.Group):
         try:
             return super().invoke(ctx)
         except click.UsageError as e:  # a bad option value: the one line, without the usage banner
-            error = click.ClickException(_one_line(e.format_message()))
+            error = click.ClickException(one_line(e.format_message()))
             error.exit_code = e.exit_code
             raise error from None
         except MoetvmError as e:
-            raise click.ClickException(_one_line(e)) from None
+            raise click.ClickException(one_line(e)) from None
         except OSError as e:
             if e.filename is None:
                 raise
-            raise click.ClickException(_one_line(f"{e.filename}: {e.strerror or e}")) from None
+            raise click.ClickException(one_line(f"{e.filename}: {e.strerror or e}")) from None
 
 
 def _encode(text: str) -> list[int]:
@@ -337,7 +333,7 @@ def deploy(directory, rpc_addr, tracker, key, prompt, max_new_tokens, cache_budg
                                  cache_budget=cache_budget, rpc_addr=rpc_addr, tracker=tracker, key=key,
                                  timeout=timeout, trusted_keys=list(trusted_keys) or None)
     except MoetvmError as e:
-        _fail(_one_line(e))
+        _fail(one_line(e))
     report = {"text": _decode(report.pop("new_ids")), "prompt": prompt, **report}
     click.echo(json.dumps(report))
 

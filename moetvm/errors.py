@@ -10,3 +10,9 @@ class MoetvmError(Exception):
 
 class UsageError(MoetvmError, ValueError):
     """An option or argument that cannot work (checked before any work starts)."""
+
+
+def one_line(text) -> str:
+    """`text` with every run of whitespace, newlines included, made one space: how an error
+    travels (a CLI line, an RPC reply)."""
+    return " ".join(str(text).split())

@@ -33,7 +33,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from moetvm.errors import MoetvmError, UsageError
+from moetvm.errors import MoetvmError, UsageError, one_line
 
 RUN_FUNCTION = "moetvm.board.run"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -44,8 +44,6 @@ class BoardError(MoetvmError, RuntimeError):
     failed; the message is one line naming the cause (it travels back to the host as text)."""
 
 
-def _one_line(text) -> str:
-    return " ".join(str(text).split())
 
 
 def _check_request(request: str) -> dict:
@@ -101,7 +99,7 @@ def run_uploaded(archive: str, request: str, trusted_keys: tuple[str, ...] = ())
             "signature": "verified" if trusted_keys else "not checked"}}
         return json.dumps(report)
     except SignatureError as e:
-        raise BoardError(f"board refused the artifact: {_one_line(e)}") from None
+        raise BoardError(f"board refused the artifact: {one_line(e)}") from None
     except BoardError:
         raise
     except Exception as e:  # noqa: BLE001 - the host sees only this text: name the class too
@@ -224,7 +222,7 @@ def tracker_key(manifest, artifact: Path | str) -> str:
                           f"tracker key is unknown: pass --key KEY, or point MOETVM_TARGETS at the "
                           f"targets file that defines {name!r}") from None
     except (OSError, ValueError) as e:
-        raise TargetError(f"MOETVM_TARGETS: cannot read the targets files ({_one_line(e)}); "
+        raise TargetError(f"MOETVM_TARGETS: cannot read the targets files ({one_line(e)}); "
                           f"pass --key KEY") from None
     if not key:
         raise TargetError(f"{artifact}: target {name!r} defines no rpc_key: pass --key KEY")
@@ -331,7 +329,7 @@ def deploy(artifact: str | Path, *, prompt_ids: list[int], max_new_tokens: int, 
             if isinstance(e, ConnectionRefusedError) and phase == "connect":
                 text = "Connection refused"
             cause = _explain(text, type(e).__name__, where if rpc_addr else f"tracker {host}:{port}", key)
-            failure = _one_line(f"deploy to {where} failed during {phase}: {cause}")
+            failure = one_line(f"deploy to {where} failed during {phase}: {cause}")
         finally:
             # A board serves one session at a time: end this one now. Raising below, outside the
             # handler, keeps TVM's exception (and its frames, which hold the session) off the error.
@@ -418,7 +416,7 @@ def main(argv=None) -> int:
             for k in keys:
                 load_public_key(k)  # a bad key file stops the board now, not at the first deploy
     except MoetvmError as e:
-        print(f"moetvm board: {_one_line(e)}", file=sys.stderr)
+        print(f"moetvm board: {one_line(e)}", file=sys.stderr)
         return 2
     serve(args.host, args.port, args.tracker, args.key or "", keys)
     return 0
