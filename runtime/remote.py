@@ -44,8 +44,6 @@ class BoardError(MoetvmError, RuntimeError):
     failed; the message is one line naming the cause (it travels back to the host as text)."""
 
 
-
-
 def _check_request(request: str) -> dict:
     """The host's JSON request, checked field by field (InputError naming the field)."""
     from moetvm.runtime import InputError
