@@ -24,6 +24,7 @@ from moetvm.artifact import (
     Router,
     SharedExpert,
     TensorSpec,
+    WeightFile,
     Workload,
     file_ref,
 )
@@ -33,6 +34,7 @@ from moetvm.targets import DeployTarget, get_target
 
 from . import frontend, quant_plan
 from . import quant as quantization
+from .dense_weights import DenseWeights, store_dense_weights
 from .lowering import build_library
 from .output import atomic_directory, check_output
 from moetvm.routing import ROUTING_MODES
@@ -85,6 +87,7 @@ def compile_model(
     quant: str = "fp32",
     group_size: int = quantization.DEFAULT_GROUP_SIZE,
     router_quant: str = "fp32",
+    dense_quant: str | None = None,
     weight_budget: int | str | None = None,
     calibration: np.ndarray | None = None,
     routing: str = "learned",
@@ -108,6 +111,9 @@ def compile_model(
     quant: expert weight precision, one of fp32, fp16, int8, int4 (group-wise, `group_size`) or
     auto (per expert, from `calibration` token windows, within `weight_budget` bytes or a
     percentage of the fp32 expert bytes). router_quant: fp32 (default) or int8.
+    dense_quant: precision of the dense part's linear layers, LM head and embedding table (fp32,
+    fp16, int8, int4); default: the same as `quant` (fp32 with auto). Norms stay fp32, the
+    routers take `router_quant`. The dense weights go to weight files, never into the library.
     calibration: token windows (batch, seq) run through the model to profile expert usage (stored
     per expert, it orders the runtime's preload) and, for auto, to plan precisions.
     routing: learned (the model's router), hash (token id -> experts, fitted on calibration so
@@ -125,7 +131,8 @@ def compile_model(
     new artifact is validated (manifest parsed, every file hashed, signature verified) before it
     replaces an old one at `out`, and `out` is replaced only when it holds a moetvm artifact.
     """
-    check_compile_options(quant=quant, group_size=group_size, router_quant=router_quant, weight_budget=weight_budget,
+    check_compile_options(quant=quant, group_size=group_size, router_quant=router_quant, dense_quant=dense_quant,
+                          weight_budget=weight_budget,
                           calibration=calibration, routing=routing, tile=tile, cycle_dwell=cycle_dwell,
                           mask_below=mask_below, tuning_db=tuning_db, sign_key=sign_key)
     check_output(out)
@@ -138,6 +145,7 @@ def compile_model(
             raise UsageError("a single MoE block needs example_inputs=(hidden,) with hidden a torch.Tensor "
                              f"(batch, seq, d_model); got {_describe(example_inputs)}")
     p = _prepare(model, example_inputs, target, quant=quant, group_size=group_size, router_quant=router_quant,
+                 dense_quant=dense_quant,
                  weight_budget=weight_budget, calibration=calibration, routing=routing, tile=tile,
                  cycle_dwell=cycle_dwell, mask_below=mask_below, bar=bar)
     return write_artifact(p, out, _model_info(model, name, description, p.specs) | {"source": source},
@@ -149,7 +157,7 @@ def _describe(values) -> str:
 
 
 def check_compile_options(*, quant="fp32", group_size=quantization.DEFAULT_GROUP_SIZE, router_quant="fp32",
-                          weight_budget=None, calibration=None, routing="learned", tile=16, cycle_dwell=8,
+                          dense_quant=None, weight_budget=None, calibration=None, routing="learned", tile=16, cycle_dwell=8,
                           mask_below=None, tuning_db=None, sign_key=None) -> None:
     """Refuse, before any work, every option that would fail later or build an unloadable
     artifact (UsageError, QuantizationError, TuningError or SignatureError, one line each)."""
@@ -160,6 +168,8 @@ def check_compile_options(*, quant="fp32", group_size=quantization.DEFAULT_GROUP
     if not (isinstance(group_size, int) and group_size > 0):
         raise UsageError(f"group size must be a positive integer, got {group_size!r}")
     quantization.scheme(router_quant, group_size)
+    if dense_quant is not None:
+        quantization.scheme(dense_quant, group_size)
     if weight_budget is not None:
         parse_budget(weight_budget, 1 << 40, "weight budget")
     if routing not in ROUTING_MODES:
@@ -218,7 +228,7 @@ def write_artifact(p: "_Prepared", out: str | Path, model_info: dict, *, tuning_
         tuning = {"tuned": 0, "default": 0}
 
         for lib_name, module in _relax_libraries(p).items():
-            what = {"segments": f"{len(module.functions)} dense segments",
+            what = {"segments": f"{sum(isinstance(f, tvm.relax.Function) for f in module.functions.values())} dense segments",
                     "routers": f"{len(specs)} routers ({p.routing}, {p.router_scheme.tag})"}.get(lib_name, f"expert workload {lib_name}")
             with bar.step(f"build {what}"):
                 path = tmp / "lib" / f"{lib_name}.so"
@@ -230,7 +240,8 @@ def write_artifact(p: "_Prepared", out: str | Path, model_info: dict, *, tuning_
                 if info:
                     device_code[lib_name] = info
 
-        with bar.step("write expert weights and manifest"):
+        with bar.step("write weights and manifest"):
+            weights = _write_dense_weights(tmp, p.dense, p.split.weights) if p.dense else []
             moe_layers = [_write_layer(tmp, i, spec, p.plan, p.usage, p.workload_entries, p.routers[i], dense_fallback)
                           for i, spec in enumerate(specs)]
             manifest = Manifest(
@@ -245,9 +256,11 @@ def write_artifact(p: "_Prepared", out: str | Path, model_info: dict, *, tuning_
                 program=p.split.program,
                 workloads=list(p.workload_entries.values()),
                 moe_layers=moe_layers,
+                weights=weights,
                 # No timestamps or durations: the same inputs give a byte-identical manifest.
                 compile_info={"tvm": tvm.__version__, "torch": torch.__version__,
-                              "quant": {**p.plan_info, "router": p.router_scheme.tag},
+                              "quant": {**p.plan_info, "router": p.router_scheme.tag,
+                                        **({"dense": p.dense.scheme.tag} if p.dense else {})},
                               **({"tuning": {**tuning, "database": str(tuning_db)}} if tuning_db else {}),
                               **({"device_code": device_code} if device_code else {})},
             )
@@ -274,10 +287,16 @@ class _Prepared:
     router_scheme: quantization.Scheme
     workload_entries: dict
     kind: str  # the artifact kind: causal_lm | moe_block | graph
+    dense: DenseWeights | None = None  # the dense part's weights, which the segments take as inputs
+
+
+def dense_scheme(quant: str, dense_quant: str | None, group_size: int) -> quantization.Scheme:
+    """The dense part's precision: `dense_quant`, else the experts' (`quant`; fp32 with auto)."""
+    return quantization.scheme(dense_quant or (quant if quant != "auto" else "fp32"), group_size)
 
 
 def _prepare(model, example_inputs, target, *, quant, group_size, router_quant, weight_budget, calibration,
-             routing, tile, cycle_dwell, mask_below, bar: Progress) -> _Prepared:
+             routing, tile, cycle_dwell, mask_below, bar: Progress, dense_quant: str | None = None) -> _Prepared:
     dt = target if isinstance(target, DeployTarget) else get_target(target)
     dt.check_toolchain()
     model = model.eval()
@@ -302,15 +321,17 @@ def _prepare(model, example_inputs, target, *, quant, group_size, router_quant, 
                    cycle_dwell=cycle_dwell, mask_below=mask_below, vocab=vocab, bar=bar)
     with bar.step(f"trace {type(model).__name__} with torch.export ({len(specs)} MoE layers)"):
         if lm:
-            layers = model.kv_layout[0]
-            input_names = ["tokens", "positions", "past_positions"] + [f"past_keys_{i}" for i in range(layers)] + [f"past_values_{i}" for i in range(layers)]
-            output_names = ["logits"] + [f"keys_{i}" for i in range(layers)] + [f"values_{i}" for i in range(layers)]
+            input_names, output_names = frontend.lm_io_names(model.kv_layout[0])
             mod = frontend.export_causal_lm(model, specs)
         else:
             (example,) = example_inputs
             input_names, output_names = ["hidden"], ["output"]
             mod = frontend.export_moe_block(model, specs, example)
-        p.split = frontend.split_at_moe_layers(mod, input_names, output_names)
+    if lm:
+        scheme = dense_scheme(quant, dense_quant, group_size)
+        with bar.step(f"store the dense weights ({scheme.tag})"):
+            mod, p.dense = store_dense_weights(mod, scheme)
+    p.split = frontend.split_at_moe_layers(mod, input_names, output_names, p.dense.names if p.dense else [])
     return p
 
 
@@ -340,7 +361,7 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: DeployTarget,
                     for n, shape, dtype in quantization.swiglu_params(d_model, d_ff, sch)],
         )
     if bar is not None:
-        bar.total = 5 + len(entries)  # trace, segments, routers, one per workload, write, validate
+        bar.total = 5 + lm + len(entries)  # trace, dense weights, segments, routers, one per workload, write, validate
     return _Prepared(target, specs, lm, split, plan, plan_info, usage, routers, routing, router_scheme, entries,
                      kind or ("causal_lm" if lm else "moe_block"))
 
@@ -348,7 +369,7 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: DeployTarget,
 def _relax_libraries(p: _Prepared) -> dict[str, tvm.IRModule]:
     """Library name -> the Relax module it is built from: segments, routers, one per workload."""
     libs = {}
-    if len(p.split.segments.functions):
+    if any(isinstance(f, tvm.relax.Function) for f in p.split.segments.functions.values()):
         libs["segments"] = p.split.segments
     router_mod = tvm.IRModule()
     for i, spec in enumerate(p.specs):
@@ -507,6 +528,32 @@ def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: 
         for j, e in enumerate(spec.shared)
     ]
     return MoELayer(layer=index, d_model=spec.d_model, router=router, experts=experts, shared=shared, fallback=fallback)
+
+
+WEIGHT_SHARD_BYTES = 64 << 20  # per dense weight file: bounds what the runtime holds twice while loading
+
+
+def _write_dense_weights(root: Path, dense: DenseWeights, specs: list[TensorSpec]) -> list[WeightFile]:
+    """The dense weights as safetensors shards, in the order the model uses them."""
+    from safetensors.numpy import save_file
+
+    folder = root / "weights"
+    folder.mkdir()
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, array in enumerate(dense.arrays):
+        if shards[-1] and size + array.nbytes > WEIGHT_SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += array.nbytes
+    files = []
+    for n, shard in enumerate(s for s in shards if s):
+        path = folder / f"dense-{n:05d}.safetensors"
+        save_file({dense.names[i]: dense.arrays[i] for i in shard}, str(path))
+        files.append(WeightFile(file=file_ref(root, path), tensors=[specs[i] for i in shard],
+                                weight_bytes=int(sum(dense.arrays[i].nbytes for i in shard)), quant=dense.scheme.tag))
+    return files
 
 
 def _model_info(model: nn.Module, name: str | None, description: str, specs: list[MoELayerSpec]) -> dict:

@@ -180,16 +180,26 @@ def _lower_complex(ep: torch.export.ExportedProgram) -> None:
     ep.graph_module.recompile()
 
 
-def _import(module: nn.Module, args: tuple, dynamic_shapes) -> tvm.IRModule:
+def _import(module: nn.Module, args: tuple, dynamic_shapes, keep_params: bool = False) -> tvm.IRModule:
+    """The module as Relax `main`. keep_params: its parameters stay inputs of `main` after the
+    traced inputs (attrs: `num_input`, `params` their values, `param_names` their PyTorch names),
+    for the compiler to store as weight files instead of constants baked into code."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation noise
         ep = torch.export.export(module.eval(), args, dynamic_shapes=dynamic_shapes)
     _lower_complex(ep)
-    mod = from_exported_program(ep, unwrap_unit_return_tuple=True, custom_convert_map=_CONVERTERS)
+    mod = from_exported_program(ep, keep_params_as_input=keep_params, unwrap_unit_return_tuple=True,
+                                custom_convert_map=_CONVERTERS)
     clamp = _ClampGathers(mod)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             mod[gv] = clamp.visit_expr(func)
+    if keep_params:
+        kind = torch.export.graph_signature.InputKind.PARAMETER
+        fqn = {spec.arg.name: spec.target for spec in ep.graph_signature.input_specs if spec.kind is kind}
+        main = mod["main"]
+        weights = main.params[int(main.attrs["num_input"]):]
+        mod["main"] = main.with_attr("param_names", [fqn[v.name] for v in weights])
     return mod
 
 
@@ -205,6 +215,12 @@ class _LMStep(nn.Module):
         return self.lm.step(tokens, positions, past_positions, past_keys, past_values)
 
 
+def lm_io_names(layers: int) -> tuple[list[str], list[str]]:
+    """Names of the exported LM step's inputs and outputs (the causal LM protocol)."""
+    kv = lambda prefix: [f"{prefix}keys_{i}" for i in range(layers)] + [f"{prefix}values_{i}" for i in range(layers)]  # noqa: E731
+    return ["tokens", "positions", "past_positions"] + kv("past_"), ["logits"] + kv("")
+
+
 def export_causal_lm(model: nn.Module, specs: list[MoELayerSpec]) -> tvm.IRModule:
     layers, key_shape, value_shape = kv_shapes(model.kv_layout)
     b, s, p = 2, 3, 2  # example sizes; all three dimensions are exported as symbolic
@@ -215,7 +231,11 @@ def export_causal_lm(model: nn.Module, specs: list[MoELayerSpec]) -> tvm.IRModul
             torch.zeros(b, p, dtype=torch.long), kv(key_shape), kv(value_shape))
     dyn = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: past},
            [{0: batch, 2: past}] * layers, [{0: batch, 2: past}] * layers)
-    return _import(_LMStep(_with_markers(model, specs)), args, dyn)
+    mod = _import(_LMStep(_with_markers(model, specs)), args, dyn, keep_params=True)
+    # Weights are named as in the user's model: without the wrappers' attribute names.
+    names = [str(n).removeprefix("lm.").removeprefix("hf.") for n in mod["main"].attrs["param_names"]]
+    mod["main"] = mod["main"].with_attr("param_names", names)
+    return mod
 
 
 def export_moe_block(model: nn.Module, specs: list[MoELayerSpec], example: torch.Tensor) -> tvm.IRModule:
@@ -233,6 +253,7 @@ class SplitProgram:
     program: list[Step]
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    weights: list[TensorSpec]  # the model's weights, which `main` took after its inputs
 
 
 def _moe_layer_of(binding) -> int | None:
@@ -256,8 +277,11 @@ def _tensor_spec(name: str, var: relax.Var) -> TensorSpec:
     return TensorSpec(name=name, shape=shape, dtype=str(ty.dtype))
 
 
-def split_at_moe_layers(mod: tvm.IRModule, input_names: list[str], output_names: list[str]) -> SplitProgram:
-    """Cut `main` at its MoE markers: each run of bindings between markers becomes a segment."""
+def split_at_moe_layers(mod: tvm.IRModule, input_names: list[str], output_names: list[str],
+                        weight_names: list[str] = ()) -> SplitProgram:
+    """Cut `main` at its MoE markers: each run of bindings between markers becomes a segment.
+    `main` takes the inputs, then the weights (named by `weight_names`): segments take the
+    weights they use as inputs, which the runtime supplies from the artifact's weight files."""
     # Drop trivial `a = b` bindings first, so no segment is a mere rename.
     main = relax.transform.CanonicalizeBindings()(relax.transform.ToNonDataflow()(mod))["main"]
     params = list(main.params)
@@ -273,7 +297,9 @@ def split_at_moe_layers(mod: tvm.IRModule, input_names: list[str], output_names:
     if len(final_outputs) != len(output_names) or not all(isinstance(e, relax.Var) for e in final_outputs):
         raise ValueError(f"expected {len(output_names)} model outputs, the traced graph has {len(final_outputs)}")
     # Name every value that crosses a step boundary; model inputs and outputs keep their names.
-    names: dict[relax.Var, str] = {v: n for v, n in zip(params, input_names)}
+    if len(params) != len(input_names) + len(weight_names):
+        raise ValueError(f"main takes {len(params)} values, named {len(input_names)} inputs and {len(weight_names)} weights")
+    names: dict[relax.Var, str] = {v: n for v, n in zip(params, [*input_names, *weight_names])}
     names.update(zip(final_outputs, output_names))
 
     def name_of(var):
@@ -305,6 +331,9 @@ def split_at_moe_layers(mod: tvm.IRModule, input_names: list[str], output_names:
             live |= set(_free_values(b.value, values))
 
     segments = tvm.IRModule()
+    for gv, func in mod.functions_items():  # kernels the traced code already calls (dense_weights.py)
+        if isinstance(func, tvm.tirx.PrimFunc):
+            segments[gv] = func
     program: list[Step] = []
     for i, piece in enumerate(pieces):
         if piece[0] == "moe":
@@ -326,8 +355,9 @@ def split_at_moe_layers(mod: tvm.IRModule, input_names: list[str], output_names:
         program.append(Step(op="segment", name=fn_name, inputs=[name_of(v) for v in seg_inputs], outputs=[name_of(v) for v in outs]))
 
     inputs = [_tensor_spec(n, p) for n, p in zip(input_names, params)]
+    weights = [_tensor_spec(n, p) for n, p in zip(weight_names, params[len(input_names):])]
     outputs = [_tensor_spec(n, e) for n, e in zip(output_names, final_outputs)]
-    return SplitProgram(segments=segments, program=program, inputs=inputs, outputs=outputs)
+    return SplitProgram(segments=segments, program=program, inputs=inputs, outputs=outputs, weights=weights)
 
 
 def _segment_function(inputs: list, binds: list, outputs: list, model_params: list) -> tuple[relax.Function, list]:

@@ -494,7 +494,8 @@ def import_onnx(model: onnx.ModelProto):
     initializers = {t.name for t in model.graph.initializer}
     split = SplitProgram(segments=segments, program=program,
                          inputs=[_tensor_spec(v) for v in model.graph.input if v.name not in initializers],
-                         outputs=[_tensor_spec(v) for v in model.graph.output])
+                         outputs=[_tensor_spec(v) for v in model.graph.output],
+                         weights=[])  # ONNX initializers stay constants of the segments (issue 15)
     return [b.spec for b in blocks], split
 
 

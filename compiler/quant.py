@@ -1,4 +1,5 @@
-"""Weight-only quantization of experts, with dequantization fused into the matmul kernels.
+"""Weight-only quantization of experts and of the dense part's linear layers and embedding
+table (compiler/dense_weights.py), with dequantization fused into the matmul kernels.
 
 Weights are stored in the kernel layout (in, out) = (K, N); activations stay fp32 and every
 product accumulates in fp32. Schemes:
@@ -114,29 +115,40 @@ def nbytes(t: dict[str, np.ndarray]) -> int:
 
 
 # --- TVM side: fused dequantize-matmul ---------------------------------------------------------
-def _matmul_te(x: te.Tensor, weights: list[te.Tensor], s: Scheme, name: str) -> te.Tensor:
-    n, k_dim = x.shape
-    w = weights[0]
-    out_dim = w.shape[1]
-    k = te.reduce_axis((0, k_dim), "k")
-    f32 = "float32"
+def _dequantized(weights: list[te.Tensor], s: Scheme, k, j):
+    """The fp32 value of stored weight (k, j), read straight from the stored tensors."""
+    w, f32 = weights[0], "float32"
     if s.name in ("fp32", "fp16"):
-        def body(i, j):
-            return te.sum(x[i, k] * w[k, j].astype(f32), axis=k)
-    elif s.name == "int8":
-        scale = weights[1]
+        return w[k, j].astype(f32)
+    if s.name == "int8":
+        return w[k, j].astype(f32) * weights[1][j]
+    scale, zero, g = weights[1], weights[2], s.group_size
+    q = (w[k // 2, j] >> ((k % 2) * 4).astype("uint8")) & tvm.tirx.const(15, "uint8")
+    return (q.astype(f32) - zero[k // g, j].astype(f32)) * scale[k // g, j].astype(f32)
 
-        def body(i, j):
-            return te.sum(x[i, k] * (w[k, j].astype(f32) * scale[j]), axis=k)
-    else:
-        scale, zero = weights[1], weights[2]
-        g = s.group_size
 
-        def body(i, j):
-            q = (w[k // 2, j] >> ((k % 2) * 4).astype("uint8")) & tvm.tirx.const(15, "uint8")
-            deq = (q.astype(f32) - zero[k // g, j].astype(f32)) * scale[k // g, j].astype(f32)
-            return te.sum(x[i, k] * deq, axis=k)
-    return te.compute((n, out_dim), body, name=name)
+def _matmul_te(x: te.Tensor, weights: list[te.Tensor], s: Scheme, name: str) -> te.Tensor:
+    """x (..., K) @ W (K, N) -> (..., N), W dequantized inside the reduction."""
+    *lead, k_dim = x.shape
+    out_dim = weights[0].shape[1]
+    k = te.reduce_axis((0, k_dim), "k")
+
+    def body(*idx):
+        *rows, j = idx
+        return te.sum(x[(*rows, k)] * _dequantized(weights, s, k, j), axis=k)
+    return te.compute((*lead, out_dim), body, name=name)
+
+
+def gather_te(ids: te.Tensor, weights: list[te.Tensor], s: Scheme, k_dim: int, name: str) -> te.Tensor:
+    """Embedding lookup from a table stored as a (K, N) = (d, vocab) weight: out[i, :] is column
+    ids[i], dequantized; an out-of-range id is clamped (the runtime checks ids, the kernel
+    never reads out of bounds whatever it is given)."""
+    vocab = weights[0].shape[1]
+
+    def body(i, k):
+        j = te.max(te.min(ids[i].astype("int64"), vocab - 1), 0)
+        return _dequantized(weights, s, k, j)
+    return te.compute((ids.shape[0], k_dim), body, name=name)
 
 
 def weight_params(prefix: str, k: int, n: int, s: Scheme) -> list[tuple[str, tuple, str]]:

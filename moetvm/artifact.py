@@ -21,8 +21,8 @@ from pathlib import Path, PurePosixPath
 
 from moetvm.errors import MoetvmError
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1, 1)
+FORMAT_VERSION = 2  # 2: the dense part's weights in weight files (`weights`), not in the segments library
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -124,6 +124,17 @@ class MoELayer:
 
 
 @dataclass(frozen=True)
+class WeightFile:
+    """A safetensors file of the dense part's weights, which the program's segments take as
+    inputs by these names. Quantized tensors come as `name` plus `name.scale` (and `.zero`)."""
+
+    file: FileRef
+    tensors: list[TensorSpec]
+    weight_bytes: int  # the tensors' bytes: what the runtime holds loaded
+    quant: str = "fp32"  # storage of the linear and embedding weights among them (norms etc. stay fp32)
+
+
+@dataclass(frozen=True)
 class Manifest:
     format_version: int
     kind: str  # "causal_lm" | "moe_block" | "graph" (fixed-shape inputs -> outputs, e.g. an ONNX import)
@@ -136,6 +147,11 @@ class Manifest:
     workloads: list[Workload]
     moe_layers: list[MoELayer]
     compile_info: dict = field(default_factory=dict)
+    weights: list[WeightFile] = field(default_factory=list)
+
+    @property
+    def dense_weight_bytes(self) -> int:
+        return sum(w.weight_bytes for w in self.weights)
 
     def library(self, name: str) -> Library:
         for lib in self.libraries:
@@ -150,7 +166,7 @@ class Manifest:
         raise ArtifactError(f"{MANIFEST_NAME}: no workload named {wid!r}")
 
     def files(self) -> list[FileRef]:
-        refs = [lib.file for lib in self.libraries]
+        refs = [lib.file for lib in self.libraries] + [w.file for w in self.weights]
         for layer in self.moe_layers:
             refs += [e.file for e in layer.experts] + [s.expert.file for s in layer.shared]
             refs += [layer.fallback.file] if layer.fallback else []
@@ -265,6 +281,7 @@ def _check_consistency(m: Manifest) -> None:
     for t in m.inputs + m.outputs:
         if any(type(d) is int and not 0 < d < MAX_DIM for d in t.shape):
             raise ArtifactError(f"{MANIFEST_NAME}: tensor {t.name} has a dimension outside 1..{MAX_DIM - 1}: {t.shape}")
+    _check_weight_files(m)
     wids = {w.id for w in m.workloads}
     workload_bytes = {}
     for w in m.workloads:
@@ -272,17 +289,7 @@ def _check_consistency(m: Manifest) -> None:
             raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id} names missing {w.library}:{w.function}")
         if not (0 < w.d_model < MAX_DIM and 0 < w.d_ff < MAX_DIM):
             raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id}: d_model/d_ff outside 1..{MAX_DIM - 1}")
-        total = 0
-        for t in w.params:
-            if t.dtype not in DTYPE_BYTES or not t.shape or any(type(d) is not int or not 0 < d < MAX_DIM
-                                                                 for d in t.shape):
-                raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id}: tensor {t.name} has an unusable shape or "
-                                    f"dtype {t.dtype}{t.shape}")
-            count = 1
-            for d in t.shape:
-                count *= d
-            total += count * DTYPE_BYTES[t.dtype]
-        workload_bytes[w.id] = total
+        workload_bytes[w.id] = sum(_tensor_bytes(t, f"workload {w.id}") for t in w.params)
     from .routing import ROUTING_MODES, check_router  # routing semantics live beside the schema
 
     for layer in m.moe_layers:
@@ -334,6 +341,31 @@ def _check_consistency(m: Manifest) -> None:
             raise ArtifactError(f"{MANIFEST_NAME}: unknown program op {step.op!r}")
 
 
+def _tensor_bytes(t: TensorSpec, where: str) -> int:
+    if t.dtype not in DTYPE_BYTES or not t.shape or any(type(d) is not int or not 0 < d < MAX_DIM for d in t.shape):
+        raise ArtifactError(f"{MANIFEST_NAME}: {where}: tensor {t.name} has an unusable shape or dtype {t.dtype}{t.shape}")
+    count = 1
+    for d in t.shape:
+        count *= d
+    return count * DTYPE_BYTES[t.dtype]
+
+
+def _check_weight_files(m: Manifest) -> None:
+    """Weight tensors: unique names apart from the inputs', fixed shapes, and byte counts that add
+    up and fit in their file."""
+    seen = {t.name for t in m.inputs}
+    for w in m.weights:
+        total = 0
+        for t in w.tensors:
+            if t.name in seen:
+                raise ArtifactError(f"{MANIFEST_NAME}: weight tensor {t.name!r} is named twice")
+            seen.add(t.name)
+            total += _tensor_bytes(t, w.file.path)
+        if w.weight_bytes != total or w.file.size < total:
+            raise ArtifactError(f"{MANIFEST_NAME}: {w.file.path}: {w.weight_bytes} weight bytes in a {w.file.size}-byte "
+                                f"file, its tensors take {total}")
+
+
 def _check_model_fields(m: Manifest) -> None:
     """The model fields the runtime reads must have the types and values it relies on."""
     info = m.model
@@ -367,7 +399,7 @@ def kv_shapes(layout) -> tuple[int, tuple[int, int], tuple[int, int]]:
 
 def _check_program(m: Manifest) -> None:
     """Every step reads only values that exist by then, and the declared outputs get made."""
-    available = {t.name for t in m.inputs}
+    available = {t.name for t in m.inputs} | {t.name for w in m.weights for t in w.tensors}
     if m.kind == "causal_lm":
         layers, key_shape, value_shape = kv_shapes(m.model["kv_layout"])
         kv_inputs = [(t, key_shape if t.name.startswith("past_keys_") else value_shape) for t in m.inputs

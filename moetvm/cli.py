@@ -71,6 +71,9 @@ def targets():
               help="expert weight precision; auto plans it per expert from calibration text")
 @click.option("--group-size", default=32, show_default=True, help="int4 group size (input rows per scale/zero)")
 @click.option("--router-quant", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True)
+@click.option("--dense-quant", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
+              help="precision of the dense part's linear layers, LM head and embeddings "
+                   "[default: as --quant; fp32 with auto]")
 @click.option("--weight-budget", default=None, help="auto: expert bytes allowed (bytes or % of fp32)")
 @click.option("--calibration", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="text profiling expert usage (preload order) and planning auto precision "
@@ -89,7 +92,7 @@ def targets():
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x16",
               help="ONNX models: fixed shape for an input with symbolic dimensions (repeatable)")
 @click.option("--quiet", is_flag=True, help="no progress lines")
-def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budget, calibration, routing, tile,
+def compile_cmd(model, target, out, quant, group_size, router_quant, dense_quant, weight_budget, calibration, routing, tile,
                 cycle_dwell, mask_below, tuning_db, dense_fallback, sign_key, input_shapes, quiet):
     """Compile MODEL ('reference', a checkpoint path, hf:DIR or an ONNX file, *.onnx) into an
     artifact directory. Everything that can be checked is checked before the work starts; the
@@ -118,8 +121,8 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budg
     # The shipped model profiles on its own text.
     calibrated = quant == "auto" or calibration is not None or model == "reference"
     tokens = calibration_windows(calibration) if calibrated else None
-    check_compile_options(quant=quant, group_size=group_size, router_quant=router_quant, weight_budget=weight_budget,
-                          calibration=tokens, routing=routing, tile=tile,
+    check_compile_options(quant=quant, group_size=group_size, router_quant=router_quant, dense_quant=dense_quant,
+                          weight_budget=weight_budget, calibration=tokens, routing=routing, tile=tile,
                           cycle_dwell=cycle_dwell, mask_below=mask_below, tuning_db=tuning_db, sign_key=sign_key)
     if onnx:
         from moetvm.compiler.onnx_frontend import compile_onnx
@@ -141,6 +144,7 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, weight_budg
         torch_model = load_model_source(model)
         path = compile_model(torch_model, target=deploy_target, out=out, name=model, source=model,
                              progress=not quiet, quant=quant, group_size=group_size, router_quant=router_quant,
+                             dense_quant=dense_quant,
                              weight_budget=weight_budget, calibration=tokens, routing=routing, tile=tile,
                              cycle_dwell=cycle_dwell, mask_below=mask_below, tuning_db=tuning_db,
                              dense_fallback=dense_fallback, sign_key=sign_key)
@@ -476,9 +480,10 @@ AGREEMENT_BOUNDS = {"fp16": 0.99, "int8": 0.99, "int4": 0.95}
 
 
 def _precision(manifest) -> str:
-    """The lowest weight precision in the artifact (experts and routers): what verify judges by."""
+    """The lowest weight precision in the artifact (experts, dense weights, routers): what verify judges by."""
     order = ["fp32", "fp16", "int8", "int4"]
-    tags = [w.quant for w in manifest.workloads] + [str(manifest.compile_info.get("quant", {}).get("router", "fp32"))]
+    tags = ([w.quant for w in manifest.workloads] + [w.quant for w in manifest.weights]
+            + [str(manifest.compile_info.get("quant", {}).get("router", "fp32"))])
     found = [next((o for o in order if t.startswith(o)), "int4") for t in tags]
     return max(found, key=order.index)
 

@@ -14,12 +14,14 @@ library by its name. Statuses:
 
     {"old": str, "new": str,
      "libraries": [{"name", "status", "old": FILE|None, "new": FILE|None}, ...],
+     "weights":   [{"path", "status", "old": FILE|None, "new": FILE|None}, ...],  (dense weight files)
      "experts":   [{"layer": int, "expert": int|"shared0"|"fallback", "status", "old": FILE|None, "new": FILE|None}, ...],
      "layers":    {"<layer>": {"unchanged": [experts], "changed": [...], "added": [...], "removed": [...],
                                "router_changed": bool}},
-     "manifest_fields_changed": [top-level manifest fields other than libraries/moe_layers that differ],
+     "manifest_fields_changed": [top-level manifest fields other than libraries/moe_layers/weights that differ],
      "summary":   {"unchanged", "changed", "added", "removed": expert counts,
                    "libraries_changed": count of changed/added/removed libraries,
+                   "weight_files_changed": the same for dense weight files,
                    "bytes_to_transfer": sizes of new files whose content no old file has,
                    "bytes_reusable": sizes of new files some old file already holds}}
 
@@ -84,6 +86,12 @@ def diff_manifests(old: Manifest, new: Manifest, old_name: str = "old", new_name
     for name in list(old_libs) + [n for n in new_libs if n not in old_libs]:
         o, n = old_libs.get(name), new_libs.get(name)
         libraries.append({"name": name, "status": _status(o, n), "old": _file(o), "new": _file(n)})
+    weights = []  # the dense part's weight files, by path
+    old_w = {w.file.path: w.file for w in old.weights}
+    new_w = {w.file.path: w.file for w in new.weights}
+    for path in list(old_w) + [p for p in new_w if p not in old_w]:
+        o, n = old_w.get(path), new_w.get(path)
+        weights.append({"path": path, "status": _status(o, n), "old": _file(o), "new": _file(n)})
 
     old_exp, new_exp = _experts(old), _experts(new)
     experts = []
@@ -100,7 +108,7 @@ def diff_manifests(old: Manifest, new: Manifest, old_name: str = "old", new_name
         entry = layers.setdefault(str(layer), {s: [] for s in STATUSES})
         entry["router_changed"] = old_routers.get(layer) != new_routers.get(layer)
 
-    skip = {"libraries", "moe_layers"}
+    skip = {"libraries", "moe_layers", "weights"}
     fields_changed = [f.name for f in dataclasses.fields(Manifest)
                       if f.name not in skip and getattr(old, f.name) != getattr(new, f.name)]
 
@@ -113,11 +121,13 @@ def diff_manifests(old: Manifest, new: Manifest, old_name: str = "old", new_name
         "old": old_name,
         "new": new_name,
         "libraries": libraries,
+        "weights": weights,
         "experts": experts,
         "layers": layers,
         "manifest_fields_changed": fields_changed,
         "summary": {**counts,
                     "libraries_changed": sum(lib["status"] != "unchanged" for lib in libraries),
+                    "weight_files_changed": sum(w["status"] != "unchanged" for w in weights),
                     "bytes_to_transfer": transfer,
                     "bytes_reusable": reusable},
     }
@@ -197,6 +207,7 @@ def format_diff(d: dict) -> str:
     if d["manifest_fields_changed"]:
         lines.append(f"manifest fields changed: {', '.join(d['manifest_fields_changed'])}")
     lines.append(f"total    {s['unchanged']} experts unchanged, {s['changed']} changed, {s['added']} added, "
-                 f"{s['removed']} removed; {s['libraries_changed']} libraries differ")
+                 f"{s['removed']} removed; {s['libraries_changed']} libraries and "
+                 f"{s['weight_files_changed']} dense weight files differ")
     lines.append(f"update   {_mb(s['bytes_to_transfer'])} to transfer, {_mb(s['bytes_reusable'])} reusable")
     return "\n".join(lines)

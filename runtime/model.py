@@ -81,10 +81,10 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
         manifest, _ = read_verified_manifest(root, trusted_keys)
     else:
         manifest = read_manifest(root)
-    if verify:  # libraries are verified as they load (from the bytes checked), experts here and on fetch
-        library_files = {lib.file.path for lib in manifest.libraries}
+    if verify:  # libraries and dense weights are verified as they load (from the bytes checked), experts here and on fetch
+        loaded_whole = {lib.file.path for lib in manifest.libraries} | {w.file.path for w in manifest.weights}
         for ref in manifest.files():
-            if ref.path not in library_files:
+            if ref.path not in loaded_whole:
                 check_file(root, ref)
     if fallback == "dense" and any(layer.fallback is None for layer in manifest.moe_layers):
         raise InputError(f"{root}: fallback 'dense' needs the dense stand-in experts, which this artifact lacks "
@@ -108,6 +108,10 @@ class MoEModel:
         self.recorder = None  # a TraceRecorder while recording routing traces
         self.device = tvm.device(manifest.target.get("device", "cpu"))
         self._modules = {lib.name: _load_library(root, lib, verify) for lib in manifest.libraries}
+        # The dense part's weights, resident for the model's life (the segments take them as inputs).
+        self._weights: dict[str, tvm.runtime.Tensor] = {}
+        for weight_file in manifest.weights:
+            self._weights.update(self._load_tensors(weight_file.file, weight_file.tensors))
         # A TVM VirtualMachine keeps per-call state: each thread gets its own over the shared modules.
         self._thread = threading.local()
         self._layers = {layer.layer: layer for layer in manifest.moe_layers}
@@ -140,7 +144,8 @@ class MoEModel:
 
     # --- the hot path ------------------------------------------------------------------------
     def run_program(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        env = {name: tvm.runtime.tensor(value, self.device) for name, value in inputs.items()}
+        env = dict(self._weights)
+        env.update((name, tvm.runtime.tensor(value, self.device)) for name, value in inputs.items())
         predictions: dict[int, np.ndarray] = {}  # this call's lookahead guesses, by layer
         # What fixed-pattern routers look at: token ids and positions, one per row of an MoE input.
         tokens = inputs.get("tokens")
@@ -329,25 +334,29 @@ class MoEModel:
     def _load_expert(self, key) -> tuple[list, int]:
         """Read, verify and upload one expert's weights (the cache's loader)."""
         expert: Expert = self._experts[key]
-        data = read_verified(self.root, expert.file, self.verify)  # also catches files changed after load
         if self.storage_mbps:
             time.sleep(expert.file.size / (self.storage_mbps * 1e6))
+        tensors = self._load_tensors(expert.file, self.manifest.workload(expert.workload).params)
+        return list(tensors.values()), expert.weight_bytes
+
+    def _load_tensors(self, ref, specs) -> dict[str, tvm.runtime.Tensor]:
+        """The tensors `specs` of one safetensors file, read once, verified, on the device."""
+        data = read_verified(self.root, ref, self.verify)  # also catches files changed after load
         from safetensors.numpy import load
 
         try:
             tensors = load(data)  # the bytes just verified, not the path again
         except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file
-            raise ArtifactError(f"{expert.file.path}: not a readable safetensors file ({e})") from None
-        workload = self.manifest.workload(expert.workload)
-        arrays = []
-        for spec in workload.params:
-            array = tensors.get(spec.name)
+            raise ArtifactError(f"{ref.path}: not a readable safetensors file ({e})") from None
+        del data
+        out = {}
+        for spec in specs:
+            array = tensors.pop(spec.name, None)
             if array is None or list(array.shape) != spec.shape or str(array.dtype) != spec.dtype:
                 got = None if array is None else f"{array.dtype}{list(array.shape)}"
-                raise ArtifactError(f"{expert.file.path}: tensor {spec.name} is {got}, "
-                                    f"expected {spec.dtype}{spec.shape}")
-            arrays.append(tvm.runtime.tensor(array, self.device))
-        return arrays, expert.weight_bytes
+                raise ArtifactError(f"{ref.path}: tensor {spec.name} is {got}, expected {spec.dtype}{spec.shape}")
+            out[spec.name] = tvm.runtime.tensor(array, self.device)
+        return out
 
     def _add_time(self, what: str, seconds: float) -> None:
         with self._timing_lock:

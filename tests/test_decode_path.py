@@ -9,6 +9,8 @@ from tvm import relax, tirx
 
 from moetvm.compiler import find_moe_layers
 from moetvm.compiler import frontend
+from moetvm.compiler.dense_weights import store_dense_weights
+from moetvm.compiler.quant import scheme
 from moetvm.compiler.lowering import relax_pipeline, tvm_target
 from moetvm.runtime import load_model
 from moetvm.targets import get_target
@@ -20,11 +22,9 @@ from conftest import relative_error
 def lowered_segments(reference_model):
     """The reference model's segments as the host pipeline lowers them (before code generation)."""
     specs = find_moe_layers(reference_model)
-    layers = reference_model.kv_layout[0]
-    names_in = (["tokens", "positions", "past_positions"] + [f"past_keys_{i}" for i in range(layers)]
-                + [f"past_values_{i}" for i in range(layers)])
-    names_out = ["logits"] + [f"keys_{i}" for i in range(layers)] + [f"values_{i}" for i in range(layers)]
-    split = frontend.split_at_moe_layers(frontend.export_causal_lm(reference_model, specs), names_in, names_out)
+    names_in, names_out = frontend.lm_io_names(reference_model.kv_layout[0])
+    mod, dense = store_dense_weights(frontend.export_causal_lm(reference_model, specs), scheme("fp32"))
+    split = frontend.split_at_moe_layers(mod, names_in, names_out, dense.names)
     target = tvm_target(get_target("host"))
     with target:
         return relax_pipeline(target)(relax.transform.ConvertToDataflow()(split.segments))

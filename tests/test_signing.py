@@ -381,5 +381,6 @@ def test_diff_identical(artifact_copy, reference_artifact):
 
     d = diff_artifacts(reference_artifact, artifact_copy)
     m = read_manifest(reference_artifact)
-    assert d["summary"]["unchanged"] == len(m.files()) - len(m.libraries) and d["summary"]["bytes_to_transfer"] == 0
+    assert d["summary"]["unchanged"] == len(m.files()) - len(m.libraries) - len(m.weights)
+    assert d["summary"]["bytes_to_transfer"] == 0 and d["summary"]["weight_files_changed"] == 0
     assert all(lib["status"] == "unchanged" for lib in d["libraries"])
