@@ -350,13 +350,18 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: DeployTarget,
     routers = [_router_entry(i, spec, masked[i], routing, tile, cycle_dwell, calibration, cal, vocab)
                for i, spec in enumerate(specs)]
     workloads = _group_workloads(specs, plan)
+    # Each workload also runs a token's k experts in one call, for the k of the layers using it.
+    fused: dict[tuple, set] = {}
+    for li, spec in enumerate(specs):
+        for ei, e in enumerate(spec.experts):
+            fused.setdefault((e.kind, e.d_model, e.d_ff, plan[(li, ei)]), set()).add(spec.top_k)
     entries = {}
     for key, wid in workloads.items():
         expert_kind, d_model, d_ff, sch = key
         fn = f"expert_{wid}"
         entries[key] = Workload(
             id=wid, kind=expert_kind, library=fn, function=fn, d_model=d_model, d_ff=d_ff, dtype="float32",
-            quant=sch.name, group_size=sch.group_size,
+            quant=sch.name, group_size=sch.group_size, fused_k=sorted(fused.get(key, ())),
             params=[TensorSpec(name=n, shape=list(shape), dtype=dtype)
                     for n, shape, dtype in quantization.swiglu_params(d_model, d_ff, sch)],
         )
@@ -382,7 +387,7 @@ def _relax_libraries(p: _Prepared) -> dict[str, tvm.IRModule]:
     if any(isinstance(f, tvm.relax.Function) for f in router_mod.functions.values()):
         libs["routers"] = router_mod
     for (kind, d_model, d_ff, sch), w in p.workload_entries.items():
-        libs[w.library] = quantization.swiglu_module(d_model, d_ff, sch, w.function)
+        libs[w.library] = quantization.swiglu_module(d_model, d_ff, sch, w.function, tuple(w.fused_k))
     return libs
 
 

@@ -6,7 +6,10 @@ Here every weight that serves only as a linear layer's matrix (`matmul(x, permut
 precision in the kernel layout (K, N) = (in, out), the same layout and kernels as the experts
 (quant.py): the matmul becomes one fused dequantize-matmul kernel, the lookup a dequantizing
 gather of one column per token. A tied embedding / LM head is one stored tensor serving both.
-At int4, the vocabulary tables (embeddings and the LM head) take int8, as llama.cpp keeps its
+Output widths that are not a multiple of the vector tile (a vocabulary of 49155) are stored
+padded with zero columns and the matmul's result sliced back: a ragged tail turned the whole
+LM head kernel into predicated scalar code (69 ms a token for GraniteMoE's head, 7x slower
+than the same bytes in an expert kernel). At int4, the vocabulary tables (embeddings and the LM head) take int8, as llama.cpp keeps its
 output tensor at 6 bits in a q4_0 file: the logits are where 4-bit error shows most.
 Everything else (norm scales, biases, small tables) stays a plain fp32 parameter. All of them
 leave the compiler as named tensors, which the artifact stores in weight files the runtime
@@ -22,6 +25,7 @@ import tvm
 from tvm import relax
 
 from . import quant as quantization
+from .schedules import VECTOR_LANES
 
 
 @dataclass
@@ -38,6 +42,7 @@ class DenseWeights:
         return int(sum(a.nbytes for a in self.arrays))
 
 
+PAD = 2 * VECTOR_LANES  # output columns: the vector tile of schedules.MatmulOuterProduct
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _TAKE = tvm.ir.Op.get("relax.take")
@@ -100,8 +105,13 @@ class _UseStoredWeights(relax.PyExprMutator):
         if call.op.same_as(_MATMUL) and call.args[1] in self.transposed:
             stored, _k, s = self.stored[self.transposed[call.args[1]]]
             x = self.visit_expr(call.args[0])
-            return self.builder_.call_te(lambda a, *w: quantization._matmul_te(a, list(w), s, "dense"), x, *stored,
-                                         primfunc_name_hint=f"dense_{s.tag}_matmul")
+            y = self.builder_.call_te(lambda a, *w: quantization._matmul_te(a, list(w), s, "dense"), x, *stored,
+                                      primfunc_name_hint=f"dense_{s.tag}_matmul")
+            n = int(call.ty.shape.values[-1])
+            if int(stored[0].ty.shape.values[-1]) == n:
+                return y
+            y = self.builder_.emit(y)
+            return relax.op.strided_slice(y, axes=[y.ty.ndim - 1], begin=[0], end=[n])
         if call.op.same_as(_TAKE) and call.args[0] in self.stored:
             stored, k, s = self.stored[call.args[0]]
             ids = self.visit_expr(call.args[1])
@@ -138,7 +148,10 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme) -> tuple
         s = table_scheme if array.ndim == 2 and ("embedding" in kinds or array.shape[0] in vocabularies) else scheme
         fits = array.ndim == 2 and array.dtype == np.float32 and (s.name != "int4" or array.shape[1] % s.group_size == 0)
         if kinds and kinds <= {"linear", "embedding"} and fits:
-            tensors = quantization.quantize(np.ascontiguousarray(array.T), s)  # (K, N) = (in, out)
+            n = array.shape[0]
+            padded = np.zeros(((n + PAD - 1) // PAD * PAD, array.shape[1]), np.float32)
+            padded[:n] = array
+            tensors = quantization.quantize(np.ascontiguousarray(padded.T), s)  # (K, N) = (in, out)
             vars_ = []
             for suffix, t in tensors.items():
                 v = relax.Var(names[w] + suffix, relax.TensorType(t.shape, str(t.dtype)))

@@ -23,6 +23,7 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
+from moetvm.artifact import fused_function
 from moetvm.errors import MoetvmError
 
 SCHEMES = ("fp32", "fp16", "int8", "int4")
@@ -171,26 +172,48 @@ def swiglu_params(d_model: int, d_ff: int, s: Scheme) -> list[tuple[str, tuple, 
             + weight_params("w_down", d_ff, d_model, s))
 
 
-def swiglu_module(d_model: int, d_ff: int, s: Scheme, name: str) -> tvm.IRModule:
+def swiglu_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[int, ...] = ()) -> tvm.IRModule:
     """An IRModule whose function `name` is the expert kernel:
-    (x (n, d_model) f32, *weights) -> (n, d_model) = down(silu(x@gate) * (x@up))."""
-    n = tvm.tirx.Var("n", "int64")
-    x = relax.Var("x", relax.TensorType((n, d_model), "float32"))
-    params = {p: relax.Var(p, relax.TensorType(shape, dtype)) for p, shape, dtype in swiglu_params(d_model, d_ff, s)}
-
-    def group(prefix):
-        return [v for key, v in params.items() if key == prefix or key.startswith(prefix + ".")]
-
+    (x (n, d_model) f32, *weights) -> (n, d_model) = down(silu(x@gate) * (x@up)),
+    and for each k in `fused_k` a function `fused_function(name, k)`:
+    (x (n, d_model), gates (n, k), *weights of expert 1, ..., *weights of expert k) ->
+    sum_i gates[:, i] * expert_i(x): a decode step's whole MoE layer (one token, its k experts)
+    in one call, the weighted sum included."""
+    specs = swiglu_params(d_model, d_ff, s)
     bb = relax.BlockBuilder()
+    n = tvm.tirx.Var("n", "int64")
+
+    def expert(x, params: dict):
+        def matmul(a, prefix):
+            group = [v for key, v in params.items() if key == prefix or key.startswith(prefix + ".")]
+            return bb.emit_te(lambda a_, *w: _matmul_te(a_, list(w), s, prefix), a, *group,
+                              primfunc_name_hint=f"{prefix}_{s.tag}_matmul")
+
+        h = bb.emit(relax.op.multiply(relax.op.nn.silu(matmul(x, "w_gate")), matmul(x, "w_up")))
+        return matmul(h, "w_down")
+
+    def weight_vars(tag: str = "") -> dict:
+        return {p: relax.Var(p.replace(".", "_") + tag, relax.TensorType(shape, dtype)) for p, shape, dtype in specs}
+
+    x = relax.Var("x", relax.TensorType((n, d_model), "float32"))
+    params = weight_vars()
     with bb.function(name, [x, *params.values()]):
         with bb.dataflow():
-            def matmul(a, prefix):
-                return bb.emit_te(lambda a_, *w: _matmul_te(a_, list(w), s, prefix), a, *group(prefix),
-                                  primfunc_name_hint=f"{prefix}_{s.tag}_matmul")
-
-            h = bb.emit(relax.op.multiply(relax.op.nn.silu(matmul(x, "w_gate")), matmul(x, "w_up")))
-            y = bb.emit_output(matmul(h, "w_down"))
+            y = bb.emit_output(expert(x, params))
         bb.emit_func_output(y)
+    for k in fused_k:
+        x = relax.Var("x", relax.TensorType((n, d_model), "float32"))
+        gates = relax.Var("gates", relax.TensorType((n, k), "float32"))
+        experts = [weight_vars(f"_{i}") for i in range(k)]
+        with bb.function(fused_function(name, k), [x, gates, *(v for e in experts for v in e.values())]):
+            with bb.dataflow():
+                total = None
+                for i, params in enumerate(experts):
+                    gate = bb.emit(relax.op.strided_slice(gates, axes=[1], begin=[i], end=[i + 1]))
+                    term = bb.emit(relax.op.multiply(expert(x, params), gate))
+                    total = term if total is None else bb.emit(relax.op.add(total, term))
+                out = bb.emit_output(total)
+            bb.emit_func_output(out)
     return bb.get()
 
 

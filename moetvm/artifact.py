@@ -62,6 +62,11 @@ class Step:
     layer: int | None = None
 
 
+def fused_function(function: str, k: int) -> str:
+    """The name of a workload's function running `k` experts on the same rows at once."""
+    return f"{function}_x{k}"
+
+
 @dataclass(frozen=True)
 class Workload:
     """A distinct expert kernel: every expert with this shape and dtype shares its library."""
@@ -76,6 +81,7 @@ class Workload:
     params: list[TensorSpec]  # stored weight tensors, in call order after the activations
     quant: str = "fp32"  # weight storage: fp32 | fp16 | int8 | int4 (dequantized inside the kernel)
     group_size: int | None = None  # int4: input rows sharing one scale and zero point
+    fused_k: list[int] = field(default_factory=list)  # k with a function `<function>_x<k>` running k experts at once
 
 
 @dataclass(frozen=True)
@@ -285,8 +291,9 @@ def _check_consistency(m: Manifest) -> None:
     wids = {w.id for w in m.workloads}
     workload_bytes = {}
     for w in m.workloads:
-        if w.library not in libs or w.function not in libs[w.library].functions:
-            raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id} names missing {w.library}:{w.function}")
+        for fn in [w.function] + [fused_function(w.function, k) for k in w.fused_k]:
+            if w.library not in libs or fn not in libs[w.library].functions:
+                raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id} names missing {w.library}:{fn}")
         if not (0 < w.d_model < MAX_DIM and 0 < w.d_ff < MAX_DIM):
             raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id}: d_model/d_ff outside 1..{MAX_DIM - 1}")
         workload_bytes[w.id] = sum(_tensor_bytes(t, f"workload {w.id}") for t in w.params)

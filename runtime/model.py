@@ -18,8 +18,8 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from moetvm.errors import MoetvmError
-from moetvm.artifact import (ArtifactError, Expert, Manifest, MoELayer, check_file, copy_verified, kv_shapes, read_manifest,
-                             read_verified)
+from moetvm.artifact import (ArtifactError, Expert, Manifest, MoELayer, check_file, copy_verified, fused_function,
+                             kv_shapes, read_manifest, read_verified)
 
 from .cache import ExpertCache, parse_budget
 from moetvm.routing import FIXED_MODES, FixedPattern, allowed_experts, group_by_expert, route
@@ -161,20 +161,23 @@ class MoEModel:
                                         f"names {len(step.outputs)}")
                 env.update(zip(step.outputs, results))
                 self._add_time("segments", time.perf_counter() - t0)
-            else:
-                x = env[step.inputs[0]].numpy()
-                y = self.moe_layer(step.layer, x.reshape(-1, x.shape[-1]), predictions, where).reshape(x.shape)
-                env[step.outputs[0]] = tvm.runtime.tensor(y, self.device)
+            else:  # hidden states stay on the device; only routing decisions come to the host
+                x = env[step.inputs[0]]
+                rows = x._create_view((int(np.prod(x.shape[:-1])), x.shape[-1]))
+                env[step.outputs[0]] = self.moe_layer(step.layer, rows, predictions, where)._create_view(x.shape)
         if self.recorder is not None:
             self.recorder.end_step()
         return {spec.name: env[spec.name].numpy() for spec in self.manifest.outputs}
 
-    def moe_layer(self, index: int, x: np.ndarray, predictions: dict | None = None, where: dict | None = None) -> np.ndarray:
-        """One MoE layer on tokens x (n, d): route, fetch each selected expert, run, fuse."""
+    def moe_layer(self, index: int, x, predictions: dict | None = None, where: dict | None = None):
+        """One MoE layer on tokens x (n, d): route, fetch each selected expert, run, fuse. x is a
+        NumPy array or a device tensor; the result is of the same kind."""
         layer = self._layers[index]
         t0 = time.perf_counter()
-        xt = tvm.runtime.tensor(x, self.device)
-        where = where if where and where.get("positions") is not None else {"tokens": None, "positions": np.arange(len(x))}
+        on_device = isinstance(x, tvm.runtime.Tensor)
+        xt = x if on_device else tvm.runtime.tensor(x, self.device)
+        n = xt.shape[0]
+        where = where if where and where.get("positions") is not None else {"tokens": None, "positions": np.arange(n)}
         indices, weights = self._route(layer, xt, where)
         t_routed = time.perf_counter()
         if self.recorder is not None:
@@ -191,8 +194,16 @@ class MoEModel:
                                     protected=[(index, int(e)) for e in np.unique(indices)],
                                     order=self._future_order(index, where))
         t1 = time.perf_counter()
-        out = np.zeros_like(x)
         order = self._future_order(index, where)
+        fused = self._fused_experts(index, xt, indices, weights, order) if n == 1 and not layer.shared else None
+        if fused is not None:
+            self._add_time("routing", t_routed - t0)
+            self._add_time("lookahead", t1 - t_routed)
+            self._add_time("experts", time.perf_counter() - t1)
+            return fused if on_device else fused.numpy()
+        if on_device:
+            x = xt.numpy()
+        out = np.zeros_like(x)
         failed = []
         for expert, rows, w in group_by_expert(indices, weights):
             try:
@@ -211,7 +222,26 @@ class MoEModel:
         self._add_time("routing", t_routed - t0)
         self._add_time("lookahead", t1 - t_routed)
         self._add_time("experts", time.perf_counter() - t1)
-        return out
+        return tvm.runtime.tensor(out, self.device) if on_device else out
+
+    def _fused_experts(self, index: int, xt, indices: np.ndarray, weights: np.ndarray, order):
+        """One token's k experts in one call of their workload's fused function (weighted sum
+        included), or None where that does not apply (experts of different workloads, no fused
+        function for this k, or an expert that fails to load: the general path handles it)."""
+        keys = [(index, int(e)) for e in indices[0]]
+        workload = self.manifest.workload(self._experts[keys[0]].workload)
+        k = len(keys)
+        if k not in workload.fused_k or any(self._experts[key].workload != workload.id for key in keys):
+            return None
+        try:
+            loaded = [self.cache.get(key, order=order) for key in keys]
+        except (ArtifactError, OSError):
+            if self.fallback == "error":
+                raise
+            return None
+        gates = tvm.runtime.tensor(np.ascontiguousarray(weights, dtype=np.float32).reshape(1, k), self.device)
+        return self._call(workload.library, fused_function(workload.function, k), xt, gates,
+                          *[w for arrays in loaded for w in arrays])
 
     def _fall_back(self, index, x, indices, weights, out, failed) -> np.ndarray:
         """An expert could not be loaded. `skip`: each affected token renormalises its weights

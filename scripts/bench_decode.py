@@ -250,9 +250,12 @@ def moetvm_cmd() -> list[str]:
 
 
 def moetvm_compile(model_dir: Path, quant: str, root: Path, timeout: float) -> tuple[Path, dict]:
+    from moetvm.artifact import FORMAT_VERSION
+
     art = root / "artifacts" / f"{model_dir.name}-{quant}"
-    if (art / "manifest.json").is_file():
-        return art, {"reused": True}
+    manifest = art / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION:
+        return art, {"reused": True}  # (an artifact of an older format is compiled again)
     log(f"moetvm compile {model_dir.name} --quant {quant}")
     _, _, wall, rss = run_proc([*moetvm_cmd(), "compile", f"hf:{model_dir}", "--quant", quant, "-o", art, "--quiet"],
                                timeout=timeout)
@@ -262,8 +265,8 @@ def moetvm_compile(model_dir: Path, quant: str, root: Path, timeout: float) -> t
 def moetvm_active_bytes(art: Path, summary: dict) -> dict:
     """Bytes one decode token reads from the artifact: the top-k largest experts per MoE layer
     (their weight_bytes; all experts of a layer share one size unless --quant auto) + shared
-    experts + the dense weights, which moetvm keeps at fp32 whatever --quant says (they are
-    constants of the segment libraries, so their count comes from the checkpoint, not file sizes)."""
+    experts + the dense weights (the manifest's weight files; with tied embeddings the table is
+    read whole as the LM head, untied it counts whole too though a token reads one row of it)."""
     m = json.loads((art / "manifest.json").read_text())
     experts = 0
     for layer in m["moe_layers"]:
@@ -271,7 +274,7 @@ def moetvm_active_bytes(art: Path, summary: dict) -> dict:
         k = layer["router"]["top_k"]
         experts += sum(sorted(sizes)[-k:]) if sizes else 0
         experts += sum(s["expert"]["weight_bytes"] for s in layer.get("shared", []))
-    dense = (summary["active_params"] - summary["active_expert_params"]) * 4
+    dense = sum(w["weight_bytes"] for w in m.get("weights", []))
     return {"experts": experts, "dense": dense, "total": experts + dense,
             "total_expert_bytes": sum(e["weight_bytes"] for layer in m["moe_layers"] for e in layer["experts"])}
 

@@ -1,0 +1,115 @@
+"""Attention over an in-place KV cache: the kernels the traced model's attention becomes.
+
+The runtime owns one key and one value buffer per layer, allocated for a capacity of positions
+(grown by doubling) and passed to every step; a step writes its new keys and values at their
+positions (`kv_append`, a `call_tir_inplace`) and attends over the first `past + seq` positions
+(`cached_attention`). Nothing of size `context` is copied, concatenated or converted per token:
+decode reads each cached key and value once.
+
+Layouts, chosen for batch-1 decode on CPUs:
+  keys    (batch, kv_heads, head_dim, capacity)  transposed: the scores of 8 consecutive keys for
+          one query are 8 lanes of one vector, one broadcast-multiply-add per head_dim element,
+          with no horizontal sums.
+  values  (batch, kv_heads, capacity, head_dim)  the output row accumulates `weight * V[j]` along
+          head_dim, vectorised.
+The cache dtype is float32 or float16 (half the bytes per token; products and sums stay fp32).
+Queries are grouped onto KV heads (GQA): head h reads KV head h // (heads // kv_heads).
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+LANES = 8  # fp32 lanes of the score vector (AVX2; two NEON registers)
+
+
+def append_keys(kv_heads: int, head_dim: int, dtype: str):
+    """cache (b, kv_heads, head_dim, cap) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1."""
+
+    @T.prim_func(private=True, s_tir=True)
+    def kv_append_keys(cache_h: T.handle, new_h: T.handle, p: T.int64):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        b, s, cap = T.int64(), T.int64(), T.int64()
+        cache = T.match_buffer(cache_h, (b, kv_heads, head_dim, cap), dtype)
+        new = T.match_buffer(new_h, (b, kv_heads, s, head_dim), "float32")
+        for bh in T.parallel(b * kv_heads):
+            for i, d in T.grid(s, head_dim):
+                with T.sblock("append"):
+                    cache[bh // kv_heads, bh % kv_heads, d, p + i] = T.Cast(dtype, new[bh // kv_heads, bh % kv_heads, i, d])
+
+    return kv_append_keys
+
+
+def append_values(kv_heads: int, head_dim: int, dtype: str):
+    """cache (b, kv_heads, cap, head_dim) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1."""
+
+    @T.prim_func(private=True, s_tir=True)
+    def kv_append_values(cache_h: T.handle, new_h: T.handle, p: T.int64):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        b, s, cap = T.int64(), T.int64(), T.int64()
+        cache = T.match_buffer(cache_h, (b, kv_heads, cap, head_dim), dtype)
+        new = T.match_buffer(new_h, (b, kv_heads, s, head_dim), "float32")
+        for bh in T.parallel(b * kv_heads):
+            for i in T.serial(s):
+                for d in T.vectorized(head_dim):
+                    with T.sblock("append"):
+                        cache[bh // kv_heads, bh % kv_heads, p + i, d] = T.Cast(dtype, new[bh // kv_heads, bh % kv_heads, i, d])
+
+    return kv_append_values
+
+
+def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dtype: str, scale: float):
+    """out (b, s, heads, value_dim) = causal softmax(q K^T * scale) V for queries q (b, heads, s,
+    key_dim) at positions p..p+s-1 over cached positions 0..p+s-1. `scores` (b, heads, s, cap) is
+    scratch. Keys past the visible length are read (to the next multiple of LANES, within the
+    capacity) and masked."""
+    group = heads // kv_heads
+    vd = value_dim
+
+    @T.prim_func(private=True)
+    def attention(q_h: T.handle, keys_h: T.handle, values_h: T.handle, p: T.int64, out_h: T.handle,
+                  scores_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        b, s, cap = T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (b, heads, s, key_dim), "float32")
+        keys = T.match_buffer(keys_h, (b, kv_heads, key_dim, cap), dtype)
+        values = T.match_buffer(values_h, (b, kv_heads, cap, value_dim), dtype)
+        out = T.match_buffer(out_h, (b, s, heads, value_dim), "float32")
+        scores = T.match_buffer(scores_h, (b, heads, s, cap), "float32")
+        for bh in T.parallel(b * heads):
+            for i in T.serial(s):
+                if True:
+                    acc = T.decl_buffer((LANES,), "float32", scope="local")
+                    row_max = T.decl_buffer((1,), "float32", scope="local")
+                    total = T.decl_buffer((1,), "float32", scope="local")
+                    o = T.decl_buffer((value_dim,), "float32", scope="local")
+                    visible: T.let[T.int64] = p + i + 1
+                    blocks: T.let[T.int64] = T.min((visible + LANES - 1) // LANES, cap // LANES)
+                    bi: T.let[T.int64] = bh // heads
+                    h: T.let[T.int64] = bh % heads
+                    g: T.let[T.int64] = h // group
+                    row_max[0] = T.float32(-3.0e38)
+                    for jb in T.serial(blocks):
+                        for l in T.vectorized(LANES):
+                            acc[l] = T.float32(0)
+                        for d in T.serial(key_dim):
+                            for l in T.vectorized(LANES):
+                                acc[l] = acc[l] + q[bi, h, i, d] * T.Cast("float32", keys[bi, g, d, jb * LANES + l])
+                        for l in T.vectorized(LANES):
+                            scores[bi, h, i, jb * LANES + l] = T.if_then_else(
+                                jb * LANES + l < visible, acc[l] * T.float32(scale), T.float32(-3.0e38))
+                        for l in T.serial(LANES):
+                            row_max[0] = T.max(row_max[0], scores[bi, h, i, jb * LANES + l])
+                    total[0] = T.float32(0)
+                    for j in T.serial(visible):
+                        scores[bi, h, i, j] = T.exp(scores[bi, h, i, j] - row_max[0])
+                        total[0] = total[0] + scores[bi, h, i, j]
+                    for d in T.vectorized(vd):
+                        o[d] = T.float32(0)
+                    for j in T.serial(visible):
+                        for d in T.vectorized(vd):
+                            o[d] = o[d] + scores[bi, h, i, j] * T.Cast("float32", values[bi, g, j, d])
+                    for d in T.vectorized(vd):
+                        out[bi, i, h, d] = o[d] / total[0]
+
+    return attention
