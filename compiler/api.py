@@ -34,6 +34,7 @@ from moetvm.targets import DeployTarget, get_target
 
 from . import frontend, quant_plan
 from . import quant as quantization
+from .attention import LANES as KV_CAPACITY_MULTIPLE
 from .dense_weights import DenseWeights, store_dense_weights
 from .lowering import build_library
 from .output import atomic_directory, check_output
@@ -88,6 +89,7 @@ def compile_model(
     group_size: int = quantization.DEFAULT_GROUP_SIZE,
     router_quant: str = "fp32",
     dense_quant: str | None = None,
+    kv_dtype: str | None = None,
     weight_budget: int | str | None = None,
     calibration: np.ndarray | None = None,
     routing: str = "learned",
@@ -114,6 +116,8 @@ def compile_model(
     dense_quant: precision of the dense part's linear layers, LM head and embedding table (fp32,
     fp16, int8, int4); default: the same as `quant` (fp32 with auto). Norms stay fp32, the
     routers take `router_quant`. The dense weights go to weight files, never into the library.
+    kv_dtype: float32 or float16, the keys and values an LM caches (in place; see
+    compiler/kv_cache.py); default float16 unless the dense part is fp32.
     calibration: token windows (batch, seq) run through the model to profile expert usage (stored
     per expert, it orders the runtime's preload) and, for auto, to plan precisions.
     routing: learned (the model's router), hash (token id -> experts, fitted on calibration so
@@ -132,7 +136,7 @@ def compile_model(
     replaces an old one at `out`, and `out` is replaced only when it holds a moetvm artifact.
     """
     check_compile_options(quant=quant, group_size=group_size, router_quant=router_quant, dense_quant=dense_quant,
-                          weight_budget=weight_budget,
+                          kv_dtype=kv_dtype, weight_budget=weight_budget,
                           calibration=calibration, routing=routing, tile=tile, cycle_dwell=cycle_dwell,
                           mask_below=mask_below, tuning_db=tuning_db, sign_key=sign_key)
     check_output(out)
@@ -145,7 +149,7 @@ def compile_model(
             raise UsageError("a single MoE block needs example_inputs=(hidden,) with hidden a torch.Tensor "
                              f"(batch, seq, d_model); got {_describe(example_inputs)}")
     p = _prepare(model, example_inputs, target, quant=quant, group_size=group_size, router_quant=router_quant,
-                 dense_quant=dense_quant,
+                 dense_quant=dense_quant, kv_dtype=kv_dtype,
                  weight_budget=weight_budget, calibration=calibration, routing=routing, tile=tile,
                  cycle_dwell=cycle_dwell, mask_below=mask_below, bar=bar)
     return write_artifact(p, out, _model_info(model, name, description, p.specs) | {"source": source},
@@ -157,7 +161,7 @@ def _describe(values) -> str:
 
 
 def check_compile_options(*, quant="fp32", group_size=quantization.DEFAULT_GROUP_SIZE, router_quant="fp32",
-                          dense_quant=None, weight_budget=None, calibration=None, routing="learned", tile=16, cycle_dwell=8,
+                          dense_quant=None, kv_dtype=None, weight_budget=None, calibration=None, routing="learned", tile=16, cycle_dwell=8,
                           mask_below=None, tuning_db=None, sign_key=None) -> None:
     """Refuse, before any work, every option that would fail later or build an unloadable
     artifact (UsageError, QuantizationError, TuningError or SignatureError, one line each)."""
@@ -170,6 +174,8 @@ def check_compile_options(*, quant="fp32", group_size=quantization.DEFAULT_GROUP
     quantization.scheme(router_quant, group_size)
     if dense_quant is not None:
         quantization.scheme(dense_quant, group_size)
+    if kv_dtype not in (None, *KV_DTYPES):
+        raise UsageError(f"KV cache dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
     if weight_budget is not None:
         parse_budget(weight_budget, 1 << 40, "weight budget")
     if routing not in ROUTING_MODES:
@@ -247,7 +253,7 @@ def write_artifact(p: "_Prepared", out: str | Path, model_info: dict, *, tuning_
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
                 kind=p.kind,
-                model=model_info,
+                model=model_info | ({"kv_cache": p.kv_cache} if p.kv_cache else {}),
                 target={"name": dt.name, "description": dt.description, "tvm_target": dt.tvm_target,
                         "host": dt.host, "device": dt.device, "memory_budget": dt.memory_budget},
                 libraries=libraries,
@@ -288,6 +294,10 @@ class _Prepared:
     workload_entries: dict
     kind: str  # the artifact kind: causal_lm | moe_block | graph
     dense: DenseWeights | None = None  # the dense part's weights, which the segments take as inputs
+    kv_cache: dict | None = None  # an LM's KV cache: layout, dtype (the manifest's model.kv_cache)
+
+
+KV_DTYPES = ("float32", "float16")
 
 
 def dense_scheme(quant: str, dense_quant: str | None, group_size: int) -> quantization.Scheme:
@@ -296,7 +306,8 @@ def dense_scheme(quant: str, dense_quant: str | None, group_size: int) -> quanti
 
 
 def _prepare(model, example_inputs, target, *, quant, group_size, router_quant, weight_budget, calibration,
-             routing, tile, cycle_dwell, mask_below, bar: Progress, dense_quant: str | None = None) -> _Prepared:
+             routing, tile, cycle_dwell, mask_below, bar: Progress, dense_quant: str | None = None,
+             kv_dtype: str | None = None) -> _Prepared:
     dt = target if isinstance(target, DeployTarget) else get_target(target)
     dt.check_toolchain()
     model = model.eval()
@@ -319,16 +330,24 @@ def _prepare(model, example_inputs, target, *, quant, group_size, router_quant, 
     p = plan_parts(specs, None, lm, dt, quant=quant, group_size=group_size, router_quant=router_quant,
                    weight_budget=weight_budget, calibration=calibration, cal=cal, routing=routing, tile=tile,
                    cycle_dwell=cycle_dwell, mask_below=mask_below, vocab=vocab, bar=bar)
-    with bar.step(f"trace {type(model).__name__} with torch.export ({len(specs)} MoE layers)"):
+    scheme = dense_scheme(quant, dense_quant, group_size)
+    if lm:
+        layout = "in_place" if getattr(model, "in_place_kv", False) else "concat"
+        # fp16 keys and values (llama.cpp's default too) unless the model runs at fp32 throughout.
+        kv_dtype = kv_dtype or ("float32" if scheme.name == "fp32" else "float16")
+        p.kv_cache = {"layout": layout, "dtype": kv_dtype if layout == "in_place" else "float32"}
+        if layout == "in_place":
+            p.kv_cache["capacity_multiple"] = KV_CAPACITY_MULTIPLE
+    kv_note = f", {p.kv_cache['layout']} {p.kv_cache['dtype']} KV cache" if lm else ""
+    with bar.step(f"trace {type(model).__name__} with torch.export ({len(specs)} MoE layers{kv_note})"):
         if lm:
-            input_names, output_names = frontend.lm_io_names(model.kv_layout[0])
-            mod = frontend.export_causal_lm(model, specs)
+            input_names, output_names = frontend.lm_io_names(model.kv_layout[0], p.kv_cache["layout"])
+            mod = frontend.export_causal_lm(model, specs, p.kv_cache["layout"], p.kv_cache["dtype"])
         else:
             (example,) = example_inputs
             input_names, output_names = ["hidden"], ["output"]
             mod = frontend.export_moe_block(model, specs, example)
     if lm:
-        scheme = dense_scheme(quant, dense_quant, group_size)
         with bar.step(f"store the dense weights ({scheme.tag})"):
             mod, p.dense = store_dense_weights(mod, scheme)
     p.split = frontend.split_at_moe_layers(mod, input_names, output_names, p.dense.names if p.dense else [])

@@ -25,6 +25,7 @@ from tvm.relax.frontend.torch import from_exported_program
 
 from moetvm.artifact import Step, TensorSpec, kv_shapes
 
+from .kv_cache import InPlaceLayer, convert_cached_attention
 from .spec import MoELayerSpec
 
 # torch 2.13 warns about its own pytree internals on every export; it is not actionable here.
@@ -99,7 +100,8 @@ def _convert_amax(node, importer):
     return importer.block_builder.emit(relax.op.max(args[0], axis=list(dims) or None, keepdims=keepdim))
 
 
-_CONVERTERS = {"moe_layer.default": _convert_marker, "view.default": _convert_reshape,
+_CONVERTERS = {"moe_layer.default": _convert_marker, "cached_attention.default": convert_cached_attention,
+               "view.default": _convert_reshape,
                "reshape.default": _convert_reshape, "empty.memory_format": _convert_empty,
                "empty.default": _convert_empty, "amax.default": _convert_amax}
 
@@ -215,23 +217,47 @@ class _LMStep(nn.Module):
         return self.lm.step(tokens, positions, past_positions, past_keys, past_values)
 
 
-def lm_io_names(layers: int) -> tuple[list[str], list[str]]:
+class _LMStepInPlace(_LMStep):
+    """The in-place protocol (compiler/kv_cache.py): per layer a key and a value buffer the
+    runtime owns, written in place; logits out."""
+
+    def forward(self, tokens, positions, past_positions, key_buffers, value_buffers):
+        layers = [InPlaceLayer(k, v, past_positions) for k, v in zip(key_buffers, value_buffers)]
+        return self.lm.step(tokens, positions, past_positions, layers, None)[0]
+
+
+
+def lm_io_names(layers: int, kv_layout: str = "concat") -> tuple[list[str], list[str]]:
     """Names of the exported LM step's inputs and outputs (the causal LM protocol)."""
+    if kv_layout == "in_place":
+        buffers = [f"key_buffer_{i}" for i in range(layers)] + [f"value_buffer_{i}" for i in range(layers)]
+        return ["tokens", "positions", "past_positions"] + buffers, ["logits"]
     kv = lambda prefix: [f"{prefix}keys_{i}" for i in range(layers)] + [f"{prefix}values_{i}" for i in range(layers)]  # noqa: E731
     return ["tokens", "positions", "past_positions"] + kv("past_"), ["logits"] + kv("")
 
 
-def export_causal_lm(model: nn.Module, specs: list[MoELayerSpec]) -> tvm.IRModule:
+def export_causal_lm(model: nn.Module, specs: list[MoELayerSpec], kv_layout: str = "concat",
+                     kv_dtype: str = "float32") -> tvm.IRModule:
+    """kv_layout: "in_place" (buffers of `kv_dtype` written in place, see compiler/kv_cache.py)
+    or "concat" (past keys and values in, the extended ones out: models with sliding windows)."""
     layers, key_shape, value_shape = kv_shapes(model.kv_layout)
     b, s, p = 2, 3, 2  # example sizes; all three dimensions are exported as symbolic
     batch, seq, past = Dim("batch", min=1, max=64), Dim("seq", min=1, max=MAX_TOKENS), Dim("past", min=0, max=MAX_TOKENS)
-    # Distinct tensors: torch.export would treat one object passed twice as one input.
-    kv = lambda shape: [torch.zeros(b, shape[0], p, shape[1]) for _ in range(layers)]  # noqa: E731
-    args = (torch.zeros(b, s, dtype=torch.long), torch.zeros(b, s, dtype=torch.long),
-            torch.zeros(b, p, dtype=torch.long), kv(key_shape), kv(value_shape))
-    dyn = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: past},
-           [{0: batch, 2: past}] * layers, [{0: batch, 2: past}] * layers)
-    mod = _import(_LMStep(_with_markers(model, specs)), args, dyn, keep_params=True)
+    inputs = (torch.zeros(b, s, dtype=torch.long), torch.zeros(b, s, dtype=torch.long), torch.zeros(b, p, dtype=torch.long))
+    dyn = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: past})
+    if kv_layout == "in_place":
+        capacity = Dim("capacity", min=2, max=1 << 20)
+        dtype = getattr(torch, kv_dtype)
+        keys = [torch.zeros(b, key_shape[0], key_shape[1], 8, dtype=dtype) for _ in range(layers)]
+        values = [torch.zeros(b, value_shape[0], 8, value_shape[1], dtype=dtype) for _ in range(layers)]
+        step = _LMStepInPlace(_with_markers(model, specs))
+        args, dyn = (*inputs, keys, values), (*dyn, [{0: batch, 3: capacity}] * layers, [{0: batch, 2: capacity}] * layers)
+    else:
+        # Distinct tensors: torch.export would treat one object passed twice as one input.
+        kv = lambda shape: [torch.zeros(b, shape[0], p, shape[1]) for _ in range(layers)]  # noqa: E731
+        step = _LMStep(_with_markers(model, specs))
+        args, dyn = (*inputs, kv(key_shape), kv(value_shape)), (*dyn, [{0: batch, 2: past}] * layers, [{0: batch, 2: past}] * layers)
+    mod = _import(step, args, dyn, keep_params=True)
     # Weights are named as in the user's model: without the wrappers' attribute names.
     names = [str(n).removeprefix("lm.").removeprefix("hf.") for n in mod["main"].attrs["param_names"]]
     mod["main"] = mod["main"].with_attr("param_names", names)

@@ -76,12 +76,21 @@ class HFCausalLM(KVCachedLM):
         ((key_heads, key_dim), (value_heads, value_dim)), = shapes
         return len(cache.layers), key_heads, key_dim, value_heads, value_dim
 
+    @property
+    def in_place_kv(self) -> bool:
+        """Whether the in-place KV cache (compiler/kv_cache.py) serves this model: its attention
+        is causal over all positions (a sliding window keeps the concatenating cache)."""
+        return self.window is None
+
     def step(self, tokens, positions, past_positions, past_keys, past_values):
         """Same contract as ReferenceMoELM.step: logits (b, s, vocab) and per-layer keys/values
-        (b, kv_heads, p + s, head_dim)."""
+        (b, kv_heads, p + s, head_dim); with past_values None, past_keys are in-place cache
+        layers and attention runs through them (keys/values returned None)."""
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
+        if past_values is None:
+            return self._step_in_place(tokens, positions, past_positions, past_keys)
         past = past_positions.shape[1]
         for k, v in zip(past_keys, past_values):  # one past length for all layers (lets export unify it)
             torch._check(k.shape[2] == past)
@@ -106,6 +115,25 @@ class HFCausalLM(KVCachedLM):
         out = self.hf(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
                       **{self._cache_kwarg: cache})
         return out.logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+    def _step_in_place(self, tokens, positions, past_positions, layers):
+        from transformers import AttentionInterface
+
+        from .kv_cache import ATTENTION_NAME, hf_attention, in_place_cache_class
+
+        if not self.in_place_kv:
+            raise ValueError(f"{type(self.hf).__name__}: sliding-window attention needs the concatenating KV cache")
+        AttentionInterface.register(ATTENTION_NAME, hf_attention)
+        cache = in_place_cache_class()([layer.key_buffer for layer in layers], [layer.value_buffer for layer in layers],
+                                       past_positions)
+        before = self.config._attn_implementation
+        self.hf.set_attn_implementation(ATTENTION_NAME)
+        try:
+            with hf_attention.using(cache):
+                out = self.hf(input_ids=tokens, position_ids=positions, use_cache=True, **{self._cache_kwarg: cache})
+        finally:
+            self.hf.set_attn_implementation(before)
+        return out.logits, [None] * len(layers), [None] * len(layers)
 
     def _probe_attention_window(self) -> tuple[int | None, bool]:
         """(window, mixed): whether transformers' own masks for this model are sliding-window, on

@@ -390,10 +390,28 @@ def _check_model_fields(m: Manifest) -> None:
         for key in ("vocab_size", "max_positions"):
             if key in info and not _positive_int(info[key]):
                 raise ArtifactError(f"{MANIFEST_NAME}: model.{key} must be a positive integer, got {info[key]!r}")
+        kv = kv_cache(m)
+        if not (kv.get("layout") in KV_LAYOUTS and kv.get("dtype") in ("float32", "float16")
+                and _positive_int(kv.get("capacity_multiple", 1)) and kv.get("capacity_multiple", 1) <= 4096
+                and set(kv) <= {"layout", "dtype", "capacity_multiple"}):
+            raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache must give a layout ({', '.join(KV_LAYOUTS)}), a dtype "
+                                f"(float32, float16) and optionally a capacity_multiple (1..4096), got {kv!r}")
         logits = next((o for o in m.outputs if o.name == "logits"), None)
         if logits is None or not logits.shape or logits.shape[-1] != info.get("vocab_size", logits.shape[-1]):
             raise ArtifactError(f"{MANIFEST_NAME}: model.vocab_size {info.get('vocab_size')!r} does not match "
                                 f"the logits output {None if logits is None else logits.shape}")
+
+
+KV_LAYOUTS = ("in_place", "concat")
+
+
+def kv_cache(m: Manifest) -> dict:
+    """A causal LM's KV cache: {"layout": "in_place" | "concat", "dtype", "capacity_multiple"}.
+    in_place: the step takes per layer a key buffer (batch, key heads, key dim, capacity) and a
+    value buffer (batch, value heads, capacity, value dim) of `dtype`, which it writes at the new
+    positions, and returns logits; the capacity is a multiple of `capacity_multiple`.
+    concat (format 1): past keys/values (batch, heads, past, dim) in, extended ones out."""
+    return m.model.get("kv_cache") or {"layout": "concat", "dtype": "float32"}
 
 
 def kv_shapes(layout) -> tuple[int, tuple[int, int], tuple[int, int]]:
@@ -409,14 +427,21 @@ def _check_program(m: Manifest) -> None:
     available = {t.name for t in m.inputs} | {t.name for w in m.weights for t in w.tensors}
     if m.kind == "causal_lm":
         layers, key_shape, value_shape = kv_shapes(m.model["kv_layout"])
-        kv_inputs = [(t, key_shape if t.name.startswith("past_keys_") else value_shape) for t in m.inputs
-                     if t.name.startswith("past_keys_") or t.name.startswith("past_values_")]
-        if len(m.inputs) != 3 + 2 * layers or any(t.shape[1::2] != list(shape) for t, shape in kv_inputs):
+        if kv_cache(m)["layout"] == "in_place":
+            # keys (b, heads, dim, capacity), values (b, heads, capacity, dim)
+            kv_inputs = [(t.shape[1:3], key_shape) if t.name.startswith("key_buffer_") else
+                         (t.shape[1::2], value_shape) for t in m.inputs if t.name.startswith(("key_buffer_", "value_buffer_"))]
+            kv_in, kv_out = ("key_buffer", "value_buffer"), ()
+        else:
+            kv_inputs = [(t.shape[1::2], key_shape if t.name.startswith("past_keys_") else value_shape) for t in m.inputs
+                         if t.name.startswith(("past_keys_", "past_values_"))]
+            kv_in, kv_out = ("past_keys", "past_values"), ("keys", "values")
+        if len(m.inputs) != 3 + 2 * layers or any(len(t.shape) != 4 for t in m.inputs[3:]) \
+                or any(dims != list(shape) for dims, shape in kv_inputs):
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_layout {m.model['kv_layout']} does not match the "
                                 f"{len(m.inputs)} declared inputs")
-        needed_in = {"tokens", "positions", "past_positions"} | {f"past_{kv}_{i}" for kv in ("keys", "values")
-                                                                  for i in range(layers)}
-        needed_out = {"logits"} | {f"{kv}_{i}" for kv in ("keys", "values") for i in range(layers)}
+        needed_in = {"tokens", "positions", "past_positions"} | {f"{kv}_{i}" for kv in kv_in for i in range(layers)}
+        needed_out = {"logits"} | {f"{kv}_{i}" for kv in kv_out for i in range(layers)}
         if not needed_in <= available or not needed_out <= {t.name for t in m.outputs}:
             raise ArtifactError(f"{MANIFEST_NAME}: inputs/outputs do not follow the causal LM protocol")
     for step in m.program:

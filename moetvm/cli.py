@@ -74,6 +74,8 @@ def targets():
 @click.option("--dense-quant", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
               help="precision of the dense part's linear layers, LM head and embeddings "
                    "[default: as --quant; fp32 with auto]")
+@click.option("--kv-dtype", type=click.Choice(["float32", "float16"]), default=None,
+              help="keys and values the LM caches [default: float16, float32 when the dense part is fp32]")
 @click.option("--weight-budget", default=None, help="auto: expert bytes allowed (bytes or % of fp32)")
 @click.option("--calibration", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="text profiling expert usage (preload order) and planning auto precision "
@@ -92,7 +94,7 @@ def targets():
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x16",
               help="ONNX models: fixed shape for an input with symbolic dimensions (repeatable)")
 @click.option("--quiet", is_flag=True, help="no progress lines")
-def compile_cmd(model, target, out, quant, group_size, router_quant, dense_quant, weight_budget, calibration, routing, tile,
+def compile_cmd(model, target, out, quant, group_size, router_quant, dense_quant, kv_dtype, weight_budget, calibration, routing, tile,
                 cycle_dwell, mask_below, tuning_db, dense_fallback, sign_key, input_shapes, quiet):
     """Compile MODEL ('reference', a checkpoint path, hf:DIR or an ONNX file, *.onnx) into an
     artifact directory. Everything that can be checked is checked before the work starts; the
@@ -122,7 +124,7 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, dense_quant
     calibrated = quant == "auto" or calibration is not None or model == "reference"
     tokens = calibration_windows(calibration) if calibrated else None
     check_compile_options(quant=quant, group_size=group_size, router_quant=router_quant, dense_quant=dense_quant,
-                          weight_budget=weight_budget, calibration=tokens, routing=routing, tile=tile,
+                          kv_dtype=kv_dtype, weight_budget=weight_budget, calibration=tokens, routing=routing, tile=tile,
                           cycle_dwell=cycle_dwell, mask_below=mask_below, tuning_db=tuning_db, sign_key=sign_key)
     if onnx:
         from moetvm.compiler.onnx_frontend import compile_onnx
@@ -144,7 +146,7 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, dense_quant
         torch_model = load_model_source(model)
         path = compile_model(torch_model, target=deploy_target, out=out, name=model, source=model,
                              progress=not quiet, quant=quant, group_size=group_size, router_quant=router_quant,
-                             dense_quant=dense_quant,
+                             dense_quant=dense_quant, kv_dtype=kv_dtype,
                              weight_budget=weight_budget, calibration=tokens, routing=routing, tile=tile,
                              cycle_dwell=cycle_dwell, mask_below=mask_below, tuning_db=tuning_db,
                              dense_fallback=dense_fallback, sign_key=sign_key)

@@ -19,7 +19,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from moetvm.errors import MoetvmError
 from moetvm.artifact import (ArtifactError, Expert, Manifest, MoELayer, check_file, copy_verified, fused_function,
-                             kv_shapes, read_manifest, read_verified)
+                             kv_cache, kv_shapes, read_manifest, read_verified)
 
 from .cache import ExpertCache, parse_budget
 from moetvm.routing import FIXED_MODES, FixedPattern, allowed_experts, group_by_expert, route
@@ -145,7 +145,8 @@ class MoEModel:
     # --- the hot path ------------------------------------------------------------------------
     def run_program(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         env = dict(self._weights)
-        env.update((name, tvm.runtime.tensor(value, self.device)) for name, value in inputs.items())
+        env.update((name, value if isinstance(value, tvm.runtime.Tensor) else tvm.runtime.tensor(value, self.device))
+                   for name, value in inputs.items())
         predictions: dict[int, np.ndarray] = {}  # this call's lookahead guesses, by layer
         # What fixed-pattern routers look at: token ids and positions, one per row of an MoE input.
         tokens = inputs.get("tokens")
@@ -442,14 +443,24 @@ class MoEModel:
         limit = self.manifest.model.get("max_positions")
         if limit and p + s > limit:
             raise InputError(f"sequence of {p + s} tokens exceeds the model's {limit} positions")
+        if cache.batch != b:
+            raise InputError(f"a KV cache of batch {cache.batch} cannot take tokens of batch {b}")
         positions = np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy()
         inputs = {"tokens": tokens, "positions": positions,
                   "past_positions": np.broadcast_to(np.arange(p, dtype=np.int64), (b, p)).copy()}
+        if cache.layout == "in_place":
+            cache.reserve(p + s, self.device, limit)
+            inputs.update({f"key_buffer_{i}": k for i, k in enumerate(cache.keys)})
+            inputs.update({f"value_buffer_{i}": v for i, v in enumerate(cache.values)})
+            out = self.run_program(inputs)
+            cache.length = p + s  # the step wrote its keys and values into the buffers
+            return out["logits"], cache
         layers = len(cache.keys)
         inputs.update({f"past_keys_{i}": cache.keys[i] for i in range(layers)})
         inputs.update({f"past_values_{i}": cache.values[i] for i in range(layers)})
         out = self.run_program(inputs)
-        new = KVCache([out[f"keys_{i}"] for i in range(layers)], [out[f"values_{i}"] for i in range(layers)])
+        new = KVCache(cache.manifest, b, [out[f"keys_{i}"] for i in range(layers)],
+                      [out[f"values_{i}"] for i in range(layers)], length=p + s)
         return out["logits"], new
 
     def check_generation(self, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -535,21 +546,60 @@ class MoEModel:
         }
 
 
-@dataclass
 class KVCache:
-    keys: list
-    values: list
+    """An LM's keys and values, in the artifact's layout (artifact.kv_cache). in_place: device
+    buffers per layer that the steps write into; their capacity grows by doubling (copying what
+    is cached, amortised O(1) per token), so memory follows the context actually used.
+    concat: the past keys/values as arrays, replaced by each step's extended ones."""
 
-    @property
-    def length(self) -> int:
-        return self.keys[0].shape[2] if self.keys else 0
+    INITIAL_CAPACITY = 256
+
+    def __init__(self, manifest: Manifest, batch: int, keys=None, values=None, length: int = 0):
+        self.manifest, self.batch, self.length = manifest, batch, length
+        info = kv_cache(manifest)
+        self.layout, self.dtype = info["layout"], info["dtype"]
+        self.multiple = int(info.get("capacity_multiple", 1))
+        layers, (key_heads, key_dim), (value_heads, value_dim) = kv_shapes(manifest.model["kv_layout"])
+        if keys is None and self.layout == "concat":
+            keys = [np.zeros((batch, key_heads, 0, key_dim), np.float32)] * layers
+            values = [np.zeros((batch, value_heads, 0, value_dim), np.float32)] * layers
+        self.keys, self.values = keys or [], values or []
+        self._shapes = (layers, key_heads, key_dim, value_heads, value_dim)
 
     @staticmethod
     def empty(manifest: Manifest, batch: int) -> "KVCache":
-        layers, (key_heads, key_dim), (value_heads, value_dim) = kv_shapes(manifest.model["kv_layout"])
-        keys = np.zeros((batch, key_heads, 0, key_dim), dtype=np.float32)
-        values = np.zeros((batch, value_heads, 0, value_dim), dtype=np.float32)
-        return KVCache([keys] * layers, [values] * layers)
+        return KVCache(manifest, batch)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[3] if self.layout == "in_place" and self.keys else 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(np.prod(t.shape) for t in self.keys + self.values)) * np.dtype(self.dtype).itemsize
+
+    def reserve(self, positions: int, device, limit: int | None = None) -> None:
+        """In-place buffers for at least `positions` positions (doubling), the cached ones kept."""
+        if positions <= self.capacity:
+            return
+        capacity = max(self.capacity, self.INITIAL_CAPACITY)
+        while capacity < positions:
+            capacity *= 2
+        if limit:
+            capacity = min(capacity, max(limit, positions))
+        capacity = -(-capacity // self.multiple) * self.multiple
+        layers, key_heads, key_dim, value_heads, value_dim = self._shapes
+        keys, values = [], []
+        for i in range(layers):
+            k = np.zeros((self.batch, key_heads, key_dim, capacity), self.dtype)
+            v = np.zeros((self.batch, value_heads, capacity, value_dim), self.dtype)
+            if self.keys:
+                n = self.length
+                k[..., :n] = self.keys[i].numpy()[..., :n]
+                v[:, :, :n] = self.values[i].numpy()[:, :, :n]
+            keys.append(tvm.runtime.tensor(k, device))
+            values.append(tvm.runtime.tensor(v, device))
+        self.keys, self.values = keys, values
 
 
 # Libraries loaded in this process, by SHA-256. TVM keeps every loaded library for the life of

@@ -12,7 +12,11 @@ from moetvm.artifact import kv_shapes
 class KVCachedLM(nn.Module):
     """Subclasses define `kv_layout` ((layers, heads, head_dim), or (layers, key heads, key dim,
     value heads, value dim)) and `step(tokens, positions, past_positions, past_keys, past_values)
-    -> (logits, keys, values)`; `forward` is one step over whole sequences from an empty cache."""
+    -> (logits, keys, values)`; `forward` is one step over whole sequences from an empty cache.
+    Those with `in_place_kv` also take, with `past_values` None, in-place cache layers as
+    `past_keys` (compiler/kv_cache.py) and attend through them."""
+
+    in_place_kv = False
 
     def forward(self, tokens):
         b, s = tokens.shape

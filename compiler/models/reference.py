@@ -100,6 +100,9 @@ class Attention(nn.Module):
         b, s, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=-1)
         q, k, v = (t.reshape(b, s, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if past_v is None:  # past_k is an in-place cache layer (compiler/kv_cache.py): it appends and attends
+            y = past_k.attend(q, k, v, 1 / math.sqrt(self.head_dim))
+            return self.out(y.reshape(b, s, d)), None, None
         k = torch.cat([past_k, k], dim=2)
         v = torch.cat([past_v, v], dim=2)
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
@@ -125,6 +128,8 @@ class Block(nn.Module):
 class ReferenceMoELM(KVCachedLM):
     """Byte-level causal MoE LM with an explicit KV-cache step (the compiler's LM protocol)."""
 
+    in_place_kv = True
+
     def __init__(self, cfg: ReferenceConfig = ReferenceConfig()):
         super().__init__()
         self.cfg = cfg
@@ -145,12 +150,16 @@ class ReferenceMoELM(KVCachedLM):
 
         tokens, positions: (b, s) int64; past_positions: (b, p) int64 positions of cached keys;
         past_keys/values: per layer (b, heads, p, head_dim). Returns logits (b, s, vocab) and the
-        new per-layer keys/values (b, heads, p + s, head_dim).
+        new per-layer keys/values (b, heads, p + s, head_dim). With past_values None, past_keys are
+        in-place cache layers (compiler/kv_cache.py) and the keys/values returned are None.
         """
         past = past_positions.shape[1]
-        for k, v in zip(past_keys, past_values):  # one past length for all (lets export unify it)
-            torch._check(k.shape[2] == past)
-            torch._check(v.shape[2] == past)
+        if past_values is None:
+            past_values = [None] * len(past_keys)
+        else:
+            for k, v in zip(past_keys, past_values):  # one past length for all (lets export unify it)
+                torch._check(k.shape[2] == past)
+                torch._check(v.shape[2] == past)
         key_positions = torch.cat([past_positions, positions], dim=1)
         mask = key_positions[:, None, :] <= positions[:, :, None]
         h = self.embed(tokens) + self.pos_embed(positions)
