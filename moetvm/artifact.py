@@ -159,6 +159,13 @@ class Manifest:
     def dense_weight_bytes(self) -> int:
         return sum(w.weight_bytes for w in self.weights)
 
+    @property
+    def cache_bytes(self) -> int:
+        """Every expert's bytes, routed and shared (not the dense fallbacks): what the expert cache
+        would hold with everything loaded, and the base of a percentage cache budget."""
+        return sum(e.weight_bytes for layer in self.moe_layers for e in layer.experts) + \
+            sum(s.expert.weight_bytes for layer in self.moe_layers for s in layer.shared)
+
     def library(self, name: str) -> Library:
         for lib in self.libraries:
             if lib.name == name:

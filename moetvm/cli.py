@@ -284,9 +284,10 @@ def print_run_report(report: dict, fallback: str = "error") -> None:
               help="the prompt as comma-separated token ids instead (models with their own tokenizer, e.g. transformers)")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=0))
 @click.option("--cache-budget", default="25%", show_default=True, help="bytes, size (64MB) or percent of all experts")
-@click.option("--prefetch/--no-prefetch", default=False, show_default=True,
+@click.option("--prefetch/--no-prefetch", default=True, show_default=True,
               help="load each next layer's predicted experts in the background")
-@click.option("--preload", default=0.0, show_default=True, help="fraction of experts, hottest first, pinned at start")
+@click.option("--preload", default="auto", show_default=True,
+              help="fraction of experts, hottest first, pinned at start; auto: the hottest that fit in half the budget")
 @click.option("--storage-mbps", type=float, default=None, help="throttle expert reads to simulate slow storage")
 @click.option("--fallback", type=click.Choice(["error", "skip", "dense"]), default="error", show_default=True,
               help="when an expert cannot be loaded: fail, renormalise over the rest, or use the dense stand-in")
@@ -297,6 +298,11 @@ def run(directory, prompt, token_ids, max_new_tokens, cache_budget, prefetch, pr
         trusted_keys, as_json):
     """Generate from a compiled LM artifact (greedy) and report cache and latency stats."""
     prompt_ids = _prompt_ids(prompt, token_ids)
+    if preload != "auto":
+        try:
+            preload = float(preload)
+        except ValueError:
+            _fail(f"--preload takes a fraction of the experts in [0, 1] or auto, got {preload!r}")
     model = _load(directory, cache_budget, prefetch=prefetch, preload=preload, storage_mbps=storage_mbps,
                   fallback=fallback, trusted_keys=list(trusted_keys) or None)
     if model.manifest.kind != "causal_lm":
@@ -403,7 +409,7 @@ def simulate(trace_file, budgets, profile, as_json):
     recorded = RoutingTrace.load(trace_file)
     calibration = RoutingTrace.load(profile) if profile else None
     for budget in budgets:  # every budget checked before any replay
-        parse_budget(budget, recorded.total_bytes)
+        parse_budget(budget, recorded.budget_base)
     for budget in budgets:
         result = run_simulation(recorded, budget, profile=calibration)
         if as_json:

@@ -21,7 +21,7 @@ from moetvm.errors import MoetvmError
 from moetvm.artifact import (ArtifactError, Expert, Manifest, MoELayer, check_file, copy_verified, fused_function,
                              kv_cache, kv_shapes, read_manifest, read_verified)
 
-from .cache import ExpertCache, parse_budget
+from .cache import DEFAULT_PIN_FRACTION, ExpertCache, parse_budget
 from moetvm.routing import FIXED_MODES, FixedPattern, allowed_experts, group_by_expert, route
 
 
@@ -48,7 +48,7 @@ class Timings:
 
 
 def load_model(path: str | Path, cache_budget: int | float | str = "100%", verify: bool = True, *,
-               prefetch: bool = False, preload: float = 0.0, storage_mbps: float | None = None,
+               prefetch: bool = True, preload: float | str = "auto", storage_mbps: float | None = None,
                fallback: str = "error", trusted_keys: list | None = None) -> "MoEModel":
     """Validate and load the artifact at `path`.
 
@@ -57,7 +57,9 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
     prefetch: a background thread loads each next layer's predicted experts (the next router
     applied to this layer's input) while this layer computes.
     preload: fraction of the experts, hottest first by the artifact's usage profile, loaded and
-    pinned at start (within the budget).
+    pinned at start (within the budget); "auto" (default): the hottest experts that fit in
+    DEFAULT_PIN_FRACTION of the budget (none without a usage profile), the policy that scored
+    best in the cache studies (runtime/simulator.py).
     storage_mbps: throttle expert reads to this many MB/s (to study slow storage such as an SD card).
     fallback: when an expert cannot be loaded at run time (I/O error, vanished or altered file):
     "error" (default: raise, never a silently wrong result), "skip" (renormalise each token over
@@ -69,8 +71,8 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
     root = Path(path)
     if fallback not in ("error", "skip", "dense"):
         raise InputError(f"unknown fallback policy {fallback!r}: use error, skip or dense")
-    if isinstance(preload, bool) or not isinstance(preload, (int, float)) or not 0 <= preload <= 1:
-        raise InputError(f"preload is a fraction of the experts in [0, 1], got {preload!r}")
+    if preload != "auto" and (isinstance(preload, bool) or not isinstance(preload, (int, float)) or not 0 <= preload <= 1):
+        raise InputError(f"preload is a fraction of the experts in [0, 1] or 'auto', got {preload!r}")
     if storage_mbps is not None and not (isinstance(storage_mbps, (int, float)) and 0 < storage_mbps < float("inf")):
         raise InputError(f"storage throttle must be a positive number of MB/s, got {storage_mbps!r}")
     if not root.is_dir():
@@ -91,7 +93,9 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
                          f"(compile it with --dense-fallback, or use fallback 'skip')")
     model = MoEModel(root, manifest, cache_budget, prefetch=prefetch, storage_mbps=storage_mbps, fallback=fallback,
                      verify=verify)
-    if preload:
+    if preload == "auto":
+        model.preload_hot_within(DEFAULT_PIN_FRACTION * model.cache.budget)
+    elif preload:
         model.preload_hot(preload)
     return model
 
@@ -121,7 +125,7 @@ class MoEModel:
         self._experts.update({(layer.layer, "shared", j): s.expert
                               for layer in manifest.moe_layers for j, s in enumerate(layer.shared)})
         fallback_experts = {(layer.layer, "fallback"): layer.fallback for layer in manifest.moe_layers if layer.fallback}
-        self.total_expert_bytes = sum(e.weight_bytes for e in self._experts.values())
+        self.total_expert_bytes = manifest.cache_bytes
         self._experts.update(fallback_experts)  # loadable, but not part of the model's expert bytes
         budget = parse_budget(cache_budget, self.total_expert_bytes)
         largest = max(e.weight_bytes for e in self._experts.values())
@@ -229,7 +233,8 @@ class MoEModel:
         """One token's k experts in one call of their workload's fused function (weighted sum
         included), or None where that does not apply (experts of different workloads, no fused
         function for this k, or an expert that fails to load: the general path handles it)."""
-        keys = [(index, int(e)) for e in indices[0]]
+        order_ids = np.argsort(indices[0], kind="stable")  # expert order, as group_by_expert (and traces) use
+        keys = [(index, int(indices[0, j])) for j in order_ids]
         workload = self.manifest.workload(self._experts[keys[0]].workload)
         k = len(keys)
         if k not in workload.fused_k or any(self._experts[key].workload != workload.id for key in keys):
@@ -240,7 +245,7 @@ class MoEModel:
             if self.fallback == "error":
                 raise
             return None
-        gates = tvm.runtime.tensor(np.ascontiguousarray(weights, dtype=np.float32).reshape(1, k), self.device)
+        gates = tvm.runtime.tensor(np.ascontiguousarray(weights[0, order_ids], dtype=np.float32).reshape(1, k), self.device)
         return self._call(workload.library, fused_function(workload.function, k), xt, gates,
                           *[w for arrays in loaded for w in arrays])
 
@@ -332,6 +337,18 @@ class MoEModel:
         if chosen and pinned + unpinned > self.cache.budget:
             raise InputError(f"preload {fraction:g} pins {pinned} bytes of experts, which leaves no room for other "
                              f"experts in the {self.cache.budget}-byte cache budget: lower the preload or raise the budget")
+        return self.cache.preload(chosen)
+
+    def preload_hot_within(self, nbytes: float) -> int:
+        """Load and pin the hottest experts (by the usage profile) whose bytes fit in `nbytes`."""
+        ranked = sorted(((e.usage, key) for key, e in self._experts.items() if isinstance(key[1], int) and e.usage),
+                        reverse=True)
+        chosen, total = [], 0
+        for _, key in ranked:
+            size = self._experts[key].weight_bytes
+            if total + size <= nbytes:
+                chosen.append(key)
+                total += size
         return self.cache.preload(chosen)
 
     def _run_expert(self, key, rows: np.ndarray, order=None) -> np.ndarray:

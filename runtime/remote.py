@@ -291,8 +291,7 @@ def deploy(artifact: str | Path, *, prompt_ids: list[int], max_new_tokens: int, 
         key = "" if rpc_addr else tracker_key(manifest, artifact)
     budget = cache_budget if cache_budget is not None else manifest.target.get("memory_budget", "100%")
     if isinstance(budget, int):
-        total = sum(e.weight_bytes for layer in manifest.moe_layers for e in layer.experts)
-        budget = min(budget, total + sum(s.expert.weight_bytes for layer in manifest.moe_layers for s in layer.shared))
+        budget = min(budget, manifest.cache_bytes)
     where = f"{host}:{port}" if rpc_addr else f"tracker {host}:{port} key {key!r}"
     request = {"prompt_ids": list(prompt_ids), "max_new_tokens": max_new_tokens, "cache_budget": budget,
                "name": artifact.resolve().name}

@@ -24,13 +24,10 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 
 from moetvm.budget import BudgetError, parse_budget
+from .cache import DEFAULT_PIN_FRACTION
 from .trace import TraceError, Key, RoutingTrace, accesses
 
 POLICIES = ("lru", "lfu", "pinned", "runtime", "belady")
-# Half the budget pinned, half LRU (+ prefetch). Pinning more helps plain `pinned` but starves the
-# prefetcher at small budgets: on a 200-token reference-model trace `runtime` at a 25% budget
-# scored 0.55/0.56/0.61/0.50 hit rate with 0/25/50/75% pinned.
-DEFAULT_PIN_FRACTION = 0.5
 
 
 class LRU:
@@ -260,10 +257,12 @@ def simulate(trace: RoutingTrace, budget: int | float | str, policies: Iterable[
     """
     policies, sizes = tuple(policies), trace.expert_bytes
     _check_profile(trace, profile)
-    budget_bytes = parse_budget(budget, trace.total_bytes)
+    # The same bytes as the runtime's --cache-budget: shared experts (always run) hold their part.
+    budget_bytes = parse_budget(budget, trace.budget_base) - trace.shared_bytes
     largest = max(sizes.values(), default=0)
     if budget_bytes < largest:
-        raise BudgetError(f"cache budget {budget_bytes} bytes is below one expert ({largest} bytes)")
+        raise BudgetError(f"cache budget {budget_bytes + trace.shared_bytes} bytes leaves {budget_bytes} for routed "
+                          f"experts after {trace.shared_bytes} of shared experts, below one expert ({largest} bytes)")
     sequence = accesses(trace)
     needs_pins = {"pinned", "runtime"} & set(policies)
     pinned = hot_set(_profile_counts(trace, profile), sizes, budget_bytes, pin_fraction) if needs_pins else set()

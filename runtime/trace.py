@@ -60,11 +60,18 @@ class RoutingTrace:
     n_experts: list[int]  # per layer id
     expert_bytes: dict[Key, int]  # bytes each routed expert occupies in the cache
     steps: list[Step] = field(default_factory=list)
+    shared_bytes: int = 0  # the shared (always-run) experts' bytes, which share the runtime's cache
 
     @property
     def total_bytes(self) -> int:
-        """All routed experts' bytes: the base of percentage budgets."""
+        """All routed experts' bytes."""
         return sum(self.expert_bytes.values())
+
+    @property
+    def budget_base(self) -> int:
+        """What a percentage cache budget is a percentage of, as in the runtime: every expert's
+        bytes, routed and shared (Manifest.cache_bytes)."""
+        return self.total_bytes + self.shared_bytes
 
     def validate(self) -> "RoutingTrace":
         """Check internal consistency; raise TraceError naming the first problem. Returns self."""
@@ -104,6 +111,7 @@ class RoutingTrace:
         records = [(s, layer, r) for s, step in enumerate(self.steps) for layer, r in step.items()]
         header = {"format": FORMAT, "version": FORMAT_VERSION, "n_layers": self.n_layers,
                   "n_experts": [int(n) for n in self.n_experts], "n_steps": len(self.steps),
+                  "shared_bytes": int(self.shared_bytes),
                   "expert_bytes": [[int(l), int(e), int(b)] for (l, e), b in sorted(self.expert_bytes.items())]}
         arrays = dict(
             header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
@@ -158,8 +166,11 @@ def _from_arrays(a: dict[str, np.ndarray]) -> RoutingTrace:
         n_layers, n_steps = int(h["n_layers"]), int(h["n_steps"])
         n_experts = [int(n) for n in h["n_experts"]]
         expert_bytes = {(int(l), int(e)): int(b) for l, e, b in h["expert_bytes"]}
+        shared_bytes = int(h.get("shared_bytes", 0))
     except (KeyError, TypeError, ValueError) as e:
         raise TraceError(f"bad header field ({type(e).__name__}: {e})") from None
+    if shared_bytes < 0:
+        raise TraceError(f"shared_bytes is {shared_bytes}")
 
     if n_steps < 0:
         raise TraceError(f"n_steps is {n_steps}")
@@ -195,7 +206,7 @@ def _from_arrays(a: dict[str, np.ndarray]) -> RoutingTrace:
         steps[s][l] = LayerRouting(_ids(a["indices"][lo:ends[r]].reshape(shape[r]), max_id),
                                    a["weights"][lo:ends[r]].reshape(shape[r]).astype(np.float32),
                                    None if pred is None else _ids(pred, max_id))
-    return RoutingTrace(n_layers, n_experts, expert_bytes, steps).validate()
+    return RoutingTrace(n_layers, n_experts, expert_bytes, steps, shared_bytes).validate()
 
 
 def _flat(parts, dtype) -> np.ndarray:
@@ -228,9 +239,10 @@ class TraceRecorder:
     next one.
     """
 
-    def __init__(self, n_experts: list[int], expert_bytes: dict[Key, int]):
+    def __init__(self, n_experts: list[int], expert_bytes: dict[Key, int], shared_bytes: int = 0):
         self.n_experts = list(n_experts)
         self.expert_bytes = dict(expert_bytes)
+        self.shared_bytes = shared_bytes
         self._max_id = max(self.n_experts, default=0)
         self._steps: list[Step] = []
         self._current: Step = {}
@@ -239,12 +251,14 @@ class TraceRecorder:
     @classmethod
     def for_manifest(cls, manifest) -> "TraceRecorder":
         """A recorder for an artifact's routed experts (`moetvm.artifact.Manifest`, duck-typed so
-        this module keeps to numpy + stdlib). Shared experts are not routed and are left out."""
+        this module keeps to numpy + stdlib). Shared experts are not routed: only their bytes count
+        (they take their part of the cache budget)."""
         layers = manifest.moe_layers
         n_experts = [0] * (max((l.layer for l in layers), default=-1) + 1)
         for l in layers:
             n_experts[l.layer] = l.router.n_experts  # pruned experts keep their ids
-        return cls(n_experts, {(l.layer, e.index): e.weight_bytes for l in layers for e in l.experts})
+        return cls(n_experts, {(l.layer, e.index): e.weight_bytes for l in layers for e in l.experts},
+                   sum(s.expert.weight_bytes for l in layers for s in l.shared))
 
     def record(self, layer: int, indices, weights, predicted=None) -> None:
         indices = np.asarray(indices)
@@ -269,4 +283,5 @@ class TraceRecorder:
         """The completed steps (not a step still being recorded), validated."""
         with self._lock:
             steps = list(self._steps)
-        return RoutingTrace(len(self.n_experts), list(self.n_experts), dict(self.expert_bytes), steps).validate()
+        return RoutingTrace(len(self.n_experts), list(self.n_experts), dict(self.expert_bytes), steps,
+                            self.shared_bytes).validate()

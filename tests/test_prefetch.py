@@ -26,7 +26,7 @@ def _decode(model, tokens):
 
 
 def test_simulated_lru_equals_runtime_cache(reference_artifact, heldout_tokens):
-    model = load_model(reference_artifact, cache_budget="25%")
+    model = load_model(reference_artifact, cache_budget="25%", prefetch=False, preload=0)  # plain LRU
     model.start_trace()
     _decode(model, heldout_tokens[100:260])
     trace = model.stop_trace()
