@@ -349,7 +349,7 @@ def _prepare(model, example_inputs, target, *, quant, group_size, router_quant, 
             mod = frontend.export_moe_block(model, specs, example)
     if lm:
         with bar.step(f"store the dense weights ({scheme.tag})"):
-            mod, p.dense = store_dense_weights(mod, scheme)
+            mod, p.dense = store_dense_weights(mod, scheme, cpu=dt.tvm_target.get("kind") == "llvm")
     p.split = frontend.split_at_moe_layers(mod, input_names, output_names, p.dense.names if p.dense else [])
     return p
 
@@ -406,7 +406,8 @@ def _relax_libraries(p: _Prepared) -> dict[str, tvm.IRModule]:
     if any(isinstance(f, tvm.relax.Function) for f in router_mod.functions.values()):
         libs["routers"] = router_mod
     for (kind, d_model, d_ff, sch), w in p.workload_entries.items():
-        libs[w.library] = quantization.swiglu_module(d_model, d_ff, sch, w.function, tuple(w.fused_k))
+        libs[w.library] = quantization.swiglu_module(d_model, d_ff, sch, w.function, tuple(w.fused_k),
+                                                     cpu=p.target.tvm_target.get("kind") == "llvm")
     return libs
 
 

@@ -6,7 +6,7 @@ Here every weight that serves only as a linear layer's matrix (`matmul(x, permut
 precision in the kernel layout (K, N) = (in, out), the same layout and kernels as the experts
 (quant.py): the matmul becomes one fused dequantize-matmul kernel, the lookup a dequantizing
 gather of one column per token. A tied embedding / LM head is one stored tensor serving both.
-Output widths that are not a multiple of the vector tile (a vocabulary of 49155) are stored
+Output widths that are not a multiple of the GEMV kernels' vector tile (a vocabulary of 49155) are stored
 padded with zero columns and the matmul's result sliced back: a ragged tail turned the whole
 LM head kernel into predicated scalar code (69 ms a token for GraniteMoE's head, 7x slower
 than the same bytes in an expert kernel). At int4, the vocabulary tables (embeddings and the LM head) take int8, as llama.cpp keeps its
@@ -25,7 +25,7 @@ import tvm
 from tvm import relax
 
 from . import quant as quantization
-from .schedules import VECTOR_LANES
+from .gemv import LANES
 
 
 @dataclass
@@ -42,7 +42,7 @@ class DenseWeights:
         return int(sum(a.nbytes for a in self.arrays))
 
 
-PAD = 2 * VECTOR_LANES  # output columns: the vector tile of schedules.MatmulOuterProduct
+PAD = LANES  # output columns: the vector tile of the GEMV kernels (and a multiple of MatmulOuterProduct's)
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _TAKE = tvm.ir.Op.get("relax.take")
@@ -89,9 +89,9 @@ class _UseStoredWeights(relax.PyExprMutator):
     """matmul(x, permute_dims(w)) -> dequantize-matmul; take(w, ids) -> dequantizing gather; the
     transposes of quantized weights dropped."""
 
-    def __init__(self, mod, stored: dict):
+    def __init__(self, mod, stored: dict, cpu: bool):
         super().__init__(mod)
-        self.stored = stored  # weight var -> (its stored vars, K, scheme)
+        self.stored, self.cpu = stored, cpu  # weight var -> (its stored vars, K, scheme)
         self.transposed: dict = {}
 
     def visit_var_binding_(self, binding):
@@ -105,12 +105,10 @@ class _UseStoredWeights(relax.PyExprMutator):
         if call.op.same_as(_MATMUL) and call.args[1] in self.transposed:
             stored, _k, s = self.stored[self.transposed[call.args[1]]]
             x = self.visit_expr(call.args[0])
-            y = self.builder_.call_te(lambda a, *w: quantization._matmul_te(a, list(w), s, "dense"), x, *stored,
-                                      primfunc_name_hint=f"dense_{s.tag}_matmul")
+            y = quantization.matmul_call(self.builder_, x, stored, s, "dense", self.cpu)
             n = int(call.ty.shape.values[-1])
             if int(stored[0].ty.shape.values[-1]) == n:
                 return y
-            y = self.builder_.emit(y)
             return relax.op.strided_slice(y, axes=[y.ty.ndim - 1], begin=[0], end=[n])
         if call.op.same_as(_TAKE) and call.args[0] in self.stored:
             stored, k, s = self.stored[call.args[0]]
@@ -126,11 +124,12 @@ class _UseStoredWeights(relax.PyExprMutator):
         return super().visit_call_(call)
 
 
-def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme) -> tuple[tvm.IRModule, DenseWeights]:
+def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: bool = True) -> tuple[tvm.IRModule, DenseWeights]:
     """`mod` (main with parameters as inputs, see frontend._import) with its weights in stored
     form: linear and embedding weights at `scheme` (vocabulary tables at int8 when `scheme` is
     int4; fp32 where the input size does not fit the group size), the rest fp32; returns the
-    module and the tensors `main` now takes after its inputs."""
+    module and the tensors `main` now takes after its inputs. cpu: matmuls use the hand-scheduled
+    kernels of compiler/gemv.py (else the TE form, for GPU targets' schedules)."""
     main = mod["main"]
     n_inputs = int(main.attrs["num_input"])
     weights = list(main.params[n_inputs:])
@@ -170,7 +169,7 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme) -> tuple
     out = tvm.IRModule(attrs=mod.attrs, global_infos=mod.global_infos)
     for gv, f in mod.functions_items():
         out[gv] = f
-    rewrite = _UseStoredWeights(out, stored)
+    rewrite = _UseStoredWeights(out, stored, cpu)
     new_main = rewrite.visit_expr(func)
     out = rewrite.builder_.get()  # the mutator's module: every PrimFunc it added
     out["main"] = new_main.without_attr("params").without_attr("param_names")

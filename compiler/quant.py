@@ -172,13 +172,32 @@ def swiglu_params(d_model: int, d_ff: int, s: Scheme) -> list[tuple[str, tuple, 
             + weight_params("w_down", d_ff, d_model, s))
 
 
-def swiglu_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[int, ...] = ()) -> tvm.IRModule:
+def matmul_call(bb: relax.BlockBuilder, x: relax.Expr, weights: list, s: Scheme, name: str, cpu: bool) -> relax.Expr:
+    """x (..., K) @ the stored weight (K, N) -> (..., N): on CPU targets the hand-scheduled GEMV
+    kernel where N allows (compiler/gemv.py), else the TE form for the target's schedules."""
+    from . import gemv
+
+    k_dim, n_dim = (int(d) for d in weights[0].ty.shape.values)
+    if s.name == "int4":
+        k_dim *= 2
+    if not cpu or gemv.lanes_for(n_dim) is None:
+        return bb.emit_te(lambda a, *w: _matmul_te(a, list(w), s, name), x, *weights,
+                          primfunc_name_hint=f"{name}_{s.tag}_matmul")
+    lead = list(x.ty.shape.values[:-1])
+    rows = x if len(lead) == 1 else bb.emit(relax.op.reshape(x, [-1, k_dim]))
+    kernel = bb.add_func(gemv.matmul(k_dim, n_dim, s), f"{s.tag}_matmul_{k_dim}x{n_dim}")
+    y = bb.emit(relax.call_tir(kernel, [rows, *weights], relax.TensorType((rows.ty.shape.values[0], n_dim), "float32")))
+    return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, [*lead, n_dim]))
+
+
+def swiglu_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[int, ...] = (),
+                  cpu: bool = True) -> tvm.IRModule:
     """An IRModule whose function `name` is the expert kernel:
     (x (n, d_model) f32, *weights) -> (n, d_model) = down(silu(x@gate) * (x@up)),
     and for each k in `fused_k` a function `fused_function(name, k)`:
     (x (n, d_model), gates (n, k), *weights of expert 1, ..., *weights of expert k) ->
     sum_i gates[:, i] * expert_i(x): a decode step's whole MoE layer (one token, its k experts)
-    in one call, the weighted sum included."""
+    in one call, the weighted sum included. cpu: the matmuls use compiler/gemv.py's kernels."""
     specs = swiglu_params(d_model, d_ff, s)
     bb = relax.BlockBuilder()
     n = tvm.tirx.Var("n", "int64")
@@ -186,8 +205,7 @@ def swiglu_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[
     def expert(x, params: dict):
         def matmul(a, prefix):
             group = [v for key, v in params.items() if key == prefix or key.startswith(prefix + ".")]
-            return bb.emit_te(lambda a_, *w: _matmul_te(a_, list(w), s, prefix), a, *group,
-                              primfunc_name_hint=f"{prefix}_{s.tag}_matmul")
+            return matmul_call(bb, a, group, s, prefix, cpu)
 
         h = bb.emit(relax.op.multiply(relax.op.nn.silu(matmul(x, "w_gate")), matmul(x, "w_up")))
         return matmul(h, "w_down")

@@ -41,6 +41,9 @@ class Timings:
     lookahead: float = 0.0  # predicting and requesting the next layer's experts, trace recording
     experts: float = 0.0
     expert_loads: float = 0.0
+    calls: float = 0.0  # inside compiled functions (kernels and the VM that sequences them)
+    call_count: int = 0
+    steps: float = 0.0  # whole forward steps (prefills and decode tokens)
     # The latest decode steps and prefills (bounded: a board runs for days); counts are kept apart.
     token_latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     prefill: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
@@ -148,6 +151,7 @@ class MoEModel:
 
     # --- the hot path ------------------------------------------------------------------------
     def run_program(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
         env = dict(self._weights)
         env.update((name, value if isinstance(value, tvm.runtime.Tensor) else tvm.runtime.tensor(value, self.device))
                    for name, value in inputs.items())
@@ -172,7 +176,9 @@ class MoEModel:
                 env[step.outputs[0]] = self.moe_layer(step.layer, rows, predictions, where)._create_view(x.shape)
         if self.recorder is not None:
             self.recorder.end_step()
-        return {spec.name: env[spec.name].numpy() for spec in self.manifest.outputs}
+        out = {spec.name: env[spec.name].numpy() for spec in self.manifest.outputs}
+        self.timings.steps += time.perf_counter() - started
+        return out
 
     def moe_layer(self, index: int, x, predictions: dict | None = None, where: dict | None = None):
         """One MoE layer on tokens x (n, d): route, fetch each selected expert, run, fuse. x is a
@@ -371,8 +377,12 @@ class MoEModel:
             fn = vms[library][function]
         except AttributeError:
             raise ArtifactError(f"{library}: the library has no function {function!r} the manifest names") from None
+        t0 = time.perf_counter()
         try:
-            return fn(*args)
+            result = fn(*args)
+            self.timings.calls += time.perf_counter() - t0
+            self.timings.call_count += 1
+            return result
         except (tvm.error.InternalError, ValueError, TypeError, RuntimeError) as e:
             # Inputs were validated before this point: a failing call means the manifest and
             # the library disagree (argument count, shapes or dtypes).
@@ -559,6 +569,10 @@ class MoEModel:
             "decode_tokens": self.timings.decode_tokens,
             "prefill_ms": [t * 1e3 for t in self.timings.prefill],
             "time_ms": {k: getattr(self.timings, k) * 1e3 for k in ("segments", "routing", "lookahead", "experts")},
+            # The host's share: everything a step does outside compiled code (Python dispatch,
+            # routing decisions, cache bookkeeping, conversions), over all steps.
+            "compiled_calls": self.timings.call_count,
+            "outside_compiled_share": (1 - self.timings.calls / self.timings.steps) if self.timings.steps else None,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
 

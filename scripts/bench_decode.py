@@ -288,6 +288,7 @@ def moetvm_run(art: Path, ids: list[int], new: int, threads: int, timeout: float
     p50 = r["latency_ms"]["p50"]
     return {"ms_per_token": p50, "tok_s": 1e3 / p50 if p50 else None, "prefill_ms": r["prefill_ms"][0],
             "peak_rss_mb": rss, "wall_s": wall, "time_ms": r["time_ms"], "expert_loads": r["expert_loads"],
+            "outside_compiled_share": r.get("outside_compiled_share"),
             "evictions": r["evictions"], "expert_load_ms": r["expert_load_ms"]}
 
 
@@ -457,18 +458,18 @@ def torch_run(model_dir: Path, ids: list[int], new: int, depth_prompts: dict, th
 
 
 # --- memory bandwidth -------------------------------------------------------------------------
-def copy_bandwidth(mb: int) -> float:
-    """Bytes/s of a numpy copy of an `mb` MB array (read + write counted), best of 5."""
+def read_bandwidth(mb: int) -> float:
+    """Bytes/s of reading an `mb` MB array once (a numpy sum, one thread), best of 5: how fast a
+    decode step can stream its weights, the floor's denominator."""
     import numpy as np
 
-    a = np.ones(mb * 2**20 // 8)
-    b = np.empty_like(a)
+    a = np.ones(mb * 2**20 // 4, np.float32)
     best = float("inf")
     for _ in range(5):
         t = time.perf_counter()
-        np.copyto(b, a)
+        a.sum()
         best = min(best, time.perf_counter() - t)
-    return 2 * a.nbytes / best
+    return a.nbytes / best
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -490,6 +491,7 @@ def summarise(runs: list[dict], cells: list[tuple], depths: list[int]) -> list[d
             row["ms_per_token"] = med(r["ms_per_token"] for r in ok)
             row["prefill_ms"] = med(r["prefill_ms"] for r in ok)
             row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+            row["outside_share"] = med(r.get("outside_compiled_share") for r in ok)
             row["depth_ms"] = {str(d): med(r.get("depth_ms", {}).get(str(d)) for r in ok) for d in depths}
             if engine == "llama.cpp":
                 row["repack"] = all(r.get("repack", True) for r in ok)
@@ -525,7 +527,7 @@ def print_table(rows: list[dict], models: dict, bandwidth: float, depths: list[i
             continue
         head = (f"  {'thr':>3} {'engine':9} {'prec':5} {'tok/s':>8} {'vs llama':>8} {'vs torch':>8} {'prefill16':>9}"
                 + "".join(f" {'ms@' + str(d):>8}" for d in [16, *depths])
-                + f" {'RSS MB':>7} {'MB/tok':>7} {'floor ms':>8}")
+                + f" {'RSS MB':>7} {'MB/tok':>7} {'floor ms':>8} {'host %':>6}")
         print(head)
         for r in (r for r in rows if r["model"] == model):
             prec = GGUF_TYPE[r["precision"]] if r["engine"] == "llama.cpp" else r["precision"]
@@ -541,13 +543,15 @@ def print_table(rows: list[dict], models: dict, bandwidth: float, depths: list[i
                   f"{fmt(r.get('vs_pytorch_fp32'), '.2f'):>8} {fmt(r['prefill_ms'], '.2f'):>9}"
                   + f" {fmt(r['ms_per_token'], '.2f'):>8}"
                   + "".join(f" {fmt(r['depth_ms'].get(str(d)), '.2f'):>8}" for d in depths)
-                  + f" {fmt(r['peak_rss_mb'], '.0f'):>7} {fmt(mbt, '.1f'):>7} {fmt(floor, '.3f'):>8}")
+                  + f" {fmt(r['peak_rss_mb'], '.0f'):>7} {fmt(mbt, '.1f'):>7} {fmt(floor, '.3f'):>8}"
+                  + f" {fmt(r.get('outside_share') and 100 * r['outside_share'], '.0f'):>6}")
     print(f"\ntok/s: decode, median over rounds (moetvm/PyTorch: median per-token step after a 16-token prompt; "
           f"llama.cpp: llama-bench tg64 from an empty context). ms@16 = 1000/tok/s; ms@D = per-token latency "
           f"of {DEPTH_NEW} tokens after a D-token context. vs llama = moetvm/llama.cpp at the same bits "
           f"(fp32~f32, int8~q8_0, int4~q4_0); vs torch = moetvm/PyTorch eager fp32. MB/tok: weights read per "
-          f"decode token (dense + top-k experts; moetvm's dense weights stay fp32 at every --quant); floor = MB/tok / copy bandwidth "
-          f"({bandwidth / 1e9:.1f} GB/s, numpy copy, read+write)."
+          f"decode token (dense + top-k experts); floor = MB/tok / read bandwidth "
+          f"({bandwidth / 1e9:.1f} GB/s, one thread streaming an array). host %: moetvm's share of run time spent "
+          f"outside compiled code (Python dispatch, routing decisions, cache bookkeeping)."
           + (" *: llama-bench --repack 0 (its repacked kernels crashed on this shape)."
              if any(r.get("repack") is False for r in rows) else ""))
 
@@ -600,6 +604,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--depths", default="256,1024", help="contexts for per-token latency ('' for none)")
+    ap.add_argument("--depth-rounds", type=int, default=1, help="rounds that also measure the depths (the first ones)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bandwidth-mb", type=int, default=512)
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per engine run / compile")
@@ -623,9 +628,9 @@ def main() -> None:
     root = a.out
     root.mkdir(parents=True, exist_ok=True)
 
-    log(f"measuring memory bandwidth (numpy copy of {a.bandwidth_mb} MB)")
-    bandwidth = copy_bandwidth(a.bandwidth_mb)
-    log(f"copy bandwidth {bandwidth / 1e9:.2f} GB/s")
+    log(f"measuring memory bandwidth (reading {a.bandwidth_mb} MB)")
+    bandwidth = read_bandwidth(a.bandwidth_mb)
+    log(f"read bandwidth {bandwidth / 1e9:.2f} GB/s")
 
     models: dict[str, dict] = {}
     targets: dict[tuple, tuple] = {}  # (model, engine, precision) -> (callable args) or error
@@ -682,12 +687,13 @@ def main() -> None:
                     _, art, ids, depth_prompts = spec
                     res = moetvm_run(art, ids, a.new_tokens, t, a.timeout)
                     res["depth_ms"] = {d: moetvm_run(art, p, DEPTH_NEW, t, a.timeout)["ms_per_token"]
-                                       for d, p in depth_prompts.items()}
+                                       for d, p in depth_prompts.items()} if rnd < a.depth_rounds else {}
                 elif engine == "llama.cpp":
-                    res = llama_run(spec[1], t, depths, a.timeout)
+                    res = llama_run(spec[1], t, depths if rnd < a.depth_rounds else [], a.timeout)
                 else:
                     _, model_dir, ids, depth_prompts = spec
-                    res = torch_run(model_dir, ids, a.new_tokens, depth_prompts, t, a.timeout)
+                    res = torch_run(model_dir, ids, a.new_tokens, depth_prompts if rnd < a.depth_rounds else {},
+                                    t, a.timeout)
                 runs.append({**rec, **res})
                 log(f"  {res['tok_s']:.1f} tok/s, prefill {res['prefill_ms']:.1f} ms, peak RSS {res['peak_rss_mb']:.0f} MB")
             except Exception as e:  # noqa: BLE001 - reported in the table
@@ -705,7 +711,7 @@ def main() -> None:
             v["floor_ms_per_token"] = v["total"] / bandwidth * 1e3
     results = {"scale": a.scale, "rounds": a.rounds, "threads": threads, "prompt_tokens": a.prompt_tokens,
                "new_tokens": a.new_tokens, "depths": depths, "depth_new_tokens": DEPTH_NEW,
-               "copy_bandwidth_bytes_per_s": bandwidth, "machine": {"cpus": os.cpu_count(), "cpu": cpu_name(),
+               "read_bandwidth_bytes_per_s": bandwidth, "machine": {"cpus": os.cpu_count(), "cpu": cpu_name(),
                                                                      "platform": platform.platform()},
                "models": models, "summary": rows, "runs": runs}
     (root / "results.json").write_text(json.dumps(results, indent=1, default=str))
