@@ -36,6 +36,7 @@ from . import frontend, quant_plan
 from . import quant as quantization
 from .attention import LANES as KV_CAPACITY_MULTIPLE
 from .dense_weights import DenseWeights, store_dense_weights
+from .gemv import lanes_for
 from .lowering import build_library
 from .output import atomic_directory, check_output
 from moetvm.routing import ROUTING_MODES
@@ -364,6 +365,10 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: DeployTarget,
     kind: the artifact kind (default causal_lm when `lm`, else moe_block)."""
     router_scheme = quantization.scheme(router_quant, group_size)
     plan, plan_info = _precision_plan(specs, cal, quant, group_size, weight_budget, calibration)
+    if target.tvm_target.get("kind") == "llvm":  # tiled storage for the CPU GEMV kernels, where a tile fits
+        dims = {(li, ei): (e.d_ff, e.d_model) for li, spec in enumerate(specs)
+                for ei, e in [*enumerate(spec.experts), *((("shared", j), e) for j, e in enumerate(spec.shared))]}
+        plan = {key: sch.tiled(lanes_for(*dims[key])) for key, sch in plan.items()}
     usage = _usage_profile(specs, cal)
     masked = _masked_experts(specs, usage, mask_below)
     routers = [_router_entry(i, spec, masked[i], routing, tile, cycle_dwell, calibration, cal, vocab)
@@ -380,7 +385,7 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: DeployTarget,
         fn = f"expert_{wid}"
         entries[key] = Workload(
             id=wid, kind=expert_kind, library=fn, function=fn, d_model=d_model, d_ff=d_ff, dtype="float32",
-            quant=sch.name, group_size=sch.group_size, fused_k=sorted(fused.get(key, ())),
+            quant=sch.name, group_size=sch.group_size, tile=sch.tile, fused_k=sorted(fused.get(key, ())),
             params=[TensorSpec(name=n, shape=list(shape), dtype=dtype)
                     for n, shape, dtype in quantization.swiglu_params(d_model, d_ff, sch)],
         )

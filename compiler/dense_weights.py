@@ -145,6 +145,7 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
         array = values[w]
         kinds = uses[w]
         s = table_scheme if array.ndim == 2 and ("embedding" in kinds or array.shape[0] in vocabularies) else scheme
+        s = s.tiled(LANES if cpu else None)  # every stored width is padded to a tile
         fits = array.ndim == 2 and array.dtype == np.float32 and (s.name != "int4" or array.shape[1] % s.group_size == 0)
         if kinds and kinds <= {"linear", "embedding"} and fits:
             n = array.shape[0]
@@ -159,7 +160,7 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
                 arrays.append(t)
                 stored_names.append(names[w] + suffix)
             stored[w] = (vars_, array.shape[1], s)
-            precision[names[w]] = s.tag
+            precision[names[w]] = s.precision
         elif kinds:
             params.append(w)
             arrays.append(np.ascontiguousarray(array))

@@ -17,8 +17,9 @@ are split across threads (`parallel`), rows of x loop inside, so a prefill re-re
 of weights from cache rather than memory.
 
 These kernels are complete schedules (`tirx.is_scheduled`): dlight and the tuner leave them
-alone. They need N % LANES == 0 (dense_weights.py pads the LM head); other shapes and GPU
-targets keep the TE form.
+alone. They read the tiled storage of quant.py (a tile = `lanes` output columns, stored as one
+contiguous block); weights whose widths no tile divides, and GPU targets, keep the plain
+layout and the TE form. dense_weights.py pads the LM head to a tile.
 """
 
 from __future__ import annotations
@@ -31,15 +32,17 @@ from .quant import Scheme
 LANES = 64
 
 
-def lanes_for(n: int) -> int | None:
-    """The vector width for N output columns, or None when no hand-scheduled kernel fits."""
-    return next((lanes for lanes in (LANES, 32, 16) if n % lanes == 0), None)
+def lanes_for(*dims: int) -> int | None:
+    """The tile (vector width) for weights with these output widths, or None when no
+    hand-scheduled kernel fits them all."""
+    return next((lanes for lanes in (LANES, 32, 16) if all(n % lanes == 0 for n in dims)), None)
 
 
 def matmul(k_dim: int, n_dim: int, s: Scheme) -> tirx.PrimFunc:
-    """(x (rows, K) f32, *stored weights) -> out (rows, N) f32, for the stored form of `s`."""
-    lanes = lanes_for(n_dim)
-    assert lanes is not None, n_dim
+    """(x (rows, K) f32, *stored weights) -> out (rows, N) f32, for the tiled stored form of `s`
+    (quant.py: each (rows, N) tensor as (N / tile, rows, tile))."""
+    lanes = s.tile
+    assert lanes and n_dim % lanes == 0, (s, n_dim)
     tiles = n_dim // lanes
     if s.name == "int4":
         return _int4(k_dim, n_dim, s.group_size, lanes, tiles)
@@ -56,9 +59,9 @@ def _int4(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tirx.Pr
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         rows = T.int64()
         x = T.match_buffer(x_h, (rows, k_dim), "float32")
-        q = T.match_buffer(q_h, (k_dim // 2, n_dim), "uint8")
-        scale = T.match_buffer(scale_h, (groups, n_dim), "float16")
-        zero = T.match_buffer(zero_h, (groups, n_dim), "uint8")
+        q = T.match_buffer(q_h, (tiles, k_dim // 2, lanes), "uint8")
+        scale = T.match_buffer(scale_h, (tiles, groups, lanes), "float16")
+        zero = T.match_buffer(zero_h, (tiles, groups, lanes), "uint8")
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
         for tile in T.parallel(tiles):
             for i in T.serial(rows):
@@ -74,13 +77,13 @@ def _int4(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tirx.Pr
                     for kk in T.serial(pairs):
                         for l in T.vectorized(lanes):
                             part[l] = part[l] + x[i, g * group + kk * 2] * T.Cast(
-                                "float32", T.bitwise_and(q[g * pairs + kk, tile * lanes + l], T.uint8(15))) \
+                                "float32", T.bitwise_and(q[tile, g * pairs + kk, l], T.uint8(15))) \
                                 + x[i, g * group + kk * 2 + 1] * T.Cast(
-                                "float32", T.shift_right(q[g * pairs + kk, tile * lanes + l], T.uint8(4)))
+                                "float32", T.shift_right(q[tile, g * pairs + kk, l], T.uint8(4)))
                         x_sum[0] = x_sum[0] + x[i, g * group + kk * 2] + x[i, g * group + kk * 2 + 1]
                     for l in T.vectorized(lanes):
-                        acc[l] = acc[l] + T.Cast("float32", scale[g, tile * lanes + l]) * (
-                            part[l] - T.Cast("float32", zero[g, tile * lanes + l]) * x_sum[0])
+                        acc[l] = acc[l] + T.Cast("float32", scale[tile, g, l]) * (
+                            part[l] - T.Cast("float32", zero[tile, g, l]) * x_sum[0])
                 for l in T.vectorized(lanes):
                     out[i, tile * lanes + l] = acc[l]
 
@@ -93,7 +96,7 @@ def _int8(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         rows = T.int64()
         x = T.match_buffer(x_h, (rows, k_dim), "float32")
-        q = T.match_buffer(q_h, (k_dim, n_dim), "int8")
+        q = T.match_buffer(q_h, (tiles, k_dim, lanes), "int8")
         scale = T.match_buffer(scale_h, (n_dim,), "float32")
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
         for tile in T.parallel(tiles):
@@ -103,7 +106,7 @@ def _int8(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
                     acc[l] = T.float32(0)
                 for k in T.serial(k_dim):
                     for l in T.vectorized(lanes):
-                        acc[l] = acc[l] + x[i, k] * T.Cast("float32", q[k, tile * lanes + l])
+                        acc[l] = acc[l] + x[i, k] * T.Cast("float32", q[tile, k, l])
                 for l in T.vectorized(lanes):
                     out[i, tile * lanes + l] = acc[l] * scale[tile * lanes + l]
 
@@ -116,7 +119,7 @@ def _float(k_dim: int, n_dim: int, dtype: str, lanes: int, tiles: int) -> tirx.P
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         rows = T.int64()
         x = T.match_buffer(x_h, (rows, k_dim), "float32")
-        w = T.match_buffer(w_h, (k_dim, n_dim), dtype)
+        w = T.match_buffer(w_h, (tiles, k_dim, lanes), dtype)
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
         for tile in T.parallel(tiles):
             for i in T.serial(rows):
@@ -125,7 +128,7 @@ def _float(k_dim: int, n_dim: int, dtype: str, lanes: int, tiles: int) -> tirx.P
                     acc[l] = T.float32(0)
                 for k in T.serial(k_dim):
                     for l in T.vectorized(lanes):
-                        acc[l] = acc[l] + x[i, k] * T.Cast("float32", w[k, tile * lanes + l])
+                        acc[l] = acc[l] + x[i, k] * T.Cast("float32", w[tile, k, l])
                 for l in T.vectorized(lanes):
                     out[i, tile * lanes + l] = acc[l]
 

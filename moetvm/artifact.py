@@ -82,6 +82,7 @@ class Workload:
     quant: str = "fp32"  # weight storage: fp32 | fp16 | int8 | int4 (dequantized inside the kernel)
     group_size: int | None = None  # int4: input rows sharing one scale and zero point
     fused_k: list[int] = field(default_factory=list)  # k with a function `<function>_x<k>` running k experts at once
+    tile: int | None = None  # stored tile-major: each (rows, N) tensor as (N / tile, rows, tile)
 
 
 @dataclass(frozen=True)

@@ -194,13 +194,15 @@ class MoEModel:
         if self.recorder is not None:
             self.recorder.record(index, indices, weights, (predictions or {}).get(index))
         nxt = self._next_layer.get(index)
-        if nxt is not None and (self.prefetch_enabled or self.recorder is not None):
+        # Nothing to prefetch once every expert is resident (a full budget): skip the lookahead.
+        prefetching = self.prefetch_enabled and self.cache.stats.resident_bytes < self.total_expert_bytes
+        if nxt is not None and (prefetching or self.recorder is not None):
             # Gate lookahead: the next layer's router on this layer's input predicts its experts
             # (exactly, for fixed-pattern routing).
             guess, _ = self._route(self._layers[nxt], xt, where)
             if predictions is not None:
                 predictions[nxt] = guess
-            if self.prefetch_enabled:
+            if prefetching:
                 self.cache.prefetch([(nxt, int(e)) for e in np.unique(guess)],
                                     protected=[(index, int(e)) for e in np.unique(indices)],
                                     order=self._future_order(index, where))

@@ -18,7 +18,7 @@ def test_moe_block_compiles_with_one_shared_workload(tmp_path):
     manifest = read_manifest(out)
     assert manifest.kind == "moe_block"
     assert len(manifest.workloads) == 1  # 6 experts of one shape: one kernel
-    assert [lib.name for lib in manifest.libraries] == ["routers", "expert_swiglu_64x96_fp32"]
+    assert [lib.name for lib in manifest.libraries] == ["routers", "expert_swiglu_64x96_fp32t32"]
 
     model = load_model(out, cache_budget="34%")  # two of six experts resident
     rng = np.random.default_rng()

@@ -38,7 +38,7 @@ def _torch_moe_without(block, x: np.ndarray, dropped: int) -> np.ndarray:
 
 
 def test_error_policy_raises_never_wrong(artifact_copy):
-    model = load_model(artifact_copy, cache_budget="13%")
+    model = load_model(artifact_copy, cache_budget="13%", prefetch=False, preload=0)  # nothing loaded before the unlink
     (artifact_copy / "experts" / "layer2" / "expert5.safetensors").unlink()
     x = np.random.default_rng(0).standard_normal((200, 128)).astype(np.float32)
     with pytest.raises(ArtifactError, match=r"experts/layer2/expert5\.safetensors: missing"):
@@ -186,11 +186,11 @@ def test_new_version_reuses_unchanged_experts(reference_artifact, tmp_path, held
                          capture_output=True, text=True, check=True).stdout
     d = json.loads(out)
     assert "experts/layer2/expert6.safetensors" in json.dumps(d)
-    old_model = load_model(reference_artifact, cache_budget="100%")
+    old_model = load_model(reference_artifact, cache_budget="100%", prefetch=False, preload=0)
     tokens = heldout_tokens[:64][None]
     old_model(tokens)
     resident = len(old_model.cache.keys())
-    new_model = load_model(new, cache_budget="100%")
+    new_model = load_model(new, cache_budget="100%", prefetch=False, preload=0)
     adopted = new_model.adopt_experts(old_model)
     assert adopted == resident - (1 if (2, 6) in old_model.cache else 0)
     assert (2, 6) not in new_model.cache

@@ -341,7 +341,7 @@ def test_diff_lists_changed_added_removed(artifact_copy, updated, keys):
     d = diff_artifacts(artifact_copy, updated)
     json.dumps(d)  # plain data
     assert [(lib["name"], lib["status"]) for lib in d["libraries"]] == [
-        ("segments", "unchanged"), ("routers", "changed"), ("expert_swiglu_128x256_fp32", "unchanged")]
+        ("segments", "unchanged"), ("routers", "changed"), ("expert_swiglu_128x256_fp32t64", "unchanged")]
     fallbacks = sum(getattr(layer, "fallback", None) is not None for layer in read_manifest(artifact_copy).moe_layers)
     extra = ["fallback"] if fallbacks else []  # each layer's dense stand-in expert, if compiled
     assert d["layers"]["1"]["changed"] == [3] and d["layers"]["1"]["unchanged"] == [0, 1, 2, 4, 5, 6, 7] + extra
