@@ -35,7 +35,7 @@ class DenseWeights:
     names: list[str]
     arrays: list[np.ndarray]
     scheme: quantization.Scheme
-    precision: dict[str, str]  # PyTorch name -> the stored precision of each quantized weight (the rest stay fp32)
+    schemes: dict[str, quantization.Scheme]  # PyTorch name -> how each quantized weight is stored (the rest stay fp32)
 
     @property
     def nbytes(self) -> int:
@@ -140,7 +140,7 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
     vocabularies = {values[w].shape[0] for w in weights if "embedding" in uses[w]}
     table_scheme = quantization.scheme("int8") if scheme.name == "int4" else scheme
     stored: dict = {}  # quantized weight var -> (stored vars, K, scheme)
-    params, arrays, stored_names, precision = list(main.params[:n_inputs]), [], [], {}
+    params, arrays, stored_names, schemes = list(main.params[:n_inputs]), [], [], {}
     for w in weights:
         array = values[w]
         kinds = uses[w]
@@ -160,7 +160,7 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
                 arrays.append(t)
                 stored_names.append(names[w] + suffix)
             stored[w] = (vars_, array.shape[1], s)
-            precision[names[w]] = s.precision
+            schemes[names[w]] = s
         elif kinds:
             params.append(w)
             arrays.append(np.ascontiguousarray(array))
@@ -175,4 +175,4 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
     out = rewrite.builder_.get()  # the mutator's module: every PrimFunc it added
     out["main"] = new_main.without_attr("params").without_attr("param_names")
     out = relax.transform.DeadCodeElimination(["main"])(out)
-    return out, DenseWeights(stored_names, arrays, scheme, precision)
+    return out, DenseWeights(stored_names, arrays, scheme, schemes)

@@ -45,6 +45,7 @@ class HFCausalLM(KVCachedLM):
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._kv_layout = self._probe_kv_layout()
         self.window, self.mixed_attention = self._probe_attention_window()
+        self._in_place_kv = self.window is None and self._probe_in_place_kv()
         self.cfg = SimpleNamespace(vocab_size=config.vocab_size, d_model=config.hidden_size,
                                    max_positions=getattr(config, "max_position_embeddings", None))
 
@@ -79,8 +80,29 @@ class HFCausalLM(KVCachedLM):
     @property
     def in_place_kv(self) -> bool:
         """Whether the in-place KV cache (compiler/kv_cache.py) serves this model: its attention
-        is causal over all positions (a sliding window keeps the concatenating cache)."""
-        return self.window is None
+        is causal over all positions (a sliding window keeps the concatenating cache) and what
+        it caches is what its attention reads (DeepSeek's latent attention caches a compressed
+        latent and expands it per head after the cache: concatenating cache)."""
+        return self._in_place_kv
+
+    def _probe_in_place_kv(self) -> bool:
+        """Run 4 tokens through the in-place protocol eagerly (the op has an eager form) and
+        compare with the model's own forward."""
+        from .kv_cache import InPlaceLayer
+
+        layers, key_heads, key_dim, value_heads, value_dim = self._kv_layout
+        tokens = torch.arange(1, 5)[None] % self.config.vocab_size
+        past = torch.zeros(1, 0, dtype=torch.long)
+        buffers = [InPlaceLayer(torch.zeros(1, key_heads, key_dim, 8), torch.zeros(1, value_heads, 8, value_dim), past)
+                   for _ in range(layers)]
+        self._in_place_kv = True
+        try:
+            with torch.no_grad():
+                ours = self.step(tokens, torch.arange(4)[None], past, buffers, None)[0]
+                theirs = self.hf(input_ids=tokens).logits
+            return bool(torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5))
+        except (RuntimeError, ValueError, IndexError, TypeError):  # e.g. shapes of a cache its attention does not read
+            return False
 
     def step(self, tokens, positions, past_positions, past_keys, past_values):
         """Same contract as ReferenceMoELM.step: logits (b, s, vocab) and per-layer keys/values
@@ -122,7 +144,7 @@ class HFCausalLM(KVCachedLM):
         from .kv_cache import ATTENTION_NAME, hf_attention, in_place_cache_class
 
         if not self.in_place_kv:
-            raise ValueError(f"{type(self.hf).__name__}: sliding-window attention needs the concatenating KV cache")
+            raise ValueError(f"{type(self.hf).__name__}: its attention needs the concatenating KV cache")
         AttentionInterface.register(ATTENTION_NAME, hf_attention)
         cache = in_place_cache_class()([layer.key_buffer for layer in layers], [layer.value_buffer for layer in layers],
                                        past_positions)

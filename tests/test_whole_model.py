@@ -1,0 +1,162 @@
+"""Issue 14's decode path: the dense part quantized and stored in weight files, the in-place KV
+cache, a token's experts in one call, and one cache budget meaning everywhere."""
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from torch import nn
+from torch.export import Dim
+from tvm import relax
+
+from moetvm.artifact import read_manifest
+from moetvm.budget import parse_budget
+from moetvm.compiler import compile_model, frontend
+from moetvm.compiler import quant
+from moetvm.compiler.dense_weights import store_dense_weights
+from moetvm.compiler.lowering import relax_pipeline, tvm_target
+from moetvm.runtime import load_model
+from moetvm.runtime.model import KVCache
+from moetvm.runtime.trace import TraceRecorder
+from moetvm.targets import get_target
+
+from conftest import relative_error
+
+
+class _Dense(nn.Module):
+    """An embedding, two linear layers (an output width no tile divides; an input width int4's
+    group size does not divide) and an LM head tied to the embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(96, 64)
+        self.up = nn.Linear(64, 40)
+        self.down = nn.Linear(40, 64, bias=False)
+        self.norm = nn.LayerNorm(64)
+        self.head = nn.Linear(64, 96, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.head(self.norm(h))
+
+
+def _numpy_reference(model: _Dense, ids: np.ndarray, stored: dict, schemes: dict) -> np.ndarray:
+    """The same model with each stored weight dequantized in NumPy (dequantize, then matmul)."""
+    def weight(name):
+        scheme = schemes.get(name)
+        w = dict(model.named_parameters(remove_duplicate=False))[name].detach().numpy()
+        if scheme is None:
+            return w.T
+        tensors = {suffix: stored[name + suffix] for suffix in ("", ".scale", ".zero") if name + suffix in stored}
+        return quant.dequantize(tensors, scheme)[:, : w.shape[0]]  # (K, N), padding dropped
+
+    table = weight(next(n for n in ("embed.weight", "head.weight") if n in schemes))  # (d, vocab), tied
+    h = table[:, ids].transpose(1, 2, 0)
+    up = h @ weight("up.weight") + model.up.bias.detach().numpy()
+    h = h + np.maximum(up, 0) @ weight("down.weight")
+    mean, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+    normed = (h - mean) / np.sqrt(var + model.norm.eps) * model.norm.weight.detach().numpy() + model.norm.bias.detach().numpy()
+    return normed @ table
+
+
+@pytest.mark.parametrize("cpu", [True, False], ids=["gemv", "te"])
+@pytest.mark.parametrize("name", ["fp16", "int8", "int4"])
+def test_quantized_dense_path_matches_numpy_reference(name, cpu):
+    """Every linear layer, the tied LM head and the embedding gather, quantized and compiled, give
+    what NumPy computes from the same stored tensors dequantized (fp32 products either way)."""
+    torch.manual_seed(0)
+    model = _Dense().eval()
+    ids = np.random.default_rng(0).integers(0, 96, (2, 7))
+    seq = Dim("seq", min=1, max=64)
+    mod = frontend._import(model, (torch.zeros(2, 7, dtype=torch.long),), ({1: seq},), keep_params=True)
+    s = quant.scheme(name)
+    mod, dense = store_dense_weights(mod, s, cpu=cpu)
+    stored = dict(zip(dense.names, dense.arrays))
+    # Tied: one stored table (torch.export names it by one of its two names); int4's vocabulary
+    # tables at int8; `down` (K=40) does not fit int4 groups.
+    (table,) = {"embed.weight", "head.weight"} & set(dense.schemes)
+    assert dense.schemes[table].precision == ("int8" if name == "int4" else s.precision)
+    assert "down.weight" not in dense.schemes if name == "int4" else dense.schemes["down.weight"].precision == name
+    assert all(dense.schemes[n].tile == (64 if cpu else None) for n in dense.schemes)
+    target = tvm_target(get_target("host"))
+    vm = relax.VirtualMachine(tvm.compile(mod, target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
+    ours = vm["main"](tvm.runtime.tensor(ids), *[tvm.runtime.tensor(a) for a in dense.arrays]).numpy()
+    theirs = _numpy_reference(model, ids, stored, dense.schemes)
+    assert ours.shape == (2, 7, 96)
+    assert relative_error(ours, theirs) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def int4_artifact(tmp_path_factory, reference_model):
+    return compile_model(reference_model, out=tmp_path_factory.mktemp("int4") / "a", quant="int4", progress=False)
+
+
+def test_dense_weights_are_weight_files_not_code(int4_artifact):
+    m = read_manifest(int4_artifact)
+    assert m.weights and all(w.quant == "int4g32" for w in m.weights)
+    names = {t.name for w in m.weights for t in w.tensors}
+    assert {"blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.weight.scale", "embed.weight"} <= names
+    assert "blocks.0.attn_norm.weight" in names  # norms stay fp32 parameters
+    assert m.model["kv_cache"] == {"layout": "in_place", "dtype": "float16", "capacity_multiple": 8}
+    from safetensors.numpy import load_file
+
+    library = (int4_artifact / m.library("segments").file.path).read_bytes()
+    for w in m.weights:
+        for name, array in load_file(str(int4_artifact / w.file.path)).items():
+            if array.nbytes >= 256:  # no stored weight is baked into the library
+                assert array.tobytes()[64:128] not in library, name
+
+
+@pytest.mark.slow
+def test_in_place_cache_matches_the_concatenating_cache_for_320_steps(reference_model, reference_artifact,
+                                                                      heldout_tokens, tmp_path):
+    """The same model compiled with the old (concatenating) cache: 320 teacher-forced decode steps
+    give the same logits, and the in-place buffers grow by doubling, never per token."""
+    import copy
+
+    old_style = copy.deepcopy(reference_model)
+    old_style.in_place_kv = False
+    concat = load_model(compile_model(old_style, out=tmp_path / "concat", progress=False), prefetch=False, preload=0)
+    in_place = load_model(reference_artifact, prefetch=False, preload=0)
+    assert concat.manifest.model["kv_cache"]["layout"] == "concat"
+    assert in_place.manifest.model["kv_cache"] == {"layout": "in_place", "dtype": "float32", "capacity_multiple": 8}
+    tokens = heldout_tokens[9000:9336]
+    a, b = KVCache.empty(in_place.manifest, 1), KVCache.empty(concat.manifest, 1)
+    la, a = in_place._lm_step(tokens[None, :16], a)
+    lb, b = concat._lm_step(tokens[None, :16], b)
+    assert relative_error(la, lb) < 1e-5
+    capacities, worst = {a.capacity}, 0.0
+    for t in tokens[16:]:
+        la, a = in_place._lm_step(np.array([[t]]), a)
+        lb, b = concat._lm_step(np.array([[t]]), b)
+        worst = max(worst, relative_error(la, lb))
+        assert la.argmax() == lb.argmax()
+        capacities.add(a.capacity)
+    assert worst < 1e-5 and a.length == b.length == 336
+    assert capacities == {256, 512}
+
+
+def test_one_budget_means_the_same_bytes_in_run_and_simulate(tmp_path):
+    """A model with shared experts: run's and simulate's percentages are of the same bytes, and the
+    shared experts take their part of the budget in both."""
+    from hf_models import tiny_model
+
+    from moetvm.runtime.simulator import simulate
+
+    art = compile_model(tiny_model("qwen2_moe"), out=tmp_path / "q", progress=False)
+    m = read_manifest(art)
+    shared = sum(s.expert.weight_bytes for layer in m.moe_layers for s in layer.shared)
+    assert shared > 0
+    model = load_model(art, cache_budget="60%")
+    assert model.cache.budget == parse_budget("60%", m.cache_bytes)
+    assert TraceRecorder.for_manifest(m).shared_bytes == shared
+    model.start_trace()
+    model.generate([1, 2, 3], 8)
+    trace = model.stop_trace()
+    assert trace.budget_base == m.cache_bytes
+    result = simulate(trace, "60%", policies=("lru",))["lru"]
+    assert result["accesses"] > 0
+    with pytest.raises(Exception, match="shared experts"):
+        simulate(trace, shared, policies=("lru",))  # nothing left for routed experts
