@@ -265,6 +265,9 @@ def print_run_report(report: dict, fallback: str = "error") -> None:
     t = report["time_ms"]
     click.echo(f"time split            segments {t['segments']:.1f} ms  routing {t['routing']:.1f} ms  "
                f"experts {t['experts']:.1f} ms (incl. loads)")
+    if report.get("outside_compiled_share") is not None:
+        click.echo(f"outside compiled code {report['outside_compiled_share']:.0%} of run time "
+                   f"({report['compiled_calls']} calls into compiled functions)")
     p = report["prefetch"]
     if p["enabled"]:
         fmt_pct = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
