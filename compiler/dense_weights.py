@@ -107,7 +107,7 @@ class _UseStoredWeights(relax.PyExprMutator):
             x = self.visit_expr(call.args[0])
             y = quantization.matmul_call(self.builder_, x, stored, s, "dense", self.cpu)
             n = int(call.ty.shape.values[-1])
-            if int(stored[0].ty.shape.values[-1]) == n:
+            if int(y.ty.shape.values[-1]) == n:  # the stored width (tiled storage hides it in two dims)
                 return y
             return relax.op.strided_slice(y, axes=[y.ty.ndim - 1], begin=[0], end=[n])
         if call.op.same_as(_TAKE) and call.args[0] in self.stored:

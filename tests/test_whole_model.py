@@ -88,6 +88,16 @@ def test_quantized_dense_path_matches_numpy_reference(name, cpu):
     assert relative_error(ours, theirs) < 1e-5
 
 
+@pytest.mark.parametrize("cpu", [True, False], ids=["gemv", "te"])
+def test_only_padded_widths_are_sliced_back(cpu):
+    """128 output columns (two tiles) need no slice, 40 (padded to 64) do: a slice of the full
+    width would be one more copy kernel per linear layer."""
+    model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 40)).eval()
+    mod = frontend._import(model, (torch.zeros(2, 64),), ({0: Dim("n", min=1, max=64)},), keep_params=True)
+    mod, _ = store_dense_weights(mod, quant.scheme("int8"), cpu=cpu)
+    assert mod["main"].script().count("strided_slice") == 1
+
+
 @pytest.fixture(scope="module")
 def int4_artifact(tmp_path_factory, reference_model):
     return compile_model(reference_model, out=tmp_path_factory.mktemp("int4") / "a", quant="int4", progress=False)
