@@ -350,7 +350,7 @@ def _prepare(model, example_inputs, target, *, quant, group_size, router_quant, 
             mod = frontend.export_moe_block(model, specs, example)
     if lm:
         with bar.step(f"store the dense weights ({scheme.tag})"):
-            mod, p.dense = store_dense_weights(mod, scheme, cpu=dt.tvm_target.get("kind") == "llvm")
+            mod, p.dense = store_dense_weights(mod, scheme, cpu=dt.cpu)
     p.split = frontend.split_at_moe_layers(mod, input_names, output_names, p.dense.names if p.dense else [])
     return p
 
@@ -365,7 +365,7 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: DeployTarget,
     kind: the artifact kind (default causal_lm when `lm`, else moe_block)."""
     router_scheme = quantization.scheme(router_quant, group_size)
     plan, plan_info = _precision_plan(specs, cal, quant, group_size, weight_budget, calibration)
-    if target.tvm_target.get("kind") == "llvm":  # tiled storage for the CPU GEMV kernels, where a tile fits
+    if target.cpu:  # tiled storage for the CPU GEMV kernels, where a tile fits
         dims = {(li, ei): (e.d_ff, e.d_model) for li, spec in enumerate(specs)
                 for ei, e in [*enumerate(spec.experts), *((("shared", j), e) for j, e in enumerate(spec.shared))]}
         plan = {key: sch.tiled(lanes_for(*dims[key])) for key, sch in plan.items()}
@@ -412,7 +412,7 @@ def _relax_libraries(p: _Prepared) -> dict[str, tvm.IRModule]:
         libs["routers"] = router_mod
     for (kind, d_model, d_ff, sch), w in p.workload_entries.items():
         libs[w.library] = quantization.swiglu_module(d_model, d_ff, sch, w.function, tuple(w.fused_k),
-                                                     cpu=p.target.tvm_target.get("kind") == "llvm")
+                                                     cpu=p.target.cpu)
     return libs
 
 

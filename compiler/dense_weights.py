@@ -113,14 +113,11 @@ class _UseStoredWeights(relax.PyExprMutator):
         if call.op.same_as(_TAKE) and call.args[0] in self.stored:
             stored, k, s = self.stored[call.args[0]]
             ids = self.visit_expr(call.args[1])
-            if ids.ty.ndim != 1:
-                ids = self.builder_.emit(relax.op.reshape(ids, [-1]))
-                out = self.builder_.emit(self.builder_.call_te(
-                    lambda i, *w: quantization.gather_te(i, list(w), s, k, "embedding"), ids, *stored,
-                    primfunc_name_hint=f"embedding_{s.tag}_gather"))
-                return relax.op.reshape(out, [*call.args[1].ty.shape.values, k])
-            return self.builder_.call_te(lambda i, *w: quantization.gather_te(i, list(w), s, k, "embedding"),
-                                         ids, *stored, primfunc_name_hint=f"embedding_{s.tag}_gather")
+            flat = ids if ids.ty.ndim == 1 else self.builder_.emit(relax.op.reshape(ids, [-1]))
+            rows = self.builder_.emit(self.builder_.call_te(
+                lambda i, *w: quantization.gather_te(i, list(w), s, k, "embedding"), flat, *stored,
+                primfunc_name_hint=f"embedding_{s.tag}_gather"))
+            return rows if ids.ty.ndim == 1 else relax.op.reshape(rows, [*call.args[1].ty.shape.values, k])
         return super().visit_call_(call)
 
 

@@ -196,6 +196,7 @@ class MoEModel:
         nxt = self._next_layer.get(index)
         # Nothing to prefetch once every expert is resident (a full budget): skip the lookahead.
         prefetching = self.prefetch_enabled and self.cache.stats.resident_bytes < self.total_expert_bytes
+        order = self._future_order(index, where)
         if nxt is not None and (prefetching or self.recorder is not None):
             # Gate lookahead: the next layer's router on this layer's input predicts its experts
             # (exactly, for fixed-pattern routing).
@@ -204,18 +205,24 @@ class MoEModel:
                 predictions[nxt] = guess
             if prefetching:
                 self.cache.prefetch([(nxt, int(e)) for e in np.unique(guess)],
-                                    protected=[(index, int(e)) for e in np.unique(indices)],
-                                    order=self._future_order(index, where))
+                                    protected=[(index, int(e)) for e in np.unique(indices)], order=order)
         t1 = time.perf_counter()
-        order = self._future_order(index, where)
-        fused = self._fused_experts(index, xt, indices, weights, order) if n == 1 and not layer.shared else None
-        if fused is not None:
-            self._add_time("routing", t_routed - t0)
-            self._add_time("lookahead", t1 - t_routed)
-            self._add_time("experts", time.perf_counter() - t1)
-            return fused if on_device else fused.numpy()
-        if on_device:
-            x = xt.numpy()
+        out = self._fused_experts(index, xt, indices, weights, order) if n == 1 and not layer.shared else None
+        if out is None:  # a prefill, shared experts, or a token the fused call does not cover
+            out = self._grouped_experts(index, xt.numpy() if on_device else x, xt, indices, weights, order)
+            out = tvm.runtime.tensor(out, self.device) if on_device else out
+        elif not on_device:
+            out = out.numpy()
+        self._add_time("routing", t_routed - t0)
+        self._add_time("lookahead", t1 - t_routed)
+        self._add_time("experts", time.perf_counter() - t1)
+        return out
+
+    def _grouped_experts(self, index: int, x: np.ndarray, xt, indices: np.ndarray, weights: np.ndarray,
+                         order) -> np.ndarray:
+        """Tokens grouped by expert, one call per selected expert, the weighted sum on the host;
+        then the layer's shared experts."""
+        layer = self._layers[index]
         out = np.zeros_like(x)
         failed = []
         for expert, rows, w in group_by_expert(indices, weights):
@@ -232,10 +239,7 @@ class MoEModel:
             if shared.gate_function:
                 y = y * self._call(layer.router.library, shared.gate_function, xt).numpy()
             out += y
-        self._add_time("routing", t_routed - t0)
-        self._add_time("lookahead", t1 - t_routed)
-        self._add_time("experts", time.perf_counter() - t1)
-        return tvm.runtime.tensor(out, self.device) if on_device else out
+        return out
 
     def _fused_experts(self, index: int, xt, indices: np.ndarray, weights: np.ndarray, order):
         """One token's k experts in one call of their workload's fused function (weighted sum
@@ -337,9 +341,8 @@ class MoEModel:
     def preload_hot(self, fraction: float) -> int:
         """Load and pin the hottest `fraction` of experts (usage profile from calibration); the
         pinned bytes must leave room in the cache budget for at least one more expert."""
-        ranked = sorted(((e.usage or 0.0, key) for key, e in self._experts.items() if isinstance(key[1], int)),
-                        reverse=True)
-        chosen = [key for _, key in ranked[: round(fraction * len(ranked))]]
+        ranked = self._hottest_first()
+        chosen = ranked[: round(fraction * len(ranked))]
         pinned = sum(self._experts[key].weight_bytes for key in chosen)
         unpinned = max((e.weight_bytes for key, e in self._experts.items() if key not in set(chosen)), default=0)
         if chosen and pinned + unpinned > self.cache.budget:
@@ -349,15 +352,20 @@ class MoEModel:
 
     def preload_hot_within(self, nbytes: float) -> int:
         """Load and pin the hottest experts (by the usage profile) whose bytes fit in `nbytes`."""
-        ranked = sorted(((e.usage, key) for key, e in self._experts.items() if isinstance(key[1], int) and e.usage),
-                        reverse=True)
         chosen, total = [], 0
-        for _, key in ranked:
+        for key in self._hottest_first():
+            if not self._experts[key].usage:
+                break  # unprofiled or never used: nothing says it is hot
             size = self._experts[key].weight_bytes
             if total + size <= nbytes:
                 chosen.append(key)
                 total += size
         return self.cache.preload(chosen)
+
+    def _hottest_first(self) -> list:
+        """Routed experts, most used first by the artifact's usage profile (unprofiled last)."""
+        return [key for _, key in sorted(((e.usage or 0.0, key) for key, e in self._experts.items()
+                                          if isinstance(key[1], int)), reverse=True)]
 
     def _run_expert(self, key, rows: np.ndarray, order=None) -> np.ndarray:
         weights = self.cache.get(key, order=order)
@@ -606,10 +614,6 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[3] if self.layout == "in_place" and self.keys else 0
-
-    @property
-    def nbytes(self) -> int:
-        return int(sum(np.prod(t.shape) for t in self.keys + self.values)) * np.dtype(self.dtype).itemsize
 
     def reserve(self, positions: int, device, limit: int | None = None) -> None:
         """In-place buffers for at least `positions` positions (doubling), the cached ones kept."""

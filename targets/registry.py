@@ -40,6 +40,11 @@ class DeployTarget:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def cpu(self) -> bool:
+        """Code for a CPU (LLVM) rather than a GPU: the compiler's hand-scheduled CPU kernels apply."""
+        return self.tvm_target.get("kind") == "llvm"
+
     def check_toolchain(self) -> str | None:
         """Path of the cross compiler, or a clear error naming the package to install."""
         if self.cross_compiler is None:
