@@ -36,7 +36,7 @@ from . import frontend, quant_plan
 from . import quant as quantization
 from .attention import LANES as KV_CAPACITY_MULTIPLE
 from .dense_weights import DenseWeights, store_dense_weights
-from .gemv import lanes_for
+from .gemv import dot_fits, lanes_for
 from .lowering import build_library
 from .output import atomic_directory, check_output
 from moetvm.routing import ROUTING_MODES
@@ -350,7 +350,7 @@ def _prepare(model, example_inputs, target, *, quant, group_size, router_quant, 
             mod = frontend.export_moe_block(model, specs, example)
     if lm:
         with bar.step(f"store the dense weights ({scheme.tag})"):
-            mod, p.dense = store_dense_weights(mod, scheme, cpu=dt.cpu)
+            mod, p.dense = store_dense_weights(mod, scheme, cpu=dt.cpu, int8_dot=dt.int8_dot)
     p.split = frontend.split_at_moe_layers(mod, input_names, output_names, p.dense.names if p.dense else [])
     return p
 
@@ -368,7 +368,9 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: DeployTarget,
     if target.cpu:  # tiled storage for the CPU GEMV kernels, where a tile fits
         dims = {(li, ei): (e.d_ff, e.d_model) for li, spec in enumerate(specs)
                 for ei, e in [*enumerate(spec.experts), *((("shared", j), e) for j, e in enumerate(spec.shared))]}
-        plan = {key: sch.tiled(lanes_for(*dims[key])) for key, sch in plan.items()}
+        dot = target.int8_dot
+        plan = {key: sch.tiled(tile := lanes_for(*dims[key]), dot and bool(tile) and dot_fits(sch, *dims[key]))
+                for key, sch in plan.items()}
     usage = _usage_profile(specs, cal)
     masked = _masked_experts(specs, usage, mask_below)
     routers = [_router_entry(i, spec, masked[i], routing, tile, cycle_dwell, calibration, cal, vocab)
@@ -385,7 +387,7 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: DeployTarget,
         fn = f"expert_{wid}"
         entries[key] = Workload(
             id=wid, kind=expert_kind, library=fn, function=fn, d_model=d_model, d_ff=d_ff, dtype="float32",
-            quant=sch.name, group_size=sch.group_size, tile=sch.tile, fused_k=sorted(fused.get(key, ())),
+            quant=sch.name, group_size=sch.group_size, tile=sch.tile, dot=sch.dot, fused_k=sorted(fused.get(key, ())),
             params=[TensorSpec(name=n, shape=list(shape), dtype=dtype)
                     for n, shape, dtype in quantization.swiglu_params(d_model, d_ff, sch)],
         )

@@ -25,7 +25,7 @@ import tvm
 from tvm import relax
 
 from . import quant as quantization
-from .gemv import LANES
+from .gemv import LANES, dot_fits
 
 
 @dataclass
@@ -121,12 +121,14 @@ class _UseStoredWeights(relax.PyExprMutator):
         return super().visit_call_(call)
 
 
-def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: bool = True) -> tuple[tvm.IRModule, DenseWeights]:
+def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: bool = True,
+                        int8_dot: bool = False) -> tuple[tvm.IRModule, DenseWeights]:
     """`mod` (main with parameters as inputs, see frontend._import) with its weights in stored
     form: linear and embedding weights at `scheme` (vocabulary tables at int8 when `scheme` is
     int4; fp32 where the input size does not fit the group size), the rest fp32; returns the
     module and the tensors `main` now takes after its inputs. cpu: matmuls use the hand-scheduled
-    kernels of compiler/gemv.py (else the TE form, for GPU targets' schedules)."""
+    kernels of compiler/gemv.py (else the TE form, for GPU targets' schedules); int8_dot: the CPU
+    has the integer dot products of gemv.py's int8/int4 kernels."""
     main = mod["main"]
     n_inputs = int(main.attrs["num_input"])
     weights = list(main.params[n_inputs:])
@@ -142,7 +144,8 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
         array = values[w]
         kinds = uses[w]
         s = table_scheme if array.ndim == 2 and ("embedding" in kinds or array.shape[0] in vocabularies) else scheme
-        s = s.tiled(LANES if cpu else None)  # every stored width is padded to a tile
+        # every stored width is padded to a tile
+        s = s.tiled(LANES if cpu else None, cpu and int8_dot and array.ndim == 2 and dot_fits(s, array.shape[1]))
         fits = array.ndim == 2 and array.dtype == np.float32 and (s.name != "int4" or array.shape[1] % s.group_size == 0)
         if kinds and kinds <= {"linear", "embedding"} and fits:
             n = array.shape[0]

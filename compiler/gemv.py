@@ -16,6 +16,20 @@ LANES / 8 independent AVX2 accumulators (4 at 32), enough to hide the FMA latenc
 are split across threads (`parallel`), rows of x loop inside, so a prefill re-reads each tile
 of weights from cache rather than memory.
 
+On CPUs with 4-byte integer dot products (x86 AVX512-VNNI: `vpdpbusd`, 64 byte products per
+instruction) int8 and int4 weights take the integer path llama.cpp takes (its q8_0 activations):
+x is quantized to int8 per block of 32 inputs (`ACT_BLOCK`, one fp32 scale each) once per call,
+then each block of a column is one exact int32 sum:
+
+  int4   y[j] = sum_b scale[g(b), j] * d[b] * (isum_b[j] - zero[g(b), j] * xsum_b)
+  int8   y[j] = scale[j] * sum_b d[b] * (usum_b[j] - 128 * xsum_b)   (usum: weights read as q + 128)
+
+Weights are stored "dot-interleaved" for it (quant.py, `Scheme.dot`): in a tile, the 4 bytes of a
+column for 4 consecutive inputs lie together, which is the operand `vpdpbusd` wants. The cold
+1024x512 int4 expert matrix runs in 45 us against 82 us for the fp32-product kernel (hot: 7.7 vs
+22.7 us); the price is the activations' rounding (relative error ~0.6% of the largest output on
+random data), the same as llama.cpp's.
+
 These kernels are complete schedules (`tirx.is_scheduled`): dlight and the tuner leave them
 alone. They read the tiled storage of quant.py (a tile = `lanes` output columns, stored as one
 contiguous block); weights whose widths no tile divides, and GPU targets, keep the plain
@@ -30,6 +44,8 @@ from tvm.script import tirx as T
 from .quant import Scheme
 
 LANES = 64
+ACT_BLOCK = 32  # inputs sharing one activation scale on the integer-dot path
+_VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"  # acc.i32x16 += 4-byte dots of u8x64 and s8x64
 
 
 def lanes_for(*dims: int) -> int | None:
@@ -38,12 +54,21 @@ def lanes_for(*dims: int) -> int | None:
     return next((lanes for lanes in (LANES, 32, 16) if all(n % lanes == 0 for n in dims)), None)
 
 
+def dot_fits(s: Scheme, *k_dims: int) -> bool:
+    """Whether weights at `s` with these input sizes can take the integer-dot path."""
+    blocks_fit = all(k % ACT_BLOCK == 0 for k in k_dims)
+    return blocks_fit and (s.name == "int8" or (s.name == "int4" and s.group_size % ACT_BLOCK == 0))
+
+
 def matmul(k_dim: int, n_dim: int, s: Scheme) -> tirx.PrimFunc:
     """(x (rows, K) f32, *stored weights) -> out (rows, N) f32, for the tiled stored form of `s`
     (quant.py: each (rows, N) tensor as (N / tile, rows, tile))."""
     lanes = s.tile
     assert lanes and n_dim % lanes == 0, (s, n_dim)
     tiles = n_dim // lanes
+    if s.dot:
+        assert dot_fits(s, k_dim) and lanes % 16 == 0, (s, k_dim)
+        return _int4_dot(k_dim, n_dim, s.group_size, lanes, tiles) if s.name == "int4" else _int8_dot(k_dim, n_dim, lanes, tiles)
     if s.name == "int4":
         return _int4(k_dim, n_dim, s.group_size, lanes, tiles)
     if s.name == "int8":
@@ -133,3 +158,122 @@ def _float(k_dim: int, n_dim: int, dtype: str, lanes: int, tiles: int) -> tirx.P
                     out[i, tile * lanes + l] = acc[l]
 
     return float_matmul
+
+
+@T.macro
+def _quantize_activations(x, xq, xd, xs, rows, blocks):
+    """x (rows, K) f32 -> xq int8, per block of ACT_BLOCK inputs its scale xd and the sum xs of xq."""
+    for i, b in T.grid(rows, blocks):
+        amax = T.decl_buffer((1,), "float32", scope="local")
+        inv = T.decl_buffer((1,), "float32", scope="local")
+        total = T.decl_buffer((1,), "int32", scope="local")
+        amax[0] = T.float32(0)
+        for kk in T.serial(ACT_BLOCK):
+            amax[0] = T.max(amax[0], T.fabs(x[i, b * ACT_BLOCK + kk]))
+        inv[0] = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+        for kk in T.vectorized(ACT_BLOCK):
+            xq[i, b * ACT_BLOCK + kk] = T.Cast("int8", T.nearbyint(x[i, b * ACT_BLOCK + kk] * inv[0]))
+        total[0] = 0
+        for kk in T.serial(ACT_BLOCK):
+            total[0] = total[0] + T.Cast("int32", xq[i, b * ACT_BLOCK + kk])
+        xd[i, b] = amax[0] / T.float32(127)
+        xs[i, b] = total[0]
+
+
+def _dot(acc, at, weights, activations):
+    """acc[at : at+16] += 4-byte dot products of weights (16 x 4 bytes, unsigned) and the same 4
+    activation bytes for every column (signed)."""
+    return T.call_llvm_pure_intrin("int32x16", _VPDPBUSD, acc[T.ramp(at, 1, 16)],
+                                   T.reinterpret("int8x64", weights), T.reinterpret("int8x64", T.broadcast(activations, 16)))
+
+
+def _int4_dot(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tirx.PrimFunc:
+    groups, blocks, vecs = k_dim // group, k_dim // ACT_BLOCK, lanes // 16
+    block_rows, blocks_per_group = ACT_BLOCK // 8, group // ACT_BLOCK  # a stored row: 8 inputs
+    nibbles = T.int32(0x0F0F0F0F)
+
+    @T.prim_func(private=True)
+    def int4_dot_matmul(x_h: T.handle, q_h: T.handle, scale_h: T.handle, zero_h: T.handle, out_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        rows = T.int64()
+        x = T.match_buffer(x_h, (rows, k_dim), "float32")
+        q = T.match_buffer(q_h, (tiles, k_dim // 8, lanes * 4), "uint8")
+        scale = T.match_buffer(scale_h, (tiles, groups, lanes), "float16")
+        zero = T.match_buffer(zero_h, (tiles, groups, lanes), "uint8")
+        out = T.match_buffer(out_h, (rows, n_dim), "float32")
+        xq = T.alloc_buffer((rows, k_dim), "int8")
+        xd = T.alloc_buffer((rows, blocks), "float32")
+        xs = T.alloc_buffer((rows, blocks), "int32")
+        _quantize_activations(x, xq, xd, xs, rows, blocks)
+        for tile in T.parallel(tiles):
+            for i in T.serial(rows):
+                acc = T.decl_buffer((lanes,), "float32", scope="local")
+                low = T.decl_buffer((lanes,), "int32", scope="local")  # inputs 0-3 of each row
+                high = T.decl_buffer((lanes,), "int32", scope="local")  # inputs 4-7: own chains
+                for l in T.vectorized(lanes):
+                    acc[l] = T.float32(0)
+                for b in T.serial(blocks):
+                    for l in T.vectorized(lanes):
+                        low[l] = 0
+                        high[l] = 0
+                    for r in T.serial(block_rows):
+                        for v in T.unroll(vecs):
+                            w = T.reinterpret("int32x16", q[tile, b * block_rows + r, T.ramp(v * 64, 1, 64)])
+                            low[T.ramp(v * 16, 1, 16)] = _dot(
+                                low, v * 16, T.bitwise_and(w, T.broadcast(nibbles, 16)),
+                                T.reinterpret("int32", xq[i, T.ramp(b * ACT_BLOCK + r * 8, 1, 4)]))
+                            high[T.ramp(v * 16, 1, 16)] = _dot(
+                                high, v * 16, T.bitwise_and(T.shift_right(w, T.broadcast(T.int32(4), 16)), T.broadcast(nibbles, 16)),
+                                T.reinterpret("int32", xq[i, T.ramp(b * ACT_BLOCK + r * 8 + 4, 1, 4)]))
+                    for l in T.vectorized(lanes):
+                        acc[l] = acc[l] + T.Cast("float32", scale[tile, b // blocks_per_group, l]) * xd[i, b] * (
+                            T.Cast("float32", low[l] + high[l] - T.Cast("int32", zero[tile, b // blocks_per_group, l]) * xs[i, b]))
+                for l in T.vectorized(lanes):
+                    out[i, tile * lanes + l] = acc[l]
+
+    return int4_dot_matmul
+
+
+def _int8_dot(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
+    blocks, vecs, block_rows = k_dim // ACT_BLOCK, lanes // 16, ACT_BLOCK // 4  # a stored row: 4 inputs
+    sign_bits = T.int32(-0x7F7F7F80)  # 0x80808080: q ^ 0x80 is q + 128 read unsigned
+
+    @T.prim_func(private=True)
+    def int8_dot_matmul(x_h: T.handle, q_h: T.handle, scale_h: T.handle, out_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        rows = T.int64()
+        x = T.match_buffer(x_h, (rows, k_dim), "float32")
+        q = T.match_buffer(q_h, (tiles, k_dim // 4, lanes * 4), "int8")
+        scale = T.match_buffer(scale_h, (n_dim,), "float32")
+        out = T.match_buffer(out_h, (rows, n_dim), "float32")
+        xq = T.alloc_buffer((rows, k_dim), "int8")
+        xd = T.alloc_buffer((rows, blocks), "float32")
+        xs = T.alloc_buffer((rows, blocks), "int32")
+        _quantize_activations(x, xq, xd, xs, rows, blocks)
+        for tile in T.parallel(tiles):
+            for i in T.serial(rows):
+                acc = T.decl_buffer((lanes,), "float32", scope="local")
+                even = T.decl_buffer((lanes,), "int32", scope="local")  # even and odd rows: two chains
+                odd = T.decl_buffer((lanes,), "int32", scope="local")
+                for l in T.vectorized(lanes):
+                    acc[l] = T.float32(0)
+                for b in T.serial(blocks):
+                    for l in T.vectorized(lanes):
+                        even[l] = 0
+                        odd[l] = 0
+                    for r in T.serial(block_rows // 2):
+                        for v in T.unroll(vecs):
+                            w0 = T.reinterpret("int32x16", q[tile, b * block_rows + r * 2, T.ramp(v * 64, 1, 64)])
+                            w1 = T.reinterpret("int32x16", q[tile, b * block_rows + r * 2 + 1, T.ramp(v * 64, 1, 64)])
+                            even[T.ramp(v * 16, 1, 16)] = _dot(
+                                even, v * 16, T.bitwise_xor(w0, T.broadcast(sign_bits, 16)),
+                                T.reinterpret("int32", xq[i, T.ramp(b * ACT_BLOCK + r * 8, 1, 4)]))
+                            odd[T.ramp(v * 16, 1, 16)] = _dot(
+                                odd, v * 16, T.bitwise_xor(w1, T.broadcast(sign_bits, 16)),
+                                T.reinterpret("int32", xq[i, T.ramp(b * ACT_BLOCK + r * 8 + 4, 1, 4)]))
+                    for l in T.vectorized(lanes):
+                        acc[l] = acc[l] + xd[i, b] * T.Cast("float32", even[l] + odd[l] - 128 * xs[i, b])
+                for l in T.vectorized(lanes):
+                    out[i, tile * lanes + l] = acc[l] * scale[tile * lanes + l]
+
+    return int8_dot_matmul

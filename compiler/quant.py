@@ -18,6 +18,11 @@ plain layout, a tile touched one cache line per row, 512 bytes apart: the hardwa
 lost track and a cold int4 expert matrix ran at 2.2 GB/s (118 us) against 3.5 GB/s (74 us)
 tiled. 1-D tensors (int8 scales) are the same bytes either way and stay (N,).
 
+Dot-interleaved storage (`Scheme.dot`, int8/int4 on CPUs with 4-byte integer dot products, see
+gemv.py): inside a tile, the bytes of a column for 4 consecutive inputs lie together, so a tile
+is (rows / 4, tile * 4) bytes: int8 byte [r, 4 l + t] = q[4 r + t, l]; int4 byte [r, 4 l + t] =
+q[8 r + t, l] | q[8 r + 4 + t, l] << 4. Same bytes, same count, another order.
+
 The TE kernels (GPU targets, and shapes without a tile) dequantize one weight at a time inside
 the reduction, so no fp32 copy of the weights is ever materialised.
 """
@@ -47,24 +52,32 @@ class Scheme:
     name: str  # one of SCHEMES
     group_size: int | None = None  # int4 only
     tile: int | None = None  # stored tile-major (N / tile, rows, tile), see above
+    dot: bool = False  # tiles dot-interleaved for integer dot products, see above
 
     def __post_init__(self):
         if self.name not in SCHEMES:
             raise QuantizationError(f"unknown quantization {self.name!r}; choose from {', '.join(SCHEMES)}")
         if self.name == "int4" and (self.group_size is None or self.group_size <= 0 or self.group_size % 2):
             raise QuantizationError(f"int4 needs a positive even group size, got {self.group_size}")
+        if self.dot and (self.name not in ("int8", "int4") or not self.tile):
+            raise QuantizationError(f"dot-interleaved storage needs int8 or int4 in tiles, got {self.tag}")
 
     @property
     def tag(self) -> str:
-        return (f"int4g{self.group_size}" if self.name == "int4" else self.name) + (f"t{self.tile}" if self.tile else "")
+        return self.precision + (f"t{self.tile}" if self.tile else "") + ("d" if self.dot else "")
 
     @property
     def precision(self) -> str:
         """The tag without the storage layout: what the numbers are, not how they are laid out."""
         return f"int4g{self.group_size}" if self.name == "int4" else self.name
 
-    def tiled(self, tile: int | None) -> "Scheme":
-        return Scheme(self.name, self.group_size, tile)
+    def tiled(self, tile: int | None, dot: bool = False) -> "Scheme":
+        return Scheme(self.name, self.group_size, tile, dot)
+
+    @property
+    def interleave(self) -> int:
+        """Inputs per stored row of a tile: 2 for packed int4, times 4 when dot-interleaved."""
+        return (2 if self.name == "int4" else 1) * (4 if self.dot else 1)
 
     def check(self, k: int) -> None:
         if self.name == "int4" and k % self.group_size:
@@ -95,6 +108,25 @@ def _tile(a: np.ndarray, tile: int | None) -> np.ndarray:
     return np.ascontiguousarray(a.reshape(rows, n // tile, tile).transpose(1, 0, 2))
 
 
+def _dot_interleave(q: np.ndarray, s: Scheme) -> np.ndarray:
+    """Weight values (K, N) -> dot-interleaved tiles (N / tile, K / interleave, tile * 4)."""
+    k, n, t = q.shape[0], q.shape[1], s.tile
+    if s.name == "int4":  # inputs 8r..8r+3 in the low nibbles, 8r+4..8r+7 in the high ones
+        q = q.astype(np.uint8).reshape(k // 8, 2, 4, n)
+        q = q[:, 0] | (q[:, 1] << 4)
+    q = q.reshape(k // s.interleave, 4, n // t, t)  # row, byte, tile, column
+    return np.ascontiguousarray(q.transpose(2, 0, 3, 1).reshape(n // t, k // s.interleave, t * 4))
+
+
+def _dot_deinterleave(a: np.ndarray, s: Scheme) -> np.ndarray:
+    tiles, rows, width = a.shape
+    t = width // 4
+    q = a.reshape(tiles, rows, t, 4).transpose(1, 3, 0, 2).reshape(rows, 4, tiles * t)
+    if s.name == "int4":
+        q = np.stack([q & 0xF, q >> 4], axis=1)
+    return q.reshape(-1, tiles * t)
+
+
 def _untile(a: np.ndarray, tile: int | None) -> np.ndarray:
     if not tile or a.ndim != 3:
         return a
@@ -123,7 +155,7 @@ def quantize(w: np.ndarray, s: Scheme) -> dict[str, np.ndarray]:
         scale = np.abs(w).max(axis=0) / 127.0
         scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
         q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-        out = {"": q, ".scale": scale}
+        out = {"": _dot_interleave(q, s) if s.dot else q, ".scale": scale}
     else:
         g = w.reshape(w.shape[0] // s.group_size, s.group_size, w.shape[1])
         lo, hi = g.min(axis=1), g.max(axis=1)
@@ -131,20 +163,38 @@ def quantize(w: np.ndarray, s: Scheme) -> dict[str, np.ndarray]:
         scale = np.where(scale == 0, 1.0, scale).astype(np.float16)
         zero = np.clip(np.rint(-lo / scale.astype(np.float32)), 0, 15).astype(np.uint8)
         q = np.clip(np.rint(g / scale.astype(np.float32)[:, None]) + zero[:, None], 0, 15).reshape(w.shape)
-        out = {"": pack_int4(q), ".scale": scale, ".zero": zero}
-    return {suffix: _tile(a, s.tile) for suffix, a in out.items()}
+        out = {"": _dot_interleave(q, s) if s.dot else pack_int4(q), ".scale": scale, ".zero": zero}
+    return {suffix: a if s.dot and suffix == "" else _tile(a, s.tile) for suffix, a in out.items()}
 
 
 def dequantize(t: dict[str, np.ndarray], s: Scheme) -> np.ndarray:
     """The reference: the fp32 weights a quantized tensor stands for."""
+    values = _dot_deinterleave(t[""], s) if s.dot else None
     t = {suffix: _untile(a, s.tile) for suffix, a in t.items()}
     if s.name in ("fp32", "fp16"):
         return t[""].astype(np.float32)
     if s.name == "int8":
-        return t[""].astype(np.float32) * t[".scale"]
-    q = unpack_int4(t[""]).astype(np.float32)
+        return (t[""] if values is None else values).astype(np.float32) * t[".scale"]
+    q = (unpack_int4(t[""]) if values is None else values).astype(np.float32)
     groups = np.repeat(np.arange(q.shape[0] // s.group_size), s.group_size)
     return (q - t[".zero"][groups].astype(np.float32)) * t[".scale"][groups].astype(np.float32)
+
+
+def quantize_activations(x: np.ndarray, block: int = 32) -> np.ndarray:
+    """The reference of the integer-dot kernels' activations (gemv.py): x (..., K) rounded to
+    int8 per block of `block` inputs with one scale each, returned dequantized."""
+    b = np.asarray(x, np.float32).reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    amax = np.abs(b).max(axis=-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), np.float32(0))
+    return (np.rint(b * inv) * (amax / np.float32(127))).reshape(x.shape)
+
+
+def reference_matmul(x: np.ndarray, t: dict[str, np.ndarray], s: Scheme) -> np.ndarray:
+    """What the kernels compute for x @ the stored weight, in float64: the weights dequantized,
+    and on the integer-dot path the activations too."""
+    if s.dot:
+        x = quantize_activations(x)
+    return np.asarray(x, np.float64) @ dequantize(t, s).astype(np.float64)
 
 
 def nbytes(t: dict[str, np.ndarray]) -> int:
@@ -162,17 +212,22 @@ def _dequantized(weights: list[te.Tensor], s: Scheme, k, j):
     w = weights[0]
     if s.name in ("fp32", "fp16"):
         return at(w, k).astype(f32)
+    if s.dot:  # input k's byte: row k // interleave, the column's 4 bytes together
+        byte = w[j // t, k // s.interleave, (j % t) * 4 + k % 4]
+    else:
+        byte = at(w, k // 2) if s.name == "int4" else at(w, k)
     if s.name == "int8":
-        return at(w, k).astype(f32) * weights[1][j]
+        return byte.astype(f32) * weights[1][j]
     scale, zero, g = weights[1], weights[2], s.group_size
-    q = (at(w, k // 2) >> ((k % 2) * 4).astype("uint8")) & tvm.tirx.const(15, "uint8")
+    shift = (k % 8) // 4 * 4 if s.dot else (k % 2) * 4
+    q = (byte >> shift.astype("uint8")) & tvm.tirx.const(15, "uint8")
     return (q.astype(f32) - at(zero, k // g).astype(f32)) * at(scale, k // g).astype(f32)
 
 
 def _matmul_te(x: te.Tensor, weights: list[te.Tensor], s: Scheme, name: str) -> te.Tensor:
     """x (..., K) @ W (K, N) -> (..., N), W dequantized inside the reduction."""
     *lead, k_dim = x.shape
-    out_dim = weights[0].shape[0] * weights[0].shape[2] if s.tile else weights[0].shape[1]
+    out_dim = weights[0].shape[0] * s.tile if s.tile else weights[0].shape[1]
     k = te.reduce_axis((0, k_dim), "k")
 
     def body(*idx):
@@ -185,7 +240,7 @@ def gather_te(ids: te.Tensor, weights: list[te.Tensor], s: Scheme, k_dim: int, n
     """Embedding lookup from a table stored as a (K, N) = (d, vocab) weight: out[i, :] is column
     ids[i], dequantized; an out-of-range id is clamped (the runtime checks ids, the kernel
     never reads out of bounds whatever it is given)."""
-    vocab = weights[0].shape[0] * weights[0].shape[2] if s.tile else weights[0].shape[1]
+    vocab = weights[0].shape[0] * s.tile if s.tile else weights[0].shape[1]
 
     def body(i, k):
         j = te.max(te.min(ids[i].astype("int64"), vocab - 1), 0)
@@ -205,7 +260,10 @@ def weight_params(prefix: str, k: int, n: int, s: Scheme) -> list[tuple[str, tup
                  (prefix + ".zero", (groups, n), "uint8")]
     if not s.tile:
         return plain
-    return [(name, (n // s.tile, shape[0], s.tile) if len(shape) == 2 else shape, dtype) for name, shape, dtype in plain]
+    tiled = [(name, (n // s.tile, shape[0], s.tile) if len(shape) == 2 else shape, dtype) for name, shape, dtype in plain]
+    if s.dot:
+        tiled[0] = (prefix, (n // s.tile, k // s.interleave, s.tile * 4), tiled[0][2])
+    return tiled
 
 
 def swiglu_params(d_model: int, d_ff: int, s: Scheme) -> list[tuple[str, tuple, str]]:
@@ -221,9 +279,10 @@ def matmul_call(bb: relax.BlockBuilder, x: relax.Expr, weights: list, s: Scheme,
     from . import gemv
 
     shape = [int(d) for d in weights[0].ty.shape.values]
-    k_dim, n_dim = (shape[1], shape[0] * shape[2]) if s.tile else shape
-    if s.name == "int4":
-        k_dim *= 2
+    if s.tile:
+        k_dim, n_dim = shape[1] * s.interleave, shape[0] * s.tile
+    else:
+        k_dim, n_dim = shape[0] * (2 if s.name == "int4" else 1), shape[1]
     if not cpu or not s.tile:
         return bb.emit_te(lambda a, *w: _matmul_te(a, list(w), s, name), x, *weights,
                           primfunc_name_hint=f"{name}_{s.tag}_matmul")

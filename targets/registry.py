@@ -45,6 +45,18 @@ class DeployTarget:
         """Code for a CPU (LLVM) rather than a GPU: the compiler's hand-scheduled CPU kernels apply."""
         return self.tvm_target.get("kind") == "llvm"
 
+    @property
+    def int8_dot(self) -> bool:
+        """A CPU with 64-byte integer dot products (x86 AVX512-VNNI): int8 and int4 weights take
+        compiler/gemv.py's integer-dot kernels there."""
+        import tvm
+        from tvm.target import codegen
+
+        triple = self.tvm_target.get("mtriple") or platform.machine()
+        if not self.cpu or not triple.startswith(("x86_64", "AMD64")):
+            return False  # (and LLVM's feature query crashes on triples it does not know)
+        return bool(codegen.target_has_features("avx512vnni", tvm.target.Target(self.tvm_target)))
+
     def check_toolchain(self) -> str | None:
         """Path of the cross compiler, or a clear error naming the package to install."""
         if self.cross_compiler is None:

@@ -80,6 +80,8 @@ def test_tampered_library_detected_before_loading(artifact_copy):
         (lambda d: d["moe_layers"][0]["router"].update(top_k="2"), r"top_k: expected int, got str"),
         (lambda d: d.pop("program"), "missing field 'program'"),
         (lambda d: d["moe_layers"][0]["router"].update(score_fn="relu"), "unknown score_fn 'relu'"),
+        (lambda d: d["model"].update(kv_cache=["in_place"]), "model.kv_cache must give a layout"),  # found by the fuzzer
+        (lambda d: d["workloads"][0].update(dot="yes"), r"dot: expected bool, got str"),
     ],
 )
 def test_malformed_manifest_refused(artifact_copy, edit, message):

