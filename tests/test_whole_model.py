@@ -134,7 +134,7 @@ def test_dense_weights_are_weight_files_not_code(int4_artifact):
     names = {t.name for w in m.weights for t in w.tensors}
     assert {"blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.weight.scale", "embed.weight"} <= names
     assert "blocks.0.attn_norm.weight" in names  # norms stay fp32 parameters
-    assert m.model["kv_cache"] == {"layout": "in_place", "dtype": "float16", "capacity_multiple": 8}
+    assert m.model["kv_cache"] == {"layout": "in_place", "dtype": "float16", "capacity_multiple": 64}
     from safetensors.numpy import load_file
 
     library = (int4_artifact / m.library("segments").file.path).read_bytes()
@@ -156,7 +156,7 @@ def test_in_place_cache_matches_the_concatenating_cache_for_320_steps(reference_
     concat = load_model(compile_model(old_style, out=tmp_path / "concat", progress=False), prefetch=False, preload=0)
     in_place = load_model(reference_artifact, prefetch=False, preload=0)
     assert concat.manifest.model["kv_cache"]["layout"] == "concat"
-    assert in_place.manifest.model["kv_cache"] == {"layout": "in_place", "dtype": "float32", "capacity_multiple": 8}
+    assert in_place.manifest.model["kv_cache"] == {"layout": "in_place", "dtype": "float32", "capacity_multiple": 64}
     tokens = heldout_tokens[9000:9336]
     a, b = KVCache.empty(in_place.manifest, 1), KVCache.empty(concat.manifest, 1)
     la, a = in_place._lm_step(tokens[None, :16], a)
