@@ -369,7 +369,8 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: DeployTarget,
         dims = {(li, ei): (e.d_ff, e.d_model) for li, spec in enumerate(specs)
                 for ei, e in [*enumerate(spec.experts), *((("shared", j), e) for j, e in enumerate(spec.shared))]}
         dot = target.int8_dot
-        plan = {key: sch.tiled(tile := lanes_for(*dims[key]), dot and bool(tile) and dot_fits(sch, *dims[key]))
+        lanes = {key: lanes_for(*dims[key]) for key in plan}
+        plan = {key: sch.tiled(lanes[key], dot and bool(lanes[key]) and dot_fits(sch, *dims[key]))
                 for key, sch in plan.items()}
     usage = _usage_profile(specs, cal)
     masked = _masked_experts(specs, usage, mask_below)

@@ -238,12 +238,14 @@ def test_verify_judges_a_quantized_artifact_by_its_precision(reference_model, tm
     from moetvm.compiler import compile_model
 
     out = compile_model(reference_model, out=tmp_path / "int8", quant="int8", source="reference", progress=False)
-    result = cli("verify", out, "--windows", "2", "--generate", "4", "--json")
+    # 4 windows: int8 agrees on 99.2% of their tokens (the data and kernels are deterministic),
+    # above the 99% bound and below the strict 100% asked next.
+    result = cli("verify", out, "--windows", "4", "--generate", "4", "--json")
     report = json.loads(result.output)
     assert result.exit_code == 0 and report["ok"], report
     assert report["precision"] == "int8" and report["min_agreement"] == 0.99
     assert report["argmax_agreement"] >= 0.99
-    strict = cli("verify", out, "--windows", "2", "--generate", "4", "--min-agreement", "1.0")
+    strict = cli("verify", out, "--windows", "4", "--generate", "4", "--min-agreement", "1.0")
     assert strict.exit_code == 1 and "MISMATCH (int8: top-1 agreement >= 100.0%)" in strict.output
 
 

@@ -130,8 +130,17 @@ def test_quantized_artifact_on_board_matches_host(board, reference_model, heldou
     from moetvm.compiler import compile_model
     from moetvm.runtime import load_model
 
+    from dataclasses import replace
+
+    from moetvm.targets import get_target
+
     options = dict(quant="int4", router_quant="int8", progress=False)
-    host = compile_model(reference_model, target="host", out=tmp_path / "host", **options)
+    # The A72 has no integer dot products, so the host is built for a CPU without them too
+    # (haswell: AVX2 + FMA) and runs the same fp32-product kernels.
+    host_target = get_target("host")
+    host_target = replace(host_target, tvm_target={**host_target.tvm_target, "mcpu": "haswell"})
+    assert not host_target.int8_dot
+    host = compile_model(reference_model, target=host_target, out=tmp_path / "host", **options)
     a72 = compile_model(reference_model, target="cortex-a72", out=tmp_path / "a72", **options)
     tokens = heldout_tokens[7000:7020][None]
     out = tmp_path / "logits.npy"
