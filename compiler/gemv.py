@@ -187,10 +187,57 @@ def _dot(acc, at, weights, activations):
                                    T.reinterpret("int8x64", weights), T.reinterpret("int8x64", T.broadcast(activations, 16)))
 
 
+@T.macro
+def _integer_dot_tiles(x, out, weights, rows, k_dim, lanes, tiles, operand, block_value, finish):
+    """The integer-dot GEMV both precisions share: quantize x, then per tile and row, per block of
+    ACT_BLOCK inputs, two int32 chains (inputs 8s..8s+3 and 8s+4..8s+7 of each step s of 8)
+    folded into fp32. The stored form enters through three functions of `weights`:
+    operand(weights, tile, step, v, half) -> the 64 unsigned bytes (int32x16) of columns
+    16v..16v+15 for that half of the step; block_value(weights, tile, i, b, l, isum, xd, xs) ->
+    block b's fp32 contribution to column l; finish(weights, tile, l, acc) -> the output."""
+    xq = T.alloc_buffer((rows, k_dim), "int8")
+    xd = T.alloc_buffer((rows, k_dim // ACT_BLOCK), "float32")
+    xs = T.alloc_buffer((rows, k_dim // ACT_BLOCK), "int32")
+    _quantize_activations(x, xq, xd, xs, rows, k_dim // ACT_BLOCK)
+    for tile in T.parallel(tiles):
+        for i in T.serial(rows):
+            acc = T.decl_buffer((lanes,), "float32", scope="local")
+            first = T.decl_buffer((lanes,), "int32", scope="local")  # two halves: two chains
+            second = T.decl_buffer((lanes,), "int32", scope="local")
+            for l in T.vectorized(lanes):
+                acc[l] = T.float32(0)
+            for b in T.serial(k_dim // ACT_BLOCK):
+                for l in T.vectorized(lanes):
+                    first[l] = 0
+                    second[l] = 0
+                for r in T.serial(ACT_BLOCK // 8):
+                    for v in T.unroll(lanes // 16):
+                        first[T.ramp(v * 16, 1, 16)] = _dot(
+                            first, v * 16, operand(weights, tile, b * (ACT_BLOCK // 8) + r, v, 0),
+                            T.reinterpret("int32", xq[i, T.ramp(b * ACT_BLOCK + r * 8, 1, 4)]))
+                        second[T.ramp(v * 16, 1, 16)] = _dot(
+                            second, v * 16, operand(weights, tile, b * (ACT_BLOCK // 8) + r, v, 1),
+                            T.reinterpret("int32", xq[i, T.ramp(b * ACT_BLOCK + r * 8 + 4, 1, 4)]))
+                for l in T.vectorized(lanes):
+                    acc[l] = acc[l] + block_value(weights, tile, i, b, l, first[l] + second[l], xd, xs)
+            for l in T.vectorized(lanes):
+                out[i, tile * lanes + l] = finish(weights, tile, l, acc[l])
+
+
 def _int4_dot(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tirx.PrimFunc:
-    groups, blocks, vecs = k_dim // group, k_dim // ACT_BLOCK, lanes // 16
-    block_rows, blocks_per_group = ACT_BLOCK // 8, group // ACT_BLOCK  # a stored row: 8 inputs
-    nibbles = T.int32(0x0F0F0F0F)
+    groups, blocks_per_group = k_dim // group, group // ACT_BLOCK
+    nibbles = T.broadcast(T.int32(0x0F0F0F0F), 16)
+
+    def operand(w, tile, step, v, half):  # a stored row is one step: low nibbles, then high
+        q = T.reinterpret("int32x16", w[0][tile, step, T.ramp(v * 64, 1, 64)])
+        return T.bitwise_and(T.shift_right(q, T.broadcast(T.int32(4), 16)) if half else q, nibbles)
+
+    def block_value(w, tile, i, b, l, isum, xd, xs):
+        scale, zero = w[1][tile, b // blocks_per_group, l], w[2][tile, b // blocks_per_group, l]
+        return T.Cast("float32", scale) * xd[i, b] * T.Cast("float32", isum - T.Cast("int32", zero) * xs[i, b])
+
+    def finish(w, tile, l, acc):
+        return acc
 
     @T.prim_func(private=True)
     def int4_dot_matmul(x_h: T.handle, q_h: T.handle, scale_h: T.handle, zero_h: T.handle, out_h: T.handle):
@@ -201,42 +248,22 @@ def _int4_dot(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tir
         scale = T.match_buffer(scale_h, (tiles, groups, lanes), "float16")
         zero = T.match_buffer(zero_h, (tiles, groups, lanes), "uint8")
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
-        xq = T.alloc_buffer((rows, k_dim), "int8")
-        xd = T.alloc_buffer((rows, blocks), "float32")
-        xs = T.alloc_buffer((rows, blocks), "int32")
-        _quantize_activations(x, xq, xd, xs, rows, blocks)
-        for tile in T.parallel(tiles):
-            for i in T.serial(rows):
-                acc = T.decl_buffer((lanes,), "float32", scope="local")
-                low = T.decl_buffer((lanes,), "int32", scope="local")  # inputs 0-3 of each row
-                high = T.decl_buffer((lanes,), "int32", scope="local")  # inputs 4-7: own chains
-                for l in T.vectorized(lanes):
-                    acc[l] = T.float32(0)
-                for b in T.serial(blocks):
-                    for l in T.vectorized(lanes):
-                        low[l] = 0
-                        high[l] = 0
-                    for r in T.serial(block_rows):
-                        for v in T.unroll(vecs):
-                            w = T.reinterpret("int32x16", q[tile, b * block_rows + r, T.ramp(v * 64, 1, 64)])
-                            low[T.ramp(v * 16, 1, 16)] = _dot(
-                                low, v * 16, T.bitwise_and(w, T.broadcast(nibbles, 16)),
-                                T.reinterpret("int32", xq[i, T.ramp(b * ACT_BLOCK + r * 8, 1, 4)]))
-                            high[T.ramp(v * 16, 1, 16)] = _dot(
-                                high, v * 16, T.bitwise_and(T.shift_right(w, T.broadcast(T.int32(4), 16)), T.broadcast(nibbles, 16)),
-                                T.reinterpret("int32", xq[i, T.ramp(b * ACT_BLOCK + r * 8 + 4, 1, 4)]))
-                    for l in T.vectorized(lanes):
-                        acc[l] = acc[l] + T.Cast("float32", scale[tile, b // blocks_per_group, l]) * xd[i, b] * (
-                            T.Cast("float32", low[l] + high[l] - T.Cast("int32", zero[tile, b // blocks_per_group, l]) * xs[i, b]))
-                for l in T.vectorized(lanes):
-                    out[i, tile * lanes + l] = acc[l]
+        _integer_dot_tiles(x, out, (q, scale, zero), rows, k_dim, lanes, tiles, operand, block_value, finish)
 
     return int4_dot_matmul
 
 
 def _int8_dot(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
-    blocks, vecs, block_rows = k_dim // ACT_BLOCK, lanes // 16, ACT_BLOCK // 4  # a stored row: 4 inputs
-    sign_bits = T.int32(-0x7F7F7F80)  # 0x80808080: q ^ 0x80 is q + 128 read unsigned
+    sign_bits = T.broadcast(T.int32(-0x7F7F7F80), 16)  # 0x80808080: q ^ 0x80 is q + 128 read unsigned
+
+    def operand(w, tile, step, v, half):  # a stored row is half a step
+        return T.bitwise_xor(T.reinterpret("int32x16", w[0][tile, step * 2 + half, T.ramp(v * 64, 1, 64)]), sign_bits)
+
+    def block_value(w, tile, i, b, l, usum, xd, xs):
+        return xd[i, b] * T.Cast("float32", usum - 128 * xs[i, b])
+
+    def finish(w, tile, l, acc):
+        return acc * w[1][tile * lanes + l]
 
     @T.prim_func(private=True)
     def int8_dot_matmul(x_h: T.handle, q_h: T.handle, scale_h: T.handle, out_h: T.handle):
@@ -246,34 +273,6 @@ def _int8_dot(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
         q = T.match_buffer(q_h, (tiles, k_dim // 4, lanes * 4), "int8")
         scale = T.match_buffer(scale_h, (n_dim,), "float32")
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
-        xq = T.alloc_buffer((rows, k_dim), "int8")
-        xd = T.alloc_buffer((rows, blocks), "float32")
-        xs = T.alloc_buffer((rows, blocks), "int32")
-        _quantize_activations(x, xq, xd, xs, rows, blocks)
-        for tile in T.parallel(tiles):
-            for i in T.serial(rows):
-                acc = T.decl_buffer((lanes,), "float32", scope="local")
-                even = T.decl_buffer((lanes,), "int32", scope="local")  # even and odd rows: two chains
-                odd = T.decl_buffer((lanes,), "int32", scope="local")
-                for l in T.vectorized(lanes):
-                    acc[l] = T.float32(0)
-                for b in T.serial(blocks):
-                    for l in T.vectorized(lanes):
-                        even[l] = 0
-                        odd[l] = 0
-                    for r in T.serial(block_rows // 2):
-                        for v in T.unroll(vecs):
-                            w0 = T.reinterpret("int32x16", q[tile, b * block_rows + r * 2, T.ramp(v * 64, 1, 64)])
-                            w1 = T.reinterpret("int32x16", q[tile, b * block_rows + r * 2 + 1, T.ramp(v * 64, 1, 64)])
-                            even[T.ramp(v * 16, 1, 16)] = _dot(
-                                even, v * 16, T.bitwise_xor(w0, T.broadcast(sign_bits, 16)),
-                                T.reinterpret("int32", xq[i, T.ramp(b * ACT_BLOCK + r * 8, 1, 4)]))
-                            odd[T.ramp(v * 16, 1, 16)] = _dot(
-                                odd, v * 16, T.bitwise_xor(w1, T.broadcast(sign_bits, 16)),
-                                T.reinterpret("int32", xq[i, T.ramp(b * ACT_BLOCK + r * 8 + 4, 1, 4)]))
-                    for l in T.vectorized(lanes):
-                        acc[l] = acc[l] + xd[i, b] * T.Cast("float32", even[l] + odd[l] - 128 * xs[i, b])
-                for l in T.vectorized(lanes):
-                    out[i, tile * lanes + l] = acc[l] * scale[tile * lanes + l]
+        _integer_dot_tiles(x, out, (q, scale), rows, k_dim, lanes, tiles, operand, block_value, finish)
 
     return int8_dot_matmul
