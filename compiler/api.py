@@ -27,6 +27,7 @@ from moetvm.artifact import (
     WeightFile,
     Workload,
     file_ref,
+    slot_layout,
 )
 from moetvm.budget import parse_budget
 from moetvm.errors import UsageError
@@ -249,8 +250,8 @@ def write_artifact(p: "_Prepared", out: str | Path, model_info: dict, *, tuning_
 
         with bar.step("write weights and manifest"):
             weights = _write_dense_weights(tmp, p.dense, p.split.weights) if p.dense else []
-            moe_layers = [_write_layer(tmp, i, spec, p.plan, p.usage, p.workload_entries, p.routers[i], dense_fallback)
-                          for i, spec in enumerate(specs)]
+            moe_layers = [_write_layer(tmp, i, spec, p.plan, p.usage, p.workload_entries, p.routers[i], dense_fallback,
+                                       p.resident.get(i)) for i, spec in enumerate(specs)]
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
                 kind=p.kind,
@@ -296,6 +297,8 @@ class _Prepared:
     kind: str  # the artifact kind: causal_lm | moe_block | graph
     dense: DenseWeights | None = None  # the dense part's weights, which the segments take as inputs
     kv_cache: dict | None = None  # an LM's KV cache: layout, dtype (the manifest's model.kv_cache)
+    resident: dict = dataclasses.field(default_factory=dict)  # layer -> its resident function
+    resident_routing: dict = dataclasses.field(default_factory=dict)  # workload key -> [ResidentRouting]
 
 
 KV_DTYPES = ("float32", "float16")
@@ -382,20 +385,44 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: DeployTarget,
     for li, spec in enumerate(specs):
         for ei, e in enumerate(spec.experts):
             fused.setdefault((e.kind, e.d_model, e.d_ff, plan[(li, ei)]), set()).add(spec.top_k)
-    entries = {}
+    resident_keys = _resident_layers(specs, plan, routers, target)
+    entries, resident, resident_routing = {}, {}, {}
     for key, wid in workloads.items():
         expert_kind, d_model, d_ff, sch = key
         fn = f"expert_{wid}"
+        params = [TensorSpec(name=n, shape=list(shape), dtype=dtype)
+                  for n, shape, dtype in quantization.swiglu_params(d_model, d_ff, sch)]
+        # One resident function per distinct routing among the layers of this workload.
+        signatures = sorted({_routing_signature(routers[li]) for li, wkey in resident_keys.items() if wkey == key})
+        names = {sig: f"{fn}_resident{j}" for j, sig in enumerate(signatures)}
+        resident.update({li: names[_routing_signature(routers[li])] for li, wkey in resident_keys.items() if wkey == key})
+        resident_routing[key] = [quantization.ResidentRouting(names[sig], *sig) for sig in signatures]
+        offsets, slot_bytes = slot_layout(params) if signatures else ([], 0)
         entries[key] = Workload(
             id=wid, kind=expert_kind, library=fn, function=fn, d_model=d_model, d_ff=d_ff, dtype="float32",
             quant=sch.name, group_size=sch.group_size, tile=sch.tile, dot=sch.dot, fused_k=sorted(fused.get(key, ())),
-            params=[TensorSpec(name=n, shape=list(shape), dtype=dtype)
-                    for n, shape, dtype in quantization.swiglu_params(d_model, d_ff, sch)],
-        )
+            params=params, slot_offsets=offsets, slot_bytes=slot_bytes)
     if bar is not None:
         bar.total = 5 + lm + len(entries)  # trace, dense weights, segments, routers, one per workload, write, validate
     return _Prepared(target, specs, lm, split, plan, plan_info, usage, routers, routing, router_scheme, entries,
-                     kind or ("causal_lm" if lm else "moe_block"))
+                     kind or ("causal_lm" if lm else "moe_block"), resident=resident, resident_routing=resident_routing)
+
+
+def _resident_layers(specs, plan: dict, routers: list[Router], target: DeployTarget) -> dict[int, tuple]:
+    """Layer -> its experts' workload key, for the layers a resident function can run whole: CPU
+    GEMV kernels (tiled storage), one workload for all experts, learned plain top-k routing, no
+    masked or shared experts (the host path keeps the rest)."""
+    out = {}
+    for li, (spec, r) in enumerate(zip(specs, routers)):
+        keys = {(e.kind, e.d_model, e.d_ff, plan[(li, ei)]) for ei, e in enumerate(spec.experts)}
+        if (target.cpu and len(keys) == 1 and next(iter(keys))[3].tile and r.mode == "learned" and not r.masked
+                and not spec.shared and r.n_groups == 1 and r.selection_bias is None):
+            out[li] = next(iter(keys))
+    return out
+
+
+def _routing_signature(r: Router) -> tuple:
+    return (r.n_experts, r.top_k, r.normalize, r.scaling)
 
 
 def _relax_libraries(p: _Prepared) -> dict[str, tvm.IRModule]:
@@ -414,8 +441,9 @@ def _relax_libraries(p: _Prepared) -> dict[str, tvm.IRModule]:
     if any(isinstance(f, tvm.relax.Function) for f in router_mod.functions.values()):
         libs["routers"] = router_mod
     for (kind, d_model, d_ff, sch), w in p.workload_entries.items():
-        libs[w.library] = quantization.swiglu_module(d_model, d_ff, sch, w.function, tuple(w.fused_k),
-                                                     cpu=p.target.cpu)
+        libs[w.library] = quantization.swiglu_module(
+            d_model, d_ff, sch, w.function, tuple(w.fused_k), cpu=p.target.cpu,
+            resident=tuple(p.resident_routing.get((kind, d_model, d_ff, sch), ())), slot=(w.slot_offsets, w.slot_bytes))
     return libs
 
 
@@ -532,7 +560,7 @@ def _router_entry(index, spec, masked, mode, tile, cycle_dwell, calibration, cal
 
 
 def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: dict, workloads: dict,
-                 router: Router, dense_fallback: bool) -> MoELayer:
+                 router: Router, dense_fallback: bool, resident_function: str | None = None) -> MoELayer:
     from safetensors.numpy import save_file
 
     folder = root / "experts" / f"layer{index}"
@@ -560,7 +588,8 @@ def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: 
                      gate_function=f"shared_gate_{index}" if spec.shared_gate_weight is not None else None)
         for j, e in enumerate(spec.shared)
     ]
-    return MoELayer(layer=index, d_model=spec.d_model, router=router, experts=experts, shared=shared, fallback=fallback)
+    return MoELayer(layer=index, d_model=spec.d_model, router=router, experts=experts, shared=shared, fallback=fallback,
+                    resident_function=resident_function)
 
 
 WEIGHT_SHARD_BYTES = 64 << 20  # per dense weight file: bounds what the runtime holds twice while loading

@@ -41,11 +41,19 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from moetvm.artifact import DTYPE_BYTES, SLOT_ALIGN
+
 from .quant import Scheme
 
 LANES = 64
 ACT_BLOCK = 32  # inputs sharing one activation scale on the integer-dot path
 _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"  # acc.i32x16 += 4-byte dots of u8x64 and s8x64
+
+
+# Weights may be views into a resident layer's pool (artifact.MoELayer.resident_function), which
+# start at a multiple of SLOT_ALIGN bytes, not at 0: each weight buffer takes an element offset
+# of that granularity (the data stays 64-byte aligned, so the vector loads are unchanged).
+_OFFSET = {dtype: SLOT_ALIGN // DTYPE_BYTES[dtype] for dtype in ("uint8", "int8", "float16", "float32")}
 
 
 def lanes_for(*dims: int) -> int | None:
@@ -84,9 +92,9 @@ def _int4(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tirx.Pr
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         rows = T.int64()
         x = T.match_buffer(x_h, (rows, k_dim), "float32")
-        q = T.match_buffer(q_h, (tiles, k_dim // 2, lanes), "uint8")
-        scale = T.match_buffer(scale_h, (tiles, groups, lanes), "float16")
-        zero = T.match_buffer(zero_h, (tiles, groups, lanes), "uint8")
+        q = T.match_buffer(q_h, (tiles, k_dim // 2, lanes), "uint8", offset_factor=_OFFSET["uint8"])
+        scale = T.match_buffer(scale_h, (tiles, groups, lanes), "float16", offset_factor=_OFFSET["float16"])
+        zero = T.match_buffer(zero_h, (tiles, groups, lanes), "uint8", offset_factor=_OFFSET["uint8"])
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
         for tile in T.parallel(tiles):
             for i in T.serial(rows):
@@ -121,8 +129,8 @@ def _int8(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         rows = T.int64()
         x = T.match_buffer(x_h, (rows, k_dim), "float32")
-        q = T.match_buffer(q_h, (tiles, k_dim, lanes), "int8")
-        scale = T.match_buffer(scale_h, (n_dim,), "float32")
+        q = T.match_buffer(q_h, (tiles, k_dim, lanes), "int8", offset_factor=_OFFSET["int8"])
+        scale = T.match_buffer(scale_h, (n_dim,), "float32", offset_factor=_OFFSET["float32"])
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
         for tile in T.parallel(tiles):
             for i in T.serial(rows):
@@ -144,7 +152,7 @@ def _float(k_dim: int, n_dim: int, dtype: str, lanes: int, tiles: int) -> tirx.P
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         rows = T.int64()
         x = T.match_buffer(x_h, (rows, k_dim), "float32")
-        w = T.match_buffer(w_h, (tiles, k_dim, lanes), dtype)
+        w = T.match_buffer(w_h, (tiles, k_dim, lanes), dtype, offset_factor=_OFFSET[dtype])
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
         for tile in T.parallel(tiles):
             for i in T.serial(rows):
@@ -244,9 +252,9 @@ def _int4_dot(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tir
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         rows = T.int64()
         x = T.match_buffer(x_h, (rows, k_dim), "float32")
-        q = T.match_buffer(q_h, (tiles, k_dim // 8, lanes * 4), "uint8")
-        scale = T.match_buffer(scale_h, (tiles, groups, lanes), "float16")
-        zero = T.match_buffer(zero_h, (tiles, groups, lanes), "uint8")
+        q = T.match_buffer(q_h, (tiles, k_dim // 8, lanes * 4), "uint8", offset_factor=_OFFSET["uint8"])
+        scale = T.match_buffer(scale_h, (tiles, groups, lanes), "float16", offset_factor=_OFFSET["float16"])
+        zero = T.match_buffer(zero_h, (tiles, groups, lanes), "uint8", offset_factor=_OFFSET["uint8"])
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
         _integer_dot_tiles(x, out, (q, scale, zero), rows, k_dim, lanes, tiles, operand, block_value, finish)
 
@@ -270,8 +278,8 @@ def _int8_dot(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         rows = T.int64()
         x = T.match_buffer(x_h, (rows, k_dim), "float32")
-        q = T.match_buffer(q_h, (tiles, k_dim // 4, lanes * 4), "int8")
-        scale = T.match_buffer(scale_h, (n_dim,), "float32")
+        q = T.match_buffer(q_h, (tiles, k_dim // 4, lanes * 4), "int8", offset_factor=_OFFSET["int8"])
+        scale = T.match_buffer(scale_h, (n_dim,), "float32", offset_factor=_OFFSET["float32"])
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
         _integer_dot_tiles(x, out, (q, scale), rows, k_dim, lanes, tiles, operand, block_value, finish)
 

@@ -293,14 +293,81 @@ def matmul_call(bb: relax.BlockBuilder, x: relax.Expr, weights: list, s: Scheme,
     return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, [*lead, n_dim]))
 
 
+@dataclass(frozen=True)
+class ResidentRouting:
+    """A resident layer function (artifact.MoELayer.resident_function) and the routing it bakes in."""
+
+    function: str
+    n_experts: int
+    top_k: int
+    normalize: bool  # the k weights renormalised to sum to 1
+    scaling: float  # then multiplied by this
+
+
+def top_k_kernel(r: ResidentRouting) -> tvm.tirx.PrimFunc:
+    """scores (1, E) -> (chosen (k,) int64, weights (1, k) f32): the k best experts in ascending
+    expert order (the order the host path sums them in), ties to the lower index as
+    moetvm.routing.select_experts breaks them; weights are their scores, renormalised and
+    scaled as the router says. Always k distinct experts in [0, E), whatever the scores (NaN
+    included): the pool views taken from them stay in bounds."""
+    from tvm.script import tirx as T
+
+    n, k = r.n_experts, r.top_k
+    scaling = float(r.scaling)
+
+    @T.prim_func(private=True, s_tir=True)
+    def top_k(scores_h: T.handle, chosen_h: T.handle, weights_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        scores = T.match_buffer(scores_h, (1, n), "float32")
+        chosen = T.match_buffer(chosen_h, (k,), "int64")
+        weights = T.match_buffer(weights_h, (1, k), "float32")
+        # One opaque block: Relax inspects single-input kernels for a reshape pattern, which
+        # needs a block-structured body.
+        with T.sblock("top_k"):
+            taken = T.decl_buffer((n,), "int32", scope="local")
+            best = T.decl_buffer((1,), "float32", scope="local")
+            arg = T.decl_buffer((1,), "int32", scope="local")
+            count = T.decl_buffer((1,), "int32", scope="local")
+            total = T.decl_buffer((1,), "float32", scope="local")
+            for e in T.serial(n):
+                taken[e] = 0
+            for j in T.serial(k):
+                arg[0] = -1
+                best[0] = T.float32(0)
+                for e in T.serial(n):
+                    if taken[e] == 0 and (arg[0] < 0 or scores[0, e] > best[0]):
+                        arg[0] = e
+                        best[0] = scores[0, e]
+                taken[arg[0]] = 1
+            count[0] = 0
+            total[0] = T.float32(0)
+            for e in T.serial(n):
+                if taken[e] == 1:
+                    chosen[count[0]] = T.Cast("int64", e)
+                    weights[0, count[0]] = scores[0, e]
+                    total[0] = total[0] + scores[0, e]
+                    count[0] = count[0] + 1
+            for j in T.serial(k):
+                if r.normalize:
+                    weights[0, j] = weights[0, j] / total[0] * T.float32(scaling)
+                else:
+                    weights[0, j] = weights[0, j] * T.float32(scaling)
+
+    return top_k
+
+
 def swiglu_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[int, ...] = (),
-                  cpu: bool = True) -> tvm.IRModule:
+                  cpu: bool = True, resident: tuple[ResidentRouting, ...] = (),
+                  slot: tuple[list[int], int] | None = None) -> tvm.IRModule:
     """An IRModule whose function `name` is the expert kernel:
     (x (n, d_model) f32, *weights) -> (n, d_model) = down(silu(x@gate) * (x@up)),
     and for each k in `fused_k` a function `fused_function(name, k)`:
     (x (n, d_model), gates (n, k), *weights of expert 1, ..., *weights of expert k) ->
     sum_i gates[:, i] * expert_i(x): a decode step's whole MoE layer (one token, its k experts)
-    in one call, the weighted sum included. cpu: the matmuls use compiler/gemv.py's kernels."""
+    in one call, the weighted sum included; and for each of `resident` its function (x (1, d),
+    scores (1, E), pool) -> (1, d) (artifact.MoELayer.resident_function), the experts read
+    through views into the pool at the `slot` layout (offsets, slot bytes).
+    cpu: the matmuls use compiler/gemv.py's kernels."""
     specs = swiglu_params(d_model, d_ff, s)
     bb = relax.BlockBuilder()
     n = tvm.tirx.Var("n", "int64")
@@ -334,6 +401,41 @@ def swiglu_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[
                     term = bb.emit(relax.op.multiply(expert(x, params), gate))
                     total = term if total is None else bb.emit(relax.op.add(total, term))
                 out = bb.emit_output(total)
+            bb.emit_func_output(out)
+    for r in resident:
+        # Two functions: the experts take the chosen ids as a shape parameter, so the views'
+        # offsets are defined on entry (inside one dataflow block, operator fusion would reorder
+        # the views before the ids that place them: it sees only data edges).
+        offsets, slot_bytes = slot
+        ids = [tvm.tirx.Var(f"expert{i}", "int64") for i in range(r.top_k)]
+        x = relax.Var("x", relax.TensorType((1, d_model), "float32"))
+        gates = relax.Var("gates", relax.TensorType((1, r.top_k), "float32"))
+        pool = relax.Var("pool", relax.TensorType((r.n_experts * slot_bytes,), "uint8"))
+        chosen = relax.Var("chosen", relax.ShapeType(ids))
+        # Public: Relax's RemoveUnusedParameters fails on a private function whose shape parameter
+        # is used only through its symbolic values.
+        with bb.function(f"{r.function}_experts", [x, gates, pool, chosen]):
+            with bb.dataflow():
+                total = None
+                for i, e in enumerate(ids):
+                    params = {p: bb.emit(relax.op.memory.view(pool, list(shape), dtype,
+                                                              relax.prim_value(e * slot_bytes + offset)))
+                              for (p, shape, dtype), offset in zip(specs, offsets)}
+                    gate = bb.emit(relax.op.strided_slice(gates, axes=[1], begin=[i], end=[i + 1]))
+                    term = bb.emit(relax.op.multiply(expert(x, params), gate))
+                    total = term if total is None else bb.emit(relax.op.add(total, term))
+                out = bb.emit_output(total)
+            experts = bb.emit_func_output(out)
+        x = relax.Var("x", relax.TensorType((1, d_model), "float32"))
+        scores = relax.Var("scores", relax.TensorType((1, r.n_experts), "float32"))
+        pool = relax.Var("pool", relax.TensorType((r.n_experts * slot_bytes,), "uint8"))
+        with bb.function(r.function, [x, scores, pool]):
+            with bb.dataflow():
+                kernel = bb.add_func(top_k_kernel(r), f"top{r.top_k}_of_{r.n_experts}")
+                picked = bb.emit(relax.call_tir(kernel, [scores], [relax.TensorType((r.top_k,), "int64"),
+                                                                   relax.TensorType((1, r.top_k), "float32")]))
+                ids = bb.emit(relax.op.tensor_to_shape(bb.emit(relax.TupleGetItem(picked, 0))))
+                out = bb.emit_output(bb.emit(relax.Call(experts, [x, bb.emit(relax.TupleGetItem(picked, 1)), pool, ids])))
             bb.emit_func_output(out)
     return bb.get()
 

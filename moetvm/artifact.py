@@ -21,8 +21,10 @@ from pathlib import Path, PurePosixPath
 
 from moetvm.errors import MoetvmError
 
-FORMAT_VERSION = 2  # 2: the dense part's weights in weight files (`weights`), not in the segments library
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2: the dense part's weights in weight files (`weights`), not in the segments library
+# 3: resident MoE layers (a layer's experts in one pool, routed and run in one call)
+SUPPORTED_FORMAT_VERSIONS = (1, 3)
+SLOT_ALIGN = 64  # bytes: every tensor in an expert's pool slot starts at a multiple (the kernels' vector alignment)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -84,6 +86,10 @@ class Workload:
     fused_k: list[int] = field(default_factory=list)  # k with a function `<function>_x<k>` running k experts at once
     tile: int | None = None  # stored tile-major: each (rows, N) tensor as (N / tile, rows, tile)
     dot: bool = False  # tiles dot-interleaved for integer dot products; activations rounded to int8 per 32 inputs
+    # An expert's place in a resident layer's pool (n_experts slots of slot_bytes, expert e at
+    # e * slot_bytes): each param's byte offset in the slot. Empty: no resident layer uses it.
+    slot_offsets: list[int] = field(default_factory=list)
+    slot_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,11 @@ class MoELayer:
     experts: list[Expert]
     shared: list[SharedExpert] = field(default_factory=list)
     fallback: Expert | None = None  # dense stand-in (mean of the experts) for the "dense" policy
+    # A function of the experts' workload library running the whole layer for one token when all
+    # its experts are loaded in one pool: (x (1, d), scores (1, n_experts) from the router, pool
+    # (n_experts * slot_bytes,) uint8) -> (1, d); top-k, weights, the k experts and their
+    # weighted sum in one call, so no routing decision crosses to the host.
+    resident_function: str | None = None
 
 
 @dataclass(frozen=True)
@@ -345,6 +356,8 @@ def _check_consistency(m: Manifest) -> None:
             if e.weight_bytes != workload_bytes[e.workload] or e.file.size < e.weight_bytes:
                 raise ArtifactError(f"{MANIFEST_NAME}: expert {e.file.path}: {e.weight_bytes} weight bytes in a "
                                     f"{e.file.size}-byte file, its workload's tensors take {workload_bytes[e.workload]}")
+        if layer.resident_function is not None:
+            _check_resident(layer, m.workload(layer.experts[0].workload) if layer.experts else None, libs)
     layers = {layer.layer for layer in m.moe_layers}
     for step in m.program:
         if step.op == "moe":
@@ -355,6 +368,40 @@ def _check_consistency(m: Manifest) -> None:
                 raise ArtifactError(f"{MANIFEST_NAME}: segment {step.name} is not in a library")
         else:
             raise ArtifactError(f"{MANIFEST_NAME}: unknown program op {step.op!r}")
+
+
+def _check_resident(layer: MoELayer, w: Workload | None, libs: dict) -> None:
+    """A resident layer: every expert 0..n-1 of one workload, whose slot layout holds each param
+    aligned and apart, a learned router, no shared experts, and its function in the library."""
+    where = f"{MANIFEST_NAME}: layer {layer.layer}: resident function {layer.resident_function!r}"
+    r = layer.router
+    if w is None or sorted(e.index for e in layer.experts) != list(range(r.n_experts)) \
+            or any(e.workload != w.id for e in layer.experts):
+        raise ArtifactError(f"{where} needs all {r.n_experts} experts, of one workload")
+    if r.mode != "learned" or layer.shared or r.n_groups > 1 or r.selection_bias is not None:
+        raise ArtifactError(f"{where} covers learned plain top-k routing without shared experts only")
+    if w.library not in libs or layer.resident_function not in libs[w.library].functions:
+        raise ArtifactError(f"{where} is not in library {w.library}")
+    end = 0
+    if len(w.slot_offsets) != len(w.params) or not _positive_int(w.slot_bytes) or w.slot_bytes % SLOT_ALIGN:
+        raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id}: no usable slot layout for resident layers")
+    for offset, t in zip(w.slot_offsets, w.params):
+        if type(offset) is not int or offset < end or offset % SLOT_ALIGN:
+            raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id}: slot offset {offset!r} of {t.name} overlaps or "
+                                f"is not a multiple of {SLOT_ALIGN}")
+        end = offset + _tensor_bytes(t, f"workload {w.id}")
+    if end > w.slot_bytes:
+        raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id}: its tensors take {end} bytes, more than its "
+                            f"{w.slot_bytes}-byte slot")
+
+
+def slot_layout(params: list[TensorSpec]) -> tuple[list[int], int]:
+    """(byte offset of each tensor, slot bytes): the tensors in order, each at a multiple of SLOT_ALIGN."""
+    offsets, end = [], 0
+    for t in params:
+        offsets.append(-(-end // SLOT_ALIGN) * SLOT_ALIGN)
+        end = offsets[-1] + _tensor_bytes(t, t.name)
+    return offsets, -(-end // SLOT_ALIGN) * SLOT_ALIGN
 
 
 def _tensor_bytes(t: TensorSpec, where: str) -> int:

@@ -266,7 +266,7 @@ def print_run_report(report: dict, fallback: str = "error") -> None:
     click.echo(f"time split            segments {t['segments']:.1f} ms  routing {t['routing']:.1f} ms  "
                f"experts {t['experts']:.1f} ms (incl. loads)")
     if report.get("outside_compiled_share") is not None:
-        click.echo(f"outside compiled code {report['outside_compiled_share']:.0%} of run time "
+        click.echo(f"outside compiled code {report['outside_compiled_share']:.0%} of decode time "
                    f"({report['compiled_calls']} calls into compiled functions)")
     p = report["prefetch"]
     if p["enabled"]:

@@ -48,6 +48,8 @@ class Timings:
     token_latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     prefill: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     decode_tokens: int = 0
+    decode_seconds: float = 0.0  # generate's decode steps...
+    decode_calls: float = 0.0  # ...and the part of them inside compiled functions
 
 
 def load_model(path: str | Path, cache_budget: int | float | str = "100%", verify: bool = True, *,
@@ -60,9 +62,10 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
     prefetch: a background thread loads each next layer's predicted experts (the next router
     applied to this layer's input) while this layer computes.
     preload: fraction of the experts, hottest first by the artifact's usage profile, loaded and
-    pinned at start (within the budget); "auto" (default): the hottest experts that fit in
-    DEFAULT_PIN_FRACTION of the budget (none without a usage profile), the policy that scored
-    best in the cache studies (runtime/simulator.py).
+    pinned at start (within the budget); "auto" (default): every expert when the budget holds
+    them all and the artifact has resident layers (decode then routes and runs each such layer
+    in one call), else the hottest experts that fit in DEFAULT_PIN_FRACTION of the budget (none
+    without a usage profile), the policy that scored best in the cache studies (runtime/simulator.py).
     storage_mbps: throttle expert reads to this many MB/s (to study slow storage such as an SD card).
     fallback: when an expert cannot be loaded at run time (I/O error, vanished or altered file):
     "error" (default: raise, never a silently wrong result), "skip" (renormalise each token over
@@ -96,7 +99,9 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
                          f"(compile it with --dense-fallback, or use fallback 'skip')")
     model = MoEModel(root, manifest, cache_budget, prefetch=prefetch, storage_mbps=storage_mbps, fallback=fallback,
                      verify=verify)
-    if preload == "auto":
+    if preload == "auto" and model._pools:  # everything fits: load it all, so decode runs resident
+        model.preload_hot(1.0)
+    elif preload == "auto":
         model.preload_hot_within(DEFAULT_PIN_FRACTION * model.cache.budget)
     elif preload:
         model.preload_hot(preload)
@@ -134,6 +139,18 @@ class MoEModel:
         largest = max(e.weight_bytes for e in self._experts.values())
         if budget < largest:
             raise InputError(f"cache budget {budget} bytes is below one expert ({largest} bytes)")
+        # Resident layers: with every expert within the budget (nothing is ever evicted) and load
+        # failures fatal, each layer whose artifact has a resident function keeps its experts in
+        # one pool (its workload's slot layout), loaded into place; a decode step then runs the
+        # layer in one call (router scores in, output out) once all its experts are in.
+        self._pools: dict[int, tuple] = {}  # layer -> (pool tensor, workload)
+        if budget >= self.total_expert_bytes and fallback == "error":
+            for layer in manifest.moe_layers:
+                if layer.resident_function is not None:
+                    w = manifest.workload(layer.experts[0].workload)
+                    pool = tvm.runtime.empty((layer.router.n_experts * w.slot_bytes,), "uint8", self.device)
+                    self._pools[layer.layer] = (pool, w)
+        self.resident_calls = 0  # layer calls that took the resident function
         self.cache = ExpertCache(budget, self._load_expert)
         self.timings = Timings()
         self._timing_lock = threading.Lock()
@@ -161,6 +178,10 @@ class MoEModel:
         positions = inputs.get("positions")
         where = {"tokens": None if tokens is None else np.asarray(tokens).ravel(),
                  "positions": None if positions is None else np.asarray(positions).ravel()}
+        # A decode step with every expert loaded: resident layers run as one call each (the
+        # shortest host path: no routing decision, cache lookup or timing lock per layer).
+        resident = self.resident and self.recorder is None and where["positions"] is not None \
+            and where["positions"].size == 1
         for step in self.manifest.program:
             t0 = time.perf_counter()
             if step.op == "segment":
@@ -169,7 +190,9 @@ class MoEModel:
                     raise ArtifactError(f"segments:{step.name}: returns {len(results)} values, the manifest "
                                         f"names {len(step.outputs)}")
                 env.update(zip(step.outputs, results))
-                self._add_time("segments", time.perf_counter() - t0)
+                self.timings.segments += time.perf_counter() - t0
+            elif resident and step.layer in self._pools:
+                env[step.outputs[0]] = self._resident_layer(step.layer, env[step.inputs[0]])
             else:  # hidden states stay on the device; only routing decisions come to the host
                 x = env[step.inputs[0]]
                 rows = x._create_view((int(np.prod(x.shape[:-1])), x.shape[-1]))
@@ -188,6 +211,9 @@ class MoEModel:
         on_device = isinstance(x, tvm.runtime.Tensor)
         xt = x if on_device else tvm.runtime.tensor(x, self.device)
         n = xt.shape[0]
+        if n == 1 and index in self._pools and self.recorder is None and self.resident:
+            out = self._resident_layer(index, xt)
+            return out if on_device else out.numpy()
         where = where if where and where.get("positions") is not None else {"tokens": None, "positions": np.arange(n)}
         indices, weights = self._route(layer, xt, where)
         t_routed = time.perf_counter()
@@ -217,6 +243,28 @@ class MoEModel:
         self._add_time("lookahead", t1 - t_routed)
         self._add_time("experts", time.perf_counter() - t1)
         return out
+
+    def _resident_layer(self, index: int, x):
+        """One token through a resident layer: router scores, then the layer's one call. x is
+        (1, d) or (1, 1, d), the result of the same shape."""
+        layer = self._layers[index]
+        pool, workload = self._pools[index]
+        row = x if len(x.shape) == 2 else x._create_view((1, x.shape[-1]))
+        t0 = time.perf_counter()
+        scores = self._call(layer.router.library, layer.router.function, row)
+        t1 = time.perf_counter()
+        out = self._call(workload.library, layer.resident_function, row, scores, pool)
+        self.timings.routing += t1 - t0
+        self.timings.experts += time.perf_counter() - t1
+        self.resident_calls += 1
+        self.cache.stats.hits += layer.router.top_k  # every expert a token uses is loaded
+        return out if row is x else out._create_view(x.shape)
+
+    @property
+    def resident(self) -> bool:
+        """Whether decode steps run the resident layers in one call: pools exist and every
+        expert is loaded (a full budget never evicts, so this stays true once reached)."""
+        return bool(self._pools) and self.cache.stats.resident_bytes >= self.total_expert_bytes
 
     def _grouped_experts(self, index: int, x: np.ndarray, xt, indices: np.ndarray, weights: np.ndarray,
                          order) -> np.ndarray:
@@ -321,6 +369,8 @@ class MoEModel:
             if old is None or new is None or old.file.sha256 != new.file.sha256 or old.workload != new.workload:
                 continue
             value = previous.cache.get(key)
+            if isinstance(key[1], int) and key[0] in self._pools:  # into this model's pool, not a view of the old one
+                value = self._into_slot(key, {spec.name: v for spec, v in zip(self.manifest.workload(new.workload).params, value)})
             with self.cache._lock:
                 if key not in self.cache._entries and self.cache._insert(key, value, new.weight_bytes,
                                                                           prefetched=False, protected=()):
@@ -374,9 +424,23 @@ class MoEModel:
         return self._call(workload.library, workload.function, x, *weights).numpy()
 
     def _call(self, library: str, function: str, *args):
-        vms = getattr(self._thread, "vms", None)
-        if vms is None:
-            vms = self._thread.vms = {}
+        fn = self._thread.__dict__.get((library, function)) or self._function(library, function)
+        t0 = time.perf_counter()
+        try:
+            result = fn(*args)
+        except (tvm.error.InternalError, ValueError, TypeError, RuntimeError) as e:
+            # Inputs were validated before this point: a failing call means the manifest and
+            # the library disagree (argument count, shapes or dtypes).
+            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{library}:{function}: call failed, the manifest does not match the library ({first})") from None
+        self.timings.calls += time.perf_counter() - t0
+        self.timings.call_count += 1
+        return result
+
+    def _function(self, library: str, function: str):
+        """This thread's handle on a compiled function (kept: a lookup per call costs more than
+        many kernels at decode)."""
+        vms = self._thread.__dict__.setdefault("vms", {})
         if library not in vms:
             # Naive allocator on the CPU: the pooled one keeps a buffer of every size it has seen,
             # and each new past length is a new size (~0.2 MB per decoded token, never reused);
@@ -387,28 +451,36 @@ class MoEModel:
             fn = vms[library][function]
         except AttributeError:
             raise ArtifactError(f"{library}: the library has no function {function!r} the manifest names") from None
-        t0 = time.perf_counter()
-        try:
-            result = fn(*args)
-            self.timings.calls += time.perf_counter() - t0
-            self.timings.call_count += 1
-            return result
-        except (tvm.error.InternalError, ValueError, TypeError, RuntimeError) as e:
-            # Inputs were validated before this point: a failing call means the manifest and
-            # the library disagree (argument count, shapes or dtypes).
-            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise ArtifactError(f"{library}:{function}: call failed, the manifest does not match the library ({first})") from None
+        self._thread.__dict__[(library, function)] = fn
+        return fn
 
     def _load_expert(self, key) -> tuple[list, int]:
         """Read, verify and upload one expert's weights (the cache's loader)."""
         expert: Expert = self._experts[key]
         if self.storage_mbps:
             time.sleep(expert.file.size / (self.storage_mbps * 1e6))
-        tensors = self._load_tensors(expert.file, self.manifest.workload(expert.workload).params)
+        workload = self.manifest.workload(expert.workload)
+        if isinstance(key[1], int) and key[0] in self._pools:
+            return self._into_slot(key, self._read_tensors(expert.file, workload.params)), expert.weight_bytes
+        tensors = self._load_tensors(expert.file, workload.params)
         return list(tensors.values()), expert.weight_bytes
+
+    def _into_slot(self, key, tensors: dict) -> list:
+        """Write one expert's tensors into its slot of the layer's pool; their views there."""
+        pool, workload = self._pools[key[0]]
+        views = []
+        for spec, offset in zip(workload.params, workload.slot_offsets):
+            view = pool._create_view(spec.shape, spec.dtype, key[1] * workload.slot_bytes + offset)
+            view.copyfrom(tensors[spec.name])
+            views.append(view)
+        return views
 
     def _load_tensors(self, ref, specs) -> dict[str, tvm.runtime.Tensor]:
         """The tensors `specs` of one safetensors file, read once, verified, on the device."""
+        return {name: tvm.runtime.tensor(array, self.device) for name, array in self._read_tensors(ref, specs).items()}
+
+    def _read_tensors(self, ref, specs) -> dict[str, np.ndarray]:
+        """The arrays `specs` of one safetensors file, read once and verified."""
         data = read_verified(self.root, ref, self.verify)  # also catches files changed after load
         from safetensors.numpy import load
 
@@ -423,7 +495,7 @@ class MoEModel:
             if array is None or list(array.shape) != spec.shape or str(array.dtype) != spec.dtype:
                 got = None if array is None else f"{array.dtype}{list(array.shape)}"
                 raise ArtifactError(f"{ref.path}: tensor {spec.name} is {got}, expected {spec.dtype}{spec.shape}")
-            out[spec.name] = tvm.runtime.tensor(array, self.device)
+            out[spec.name] = array
         return out
 
     def _add_time(self, what: str, seconds: float) -> None:
@@ -536,14 +608,17 @@ class MoEModel:
             new.append(int(np.argmax(logits[0, -1])))
             if len(new) == max_new_tokens:
                 break
-            t0 = time.perf_counter()
+            t0, in_calls = time.perf_counter(), self.timings.calls
             logits, cache = self._lm_step(np.array([[new[-1]]], dtype=np.int64), cache)
-            self.timings.token_latencies.append(time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            self.timings.token_latencies.append(took)
             self.timings.decode_tokens += 1
+            self.timings.decode_seconds += took
+            self.timings.decode_calls += self.timings.calls - in_calls
         return new
 
     def stats(self) -> dict:
-        c = self.cache.stats
+        c, t = self.cache.stats, self.timings
         lat = np.array(self.timings.token_latencies) * 1e3
         pct = {f"p{q}": (float(np.percentile(lat, q)) if lat.size else None) for q in (50, 95, 99)}
         prefetch = {
@@ -580,9 +655,12 @@ class MoEModel:
             "prefill_ms": [t * 1e3 for t in self.timings.prefill],
             "time_ms": {k: getattr(self.timings, k) * 1e3 for k in ("segments", "routing", "lookahead", "experts")},
             # The host's share: everything a step does outside compiled code (Python dispatch,
-            # routing decisions, cache bookkeeping, conversions), over all steps.
+            # routing decisions, cache bookkeeping, conversions), over the decode steps (over all
+            # steps when nothing was decoded).
             "compiled_calls": self.timings.call_count,
-            "outside_compiled_share": (1 - self.timings.calls / self.timings.steps) if self.timings.steps else None,
+            "resident_layer_calls": self.resident_calls,
+            "outside_compiled_share": (1 - t.decode_calls / t.decode_seconds) if t.decode_seconds else
+                                      (1 - t.calls / t.steps) if t.steps else None,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
 

@@ -566,7 +566,7 @@ def print_table(rows: list[dict], models: dict, bandwidth: float, depths: list[i
           f"of {DEPTH_NEW} tokens after a D-token context. vs llama = moetvm/llama.cpp at the same bits "
           f"(fp32~f32, int8~q8_0, int4~q4_0); vs torch = moetvm/PyTorch eager fp32. MB/tok: weights read per "
           f"decode token (dense + top-k experts); floor = MB/tok / read bandwidth "
-          f"({bandwidth / 1e9:.1f} GB/s, one thread streaming an array). host %: moetvm's share of run time spent "
+          f"({bandwidth / 1e9:.1f} GB/s, one thread streaming an array). host %: moetvm's share of decode time spent "
           f"outside compiled code (Python dispatch, routing decisions, cache bookkeeping)."
           + (" *: llama.cpp's repacked CPU kernels crashed in "
              + " and ".join(sorted({w for r in rows for w in r.get("repack_off", [])}))

@@ -144,12 +144,15 @@ def test_quantized_artifact_on_board_matches_host(board, reference_model, heldou
     a72 = compile_model(reference_model, target="cortex-a72", out=tmp_path / "a72", **options)
     tokens = heldout_tokens[7000:7020][None]
     out = tmp_path / "logits.npy"
-    proc = subprocess.run([board, "-c", BOARD_SCRIPT, a72, "50%", json.dumps(tokens.tolist()), out],
+    # A full budget: the board decodes through the resident layers (one call per MoE layer).
+    proc = subprocess.run([board, "-c", BOARD_SCRIPT, a72, "100%", json.dumps(tokens.tolist()), out],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     host_logits = load_model(host)(tokens)
     assert relative_error(np.load(out), host_logits) < 1e-4
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["new"] == load_model(host).generate(tokens[0], 32)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["stats"]["resident_layer_calls"] == 31 * 4  # 31 decode steps, 4 MoE layers
+    assert result["new"] == load_model(host).generate(tokens[0], 32)
 
 
 def test_tune_on_board_through_tracker_then_cross_compile(board, tracker, reference_model, heldout_tokens, tmp_path):

@@ -1,0 +1,121 @@
+"""Resident MoE layers (issue 14): with every expert loaded, a decode step runs each layer in one
+compiled call (top-k, weights, the k experts, their sum), so no routing decision crosses to the
+host. It must compute what the host path computes, and never read outside its pool."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from moetvm.artifact import Router, TensorSpec, read_manifest, slot_layout
+from moetvm.compiler import compile_model
+from moetvm.compiler import quant
+from moetvm.compiler.lowering import relax_pipeline, tvm_target
+from moetvm.routing import select_experts
+from moetvm.runtime import load_model
+from moetvm.runtime.model import KVCache
+from moetvm.targets import get_target
+
+from conftest import relative_error
+
+
+def _steps(model, tokens):
+    """Logits of a prompt then teacher-forced decode steps, one array per step."""
+    cache = KVCache.empty(model.manifest, 1)
+    logits, cache = model._lm_step(tokens[None, :8], cache)
+    out = [logits[0, -1]]
+    for t in tokens[8:]:
+        logits, cache = model._lm_step(np.array([[t]]), cache)
+        out.append(logits[0, -1])
+    return out
+
+
+@pytest.fixture(scope="module")
+def int4_artifact(tmp_path_factory, reference_model):
+    return compile_model(reference_model, out=tmp_path_factory.mktemp("int4") / "a", quant="int4", progress=False)
+
+
+@pytest.mark.parametrize("which", ["fp32", "int4"])
+def test_resident_layers_compute_what_the_host_path_computes(which, reference_artifact, int4_artifact, heldout_tokens):
+    art = reference_artifact if which == "fp32" else int4_artifact
+    m = read_manifest(art)
+    assert all(layer.resident_function for layer in m.moe_layers)
+    resident = load_model(art, cache_budget="100%")
+    host = load_model(art, cache_budget=m.cache_bytes - 1)  # one byte short of all: the host path
+    assert resident.resident and not host._pools
+    tokens = heldout_tokens[5000:5040]
+    a, b = _steps(resident, tokens), _steps(host, tokens)
+    assert max(relative_error(x, y) for x, y in zip(a, b)) < 1e-5
+    assert [x.argmax() for x in a] == [y.argmax() for y in b]
+    steps, layers = len(tokens) - 8, len(m.moe_layers)
+    stats = resident.stats()
+    assert stats["resident_layer_calls"] == steps * layers and host.stats()["resident_layer_calls"] == 0
+    n_experts = sum(len(layer.experts) for layer in m.moe_layers)
+    assert stats["hit_rate"] == 1.0 and stats["preloaded"] == n_experts and stats["expert_loads"] == 0
+    # One decode step: the segments, and two calls per MoE layer (router scores, the resident layer).
+    cache = KVCache.empty(m, 1)
+    _, cache = resident._lm_step(tokens[None, :8], cache)
+    before = resident.timings.call_count
+    resident._lm_step(tokens[None, 8:9], cache)
+    assert resident.timings.call_count - before == sum(step.op == "segment" for step in m.program) + 2 * layers
+
+
+def _resident_module(n_experts: int, top_k: int, normalize: bool, scaling: float, d: int = 64, d_ff: int = 128):
+    s = quant.Scheme("fp32", tile=64)
+    params = [TensorSpec(n, list(shape), dtype) for n, shape, dtype in quant.swiglu_params(d, d_ff, s)]
+    offsets, slot_bytes = slot_layout(params)
+    routing = quant.ResidentRouting("layer", n_experts, top_k, normalize, scaling)
+    mod = quant.swiglu_module(d, d_ff, s, "expert", (top_k,), resident=(routing,), slot=(offsets, slot_bytes))
+    target = tvm_target(get_target("host"))
+    vm = relax.VirtualMachine(tvm.compile(relax.transform.ConvertToDataflow()(mod), target,
+                                          relax_pipeline=relax_pipeline(target)), tvm.cpu())
+    rng = np.random.default_rng(n_experts)
+    experts = [quant.quantize_expert(quant.kernel_layout(*(rng.standard_normal(shape).astype(np.float32) * 0.1
+                                                           for shape in ((d_ff, d), (d_ff, d), (d, d_ff)))), s)
+               for _ in range(n_experts)]
+    pool = np.zeros(n_experts * slot_bytes, np.uint8)
+    for e, tensors in enumerate(experts):
+        for spec, offset in zip(params, offsets):
+            raw = tensors[spec.name].tobytes()
+            pool[e * slot_bytes + offset: e * slot_bytes + offset + len(raw)] = np.frombuffer(raw, np.uint8)
+    return vm, experts, tvm.runtime.tensor(pool), s
+
+
+def _host_layer(x, scores, experts, router: Router, vm) -> np.ndarray:
+    """The host path: select_experts, then the k experts' own kernels, summed in expert order."""
+    indices, weights = select_experts(scores, router)
+    out = np.zeros_like(x)
+    for j in np.argsort(indices[0], kind="stable"):
+        tensors = experts[indices[0, j]]
+        y = vm["expert"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(tensors[n]) for n in ("w_gate", "w_up", "w_down")])
+        out += y.numpy() * weights[0, j]
+    return out
+
+
+@pytest.mark.parametrize("normalize, scaling", [(True, 1.0), (False, 2.5)])
+def test_resident_top_k_selects_and_weights_as_the_host_does(normalize, scaling):
+    n, k = 8, 3
+    vm, experts, pool, _ = _resident_module(n, k, normalize, scaling)
+    router = Router(library="", function="", n_experts=n, top_k=k, score_fn="softmax", normalize=normalize, scaling=scaling)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    cases = {
+        "random": rng.dirichlet(np.ones(n)).astype(np.float32)[None],
+        "all tied": np.full((1, n), 1 / n, np.float32),  # the lowest indices win, as np.argsort(stable) picks
+        "tie at the cut": np.array([[0.1, 0.3, 0.2, 0.05, 0.2, 0.05, 0.05, 0.05]], np.float32),
+    }
+    for name, scores in cases.items():
+        got = vm["layer"](tvm.runtime.tensor(x), tvm.runtime.tensor(scores), pool).numpy()
+        want = _host_layer(x, scores, experts, router, vm)
+        assert relative_error(got, want) < 1e-6, name
+
+
+def test_resident_layer_stays_in_its_pool_whatever_the_scores():
+    """NaN and infinite scores still choose k distinct experts in range: every view is inside the
+    pool (TVM refuses an out-of-bounds view, so a wrong index would raise here)."""
+    vm, _, pool, _ = _resident_module(8, 3, True, 1.0)
+    x = tvm.runtime.tensor(np.ones((1, 64), np.float32))
+    for scores in ([np.nan] * 8, [-np.inf] * 8, [np.inf, np.nan, -np.inf, 0, 0, np.nan, 1, np.inf]):
+        vm["layer"](x, tvm.runtime.tensor(np.array([scores], np.float32)), pool)
+    with pytest.raises(Exception):  # a pool of the wrong size is refused by the function's signature
+        vm["layer"](x, tvm.runtime.tensor(np.zeros((1, 8), np.float32)), tvm.runtime.tensor(np.zeros(64, np.uint8)))
