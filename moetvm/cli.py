@@ -220,6 +220,15 @@ def export_onnx(directory, source, shape, tolerance):
     sys.exit(0 if worst <= tolerance else 1)
 
 
+def _without_torch() -> None:
+    """Serving commands need no torch, but tvm_ffi imports it whenever it is installed (a
+    workaround for a symbol clash elsewhere): on a workstation that is ~300 MB of resident memory
+    and seconds of start-up that a board, which has no torch, never pays. Unless something has
+    already imported it, this process does without (an import of torch raises ImportError)."""
+    if "torch" not in sys.modules and "tvm" not in sys.modules:
+        sys.modules["torch"] = None
+
+
 def _load(directory: Path, cache_budget: str, **options):
     from moetvm.runtime import load_model
 
@@ -300,6 +309,7 @@ def print_run_report(report: dict, fallback: str = "error") -> None:
 def run(directory, prompt, token_ids, max_new_tokens, cache_budget, prefetch, preload, storage_mbps, fallback,
         trusted_keys, as_json):
     """Generate from a compiled LM artifact (greedy) and report cache and latency stats."""
+    _without_torch()
     prompt_ids = _prompt_ids(prompt, token_ids)
     if preload != "auto":
         try:
@@ -364,6 +374,7 @@ def deploy(directory, rpc_addr, tracker, key, prompt, max_new_tokens, cache_budg
 def trace(directory, text, out, max_tokens, window):
     """Record a routing trace: decode TEXT token by token (teacher-forced) and log, per token
     and MoE layer, the chosen experts, their weights and the lookahead predictions."""
+    _without_torch()
     import numpy as np
 
     from moetvm.runtime.model import KVCache
