@@ -4,13 +4,14 @@ and `targets` work on a board that has only the runtime installed."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import click
 
-from moetvm.artifact import ArtifactError
+from moetvm.artifact import ArtifactError, read_manifest
 from moetvm.errors import MoetvmError, one_line
 
 
@@ -220,13 +221,22 @@ def export_onnx(directory, source, shape, tolerance):
     sys.exit(0 if worst <= tolerance else 1)
 
 
-def _without_torch() -> None:
-    """Serving commands need no torch, but tvm_ffi imports it whenever it is installed (a
-    workaround for a symbol clash elsewhere): on a workstation that is ~300 MB of resident memory
-    and seconds of start-up that a board, which has no torch, never pays. Unless something has
-    already imported it, this process does without (an import of torch raises ImportError)."""
-    if "torch" not in sys.modules and "tvm" not in sys.modules:
-        sys.modules["torch"] = None
+def _runtime_only(directory: Path) -> None:
+    """`run` and `trace` need neither torch nor TVM's compiler, and a board has neither, but
+    tvm_ffi imports torch whenever it is installed (~300 MB of RSS, seconds of start-up) and
+    `import tvm` loads the compiler library (~110 MB). Unless something imported them already,
+    this process does without: an import of torch raises ImportError, and for a CPU artifact TVM
+    loads only its runtime library (a CUDA artifact keeps the full one, which brings TVM's CUDA
+    runtime with it)."""
+    if "tvm" in sys.modules:
+        return
+    sys.modules.setdefault("torch", None)
+    try:
+        device = read_manifest(directory).target.get("device", "cpu")
+    except ArtifactError:
+        return  # load_model reports it
+    if device == "cpu":
+        os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
 
 
 def _load(directory: Path, cache_budget: str, **options):
@@ -309,7 +319,7 @@ def print_run_report(report: dict, fallback: str = "error") -> None:
 def run(directory, prompt, token_ids, max_new_tokens, cache_budget, prefetch, preload, storage_mbps, fallback,
         trusted_keys, as_json):
     """Generate from a compiled LM artifact (greedy) and report cache and latency stats."""
-    _without_torch()
+    _runtime_only(directory)
     prompt_ids = _prompt_ids(prompt, token_ids)
     if preload != "auto":
         try:
@@ -374,7 +384,7 @@ def deploy(directory, rpc_addr, tracker, key, prompt, max_new_tokens, cache_budg
 def trace(directory, text, out, max_tokens, window):
     """Record a routing trace: decode TEXT token by token (teacher-forced) and log, per token
     and MoE layer, the chosen experts, their weights and the lookahead predictions."""
-    _without_torch()
+    _runtime_only(directory)
     import numpy as np
 
     from moetvm.runtime.model import KVCache
