@@ -27,6 +27,7 @@ from moetvm.artifact import (
     WeightFile,
     Workload,
     file_ref,
+    plain_top_k,
     slot_layout,
 )
 from moetvm.budget import parse_budget
@@ -393,9 +394,10 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: DeployTarget,
         params = [TensorSpec(name=n, shape=list(shape), dtype=dtype)
                   for n, shape, dtype in quantization.swiglu_params(d_model, d_ff, sch)]
         # One resident function per distinct routing among the layers of this workload.
-        signatures = sorted({_routing_signature(routers[li]) for li, wkey in resident_keys.items() if wkey == key})
+        layer_routing = {li: _routing_signature(routers[li]) for li, wkey in resident_keys.items() if wkey == key}
+        signatures = sorted(set(layer_routing.values()))
         names = {sig: f"{fn}_resident{j}" for j, sig in enumerate(signatures)}
-        resident.update({li: names[_routing_signature(routers[li])] for li, wkey in resident_keys.items() if wkey == key})
+        resident.update({li: names[sig] for li, sig in layer_routing.items()})
         resident_routing[key] = [quantization.ResidentRouting(names[sig], *sig) for sig in signatures]
         offsets, slot_bytes = slot_layout(params) if signatures else ([], 0)
         entries[key] = Workload(
@@ -415,8 +417,7 @@ def _resident_layers(specs, plan: dict, routers: list[Router], target: DeployTar
     out = {}
     for li, (spec, r) in enumerate(zip(specs, routers)):
         keys = {(e.kind, e.d_model, e.d_ff, plan[(li, ei)]) for ei, e in enumerate(spec.experts)}
-        if (target.cpu and len(keys) == 1 and next(iter(keys))[3].tile and r.mode == "learned" and not r.masked
-                and not spec.shared and r.n_groups == 1 and r.selection_bias is None):
+        if target.cpu and len(keys) == 1 and next(iter(keys))[3].tile and plain_top_k(r) and not spec.shared:
             out[li] = next(iter(keys))
     return out
 

@@ -378,7 +378,7 @@ def _check_resident(layer: MoELayer, w: Workload | None, libs: dict) -> None:
     if w is None or sorted(e.index for e in layer.experts) != list(range(r.n_experts)) \
             or any(e.workload != w.id for e in layer.experts):
         raise ArtifactError(f"{where} needs all {r.n_experts} experts, of one workload")
-    if r.mode != "learned" or layer.shared or r.n_groups > 1 or r.selection_bias is not None:
+    if not plain_top_k(r) or layer.shared:
         raise ArtifactError(f"{where} covers learned plain top-k routing without shared experts only")
     if w.library not in libs or layer.resident_function not in libs[w.library].functions:
         raise ArtifactError(f"{where} is not in library {w.library}")
@@ -393,6 +393,12 @@ def _check_resident(layer: MoELayer, w: Workload | None, libs: dict) -> None:
     if end > w.slot_bytes:
         raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id}: its tensors take {end} bytes, more than its "
                             f"{w.slot_bytes}-byte slot")
+
+
+def plain_top_k(r: Router) -> bool:
+    """Learned routing that is a plain top-k of the scores (no groups, selection bias or masked
+    experts): what a resident layer's compiled top-k computes."""
+    return r.mode == "learned" and r.n_groups == 1 and r.selection_bias is None and not r.masked
 
 
 def slot_layout(params: list[TensorSpec]) -> tuple[list[int], int]:

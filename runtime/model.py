@@ -424,7 +424,7 @@ class MoEModel:
         return self._call(workload.library, workload.function, x, *weights).numpy()
 
     def _call(self, library: str, function: str, *args):
-        fn = self._thread.__dict__.get((library, function)) or self._function(library, function)
+        fn = self._thread.__dict__.get("functions", {}).get((library, function)) or self._function(library, function)
         t0 = time.perf_counter()
         try:
             result = fn(*args)
@@ -451,7 +451,7 @@ class MoEModel:
             fn = vms[library][function]
         except AttributeError:
             raise ArtifactError(f"{library}: the library has no function {function!r} the manifest names") from None
-        self._thread.__dict__[(library, function)] = fn
+        self._thread.__dict__.setdefault("functions", {})[(library, function)] = fn
         return fn
 
     def _load_expert(self, key) -> tuple[list, int]:
@@ -618,7 +618,7 @@ class MoEModel:
         return new
 
     def stats(self) -> dict:
-        c, t = self.cache.stats, self.timings
+        c, timings = self.cache.stats, self.timings
         lat = np.array(self.timings.token_latencies) * 1e3
         pct = {f"p{q}": (float(np.percentile(lat, q)) if lat.size else None) for q in (50, 95, 99)}
         prefetch = {
@@ -659,8 +659,8 @@ class MoEModel:
             # steps when nothing was decoded).
             "compiled_calls": self.timings.call_count,
             "resident_layer_calls": self.resident_calls,
-            "outside_compiled_share": (1 - t.decode_calls / t.decode_seconds) if t.decode_seconds else
-                                      (1 - t.calls / t.steps) if t.steps else None,
+            "outside_compiled_share": (1 - timings.decode_calls / timings.decode_seconds) if timings.decode_seconds else
+                                      (1 - timings.calls / timings.steps) if timings.steps else None,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
 

@@ -78,7 +78,7 @@ def _resident_module(n_experts: int, top_k: int, normalize: bool, scaling: float
         for spec, offset in zip(params, offsets):
             raw = tensors[spec.name].tobytes()
             pool[e * slot_bytes + offset: e * slot_bytes + offset + len(raw)] = np.frombuffer(raw, np.uint8)
-    return vm, experts, tvm.runtime.tensor(pool), s
+    return vm, experts, tvm.runtime.tensor(pool)
 
 
 def _host_layer(x, scores, experts, router: Router, vm) -> np.ndarray:
@@ -95,7 +95,7 @@ def _host_layer(x, scores, experts, router: Router, vm) -> np.ndarray:
 @pytest.mark.parametrize("normalize, scaling", [(True, 1.0), (False, 2.5)])
 def test_resident_top_k_selects_and_weights_as_the_host_does(normalize, scaling):
     n, k = 8, 3
-    vm, experts, pool, _ = _resident_module(n, k, normalize, scaling)
+    vm, experts, pool = _resident_module(n, k, normalize, scaling)
     router = Router(library="", function="", n_experts=n, top_k=k, score_fn="softmax", normalize=normalize, scaling=scaling)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((1, 64)).astype(np.float32)
@@ -113,7 +113,7 @@ def test_resident_top_k_selects_and_weights_as_the_host_does(normalize, scaling)
 def test_resident_layer_stays_in_its_pool_whatever_the_scores():
     """NaN and infinite scores still choose k distinct experts in range: every view is inside the
     pool (TVM refuses an out-of-bounds view, so a wrong index would raise here)."""
-    vm, _, pool, _ = _resident_module(8, 3, True, 1.0)
+    vm, _, pool = _resident_module(8, 3, True, 1.0)
     x = tvm.runtime.tensor(np.ones((1, 64), np.float32))
     for scores in ([np.nan] * 8, [-np.inf] * 8, [np.inf, np.nan, -np.inf, 0, 0, np.nan, 1, np.inf]):
         vm["layer"](x, tvm.runtime.tensor(np.array([scores], np.float32)), pool)
