@@ -22,6 +22,7 @@ from moetvm.artifact import (ArtifactError, Expert, Manifest, MoELayer, check_fi
                              kv_cache, kv_shapes, read_manifest, read_verified)
 
 from .cache import DEFAULT_PIN_FRACTION, ExpertCache, parse_budget
+from .host_memory import host_arrays
 from moetvm.routing import FIXED_MODES, FixedPattern, allowed_experts, group_by_expert, route
 
 
@@ -119,11 +120,12 @@ class MoEModel:
         self.prefetch_enabled, self.storage_mbps = prefetch, storage_mbps
         self.recorder = None  # a TraceRecorder while recording routing traces
         self.device = tvm.device(manifest.target.get("device", "cpu"))
+        self._on_cpu = self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
         self._modules = {lib.name: _load_library(root, lib, verify) for lib in manifest.libraries}
         # The dense part's weights, resident for the model's life (the segments take them as inputs).
         self._weights: dict[str, tvm.runtime.Tensor] = {}
         for weight_file in manifest.weights:
-            self._weights.update(self._load_tensors(weight_file.file, weight_file.tensors))
+            self._weights.update(self._load_dense(weight_file))
         # A TVM VirtualMachine keeps per-call state: each thread gets its own over the shared modules.
         self._thread = threading.local()
         self._layers = {layer.layer: layer for layer in manifest.moe_layers}
@@ -145,11 +147,10 @@ class MoEModel:
         # layer in one call (router scores in, output out) once all its experts are in.
         self._pools: dict[int, tuple] = {}  # layer -> (pool tensor, workload)
         if budget >= self.total_expert_bytes and fallback == "error":
-            for layer in manifest.moe_layers:
-                if layer.resident_function is not None:
-                    w = manifest.workload(layer.experts[0].workload)
-                    pool = tvm.runtime.empty((layer.router.n_experts * w.slot_bytes,), "uint8", self.device)
-                    self._pools[layer.layer] = (pool, w)
+            resident = [(layer, manifest.workload(layer.experts[0].workload)) for layer in manifest.moe_layers
+                        if layer.resident_function is not None]
+            pools = self._resident_tensors([((layer.router.n_experts * w.slot_bytes,), "uint8") for layer, w in resident])
+            self._pools = {layer.layer: (pool, w) for (layer, w), pool in zip(resident, pools)}
         self.resident_calls = 0  # layer calls that took the resident function
         self.cache = ExpertCache(budget, self._load_expert)
         self.timings = Timings()
@@ -445,8 +446,7 @@ class MoEModel:
             # Naive allocator on the CPU: the pooled one keeps a buffer of every size it has seen,
             # and each new past length is a new size (~0.2 MB per decoded token, never reused);
             # malloc/free per intermediate costs nothing measurable here.
-            naive = self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
-            vms[library] = VirtualMachine(self._modules[library], self.device, memory_cfg="naive" if naive else None)
+            vms[library] = VirtualMachine(self._modules[library], self.device, memory_cfg="naive" if self._on_cpu else None)
         try:
             fn = vms[library][function]
         except AttributeError:
@@ -474,6 +474,21 @@ class MoEModel:
             view.copyfrom(tensors[spec.name])
             views.append(view)
         return views
+
+    def _resident_tensors(self, specs: list[tuple[tuple[int, ...], str]]) -> list[tvm.runtime.Tensor]:
+        """Zeroed tensors of these (shape, dtype)s for what every token reads (weights, expert
+        pools): on the CPU in one huge-page block, each a zero-offset tensor of its own."""
+        if not self._on_cpu:
+            return [tvm.runtime.empty(shape, dtype, self.device) for shape, dtype in specs]
+        return [tvm.runtime.from_dlpack(array) for array in host_arrays(specs)]
+
+    def _load_dense(self, weight_file) -> dict[str, tvm.runtime.Tensor]:
+        """One dense weight file's tensors, verified, in one block of resident tensors."""
+        arrays = self._read_tensors(weight_file.file, weight_file.tensors)
+        tensors = self._resident_tensors([(tuple(t.shape), t.dtype) for t in weight_file.tensors])
+        for spec, tensor in zip(weight_file.tensors, tensors):
+            tensor.copyfrom(arrays.pop(spec.name))
+        return {spec.name: tensor for spec, tensor in zip(weight_file.tensors, tensors)}
 
     def _load_tensors(self, ref, specs) -> dict[str, tvm.runtime.Tensor]:
         """The tensors `specs` of one safetensors file, read once, verified, on the device."""
@@ -704,16 +719,16 @@ class KVCache:
             capacity = min(capacity, max(limit, positions))
         capacity = -(-capacity // self.multiple) * self.multiple
         layers, key_heads, key_dim, value_heads, value_dim = self._shapes
-        keys, values = [], []
-        for i in range(layers):
-            k = np.zeros((self.batch, key_heads, key_dim, capacity), self.dtype)
-            v = np.zeros((self.batch, value_heads, capacity, value_dim), self.dtype)
-            if self.keys:
-                n = self.length
-                k[..., :n] = self.keys[i].numpy()[..., :n]
-                v[:, :, :n] = self.values[i].numpy()[:, :, :n]
-            keys.append(tvm.runtime.tensor(k, device))
-            values.append(tvm.runtime.tensor(v, device))
+        shapes = [(self.batch, key_heads, key_dim, capacity)] * layers + [(self.batch, value_heads, capacity, value_dim)] * layers
+        on_cpu = device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+        # Read whole by every token at long contexts, as the weights are: one huge-page block on the CPU.
+        buffers = host_arrays([(shape, self.dtype) for shape in shapes]) if on_cpu else [np.zeros(shape, self.dtype) for shape in shapes]
+        for i in range(layers if self.keys else 0):  # the cached positions, kept
+            n = self.length
+            buffers[i][..., :n] = self.keys[i].numpy()[..., :n]
+            buffers[layers + i][:, :, :n] = self.values[i].numpy()[:, :, :n]
+        tensors = [tvm.runtime.from_dlpack(b) if on_cpu else tvm.runtime.tensor(b, device) for b in buffers]
+        keys, values = tensors[:layers], tensors[layers:]
         self.keys, self.values = keys, values
 
 
