@@ -30,6 +30,12 @@ column for 4 consecutive inputs lie together, which is the operand `vpdpbusd` wa
 22.7 us); the price is the activations' rounding (relative error ~0.6% of the largest output on
 random data), the same as llama.cpp's.
 
+A resident MoE layer (every expert in one pool, artifact.MoELayer.resident_function) runs on
+that path as one kernel, `resident_layer`: composed of each expert's GEMVs and elementwise ops,
+a GraniteMoE-shaped int4 layer (k = 8 of 32 experts, 1024 x 512) was ~50 kernel calls and as many
+thread-pool launches, and took 525 us cold with 2 threads, no faster than with 1; as one kernel
+with two parallel loops, 310 us with 2 threads (470 us with 1).
+
 These kernels are complete schedules (`tirx.is_scheduled`): dlight and the tuner leave them
 alone. They read the tiled storage of quant.py (a tile = `lanes` output columns, stored as one
 contiguous block); weights whose widths no tile divides, and GPU targets, keep the plain
@@ -196,13 +202,35 @@ def _dot(acc, at, weights, activations):
 
 
 @T.macro
+def _accumulate_tile(acc, xq, xd, xs, row, weights, tile, k_dim, lanes, operand, block_value):
+    """acc[l] += column l of this tile dotted with activation row `row` (quantized: xq, its
+    block scales xd and sums xs): per block of ACT_BLOCK inputs, two int32 chains (inputs
+    8s..8s+3 and 8s+4..8s+7 of each step s of 8) folded into fp32. The stored form enters
+    through operand(weights, tile, step, v, half) -> the 64 unsigned bytes (int32x16) of columns
+    16v..16v+15 for that half of the step, and block_value(weights, tile, b, l, isum, scale,
+    sum) -> block b's fp32 contribution to column l."""
+    first = T.decl_buffer((lanes,), "int32", scope="local")  # two halves: two chains
+    second = T.decl_buffer((lanes,), "int32", scope="local")
+    for b in T.serial(k_dim // ACT_BLOCK):
+        for l in T.vectorized(lanes):
+            first[l] = 0
+            second[l] = 0
+        for r in T.serial(ACT_BLOCK // 8):
+            for v in T.unroll(lanes // 16):
+                first[T.ramp(v * 16, 1, 16)] = _dot(
+                    first, v * 16, operand(weights, tile, b * (ACT_BLOCK // 8) + r, v, 0),
+                    T.reinterpret("int32", xq[row, T.ramp(b * ACT_BLOCK + r * 8, 1, 4)]))
+                second[T.ramp(v * 16, 1, 16)] = _dot(
+                    second, v * 16, operand(weights, tile, b * (ACT_BLOCK // 8) + r, v, 1),
+                    T.reinterpret("int32", xq[row, T.ramp(b * ACT_BLOCK + r * 8 + 4, 1, 4)]))
+        for l in T.vectorized(lanes):
+            acc[l] = acc[l] + block_value(weights, tile, b, l, first[l] + second[l], xd[row, b], xs[row, b])
+
+
+@T.macro
 def _integer_dot_tiles(x, out, weights, rows, k_dim, lanes, tiles, operand, block_value, finish):
-    """The integer-dot GEMV both precisions share: quantize x, then per tile and row, per block of
-    ACT_BLOCK inputs, two int32 chains (inputs 8s..8s+3 and 8s+4..8s+7 of each step s of 8)
-    folded into fp32. The stored form enters through three functions of `weights`:
-    operand(weights, tile, step, v, half) -> the 64 unsigned bytes (int32x16) of columns
-    16v..16v+15 for that half of the step; block_value(weights, tile, i, b, l, isum, xd, xs) ->
-    block b's fp32 contribution to column l; finish(weights, tile, l, acc) -> the output."""
+    """The integer-dot GEMV both precisions share: quantize x, then per tile and row the tile's
+    sums (_accumulate_tile), finish(weights, tile, l, acc) -> the output."""
     xq = T.alloc_buffer((rows, k_dim), "int8")
     xd = T.alloc_buffer((rows, k_dim // ACT_BLOCK), "float32")
     xs = T.alloc_buffer((rows, k_dim // ACT_BLOCK), "int32")
@@ -210,42 +238,56 @@ def _integer_dot_tiles(x, out, weights, rows, k_dim, lanes, tiles, operand, bloc
     for tile in T.parallel(tiles):
         for i in T.serial(rows):
             acc = T.decl_buffer((lanes,), "float32", scope="local")
-            first = T.decl_buffer((lanes,), "int32", scope="local")  # two halves: two chains
-            second = T.decl_buffer((lanes,), "int32", scope="local")
             for l in T.vectorized(lanes):
                 acc[l] = T.float32(0)
-            for b in T.serial(k_dim // ACT_BLOCK):
-                for l in T.vectorized(lanes):
-                    first[l] = 0
-                    second[l] = 0
-                for r in T.serial(ACT_BLOCK // 8):
-                    for v in T.unroll(lanes // 16):
-                        first[T.ramp(v * 16, 1, 16)] = _dot(
-                            first, v * 16, operand(weights, tile, b * (ACT_BLOCK // 8) + r, v, 0),
-                            T.reinterpret("int32", xq[i, T.ramp(b * ACT_BLOCK + r * 8, 1, 4)]))
-                        second[T.ramp(v * 16, 1, 16)] = _dot(
-                            second, v * 16, operand(weights, tile, b * (ACT_BLOCK // 8) + r, v, 1),
-                            T.reinterpret("int32", xq[i, T.ramp(b * ACT_BLOCK + r * 8 + 4, 1, 4)]))
-                for l in T.vectorized(lanes):
-                    acc[l] = acc[l] + block_value(weights, tile, i, b, l, first[l] + second[l], xd, xs)
+            _accumulate_tile(acc, xq, xd, xs, i, weights, tile, k_dim, lanes, operand, block_value)
             for l in T.vectorized(lanes):
                 out[i, tile * lanes + l] = finish(weights, tile, l, acc[l])
 
 
-def _int4_dot(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tirx.PrimFunc:
-    groups, blocks_per_group = k_dim // group, group // ACT_BLOCK
+def _int4_terms(q_row, scale_at, zero_at, group: int):
+    """(operand, block_value, finish) of dot-interleaved int4 weights, read through
+    q_row(weights, tile, stored row, v) -> bytes 64v..64v+63 of that row and
+    scale_at / zero_at(weights, tile, group, l)."""
+    blocks_per_group = group // ACT_BLOCK
     nibbles = T.broadcast(T.int32(0x0F0F0F0F), 16)
 
     def operand(w, tile, step, v, half):  # a stored row is one step: low nibbles, then high
-        q = T.reinterpret("int32x16", w[0][tile, step, T.ramp(v * 64, 1, 64)])
+        q = T.reinterpret("int32x16", q_row(w, tile, step, v))
         return T.bitwise_and(T.shift_right(q, T.broadcast(T.int32(4), 16)) if half else q, nibbles)
 
-    def block_value(w, tile, i, b, l, isum, xd, xs):
-        scale, zero = w[1][tile, b // blocks_per_group, l], w[2][tile, b // blocks_per_group, l]
-        return T.Cast("float32", scale) * xd[i, b] * T.Cast("float32", isum - T.Cast("int32", zero) * xs[i, b])
+    def block_value(w, tile, b, l, isum, d, xsum):
+        g = b // blocks_per_group
+        return T.Cast("float32", scale_at(w, tile, g, l)) * d * T.Cast("float32", isum - T.Cast("int32", zero_at(w, tile, g, l)) * xsum)
 
     def finish(w, tile, l, acc):
         return acc
+
+    return operand, block_value, finish
+
+
+def _int8_terms(q_row, scale_at):
+    """(operand, block_value, finish) of dot-interleaved int8 weights, read through
+    q_row(weights, tile, stored row, v) -> bytes 64v..64v+63 of that row and scale_at(weights, tile, l)."""
+    sign_bits = T.broadcast(T.int32(-0x7F7F7F80), 16)  # 0x80808080: q ^ 0x80 is q + 128 read unsigned
+
+    def operand(w, tile, step, v, half):  # a stored row is half a step
+        return T.bitwise_xor(T.reinterpret("int32x16", q_row(w, tile, step * 2 + half, v)), sign_bits)
+
+    def block_value(w, tile, b, l, usum, d, xsum):
+        return d * T.Cast("float32", usum - 128 * xsum)
+
+    def finish(w, tile, l, acc):
+        return acc * scale_at(w, tile, l)
+
+    return operand, block_value, finish
+
+
+def _int4_dot(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tirx.PrimFunc:
+    groups = k_dim // group
+    operand, block_value, finish = _int4_terms(lambda w, tile, row, v: w[0][tile, row, T.ramp(v * 64, 1, 64)],
+                                               lambda w, tile, g, l: w[1][tile, g, l],
+                                               lambda w, tile, g, l: w[2][tile, g, l], group)
 
     @T.prim_func(private=True)
     def int4_dot_matmul(x_h: T.handle, q_h: T.handle, scale_h: T.handle, zero_h: T.handle, out_h: T.handle):
@@ -262,16 +304,8 @@ def _int4_dot(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tir
 
 
 def _int8_dot(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
-    sign_bits = T.broadcast(T.int32(-0x7F7F7F80), 16)  # 0x80808080: q ^ 0x80 is q + 128 read unsigned
-
-    def operand(w, tile, step, v, half):  # a stored row is half a step
-        return T.bitwise_xor(T.reinterpret("int32x16", w[0][tile, step * 2 + half, T.ramp(v * 64, 1, 64)]), sign_bits)
-
-    def block_value(w, tile, i, b, l, usum, xd, xs):
-        return xd[i, b] * T.Cast("float32", usum - 128 * xs[i, b])
-
-    def finish(w, tile, l, acc):
-        return acc * w[1][tile * lanes + l]
+    operand, block_value, finish = _int8_terms(lambda w, tile, row, v: w[0][tile, row, T.ramp(v * 64, 1, 64)],
+                                               lambda w, tile, l: w[1][tile * lanes + l])
 
     @T.prim_func(private=True)
     def int8_dot_matmul(x_h: T.handle, q_h: T.handle, scale_h: T.handle, out_h: T.handle):
@@ -284,3 +318,116 @@ def _int8_dot(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
         _integer_dot_tiles(x, out, (q, scale), rows, k_dim, lanes, tiles, operand, block_value, finish)
 
     return int8_dot_matmul
+
+
+def fuses_resident_layer(s: Scheme) -> bool:
+    """Whether a resident layer at `s` runs as one kernel (resident_layer) rather than as the
+    composition of per-expert GEMVs: the integer-dot schemes, in tiles of whole activation blocks."""
+    return s.dot and s.tile % ACT_BLOCK == 0
+
+
+def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: int, offsets: dict[str, int],
+                   slot_bytes: int) -> tirx.PrimFunc:
+    """A decode step's MoE layer in one kernel, its k experts read from the layer's pool:
+    (x (1, d), gates (1, k), chosen (k,) int64, pool (E * slot_bytes,) uint8, the pool viewed as
+    its scale dtype, out (1, d)) -> out = sum_i gates[i] * down_i(silu(x @ gate_i) * (x @ up_i)).
+
+    Two parallel loops instead of one per GEMV and elementwise op of each expert: over (expert,
+    d_ff tile) for gate and up, which also quantizes its tile of the hidden activations (a tile is
+    whole activation blocks), then over d_model tiles, each summing its columns over the k
+    experts. `offsets`: the byte offset in a slot of each stored tensor (swiglu_params' names).
+    A chosen id outside [0, E) is clamped: the kernel never reads outside the pool."""
+    from .attention import _exp
+
+    assert fuses_resident_layer(s), s
+    lanes, f32 = s.tile, "float32"
+    scale_dtype = "float16" if s.name == "int4" else "float32"
+    scale_bytes = DTYPE_BYTES[scale_dtype]
+    pool_bytes = n_experts * slot_bytes
+
+    def terms(prefix: str, k_dim: int):
+        rows = k_dim // s.interleave  # stored rows of a tile
+        q, scale = offsets[prefix], offsets[prefix + ".scale"] // scale_bytes
+
+        def q_row(w, tile, row, v):
+            return w[0][T.ramp(w[2] + q + (tile * rows + row) * (lanes * 4) + v * 64, 1, 64)]
+
+        if s.name == "int8":
+            return _int8_terms(q_row, lambda w, tile, l: w[1][w[2] // scale_bytes + scale + tile * lanes + l])
+        groups, zero = k_dim // s.group_size, offsets[prefix + ".zero"]
+        return _int4_terms(q_row, lambda w, tile, g, l: w[1][w[2] // scale_bytes + scale + (tile * groups + g) * lanes + l],
+                           lambda w, tile, g, l: w[0][w[2] + zero + (tile * groups + g) * lanes + l], s.group_size)
+
+    gate_operand, gate_value, gate_finish = terms("w_gate", d_model)
+    up_operand, up_value, up_finish = terms("w_up", d_model)
+    down_operand, down_value, down_finish = terms("w_down", d_ff)
+    ff_tiles, d_tiles, blocks_per_tile = d_ff // lanes, d_model // lanes, lanes // ACT_BLOCK
+
+    @T.prim_func(private=True)
+    def resident_moe_layer(x_h: T.handle, gates_h: T.handle, chosen_h: T.handle, pool_h: T.handle,
+                           scales_h: T.handle, out_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        x = T.match_buffer(x_h, (1, d_model), f32)
+        gates = T.match_buffer(gates_h, (1, top_k), f32)
+        chosen = T.match_buffer(chosen_h, (top_k,), "int64")
+        pool = T.match_buffer(pool_h, (pool_bytes,), "uint8")
+        scales = T.match_buffer(scales_h, (pool_bytes // scale_bytes,), scale_dtype)
+        out = T.match_buffer(out_h, (1, d_model), f32)
+        xq = T.alloc_buffer((1, d_model), "int8")
+        xd = T.alloc_buffer((1, d_model // ACT_BLOCK), f32)
+        xs = T.alloc_buffer((1, d_model // ACT_BLOCK), "int32")
+        hq = T.alloc_buffer((top_k, d_ff), "int8")  # the hidden activations, quantized per expert
+        hd = T.alloc_buffer((top_k, d_ff // ACT_BLOCK), f32)
+        hs = T.alloc_buffer((top_k, d_ff // ACT_BLOCK), "int32")
+        _quantize_activations(x, xq, xd, xs, 1, d_model // ACT_BLOCK)
+        for et in T.parallel(T.int64(top_k * ff_tiles)):
+            if True:
+                e: T.let[T.int64] = et // ff_tiles
+                tile: T.let[T.int64] = et % ff_tiles
+                base: T.let[T.int64] = T.min(T.max(chosen[e], T.int64(0)), T.int64(n_experts - 1)) * slot_bytes
+                gate_acc = T.decl_buffer((lanes,), f32, scope="local")
+                up_acc = T.decl_buffer((lanes,), f32, scope="local")
+                h = T.decl_buffer((lanes,), f32, scope="local")
+                amax = T.decl_buffer((1,), f32, scope="local")
+                inv = T.decl_buffer((1,), f32, scope="local")
+                total = T.decl_buffer((1,), "int32", scope="local")
+                for l in T.vectorized(lanes):
+                    gate_acc[l] = T.float32(0)
+                    up_acc[l] = T.float32(0)
+                _accumulate_tile(gate_acc, xq, xd, xs, 0, (pool, scales, base), tile, d_model, lanes, gate_operand, gate_value)
+                _accumulate_tile(up_acc, xq, xd, xs, 0, (pool, scales, base), tile, d_model, lanes, up_operand, up_value)
+                for l in T.vectorized(lanes):  # h = silu(gate) * up; no let here: vectorised, one lane's value served all
+                    gate_acc[l] = gate_finish((pool, scales, base), tile, l, gate_acc[l])
+                    h[l] = _exp(T.float32(0) - T.fabs(gate_acc[l]))  # e^-|g|, within the polynomial's domain
+                    h[l] = gate_acc[l] * T.if_then_else(gate_acc[l] >= T.float32(0), T.float32(1) / (T.float32(1) + h[l]),
+                                                        h[l] / (T.float32(1) + h[l])) \
+                        * up_finish((pool, scales, base), tile, l, up_acc[l])
+                for hb in T.serial(blocks_per_tile):  # as _quantize_activations, per block of this tile
+                    amax[0] = T.float32(0)
+                    for kk in T.serial(ACT_BLOCK):
+                        amax[0] = T.max(amax[0], T.fabs(h[hb * ACT_BLOCK + kk]))
+                    inv[0] = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+                    for kk in T.vectorized(ACT_BLOCK):
+                        hq[e, tile * lanes + hb * ACT_BLOCK + kk] = T.Cast("int8", T.nearbyint(h[hb * ACT_BLOCK + kk] * inv[0]))
+                    total[0] = 0
+                    for kk in T.serial(ACT_BLOCK):
+                        total[0] = total[0] + T.Cast("int32", hq[e, tile * lanes + hb * ACT_BLOCK + kk])
+                    hd[e, tile * blocks_per_tile + hb] = amax[0] / T.float32(127)
+                    hs[e, tile * blocks_per_tile + hb] = total[0]
+        for tile in T.parallel(T.int64(d_tiles)):
+            acc = T.decl_buffer((lanes,), f32, scope="local")
+            part = T.decl_buffer((lanes,), f32, scope="local")
+            for l in T.vectorized(lanes):
+                acc[l] = T.float32(0)
+            for e in T.serial(T.int64(top_k)):
+                if True:
+                    base: T.let[T.int64] = T.min(T.max(chosen[e], T.int64(0)), T.int64(n_experts - 1)) * slot_bytes
+                    for l in T.vectorized(lanes):
+                        part[l] = T.float32(0)
+                    _accumulate_tile(part, hq, hd, hs, e, (pool, scales, base), tile, d_ff, lanes, down_operand, down_value)
+                    for l in T.vectorized(lanes):
+                        acc[l] = acc[l] + down_finish((pool, scales, base), tile, l, part[l]) * gates[0, e]
+            for l in T.vectorized(lanes):
+                out[0, tile * lanes + l] = acc[l]
+
+    return resident_moe_layer

@@ -366,8 +366,12 @@ def swiglu_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[
     sum_i gates[:, i] * expert_i(x): a decode step's whole MoE layer (one token, its k experts)
     in one call, the weighted sum included; and for each of `resident` its function (x (1, d),
     scores (1, E), pool) -> (1, d) (artifact.MoELayer.resident_function), the experts read
-    through views into the pool at the `slot` layout (offsets, slot bytes).
+    at the `slot` layout (offsets, slot bytes) of the pool: by gemv.resident_layer, one kernel for
+    the whole layer, where the scheme has one (integer-dot CPUs), else through views into the pool
+    given to the experts' own GEMVs.
     cpu: the matmuls use compiler/gemv.py's kernels."""
+    from . import gemv
+
     specs = swiglu_params(d_model, d_ff, s)
     bb = relax.BlockBuilder()
     n = tvm.tirx.Var("n", "int64")
@@ -403,6 +407,9 @@ def swiglu_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[
                 out = bb.emit_output(total)
             bb.emit_func_output(out)
     for r in resident:
+        if cpu and s.tile and gemv.fuses_resident_layer(s):
+            _fused_resident_layer(bb, d_model, d_ff, s, r, specs, slot)
+            continue
         # Two functions: the experts take the chosen ids as a shape parameter, so the views'
         # offsets are defined on entry (inside one dataflow block, operator fusion would reorder
         # the views before the ids that place them: it sees only data edges).
@@ -438,6 +445,34 @@ def swiglu_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[
                 out = bb.emit_output(bb.emit(relax.Call(experts, [x, bb.emit(relax.TupleGetItem(picked, 1)), pool, ids])))
             bb.emit_func_output(out)
     return bb.get()
+
+
+def _fused_resident_layer(bb: relax.BlockBuilder, d_model: int, d_ff: int, s: Scheme, r: ResidentRouting,
+                          specs: list, slot: tuple[list[int], int]) -> None:
+    """The resident function (x (1, d), scores (1, E), pool) -> (1, d) as two kernels: top-k,
+    then the whole layer (gemv.resident_layer) reading the pool and the pool viewed as scales."""
+    from . import gemv
+
+    offsets, slot_bytes = slot
+    pool_bytes = r.n_experts * slot_bytes
+    layer = gemv.resident_layer(d_model, d_ff, s, r.n_experts, r.top_k,
+                                {name: offset for (name, _, _), offset in zip(specs, offsets)}, slot_bytes)
+    scale_dtype = "float16" if s.name == "int4" else "float32"
+    x = relax.Var("x", relax.TensorType((1, d_model), "float32"))
+    scores = relax.Var("scores", relax.TensorType((1, r.n_experts), "float32"))
+    pool = relax.Var("pool", relax.TensorType((pool_bytes,), "uint8"))
+    with bb.function(r.function, [x, scores, pool]):
+        with bb.dataflow():
+            top_k = bb.add_func(top_k_kernel(r), f"top{r.top_k}_of_{r.n_experts}")
+            picked = bb.emit(relax.call_tir(top_k, [scores], [relax.TensorType((r.top_k,), "int64"),
+                                                              relax.TensorType((1, r.top_k), "float32")]))
+            scales = bb.emit(relax.op.memory.view(pool, [pool_bytes // (2 if scale_dtype == "float16" else 4)], scale_dtype,
+                                                  relax.prim_value(0)))
+            kernel = bb.add_func(layer, f"{r.function}_layer")
+            out = bb.emit(relax.call_tir(kernel, [x, bb.emit(relax.TupleGetItem(picked, 1)), bb.emit(relax.TupleGetItem(picked, 0)),
+                                                  pool, scales], relax.TensorType((1, d_model), "float32")))
+            out = bb.emit_output(out)
+        bb.emit_func_output(out)
 
 
 def quantize_expert(weights: dict[str, np.ndarray], s: Scheme) -> dict[str, np.ndarray]:
