@@ -19,7 +19,7 @@ from tvm.sym.analyzer import Analyzer
 from moetvm.targets import DeployTarget, TargetError
 
 from .cuda_driver import cuda_runtime_loaded
-from .schedules import default_cpu_schedule
+from .schedules import CPU_TIR_PIPELINE, default_cpu_schedule
 
 
 def tvm_target(target: DeployTarget) -> tvm.target.Target:
@@ -569,7 +569,8 @@ def build_library(mod: tvm.IRModule, target: DeployTarget, path: Path,
             from .tuning import apply_database
 
             tuned = apply_database(tuning_db, tgt)  # one pass per library: its stats accumulate
-        executable = tvm.compile(mod, tgt, relax_pipeline=relax_pipeline(tgt, tuned))
+        executable = tvm.compile(mod, tgt, relax_pipeline=relax_pipeline(tgt, tuned),
+                                 tir_pipeline=CPU_TIR_PIPELINE if tgt.kind.name == "llvm" else "default")
         if tuned is not None:
             info["tuning"] = tuned.stats.as_dict()
     if compiler:

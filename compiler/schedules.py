@@ -9,7 +9,10 @@ loops without needing float reassociation, and parallel outer loops.
 
 from __future__ import annotations
 
+import tvm
 from tvm import s_tir, tirx
+from tvm.sym.analyzer import Analyzer
+from tvm.tirx.compilation_pipeline import get_tir_pipeline, register_tir_pipeline
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
@@ -156,3 +159,96 @@ def default_cpu_schedule():
         dl.cpu.Reduction(),
         InjectiveVectorize(),
     )
+
+
+# --- parallel loops only where the work pays for the launch -----------------------------------
+# A parallel loop is a thread-pool launch: ~2.4 us with 2 threads on the Zen 5 machine (0.2 us of
+# work serial), and the scheduled kernels mark almost every loop parallel. A GraniteMoE decode
+# segment is ~15 launches (norms, RoPE, KV appends, residual adds of one token), which made it
+# slower with 2 threads (102 us) than with 1 (60 us). Each parallel loop whose work is known is
+# made serial below PARALLEL_MIN_WORK; where the work depends on shapes known only at run time
+# (the sequence length: decode and prefill share kernels), the loop is guarded: parallel if
+# extent x work >= PARALLEL_MIN_WORK, else the same loop serial.
+PARALLEL_MIN_WORK = 4096  # stores (one per vector after vectorisation): ~4 us of serial work
+
+
+def _loop_work(stmt, inner: list):
+    """Stores `stmt` executes, as an expression over variables defined outside it (None when it
+    depends on one defined inside, or on a statement this does not model); `inner` collects the
+    variables it defines."""
+    if isinstance(stmt, (tirx.BufferStore, tirx.Evaluate)):
+        return tirx.IntImm("int64", 1)
+    if isinstance(stmt, (tirx.Bind, tirx.LetStmt)):
+        inner.append(stmt.var)
+        return tirx.IntImm("int64", 0)
+    if isinstance(stmt, (tirx.AllocBuffer, tirx.DeclBuffer)):
+        return tirx.IntImm("int64", 0)
+    if isinstance(stmt, tirx.AttrStmt):
+        return _loop_work(stmt.body, inner)
+    parts = []
+    if isinstance(stmt, tirx.SeqStmt):
+        parts = [_loop_work(s, inner) for s in stmt.seq]
+    elif isinstance(stmt, tirx.IfThenElse):
+        parts = [_loop_work(s, inner) for s in (stmt.then_case, stmt.else_case) if s is not None]
+    elif isinstance(stmt, tirx.For):
+        if any(v.same_as(d) for v in tirx.analysis.undefined_vars(stmt.extent) for d in inner):
+            return None
+        inner.append(stmt.loop_var)
+        body = _loop_work(stmt.body, inner)
+        return None if body is None else tirx.Cast("int64", stmt.extent) * body
+    else:
+        return None
+    if any(p is None for p in parts):
+        return None
+    total = tirx.IntImm("int64", 0)
+    for p in parts:
+        total = total + p
+    return total
+
+
+def _serial_when_small(stmt):
+    """`stmt` with each parallel loop made serial or guarded as above."""
+    if isinstance(stmt, tirx.SeqStmt):
+        seq = [_serial_when_small(s) for s in stmt.seq]
+        return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq)) else tirx.SeqStmt(seq)
+    if isinstance(stmt, tirx.IfThenElse):
+        then, other = _serial_when_small(stmt.then_case), stmt.else_case and _serial_when_small(stmt.else_case)
+        return tirx.IfThenElse(stmt.condition, then, other)
+    if isinstance(stmt, tirx.AttrStmt):
+        return tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, _serial_when_small(stmt.body))
+    if not isinstance(stmt, tirx.For):
+        return stmt
+
+    def loop(kind, body):
+        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, kind, body, stmt.thread_binding, stmt.annotations)
+
+    if stmt.kind != tirx.ForKind.PARALLEL:
+        return loop(stmt.kind, _serial_when_small(stmt.body))
+    work = _loop_work(stmt, [])
+    if work is None:
+        return stmt
+    work = Analyzer().simplify(work)
+    if isinstance(work, tirx.IntImm):
+        return stmt if work.value >= PARALLEL_MIN_WORK else loop(tirx.ForKind.SERIAL, stmt.body)
+    return tirx.IfThenElse(work >= PARALLEL_MIN_WORK, stmt, loop(tirx.ForKind.SERIAL, stmt.body))
+
+
+@tirx.transform.prim_func_pass(opt_level=0, name="SerialWhenSmall")
+def serial_when_small(func, _mod, _ctx):
+    body = _serial_when_small(func.body)
+    return func if body.same_as(func.body) else func.with_body(body)
+
+
+def cpu_tir_pipeline():
+    """TVM's TIR pipeline (s_tir) for CPU targets, with `serial_when_small` before the host
+    code is finalized; the guarded loops' two copies get their own variables (ConvertSSA)."""
+    lower, finalize_host, finalize_device = get_tir_pipeline("s_tir")
+
+    def host():
+        return tvm.transform.Sequential([serial_when_small, tirx.transform.ConvertSSA(), finalize_host()])
+
+    return lower, host, finalize_device
+
+
+CPU_TIR_PIPELINE = "moetvm_cpu"
+register_tir_pipeline(CPU_TIR_PIPELINE, cpu_tir_pipeline)
