@@ -22,7 +22,7 @@ from moetvm.artifact import (ArtifactError, Expert, Manifest, MoELayer, check_fi
                              kv_cache, kv_shapes, read_manifest, read_verified)
 
 from .cache import DEFAULT_PIN_FRACTION, ExpertCache, parse_budget
-from .host_memory import host_arrays
+from .host_memory import host_arrays, settle
 from moetvm.routing import FIXED_MODES, FixedPattern, allowed_experts, group_by_expert, route
 
 
@@ -106,6 +106,7 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
         model.preload_hot_within(DEFAULT_PIN_FRACTION * model.cache.budget)
     elif preload:
         model.preload_hot(preload)
+    model.settle_memory()
     return model
 
 
@@ -122,6 +123,7 @@ class MoEModel:
         self.device = tvm.device(manifest.target.get("device", "cpu"))
         self._on_cpu = self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
         self._modules = {lib.name: _load_library(root, lib, verify) for lib in manifest.libraries}
+        self._host_blocks: list[np.ndarray] = []  # one array of each huge-page block of weights
         # The dense part's weights, resident for the model's life (the segments take them as inputs).
         self._weights: dict[str, tvm.runtime.Tensor] = {}
         for weight_file in manifest.weights:
@@ -476,11 +478,18 @@ class MoEModel:
         return views
 
     def _resident_tensors(self, specs: list[tuple[tuple[int, ...], str]]) -> list[tvm.runtime.Tensor]:
-        """Zeroed tensors of these (shape, dtype)s for what every token reads (weights, expert
-        pools): on the CPU in one huge-page block, each a zero-offset tensor of its own."""
+        """Tensors of these (shape, dtype)s for what every token reads (weights, expert pools), to
+        be filled by the caller: on the CPU in one huge-page block, each a zero-offset tensor."""
         if not self._on_cpu:
             return [tvm.runtime.empty(shape, dtype, self.device) for shape, dtype in specs]
-        return [tvm.runtime.from_dlpack(array) for array in host_arrays(specs)]
+        arrays = host_arrays(specs)
+        self._host_blocks.append(arrays[0])  # settled into huge pages once filled (settle_memory)
+        return [tvm.runtime.from_dlpack(array) for array in arrays]
+
+    def settle_memory(self) -> None:
+        """Collapse the filled weight blocks into huge pages where their faults got small ones
+        (host_memory.settle); load_model calls it after preloading."""
+        settle(self._host_blocks)
 
     def _load_dense(self, weight_file) -> dict[str, tvm.runtime.Tensor]:
         """One dense weight file's tensors, verified, in one block of resident tensors."""
@@ -728,8 +737,7 @@ class KVCache:
             buffers[i][..., :n] = self.keys[i].numpy()[..., :n]
             buffers[layers + i][:, :, :n] = self.values[i].numpy()[:, :, :n]
         tensors = [tvm.runtime.from_dlpack(b) if on_cpu else tvm.runtime.tensor(b, device) for b in buffers]
-        keys, values = tensors[:layers], tensors[layers:]
-        self.keys, self.values = keys, values
+        self.keys, self.values = tensors[:layers], tensors[layers:]
 
 
 # Libraries loaded in this process, by SHA-256. TVM keeps every loaded library for the life of
