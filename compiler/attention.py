@@ -28,7 +28,7 @@ LANES = 64  # keys scored together: independent accumulators (4 AVX512 / 8 AVX2 
 _LOG2E, _LN2_HI, _LN2_LO = 1.4426950408889634, 0.693145751953125, 1.4286068203094172e-06
 
 
-def _exp(x):
+def vector_exp(x):
     """exp(x) for x <= 0 as vector arithmetic (no libm call per lane): x = n ln2 + r, |r| <=
     ln2/2, a degree-6 polynomial for e^r (relative error < 2e-7), times 2^n built in the
     exponent bits. Inputs below -87 give ~1e-38, as good as 0 after the softmax's division."""
@@ -121,7 +121,7 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
                     total[0] = T.float32(0)
                     for jb in T.serial(blocks):
                         for l in T.vectorized(LANES):
-                            scores[bi, h, i, jb * LANES + l] = _exp(scores[bi, h, i, jb * LANES + l] - row_max[0])
+                            scores[bi, h, i, jb * LANES + l] = vector_exp(scores[bi, h, i, jb * LANES + l] - row_max[0])
                     for j in T.serial(visible):
                         total[0] = total[0] + scores[bi, h, i, j]
                     for d in T.vectorized(vd):

@@ -32,7 +32,7 @@ random data), the same as llama.cpp's.
 
 A resident MoE layer (every expert in one pool, artifact.MoELayer.resident_function) runs on
 that path as one kernel, `resident_layer`: composed of each expert's GEMVs and elementwise ops,
-a GraniteMoE-shaped int4 layer (k = 8 of 32 experts, 1024 x 512) was ~50 kernel calls and as many
+a GraniteMoE-shaped int4 layer (k = 8 of 32 experts, 1024 x 512) was ~40 kernel calls and as many
 thread-pool launches, and took 525 us cold with 2 threads, no faster than with 1; as one kernel
 with two parallel loops, 310 us with 2 threads (470 us with 1).
 
@@ -49,6 +49,7 @@ from tvm.script import tirx as T
 
 from moetvm.artifact import DTYPE_BYTES, SLOT_ALIGN
 
+from .attention import vector_exp
 from .quant import Scheme
 
 LANES = 64
@@ -337,8 +338,6 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
     whole activation blocks), then over d_model tiles, each summing its columns over the k
     experts. `offsets`: the byte offset in a slot of each stored tensor (swiglu_params' names).
     A chosen id outside [0, E) is clamped: the kernel never reads outside the pool."""
-    from .attention import _exp
-
     assert fuses_resident_layer(s), s
     lanes, f32 = s.tile, "float32"
     scale_dtype = "float16" if s.name == "int4" else "float32"
@@ -396,9 +395,10 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
                     up_acc[l] = T.float32(0)
                 _accumulate_tile(gate_acc, xq, xd, xs, 0, (pool, scales, base), tile, d_model, lanes, gate_operand, gate_value)
                 _accumulate_tile(up_acc, xq, xd, xs, 0, (pool, scales, base), tile, d_model, lanes, up_operand, up_value)
-                for l in T.vectorized(lanes):  # h = silu(gate) * up; no let here: vectorised, one lane's value served all
+                for l in T.vectorized(lanes):  # h = silu(gate) * up, through buffers: in TVM 0.27 a let in a
+                    # vectorised loop gave every lane one lane's value
                     gate_acc[l] = gate_finish((pool, scales, base), tile, l, gate_acc[l])
-                    h[l] = _exp(T.float32(0) - T.fabs(gate_acc[l]))  # e^-|g|, within the polynomial's domain
+                    h[l] = vector_exp(T.float32(0) - T.fabs(gate_acc[l]))  # e^-|g|, within the polynomial's domain
                     h[l] = gate_acc[l] * T.if_then_else(gate_acc[l] >= T.float32(0), T.float32(1) / (T.float32(1) + h[l]),
                                                         h[l] / (T.float32(1) + h[l])) \
                         * up_finish((pool, scales, base), tile, l, up_acc[l])
