@@ -54,6 +54,11 @@ from .quant import Scheme
 
 LANES = 64
 ACT_BLOCK = 32  # inputs sharing one activation scale on the integer-dot path
+# The integer-dot kernels prefetch the weight bytes this far ahead (software prefetch, one per
+# cache line read). The hardware prefetcher alone kept too few lines in flight when another core
+# competed for memory: the GraniteMoE int4 resident layer (1 thread, the other core busy) ran in
+# 447-580 us without, 344-434 with 4 KB (8 KB about the same; 0.5-1 KB slower or no better).
+PREFETCH_BYTES = 4096
 _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"  # acc.i32x16 += 4-byte dots of u8x64 and s8x64
 
 
@@ -203,13 +208,14 @@ def _dot(acc, at, weights, activations):
 
 
 @T.macro
-def _accumulate_tile(acc, xq, xd, xs, row, weights, tile, k_dim, lanes, operand, block_value):
+def _accumulate_tile(acc, xq, xd, xs, row, weights, tile, k_dim, lanes, operand, block_value, ahead):
     """acc[l] += column l of this tile dotted with activation row `row` (quantized: xq, its
     block scales xd and sums xs): per block of ACT_BLOCK inputs, two int32 chains (inputs
     8s..8s+3 and 8s+4..8s+7 of each step s of 8) folded into fp32. The stored form enters
     through operand(weights, tile, step, v, half) -> the 64 unsigned bytes (int32x16) of columns
-    16v..16v+15 for that half of the step, and block_value(weights, tile, b, l, isum, scale,
-    sum) -> block b's fp32 contribution to column l."""
+    16v..16v+15 for that half of the step, block_value(weights, tile, b, l, isum, scale, sum) ->
+    block b's fp32 contribution to column l, and ahead(weights, tile, step, v, half) -> the
+    prefetch of what that operand reads PREFETCH_BYTES later (or a no-op)."""
     first = T.decl_buffer((lanes,), "int32", scope="local")  # two halves: two chains
     second = T.decl_buffer((lanes,), "int32", scope="local")
     for b in T.serial(k_dim // ACT_BLOCK):
@@ -218,6 +224,8 @@ def _accumulate_tile(acc, xq, xd, xs, row, weights, tile, k_dim, lanes, operand,
             second[l] = 0
         for r in T.serial(ACT_BLOCK // 8):
             for v in T.unroll(lanes // 16):
+                T.evaluate(ahead(weights, tile, b * (ACT_BLOCK // 8) + r, v, 0))
+                T.evaluate(ahead(weights, tile, b * (ACT_BLOCK // 8) + r, v, 1))
                 first[T.ramp(v * 16, 1, 16)] = _dot(
                     first, v * 16, operand(weights, tile, b * (ACT_BLOCK // 8) + r, v, 0),
                     T.reinterpret("int32", xq[row, T.ramp(b * ACT_BLOCK + r * 8, 1, 4)]))
@@ -229,7 +237,7 @@ def _accumulate_tile(acc, xq, xd, xs, row, weights, tile, k_dim, lanes, operand,
 
 
 @T.macro
-def _integer_dot_tiles(x, out, weights, rows, k_dim, lanes, tiles, operand, block_value, finish):
+def _integer_dot_tiles(x, out, weights, rows, k_dim, lanes, tiles, operand, block_value, finish, ahead):
     """The integer-dot GEMV both precisions share: quantize x, then per tile and row the tile's
     sums (_accumulate_tile), finish(weights, tile, l, acc) -> the output."""
     xq = T.alloc_buffer((rows, k_dim), "int8")
@@ -241,15 +249,21 @@ def _integer_dot_tiles(x, out, weights, rows, k_dim, lanes, tiles, operand, bloc
             acc = T.decl_buffer((lanes,), "float32", scope="local")
             for l in T.vectorized(lanes):
                 acc[l] = T.float32(0)
-            _accumulate_tile(acc, xq, xd, xs, i, weights, tile, k_dim, lanes, operand, block_value)
+            _accumulate_tile(acc, xq, xd, xs, i, weights, tile, k_dim, lanes, operand, block_value, ahead)
             for l in T.vectorized(lanes):
                 out[i, tile * lanes + l] = finish(weights, tile, l, acc[l])
 
 
-def _int4_terms(q_row, scale_at, zero_at, group: int):
-    """(operand, block_value, finish) of dot-interleaved int4 weights, read through
-    q_row(weights, tile, stored row, v) -> bytes 64v..64v+63 of that row and
+def _prefetch(address):
+    return T.call_llvm_intrin("void", "llvm.prefetch.p0", address, 0, 3, 1)  # read, keep in all levels, data
+
+
+def _int4_terms(q_row, q_line, scale_at, zero_at, group: int, lanes: int):
+    """(operand, block_value, finish, ahead) of dot-interleaved int4 weights, read through
+    q_row(weights, tile, stored row, v) -> bytes 64v..64v+63 of that row, q_line(weights, tile,
+    stored row, v) -> their address (rows past the tile's run on into the next) and
     scale_at / zero_at(weights, tile, group, l)."""
+    rows_ahead = PREFETCH_BYTES // (lanes * 4)
     blocks_per_group = group // ACT_BLOCK
     nibbles = T.broadcast(T.int32(0x0F0F0F0F), 16)
 
@@ -264,12 +278,16 @@ def _int4_terms(q_row, scale_at, zero_at, group: int):
     def finish(w, tile, l, acc):
         return acc
 
-    return operand, block_value, finish
+    def ahead(w, tile, step, v, half):  # both halves read the same row
+        return T.int32(0) if half else _prefetch(q_line(w, tile, step + rows_ahead, v))
+
+    return operand, block_value, finish, ahead
 
 
-def _int8_terms(q_row, scale_at):
-    """(operand, block_value, finish) of dot-interleaved int8 weights, read through
-    q_row(weights, tile, stored row, v) -> bytes 64v..64v+63 of that row and scale_at(weights, tile, l)."""
+def _int8_terms(q_row, q_line, scale_at, lanes: int):
+    """(operand, block_value, finish, ahead) of dot-interleaved int8 weights, read through
+    q_row / q_line as for int4 and scale_at(weights, tile, l)."""
+    rows_ahead = PREFETCH_BYTES // (lanes * 4)
     sign_bits = T.broadcast(T.int32(-0x7F7F7F80), 16)  # 0x80808080: q ^ 0x80 is q + 128 read unsigned
 
     def operand(w, tile, step, v, half):  # a stored row is half a step
@@ -281,14 +299,18 @@ def _int8_terms(q_row, scale_at):
     def finish(w, tile, l, acc):
         return acc * scale_at(w, tile, l)
 
-    return operand, block_value, finish
+    def ahead(w, tile, step, v, half):
+        return _prefetch(q_line(w, tile, step * 2 + half + rows_ahead, v))
+
+    return operand, block_value, finish, ahead
 
 
 def _int4_dot(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tirx.PrimFunc:
     groups = k_dim // group
-    operand, block_value, finish = _int4_terms(lambda w, tile, row, v: w[0][tile, row, T.ramp(v * 64, 1, 64)],
-                                               lambda w, tile, g, l: w[1][tile, g, l],
-                                               lambda w, tile, g, l: w[2][tile, g, l], group)
+    operand, block_value, finish, ahead = _int4_terms(lambda w, tile, row, v: w[0][tile, row, T.ramp(v * 64, 1, 64)],
+                                                      lambda w, tile, row, v: T.address_of(w[0][tile, row, v * 64]),
+                                                      lambda w, tile, g, l: w[1][tile, g, l],
+                                                      lambda w, tile, g, l: w[2][tile, g, l], group, lanes)
 
     @T.prim_func(private=True)
     def int4_dot_matmul(x_h: T.handle, q_h: T.handle, scale_h: T.handle, zero_h: T.handle, out_h: T.handle):
@@ -299,14 +321,15 @@ def _int4_dot(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tir
         scale = T.match_buffer(scale_h, (tiles, groups, lanes), "float16", offset_factor=_OFFSET["float16"])
         zero = T.match_buffer(zero_h, (tiles, groups, lanes), "uint8", offset_factor=_OFFSET["uint8"])
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
-        _integer_dot_tiles(x, out, (q, scale, zero), rows, k_dim, lanes, tiles, operand, block_value, finish)
+        _integer_dot_tiles(x, out, (q, scale, zero), rows, k_dim, lanes, tiles, operand, block_value, finish, ahead)
 
     return int4_dot_matmul
 
 
 def _int8_dot(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
-    operand, block_value, finish = _int8_terms(lambda w, tile, row, v: w[0][tile, row, T.ramp(v * 64, 1, 64)],
-                                               lambda w, tile, l: w[1][tile * lanes + l])
+    operand, block_value, finish, ahead = _int8_terms(lambda w, tile, row, v: w[0][tile, row, T.ramp(v * 64, 1, 64)],
+                                                      lambda w, tile, row, v: T.address_of(w[0][tile, row, v * 64]),
+                                                      lambda w, tile, l: w[1][tile * lanes + l], lanes)
 
     @T.prim_func(private=True)
     def int8_dot_matmul(x_h: T.handle, q_h: T.handle, scale_h: T.handle, out_h: T.handle):
@@ -316,7 +339,7 @@ def _int8_dot(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
         q = T.match_buffer(q_h, (tiles, k_dim // 4, lanes * 4), "int8", offset_factor=_OFFSET["int8"])
         scale = T.match_buffer(scale_h, (n_dim,), "float32", offset_factor=_OFFSET["float32"])
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
-        _integer_dot_tiles(x, out, (q, scale), rows, k_dim, lanes, tiles, operand, block_value, finish)
+        _integer_dot_tiles(x, out, (q, scale), rows, k_dim, lanes, tiles, operand, block_value, finish, ahead)
 
     return int8_dot_matmul
 
@@ -351,15 +374,18 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
         def q_row(w, tile, row, v):
             return w[0][T.ramp(w[2] + q + (tile * rows + row) * (lanes * 4) + v * 64, 1, 64)]
 
-        if s.name == "int8":
-            return _int8_terms(q_row, lambda w, tile, l: w[1][w[2] // scale_bytes + scale + tile * lanes + l])
-        groups, zero = k_dim // s.group_size, offsets[prefix + ".zero"]
-        return _int4_terms(q_row, lambda w, tile, g, l: w[1][w[2] // scale_bytes + scale + (tile * groups + g) * lanes + l],
-                           lambda w, tile, g, l: w[0][w[2] + zero + (tile * groups + g) * lanes + l], s.group_size)
+        def q_line(w, tile, row, v):
+            return T.address_of(w[0][w[2] + q + (tile * rows + row) * (lanes * 4) + v * 64])
 
-    gate_operand, gate_value, gate_finish = terms("w_gate", d_model)
-    up_operand, up_value, up_finish = terms("w_up", d_model)
-    down_operand, down_value, down_finish = terms("w_down", d_ff)
+        if s.name == "int8":
+            return _int8_terms(q_row, q_line, lambda w, tile, l: w[1][w[2] // scale_bytes + scale + tile * lanes + l], lanes)
+        groups, zero = k_dim // s.group_size, offsets[prefix + ".zero"]
+        return _int4_terms(q_row, q_line, lambda w, tile, g, l: w[1][w[2] // scale_bytes + scale + (tile * groups + g) * lanes + l],
+                           lambda w, tile, g, l: w[0][w[2] + zero + (tile * groups + g) * lanes + l], s.group_size, lanes)
+
+    gate_operand, gate_value, gate_finish, gate_ahead = terms("w_gate", d_model)
+    up_operand, up_value, up_finish, up_ahead = terms("w_up", d_model)
+    down_operand, down_value, down_finish, down_ahead = terms("w_down", d_ff)
     ff_tiles, d_tiles, blocks_per_tile = d_ff // lanes, d_model // lanes, lanes // ACT_BLOCK
 
     @T.prim_func(private=True)
@@ -393,8 +419,9 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
                 for l in T.vectorized(lanes):
                     gate_acc[l] = T.float32(0)
                     up_acc[l] = T.float32(0)
-                _accumulate_tile(gate_acc, xq, xd, xs, 0, (pool, scales, base), tile, d_model, lanes, gate_operand, gate_value)
-                _accumulate_tile(up_acc, xq, xd, xs, 0, (pool, scales, base), tile, d_model, lanes, up_operand, up_value)
+                _accumulate_tile(gate_acc, xq, xd, xs, 0, (pool, scales, base), tile, d_model, lanes, gate_operand, gate_value,
+                                 gate_ahead)
+                _accumulate_tile(up_acc, xq, xd, xs, 0, (pool, scales, base), tile, d_model, lanes, up_operand, up_value, up_ahead)
                 for l in T.vectorized(lanes):  # h = silu(gate) * up, through buffers: in TVM 0.27 a let in a
                     # vectorised loop gave every lane one lane's value
                     gate_acc[l] = gate_finish((pool, scales, base), tile, l, gate_acc[l])
@@ -424,7 +451,8 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
                     base: T.let[T.int64] = T.min(T.max(chosen[e], T.int64(0)), T.int64(n_experts - 1)) * slot_bytes
                     for l in T.vectorized(lanes):
                         part[l] = T.float32(0)
-                    _accumulate_tile(part, hq, hd, hs, e, (pool, scales, base), tile, d_ff, lanes, down_operand, down_value)
+                    _accumulate_tile(part, hq, hd, hs, e, (pool, scales, base), tile, d_ff, lanes, down_operand, down_value,
+                                     down_ahead)
                     for l in T.vectorized(lanes):
                         acc[l] = acc[l] + down_finish((pool, scales, base), tile, l, part[l]) * gates[0, e]
             for l in T.vectorized(lanes):
