@@ -480,7 +480,7 @@ class MoEModel:
     def _resident_tensors(self, specs: list[tuple[tuple[int, ...], str]]) -> list[tvm.runtime.Tensor]:
         """Tensors of these (shape, dtype)s for what every token reads (weights, expert pools), to
         be filled by the caller: on the CPU in one huge-page block, each a zero-offset tensor."""
-        if not self._on_cpu:
+        if not self._on_cpu or not specs:
             return [tvm.runtime.empty(shape, dtype, self.device) for shape, dtype in specs]
         arrays = host_arrays(specs)
         self._host_blocks.append(arrays[0])  # settled into huge pages once filled (settle_memory)
