@@ -50,7 +50,7 @@ from tvm.script import tirx as T
 from moetvm.artifact import DTYPE_BYTES, SLOT_ALIGN
 
 from .attention import vector_exp
-from .quant import Scheme
+from .quant import Scheme, scale_dtype
 
 LANES = 64
 ACT_BLOCK = 32  # inputs sharing one activation scale on the integer-dot path
@@ -363,8 +363,8 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
     A chosen id outside [0, E) is clamped: the kernel never reads outside the pool."""
     assert fuses_resident_layer(s), s
     lanes, f32 = s.tile, "float32"
-    scale_dtype = "float16" if s.name == "int4" else "float32"
-    scale_bytes = DTYPE_BYTES[scale_dtype]
+    scales_dtype = scale_dtype(s)
+    scale_bytes = DTYPE_BYTES[scales_dtype]
     pool_bytes = n_experts * slot_bytes
 
     def terms(prefix: str, k_dim: int):
@@ -396,7 +396,7 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
         gates = T.match_buffer(gates_h, (1, top_k), f32)
         chosen = T.match_buffer(chosen_h, (top_k,), "int64")
         pool = T.match_buffer(pool_h, (pool_bytes,), "uint8")
-        scales = T.match_buffer(scales_h, (pool_bytes // scale_bytes,), scale_dtype)
+        scales = T.match_buffer(scales_h, (pool_bytes // scale_bytes,), scales_dtype)
         out = T.match_buffer(out_h, (1, d_model), f32)
         xq = T.alloc_buffer((1, d_model), "int8")
         xd = T.alloc_buffer((1, d_model // ACT_BLOCK), f32)

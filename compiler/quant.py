@@ -35,7 +35,7 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
-from moetvm.artifact import fused_function
+from moetvm.artifact import DTYPE_BYTES, fused_function
 from moetvm.errors import MoetvmError
 
 SCHEMES = ("fp32", "fp16", "int8", "int4")
@@ -266,6 +266,12 @@ def weight_params(prefix: str, k: int, n: int, s: Scheme) -> list[tuple[str, tup
     return tiled
 
 
+def scale_dtype(s: Scheme) -> str:
+    """The dtype of the scales stored for a weight at `s` (int8 and int4 only)."""
+    k = (s.group_size or 1) * 8  # any valid input size: a whole group, whole interleaved rows
+    return next(dtype for name, _, dtype in weight_params("w", k, s.tile or 1, s) if name == "w.scale")
+
+
 def swiglu_params(d_model: int, d_ff: int, s: Scheme) -> list[tuple[str, tuple, str]]:
     s.check(d_model)
     s.check(d_ff)
@@ -457,7 +463,7 @@ def _fused_resident_layer(bb: relax.BlockBuilder, d_model: int, d_ff: int, s: Sc
     pool_bytes = r.n_experts * slot_bytes
     layer = gemv.resident_layer(d_model, d_ff, s, r.n_experts, r.top_k,
                                 {name: offset for (name, _, _), offset in zip(specs, offsets)}, slot_bytes)
-    scale_dtype = "float16" if s.name == "int4" else "float32"
+    scales = scale_dtype(s)  # the kernel reads the pool's scales through a view of this dtype
     x = relax.Var("x", relax.TensorType((1, d_model), "float32"))
     scores = relax.Var("scores", relax.TensorType((1, r.n_experts), "float32"))
     pool = relax.Var("pool", relax.TensorType((pool_bytes,), "uint8"))
@@ -466,8 +472,7 @@ def _fused_resident_layer(bb: relax.BlockBuilder, d_model: int, d_ff: int, s: Sc
             top_k = bb.add_func(top_k_kernel(r), f"top{r.top_k}_of_{r.n_experts}")
             picked = bb.emit(relax.call_tir(top_k, [scores], [relax.TensorType((r.top_k,), "int64"),
                                                               relax.TensorType((1, r.top_k), "float32")]))
-            scales = bb.emit(relax.op.memory.view(pool, [pool_bytes // (2 if scale_dtype == "float16" else 4)], scale_dtype,
-                                                  relax.prim_value(0)))
+            scales = bb.emit(relax.op.memory.view(pool, [pool_bytes // DTYPE_BYTES[scales]], scales, relax.prim_value(0)))
             kernel = bb.add_func(layer, f"{r.function}_layer")
             out = bb.emit(relax.call_tir(kernel, [x, bb.emit(relax.TupleGetItem(picked, 1)), bb.emit(relax.TupleGetItem(picked, 0)),
                                                   pool, scales], relax.TensorType((1, d_model), "float32")))

@@ -25,11 +25,11 @@ MADV_COLLAPSE = 25  # <linux/mman.h>; Python 3.11's mmap module does not name it
 ALIGN = 64  # bytes: where each array starts (the kernels' vector alignment)
 
 
-def host_arrays(specs: list[tuple[tuple[int, ...], str]]) -> list[np.ndarray]:
-    """Zeroed arrays of these (shape, dtype)s, each starting at a multiple of ALIGN bytes, all in
-    one anonymous mapping advised for huge pages: they start on a huge-page boundary and take
-    whole huge pages (the mapping is one huge page longer, for the alignment; the part never
-    written is never backed). Each array keeps the mapping alive."""
+def host_arrays(specs: list[tuple[tuple[int, ...], str]]) -> tuple[mmap.mmap, list[np.ndarray]]:
+    """(the mapping, zeroed arrays of these (shape, dtype)s in it), each array starting at a
+    multiple of ALIGN bytes, the mapping advised for huge pages: the arrays start on a huge-page
+    boundary and take whole huge pages (the mapping is one huge page longer, for the alignment;
+    the part never written is never backed). Each array keeps the mapping alive."""
     starts, end = [], 0
     for shape, dtype in specs:
         starts.append(-(-end // ALIGN) * ALIGN)
@@ -38,21 +38,14 @@ def host_arrays(specs: list[tuple[tuple[int, ...], str]]) -> list[np.ndarray]:
     if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; elsewhere the block is plain pages
         block.madvise(mmap.MADV_HUGEPAGE)
     first = -np.frombuffer(block, np.uint8, count=1).ctypes.data % HUGE_PAGE
-    return [np.frombuffer(block, dtype, count=int(np.prod(shape, dtype=np.int64)), offset=first + start).reshape(shape)
-            for (shape, dtype), start in zip(specs, starts)]
+    return block, [np.frombuffer(block, dtype, count=int(np.prod(shape, dtype=np.int64)), offset=first + start).reshape(shape)
+                   for (shape, dtype), start in zip(specs, starts)]
 
 
-def settle(arrays: list[np.ndarray]) -> None:
-    """Collapse the filled blocks behind these arrays (from host_arrays) into huge pages, best
-    effort: kernels before 6.1, THP "never", or pages never written leave them as they are."""
-    blocks = {}
-    for array in arrays:
-        base = array
-        while isinstance(base, np.ndarray):
-            base = base.base
-        block = base.obj if isinstance(base, memoryview) else base
-        blocks[id(block)] = block
-    for block in blocks.values():
+def settle(blocks: list[mmap.mmap]) -> None:
+    """Collapse these filled mappings (from host_arrays) into huge pages, best effort: kernels
+    before 6.1, THP "never", or pages never written leave them as they are."""
+    for block in blocks:
         try:
             block.madvise(MADV_COLLAPSE)
         except (OSError, AttributeError):  # not collapsible here; the advice of host_arrays stands

@@ -121,9 +121,9 @@ class MoEModel:
         self.prefetch_enabled, self.storage_mbps = prefetch, storage_mbps
         self.recorder = None  # a TraceRecorder while recording routing traces
         self.device = tvm.device(manifest.target.get("device", "cpu"))
-        self._on_cpu = self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+        self._on_cpu = _is_cpu(self.device)
         self._modules = {lib.name: _load_library(root, lib, verify) for lib in manifest.libraries}
-        self._host_blocks: list[np.ndarray] = []  # one array of each huge-page block of weights
+        self._host_blocks: list = []  # the huge-page mappings of weights, settled once filled
         # The dense part's weights, resident for the model's life (the segments take them as inputs).
         self._weights: dict[str, tvm.runtime.Tensor] = {}
         for weight_file in manifest.weights:
@@ -482,8 +482,8 @@ class MoEModel:
         be filled by the caller: on the CPU in one huge-page block, each a zero-offset tensor."""
         if not self._on_cpu or not specs:
             return [tvm.runtime.empty(shape, dtype, self.device) for shape, dtype in specs]
-        arrays = host_arrays(specs)
-        self._host_blocks.append(arrays[0])  # settled into huge pages once filled (settle_memory)
+        block, arrays = host_arrays(specs)
+        self._host_blocks.append(block)
         return [tvm.runtime.from_dlpack(array) for array in arrays]
 
     def settle_memory(self) -> None:
@@ -729,15 +729,19 @@ class KVCache:
         capacity = -(-capacity // self.multiple) * self.multiple
         layers, key_heads, key_dim, value_heads, value_dim = self._shapes
         shapes = [(self.batch, key_heads, key_dim, capacity)] * layers + [(self.batch, value_heads, capacity, value_dim)] * layers
-        on_cpu = device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+        on_cpu = _is_cpu(device)
         # Read whole by every token at long contexts, as the weights are: one huge-page block on the CPU.
-        buffers = host_arrays([(shape, self.dtype) for shape in shapes]) if on_cpu else [np.zeros(shape, self.dtype) for shape in shapes]
+        buffers = host_arrays([(shape, self.dtype) for shape in shapes])[1] if on_cpu else [np.zeros(shape, self.dtype) for shape in shapes]
         for i in range(layers if self.keys else 0):  # the cached positions, kept
             n = self.length
             buffers[i][..., :n] = self.keys[i].numpy()[..., :n]
             buffers[layers + i][:, :, :n] = self.values[i].numpy()[:, :, :n]
         tensors = [tvm.runtime.from_dlpack(b) if on_cpu else tvm.runtime.tensor(b, device) for b in buffers]
         self.keys, self.values = tensors[:layers], tensors[layers:]
+
+
+def _is_cpu(device) -> bool:
+    return device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
 
 
 # Libraries loaded in this process, by SHA-256. TVM keeps every loaded library for the life of

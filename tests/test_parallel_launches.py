@@ -12,20 +12,17 @@ from moetvm.compiler.schedules import CPU_TIR_PIPELINE, PARALLEL_MIN_WORK, seria
 from moetvm.targets import get_target
 
 
-@T.prim_func
-def one_token_add(a: T.Buffer((1, 1024), "float32"), b: T.Buffer((1, 1024), "float32")):
-    T.func_attr({"tirx.noalias": True})
-    for i in T.parallel(1):
-        for j in T.serial(1024):
-            b[i, j] = a[i, j] + T.float32(1)
+def static_add(rows: int):
+    """b = a + 1 over (rows, 1024), parallel over rows: 1024 stores a row."""
 
+    @T.prim_func
+    def add(a: T.Buffer((rows, 1024), "float32"), b: T.Buffer((rows, 1024), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for i in T.parallel(rows):
+            for j in T.serial(1024):
+                b[i, j] = a[i, j] + T.float32(1)
 
-@T.prim_func
-def big_static(a: T.Buffer((64, 1024), "float32"), b: T.Buffer((64, 1024), "float32")):
-    T.func_attr({"tirx.noalias": True})
-    for i in T.parallel(64):
-        for j in T.serial(1024):
-            b[i, j] = a[i, j] + T.float32(1)
+    return add
 
 
 @T.prim_func
@@ -77,8 +74,8 @@ def _transformed(func):
 
 def test_small_static_work_runs_serial_and_big_work_parallel():
     assert 1024 < PARALLEL_MIN_WORK <= 64 * 1024
-    assert _kinds(_transformed(one_token_add)) == [(tirx.ForKind.SERIAL, False)] * 2
-    assert _kinds(_transformed(big_static))[0] == (tirx.ForKind.PARALLEL, False)
+    assert _kinds(_transformed(static_add(1))) == [(tirx.ForKind.SERIAL, False)] * 2  # one token
+    assert _kinds(_transformed(static_add(64)))[0] == (tirx.ForKind.PARALLEL, False)
 
 
 def test_work_known_only_at_run_time_is_guarded_and_both_copies_agree():
