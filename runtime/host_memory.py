@@ -42,6 +42,17 @@ def host_arrays(specs: list[tuple[tuple[int, ...], str]]) -> tuple[mmap.mmap, li
                    for (shape, dtype), start in zip(specs, starts)]
 
 
+def aligned_copy(array) -> np.ndarray:
+    """A C-contiguous copy of `array` starting at a multiple of ALIGN bytes (what a tensor
+    wrapped from DLPack must be, without a copy by TVM)."""
+    array = np.asarray(array)
+    raw = np.empty(array.nbytes + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    out = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out
+
+
 def settle(blocks: list[mmap.mmap]) -> None:
     """Collapse these filled mappings (from host_arrays) into huge pages, best effort: kernels
     before 6.1, THP "never", or pages never written leave them as they are."""
