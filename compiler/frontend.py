@@ -1,4 +1,5 @@
-"""torch.export front door: trace the model, cut it at its MoE layers, import the parts to Relax.
+"""torch.export tracing for the PyTorch front door (import_torch.py): trace the model, cut it at its
+MoE layers, import the parts to Relax.
 
 The whole model is exported once with every MoE block replaced by an opaque custom op
 (`moetvm::moe_layer`), so the dense code between MoE layers is traced exactly as PyTorch runs it.
@@ -224,16 +225,6 @@ class _LMStepInPlace(_LMStep):
     def forward(self, tokens, positions, past_positions, key_buffers, value_buffers):
         layers = [InPlaceLayer(k, v, past_positions) for k, v in zip(key_buffers, value_buffers)]
         return self.lm.step(tokens, positions, past_positions, layers, None)[0]
-
-
-
-def lm_io_names(layers: int, kv_layout: str = "concat") -> tuple[list[str], list[str]]:
-    """Names of the exported LM step's inputs and outputs (the causal LM protocol)."""
-    if kv_layout == "in_place":
-        buffers = [f"key_buffer_{i}" for i in range(layers)] + [f"value_buffer_{i}" for i in range(layers)]
-        return ["tokens", "positions", "past_positions"] + buffers, ["logits"]
-    kv = lambda prefix: [f"{prefix}keys_{i}" for i in range(layers)] + [f"{prefix}values_{i}" for i in range(layers)]  # noqa: E731
-    return ["tokens", "positions", "past_positions"] + kv("past_"), ["logits"] + kv("")
 
 
 def export_causal_lm(model: nn.Module, specs: list[MoELayerSpec], kv_layout: str = "concat",

@@ -2,7 +2,7 @@
 
 `HFCausalLM` wraps an instantiated transformers model in the compiler's KV-cached LM protocol
 (`step`, `kv_layout`), so it is exported, cut at its MoE blocks and run exactly like the reference
-model. The MoE blocks themselves are read structurally by the adapters in `hf_adapters.py`;
+model. The MoE blocks themselves are read structurally by the adapters in `adapters/hf.py`;
 everything else (embeddings, attention with its rotary embeddings, norms, head) is traced.
 
 Export choices, each because the default does not survive torch.export + TVM's importer:

@@ -19,13 +19,8 @@ from tvm.sym.analyzer import Analyzer
 from moetvm.targets import DeployTarget, TargetError
 
 from .cuda_driver import cuda_runtime_loaded
+from .build_target import BuildTarget
 from .schedules import CPU_TIR_PIPELINE, default_cpu_schedule
-
-
-def tvm_target(target: DeployTarget) -> tvm.target.Target:
-    if target.host:
-        return tvm.target.Target(target.tvm_target, target.host)
-    return tvm.target.Target(target.tvm_target)
 
 
 def relax_pipeline(target: tvm.target.Target, tuned: tvm.transform.Pass | None = None) -> tvm.transform.Pass:
@@ -48,8 +43,7 @@ def relax_pipeline(target: tvm.target.Target, tuned: tvm.transform.Pass | None =
     def pipeline(mod, _ctx):
         with target:
             passes = (
-                backend.library_dispatch_passes(target)
-                + legalize_passes(backend, target)
+                until_scheduling(backend, target)
                 + schedules
                 + backend.dataflow_lower_passes(target)
                 + backend.finalize_passes(target)
@@ -60,11 +54,26 @@ def relax_pipeline(target: tvm.target.Target, tuned: tvm.transform.Pass | None =
     return pipeline
 
 
+def until_scheduling(backend, target: tvm.target.Target) -> list:
+    """The pipeline's passes before kernels are scheduled (library dispatch, then legalisation
+    and fusion in canonical form): the one definition the compile and tuning both lower with."""
+    return backend.library_dispatch_passes(target) + legalize_passes(backend, target)
+
+
+def lower_until_scheduling(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """A Relax module as a CPU build has it right before scheduling (build_library converts to
+    dataflow first, as here): the kernels tuning extracts are the kernels the compile builds."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    mod = relax.transform.ConvertToDataflow()(mod)
+    with target:
+        return tvm.transform.Sequential(until_scheduling(cpu, target))(mod)
+
+
 def legalize_passes(backend, target: tvm.target.Target) -> list:
     """`backend.legalize_passes(target)` (a tvm.relax.backend pipeline module), with the fused
     functions put in canonical form right after FuseOps and the kernels right after FuseTIR
-    (`canonical_fusion`, `canonical_kernels`). Tuning must lower with these too, so that the
-    kernels it tunes are the kernels compiled."""
+    (`canonical_fusion`, `canonical_kernels`)."""
     passes = [drop_identity_layout]
     for p in backend.legalize_passes(target):
         if p.info.name == "LegalizeOps":
@@ -541,15 +550,17 @@ def _cuda_via_nvcc():
             os.environ["TVM_CUDA_COMPILE_MODE"] = old
 
 
-def build_library(mod: tvm.IRModule, target: DeployTarget, path: Path,
-                  tuning_db: Path | None = None) -> tuple[list[str], dict]:
-    """Compile every Relax function of `mod` into one shared library at `path`.
+def build_library(mod: tvm.IRModule, target: str | DeployTarget | BuildTarget, path: Path,
+                  tuned: tvm.transform.Pass | None = None) -> tuple[list[str], dict]:
+    """Compile every Relax function of `mod` into one shared library at `path`; `tuned`: a
+    tuning database's pass (tuning.apply_database, CPU targets), which schedules the kernels it
+    has records for.
 
     Returns the function names and facts about the code: for CUDA, kernel count and the smallest
     thread block (so a one-thread fallback kernel cannot slip through unnoticed); with a tuning
     database, how many kernels took tuned schedules."""
-    compiler = target.check_toolchain()
-    tgt = tvm_target(target)
+    target = BuildTarget.resolve(target)  # (a compile resolves it once, for all its libraries)
+    compiler, tgt = target.cross_compiler, target.tvm
     mod = relax.transform.ConvertToDataflow()(mod)
     info: dict = {}
     if tgt.kind.name == "cuda":
@@ -564,11 +575,6 @@ def build_library(mod: tvm.IRModule, target: DeployTarget, path: Path,
             executable = tvm.compile(mod, tgt, relax_pipeline=relax_pipeline(tgt))
         info = _cuda_kernel_info(executable)
     else:
-        tuned = None
-        if tuning_db is not None:
-            from .tuning import apply_database
-
-            tuned = apply_database(tuning_db, tgt)  # one pass per library: its stats accumulate
         executable = tvm.compile(mod, tgt, relax_pipeline=relax_pipeline(tgt, tuned),
                                  tir_pipeline=CPU_TIR_PIPELINE if tgt.kind.name == "llvm" else "default")
         if tuned is not None:

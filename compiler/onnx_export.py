@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetvm.verify import relative_error
+
 from .onnx_frontend import MARKER_DOMAIN, MARKER_OP, _Block, _tensor_spec, cut_at_blocks
 from .spec import ExpertWeights, MoELayerSpec, UnsupportedModelError
 
@@ -82,11 +84,6 @@ def _ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list
     return _ort_session(model).run(outputs, feeds)
 
 
-def _relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
-    """Max absolute error relative to the reference's largest magnitude (as tests/conftest.py)."""
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
-
-
 def export_parts(model: nn.Module, out: str | Path, tokens_shape: tuple[int, int] = (1, 16), *, seed: int = 0,
                  source: str = "") -> list[dict]:
     """Write the whole model (`model.onnx`, dense-form MoE) and every part the runtime runs as
@@ -94,7 +91,7 @@ def export_parts(model: nn.Module, out: str | Path, tokens_shape: tuple[int, int
     expert per workload (weights as inputs). Each runs in ONNX Runtime on random inputs against
     PyTorch; returns the rows of `parts.json` (part, kind, file, inputs, outputs, max_relative_error)."""
     from .frontend import _with_markers
-    from .spec import find_moe_layers
+    from .adapters import find_moe_layers
 
     specs = find_moe_layers(model)
     vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
@@ -129,7 +126,7 @@ def export_parts(model: nn.Module, out: str | Path, tokens_shape: tuple[int, int
     # context for it, as HFCausalLM does): what `moetvm compile model.onnx` takes.
     with getattr(model, "exportable", contextlib.nullcontext)():
         whole = _to_onnx(model, (tokens,), ["tokens"], ["logits"])
-    record("model", "model", whole, _relative_error(_ort_run(whole, {"tokens": tokens.numpy()})[0], logits))
+    record("model", "model", whole, relative_error(_ort_run(whole, {"tokens": tokens.numpy()})[0], logits))
 
     # Dense segments: the model exported with every MoE block as a marker node, cut at the markers.
     _register_marker_schema()
@@ -147,7 +144,7 @@ def export_parts(model: nn.Module, out: str | Path, tokens_shape: tuple[int, int
         if part.op != "segment":
             continue
         results = _ort_run(part.model, {n: values[n] for n in part.inputs}, part.outputs)
-        errors = [_relative_error(r, known[n]) for n, r in zip(part.outputs, results) if n in known]
+        errors = [relative_error(r, known[n]) for n, r in zip(part.outputs, results) if n in known]
         values.update({n: r for n, r in zip(part.outputs, results) if n not in known})
         record(part.name, "segment", part.model, max(errors, default=None))
 
@@ -158,7 +155,7 @@ def export_parts(model: nn.Module, out: str | Path, tokens_shape: tuple[int, int
         router = RouterScores(spec)
         proto = _to_onnx(router, (x,), ["hidden"], ["scores"], dynamic_shapes=({0: token_dim},))
         with torch.no_grad():
-            error = _relative_error(_ort_run(proto, {"hidden": x.numpy()})[0], router(x).numpy())
+            error = relative_error(_ort_run(proto, {"hidden": x.numpy()})[0], router(x).numpy())
         record(f"router_{i}", "router", proto, error, layer=i)
 
     workloads: dict[tuple, list[ExpertWeights]] = {}
@@ -177,7 +174,7 @@ def export_parts(model: nn.Module, out: str | Path, tokens_shape: tuple[int, int
             with torch.no_grad():
                 theirs = ExpertFFN()(x, *weights(e)).numpy()
             feeds = {"x": x.numpy(), "w_gate": e.w_gate, "w_up": e.w_up, "w_down": e.w_down}
-            errors.append(_relative_error(session.run(None, feeds)[0], theirs))
+            errors.append(relative_error(session.run(None, feeds)[0], theirs))
         record(f"expert_{kind}_{d_model}x{d_ff}", "expert", proto, max(errors), experts=len(experts))
 
     index = {"source": source, "tokens_shape": list(tokens_shape), "parts": rows}

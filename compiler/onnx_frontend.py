@@ -1,4 +1,5 @@
-"""ONNX front door: `compile_onnx` (per-part export to ONNX is in onnx_export.py).
+"""The ONNX front door: `import_onnx` reads a file into a PlannedModel (api.compile_onnx builds it;
+per-part export to ONNX is onnx_export.py).
 
 Import: an ONNX MoE model as `torch.onnx.export(..., dynamo=True)` writes it, of the reference
 model or a transformers family (Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V3 and their copies). MoE
@@ -30,10 +31,11 @@ from onnx import numpy_helper
 import tvm
 from tvm import relax
 from moetvm.artifact import Step, TensorSpec
-from moetvm.targets import DeployTarget, get_target
 
-from . import quant as quantization
-from .spec import ExpertWeights, MoELayerSpec, UnsupportedModelError
+from .build_target import BuildTarget
+from .options import CompileOptions
+from .plan import PlannedModel, Progress, plan_parts
+from .spec import ExpertWeights, MoELayerSpec, UnsupportedModelError, experts_from_fused
 
 # Module names inside an MoE block, as the exporter's scopes record them: the reference model's
 # and transformers' alike.
@@ -300,10 +302,9 @@ def _fused_experts(ix: _GraphIndex, scope: str, n_experts: int, what: str) -> li
         raise OnnxModelError(f"{what}: expected two gathered 3-D expert tensors (gate_up, down) under "
                              f"{scope!r}, found {len(gathered)}")
     (gate_up, up_mm, _), (down, _, down_input) = gathered
-    d_ff = gate_up.shape[1] // 2
-    if gate_up.shape[0] != n_experts or down.shape != (n_experts, gate_up.shape[2], d_ff) or gate_up.shape[1] != 2 * d_ff:
-        raise OnnxModelError(f"{what}: expert tensors {gate_up.shape} and {down.shape} are not gate_up (E, 2I, H) "
-                             f"and down (E, H, I) for {n_experts} experts")
+    if gate_up.shape[0] != n_experts:
+        raise OnnxModelError(f"{what}: expert tensors {gate_up.shape} hold {gate_up.shape[0]} experts, the router "
+                             f"scores {n_experts}")
     # The default gate function chunks gate_up's output in two: gate rows first, then up rows.
     (split,) = [u for u in ix.consumers(ix.forward(up_mm.output[0])) if u.op_type == "Split"] or [None]
     sizes = ix.array(split.input[1]) if split is not None and len(split.input) > 1 and split.input[1] else None
@@ -311,8 +312,10 @@ def _fused_experts(ix: _GraphIndex, scope: str, n_experts: int, what: str) -> li
             or (sizes is not None and sizes[0] != sizes[1]):
         raise OnnxModelError(f"{what}: the gate_up product is not split into equal gate and up halves")
     _check_swiglu(ix, split.output[0], split.output[1], down_input, what)
-    gate_up, down = gate_up.astype(np.float32), down.astype(np.float32)
-    return [ExpertWeights(gate_up[e, :d_ff].copy(), gate_up[e, d_ff:].copy(), down[e].copy()) for e in range(n_experts)]
+    try:
+        return experts_from_fused(gate_up.astype(np.float32), down.astype(np.float32))
+    except UnsupportedModelError as e:
+        raise OnnxModelError(f"{what}: {e}") from None
 
 
 def _routing_weights(ix: _GraphIndex, values: str, nodes: set[int]) -> tuple[bool, float]:
@@ -470,7 +473,33 @@ def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
 
 
 # --- import ----------------------------------------------------------------------------------
-def import_onnx(model: onnx.ModelProto):
+def import_onnx(path: str | Path, target: BuildTarget, options: CompileOptions, bar: Progress, *,
+                input_shapes: dict[str, list[int]] | None = None, name: str | None = None) -> PlannedModel:
+    """The ONNX front door: the model at `path` (fixed shapes; `input_shapes` fixes symbolic input
+    dims) cut at its MoE blocks, segments imported with relax.frontend.onnx, the blocks planned
+    for `target` with `options`; the plan carries the manifest's model section (kind "graph").
+    Options that run calibration tokens through the PyTorch model (auto quantization, hash
+    routing, masking) or shape an LM's dense part and KV cache are refused."""
+    refused = [flag for flag, given in (("--quant auto", options.quant == "auto"), ("hash routing", options.routing == "hash"),
+                                         ("--mask-below", options.mask_below is not None),
+                                         ("--dense-quant", options.dense_quant is not None),
+                                         ("--kv-dtype", options.kv_dtype is not None)) if given]
+    if refused:
+        raise OnnxModelError(f"{', '.join(refused)}: not available for an ONNX model (calibration runs the PyTorch "
+                             f"model; an ONNX graph keeps its dense part as imported)")
+    model = load_onnx(path, input_shapes)
+    with bar.step(f"cut {Path(path).name} at its MoE blocks, import segments with relax.frontend.onnx"):
+        specs, split = cut_onnx(model)
+    p = plan_parts(specs, split, False, target, options, kind="graph", bar=bar)
+    p.model_info = {"name": name or Path(path).stem, "description": "", "source": str(path), "format": "onnx",
+                    "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+                    "parameters": int(sum(np.prod(t.dims) for t in model.graph.initializer)),
+                    "moe_layers": len(specs), "experts_per_layer": [s.n_experts for s in specs],
+                    "top_k": [s.top_k for s in specs], "index_limits": _index_limits(model)}
+    return p
+
+
+def cut_onnx(model: onnx.ModelProto):
     """(MoE layer specs, frontend.SplitProgram) of a shape-inferred ONNX model."""
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -521,38 +550,3 @@ def _index_limits(model) -> dict[str, int]:
             size = int(dims[axis if axis >= 0 else axis + len(dims)])
             limits[node.input[1]] = min(size, limits.get(node.input[1], size))
     return limits
-
-
-def compile_onnx(path: str | Path, target: str | DeployTarget = "host", out: str | Path = "artifact", *,
-                 input_shapes: dict[str, list[int]] | None = None, quant: str = "fp32",
-                 group_size: int = quantization.DEFAULT_GROUP_SIZE, router_quant: str = "fp32",
-                 routing: str = "learned", tile: int = 16, cycle_dwell: int = 8, tuning_db=None,
-                 dense_fallback: bool = False, name: str | None = None, progress: bool = True,
-                 sign_key: str | Path | None = None) -> Path:
-    """Compile an ONNX MoE model (fixed shapes; `input_shapes` fixes symbolic input dims) into a
-    "graph" artifact. Options as in compile_model; those that need the PyTorch model to run
-    calibration text (auto quantization, hash routing, masking) are not available."""
-    from .api import Progress, check_compile_options, plan_parts, write_artifact
-    from .output import check_output
-
-    if quant == "auto" or routing == "hash":
-        raise OnnxModelError(f"{'--quant auto' if quant == 'auto' else 'hash routing'} needs calibration through "
-                             f"the PyTorch model; not available for an ONNX model")
-    check_compile_options(quant=quant, group_size=group_size, router_quant=router_quant, routing=routing, tile=tile,
-                          cycle_dwell=cycle_dwell, tuning_db=tuning_db, sign_key=sign_key)
-    check_output(out, inputs=(path,))
-    dt = target if isinstance(target, DeployTarget) else get_target(target)
-    dt.check_toolchain()
-    model = load_onnx(path, input_shapes)
-    bar = Progress(progress, total=0)  # known once the blocks are found (plan_parts sets it)
-    with bar.step(f"cut {Path(path).name} at its MoE blocks, import segments with relax.frontend.onnx"):
-        specs, split = import_onnx(model)
-    p = plan_parts(specs, split, False, dt, kind="graph", quant=quant, group_size=group_size,
-                   router_quant=router_quant, routing=routing, tile=tile, cycle_dwell=cycle_dwell, bar=bar)
-    info = {"name": name or Path(path).stem, "description": "", "source": str(path), "format": "onnx",
-            "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
-            "parameters": int(sum(np.prod(t.dims) for t in model.graph.initializer)),
-            "moe_layers": len(specs), "experts_per_layer": [s.n_experts for s in specs],
-            "top_k": [s.top_k for s in specs], "index_limits": _index_limits(model)}
-    return write_artifact(p, out, info, tuning_db=tuning_db, dense_fallback=dense_fallback, bar=bar,
-                          sign_key=sign_key)

@@ -35,10 +35,10 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
-from moetvm.artifact import DTYPE_BYTES, fused_function
+from moetvm.artifact import DTYPE_BYTES, QUANT_SCHEMES, fused_function
 from moetvm.errors import MoetvmError
 
-SCHEMES = ("fp32", "fp16", "int8", "int4")
+SCHEMES = QUANT_SCHEMES
 BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
 DEFAULT_GROUP_SIZE = 32
 

@@ -1,4 +1,4 @@
-"""The canonical MoE layer spec, and the adapters that recognise MoE blocks structurally.
+"""The canonical MoE layer spec: what every front door reads an MoE block into.
 
 Every supported MoE block, whatever its source model, is described by one `MoELayerSpec`: router
 weights and bias/correction terms, score function, top-k (optionally grouped), renormalisation,
@@ -6,17 +6,15 @@ routed scaling factor, shared experts with an optional sigmoid gate, and the exp
 That covers Mixtral (softmax, renormalised top-2), Qwen2-MoE (shared expert with its own sigmoid
 gate, no renormalisation), OLMoE (softmax top-8) and DeepSeek-V3 (sigmoid scores, selection bias,
 grouped top-k, routed scaling), and the transformers families that reuse their routers
-(hf_adapters.py). Adapters are tried in order; the first that accepts a module translates it; an
-adapter that recognises a module it cannot express raises UnsupportedModelError.
+(adapters/hf.py). Pure data with its checks: the adapters (adapters/) and the ONNX importer
+fill it in, `MoELayerSpec.problem()` says what a block that does not fit it breaks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
-from torch import nn
 
 from moetvm.errors import MoetvmError
 from moetvm.artifact import Router
@@ -78,69 +76,33 @@ class MoELayerSpec:
     def d_model(self) -> int:
         return self.router_weight.shape[1]
 
-
-def _np(t) -> np.ndarray:
-    return t.detach().float().cpu().numpy().copy()
-
-
-def _reference_block(module: nn.Module, path: str) -> MoELayerSpec | None:
-    from .models.reference import MoEBlock
-
-    if not isinstance(module, MoEBlock):
+    def problem(self) -> str | None:
+        """What makes this spec inconsistent (expert count, hidden sizes, top-k, groups), or None."""
+        n, d = self.router_weight.shape
+        if len(self.experts) != n:
+            return f"router scores {n} experts but the block holds {len(self.experts)}"
+        if any(e.w_gate.shape[1] != d or e.w_down.shape[0] != d for e in self.experts + self.shared):
+            return "expert and router hidden sizes differ"
+        if not 0 < self.top_k <= n:
+            return f"top_k={self.top_k} for {n} experts"
+        if self.n_groups > 1 and (n % self.n_groups or not 0 < self.top_groups <= self.n_groups):
+            return f"n_group={self.n_groups}/topk_group={self.top_groups} do not fit {n} experts"
+        if self.n_groups > 1 and self.top_groups * (n // self.n_groups) < self.top_k:
+            return f"top_k={self.top_k} exceeds the experts of the {self.top_groups} kept groups"
         return None
-    experts = [ExpertWeights(_np(e.w_gate.weight), _np(e.w_up.weight), _np(e.w_down.weight)) for e in module.experts]
-    return MoELayerSpec(path=path, router_weight=_np(module.router.weight), top_k=module.top_k, experts=experts)
 
 
-# Adapters: module -> spec, or None when the module is not theirs. Model families add theirs here.
-ADAPTERS: list[Callable[[nn.Module, str], MoELayerSpec | None]] = [_reference_block]
+def experts_from_fused(gate_up: np.ndarray, down: np.ndarray) -> list[ExpertWeights]:
+    """Experts stored fused, as transformers' experts implementations (and ONNX exports of them)
+    keep them: gate_up (E, 2I, H), whose output's first half is the gate and second the up
+    projection, and down (E, H, I). UnsupportedModelError for other shapes."""
+    d_ff = gate_up.shape[1] // 2 if gate_up.ndim == 3 else 0
+    if gate_up.ndim != 3 or down.ndim != 3 or gate_up.shape[1] != 2 * d_ff or down.shape != (gate_up.shape[0], gate_up.shape[2], d_ff):
+        raise UnsupportedModelError(f"expert tensors {tuple(gate_up.shape)} and {tuple(down.shape)} are not gate_up "
+                                    f"(E, 2I, H) and down (E, H, I)")
+    return [ExpertWeights(gate_up[e, :d_ff].copy(), gate_up[e, d_ff:].copy(), down[e].copy()) for e in range(gate_up.shape[0])]
 
 
-def _router_child(module: nn.Module) -> str | None:
-    return next((a for a in ("gate", "router") if isinstance(getattr(module, a, None), (nn.Module, nn.Parameter))), None)
-
-
-def _looks_like_moe(module: nn.Module) -> bool:
-    """An `experts` child (a ModuleList, or a fused-experts module beside a gate/router)."""
-    experts = getattr(module, "experts", None)
-    if not isinstance(experts, nn.Module):
-        return False
-    return isinstance(experts, nn.ModuleList) or _router_child(module) is not None or any(
-        isinstance(p, nn.Parameter) and p.dim() == 3 for p in experts.parameters(recurse=False))
-
-
-def _why_unsupported(module: nn.Module) -> str:
-    from .hf_adapters import KNOWN_UNSUPPORTED
-
-    name = type(module).__name__
-    if name in KNOWN_UNSUPPORTED:
-        return KNOWN_UNSUPPORTED[name]
-    experts = type(module.experts).__name__
-    router = _router_child(module)
-    return (f"no adapter knows this block class (experts: {experts}, router: "
-            f"{type(getattr(module, router)).__name__ if router else 'none found'})")
-
-
-def find_moe_layers(model: nn.Module) -> list[MoELayerSpec]:
-    """Every MoE block of `model`, outermost first, in module order."""
-    specs: list[MoELayerSpec] = []
-    claimed: list[str] = []
-    for path, module in model.named_modules():
-        if any(path.startswith(c + ".") for c in claimed):
-            continue
-        spec = next((s for a in ADAPTERS if (s := a(module, path)) is not None), None)
-        if spec is not None:
-            specs.append(spec)
-            claimed.append(path)
-        elif _looks_like_moe(module):
-            raise UnsupportedModelError(
-                f"{type(module).__name__} at {path!r} looks like an MoE block but is not supported: "
-                f"{_why_unsupported(module)}. Supported: the reference MoEBlock and the transformers "
-                f"blocks listed in moetvm.compiler.hf_adapters.FAMILIES"
-            )
-    return specs
-
-
-from .hf_adapters import hf_block  # noqa: E402 - hf_adapters builds on the classes above
-
-ADAPTERS.append(hf_block)
+def to_numpy(tensor) -> np.ndarray:
+    """A torch tensor's values as a float32 NumPy array of its own."""
+    return tensor.detach().float().cpu().numpy().copy()

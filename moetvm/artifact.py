@@ -81,7 +81,7 @@ class Workload:
     d_ff: int
     dtype: str  # activations
     params: list[TensorSpec]  # stored weight tensors, in call order after the activations
-    quant: str = "fp32"  # weight storage: fp32 | fp16 | int8 | int4 (dequantized inside the kernel)
+    quant: str = "fp32"  # weight storage, one of QUANT_SCHEMES (dequantized inside the kernel)
     group_size: int | None = None  # int4: input rows sharing one scale and zero point
     fused_k: list[int] = field(default_factory=list)  # k with a function `<function>_x<k>` running k experts at once
     tile: int | None = None  # stored tile-major: each (rows, N) tensor as (N / tile, rows, tile)
@@ -282,6 +282,8 @@ def parse(text: str | bytes) -> Manifest:
 
 
 MAX_DIM = 1 << 31  # any one tensor dimension (a real one is below 10^6)
+QUANT_SCHEMES = ("fp32", "fp16", "int8", "int4")  # how weights may be stored (compiler/quant.py builds them)
+KV_DTYPES = ("float32", "float16")  # what an LM's KV cache may hold
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
 GROUP_SCORES = ("top2_sum", "max")  # how grouped top-k ranks a group (see routing.select_experts)
 MAX_EXPERTS = 1 << 16  # per layer; bounds every table the runtime builds from a manifest
@@ -297,6 +299,8 @@ def _check_consistency(m: Manifest) -> None:
         raise ArtifactError(f"{MANIFEST_NAME}: unknown artifact kind {m.kind!r}")
     if m.target.get("device", "cpu") not in DEVICES:
         raise ArtifactError(f"{MANIFEST_NAME}: target device {m.target.get('device')!r} is not one of {DEVICES}")
+    if not isinstance(m.target.get("rpc_key", ""), str):
+        raise ArtifactError(f"{MANIFEST_NAME}: target rpc_key must be a string, got {m.target.get('rpc_key')!r}")
     if not m.moe_layers:
         raise ArtifactError(f"{MANIFEST_NAME}: no MoE layers")
     _check_model_fields(m)
@@ -316,9 +320,10 @@ def _check_consistency(m: Manifest) -> None:
                 raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id} names missing {w.library}:{fn}")
         if not (0 < w.d_model < MAX_DIM and 0 < w.d_ff < MAX_DIM):
             raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id}: d_model/d_ff outside 1..{MAX_DIM - 1}")
+        if w.quant not in QUANT_SCHEMES:
+            raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id}: weight storage {w.quant!r} is unknown to this "
+                                f"runtime (known: {', '.join(QUANT_SCHEMES)})")
         workload_bytes[w.id] = sum(_tensor_bytes(t, f"workload {w.id}") for t in w.params)
-    from .routing import ROUTING_MODES, check_router  # routing semantics live beside the schema
-
     for layer in m.moe_layers:
         r = layer.router
         if not 0 < r.n_experts <= MAX_EXPERTS:
@@ -395,6 +400,29 @@ def _check_resident(layer: MoELayer, w: Workload | None, libs: dict) -> None:
                             f"{w.slot_bytes}-byte slot")
 
 
+# Routing modes a Router may name (moetvm/routing.py computes them): learned runs the model's
+# router; the fixed patterns need no router at run time.
+ROUTING_MODES = ("learned", "hash", "tiling", "cycle")
+FIXED_MODES = ("hash", "tiling", "cycle")
+
+
+def check_router(router: Router, present: list[int]) -> str | None:
+    """What is wrong with a router entry, given the experts the artifact holds (None if fine)."""
+    masked = set(router.masked)
+    allowed = [e for e in range(router.n_experts) if e not in masked]  # n_experts is bounded by parse
+    if any(not 0 <= e < router.n_experts for e in router.masked) or len(allowed) < router.top_k:
+        return f"masked experts {router.masked} leave fewer than top_k={router.top_k} of {router.n_experts}"
+    if sorted(present) != allowed:
+        return f"experts present {sorted(present)} differ from the unmasked experts {allowed}"
+    sets = router.table if router.mode == "hash" else router.cycle if router.mode == "cycle" else None
+    if router.mode in ("hash", "cycle"):
+        if not sets or any(len(s) != router.top_k or any(e not in allowed for e in s) for s in sets):
+            return f"{router.mode} routing needs expert sets of {router.top_k} allowed experts"
+    if router.mode == "tiling" and router.tile < 1:
+        return f"tiling needs a positive tile, got {router.tile}"
+    return None
+
+
 def plain_top_k(r: Router) -> bool:
     """Learned routing that is a plain top-k of the scores (no groups, selection bias or masked
     experts): what a resident layer's compiled top-k computes."""
@@ -453,11 +481,11 @@ def _check_model_fields(m: Manifest) -> None:
             if key in info and not _positive_int(info[key]):
                 raise ArtifactError(f"{MANIFEST_NAME}: model.{key} must be a positive integer, got {info[key]!r}")
         kv = kv_cache(m)
-        if not (isinstance(kv, dict) and kv.get("layout") in KV_LAYOUTS and kv.get("dtype") in ("float32", "float16")
+        if not (isinstance(kv, dict) and kv.get("layout") in KV_LAYOUTS and kv.get("dtype") in KV_DTYPES
                 and _positive_int(kv.get("capacity_multiple", 1)) and kv.get("capacity_multiple", 1) <= 4096
                 and set(kv) <= {"layout", "dtype", "capacity_multiple"}):
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache must give a layout ({', '.join(KV_LAYOUTS)}), a dtype "
-                                f"(float32, float16) and optionally a capacity_multiple (1..4096), got {kv!r}")
+                                f"({', '.join(KV_DTYPES)}) and optionally a capacity_multiple (1..4096), got {kv!r}")
         logits = next((o for o in m.outputs if o.name == "logits"), None)
         if logits is None or not logits.shape or logits.shape[-1] != info.get("vocab_size", logits.shape[-1]):
             raise ArtifactError(f"{MANIFEST_NAME}: model.vocab_size {info.get('vocab_size')!r} does not match "
@@ -484,6 +512,17 @@ def kv_shapes(layout) -> tuple[int, tuple[int, int], tuple[int, int]]:
     return (layers, tuple(rest[:2]), tuple(rest[:2])) if len(rest) == 2 else (layers, tuple(rest[:2]), tuple(rest[2:]))
 
 
+def lm_io_names(layers: int, kv_layout: str = "concat") -> tuple[list[str], list[str]]:
+    """Names of a causal LM artifact's inputs and outputs, in order (the causal LM protocol): token
+    ids, their positions, the cached positions, then per layer the KV cache's key and value
+    buffers (in place) or past keys and values (concat, which also returns the extended ones)."""
+    if kv_layout == "in_place":
+        buffers = [f"key_buffer_{i}" for i in range(layers)] + [f"value_buffer_{i}" for i in range(layers)]
+        return ["tokens", "positions", "past_positions"] + buffers, ["logits"]
+    kv = lambda prefix: [f"{prefix}keys_{i}" for i in range(layers)] + [f"{prefix}values_{i}" for i in range(layers)]  # noqa: E731
+    return ["tokens", "positions", "past_positions"] + kv("past_"), ["logits"] + kv("")
+
+
 def _check_program(m: Manifest) -> None:
     """Every step reads only values that exist by then, and the declared outputs get made."""
     available = {t.name for t in m.inputs} | {t.name for w in m.weights for t in w.tensors}
@@ -493,18 +532,15 @@ def _check_program(m: Manifest) -> None:
             # keys (b, heads, dim, capacity), values (b, heads, capacity, dim)
             kv_inputs = [(t.shape[1:3], key_shape) if t.name.startswith("key_buffer_") else
                          (t.shape[1::2], value_shape) for t in m.inputs if t.name.startswith(("key_buffer_", "value_buffer_"))]
-            kv_in, kv_out = ("key_buffer", "value_buffer"), ()
         else:
             kv_inputs = [(t.shape[1::2], key_shape if t.name.startswith("past_keys_") else value_shape) for t in m.inputs
                          if t.name.startswith(("past_keys_", "past_values_"))]
-            kv_in, kv_out = ("past_keys", "past_values"), ("keys", "values")
         if len(m.inputs) != 3 + 2 * layers or any(len(t.shape) != 4 for t in m.inputs[3:]) \
                 or any(dims != list(shape) for dims, shape in kv_inputs):
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_layout {m.model['kv_layout']} does not match the "
                                 f"{len(m.inputs)} declared inputs")
-        needed_in = {"tokens", "positions", "past_positions"} | {f"{kv}_{i}" for kv in kv_in for i in range(layers)}
-        needed_out = {"logits"} | {f"{kv}_{i}" for kv in kv_out for i in range(layers)}
-        if not needed_in <= available or not needed_out <= {t.name for t in m.outputs}:
+        needed_in, needed_out = lm_io_names(layers, kv_cache(m)["layout"])
+        if not set(needed_in) <= available or not set(needed_out) <= {t.name for t in m.outputs}:
             raise ArtifactError(f"{MANIFEST_NAME}: inputs/outputs do not follow the causal LM protocol")
     for step in m.program:
         missing = [n for n in step.inputs if n not in available]

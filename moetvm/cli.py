@@ -11,8 +11,9 @@ from pathlib import Path
 
 import click
 
-from moetvm.artifact import ArtifactError, read_manifest
+from moetvm.artifact import KV_DTYPES, QUANT_SCHEMES, ROUTING_MODES, ArtifactError, read_manifest
 from moetvm.errors import MoetvmError, one_line
+from moetvm.verify import AGREEMENT_BOUNDS, FP32_TOLERANCE, WINDOW
 
 
 def _fail(message: str) -> None:
@@ -68,20 +69,20 @@ def targets():
 @click.argument("model")
 @click.option("--target", default="host", show_default=True, help="target name (see `moetvm targets`)")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="artifact directory")
-@click.option("--quant", type=click.Choice(["fp32", "fp16", "int8", "int4", "auto"]), default="fp32", show_default=True,
+@click.option("--quant", type=click.Choice([*QUANT_SCHEMES, "auto"]), default="fp32", show_default=True,
               help="expert weight precision; auto plans it per expert from calibration text")
 @click.option("--group-size", default=32, show_default=True, help="int4 group size (input rows per scale/zero)")
 @click.option("--router-quant", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True)
-@click.option("--dense-quant", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
+@click.option("--dense-quant", type=click.Choice(QUANT_SCHEMES), default=None,
               help="precision of the dense part's linear layers, LM head and embeddings "
                    "[default: as --quant; fp32 with auto]")
-@click.option("--kv-dtype", type=click.Choice(["float32", "float16"]), default=None,
+@click.option("--kv-dtype", type=click.Choice(KV_DTYPES), default=None,
               help="keys and values the LM caches [default: float16, float32 when the dense part is fp32]")
 @click.option("--weight-budget", default=None, help="auto: expert bytes allowed (bytes or % of fp32)")
 @click.option("--calibration", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="text profiling expert usage (preload order) and planning auto precision "
                    "(default for the reference model: first half of its held-out text)")
-@click.option("--routing", type=click.Choice(["learned", "hash", "tiling", "cycle"]), default="learned", show_default=True,
+@click.option("--routing", type=click.Choice(ROUTING_MODES), default="learned", show_default=True,
               help="learned router, or a fixed pattern (no router at run time, exact prefetch)")
 @click.option("--tile", default=16, show_default=True, help="tiling: positions per expert set")
 @click.option("--cycle-dwell", default=8, show_default=True, help="cycle: time steps per expert set")
@@ -103,32 +104,25 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, dense_quant
     holds a moetvm artifact."""
     started = time.perf_counter()
     import moetvm.compiler  # noqa: F401 - first: it prepares TVM's CUDA build before TVM loads
-    from moetvm.artifact import read_manifest
-    from moetvm.compiler.api import check_compile_options
+    from moetvm.compiler import BuildTarget, CompileOptions
     from moetvm.compiler.output import check_output
-    from moetvm.targets import get_target
 
-    deploy_target = get_target(target)
-    deploy_target.check_toolchain()
+    options = CompileOptions(quant=quant, group_size=group_size, router_quant=router_quant, dense_quant=dense_quant,
+                             kv_dtype=kv_dtype, weight_budget=weight_budget, routing=routing, tile=tile,
+                             cycle_dwell=cycle_dwell, mask_below=mask_below, tuning_db=tuning_db,
+                             dense_fallback=dense_fallback, sign_key=sign_key)
+    build_target = BuildTarget.resolve(target)
     model_path = model[3:] if model.startswith("hf:") else None if model == "reference" else model
     check_output(out, inputs=(model_path, calibration, tuning_db, sign_key))
     onnx = model.endswith(".onnx")
-    if onnx and (calibration or mask_below is not None):
-        _fail("--calibration and --mask-below run the PyTorch model; not available for an ONNX model")
+    if onnx and calibration:
+        _fail("--calibration runs the PyTorch model; not available for an ONNX model")
     if not onnx and input_shapes:
         _fail("--input-shape applies to ONNX models only")
     if onnx and not Path(model).is_file():
         _fail(f"model {model!r}: no such ONNX file")
-    from moetvm.compiler.models import calibration_windows
-
-    # The shipped model profiles on its own text.
-    calibrated = quant == "auto" or calibration is not None or model == "reference"
-    tokens = calibration_windows(calibration) if calibrated else None
-    check_compile_options(quant=quant, group_size=group_size, router_quant=router_quant, dense_quant=dense_quant,
-                          kv_dtype=kv_dtype, weight_budget=weight_budget, calibration=tokens, routing=routing, tile=tile,
-                          cycle_dwell=cycle_dwell, mask_below=mask_below, tuning_db=tuning_db, sign_key=sign_key)
     if onnx:
-        from moetvm.compiler.onnx_frontend import compile_onnx
+        from moetvm.compiler import compile_onnx
 
         try:
             shapes = {name: [int(d) for d in dims.split("x")]
@@ -137,20 +131,18 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, dense_quant
             _fail(f"--input-shape takes NAME=1x16, got {list(input_shapes)}")
         if any(d <= 0 for dims in shapes.values() for d in dims):
             _fail(f"--input-shape dimensions must be positive, got {list(input_shapes)}")
-        path = compile_onnx(model, deploy_target, out, input_shapes=shapes, quant=quant, group_size=group_size,
-                            router_quant=router_quant, routing=routing, tile=tile, cycle_dwell=cycle_dwell,
-                            tuning_db=tuning_db, dense_fallback=dense_fallback, progress=not quiet, sign_key=sign_key)
+        path = compile_onnx(model, build_target, out, options, input_shapes=shapes, progress=not quiet)
     else:
         from moetvm.compiler import compile_model
-        from moetvm.compiler.models import load_model_source
+        from moetvm.compiler.models import calibration_windows, load_model_source
 
+        # The shipped model profiles on its own text; auto plans on it unless given another.
+        calibrated = quant == "auto" or calibration is not None or model == "reference"
+        tokens = calibration_windows(calibration) if calibrated else None
+        options.check_calibration(tokens)
         torch_model = load_model_source(model)
-        path = compile_model(torch_model, target=deploy_target, out=out, name=model, source=model,
-                             progress=not quiet, quant=quant, group_size=group_size, router_quant=router_quant,
-                             dense_quant=dense_quant, kv_dtype=kv_dtype,
-                             weight_budget=weight_budget, calibration=tokens, routing=routing, tile=tile,
-                             cycle_dwell=cycle_dwell, mask_below=mask_below, tuning_db=tuning_db,
-                             dense_fallback=dense_fallback, sign_key=sign_key)
+        path = compile_model(torch_model, target=build_target, out=out, options=options, calibration=tokens,
+                             name=model, source=model, progress=not quiet)
     m = read_manifest(path)
     size = sum(f.size for f in m.files())
     click.echo(f"wrote {path} ({size / 1e6:.2f} MB, {len(m.libraries)} libraries, "
@@ -165,7 +157,7 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, dense_quant
 @click.option("--db", type=click.Path(path_type=Path), required=True, help="database directory (TVM JSON format)")
 @click.option("--tracker", default=None, help="HOST:PORT of a TVM RPC tracker whose boards measure candidates")
 @click.option("--key", default=None, help="device key at the tracker (default: the target's)")
-@click.option("--quant", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="fp32", show_default=True)
+@click.option("--quant", type=click.Choice(QUANT_SCHEMES), default="fp32", show_default=True)
 @click.option("--group-size", default=32, show_default=True)
 @click.option("--only", "parts", multiple=True, type=click.Choice(["segments", "routers", "experts"]),
               help="tune only these parts (repeatable; default all)")
@@ -173,16 +165,15 @@ def tune(model, target, trials, db, tracker, key, quant, group_size, parts):
     """Tune every distinct kernel of MODEL for TARGET with MetaSchedule + XGBoost (resumable)."""
     from moetvm.compiler import tune_model
     from moetvm.compiler.models import load_model_source
-    from moetvm.targets import get_target
+    from moetvm.compiler import BuildTarget, CompileOptions
 
     if trials < 1:
         _fail(f"--trials must be at least 1, got {trials}")
     if db.exists() and not db.is_dir():
         _fail(f"--db {db}: is a file, not a database directory")
-    deploy_target = get_target(target)
-    report = tune_model(load_model_source(model), target=deploy_target, db=db, trials=trials, tracker=tracker,
-                        key=key, quant=quant, group_size=group_size,
-                        parts=tuple(parts) or ("segments", "routers", "experts"))
+    options = CompileOptions(quant=quant, group_size=group_size)
+    report = tune_model(load_model_source(model), target=BuildTarget.resolve(target), options=options, db=db,
+                        trials=trials, tracker=tracker, key=key, parts=tuple(parts) or ("segments", "routers", "experts"))
     click.echo(str(report))
 
 
@@ -387,8 +378,7 @@ def trace(directory, text, out, max_tokens, window):
     _runtime_only(directory)
     import numpy as np
 
-    from moetvm.runtime.model import KVCache
-
+    
     from moetvm.runtime.trace import RoutingTrace, TraceError
 
     if out.is_dir():
@@ -409,9 +399,9 @@ def trace(directory, text, out, max_tokens, window):
         _fail(f"--text {text}: empty")
     model.start_trace()
     for start in range(0, len(tokens), window):
-        cache = KVCache.empty(model.manifest, 1)
+        cache = model.new_cache()
         for t in tokens[start : start + window]:
-            _, cache = model._lm_step(np.array([[t]], dtype=np.int64), cache)
+            _, cache = model.step(np.array([[t]], dtype=np.int64), cache)
     recorded = model.stop_trace()
     recorded.save(out)
     click.echo(f"wrote {out}: {len(recorded.steps)} steps x {recorded.n_layers} layers", err=True)
@@ -506,31 +496,17 @@ def inspect(directory):
     click.echo(f"total      {size / 1e6:.2f} MB in {len(m.files())} files")
 
 
-# Top-1 agreement with fp32 PyTorch that a quantized artifact must reach on held-out text: the
-# bounds the quantization tests hold the shipped model to (tests/test_quant.py).
-AGREEMENT_BOUNDS = {"fp16": 0.99, "int8": 0.99, "int4": 0.95}
-
-
-def _precision(manifest) -> str:
-    """The lowest weight precision in the artifact (experts, dense weights, routers): what verify judges by."""
-    order = ["fp32", "fp16", "int8", "int4"]
-    tags = ([w.quant for w in manifest.workloads] + [w.quant for w in manifest.weights]
-            + [str(manifest.compile_info.get("quant", {}).get("router", "fp32"))])
-    found = [next((o for o in order if t.startswith(o)), "int4") for t in tags]
-    return max(found, key=order.index)
-
-
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--model", "source", default=None, help="PyTorch source (default: the one recorded at compile)")
 @click.option("--text", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="text to run, as byte tokens (default: shipped held-out text)")
 @click.option("--windows", default=4, show_default=True, type=click.IntRange(min=1),
-              help="number of 128-byte windows of the text")
+              help=f"number of {WINDOW}-byte windows of the text")
 @click.option("--generate", "gen_tokens", default=32, show_default=True, type=click.IntRange(min=0),
               help="greedy tokens to compare")
 @click.option("--tolerance", type=float, default=None,
-              help="max logit error relative to the logits' magnitude (default 1e-4 for fp32 artifacts; "
+              help=f"max logit error relative to the logits' magnitude (default {FP32_TOLERANCE:.0e} for fp32 artifacts; "
                    "quantized ones are judged by --min-agreement)")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
               help="quantized artifacts: least top-1 agreement with PyTorch (default by precision: "
@@ -542,11 +518,10 @@ def verify(directory, source, text, windows, gen_tokens, tolerance, min_agreemen
     artifact must match within --tolerance with identical greedy tokens; a quantized one must
     agree on the top-1 token at least --min-agreement of the time."""
     import numpy as np
-    import torch
 
     from moetvm.compiler.models import HELDOUT_TEXT, load_model_source
+    from moetvm.verify import PROMPT_TOKENS, verify_against_source
 
-    window, prompt_len = 128, 32
     model = _load(directory, cache_budget)
     if model.manifest.kind != "causal_lm":
         _fail(f"{directory}: verify compares a causal LM with its PyTorch source; this is a {model.manifest.kind} "
@@ -557,53 +532,21 @@ def verify(directory, source, text, windows, gen_tokens, tolerance, min_agreemen
     if not source:
         _fail("the artifact records no PyTorch source; pass --model")
     data = np.frombuffer((text or HELDOUT_TEXT).read_bytes(), dtype=np.uint8).astype(np.int64)
-    if len(data) < window + 1:
-        _fail(f"--text {text}: {len(data)} bytes; at least {window + 1} are needed (one {window}-token window)")
+    if len(data) < WINDOW + 1:
+        _fail(f"--text {text}: {len(data)} bytes; at least {WINDOW + 1} are needed (one {WINDOW}-token window)")
     vocab = model.manifest.model.get("vocab_size")
     if vocab and data.max() >= vocab:
         _fail(f"--text holds byte values up to {data.max()}, outside this model's {vocab}-token vocabulary")
-    model.check_generation(prompt_len, gen_tokens)
-    reference = load_model_source(source)
-    starts = np.linspace(0, len(data) - window - 1, windows).astype(int)
-    worst, agree, total = 0.0, 0, 0
-    for s in starts:
-        tokens = data[s : s + window][None]
-        ours = model(tokens)
-        with torch.no_grad():
-            theirs = reference(torch.from_numpy(tokens)).numpy()
-        worst = max(worst, float(np.abs(ours - theirs).max() / np.abs(theirs).max()))
-        agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
-        total += tokens.size
-    prompt = data[starts[0] : starts[0] + prompt_len]
-    ours_gen = model.generate(prompt, gen_tokens)
-    ids = torch.from_numpy(prompt[None])
-    theirs_gen = []
-    with torch.no_grad():
-        for _ in range(gen_tokens):
-            nxt = int(reference(ids)[0, -1].argmax())
-            theirs_gen.append(nxt)
-            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-    same_prefix = next((i for i, (a, b) in enumerate(zip(ours_gen, theirs_gen)) if a != b), gen_tokens)
-    precision = _precision(model.manifest)
-    if precision == "fp32":
-        tolerance = 1e-4 if tolerance is None else tolerance
-        ok = worst <= tolerance and same_prefix == gen_tokens
-        criterion = f"fp32: logit error <= {tolerance:.0e} and identical greedy tokens"
-    else:
-        min_agreement = AGREEMENT_BOUNDS[precision] if min_agreement is None else min_agreement
-        ok = agree / total >= min_agreement and (tolerance is None or worst <= tolerance)
-        criterion = (f"{precision}: top-1 agreement >= {min_agreement:.1%}"
-                     + (f" and logit error <= {tolerance:.0e}" if tolerance is not None else ""))
-    report = {"max_relative_logit_error": worst, "argmax_agreement": agree / total, "tokens_compared": total,
-              "greedy_tokens_equal": same_prefix, "greedy_tokens": gen_tokens, "precision": precision,
-              "tolerance": tolerance, "min_agreement": min_agreement, "criterion": criterion, "ok": ok}
+    model.check_generation(PROMPT_TOKENS, gen_tokens)
+    report = verify_against_source(model, load_model_source(source), data, windows, gen_tokens, tolerance, min_agreement)
+    worst, total, ok = report["max_relative_logit_error"], report["tokens_compared"], report["ok"]
     if as_json:
         click.echo(json.dumps(report))
     else:
         click.echo(f"max relative logit error {worst:.2e} over {total} tokens")
-        click.echo(f"argmax agreement         {agree / total:.2%}")
-        click.echo(f"greedy generation        {same_prefix}/{gen_tokens} tokens identical")
-        click.echo(f"{'OK' if ok else 'MISMATCH'} ({criterion})")
+        click.echo(f"argmax agreement         {report['argmax_agreement']:.2%}")
+        click.echo(f"greedy generation        {report['greedy_tokens_equal']}/{gen_tokens} tokens identical")
+        click.echo(f"{'OK' if ok else 'MISMATCH'} ({report['criterion']})")
     sys.exit(0 if ok else 1)
 
 

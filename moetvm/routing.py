@@ -1,8 +1,9 @@
 """Routing: from router scores (or a fixed pattern) to each token's experts and weights, and
 tokens grouped by expert.
 
-Part of the artifact's contract (what a `Router` entry means), so it lives beside the schema:
-the runtime's hot path and the compiler's calibration use this one implementation.
+What a `Router` entry means, computed: its vocabulary (ROUTING_MODES) and checks are the
+schema's (artifact.py); the runtime's hot path and the compiler's calibration use this one
+implementation.
 
 Modes:
   learned  the model's router: scores -> (optionally biased, grouped) top-k -> weights.
@@ -18,28 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moetvm.artifact import Router
-
-ROUTING_MODES = ("learned", "hash", "tiling", "cycle")
-FIXED_MODES = ("hash", "tiling", "cycle")
-
-
-def check_router(router: Router, present: list[int]) -> str | None:
-    """What is wrong with a router entry, given the experts the artifact holds (None if fine)."""
-    masked = set(router.masked)
-    allowed = [e for e in range(router.n_experts) if e not in masked]  # n_experts is bounded by parse
-    if any(not 0 <= e < router.n_experts for e in router.masked) or len(allowed) < router.top_k:
-        return f"masked experts {router.masked} leave fewer than top_k={router.top_k} of {router.n_experts}"
-    if sorted(present) != allowed:
-        return f"experts present {sorted(present)} differ from the unmasked experts {allowed}"
-    sets = router.table if router.mode == "hash" else router.cycle if router.mode == "cycle" else None
-    if router.mode in ("hash", "cycle"):
-        if not sets or any(len(s) != router.top_k or any(e not in allowed for e in s) for s in sets):
-            return f"{router.mode} routing needs expert sets of {router.top_k} allowed experts"
-    if router.mode == "tiling" and router.tile < 1:
-        return f"tiling needs a positive tile, got {router.tile}"
-    return None
-
+from moetvm.artifact import FIXED_MODES, Router
 
 def allowed_experts(router: Router) -> np.ndarray:
     return np.array(sorted(set(range(router.n_experts)) - set(router.masked)), dtype=np.int64)

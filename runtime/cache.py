@@ -61,7 +61,8 @@ class _Entry:
 class ExpertCache:
     """Thread-safe LRU cache of loaded experts.
 
-    `loader(key)` returns `(value, nbytes)`. An entry is evicted (and its tensors freed, as the
+    `loader(key)` returns `(value, nbytes)` (public: a caller may wrap it, e.g. to inject faults
+    or count loads). An entry is evicted (and its tensors freed, as the
     cache drops its only reference) when inserting another would exceed the budget.
     """
 
@@ -69,7 +70,7 @@ class ExpertCache:
         if budget_bytes <= 0:
             raise ValueError(f"cache budget must be positive, got {budget_bytes} bytes")
         self.budget = budget_bytes
-        self._loader = loader
+        self.loader = loader
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._pinned: set = set()
         self._inflight: dict[Hashable, threading.Event] = {}
@@ -113,7 +114,7 @@ class ExpertCache:
 
     def _timed_load(self, key):
         t0 = time.perf_counter()
-        value, nbytes = self._loader(key)
+        value, nbytes = self.loader(key)
         with self._lock:
             self.stats.loads += 1
             self.stats.loaded_bytes += nbytes
@@ -156,7 +157,7 @@ class ExpertCache:
         """Load `keys` now (in order, while they fit) and pin them; returns how many."""
         done = 0
         for key in keys:
-            value, nbytes = self._loader(key)
+            value, nbytes = self.loader(key)
             with self._lock:
                 if self.stats.resident_bytes + nbytes > self.budget:
                     break

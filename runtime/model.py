@@ -18,12 +18,12 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from moetvm.errors import MoetvmError
-from moetvm.artifact import (ArtifactError, Expert, Manifest, MoELayer, check_file, copy_verified, fused_function,
-                             kv_cache, kv_shapes, read_manifest, read_verified)
+from moetvm.artifact import (FIXED_MODES, ArtifactError, Expert, Manifest, MoELayer, check_file, copy_verified,
+                             fused_function, kv_cache, kv_shapes, lm_io_names, read_manifest, read_verified)
 
 from .cache import DEFAULT_PIN_FRACTION, ExpertCache, parse_budget
 from .host_memory import aligned_copy, host_arrays, settle
-from moetvm.routing import FIXED_MODES, FixedPattern, allowed_experts, group_by_expert, route
+from moetvm.routing import FixedPattern, allowed_experts, group_by_expert, route
 
 
 LATENCY_WINDOW = 10_000  # decode latencies kept for the percentiles in stats()
@@ -605,6 +605,30 @@ class MoEModel:
             raise InputError("token ids: empty sequence")
         return tokens
 
+    def new_cache(self, batch: int = 1) -> "KVCache":
+        """An empty KV cache for `step`."""
+        return KVCache.empty(self.manifest, batch)
+
+    def step(self, tokens, cache: "KVCache") -> tuple[np.ndarray, "KVCache"]:
+        """One forward step of a causal LM: token ids (batch, seq) at the positions after the
+        `cache.length` the cache holds; returns the logits (batch, seq, vocab) and the cache
+        holding seq more positions (the same object where the artifact's KV cache is in place)."""
+        if self.manifest.kind != "causal_lm":
+            raise InputError(f"step needs a causal LM artifact; this one is a {self.manifest.kind}")
+        return self._lm_step(self._check_tokens(tokens), cache)
+
+    def router_scores(self, layer: int, hidden) -> np.ndarray:
+        """The learned router of MoE layer `layer` on hidden states (n, d_model): scores
+        (n, n_experts), its score function applied."""
+        if layer not in self._layers or self._layers[layer].router.mode != "learned":
+            raise InputError(f"MoE layer {layer}: no learned router (layers with one: "
+                             f"{sorted(i for i, x in self._layers.items() if x.router.mode == 'learned')})")
+        router = self._layers[layer].router
+        x = _check_array(hidden, "float32", 2, "hidden states")
+        if x.shape[1] != self._layers[layer].d_model:
+            raise InputError(f"hidden states have size {x.shape[1]}, layer {layer} takes {self._layers[layer].d_model}")
+        return self._call(router.library, router.function, tvm.runtime.tensor(x, self.device)).numpy()
+
     def _lm_step(self, tokens: np.ndarray, cache: "KVCache") -> tuple[np.ndarray, "KVCache"]:
         b, s = tokens.shape
         p = cache.length
@@ -613,23 +637,19 @@ class MoEModel:
             raise InputError(f"sequence of {p + s} tokens exceeds the model's {limit} positions")
         if cache.batch != b:
             raise InputError(f"a KV cache of batch {cache.batch} cannot take tokens of batch {b}")
-        positions = np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy()
-        inputs = {"tokens": tokens, "positions": positions,
-                  "past_positions": np.broadcast_to(np.arange(p, dtype=np.int64), (b, p)).copy()}
+        (tokens_in, positions_in, past_in, *kv_in), (logits_out, *kv_out) = cache.io_names
+        inputs = {tokens_in: tokens, positions_in: np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy(),
+                  past_in: np.broadcast_to(np.arange(p, dtype=np.int64), (b, p)).copy()}
         if cache.layout == "in_place":
             cache.reserve(p + s, self.device, limit)
-            inputs.update({f"key_buffer_{i}": k for i, k in enumerate(cache.keys)})
-            inputs.update({f"value_buffer_{i}": v for i, v in enumerate(cache.values)})
-            out = self.run_program(inputs)
-            cache.length = p + s  # the step wrote its keys and values into the buffers
-            return out["logits"], cache
-        layers = len(cache.keys)
-        inputs.update({f"past_keys_{i}": cache.keys[i] for i in range(layers)})
-        inputs.update({f"past_values_{i}": cache.values[i] for i in range(layers)})
+        inputs.update(zip(kv_in, [*cache.keys, *cache.values]))
         out = self.run_program(inputs)
-        new = KVCache(cache.manifest, b, [out[f"keys_{i}"] for i in range(layers)],
-                      [out[f"values_{i}"] for i in range(layers)], length=p + s)
-        return out["logits"], new
+        if cache.layout == "in_place":
+            cache.length = p + s  # the step wrote its keys and values into the buffers
+            return out[logits_out], cache
+        layers = len(kv_out) // 2
+        return out[logits_out], KVCache(cache.manifest, b, [out[n] for n in kv_out[:layers]],
+                                        [out[n] for n in kv_out[layers:]], length=p + s)
 
     def check_generation(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """InputError, before any work, when `generate` could not finish: not a causal LM, no
@@ -743,6 +763,7 @@ class KVCache:
             values = [np.zeros((batch, value_heads, 0, value_dim), np.float32)] * layers
         self.keys, self.values = keys or [], values or []
         self._shapes = (layers, key_heads, key_dim, value_heads, value_dim)
+        self.io_names = lm_io_names(layers, self.layout)  # the step's (inputs, outputs), in order
 
     @staticmethod
     def empty(manifest: Manifest, batch: int) -> "KVCache":

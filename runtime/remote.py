@@ -199,8 +199,9 @@ def _explain(text: str, type_name: str, where: str, key: str) -> str:
 
 
 def tracker_key(manifest, artifact: Path | str) -> str:
-    """The device key `deploy --tracker` requests by default: the rpc key recorded in the
-    manifest, else the artifact's target's (the registry, with MOETVM_TARGETS), "host" for host."""
+    """The device key `deploy --tracker` requests by default: the rpc key the manifest records
+    (artifacts from this version on), else, for older artifacts, the target's in the registry
+    (with MOETVM_TARGETS), "host" for host."""
     import os
 
     from moetvm.targets import TargetError, get_target

@@ -8,11 +8,6 @@ import pytest
 import moetvm.compiler  # noqa: F401 - first, before TVM loads: it prepares CUDA builds (cuda_driver.py)
 
 
-def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
-    """Max absolute error relative to the reference's largest magnitude (logits cross zero, so
-    element-wise relative error is ill-posed)."""
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
-
 
 @pytest.fixture(scope="session")
 def reference_model():

@@ -408,6 +408,29 @@ def test_manifest_symlink_nan_and_huge_shapes_refused(reference_artifact, tmp_pa
         parse(json.dumps(data))
 
 
+def test_compile_options_are_one_checked_object(reference_model, tmp_path):
+    """CompileOptions is checked when made; compile_model's keywords are its fields (an unknown
+    one is named), replace those of an options object, and an option needing calibration tokens
+    is refused before any work when none are given."""
+    import dataclasses
+
+    from moetvm.compiler import CompileOptions, compile_model
+
+    assert CompileOptions.of(CompileOptions(quant="int8"), group_size=64) == CompileOptions(quant="int8", group_size=64)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        CompileOptions().quant = "int4"
+    with pytest.raises(MoetvmError, match="tile must be a positive number"):
+        CompileOptions(routing="tiling", tile=0)
+    with pytest.raises(MoetvmError, match="quant auto needs a --weight-budget"):
+        CompileOptions(quant="auto")
+    with pytest.raises(MoetvmError, match="unknown compile option quantization; the options are"):
+        compile_model(reference_model, out=tmp_path / "a", quantization="int4", progress=False)
+    for option in ({"routing": "hash"}, {"mask_below": 0.1}, {"quant": "auto", "weight_budget": "50%"}):
+        with pytest.raises(MoetvmError, match="needs calibration tokens to fit on"):
+            compile_model(reference_model, out=tmp_path / "a", progress=False, **option)
+    assert not (tmp_path / "a").exists()
+
+
 def test_empty_calibration_is_refused_not_written_as_nan(reference_model, files, tmp_path):
     from moetvm.compiler import compile_model
 

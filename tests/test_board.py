@@ -1,5 +1,5 @@
 """The emulated Cortex-A72 board: qemu-aarch64 -cpu cortex-a72 + an aarch64 sysroot built by
-scripts/build-board-a72 (Python 3.11, numpy, the aarch64 TVM wheel, moetvm.runtime)."""
+scripts/board/build-board-a72 (Python 3.11, numpy, the aarch64 TVM wheel, moetvm.runtime)."""
 
 import json
 import re
@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import relative_error
+from moetvm.verify import relative_error
 from servers import start, stop
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-BOARD_PYTHON = REPO / "scripts" / "board-a72-python"
+BOARD_PYTHON = REPO / "scripts" / "board" / "board-a72-python"
 
 
 @pytest.fixture(scope="session")
 def board():
-    proc = subprocess.run([REPO / "scripts" / "build-board-a72"], capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run([REPO / "scripts" / "board" / "build-board-a72"], capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return BOARD_PYTHON
 
@@ -69,7 +69,7 @@ def tracker(tmp_path):
 
 
 def _board_server(board, tmp_path, *args):
-    proc, line = start([REPO / "scripts" / "board-a72", "--port", "9300", *args], "moetvm board serving",
+    proc, line = start([REPO / "scripts" / "board" / "board-a72", "--port", "9300", *args], "moetvm board serving",
                         tmp_path / "board.log", timeout=300)
     return proc, int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
 

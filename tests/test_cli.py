@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import click
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -95,3 +96,25 @@ def test_compile_reference_from_cli(tmp_path):
     assert "[1/7] trace" in proc.stderr and "wrote" in proc.stderr
     assert read_manifest(out).model["source"] == "reference"
     assert json.loads(moetvm("verify", out, "--windows", "1", "--generate", "4", "--json").stdout)["ok"]
+
+
+def test_compile_flags_are_the_compile_options():
+    """`compile` and `tune` build a CompileOptions: every flag's default is the dataclass's and
+    every choice list is its registry's, so the CLI cannot drift from the Python API."""
+    import dataclasses
+
+    from moetvm.artifact import KV_DTYPES, QUANT_SCHEMES, ROUTING_MODES
+    from moetvm.cli import compile_cmd, tune
+    from moetvm.compiler.options import QUANT_CHOICES, CompileOptions
+    
+    flags = {p.name: p for p in compile_cmd.params}
+    defaults, context = CompileOptions(), click.Context(compile_cmd)
+    for field in dataclasses.fields(CompileOptions):
+        assert flags[field.name].get_default(context) == getattr(defaults, field.name), field.name
+    assert tuple(flags["quant"].type.choices) == QUANT_CHOICES
+    assert tuple(flags["dense_quant"].type.choices) == QUANT_SCHEMES
+    assert tuple(flags["kv_dtype"].type.choices) == KV_DTYPES
+    assert tuple(flags["routing"].type.choices) == ROUTING_MODES
+    tune_flags = {p.name: p for p in tune.params}
+    assert tuple(tune_flags["quant"].type.choices) == QUANT_SCHEMES
+    assert tune_flags["group_size"].get_default(click.Context(tune)) == defaults.group_size

@@ -7,25 +7,26 @@ import pytest
 import torch
 from tvm import relax, tirx
 
+from moetvm.artifact import lm_io_names
 from moetvm.compiler import find_moe_layers
 from moetvm.compiler import frontend
 from moetvm.compiler.dense_weights import store_dense_weights
 from moetvm.compiler.quant import scheme
-from moetvm.compiler.lowering import relax_pipeline, tvm_target
+from moetvm.compiler.lowering import relax_pipeline
+from moetvm.compiler.build_target import BuildTarget
 from moetvm.runtime import load_model
-from moetvm.targets import get_target
 
-from conftest import relative_error
+from moetvm.verify import relative_error
 
 
 @pytest.fixture(scope="module")
 def lowered_segments(reference_model):
     """The reference model's segments as the host pipeline lowers them (before code generation)."""
     specs = find_moe_layers(reference_model)
-    names_in, names_out = frontend.lm_io_names(reference_model.kv_layout[0])
+    names_in, names_out = lm_io_names(reference_model.kv_layout[0])
     mod, dense = store_dense_weights(frontend.export_causal_lm(reference_model, specs), scheme("fp32"))
     split = frontend.split_at_moe_layers(mod, names_in, names_out, dense.names)
-    target = tvm_target(get_target("host"))
+    target = BuildTarget.resolve("host").tvm
     with target:
         return relax_pipeline(target)(relax.transform.ConvertToDataflow()(split.segments))
 

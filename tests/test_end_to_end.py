@@ -6,7 +6,7 @@ import torch
 
 from moetvm.runtime import load_model
 
-from conftest import relative_error
+from moetvm.verify import relative_error
 
 TOLERANCE = 1e-4  # fp32 end to end: observed ~5e-7
 
@@ -72,12 +72,10 @@ def test_greedy_generation_matches_pytorch(reference_artifact, reference_model, 
 
 def test_kv_cache_step_equals_full_recompute(reference_artifact, heldout_tokens):
     """Decoding with the KV cache must give the logits of running the whole sequence."""
-    from moetvm.runtime.model import KVCache
-
     model = load_model(reference_artifact)
     seq = heldout_tokens[300:340][None]
     full = model(seq)
-    logits, cache = model._lm_step(seq[:, :30], KVCache.empty(model.manifest, 1))
+    logits, cache = model.step(seq[:, :30], model.new_cache())
     for t in range(30, 40):
-        logits, cache = model._lm_step(seq[:, t : t + 1], cache)
+        logits, cache = model.step(seq[:, t : t + 1], cache)
         assert relative_error(logits[:, 0], full[:, t]) < TOLERANCE

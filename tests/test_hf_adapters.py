@@ -1,4 +1,4 @@
-"""transformers MoE blocks read structurally into MoELayerSpec (compiler/hf_adapters.py).
+"""transformers MoE blocks read structurally into MoELayerSpec (compiler/adapters/hf.py).
 
 Each family: a tiny random-weight model built locally, one MoE block taken from it, its weights
 re-randomised (routers, biases and correction terms often start at zero, which would let a wrong
@@ -17,10 +17,10 @@ import torch
 
 from moetvm.artifact import Router
 from moetvm.compiler import UnsupportedModelError, find_moe_layers
-from moetvm.compiler.hf_adapters import FAMILIES
+from moetvm.compiler.adapters.hf import FAMILIES
 from moetvm.routing import group_by_expert, select_experts
 
-from conftest import relative_error
+from moetvm.verify import relative_error
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

@@ -11,7 +11,7 @@ from moetvm.artifact import read_manifest
 from moetvm.compiler import compile_model
 from moetvm.runtime import load_model
 
-from conftest import relative_error
+from moetvm.verify import relative_error
 from hf_models import FAMILIES, tiny_model
 
 pytest.importorskip("transformers")

@@ -8,7 +8,7 @@ from moetvm.compiler import compile_model
 from moetvm.compiler.models.reference import MoEBlock
 from moetvm.runtime import InputError, load_model
 
-from conftest import relative_error
+from moetvm.verify import relative_error
 
 
 def test_moe_block_compiles_with_one_shared_workload(tmp_path):

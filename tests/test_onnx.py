@@ -17,10 +17,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from moetvm.artifact import read_manifest
 from moetvm.cli import main
-from moetvm.compiler.onnx_frontend import OnnxModelError, compile_onnx, find_moe_blocks
+from moetvm.compiler import compile_onnx
+from moetvm.compiler.onnx_frontend import OnnxModelError, find_moe_blocks
 from moetvm.runtime import InputError, load_model
 
-from conftest import relative_error
+from moetvm.verify import relative_error
 from hf_models import tiny_model
 
 MOETVM = Path(sys.executable).parent / "moetvm"

@@ -7,9 +7,8 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from moetvm.compiler.lowering import tvm_target
+from moetvm.compiler.build_target import BuildTarget
 from moetvm.compiler.schedules import CPU_TIR_PIPELINE, PARALLEL_MIN_WORK, serial_when_small
-from moetvm.targets import get_target
 
 
 def static_add(rows: int):
@@ -81,7 +80,7 @@ def test_small_static_work_runs_serial_and_big_work_parallel():
 def test_work_known_only_at_run_time_is_guarded_and_both_copies_agree():
     kinds = _kinds(_transformed(rows_add))
     assert (tirx.ForKind.PARALLEL, True) in kinds and (tirx.ForKind.SERIAL, True) in kinds
-    lib = tvm.compile(tvm.IRModule({"main": rows_add}), target=tvm_target(get_target("host")), tir_pipeline=CPU_TIR_PIPELINE)
+    lib = tvm.compile(tvm.IRModule({"main": rows_add}), target=BuildTarget.resolve("host").tvm, tir_pipeline=CPU_TIR_PIPELINE)
     for rows in (1, 3, 64):  # serial below 4 rows of 1024, parallel above
         a = np.random.default_rng(rows).standard_normal((rows, 1024)).astype(np.float32)
         b = tvm.runtime.empty((rows, 1024), "float32")

@@ -6,21 +6,19 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
 from moetvm.compiler.models import ASSETS
 from moetvm.runtime import load_model
 from moetvm.runtime.cache import ExpertCache
-from moetvm.runtime.model import KVCache
 from moetvm.runtime.simulator import simulate
 from moetvm.runtime.trace import RoutingTrace
 
 
 def _decode(model, tokens):
     """Teacher-forced decode, one token per step; returns the logits of every step."""
-    cache, out = KVCache.empty(model.manifest, 1), []
+    cache, out = model.new_cache(), []
     for t in tokens:
-        logits, cache = model._lm_step(np.array([[t]], dtype=np.int64), cache)
+        logits, cache = model.step(np.array([[t]], dtype=np.int64), cache)
         out.append(logits[0, -1])
     return np.stack(out)
 
@@ -63,14 +61,14 @@ def test_failed_prefetch_does_not_poison_the_cache(reference_artifact, heldout_t
     tokens = heldout_tokens[800:830]
     expected = _decode(load_model(reference_artifact, cache_budget="25%"), tokens)
     model = load_model(reference_artifact, cache_budget="25%", prefetch=True)
-    real_loader = model.cache._loader
+    real_loader = model.cache.loader
 
     def flaky(key):  # storage that fails for every other expert, but only on the prefetch thread
         if threading.current_thread().name == "moetvm-prefetch" and key[1] % 2:
             raise OSError(f"injected read error for {key}")
         return real_loader(key)
 
-    model.cache._loader = flaky
+    model.cache.loader = flaky
     assert np.array_equal(_decode(model, tokens), expected)
     model.cache.drain()
     s = model.cache.stats

@@ -101,11 +101,11 @@ def test_lowering_does_not_depend_on_object_addresses(tmp_path):
 
     from tvm import tirx
 
-    from moetvm.compiler.lowering import build_library, relax_pipeline, tvm_target
-    from moetvm.targets import get_target
+    from moetvm.compiler.lowering import build_library, relax_pipeline
+    from moetvm.compiler.build_target import BuildTarget
 
-    target = get_target("host")
-    tgt = tvm_target(target)
+    target = BuildTarget.resolve("host")
+    tgt = target.tvm
     rng = random.Random(0)
     ballast, lowered = [], set()
     for _ in range(8):

@@ -10,22 +10,22 @@ from tvm import relax
 from moetvm.artifact import Router, TensorSpec, read_manifest, slot_layout
 from moetvm.compiler import compile_model
 from moetvm.compiler import gemv, quant
-from moetvm.compiler.lowering import relax_pipeline, tvm_target
+from moetvm.compiler.lowering import relax_pipeline
+from moetvm.compiler.build_target import BuildTarget
 from moetvm.routing import select_experts
 from moetvm.runtime import load_model
-from moetvm.runtime.model import KVCache
 from moetvm.targets import get_target
 
-from conftest import relative_error
+from moetvm.verify import relative_error
 
 
 def _steps(model, tokens):
     """Logits of a prompt then teacher-forced decode steps, one array per step."""
-    cache = KVCache.empty(model.manifest, 1)
-    logits, cache = model._lm_step(tokens[None, :8], cache)
+    cache = model.new_cache()
+    logits, cache = model.step(tokens[None, :8], cache)
     out = [logits[0, -1]]
     for t in tokens[8:]:
-        logits, cache = model._lm_step(np.array([[t]]), cache)
+        logits, cache = model.step(np.array([[t]]), cache)
         out.append(logits[0, -1])
     return out
 
@@ -53,10 +53,10 @@ def test_resident_layers_compute_what_the_host_path_computes(which, reference_ar
     n_experts = sum(len(layer.experts) for layer in m.moe_layers)
     assert stats["hit_rate"] == 1.0 and stats["preloaded"] == n_experts and stats["expert_loads"] == 0
     # One decode step: the segments, and two calls per MoE layer (router scores, the resident layer).
-    cache = KVCache.empty(m, 1)
-    _, cache = resident._lm_step(tokens[None, :8], cache)
+    cache = resident.new_cache()
+    _, cache = resident.step(tokens[None, :8], cache)
     before = resident.timings.call_count
-    resident._lm_step(tokens[None, 8:9], cache)
+    resident.step(tokens[None, 8:9], cache)
     assert resident.timings.call_count - before == sum(step.op == "segment" for step in m.program) + 2 * layers
 
 
@@ -75,7 +75,7 @@ def _resident_module(n_experts: int, top_k: int, normalize: bool, scaling: float
     offsets, slot_bytes = slot_layout(params)
     routing = quant.ResidentRouting("layer", n_experts, top_k, normalize, scaling)
     mod = quant.swiglu_module(d, d_ff, s, "expert", (top_k,), resident=(routing,), slot=(offsets, slot_bytes))
-    target = tvm_target(get_target("host"))
+    target = BuildTarget.resolve("host").tvm
     vm = relax.VirtualMachine(tvm.compile(relax.transform.ConvertToDataflow()(mod), target,
                                           relax_pipeline=relax_pipeline(target)), tvm.cpu())
     rng = np.random.default_rng(n_experts)
@@ -165,8 +165,8 @@ def test_what_every_token_reads_lives_in_huge_page_memory(reference_artifact, he
     """Dense weights, expert pools and the KV cache are advised for huge pages ("hg"): 4 KB pages
     made the int4 GraniteMoE decode token 5-50% slower and its speed vary between processes."""
     model = load_model(reference_artifact, cache_budget="100%")
-    cache = KVCache.empty(model.manifest, 1)
-    model._lm_step(heldout_tokens[None, :8], cache)
+    cache = model.new_cache()
+    model.step(heldout_tokens[None, :8], cache)
     weights = list(model._weights.values())
     pools = [pool for pool, _ in model._pools.values()]
     assert weights and pools and cache.keys

@@ -10,6 +10,7 @@ import torch
 
 from moetvm.artifact import ArtifactError, read_manifest
 from moetvm.runtime import InputError, load_model
+from moetvm.verify import relative_error
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def test_skip_policy_equals_reference_without_the_failed_expert(artifact_copy, r
     x = np.random.default_rng().standard_normal((300, 128)).astype(np.float32)
     ours = model.moe_layer(1, x)
     theirs = _torch_moe_without(reference_model.blocks[1].moe, x, dropped=3)
-    assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-5
+    assert relative_error(ours, theirs) < 1e-5
     stats = model.stats()
     assert stats["fallbacks"]["skip"] > 0 and "expert3" in model.fallback_errors[0]
 
@@ -83,7 +84,7 @@ def test_dense_policy_uses_the_compiled_mean_expert(reference_model, tmp_path):
             for e in indices[:, slot].unique().tolist():
                 rows = indices[:, slot] == e
                 theirs[rows] += run(e, xt[rows]) * weights[rows, slot, None]
-    assert np.abs(ours - theirs.numpy()).max() / np.abs(theirs.numpy()).max() < 1e-5
+    assert relative_error(ours, theirs.numpy()) < 1e-5
     assert model.stats()["fallbacks"]["dense"] > 0
     assert read_manifest(artifact_copy).moe_layers[0].fallback is not None
 
@@ -124,7 +125,7 @@ def test_slow_and_failing_storage_mid_run(reference_artifact, heldout_tokens):
     """Storage that stalls and then fails: no deadlock, errors name the expert, and outputs
     are either right or absent."""
     model = load_model(reference_artifact, cache_budget="25%", prefetch=True)
-    real = model.cache._loader
+    real = model.cache.loader
     calls = {"n": 0}
     lock = threading.Lock()
 
@@ -139,7 +140,7 @@ def test_slow_and_failing_storage_mid_run(reference_artifact, heldout_tokens):
             raise OSError(f"injected EIO reading expert {key}")
         return real(key)
 
-    model.cache._loader = faulty
+    model.cache.loader = faulty
     reference = load_model(reference_artifact)
     outcomes = {"ok": 0, "error": 0}
     for start in range(0, 2000, 100):

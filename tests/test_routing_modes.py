@@ -12,7 +12,6 @@ from moetvm.compiler import compile_model
 from moetvm.compiler.models import calibration_windows
 from moetvm.routing import allowed_experts
 from moetvm.runtime import load_model
-from moetvm.runtime.model import KVCache
 from moetvm.runtime.simulator import simulate
 
 pytestmark = pytest.mark.slow
@@ -28,10 +27,10 @@ def fixed(tmp_path_factory, reference_model):
 
 def _decode_trace(model, tokens, drain=False):
     model.start_trace()
-    cache = KVCache.empty(model.manifest, 1)
+    cache = model.new_cache()
     logits = []
     for t in tokens:
-        out, cache = model._lm_step(np.array([[t]], dtype=np.int64), cache)
+        out, cache = model.step(np.array([[t]], dtype=np.int64), cache)
         logits.append(out[0, -1])
         if drain:
             model.cache.drain()  # let each step's prefetches land: a deterministic schedule
@@ -65,7 +64,7 @@ def test_fixed_routing_follows_its_definition_and_is_deterministic(fixed, heldou
 def test_hash_table_fitted_to_the_learned_router(fixed, reference_model):
     """Tokens keep the experts the learned router chose most often for them."""
     from moetvm.compiler.quant_plan import calibrate
-    from moetvm.compiler.spec import find_moe_layers
+    from moetvm.compiler import find_moe_layers
 
     windows = calibration_windows()
     cal = calibrate(reference_model, find_moe_layers(reference_model), windows)
@@ -125,14 +124,14 @@ def test_unknown_routing_mode_is_a_clear_error(fixed, tmp_path):
 def test_fixed_pattern_artifact_on_emulated_board(reference_model, heldout_tokens, tmp_path):
     from test_board import BOARD_SCRIPT, REPO  # noqa: F401 - the board's own fixture built it
 
-    build = subprocess.run([REPO / "scripts" / "build-board-a72"], capture_output=True, text=True, timeout=1200)
+    build = subprocess.run([REPO / "scripts" / "board" / "build-board-a72"], capture_output=True, text=True, timeout=1200)
     assert build.returncode == 0, build.stderr[-2000:]
     options = dict(routing="tiling", tile=8, calibration=calibration_windows(), progress=False)
     host = compile_model(reference_model, target="host", out=tmp_path / "host", **options)
     a72 = compile_model(reference_model, target="cortex-a72", out=tmp_path / "a72", **options)
     tokens = heldout_tokens[9000:9016][None]
     out = tmp_path / "logits.npy"
-    proc = subprocess.run([REPO / "scripts" / "board-a72-python", "-c", BOARD_SCRIPT, a72, "25%",
+    proc = subprocess.run([REPO / "scripts" / "board" / "board-a72-python", "-c", BOARD_SCRIPT, a72, "25%",
                            json.dumps(tokens.tolist()), out], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     host_model = load_model(host, cache_budget="25%")

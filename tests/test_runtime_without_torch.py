@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import torch
 
-from conftest import relative_error
+from moetvm.verify import relative_error
 
 BLOCKED = ("torch", "onnx", "xgboost", "moetvm.compiler")
 

@@ -302,7 +302,7 @@ def test_sweep_rows():
 
 
 def test_plot_script(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("plot_cache_sweep", SCRIPTS / "plot_cache_sweep.py")
+    spec = importlib.util.spec_from_file_location("plot_cache_sweep", SCRIPTS / "reports" / "plot_cache_sweep.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     trace = tmp_path / "t.npz"

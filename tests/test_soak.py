@@ -1,7 +1,7 @@
 """Under load and over time, small enough for CI: the runtime's process stays free of torch
 (installed here) through load and forward; threads sharing one evicting model agree bit for bit
-with one thread and keep to the budget; a short soak run of scripts/soak.py passes its RSS, fd
-and thread checks. The full-size run is `scripts/soak.py ARTIFACT` (see its docstring)."""
+with one thread and keep to the budget; a short soak run of scripts/bench/soak.py passes its RSS, fd
+and thread checks. The full-size run is `scripts/bench/soak.py ARTIFACT` (see its docstring)."""
 
 import importlib.util
 import json
@@ -14,7 +14,7 @@ import numpy as np
 
 from moetvm.runtime import load_model
 
-SOAK = Path(__file__).resolve().parent.parent / "scripts" / "soak.py"
+SOAK = Path(__file__).resolve().parent.parent / "scripts" / "bench" / "soak.py"
 
 TORCH_FREE = """
 import json, sys

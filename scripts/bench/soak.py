@@ -2,7 +2,7 @@
 """Under load and over time: a stress run (many threads, one model) and a soak run (long greedy
 generation) on a compiled LM artifact, in one torch-free runtime process.
 
-    .venv/bin/python scripts/soak.py ARTIFACT [--threads 8] [--per-thread 10000] [--tokens 20000]
+    .venv/bin/python scripts/bench/soak.py ARTIFACT [--threads 8] [--per-thread 10000] [--tokens 20000]
         [--cache-budget 19%] [--no-prefetch] [--rss-bound-mb 32] [--out build/soak] [--skip-stress|--skip-soak]
 
 stress: --threads threads each run --per-thread inferences on one shared model (batch 1,
@@ -38,7 +38,7 @@ import numpy as np
 
 from moetvm.runtime import load_model
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def log(msg: str) -> None:

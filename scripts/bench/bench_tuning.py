@@ -7,7 +7,7 @@ eager, interleaved round by round in one process (medians), then compiles the mo
 without the database and compares decode latency per token.
 
     moetvm tune reference --trials 16 --db build/tune-db --only experts --only routers
-    .venv/bin/python scripts/bench_tuning.py --db build/tune-db [--tokens 1 32]
+    .venv/bin/python scripts/bench/bench_tuning.py --db build/tune-db [--tokens 1 32]
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import torch.nn.functional as F
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from moetvm.compiler import compile_model, quant
+from moetvm.compiler import BuildTarget, compile_model, quant
 from moetvm.compiler.lowering import build_library
+from moetvm.compiler.tuning import apply_database
 from moetvm.compiler.models import load_model_source
 from moetvm.runtime import load_model
-from moetvm.targets import get_target
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_experts import timer  # noqa: E402 - one timing loop for both benchmarks
@@ -52,13 +52,17 @@ def main() -> int:
                                   expert.w_down.weight.detach().numpy())
     s = quant.scheme("fp32")
     work = Path(tempfile.mkdtemp())
-    host = get_target("host")
+    host = BuildTarget.resolve("host")
+
+    def tuned(db):  # one database pass per library: its stats count that library's kernels
+        return apply_database(db, host.tvm) if db is not None else None
+
     kernels = {}
     for label, db in (("TVM default", None), ("TVM tuned", args.db)):
         expert_so, router_so = work / f"expert-{db is not None}.so", work / f"router-{db is not None}.so"
-        build_library(quant.swiglu_module(128, 256, s, "expert"), host, expert_so, tuning_db=db)
+        build_library(quant.swiglu_module(128, 256, s, "expert"), host, expert_so, tuned(db))
         router = block.router.weight.detach().numpy()
-        build_library(quant.router_module(router, None, "softmax", s, "router"), host, router_so, tuning_db=db)
+        build_library(quant.router_module(router, None, "softmax", s, "router"), host, router_so, tuned(db))
         kernels[label] = (VirtualMachine(tvm.runtime.load_module(str(expert_so)), tvm.cpu()),
                           VirtualMachine(tvm.runtime.load_module(str(router_so)), tvm.cpu()))
     w = [tvm.runtime.tensor(weights[n]) for n in ("w_gate", "w_up", "w_down")]

@@ -7,7 +7,7 @@ half): held-out cross-entropy, top-1 agreement with the learned fp32 model, arti
 router time per token, and the expert-cache hit rate at a 25% budget with the runtime's
 prefetching policy (decode, one token per step) next to plain LRU.
 
-    .venv/bin/python scripts/routing_report.py [-o build/routing-report] [--decode-tokens 256]
+    .venv/bin/python scripts/reports/routing_report.py [-o build/routing-report] [--decode-tokens 256]
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from moetvm.compiler import compile_model
 from moetvm.compiler.models import (calibration_windows, cross_entropy_bits, heldout_split, load_model_source,
                                     text_windows)
 from moetvm.runtime import load_model
-from moetvm.runtime.model import KVCache
 from moetvm.runtime.simulator import simulate
 
 VARIANTS = [
@@ -41,7 +40,7 @@ VARIANTS = [
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-o", "--out", type=Path, default=Path("build/routing-report"))
+    ap.add_argument("-o", "--out", type=Path, default=Path(__file__).resolve().parents[2] / "build" / "routing-report")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--decode-tokens", type=int, default=256)
     args = ap.parse_args()
@@ -65,16 +64,16 @@ def main() -> int:
         # Decode the stream one token per step with a 25% cache and prefetch, recording the trace.
         decoder = load_model(path, cache_budget="25%", prefetch=True)
         decoder.start_trace()
-        cache = KVCache.empty(manifest, 1)
+        cache = decoder.new_cache()
         for t in stream:
-            _, cache = decoder._lm_step(np.array([[t]], dtype=np.int64), cache)
+            _, cache = decoder.step(np.array([[t]], dtype=np.int64), cache)
             decoder.cache.drain()
         trace = decoder.stop_trace()
         # Router time from a plain decode (no prefetch thread competing for the interpreter).
         timer = load_model(path, cache_budget="100%")
-        cache64 = KVCache.empty(manifest, 1)
+        cache64 = timer.new_cache()
         for t in stream[:128]:
-            _, cache64 = timer._lm_step(np.array([[t]], dtype=np.int64), cache64)
+            _, cache64 = timer.step(np.array([[t]], dtype=np.int64), cache64)
         lru = simulate(trace, decoder.cache.budget, policies=("lru",))["lru"]
         s = decoder.cache.stats
         rows.append({

@@ -8,7 +8,7 @@ transformers' own forward (logits at prompt lengths 1 and 16, greedy generation 
 Prints a markdown table (and writes it to build/hf_families.md): the stage each family reached and,
 where it stopped, why.
 
-  .venv/bin/python scripts/hf_families.py [--families mixtral,olmoe,...] [--out build/hf_families.md]
+  .venv/bin/python scripts/reports/hf_families.py [--families mixtral,olmoe,...] [--out build/hf_families.md]
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 import moetvm.compiler  # noqa: F401 - first, before TVM loads (CUDA build set-up)
+from moetvm.verify import relative_error
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Every name a family might use for these sizes; a config keeps unknown names as plain attributes.
 TINY = dict(
@@ -119,7 +120,7 @@ def try_family(model_type: str, config_class: str, lm_class: str, workdir: Path)
             with torch.no_grad():
                 theirs = model(torch.from_numpy(tokens)).logits.numpy()
             ours = runtime(tokens)
-            errors.append(float(np.abs(ours - theirs).max() / np.abs(theirs).max()))
+            errors.append(relative_error(ours, theirs))
         row["error"] = max(errors)
         prompt = torch.from_numpy(rng.integers(3, 128, size=(1, 5)))
         seq = prompt

@@ -1,0 +1,106 @@
+"""The PyTorch front door: an nn.Module (a causal LM following the KV-cached LM protocol, a
+transformers `*ForCausalLM` of a supported family, or one MoE block) -> a PlannedModel, traced
+with torch.export and cut into segments at its MoE layers. compiler/onnx_frontend.py is the
+other front door; both end in plan.py's plan_parts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moetvm.artifact import lm_io_names
+from moetvm.errors import UsageError
+
+from . import frontend, quant_plan
+from .attention import LANES as KV_CAPACITY_MULTIPLE
+from .dense_weights import store_dense_weights
+from .build_target import BuildTarget
+from .options import CompileOptions
+from .plan import PlannedModel, Progress, plan_parts
+from .adapters import find_moe_layers
+from .spec import MoELayerSpec, UnsupportedModelError
+
+
+def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, options: CompileOptions, calibration,
+                 bar: Progress, *, name: str | None = None, description: str = "", source: str | None = None) -> PlannedModel:
+    """Trace `model` (with `example_inputs=(hidden,)` for a lone MoE block), find its MoE layers,
+    plan them for `target` with `options` (`calibration`: token windows, see compile_model) and
+    cut the rest into segments; the plan carries the manifest's model section."""
+    model = _in_lm_protocol(model)
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"compile_model takes a torch.nn.Module, got {type(model).__name__}")
+    if not _is_causal_lm(model):
+        if len(example_inputs) != 1 or not isinstance(example_inputs[0], torch.Tensor):
+            raise UsageError("a single MoE block needs example_inputs=(hidden,) with hidden a torch.Tensor "
+                             f"(batch, seq, d_model); got {_describe(example_inputs)}")
+    model = model.eval()
+    specs = find_moe_layers(model)
+    if not specs:
+        raise UnsupportedModelError(f"{type(model).__name__}: no MoE layer found")
+    lm = _is_causal_lm(model)
+    if not lm and not (len(specs) == 1 and specs[0].path == ""):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: expected a causal LM with step()/kv_layout or a single MoE block"
+        )
+    cal = quant_plan.calibrate(model, specs, calibration) if calibration is not None else None
+    vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
+    if options.routing == "hash" and (not lm or vocab is None):
+        raise UnsupportedModelError("hash routing needs a language model with a known vocabulary (cfg.vocab_size)")
+    p = plan_parts(specs, None, lm, target, options, calibration=calibration, cal=cal, vocab=vocab, bar=bar)
+    scheme = options.dense_scheme
+    if lm:
+        layout = "in_place" if getattr(model, "in_place_kv", False) else "concat"
+        p.kv_cache = {"layout": layout, "dtype": options.kv_cache_dtype() if layout == "in_place" else "float32"}
+        if layout == "in_place":
+            p.kv_cache["capacity_multiple"] = KV_CAPACITY_MULTIPLE
+    kv_note = f", {p.kv_cache['layout']} {p.kv_cache['dtype']} KV cache" if lm else ""
+    with bar.step(f"trace {type(model).__name__} with torch.export ({len(specs)} MoE layers{kv_note})"):
+        if lm:
+            input_names, output_names = lm_io_names(model.kv_layout[0], p.kv_cache["layout"])
+            mod = frontend.export_causal_lm(model, specs, p.kv_cache["layout"], p.kv_cache["dtype"])
+        else:
+            (example,) = example_inputs
+            input_names, output_names = ["hidden"], ["output"]
+            mod = frontend.export_moe_block(model, specs, example)
+    if lm:
+        with bar.step(f"store the dense weights ({scheme.tag})"):
+            mod, p.dense = store_dense_weights(mod, scheme, cpu=target.cpu, int8_dot=target.int8_dot)
+    p.split = frontend.split_at_moe_layers(mod, input_names, output_names, p.dense.names if p.dense else [])
+    p.model_info = _model_info(model, name, description, specs) | {"source": source}
+    return p
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    return hasattr(model, "kv_layout") and callable(getattr(model, "step", None))
+
+
+def _in_lm_protocol(model: nn.Module) -> nn.Module:
+    """A transformers causal LM (`*ForCausalLM`) is compiled through its LM-protocol wrapper."""
+    if not _is_causal_lm(model) and type(model).__module__.startswith("transformers.") \
+            and type(model).__name__.endswith("ForCausalLM"):
+        from .hf import HFCausalLM
+
+        return HFCausalLM(model)
+    return model
+
+
+def _describe(values) -> str:
+    return "(" + ", ".join(type(v).__name__ for v in values) + ")" if isinstance(values, tuple) else type(values).__name__
+
+
+def _model_info(model: nn.Module, name: str | None, description: str, specs: list[MoELayerSpec]) -> dict:
+    info = {
+        "name": name or type(getattr(model, "hf", model)).__name__,
+        "description": description,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "moe_layers": len(specs),
+        "experts_per_layer": [s.n_experts for s in specs],
+        "top_k": [s.top_k for s in specs],
+    }
+    if _is_causal_lm(model):
+        info["kv_layout"] = list(model.kv_layout)
+        cfg = getattr(model, "cfg", None)
+        for key in ("vocab_size", "max_positions", "d_model"):
+            if hasattr(cfg, key):
+                info[key] = getattr(cfg, key)
+    return info

@@ -1,0 +1,197 @@
+"""The back end's second half: a PlannedModel -> an artifact directory. Builds every library
+(segments, routers, one per expert workload) for the plan's target, writes expert and dense
+weight files and the manifest, and replaces the output only once the new artifact validates."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import tvm
+from moetvm.artifact import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    Expert,
+    Library,
+    Manifest,
+    MoELayer,
+    Router,
+    SharedExpert,
+    TensorSpec,
+    WeightFile,
+    file_ref,
+)
+
+from . import quant as quantization
+from .dense_weights import DenseWeights
+from .lowering import build_library
+from .options import CompileOptions
+from .output import atomic_directory
+from .plan import PlannedModel, Progress
+from .spec import ExpertWeights, MoELayerSpec
+from .tuning import apply_database
+
+
+def _validate_artifact(sign_key, bar: Progress):
+    """The last check before a new artifact replaces anything: its manifest parses, every file
+    matches its recorded size and hash, and (when signing) the signature verifies."""
+    def validate(root: Path) -> None:
+        from moetvm.artifact import check_file, read_manifest
+
+        with bar.step("validate" + (" and sign" if sign_key else "") + " the new artifact"):
+            manifest = read_manifest(root)
+            for ref in manifest.files():
+                check_file(root, ref)
+            if sign_key is not None:
+                from moetvm.signing import sign_artifact, verify_signed_by
+
+                sign_artifact(root, sign_key, check_files=False)
+                verify_signed_by(root, sign_key)
+    return validate
+
+
+def write_artifact(p: PlannedModel, out: str | Path, options: CompileOptions, bar: Progress | None = None) -> Path:
+    """Build every library of a prepared model and write the artifact atomically (shared by the
+    torch.export and ONNX front doors); signed with the options' key and validated before it
+    replaces anything at `out`."""
+    bar = bar or Progress(False, total=0)
+    dt, specs = p.target.deploy, p.specs
+    tuning_db, sign_key = options.tuning_db, options.sign_key
+    out = Path(out)
+
+    with atomic_directory(out, validate=_validate_artifact(sign_key, bar)) as tmp:
+        (tmp / "lib").mkdir()
+        libraries = []
+        device_code: dict[str, dict] = {}
+        tuning = {"tuned": 0, "default": 0}
+
+        for lib_name, module in relax_libraries(p).items():
+            what = {"segments": f"{sum(isinstance(f, tvm.relax.Function) for f in module.functions.values())} dense segments",
+                    "routers": f"{len(specs)} routers ({p.routing}, {p.router_scheme.tag})"}.get(lib_name, f"expert workload {lib_name}")
+            with bar.step(f"build {what}"):
+                path = tmp / "lib" / f"{lib_name}.so"
+                # One database pass per library: its stats count that library's kernels.
+                tuned = apply_database(tuning_db, p.target.tvm) if tuning_db is not None else None
+                functions, info = build_library(module, p.target, path, tuned)
+                libraries.append(Library(name=lib_name, file=file_ref(tmp, path), functions=functions))
+                if "tuning" in info:
+                    stats = info.pop("tuning")
+                    tuning = {k: tuning[k] + stats[k] for k in tuning}
+                if info:
+                    device_code[lib_name] = info
+
+        with bar.step("write weights and manifest"):
+            weights = _write_dense_weights(tmp, p.dense, p.split.weights) if p.dense else []
+            moe_layers = [_write_layer(tmp, i, spec, p.plan, p.usage, p.workload_entries, p.routers[i], options.dense_fallback,
+                                       p.resident.get(i)) for i, spec in enumerate(specs)]
+            manifest = Manifest(
+                format_version=FORMAT_VERSION,
+                kind=p.kind,
+                model=p.model_info | ({"kv_cache": p.kv_cache} if p.kv_cache else {}),
+                # The deploy target's facts a board needs: deploy takes the tracker key from here.
+                target={"name": dt.name, "description": dt.description, "tvm_target": dt.tvm_target,
+                        "host": dt.host, "device": dt.device, "memory_budget": dt.memory_budget,
+                        "rpc_key": dt.rpc_key},
+                libraries=libraries,
+                inputs=p.split.inputs,
+                outputs=p.split.outputs,
+                program=p.split.program,
+                workloads=list(p.workload_entries.values()),
+                moe_layers=moe_layers,
+                weights=weights,
+                # No timestamps or durations: the same inputs give a byte-identical manifest.
+                compile_info={"tvm": tvm.__version__, "torch": torch.__version__,
+                              "quant": {**p.plan_info, "router": p.router_scheme.tag,
+                                        **({"dense": p.dense.scheme.tag} if p.dense else {})},
+                              **({"tuning": {**tuning, "database": str(tuning_db)}} if tuning_db else {}),
+                              **({"device_code": device_code} if device_code else {})},
+            )
+            (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+    if tuning_db and bar.enabled:
+        print(f"tuning database {tuning_db}: {tuning['tuned']} kernels tuned, {tuning['default']} default", file=sys.stderr)
+    return out
+
+
+def relax_libraries(p: PlannedModel) -> dict[str, tvm.IRModule]:
+    """Library name -> the Relax module it is built from: segments, routers, one per workload."""
+    libs = {}
+    if any(isinstance(f, tvm.relax.Function) for f in p.split.segments.functions.values()):
+        libs["segments"] = p.split.segments
+    router_mod = tvm.IRModule()
+    for i, spec in enumerate(p.specs):
+        if p.routing == "learned":  # fixed patterns need no router at run time
+            router_mod.update(quantization.router_module(spec.router_weight, spec.router_bias, spec.score_fn,
+                                                         p.router_scheme, f"router_{i}"))
+        if spec.shared_gate_weight is not None:
+            router_mod.update(quantization.router_module(spec.shared_gate_weight, None, "sigmoid",
+                                                         p.router_scheme, f"shared_gate_{i}"))
+    if any(isinstance(f, tvm.relax.Function) for f in router_mod.functions.values()):
+        libs["routers"] = router_mod
+    for (kind, d_model, d_ff, sch), w in p.workload_entries.items():
+        libs[w.library] = quantization.swiglu_module(
+            d_model, d_ff, sch, w.function, tuple(w.fused_k), cpu=p.target.cpu,
+            resident=tuple(p.resident_routing.get((kind, d_model, d_ff, sch), ())), slot=(w.slot_offsets, w.slot_bytes))
+    return libs
+
+
+def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: dict, workloads: dict,
+                 router: Router, dense_fallback: bool, resident_function: str | None = None) -> MoELayer:
+    from safetensors.numpy import save_file
+
+    folder = root / "experts" / f"layer{index}"
+    folder.mkdir(parents=True)
+
+    def write(expert, key, stem: str, number: int) -> Expert:
+        sch = plan[key]
+        tensors = quantization.quantize_expert(quantization.kernel_layout(expert.w_gate, expert.w_up, expert.w_down), sch)
+        path = folder / f"{stem}.safetensors"
+        save_file(tensors, str(path))
+        workload = workloads[(expert.kind, expert.d_model, expert.d_ff, sch)]
+        return Expert(index=number, workload=workload.id, file=file_ref(root, path),
+                      weight_bytes=quantization.nbytes(tensors), usage=usage.get(key))
+
+    experts = [write(e, (index, j), f"expert{j}", j) for j, e in enumerate(spec.experts) if j not in router.masked]
+    # The "dense" fallback policy's stand-in: the mean of the layer's experts, at the precision
+    # of its first expert (same workload, so no extra kernel).
+    fallback = None
+    if dense_fallback:
+        mean = ExpertWeights(*(np.mean([getattr(e, w) for e in spec.experts], axis=0) for w in ("w_gate", "w_up", "w_down")),
+                             kind=spec.experts[0].kind)
+        fallback = dataclasses.replace(write(mean, (index, 0), "fallback", -1), usage=None)
+    shared = [
+        SharedExpert(expert=write(e, (index, ("shared", j)), f"shared{j}", j),
+                     gate_function=f"shared_gate_{index}" if spec.shared_gate_weight is not None else None)
+        for j, e in enumerate(spec.shared)
+    ]
+    return MoELayer(layer=index, d_model=spec.d_model, router=router, experts=experts, shared=shared, fallback=fallback,
+                    resident_function=resident_function)
+
+
+WEIGHT_SHARD_BYTES = 64 << 20  # per dense weight file: bounds what the runtime holds twice while loading
+
+
+def _write_dense_weights(root: Path, dense: DenseWeights, specs: list[TensorSpec]) -> list[WeightFile]:
+    """The dense weights as safetensors shards, in the order the model uses them."""
+    from safetensors.numpy import save_file
+
+    folder = root / "weights"
+    folder.mkdir()
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, array in enumerate(dense.arrays):
+        if shards[-1] and size + array.nbytes > WEIGHT_SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += array.nbytes
+    files = []
+    for n, shard in enumerate(s for s in shards if s):
+        path = folder / f"dense-{n:05d}.safetensors"
+        save_file({dense.names[i]: dense.arrays[i] for i in shard}, str(path))
+        files.append(WeightFile(file=file_ref(root, path), tensors=[specs[i] for i in shard],
+                                weight_bytes=int(sum(dense.arrays[i].nbytes for i in shard)), quant=dense.scheme.tag))
+    return files
