@@ -16,6 +16,8 @@ collapse it into huge pages now (MADV_COLLAPSE, Linux 6.1+: compaction and copyi
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 
 import numpy as np
@@ -61,3 +63,23 @@ def settle(blocks: list[mmap.mmap]) -> None:
             block.madvise(MADV_COLLAPSE)
         except (OSError, AttributeError):  # not collapsible here; the advice of host_arrays stands
             pass
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None (other C libraries, other systems)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand the memory malloc holds free back to the system (glibc; elsewhere nothing). An expert
+    load frees ~1 MB buffers (the file's bytes, then safetensors' arrays) that glibc keeps in its
+    heap: at a 25% budget of the int4 GraniteMoE (~220 loads per token) peak RSS was 430-442 MB,
+    400-404 MB with a trim every 16 loads."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

@@ -22,11 +22,12 @@ from moetvm.artifact import (FIXED_MODES, ArtifactError, Expert, Manifest, MoELa
                              fused_function, kv_cache, kv_shapes, lm_io_names, read_manifest, read_verified)
 
 from .cache import DEFAULT_PIN_FRACTION, ExpertCache, parse_budget
-from .host_memory import aligned_copy, host_arrays, settle
+from .host_memory import aligned_copy, host_arrays, release_freed_memory, settle
 from moetvm.routing import FixedPattern, allowed_experts, group_by_expert, route
 
 
 LATENCY_WINDOW = 10_000  # decode latencies kept for the percentiles in stats()
+TRIM_EVERY_LOADS = 16  # expert loads between trims of malloc's free memory (host_memory.release_freed_memory)
 CALL_ERRORS = (tvm.error.InternalError, ValueError, TypeError, RuntimeError)  # what a compiled function raises
 
 
@@ -156,6 +157,7 @@ class MoEModel:
             self._pools = {layer.layer: (pool, w) for (layer, w), pool in zip(resident, pools)}
         self.resident_calls = 0  # layer calls that took the resident function
         self._checked_segments: set[str] = set()  # segments whose result count matched the manifest
+        self._loads_untrimmed = 0  # expert loads since malloc last gave freed memory back
         self.cache = ExpertCache(budget, self._load_expert)
         self.timings = Timings()
         self._timing_lock = threading.Lock()
@@ -499,8 +501,12 @@ class MoEModel:
         workload = self.manifest.workload(expert.workload)
         if isinstance(key[1], int) and key[0] in self._pools:
             return self._into_slot(key, self._read_tensors(expert.file, workload.params)), expert.weight_bytes
-        tensors = self._load_tensors(expert.file, workload.params)
-        return list(tensors.values()), expert.weight_bytes
+        tensors = list(self._load_tensors(expert.file, workload.params).values())
+        self._loads_untrimmed += 1  # (approximate across the prefetch thread: only a cadence)
+        if self._loads_untrimmed >= TRIM_EVERY_LOADS:
+            self._loads_untrimmed = 0
+            release_freed_memory()
+        return tensors, expert.weight_bytes
 
     def _into_slot(self, key, tensors: dict) -> list:
         """Write one expert's tensors into its slot of the layer's pool; their views there."""
