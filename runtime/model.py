@@ -633,7 +633,7 @@ class MoEModel:
         x = _check_array(hidden, "float32", 2, "hidden states")
         if x.shape[1] != self._layers[layer].d_model:
             raise InputError(f"hidden states have size {x.shape[1]}, layer {layer} takes {self._layers[layer].d_model}")
-        return self._call(router.library, router.function, tvm.runtime.tensor(x, self.device)).numpy()
+        return self._call(router.library, router.function, self._as_tensor(x)).numpy()
 
     def _lm_step(self, tokens: np.ndarray, cache: "KVCache") -> tuple[np.ndarray, "KVCache"]:
         b, s = tokens.shape
