@@ -39,7 +39,7 @@ def compile_model(
 
     Supported: a causal LM following the KV-cached LM protocol (`step`, `kv_layout`; logits out),
     a transformers `*ForCausalLM` of a supported MoE family (wrapped in that protocol by
-    compiler/hf.py), or a single MoE block taking hidden states (`example_inputs=(hidden,)`).
+    compiler/models/hf.py), or a single MoE block taking hidden states (`example_inputs=(hidden,)`).
 
     options: a CompileOptions (quantization, routing, tuning database, signing key; see there);
     its fields may also be given as keywords (`quant="int4"`), which replace those of `options`.

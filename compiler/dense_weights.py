@@ -25,6 +25,7 @@ import tvm
 from tvm import relax
 
 from . import quant as quantization
+from .quant_kernels import gather_te, matmul_call
 from .gemv import LANES, dot_fits
 
 
@@ -105,7 +106,7 @@ class _UseStoredWeights(relax.PyExprMutator):
         if call.op.same_as(_MATMUL) and call.args[1] in self.transposed:
             stored, _k, s = self.stored[self.transposed[call.args[1]]]
             x = self.visit_expr(call.args[0])
-            y = quantization.matmul_call(self.builder_, x, stored, s, "dense", self.cpu)
+            y = matmul_call(self.builder_, x, stored, s, "dense", self.cpu)
             n = int(call.ty.shape.values[-1])
             if int(y.ty.shape.values[-1]) == n:  # the stored width (tiled storage hides it in two dims)
                 return y
@@ -115,7 +116,7 @@ class _UseStoredWeights(relax.PyExprMutator):
             ids = self.visit_expr(call.args[1])
             flat = ids if ids.ty.ndim == 1 else self.builder_.emit(relax.op.reshape(ids, [-1]))
             rows = self.builder_.emit(self.builder_.call_te(
-                lambda i, *w: quantization.gather_te(i, list(w), s, k, "embedding"), flat, *stored,
+                lambda i, *w: gather_te(i, list(w), s, k, "embedding"), flat, *stored,
                 primfunc_name_hint=f"embedding_{s.tag}_gather"))
             return rows if ids.ty.ndim == 1 else relax.op.reshape(rows, [*call.args[1].ty.shape.values, k])
         return super().visit_call_(call)

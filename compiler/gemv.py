@@ -1,7 +1,7 @@
 """Hand-scheduled CPU kernels for x @ W with W stored quantized in the (K, N) kernel layout.
 
 At decode every matmul is a GEMV: each weight is used once, so the cost is what it takes to
-turn stored bytes into fp32 products. The TE form (quant.py's `_matmul_te`) dequantizes every
+turn stored bytes into fp32 products. The TE form (quant_kernels.py's `_matmul_te`) dequantizes every
 weight completely inside the reduction: load and convert the zero point and scale, subtract,
 multiply, then the product; ~5 vector operations per 8 weights, about 5 G weights/s on a
 Xeon core and far from the memory bound. Here the affine part is factored out of the reduction:

@@ -78,7 +78,7 @@ def _in_lm_protocol(model: nn.Module) -> nn.Module:
     """A transformers causal LM (`*ForCausalLM`) is compiled through its LM-protocol wrapper."""
     if not _is_causal_lm(model) and type(model).__module__.startswith("transformers.") \
             and type(model).__name__.endswith("ForCausalLM"):
-        from .hf import HFCausalLM
+        from .models.hf import HFCausalLM
 
         return HFCausalLM(model)
     return model

@@ -11,7 +11,7 @@ context's size, and nothing converts the cache between NumPy and TVM.
 
 Models reach the op through `InPlaceLayer.attend`: the reference model calls it when its cache
 argument is one, and transformers models through their attention interface (`hf_attention`,
-registered under ATTENTION_NAME) with `InPlaceCache` as their cache (compiler/hf.py).
+registered under ATTENTION_NAME) with `InPlaceCache` as their cache (compiler/models/hf.py).
 """
 
 from __future__ import annotations

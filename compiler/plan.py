@@ -19,6 +19,7 @@ from moetvm.budget import parse_budget
 
 from . import quant as quantization
 from . import quant_plan
+from .quant_kernels import ResidentRouting
 from .dense_weights import DenseWeights
 from .gemv import dot_fits, lanes_for
 from .build_target import BuildTarget
@@ -109,7 +110,7 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: BuildTarget, 
         signatures = sorted(set(layer_routing.values()))
         names = {sig: f"{fn}_resident{j}" for j, sig in enumerate(signatures)}
         resident.update({li: names[sig] for li, sig in layer_routing.items()})
-        resident_routing[key] = [quantization.ResidentRouting(names[sig], *sig) for sig in signatures]
+        resident_routing[key] = [ResidentRouting(names[sig], *sig) for sig in signatures]
         offsets, slot_bytes = slot_layout(params) if signatures else ([], 0)
         entries[key] = Workload(
             id=wid, kind=expert_kind, library=fn, function=fn, d_model=d_model, d_ff=d_ff, dtype="float32",

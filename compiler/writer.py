@@ -27,6 +27,7 @@ from moetvm.artifact import (
 )
 
 from . import quant as quantization
+from .quant_kernels import router_module, swiglu_module
 from .dense_weights import DenseWeights
 from .lowering import build_library
 from .options import CompileOptions
@@ -124,15 +125,15 @@ def relax_libraries(p: PlannedModel) -> dict[str, tvm.IRModule]:
     router_mod = tvm.IRModule()
     for i, spec in enumerate(p.specs):
         if p.routing == "learned":  # fixed patterns need no router at run time
-            router_mod.update(quantization.router_module(spec.router_weight, spec.router_bias, spec.score_fn,
+            router_mod.update(router_module(spec.router_weight, spec.router_bias, spec.score_fn,
                                                          p.router_scheme, f"router_{i}"))
         if spec.shared_gate_weight is not None:
-            router_mod.update(quantization.router_module(spec.shared_gate_weight, None, "sigmoid",
+            router_mod.update(router_module(spec.shared_gate_weight, None, "sigmoid",
                                                          p.router_scheme, f"shared_gate_{i}"))
     if any(isinstance(f, tvm.relax.Function) for f in router_mod.functions.values()):
         libs["routers"] = router_mod
     for (kind, d_model, d_ff, sch), w in p.workload_entries.items():
-        libs[w.library] = quantization.swiglu_module(
+        libs[w.library] = swiglu_module(
             d_model, d_ff, sch, w.function, tuple(w.fused_k), cpu=p.target.cpu,
             resident=tuple(p.resident_routing.get((kind, d_model, d_ff, sch), ())), slot=(w.slot_offsets, w.slot_bytes))
     return libs

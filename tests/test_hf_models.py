@@ -65,7 +65,7 @@ def test_attention_window_follows_transformers_masks(family, window, mixed):
     `sliding_window` it never applies: the wrapper's masks reproduce each on 12 tokens."""
     import transformers
 
-    from moetvm.compiler.hf import HFCausalLM
+    from moetvm.compiler.models.hf import HFCausalLM
 
     config_class, model_class = {"mixtral": ("MixtralConfig", "MixtralForCausalLM"),
                                  "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),

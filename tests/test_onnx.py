@@ -98,7 +98,7 @@ def export_hf_onnx(model: torch.nn.Module, path: Path, seq: int = 16) -> Path:
     Through HFCausalLM: eager attention and explicit masks (transformers' own mask builders add
     packed-sequence checks TVM rejects); `batched_mm` experts, the implementation that exports
     cleanly (the default grouped_mm exports a custom op and histc; eager's loop is data-dependent)."""
-    from moetvm.compiler.hf import HFCausalLM
+    from moetvm.compiler.models.hf import HFCausalLM
 
     model.set_experts_implementation("batched_mm")
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

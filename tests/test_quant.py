@@ -8,6 +8,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from moetvm.compiler import compile_model, quant
 from moetvm.compiler.lowering import build_library
+from moetvm.compiler.quant_kernels import swiglu_module
 from moetvm.targets import get_target
 from moetvm.verify import relative_error
 
@@ -34,7 +35,7 @@ def kernels(tmp_path_factory):
             continue
         s = quant.scheme(name, 32).tiled(tile, dot)
         path = root / f"{s.tag}.so"
-        build_library(quant.swiglu_module(64, 96, s, "expert"), get_target("host"), path)
+        build_library(swiglu_module(64, 96, s, "expert"), get_target("host"), path)
         built[s.tag] = (s, VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu()))
     return built
 

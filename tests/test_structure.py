@@ -7,16 +7,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = {"moetvm": REPO / "moetvm", "moetvm.compiler": REPO / "compiler", "moetvm.runtime": REPO / "runtime",
             "moetvm.targets": REPO / "targets"}
-# Function-level imports that still go both ways, each with why (none may be added):
-KNOWN_LAZY_CYCLES = {
-    # quant.py holds both the storage format gemv reads (Scheme) and the Relax builders that
-    # call gemv's kernels.
-    ("moetvm.compiler.gemv", "moetvm.compiler.quant"),
-    # models.load_model_source wraps a transformers checkpoint (hf.py), which builds on models.lm.
-    ("moetvm.compiler.hf", "moetvm.compiler.models"),
-}
-
-
 def modules() -> dict[str, Path]:
     found = {}
     for package, folder in PACKAGES.items():
@@ -73,8 +63,7 @@ def cycles(graph: dict[str, set[str]]) -> set[tuple[str, ...]]:
 
 def test_module_imports_have_no_cycles():
     assert cycles(import_graph(top_level_only=True)) == set()
-    lazy = cycles(import_graph(top_level_only=False))
-    assert lazy == KNOWN_LAZY_CYCLES, f"new import cycles through function-level imports: {lazy - KNOWN_LAZY_CYCLES}"
+    assert cycles(import_graph(top_level_only=False)) == set(), "import cycles through function-level imports"
 
 
 def test_the_runtime_never_imports_the_compiler():

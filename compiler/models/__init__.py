@@ -19,7 +19,7 @@ def load_model_source(source: str):
     from .reference import load_checkpoint
 
     if source.startswith("hf:"):
-        from ..hf import load_hf
+        from .hf import load_hf
 
         return load_hf(source[3:])
     if source == "reference":

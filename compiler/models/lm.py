@@ -1,5 +1,5 @@
 """The KV-cached LM protocol the compiler exports, shared by the reference model and the
-transformers wrapper (compiler/hf.py)."""
+transformers wrapper (compiler/models/hf.py)."""
 
 from __future__ import annotations
 

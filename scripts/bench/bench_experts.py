@@ -27,6 +27,7 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from moetvm.compiler import quant
+from moetvm.compiler.quant_kernels import swiglu_module
 from moetvm.compiler.lowering import build_library
 from moetvm.compiler.models import load_model_source
 from moetvm.targets import get_target
@@ -60,7 +61,7 @@ def main() -> int:
     for name in quant.SCHEMES:
         s = quant.scheme(name, 32)
         path = workdir / f"{s.tag}.so"
-        build_library(quant.swiglu_module(128, 256, s, "expert"), get_target("host"), path)
+        build_library(swiglu_module(128, 256, s, "expert"), get_target("host"), path)
         vm = VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
         stored = quant.quantize_expert(weights, s)
         sizes[f"TVM {s.tag}"] = quant.nbytes(stored)

@@ -83,7 +83,7 @@ def try_family(model_type: str, config_class: str, lm_class: str, workdir: Path)
     import transformers
 
     from moetvm.compiler import compile_model, find_moe_layers
-    from moetvm.compiler.hf import HFCausalLM
+    from moetvm.compiler.models.hf import HFCausalLM
     from moetvm.runtime import load_model
 
     row = {"family": model_type, "stage": "config", "why": "", "block": "", "error": None, "greedy": None}

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from .models.lm import KVCachedLM
+from .lm import KVCachedLM
 
 
 class HFCausalLM(KVCachedLM):
@@ -88,7 +88,7 @@ class HFCausalLM(KVCachedLM):
     def _probe_in_place_kv(self) -> bool:
         """Run 4 tokens through the in-place protocol eagerly (the op has an eager form) and
         compare with the model's own forward."""
-        from .kv_cache import InPlaceLayer
+        from ..kv_cache import InPlaceLayer
 
         layers, key_heads, key_dim, value_heads, value_dim = self._kv_layout
         tokens = torch.arange(1, 5)[None] % self.config.vocab_size
@@ -141,7 +141,7 @@ class HFCausalLM(KVCachedLM):
     def _step_in_place(self, tokens, positions, past_positions, layers):
         from transformers import AttentionInterface
 
-        from .kv_cache import ATTENTION_NAME, hf_attention, in_place_cache_class
+        from ..kv_cache import ATTENTION_NAME, hf_attention, in_place_cache_class
 
         if not self.in_place_kv:
             raise ValueError(f"{type(self.hf).__name__}: its attention needs the concatenating KV cache")
@@ -197,7 +197,7 @@ def load_hf(path: str | Path) -> HFCausalLM:
     """A local transformers model directory (config.json + safetensors), no network, fp32."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        from .models import ModelSourceError
+        from . import ModelSourceError
 
         raise ModelSourceError(f"hf:{path}: no config.json there (a local transformers model directory is needed)")
     try:

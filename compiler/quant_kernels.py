@@ -1,0 +1,284 @@
+"""The kernels over quantized storage (compiler/quant.py's format), as Relax and TE: the fused
+dequantize-matmul, the embedding gather, an expert's SwiGLU module (with its fused decode-step
+and resident-layer functions), the router module and the resident layer's top-k.
+
+The TE kernels (GPU targets, and shapes without a tile) dequantize one weight at a time inside
+the reduction, so no fp32 copy of the weights is ever materialised; on CPU targets the matmuls
+are compiler/gemv.py's hand-scheduled kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax, te
+
+from moetvm.artifact import DTYPE_BYTES, fused_function
+
+from . import gemv
+from .quant import QuantizationError, Scheme, quantize, scale_dtype, swiglu_params
+
+
+def _dequantized(weights: list[te.Tensor], s: Scheme, k, j):
+    """The fp32 value of stored weight (k, j), read straight from the stored tensors."""
+    f32, t = "float32", s.tile
+
+    def at(tensor, row):
+        return tensor[j // t, row, j % t] if t else tensor[row, j]
+
+    w = weights[0]
+    if s.name in ("fp32", "fp16"):
+        return at(w, k).astype(f32)
+    if s.dot:  # input k's byte: row k // interleave, the column's 4 bytes together
+        byte = w[j // t, k // s.interleave, (j % t) * 4 + k % 4]
+    else:
+        byte = at(w, k // 2) if s.name == "int4" else at(w, k)
+    if s.name == "int8":
+        return byte.astype(f32) * weights[1][j]
+    scale, zero, g = weights[1], weights[2], s.group_size
+    shift = (k % 8) // 4 * 4 if s.dot else (k % 2) * 4
+    q = (byte >> shift.astype("uint8")) & tvm.tirx.const(15, "uint8")
+    return (q.astype(f32) - at(zero, k // g).astype(f32)) * at(scale, k // g).astype(f32)
+
+
+def _matmul_te(x: te.Tensor, weights: list[te.Tensor], s: Scheme, name: str) -> te.Tensor:
+    """x (..., K) @ W (K, N) -> (..., N), W dequantized inside the reduction."""
+    *lead, k_dim = x.shape
+    out_dim = weights[0].shape[0] * s.tile if s.tile else weights[0].shape[1]
+    k = te.reduce_axis((0, k_dim), "k")
+
+    def body(*idx):
+        *rows, j = idx
+        return te.sum(x[(*rows, k)] * _dequantized(weights, s, k, j), axis=k)
+    return te.compute((*lead, out_dim), body, name=name)
+
+
+def gather_te(ids: te.Tensor, weights: list[te.Tensor], s: Scheme, k_dim: int, name: str) -> te.Tensor:
+    """Embedding lookup from a table stored as a (K, N) = (d, vocab) weight: out[i, :] is column
+    ids[i], dequantized; an out-of-range id is clamped (the runtime checks ids, the kernel
+    never reads out of bounds whatever it is given)."""
+    vocab = weights[0].shape[0] * s.tile if s.tile else weights[0].shape[1]
+
+    def body(i, k):
+        j = te.max(te.min(ids[i].astype("int64"), vocab - 1), 0)
+        return _dequantized(weights, s, k, j)
+    return te.compute((ids.shape[0], k_dim), body, name=name)
+
+
+def matmul_call(bb: relax.BlockBuilder, x: relax.Expr, weights: list, s: Scheme, name: str, cpu: bool) -> relax.Expr:
+    """x (..., K) @ the stored weight (K, N) -> (..., N): on CPU targets the hand-scheduled GEMV
+    kernel where N allows (compiler/gemv.py), else the TE form for the target's schedules."""
+    shape = [int(d) for d in weights[0].ty.shape.values]
+    if s.tile:
+        k_dim, n_dim = shape[1] * s.interleave, shape[0] * s.tile
+    else:
+        k_dim, n_dim = shape[0] * (2 if s.name == "int4" else 1), shape[1]
+    if not cpu or not s.tile:
+        return bb.emit_te(lambda a, *w: _matmul_te(a, list(w), s, name), x, *weights,
+                          primfunc_name_hint=f"{name}_{s.tag}_matmul")
+    lead = list(x.ty.shape.values[:-1])
+    rows = x if len(lead) == 1 else bb.emit(relax.op.reshape(x, [-1, k_dim]))
+    kernel = bb.add_func(gemv.matmul(k_dim, n_dim, s), f"{s.tag}_matmul_{k_dim}x{n_dim}")
+    y = bb.emit(relax.call_tir(kernel, [rows, *weights], relax.TensorType((rows.ty.shape.values[0], n_dim), "float32")))
+    return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, [*lead, n_dim]))
+
+
+@dataclass(frozen=True)
+class ResidentRouting:
+    """A resident layer function (artifact.MoELayer.resident_function) and the routing it bakes in."""
+
+    function: str
+    n_experts: int
+    top_k: int
+    normalize: bool  # the k weights renormalised to sum to 1
+    scaling: float  # then multiplied by this
+
+
+def top_k_kernel(r: ResidentRouting) -> tvm.tirx.PrimFunc:
+    """scores (1, E) -> (chosen (k,) int64, weights (1, k) f32): the k best experts in ascending
+    expert order (the order the host path sums them in), ties to the lower index as
+    moetvm.routing.select_experts breaks them; weights are their scores, renormalised and
+    scaled as the router says. Always k distinct experts in [0, E), whatever the scores (NaN
+    included): the pool views taken from them stay in bounds."""
+    from tvm.script import tirx as T
+
+    n, k = r.n_experts, r.top_k
+    scaling = float(r.scaling)
+
+    @T.prim_func(private=True, s_tir=True)
+    def top_k(scores_h: T.handle, chosen_h: T.handle, weights_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        scores = T.match_buffer(scores_h, (1, n), "float32")
+        chosen = T.match_buffer(chosen_h, (k,), "int64")
+        weights = T.match_buffer(weights_h, (1, k), "float32")
+        # One opaque block: Relax inspects single-input kernels for a reshape pattern, which
+        # needs a block-structured body.
+        with T.sblock("top_k"):
+            taken = T.decl_buffer((n,), "int32", scope="local")
+            best = T.decl_buffer((1,), "float32", scope="local")
+            arg = T.decl_buffer((1,), "int32", scope="local")
+            count = T.decl_buffer((1,), "int32", scope="local")
+            total = T.decl_buffer((1,), "float32", scope="local")
+            for e in T.serial(n):
+                taken[e] = 0
+            for j in T.serial(k):
+                arg[0] = -1
+                best[0] = T.float32(0)
+                for e in T.serial(n):
+                    if taken[e] == 0 and (arg[0] < 0 or scores[0, e] > best[0]):
+                        arg[0] = e
+                        best[0] = scores[0, e]
+                taken[arg[0]] = 1
+            count[0] = 0
+            total[0] = T.float32(0)
+            for e in T.serial(n):
+                if taken[e] == 1:
+                    chosen[count[0]] = T.Cast("int64", e)
+                    weights[0, count[0]] = scores[0, e]
+                    total[0] = total[0] + scores[0, e]
+                    count[0] = count[0] + 1
+            for j in T.serial(k):
+                if r.normalize:
+                    weights[0, j] = weights[0, j] / total[0] * T.float32(scaling)
+                else:
+                    weights[0, j] = weights[0, j] * T.float32(scaling)
+
+    return top_k
+
+
+def swiglu_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[int, ...] = (),
+                  cpu: bool = True, resident: tuple[ResidentRouting, ...] = (),
+                  slot: tuple[list[int], int] | None = None) -> tvm.IRModule:
+    """An IRModule whose function `name` is the expert kernel:
+    (x (n, d_model) f32, *weights) -> (n, d_model) = down(silu(x@gate) * (x@up)),
+    and for each k in `fused_k` a function `fused_function(name, k)`:
+    (x (n, d_model), gates (n, k), *weights of expert 1, ..., *weights of expert k) ->
+    sum_i gates[:, i] * expert_i(x): a decode step's whole MoE layer (one token, its k experts)
+    in one call, the weighted sum included; and for each of `resident` its function (x (1, d),
+    scores (1, E), pool) -> (1, d) (artifact.MoELayer.resident_function), the experts read
+    at the `slot` layout (offsets, slot bytes) of the pool: by gemv.resident_layer, one kernel for
+    the whole layer, where the scheme has one (integer-dot CPUs), else through views into the pool
+    given to the experts' own GEMVs.
+    cpu: the matmuls use compiler/gemv.py's kernels."""
+    specs = swiglu_params(d_model, d_ff, s)
+    bb = relax.BlockBuilder()
+    n = tvm.tirx.Var("n", "int64")
+
+    def expert(x, params: dict):
+        def matmul(a, prefix):
+            group = [v for key, v in params.items() if key == prefix or key.startswith(prefix + ".")]
+            return matmul_call(bb, a, group, s, prefix, cpu)
+
+        h = bb.emit(relax.op.multiply(relax.op.nn.silu(matmul(x, "w_gate")), matmul(x, "w_up")))
+        return matmul(h, "w_down")
+
+    def weight_vars(tag: str = "") -> dict:
+        return {p: relax.Var(p.replace(".", "_") + tag, relax.TensorType(shape, dtype)) for p, shape, dtype in specs}
+
+    x = relax.Var("x", relax.TensorType((n, d_model), "float32"))
+    params = weight_vars()
+    with bb.function(name, [x, *params.values()]):
+        with bb.dataflow():
+            y = bb.emit_output(expert(x, params))
+        bb.emit_func_output(y)
+    for k in fused_k:
+        x = relax.Var("x", relax.TensorType((n, d_model), "float32"))
+        gates = relax.Var("gates", relax.TensorType((n, k), "float32"))
+        experts = [weight_vars(f"_{i}") for i in range(k)]
+        with bb.function(fused_function(name, k), [x, gates, *(v for e in experts for v in e.values())]):
+            with bb.dataflow():
+                total = None
+                for i, params in enumerate(experts):
+                    gate = bb.emit(relax.op.strided_slice(gates, axes=[1], begin=[i], end=[i + 1]))
+                    term = bb.emit(relax.op.multiply(expert(x, params), gate))
+                    total = term if total is None else bb.emit(relax.op.add(total, term))
+                out = bb.emit_output(total)
+            bb.emit_func_output(out)
+    for r in resident:
+        if cpu and s.tile and gemv.fuses_resident_layer(s):
+            _fused_resident_layer(bb, d_model, d_ff, s, r, specs, slot)
+            continue
+        # Two functions: the experts take the chosen ids as a shape parameter, so the views'
+        # offsets are defined on entry (inside one dataflow block, operator fusion would reorder
+        # the views before the ids that place them: it sees only data edges).
+        offsets, slot_bytes = slot
+        ids = [tvm.tirx.Var(f"expert{i}", "int64") for i in range(r.top_k)]
+        x = relax.Var("x", relax.TensorType((1, d_model), "float32"))
+        gates = relax.Var("gates", relax.TensorType((1, r.top_k), "float32"))
+        pool = relax.Var("pool", relax.TensorType((r.n_experts * slot_bytes,), "uint8"))
+        chosen = relax.Var("chosen", relax.ShapeType(ids))
+        # Public: Relax's RemoveUnusedParameters fails on a private function whose shape parameter
+        # is used only through its symbolic values.
+        with bb.function(f"{r.function}_experts", [x, gates, pool, chosen]):
+            with bb.dataflow():
+                total = None
+                for i, e in enumerate(ids):
+                    params = {p: bb.emit(relax.op.memory.view(pool, list(shape), dtype,
+                                                              relax.prim_value(e * slot_bytes + offset)))
+                              for (p, shape, dtype), offset in zip(specs, offsets)}
+                    gate = bb.emit(relax.op.strided_slice(gates, axes=[1], begin=[i], end=[i + 1]))
+                    term = bb.emit(relax.op.multiply(expert(x, params), gate))
+                    total = term if total is None else bb.emit(relax.op.add(total, term))
+                out = bb.emit_output(total)
+            experts = bb.emit_func_output(out)
+        x = relax.Var("x", relax.TensorType((1, d_model), "float32"))
+        scores = relax.Var("scores", relax.TensorType((1, r.n_experts), "float32"))
+        pool = relax.Var("pool", relax.TensorType((r.n_experts * slot_bytes,), "uint8"))
+        with bb.function(r.function, [x, scores, pool]):
+            with bb.dataflow():
+                kernel = bb.add_func(top_k_kernel(r), f"top{r.top_k}_of_{r.n_experts}")
+                picked = bb.emit(relax.call_tir(kernel, [scores], [relax.TensorType((r.top_k,), "int64"),
+                                                                   relax.TensorType((1, r.top_k), "float32")]))
+                ids = bb.emit(relax.op.tensor_to_shape(bb.emit(relax.TupleGetItem(picked, 0))))
+                out = bb.emit_output(bb.emit(relax.Call(experts, [x, bb.emit(relax.TupleGetItem(picked, 1)), pool, ids])))
+            bb.emit_func_output(out)
+    return bb.get()
+
+
+def _fused_resident_layer(bb: relax.BlockBuilder, d_model: int, d_ff: int, s: Scheme, r: ResidentRouting,
+                          specs: list, slot: tuple[list[int], int]) -> None:
+    """The resident function (x (1, d), scores (1, E), pool) -> (1, d) as two kernels: top-k,
+    then the whole layer (gemv.resident_layer) reading the pool and the pool viewed as scales."""
+    offsets, slot_bytes = slot
+    pool_bytes = r.n_experts * slot_bytes
+    layer = gemv.resident_layer(d_model, d_ff, s, r.n_experts, r.top_k,
+                                {name: offset for (name, _, _), offset in zip(specs, offsets)}, slot_bytes)
+    scales = scale_dtype(s)  # the kernel reads the pool's scales through a view of this dtype
+    x = relax.Var("x", relax.TensorType((1, d_model), "float32"))
+    scores = relax.Var("scores", relax.TensorType((1, r.n_experts), "float32"))
+    pool = relax.Var("pool", relax.TensorType((pool_bytes,), "uint8"))
+    with bb.function(r.function, [x, scores, pool]):
+        with bb.dataflow():
+            top_k = bb.add_func(top_k_kernel(r), f"top{r.top_k}_of_{r.n_experts}")
+            picked = bb.emit(relax.call_tir(top_k, [scores], [relax.TensorType((r.top_k,), "int64"),
+                                                              relax.TensorType((1, r.top_k), "float32")]))
+            scales = bb.emit(relax.op.memory.view(pool, [pool_bytes // DTYPE_BYTES[scales]], scales, relax.prim_value(0)))
+            kernel = bb.add_func(layer, f"{r.function}_layer")
+            out = bb.emit(relax.call_tir(kernel, [x, bb.emit(relax.TupleGetItem(picked, 1)), bb.emit(relax.TupleGetItem(picked, 0)),
+                                                  pool, scales], relax.TensorType((1, d_model), "float32")))
+            out = bb.emit_output(out)
+        bb.emit_func_output(out)
+
+
+def router_module(weight: np.ndarray, bias: np.ndarray | None, score_fn: str, s: Scheme, name: str) -> tvm.IRModule:
+    """router(x (n, d) f32) -> scores (n, E) = score_fn(x @ W^T + b), weights baked in as
+    constants at precision `s` (fp32 by default: routing is the most sensitive part)."""
+    if score_fn not in ("softmax", "sigmoid"):
+        raise QuantizationError(f"unknown router score function {score_fn!r}")
+    n = tvm.tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType((n, weight.shape[1]), "float32"))
+    stored = quantize(np.ascontiguousarray(weight.T), s)
+    bb = relax.BlockBuilder()
+    with bb.function(name, [x]):
+        with bb.dataflow():
+            consts = [relax.const(stored[key]) for key in ("", ".scale", ".zero") if key in stored]
+            logits = bb.emit_te(lambda a, *w: _matmul_te(a, list(w), s, "logits"), x, *consts,
+                                primfunc_name_hint=f"{name}_logits")
+            if bias is not None:
+                logits = bb.emit(relax.op.add(logits, relax.const(np.asarray(bias, np.float32))))
+            scores = relax.op.nn.softmax(logits, axis=-1) if score_fn == "softmax" else relax.op.sigmoid(logits)
+            out = bb.emit_output(bb.emit(scores))
+        bb.emit_func_output(out)
+    return bb.get()
