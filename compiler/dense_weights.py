@@ -18,6 +18,7 @@ loads, verified, beside the libraries: the segments library holds code only.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,16 +32,30 @@ from .gemv import LANES, dot_fits
 
 @dataclass
 class DenseWeights:
-    """`main` takes its traced inputs, then these tensors, in this order."""
+    """`main` takes its traced inputs, then these tensors, in this order. Their values are made
+    only when `tensors()` is read, one weight at a time (read from the model or the checkpoint,
+    quantized), so a model's dense part is never held whole."""
 
     names: list[str]
-    arrays: list[np.ndarray]
+    specs: list[tuple[tuple[int, ...], str]]  # (shape, dtype) of each stored tensor
+    makers: list[Callable[[], list[np.ndarray]]]  # in order, each makes the next stored tensors (a weight's parts)
     scheme: quantization.Scheme
     schemes: dict[str, quantization.Scheme]  # PyTorch name -> how each quantized weight is stored (the rest stay fp32)
 
+    def nbytes_of(self, i: int) -> int:
+        shape, dtype = self.specs[i]
+        return int(np.prod(shape)) * np.dtype(dtype).itemsize
+
     @property
     def nbytes(self) -> int:
-        return int(sum(a.nbytes for a in self.arrays))
+        return sum(self.nbytes_of(i) for i in range(len(self.names)))
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, stored tensor) in order, each made when reached."""
+        names = iter(self.names)
+        for make in self.makers:
+            for array in make():
+                yield next(names), array
 
 
 PAD = LANES  # output columns: the vector tile of the GEMV kernels (and a multiple of MatmulOuterProduct's)
@@ -122,50 +137,54 @@ class _UseStoredWeights(relax.PyExprMutator):
         return super().visit_call_(call)
 
 
-def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: bool = True,
-                        int8_dot: bool = False) -> tuple[tvm.IRModule, DenseWeights]:
+def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: bool = True, int8_dot: bool = False,
+                        sources: dict | None = None) -> tuple[tvm.IRModule, DenseWeights]:
     """`mod` (main with parameters as inputs, see frontend._import) with its weights in stored
     form: linear and embedding weights at `scheme` (vocabulary tables at int8 when `scheme` is
     int4; fp32 where the input size does not fit the group size), the rest fp32; returns the
     module and the tensors `main` now takes after its inputs. cpu: matmuls use the hand-scheduled
     kernels of compiler/gemv.py (else the TE form, for GPU targets' schedules); int8_dot: the CPU
-    has the integer dot products of gemv.py's int8/int4 kernels."""
+    has the integer dot products of gemv.py's int8/int4 kernels. sources: PyTorch name -> the
+    weight's values where they are not the traced module's own (a streamed checkpoint's
+    `LazyTensor`s, compiler/checkpoint.py); read, like the rest, only when the tensors are."""
     main = mod["main"]
     n_inputs = int(main.attrs["num_input"])
     weights = list(main.params[n_inputs:])
-    values = dict(zip(weights, (np.asarray(v.numpy()) for v in main.attrs["params"])))
     names = dict(zip(weights, (str(n) for n in main.attrs["param_names"])))
+    traced = dict(zip(weights, main.attrs["params"]))
+    shapes = {w: tuple(int(d) for d in w.ty.shape.values) for w in weights}
     uses = _uses(main, weights)
 
-    vocabularies = {values[w].shape[0] for w in weights if "embedding" in uses[w]}
+    def value(w) -> np.ndarray:
+        source = (sources or {}).get(names[w])
+        return np.asarray(source) if source is not None else traced[w].numpy()
+
+    vocabularies = {shapes[w][0] for w in weights if "embedding" in uses[w]}
     table_scheme = quantization.scheme("int8") if scheme.name == "int4" else scheme
     stored: dict = {}  # quantized weight var -> (stored vars, K, scheme)
-    params, arrays, stored_names, schemes = list(main.params[:n_inputs]), [], [], {}
+    params, makers, stored_names, specs, schemes = list(main.params[:n_inputs]), [], [], [], {}
     for w in weights:
-        array = values[w]
-        kinds = uses[w]
-        s = table_scheme if array.ndim == 2 and ("embedding" in kinds or array.shape[0] in vocabularies) else scheme
+        shape, kinds = shapes[w], uses[w]
+        s = table_scheme if len(shape) == 2 and ("embedding" in kinds or shape[0] in vocabularies) else scheme
         # every stored width is padded to a tile
-        s = s.tiled(LANES if cpu else None, cpu and int8_dot and array.ndim == 2 and dot_fits(s, array.shape[1]))
-        fits = array.ndim == 2 and array.dtype == np.float32 and (s.name != "int4" or array.shape[1] % s.group_size == 0)
+        s = s.tiled(LANES if cpu else None, cpu and int8_dot and len(shape) == 2 and dot_fits(s, shape[1]))
+        fits = len(shape) == 2 and w.ty.dtype == "float32" and (s.name != "int4" or shape[1] % s.group_size == 0)
         if kinds and kinds <= {"linear", "embedding"} and fits:
-            n = array.shape[0]
-            padded = np.zeros(((n + PAD - 1) // PAD * PAD, array.shape[1]), np.float32)
-            padded[:n] = array
-            tensors = quantization.quantize(np.ascontiguousarray(padded.T), s)  # (K, N) = (in, out)
+            padded_n = (shape[0] + PAD - 1) // PAD * PAD
             vars_ = []
-            for suffix, t in tensors.items():
-                v = relax.Var(names[w] + suffix, relax.TensorType(t.shape, str(t.dtype)))
-                vars_.append(v)
-                params.append(v)
-                arrays.append(t)
-                stored_names.append(names[w] + suffix)
-            stored[w] = (vars_, array.shape[1], s)
+            for name, stored_shape, dtype in quantization.weight_params(names[w], shape[1], padded_n, s):
+                vars_.append(relax.Var(name, relax.TensorType(stored_shape, dtype)))
+                stored_names.append(name)
+                specs.append((tuple(stored_shape), dtype))
+            params.extend(vars_)
+            makers.append(lambda w=w, s=s, padded_n=padded_n: _quantized(value(w), padded_n, s))
+            stored[w] = (vars_, shape[1], s)
             schemes[names[w]] = s
         elif kinds:
             params.append(w)
-            arrays.append(np.ascontiguousarray(array))
+            makers.append(lambda w=w: [np.ascontiguousarray(value(w))])
             stored_names.append(names[w])
+            specs.append((shape, str(w.ty.dtype)))
         # an unused parameter is dropped
     func = relax.Function(params, main.body, main.ret_ty, main.is_pure, main.attrs)
     out = tvm.IRModule(attrs=mod.attrs, global_infos=mod.global_infos)
@@ -176,4 +195,12 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
     out = rewrite.builder_.get()  # the mutator's module: every PrimFunc it added
     out["main"] = new_main.without_attr("params").without_attr("param_names")
     out = relax.transform.DeadCodeElimination(["main"])(out)
-    return out, DenseWeights(stored_names, arrays, scheme, schemes)
+    return out, DenseWeights(stored_names, specs, makers, scheme, schemes)
+
+
+def _quantized(array: np.ndarray, padded_n: int, s: quantization.Scheme) -> list[np.ndarray]:
+    """A PyTorch (out, in) weight's stored tensors: padded to `padded_n` outputs, in the kernel
+    layout (K, N) = (in, out), quantized at `s`."""
+    padded = np.zeros((padded_n, array.shape[1]), np.float32)
+    padded[: array.shape[0]] = array
+    return list(quantization.quantize(np.ascontiguousarray(padded.T), s).values())

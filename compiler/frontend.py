@@ -64,7 +64,8 @@ def _convert_marker(node, importer):
 def _with_markers(model: nn.Module, specs: list[MoELayerSpec]) -> nn.Module:
     if [s.path for s in specs] == [""]:  # the model is itself one MoE block
         return _MoEMarker(0)
-    marked = copy.deepcopy(model)
+    # A copy of the module tree that shares the tensors: copying the weights would cost the model's size.
+    marked = copy.deepcopy(model, memo={id(t): t for t in [*model.parameters(), *model.buffers()]})
     for i, spec in enumerate(specs):
         parent_path, _, attr = spec.path.rpartition(".")
         parent = marked.get_submodule(parent_path) if parent_path else marked
@@ -249,10 +250,14 @@ def export_causal_lm(model: nn.Module, specs: list[MoELayerSpec], kv_layout: str
         step = _LMStep(_with_markers(model, specs))
         args, dyn = (*inputs, kv(key_shape), kv(value_shape)), (*dyn, [{0: batch, 2: past}] * layers, [{0: batch, 2: past}] * layers)
     mod = _import(step, args, dyn, keep_params=True)
-    # Weights are named as in the user's model: without the wrappers' attribute names.
-    names = [str(n).removeprefix("lm.").removeprefix("hf.") for n in mod["main"].attrs["param_names"]]
-    mod["main"] = mod["main"].with_attr("param_names", names)
+    mod["main"] = mod["main"].with_attr("param_names", [weight_name(str(n)) for n in mod["main"].attrs["param_names"]])
     return mod
+
+
+def weight_name(fqn: str) -> str:
+    """A weight's name in the artifact: as in the user's model, without the wrappers' attribute
+    names (the step module's `lm`, the transformers wrapper's `hf`)."""
+    return fqn.removeprefix("lm.").removeprefix("hf.")
 
 
 def export_moe_block(model: nn.Module, specs: list[MoELayerSpec], example: torch.Tensor) -> tvm.IRModule:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moetvm.artifact import lm_io_names
+from moetvm.artifact import KVCacheLayout, ModelInfo, lm_io_names
 from moetvm.errors import UsageError
 
 from . import frontend, quant_plan
@@ -34,6 +34,9 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
             raise UsageError("a single MoE block needs example_inputs=(hidden,) with hidden a torch.Tensor "
                              f"(batch, seq, d_model); got {_describe(example_inputs)}")
     model = model.eval()
+    if getattr(model, "streamed", False) and calibration is not None:
+        raise UsageError("calibration (--calibration, --quant auto) runs the PyTorch model, whose weights a streamed "
+                         "checkpoint leaves on disk: load it with load_model_source(source, stream=False)")
     specs = find_moe_layers(model)
     if not specs:
         raise UnsupportedModelError(f"{type(model).__name__}: no MoE layer found")
@@ -48,25 +51,27 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
         raise UnsupportedModelError("hash routing needs a language model with a known vocabulary (cfg.vocab_size)")
     p = plan_parts(specs, None, lm, target, options, calibration=calibration, cal=cal, vocab=vocab, bar=bar)
     scheme = options.dense_scheme
+    kv = None
     if lm:
-        layout = "in_place" if getattr(model, "in_place_kv", False) else "concat"
-        p.kv_cache = {"layout": layout, "dtype": options.kv_cache_dtype() if layout == "in_place" else "float32"}
-        if layout == "in_place":
-            p.kv_cache["capacity_multiple"] = KV_CAPACITY_MULTIPLE
-    kv_note = f", {p.kv_cache['layout']} {p.kv_cache['dtype']} KV cache" if lm else ""
+        kv = (KVCacheLayout("in_place", options.kv_cache_dtype(), KV_CAPACITY_MULTIPLE)
+              if getattr(model, "in_place_kv", False) else KVCacheLayout("concat", "float32"))
+    kv_note = f", {kv.layout} {kv.dtype} KV cache" if lm else ""
     with bar.step(f"trace {type(model).__name__} with torch.export ({len(specs)} MoE layers{kv_note})"):
         if lm:
-            input_names, output_names = lm_io_names(model.kv_layout[0], p.kv_cache["layout"])
-            mod = frontend.export_causal_lm(model, specs, p.kv_cache["layout"], p.kv_cache["dtype"])
+            input_names, output_names = lm_io_names(model.kv_layout[0], kv.layout)
+            mod = frontend.export_causal_lm(model, specs, kv.layout, kv.dtype)
         else:
             (example,) = example_inputs
             input_names, output_names = ["hidden"], ["output"]
             mod = frontend.export_moe_block(model, specs, example)
     if lm:
         with bar.step(f"store the dense weights ({scheme.tag})"):
-            mod, p.dense = store_dense_weights(mod, scheme, cpu=target.cpu, int8_dot=target.int8_dot)
+            # A streamed model's weights are read from its checkpoint.
+            sources = {frontend.weight_name(n): t.checkpoint_source for n, t in model.named_parameters(remove_duplicate=False)
+                       if getattr(t, "checkpoint_source", None) is not None}
+            mod, p.dense = store_dense_weights(mod, scheme, cpu=target.cpu, int8_dot=target.int8_dot, sources=sources)
     p.split = frontend.split_at_moe_layers(mod, input_names, output_names, p.dense.names if p.dense else [])
-    p.model_info = _model_info(model, name, description, specs) | {"source": source}
+    p.model_info = _model_info(model, name, description, source, specs, kv)
     return p
 
 
@@ -88,19 +93,13 @@ def _describe(values) -> str:
     return "(" + ", ".join(type(v).__name__ for v in values) + ")" if isinstance(values, tuple) else type(values).__name__
 
 
-def _model_info(model: nn.Module, name: str | None, description: str, specs: list[MoELayerSpec]) -> dict:
-    info = {
-        "name": name or type(getattr(model, "hf", model)).__name__,
-        "description": description,
-        "parameters": int(sum(p.numel() for p in model.parameters())),
-        "moe_layers": len(specs),
-        "experts_per_layer": [s.n_experts for s in specs],
-        "top_k": [s.top_k for s in specs],
-    }
-    if _is_causal_lm(model):
-        info["kv_layout"] = list(model.kv_layout)
+def _model_info(model: nn.Module, name: str | None, description: str, source: str, specs: list[MoELayerSpec],
+                kv: KVCacheLayout | None) -> ModelInfo:
+    info = dict(name=name or type(getattr(model, "hf", model)).__name__, description=description, source=source,
+                parameters=int(sum(p.numel() for p in model.parameters())), moe_layers=len(specs),
+                experts_per_layer=[s.n_experts for s in specs], top_k=[s.top_k for s in specs])
+    if kv is not None:
         cfg = getattr(model, "cfg", None)
-        for key in ("vocab_size", "max_positions", "d_model"):
-            if hasattr(cfg, key):
-                info[key] = getattr(cfg, key)
-    return info
+        info.update({key: getattr(cfg, key) for key in ("vocab_size", "max_positions", "d_model") if hasattr(cfg, key)})
+        info.update(kv_layout=list(model.kv_layout), kv_cache=kv)
+    return ModelInfo(**info)

@@ -30,7 +30,7 @@ from onnx import numpy_helper
 
 import tvm
 from tvm import relax
-from moetvm.artifact import Step, TensorSpec
+from moetvm.artifact import ModelInfo, Step, TensorSpec
 
 from .build_target import BuildTarget
 from .options import CompileOptions
@@ -491,11 +491,11 @@ def import_onnx(path: str | Path, target: BuildTarget, options: CompileOptions, 
     with bar.step(f"cut {Path(path).name} at its MoE blocks, import segments with relax.frontend.onnx"):
         specs, split = cut_onnx(model)
     p = plan_parts(specs, split, False, target, options, kind="graph", bar=bar)
-    p.model_info = {"name": name or Path(path).stem, "description": "", "source": str(path), "format": "onnx",
-                    "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
-                    "parameters": int(sum(np.prod(t.dims) for t in model.graph.initializer)),
-                    "moe_layers": len(specs), "experts_per_layer": [s.n_experts for s in specs],
-                    "top_k": [s.top_k for s in specs], "index_limits": _index_limits(model)}
+    p.model_info = ModelInfo(name=name or Path(path).stem, source=str(path), format="onnx",
+                             opset={o.domain or "ai.onnx": o.version for o in model.opset_import},
+                             parameters=int(sum(np.prod(t.dims) for t in model.graph.initializer)),
+                             moe_layers=len(specs), experts_per_layer=[s.n_experts for s in specs],
+                             top_k=[s.top_k for s in specs], index_limits=_index_limits(model))
     return p
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moetvm.artifact import Router, TensorSpec, Workload, plain_top_k, slot_layout
+from moetvm.artifact import ModelInfo, Router, TensorSpec, Workload, plain_top_k, slot_layout
 from moetvm.budget import parse_budget
 
 from . import quant as quantization
@@ -67,10 +67,9 @@ class PlannedModel:
     workload_entries: dict
     kind: str  # the artifact kind: causal_lm | moe_block | graph
     dense: DenseWeights | None = None  # the dense part's weights, which the segments take as inputs
-    kv_cache: dict | None = None  # an LM's KV cache: layout, dtype (the manifest's model.kv_cache)
     resident: dict = dataclasses.field(default_factory=dict)  # layer -> its resident function
     resident_routing: dict = dataclasses.field(default_factory=dict)  # workload key -> [ResidentRouting]
-    model_info: dict = dataclasses.field(default_factory=dict)  # the manifest's model section (the front door's)
+    model_info: ModelInfo = dataclasses.field(default_factory=ModelInfo)  # the manifest's model section (the front door's)
 
 
 def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: BuildTarget, options: CompileOptions, *,

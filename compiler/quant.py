@@ -239,6 +239,7 @@ def quantize_expert(weights: dict[str, np.ndarray], s: Scheme) -> dict[str, np.n
 
 
 def kernel_layout(w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray) -> dict[str, np.ndarray]:
-    """PyTorch (out, in) weights -> the kernels' (in, out) layout, fp32."""
-    return {"w_gate": np.ascontiguousarray(w_gate.T, np.float32), "w_up": np.ascontiguousarray(w_up.T, np.float32),
-            "w_down": np.ascontiguousarray(w_down.T, np.float32)}
+    """PyTorch (out, in) weights (arrays, or checkpoint tensors read here) -> the kernels' (in,
+    out) layout, fp32."""
+    return {name: np.ascontiguousarray(np.asarray(w, np.float32).T)
+            for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down))}

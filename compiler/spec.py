@@ -104,5 +104,16 @@ def experts_from_fused(gate_up: np.ndarray, down: np.ndarray) -> list[ExpertWeig
 
 
 def to_numpy(tensor) -> np.ndarray:
-    """A torch tensor's values as a float32 NumPy array of its own."""
+    """A torch tensor's values as a float32 NumPy array of its own (a parameter streamed from its
+    checkpoint, compiler/checkpoint.py, read from there)."""
+    source = getattr(tensor, "checkpoint_source", None)
+    if source is not None:
+        return np.asarray(source)
     return tensor.detach().float().cpu().numpy().copy()
+
+
+def expert_weight(tensor):
+    """An expert's weight matrix: a streamed parameter's `LazyTensor` (read when quantized and
+    written, one expert at a time), else its values."""
+    source = getattr(tensor, "checkpoint_source", None)
+    return source if source is not None else to_numpy(tensor)

@@ -21,6 +21,7 @@ from moetvm.artifact import (
     MoELayer,
     Router,
     SharedExpert,
+    TargetInfo,
     TensorSpec,
     WeightFile,
     file_ref,
@@ -92,11 +93,10 @@ def write_artifact(p: PlannedModel, out: str | Path, options: CompileOptions, ba
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
                 kind=p.kind,
-                model=p.model_info | ({"kv_cache": p.kv_cache} if p.kv_cache else {}),
+                model=p.model_info,
                 # The deploy target's facts a board needs: deploy takes the tracker key from here.
-                target={"name": dt.name, "description": dt.description, "tvm_target": dt.tvm_target,
-                        "host": dt.host, "device": dt.device, "memory_budget": dt.memory_budget,
-                        "rpc_key": dt.rpc_key},
+                target=TargetInfo(name=dt.name, tvm_target=dt.tvm_target, description=dt.description, host=dt.host,
+                                  device=dt.device, memory_budget=dt.memory_budget, rpc_key=dt.rpc_key),
                 libraries=libraries,
                 inputs=p.split.inputs,
                 outputs=p.split.outputs,
@@ -160,8 +160,9 @@ def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: 
     # of its first expert (same workload, so no extra kernel).
     fallback = None
     if dense_fallback:
-        mean = ExpertWeights(*(np.mean([getattr(e, w) for e in spec.experts], axis=0) for w in ("w_gate", "w_up", "w_down")),
-                             kind=spec.experts[0].kind)
+        # summed one expert at a time: a streamed layer's experts are never all in memory
+        mean = ExpertWeights(*(sum(np.asarray(getattr(e, w), np.float64) for e in spec.experts) / len(spec.experts)
+                               for w in ("w_gate", "w_up", "w_down")), kind=spec.experts[0].kind)
         fallback = dataclasses.replace(write(mean, (index, 0), "fallback", -1), usage=None)
     shared = [
         SharedExpert(expert=write(e, (index, ("shared", j)), f"shared{j}", j),
@@ -183,16 +184,19 @@ def _write_dense_weights(root: Path, dense: DenseWeights, specs: list[TensorSpec
     folder.mkdir()
     shards: list[list[int]] = [[]]
     size = 0
-    for i, array in enumerate(dense.arrays):
-        if shards[-1] and size + array.nbytes > WEIGHT_SHARD_BYTES:
+    for i in range(len(dense.names)):
+        if shards[-1] and size + dense.nbytes_of(i) > WEIGHT_SHARD_BYTES:
             shards.append([])
             size = 0
         shards[-1].append(i)
-        size += array.nbytes
+        size += dense.nbytes_of(i)
     files = []
+    tensors = dense.tensors()  # made one weight at a time: a shard is the most held at once
     for n, shard in enumerate(s for s in shards if s):
         path = folder / f"dense-{n:05d}.safetensors"
-        save_file({dense.names[i]: dense.arrays[i] for i in shard}, str(path))
+        arrays = dict(next(tensors) for _ in shard)
+        save_file(arrays, str(path))
         files.append(WeightFile(file=file_ref(root, path), tensors=[specs[i] for i in shard],
-                                weight_bytes=int(sum(dense.arrays[i].nbytes for i in shard)), quant=dense.scheme.tag))
+                                weight_bytes=int(sum(a.nbytes for a in arrays.values())), quant=dense.scheme.tag))
+        del arrays
     return files

@@ -10,6 +10,7 @@ recorded size and SHA-256 before anything is loaded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -154,11 +155,75 @@ class WeightFile:
 
 
 @dataclass(frozen=True)
+class KVCacheLayout:
+    """A causal LM's KV cache. in_place: the step takes per layer a key buffer (batch, key heads,
+    key dim, capacity) and a value buffer (batch, value heads, capacity, value dim) of `dtype`,
+    which it writes at the new positions, and returns logits; the capacity is a multiple of
+    `capacity_multiple`. concat (format 1): past keys/values (batch, heads, past, dim) in,
+    extended ones out."""
+
+    layout: str = "concat"  # one of KV_LAYOUTS
+    dtype: str = "float32"  # one of KV_DTYPES
+    capacity_multiple: int = 1
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the artifact's model is: its name and size for people, and for a causal LM the facts
+    the runtime drives it by (KV layout and cache, vocabulary, position limit)."""
+
+    name: str = ""
+    description: str = ""
+    source: str = ""  # where the compiler read it from ("reference", "hf:DIR", a path)
+    parameters: int = 0
+    moe_layers: int = 0
+    experts_per_layer: list[int] = field(default_factory=list)
+    top_k: list[int] = field(default_factory=list)
+    # causal LMs: [layers, heads, head_dim], or [layers, key heads, key dim, value heads, value dim]
+    kv_layout: list[int] | None = None
+    kv_cache: KVCacheLayout | None = None  # None: concat, float32 (format 1)
+    vocab_size: int | None = None
+    max_positions: int | None = None
+    d_model: int | None = None
+    # imported graphs (ONNX)
+    format: str | None = None
+    opset: dict | None = None
+    index_limits: dict = field(default_factory=dict)  # input name -> bound its integer values must stay under
+
+    @property
+    def kv(self) -> KVCacheLayout:
+        return self.kv_cache or KVCacheLayout()
+
+    @property
+    def kv_shapes(self) -> tuple[int, tuple[int, int], tuple[int, int]]:
+        """(layers, (key heads, key dim), (value heads, value dim)) of a causal LM."""
+        return kv_shapes(self.kv_layout)
+
+    @functools.cached_property
+    def io_names(self) -> tuple[list[str], list[str]]:
+        """A causal LM step's (input names, output names), in order (lm_io_names)."""
+        return lm_io_names(self.kv_layout[0], self.kv.layout)
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """The deploy target the libraries were built for: the facts a board and `deploy` need."""
+
+    name: str
+    tvm_target: dict  # JSON dict accepted by tvm.target.Target
+    description: str = ""
+    host: dict | None = None  # host-side target for device (CUDA) code
+    device: str = "cpu"  # one of DEVICES
+    memory_budget: int | None = None  # the board's default expert-cache ceiling, bytes
+    rpc_key: str = ""  # the device key `deploy --tracker` asks for ("" in older artifacts)
+
+
+@dataclass(frozen=True)
 class Manifest:
     format_version: int
     kind: str  # "causal_lm" | "moe_block" | "graph" (fixed-shape inputs -> outputs, e.g. an ONNX import)
-    model: dict
-    target: dict
+    model: ModelInfo
+    target: TargetInfo
     libraries: list[Library]
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -200,7 +265,9 @@ class Manifest:
 
     def to_json(self) -> str:
         try:  # NaN/Infinity are not JSON: refuse to write a manifest other readers would reject
-            return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=False, allow_nan=False)
+            # Unset optional fields (all default to None) are left out rather than written as null.
+            data = dataclasses.asdict(self, dict_factory=lambda items: {k: v for k, v in items if v is not None})
+            return json.dumps(data, indent=1, sort_keys=False, allow_nan=False)
         except ValueError as e:
             raise ArtifactError(f"{MANIFEST_NAME}: cannot be written as JSON ({e})") from None
 
@@ -297,10 +364,11 @@ def _positive_int(value) -> bool:
 def _check_consistency(m: Manifest) -> None:
     if m.kind not in ("causal_lm", "moe_block", "graph"):
         raise ArtifactError(f"{MANIFEST_NAME}: unknown artifact kind {m.kind!r}")
-    if m.target.get("device", "cpu") not in DEVICES:
-        raise ArtifactError(f"{MANIFEST_NAME}: target device {m.target.get('device')!r} is not one of {DEVICES}")
-    if not isinstance(m.target.get("rpc_key", ""), str):
-        raise ArtifactError(f"{MANIFEST_NAME}: target rpc_key must be a string, got {m.target.get('rpc_key')!r}")
+    if m.target.device not in DEVICES:
+        raise ArtifactError(f"{MANIFEST_NAME}: target device {m.target.device!r} is not one of {DEVICES}")
+    if m.target.memory_budget is not None and not _positive_int(m.target.memory_budget):
+        raise ArtifactError(f"{MANIFEST_NAME}: target memory_budget must be a positive number of bytes, got "
+                            f"{m.target.memory_budget!r}")
     if not m.moe_layers:
         raise ArtifactError(f"{MANIFEST_NAME}: no MoE layers")
     _check_model_fields(m)
@@ -331,7 +399,7 @@ def _check_consistency(m: Manifest) -> None:
         if r.selection_bias is not None and len(r.selection_bias) != r.n_experts:
             raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: selection_bias has {len(r.selection_bias)} "
                                 f"entries for {r.n_experts} experts")
-        vocab = m.model.get("vocab_size")
+        vocab = m.model.vocab_size
         if r.mode == "hash" and (not r.table or (vocab and len(r.table) < vocab)):
             raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: hash table shorter than the vocabulary")
         if any(e.weight_bytes <= 0 for e in layer.experts):
@@ -464,44 +532,34 @@ def _check_weight_files(m: Manifest) -> None:
 
 
 def _check_model_fields(m: Manifest) -> None:
-    """The model fields the runtime reads must have the types and values it relies on."""
+    """The model fields the runtime reads must have the values it relies on (the parser has
+    checked their types)."""
     info = m.model
     if m.kind == "graph" and not all(_positive_int(d) for t in m.inputs for d in t.shape):
         raise ArtifactError(f"{MANIFEST_NAME}: a graph artifact's inputs need fixed shapes, got "
                             f"{[t.shape for t in m.inputs]}")
-    limits = info.get("index_limits", {})
-    if not (isinstance(limits, dict) and all(_positive_int(v) for v in limits.values())):
+    if not all(_positive_int(v) for v in info.index_limits.values()):
         raise ArtifactError(f"{MANIFEST_NAME}: model.index_limits must map input names to positive integers")
     if m.kind == "causal_lm":
-        layout = info.get("kv_layout")
-        if not (isinstance(layout, list) and len(layout) in (3, 5) and all(_positive_int(v) for v in layout)):
+        layout = info.kv_layout
+        if not (layout and len(layout) in (3, 5) and all(_positive_int(v) for v in layout)):
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_layout must be [layers, heads, head_dim] or [layers, "
                                 f"key heads, key dim, value heads, value dim], got {layout!r}")
         for key in ("vocab_size", "max_positions"):
-            if key in info and not _positive_int(info[key]):
-                raise ArtifactError(f"{MANIFEST_NAME}: model.{key} must be a positive integer, got {info[key]!r}")
-        kv = kv_cache(m)
-        if not (isinstance(kv, dict) and kv.get("layout") in KV_LAYOUTS and kv.get("dtype") in KV_DTYPES
-                and _positive_int(kv.get("capacity_multiple", 1)) and kv.get("capacity_multiple", 1) <= 4096
-                and set(kv) <= {"layout", "dtype", "capacity_multiple"}):
+            if getattr(info, key) is not None and not _positive_int(getattr(info, key)):
+                raise ArtifactError(f"{MANIFEST_NAME}: model.{key} must be a positive integer, got {getattr(info, key)!r}")
+        kv = info.kv
+        if not (kv.layout in KV_LAYOUTS and kv.dtype in KV_DTYPES and 0 < kv.capacity_multiple <= 4096):
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache must give a layout ({', '.join(KV_LAYOUTS)}), a dtype "
                                 f"({', '.join(KV_DTYPES)}) and optionally a capacity_multiple (1..4096), got {kv!r}")
         logits = next((o for o in m.outputs if o.name == "logits"), None)
-        if logits is None or not logits.shape or logits.shape[-1] != info.get("vocab_size", logits.shape[-1]):
-            raise ArtifactError(f"{MANIFEST_NAME}: model.vocab_size {info.get('vocab_size')!r} does not match "
+        vocab = info.vocab_size
+        if logits is None or not logits.shape or logits.shape[-1] != (vocab or logits.shape[-1]):
+            raise ArtifactError(f"{MANIFEST_NAME}: model.vocab_size {vocab!r} does not match "
                                 f"the logits output {None if logits is None else logits.shape}")
 
 
 KV_LAYOUTS = ("in_place", "concat")
-
-
-def kv_cache(m: Manifest) -> dict:
-    """A causal LM's KV cache: {"layout": "in_place" | "concat", "dtype", "capacity_multiple"}.
-    in_place: the step takes per layer a key buffer (batch, key heads, key dim, capacity) and a
-    value buffer (batch, value heads, capacity, value dim) of `dtype`, which it writes at the new
-    positions, and returns logits; the capacity is a multiple of `capacity_multiple`.
-    concat (format 1): past keys/values (batch, heads, past, dim) in, extended ones out."""
-    return m.model.get("kv_cache") or {"layout": "concat", "dtype": "float32"}
 
 
 def kv_shapes(layout) -> tuple[int, tuple[int, int], tuple[int, int]]:
@@ -527,8 +585,8 @@ def _check_program(m: Manifest) -> None:
     """Every step reads only values that exist by then, and the declared outputs get made."""
     available = {t.name for t in m.inputs} | {t.name for w in m.weights for t in w.tensors}
     if m.kind == "causal_lm":
-        layers, key_shape, value_shape = kv_shapes(m.model["kv_layout"])
-        if kv_cache(m)["layout"] == "in_place":
+        layers, key_shape, value_shape = m.model.kv_shapes
+        if m.model.kv.layout == "in_place":
             # keys (b, heads, dim, capacity), values (b, heads, capacity, dim)
             kv_inputs = [(t.shape[1:3], key_shape) if t.name.startswith("key_buffer_") else
                          (t.shape[1::2], value_shape) for t in m.inputs if t.name.startswith(("key_buffer_", "value_buffer_"))]
@@ -537,9 +595,9 @@ def _check_program(m: Manifest) -> None:
                          if t.name.startswith(("past_keys_", "past_values_"))]
         if len(m.inputs) != 3 + 2 * layers or any(len(t.shape) != 4 for t in m.inputs[3:]) \
                 or any(dims != list(shape) for dims, shape in kv_inputs):
-            raise ArtifactError(f"{MANIFEST_NAME}: model.kv_layout {m.model['kv_layout']} does not match the "
+            raise ArtifactError(f"{MANIFEST_NAME}: model.kv_layout {m.model.kv_layout} does not match the "
                                 f"{len(m.inputs)} declared inputs")
-        needed_in, needed_out = lm_io_names(layers, kv_cache(m)["layout"])
+        needed_in, needed_out = m.model.io_names
         if not set(needed_in) <= available or not set(needed_out) <= {t.name for t in m.outputs}:
             raise ArtifactError(f"{MANIFEST_NAME}: inputs/outputs do not follow the causal LM protocol")
     for step in m.program:

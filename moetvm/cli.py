@@ -140,7 +140,8 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, dense_quant
         calibrated = quant == "auto" or calibration is not None or model == "reference"
         tokens = calibration_windows(calibration) if calibrated else None
         options.check_calibration(tokens)
-        torch_model = load_model_source(model)
+        # Without calibration nothing runs the PyTorch model: its weights are streamed from the checkpoint.
+        torch_model = load_model_source(model, stream=tokens is None)
         path = compile_model(torch_model, target=build_target, out=out, options=options, calibration=tokens,
                              name=model, source=model, progress=not quiet)
     m = read_manifest(path)
@@ -223,7 +224,7 @@ def _runtime_only(directory: Path) -> None:
         return
     sys.modules.setdefault("torch", None)
     try:
-        device = read_manifest(directory).target.get("device", "cpu")
+        device = read_manifest(directory).target.device
     except ArtifactError:
         return  # load_model reports it
     if device == "cpu":
@@ -258,7 +259,7 @@ def _prompt_ids(prompt: str, token_ids: str | None) -> list[int]:
 
 def _byte_level(manifest) -> bool:
     """The text prompt is read as bytes: only a model with a 256-token byte vocabulary reads it."""
-    return manifest.model.get("vocab_size") == 256
+    return manifest.model.vocab_size == 256
 
 
 def print_run_report(report: dict, fallback: str = "error") -> None:
@@ -322,7 +323,7 @@ def run(directory, prompt, token_ids, max_new_tokens, cache_budget, prefetch, pr
     if model.manifest.kind != "causal_lm":
         _fail(f"{directory}: `run` needs a causal LM artifact, this one is a {model.manifest.kind}")
     if token_ids is None and not _byte_level(model.manifest):
-        _fail(f"{directory}: this model has its own tokenizer ({model.manifest.model.get('vocab_size')} tokens), "
+        _fail(f"{directory}: this model has its own tokenizer ({model.manifest.model.vocab_size} tokens), "
               f"which the artifact does not ship: give the prompt as --token-ids")
     model.check_generation(len(prompt_ids), max_new_tokens)
     new = model.generate(prompt_ids, max_new_tokens)
@@ -393,7 +394,7 @@ def trace(directory, text, out, max_tokens, window):
         _fail("`trace` needs a causal LM artifact")
     if not _byte_level(model.manifest):
         _fail(f"{directory}: `trace` reads --text as bytes, the tokens of byte-level models; this model has "
-              f"{model.manifest.model.get('vocab_size')} tokens")
+              f"{model.manifest.model.vocab_size} tokens")
     tokens = np.frombuffer(text.read_bytes(), dtype=np.uint8).astype(np.int64)[:max_tokens]
     if not len(tokens):
         _fail(f"--text {text}: empty")
@@ -473,9 +474,9 @@ def inspect(directory):
 
     m = read_manifest(directory)
     click.echo(f"artifact   {directory}  (format {m.format_version}, {m.kind})")
-    click.echo(f"model      {m.model.get('name')}: {m.model.get('parameters', 0) / 1e6:.2f}M parameters, "
+    click.echo(f"model      {m.model.name}: {m.model.parameters / 1e6:.2f}M parameters, "
                f"{len(m.moe_layers)} MoE layers")
-    click.echo(f"target     {m.target['name']}: {json.dumps(m.target['tvm_target'])}")
+    click.echo(f"target     {m.target.name}: {json.dumps(m.target.tvm_target)}")
     click.echo(f"compiled   {m.compile_info}")
     click.echo("libraries")
     for lib in m.libraries:
@@ -528,13 +529,13 @@ def verify(directory, source, text, windows, gen_tokens, tolerance, min_agreemen
               f"artifact (an ONNX import is checked by `moetvm export-onnx` against ONNX Runtime)")
     if tolerance is not None and not tolerance > 0:
         _fail(f"--tolerance must be positive, got {tolerance}")
-    source = source or model.manifest.model.get("source")
+    source = source or model.manifest.model.source
     if not source:
         _fail("the artifact records no PyTorch source; pass --model")
     data = np.frombuffer((text or HELDOUT_TEXT).read_bytes(), dtype=np.uint8).astype(np.int64)
     if len(data) < WINDOW + 1:
         _fail(f"--text {text}: {len(data)} bytes; at least {WINDOW + 1} are needed (one {WINDOW}-token window)")
-    vocab = model.manifest.model.get("vocab_size")
+    vocab = model.manifest.model.vocab_size
     if vocab and data.max() >= vocab:
         _fail(f"--text holds byte values up to {data.max()}, outside this model's {vocab}-token vocabulary")
     model.check_generation(PROMPT_TOKENS, gen_tokens)

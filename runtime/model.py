@@ -19,7 +19,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from moetvm.errors import MoetvmError
 from moetvm.artifact import (FIXED_MODES, ArtifactError, Expert, Manifest, MoELayer, check_file, copy_verified,
-                             fused_function, kv_cache, kv_shapes, lm_io_names, read_manifest, read_verified)
+                             fused_function, read_manifest, read_verified)
 
 from .cache import DEFAULT_PIN_FRACTION, ExpertCache, parse_budget
 from .host_memory import aligned_copy, host_arrays, release_freed_memory, settle
@@ -122,7 +122,7 @@ class MoEModel:
         self.fallback_errors: list[str] = []
         self.prefetch_enabled, self.storage_mbps = prefetch, storage_mbps
         self.recorder = None  # a TraceRecorder while recording routing traces
-        self.device = tvm.device(manifest.target.get("device", "cpu"))
+        self.device = tvm.device(manifest.target.device)
         self._on_cpu = _is_cpu(self.device)
         self._modules = {lib.name: _load_library(root, lib, verify) for lib in manifest.libraries}
         self._host_blocks: list = []  # the huge-page mappings of weights, settled once filled
@@ -595,7 +595,7 @@ class MoEModel:
             if list(array.shape) != spec.shape:
                 raise InputError(f"{spec.name}: expected shape {spec.shape} (the graph was compiled for fixed "
                                  f"shapes), got {list(array.shape)}")
-            limit = self.manifest.model.get("index_limits", {}).get(spec.name)
+            limit = self.manifest.model.index_limits.get(spec.name)
             if limit is not None and array.size and (array.min() < 0 or array.max() >= limit):
                 raise InputError(f"{spec.name}: indices must be in [0, {limit}), got [{array.min()}, {array.max()}]")
             checked[spec.name] = array
@@ -604,7 +604,7 @@ class MoEModel:
 
     def _check_tokens(self, tokens) -> np.ndarray:
         tokens = _check_array(tokens, "int64", 2, "token ids")
-        vocab = self.manifest.model.get("vocab_size")
+        vocab = self.manifest.model.vocab_size
         if vocab and tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
             raise InputError(f"token ids must be in [0, {vocab}), got [{tokens.min()}, {tokens.max()}]")
         if tokens.shape[1] == 0:
@@ -638,7 +638,7 @@ class MoEModel:
     def _lm_step(self, tokens: np.ndarray, cache: "KVCache") -> tuple[np.ndarray, "KVCache"]:
         b, s = tokens.shape
         p = cache.length
-        limit = self.manifest.model.get("max_positions")
+        limit = self.manifest.model.max_positions
         if limit and p + s > limit:
             raise InputError(f"sequence of {p + s} tokens exceeds the model's {limit} positions")
         if cache.batch != b:
@@ -667,7 +667,7 @@ class MoEModel:
             raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         if prompt_tokens < 1:
             raise InputError("generate needs a prompt of at least one token")
-        limit = self.manifest.model.get("max_positions")
+        limit = self.manifest.model.max_positions
         needed = prompt_tokens + max(int(max_new_tokens) - 1, 0)  # the last new token is never fed back
         if limit and needed > limit:
             raise InputError(f"a {prompt_tokens}-token prompt plus {max_new_tokens} new tokens needs {needed} positions; "
@@ -760,16 +760,15 @@ class KVCache:
 
     def __init__(self, manifest: Manifest, batch: int, keys=None, values=None, length: int = 0):
         self.manifest, self.batch, self.length = manifest, batch, length
-        info = kv_cache(manifest)
-        self.layout, self.dtype = info["layout"], info["dtype"]
-        self.multiple = int(info.get("capacity_multiple", 1))
-        layers, (key_heads, key_dim), (value_heads, value_dim) = kv_shapes(manifest.model["kv_layout"])
+        info = manifest.model.kv
+        self.layout, self.dtype, self.multiple = info.layout, info.dtype, info.capacity_multiple
+        layers, (key_heads, key_dim), (value_heads, value_dim) = manifest.model.kv_shapes
         if keys is None and self.layout == "concat":
             keys = [np.zeros((batch, key_heads, 0, key_dim), np.float32)] * layers
             values = [np.zeros((batch, value_heads, 0, value_dim), np.float32)] * layers
         self.keys, self.values = keys or [], values or []
         self._shapes = (layers, key_heads, key_dim, value_heads, value_dim)
-        self.io_names = lm_io_names(layers, self.layout)  # the step's (inputs, outputs), in order
+        self.io_names = manifest.model.io_names  # the step's (inputs, outputs), in order: computed once per manifest
 
     @staticmethod
     def empty(manifest: Manifest, batch: int) -> "KVCache":

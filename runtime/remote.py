@@ -206,10 +206,9 @@ def tracker_key(manifest, artifact: Path | str) -> str:
 
     from moetvm.targets import TargetError, get_target
 
-    recorded = manifest.target.get("rpc_key")
-    if isinstance(recorded, str) and recorded:
-        return recorded
-    name = manifest.target.get("name")
+    if manifest.target.rpc_key:
+        return manifest.target.rpc_key
+    name = manifest.target.name
     if name == "host":
         return "host"
     try:
@@ -290,7 +289,7 @@ def deploy(artifact: str | Path, *, prompt_ids: list[int], max_new_tokens: int, 
     manifest = read_manifest(artifact)
     if key is None:
         key = "" if rpc_addr else tracker_key(manifest, artifact)
-    budget = cache_budget if cache_budget is not None else manifest.target.get("memory_budget", "100%")
+    budget = cache_budget if cache_budget is not None else manifest.target.memory_budget or "100%"
     if isinstance(budget, int):
         budget = min(budget, manifest.cache_bytes)
     where = f"{host}:{port}" if rpc_addr else f"tracker {host}:{port} key {key!r}"

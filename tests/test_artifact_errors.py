@@ -80,7 +80,10 @@ def test_tampered_library_detected_before_loading(artifact_copy):
         (lambda d: d["moe_layers"][0]["router"].update(top_k="2"), r"top_k: expected int, got str"),
         (lambda d: d.pop("program"), "missing field 'program'"),
         (lambda d: d["moe_layers"][0]["router"].update(score_fn="relu"), "unknown score_fn 'relu'"),
-        (lambda d: d["model"].update(kv_cache=["in_place"]), "model.kv_cache must give a layout"),  # found by the fuzzer
+        (lambda d: d["model"].update(kv_cache=["in_place"]), r"model.kv_cache: expected an object, got list"),  # found by the fuzzer
+        (lambda d: d["model"].update(kv_cache={"layout": "sideways"}), "model.kv_cache must give a layout"),
+        (lambda d: d["target"].update(rpc_key=7), r"target.rpc_key: expected str, got int"),
+        (lambda d: d["model"].update(tokenizer="bpe"), r"model: unknown field\(s\) \['tokenizer'\]"),
         (lambda d: d["workloads"][0].update(dot="yes"), r"dot: expected bool, got str"),
         # Resident layers: the pool layout is the manifest's, so it must be sound before any view is taken.
         (lambda d: d["moe_layers"][0].update(resident_function="nope"), r"resident function 'nope' is not in library"),

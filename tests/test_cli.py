@@ -94,7 +94,7 @@ def test_compile_reference_from_cli(tmp_path):
     out = tmp_path / "ref"
     proc = moetvm("compile", "reference", "--target", "host", "-o", out)
     assert "[1/7] trace" in proc.stderr and "wrote" in proc.stderr
-    assert read_manifest(out).model["source"] == "reference"
+    assert read_manifest(out).model.source == "reference"
     assert json.loads(moetvm("verify", out, "--windows", "1", "--generate", "4", "--json").stdout)["ok"]
 
 

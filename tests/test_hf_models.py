@@ -38,7 +38,7 @@ def _greedy(model, prompt: torch.Tensor, n: int) -> list[int]:
 def test_family_matches_transformers_with_evicting_cache(compiled):
     family, model, out = compiled
     manifest = read_manifest(out)
-    assert manifest.model["name"] == type(model).__name__
+    assert manifest.model.name == type(model).__name__
     assert len(manifest.moe_layers) == 2 and all(len(layer.experts) == 8 for layer in manifest.moe_layers)
     total = sum(e.weight_bytes for layer in manifest.moe_layers for e in layer.experts + [s.expert for s in layer.shared])
     runtime = load_model(out, cache_budget="30%")
@@ -123,7 +123,7 @@ def test_cli_compiles_a_local_transformers_directory(tmp_path):
     done = subprocess.run([*cli, "compile", f"hf:{tmp_path / 'mixtral-tiny'}", "-o", tmp_path / "art", "--quiet"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert read_manifest(tmp_path / "art").model["source"] == f"hf:{tmp_path / 'mixtral-tiny'}"
+    assert read_manifest(tmp_path / "art").model.source == f"hf:{tmp_path / 'mixtral-tiny'}"
     tokens = np.random.default_rng().integers(0, 128, size=(1, 12))
     with torch.no_grad():
         theirs = model(torch.from_numpy(tokens)).logits.numpy()

@@ -63,7 +63,7 @@ def test_onnx_export_of_reference_compiles_and_matches_pytorch(tmp_path, referen
     with pytest.raises(InputError, match="int64"):
         model(np.zeros((1, 16), np.float32))
     # Token ids index the embedding table: outside it is an error, not a clamped, quietly wrong answer.
-    assert manifest.model["index_limits"] == {"tokens": 256}
+    assert manifest.model.index_limits == {"tokens": 256}
     for bad in (256, -1):
         with pytest.raises(InputError, match=r"tokens: indices must be in \[0, 256\)"):
             model(np.full((1, 16), bad, np.int64))

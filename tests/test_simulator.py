@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moetvm.artifact import Expert, FileRef, Manifest, MoELayer, Router
+from moetvm.artifact import Expert, FileRef, Manifest, ModelInfo, MoELayer, Router, TargetInfo
 from moetvm.runtime.cache import ExpertCache
 from moetvm.routing import group_by_expert
 from moetvm.runtime.simulator import LFU, POLICIES, hot_set, simulate, sweep
@@ -451,7 +451,7 @@ def test_recorder_for_manifest():
     router = Router("routers", "router", 3, 1, "softmax", True)
     layers = [MoELayer(layer, 16, router, [Expert(e, "w", ref, 100 * (layer + 1)) for e in range(3)])
               for layer in (1, 3)]  # sparse MoE layer ids (dense layers in between)
-    manifest = Manifest(format_version=1, kind="moe_block", model={}, target={}, libraries=[], inputs=[],
+    manifest = Manifest(format_version=1, kind="moe_block", model=ModelInfo(), target=TargetInfo("host", {"kind": "llvm"}), libraries=[], inputs=[],
                         outputs=[], program=[], workloads=[], moe_layers=layers)
     rec = TraceRecorder.for_manifest(manifest)
     assert rec.n_experts == [0, 3, 0, 3]

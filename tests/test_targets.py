@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow
 
 def test_cortex_a72_libraries_are_aarch64_without_sve(a72_artifact):
     manifest = read_manifest(a72_artifact)
-    assert manifest.target["tvm_target"]["mcpu"] == "cortex-a72"
-    assert manifest.target["rpc_key"] == "rasp4"  # deploy --tracker asks for this key, no registry lookup
+    assert manifest.target.tvm_target["mcpu"] == "cortex-a72"
+    assert manifest.target.rpc_key == "rasp4"  # deploy --tracker asks for this key, no registry lookup
     for lib in manifest.libraries:
         path = a72_artifact / lib.file.path
         assert elf_machine(path) == "aarch64", lib.name

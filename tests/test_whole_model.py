@@ -9,7 +9,7 @@ from torch import nn
 from torch.export import Dim
 from tvm import relax
 
-from moetvm.artifact import read_manifest
+from moetvm.artifact import KVCacheLayout, read_manifest
 from moetvm.budget import parse_budget
 from moetvm.compiler import compile_model, frontend
 from moetvm.compiler import quant
@@ -80,7 +80,7 @@ def test_quantized_dense_path_matches_numpy_reference(name, cpu, int8_dot):
     mod = frontend._import(model, (torch.zeros(2, 7, dtype=torch.long),), ({1: seq},), keep_params=True)
     s = quant.scheme(name)
     mod, dense = store_dense_weights(mod, s, cpu=cpu, int8_dot=int8_dot)
-    stored = dict(zip(dense.names, dense.arrays))
+    stored = dict(dense.tensors())
     # Tied: one stored table (torch.export names it by one of its two names); int4's vocabulary
     # tables at int8; `down` (K=40) does not fit int4 groups.
     (table,) = {"embed.weight", "head.weight"} & set(dense.schemes)
@@ -91,7 +91,7 @@ def test_quantized_dense_path_matches_numpy_reference(name, cpu, int8_dot):
     assert {n for n, sch in dense.schemes.items() if sch.dot} == ({table, "up.weight"} if int8_dot and name != "fp16" else set())
     target = BuildTarget.resolve("host").tvm
     vm = relax.VirtualMachine(tvm.compile(mod, target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
-    ours = vm["main"](tvm.runtime.tensor(ids), *[tvm.runtime.tensor(a) for a in dense.arrays]).numpy()
+    ours = vm["main"](tvm.runtime.tensor(ids), *[tvm.runtime.tensor(a) for _, a in dense.tensors()]).numpy()
     theirs = _numpy_reference(model, ids, stored, dense.schemes)
     assert ours.shape == (2, 7, 96)
     assert relative_error(ours, theirs) < 1e-5
@@ -134,7 +134,7 @@ def test_dense_weights_are_weight_files_not_code(int4_artifact):
     names = {t.name for w in m.weights for t in w.tensors}
     assert {"blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.weight.scale", "embed.weight"} <= names
     assert "blocks.0.attn_norm.weight" in names  # norms stay fp32 parameters
-    assert m.model["kv_cache"] == {"layout": "in_place", "dtype": "float16", "capacity_multiple": 64}
+    assert m.model.kv_cache == KVCacheLayout("in_place", "float16", 64)
     from safetensors.numpy import load_file
 
     library = (int4_artifact / m.library("segments").file.path).read_bytes()
@@ -155,8 +155,8 @@ def test_in_place_cache_matches_the_concatenating_cache_for_320_steps(reference_
     old_style.in_place_kv = False
     concat = load_model(compile_model(old_style, out=tmp_path / "concat", progress=False), prefetch=False, preload=0)
     in_place = load_model(reference_artifact, prefetch=False, preload=0)
-    assert concat.manifest.model["kv_cache"]["layout"] == "concat"
-    assert in_place.manifest.model["kv_cache"] == {"layout": "in_place", "dtype": "float32", "capacity_multiple": 64}
+    assert concat.manifest.model.kv_cache.layout == "concat"
+    assert in_place.manifest.model.kv_cache == KVCacheLayout("in_place", "float32", 64)
     tokens = heldout_tokens[9000:9336]
     a, b = in_place.new_cache(), concat.new_cache()
     la, a = in_place.step(tokens[None, :16], a)

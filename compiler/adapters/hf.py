@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..spec import ExpertWeights, MoELayerSpec, UnsupportedModelError, experts_from_fused, to_numpy
+from ..checkpoint import FusedExperts, checkpoint_source
+from ..spec import ExpertWeights, MoELayerSpec, UnsupportedModelError, expert_weight, experts_from_fused, to_numpy
 
 
 class _Refusal(Exception):
@@ -58,10 +59,10 @@ def _is_silu(fn) -> bool:
     return isinstance(y, torch.Tensor) and torch.allclose(y, _PROBE * torch.sigmoid(_PROBE), atol=1e-6)
 
 
-def _linear_weight(layer: nn.Module, what: str) -> np.ndarray:
+def _linear_weight(layer: nn.Module, what: str, read=to_numpy) -> np.ndarray:
     _require(isinstance(layer, nn.Linear), f"{what} is a {type(layer).__name__}, not a Linear")
     _require(layer.bias is None, f"{what} has a bias (the expert kernels have none)")
-    return to_numpy(layer.weight)
+    return read(layer.weight)
 
 
 def _mlp(mlp: nn.Module, what: str) -> ExpertWeights:
@@ -69,9 +70,9 @@ def _mlp(mlp: nn.Module, what: str) -> ExpertWeights:
     _require(all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")),
              f"{what} ({type(mlp).__name__}) is not a gate_proj/up_proj/down_proj MLP")
     _require(_is_silu(getattr(mlp, "act_fn", None)), f"{what} activation is not SiLU")
-    return ExpertWeights(_linear_weight(mlp.gate_proj, f"{what}.gate_proj"),
-                         _linear_weight(mlp.up_proj, f"{what}.up_proj"),
-                         _linear_weight(mlp.down_proj, f"{what}.down_proj"))
+    return ExpertWeights(_linear_weight(mlp.gate_proj, f"{what}.gate_proj", expert_weight),
+                         _linear_weight(mlp.up_proj, f"{what}.up_proj", expert_weight),
+                         _linear_weight(mlp.down_proj, f"{what}.down_proj", expert_weight))
 
 
 def _fused_experts(experts: nn.Module) -> list[ExpertWeights]:
@@ -86,8 +87,15 @@ def _fused_experts(experts: nn.Module) -> list[ExpertWeights]:
     _require(apply_gate is None or apply_gate.__name__ == "_default_apply_gate",
              f"experts override the gate function ({type(experts).__name__}._apply_gate: clamping, limits, ...)")
     _require(_is_silu(getattr(experts, "act_fn", None)), "expert activation is not SiLU")
+    transposed = getattr(experts, "is_transposed", False)
+    streamed = checkpoint_source(experts.gate_up_proj), checkpoint_source(experts.down_proj)
+    if all(isinstance(s, FusedExperts) for s in streamed):  # read one expert at a time, when used
+        gate_up, down = streamed
+        d_ff = (gate_up.shape[2] if transposed else gate_up.shape[1]) // 2
+        return [ExpertWeights(gate_up.lazy(e, slice(0, d_ff), transposed), gate_up.lazy(e, slice(d_ff, 2 * d_ff), transposed),
+                              down.lazy(e, slice(None), transposed)) for e in range(gate_up.shape[0])]
     gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
-    if getattr(experts, "is_transposed", False):  # (E, in, out) -> PyTorch's (E, out, in)
+    if transposed:  # (E, in, out) -> PyTorch's (E, out, in)
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
     try:  # the default gate function chunks gate_up's output in two: gate rows first, then up rows
         return experts_from_fused(to_numpy(gate_up), to_numpy(down))

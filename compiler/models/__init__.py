@@ -13,15 +13,16 @@ class ModelSourceError(UsageError, FileNotFoundError):
     """A model source that cannot be loaded: the message names the path and what is wrong."""
 
 
-def load_model_source(source: str):
+def load_model_source(source: str, stream: bool = False):
     """'reference' (the shipped checkpoint), 'hf:DIR' (a local Hugging Face transformers model
-    directory) or a path to a reference-architecture checkpoint."""
+    directory) or a path to a reference-architecture checkpoint. stream: a transformers model's
+    weights stay in its checkpoint, read one tensor at a time by the compiler (models/hf.py)."""
     from .reference import load_checkpoint
 
     if source.startswith("hf:"):
         from .hf import load_hf
 
-        return load_hf(source[3:])
+        return load_hf(source[3:], stream=stream)
     if source == "reference":
         return load_checkpoint(REFERENCE_CHECKPOINT)
     path = Path(source)

@@ -193,8 +193,11 @@ class HFCausalLM(KVCachedLM):
             self.hf.set_experts_implementation(before)
 
 
-def load_hf(path: str | Path) -> HFCausalLM:
-    """A local transformers model directory (config.json + safetensors), no network, fp32."""
+def load_hf(path: str | Path, stream: bool = False) -> HFCausalLM:
+    """A local transformers model directory (config.json + safetensors), no network, fp32.
+    stream: the weights stay in the checkpoint (compiler/checkpoint.py), each parameter on zero
+    pages with its `checkpoint_source`: the model can be traced and its weights read one at a
+    time, but running it computes with zeros (`HFCausalLM.streamed`)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         from . import ModelSourceError
@@ -204,5 +207,13 @@ def load_hf(path: str | Path) -> HFCausalLM:
         from transformers import AutoModelForCausalLM
     except ImportError as e:
         raise ImportError("transformers models need the hf extra: pip install 'moetvm[hf]'") from e
+    if stream:
+        from transformers import AutoConfig
+
+        from ..checkpoint import streamed_hf_model
+
+        model = HFCausalLM(streamed_hf_model(path, AutoConfig.from_pretrained(path, local_files_only=True)))
+        model.streamed = True
+        return model
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     return HFCausalLM(model)

@@ -17,6 +17,9 @@ class KVCachedLM(nn.Module):
     `past_keys` (compiler/kv_cache.py) and attend through them."""
 
     in_place_kv = False
+    # Weights left in the checkpoint (compiler/checkpoint.py), read one at a time by the compiler;
+    # running such a module computes with zeros.
+    streamed = False
 
     def forward(self, tokens):
         b, s = tokens.shape

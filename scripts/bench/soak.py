@@ -97,7 +97,7 @@ def make_pool(rng: np.random.Generator, count: int, max_len: int, vocab: int) ->
 def stress(args, samples: Samples, failures: list[str]) -> dict:
     rng = np.random.default_rng(args.seed)
     reference = load_model(args.artifact, cache_budget="100%")
-    vocab = int(reference.manifest.model.get("vocab_size") or 256)
+    vocab = int(reference.manifest.model.vocab_size or 256)
     pool = make_pool(rng, args.pool, args.max_len, vocab)
     t0 = time.perf_counter()
     expected = [reference(x) for x in pool]
@@ -212,8 +212,8 @@ def stress(args, samples: Samples, failures: list[str]) -> dict:
 def soak(args, samples: Samples, failures: list[str]) -> dict:
     rng = np.random.default_rng(args.seed + 1000)
     model = load_model(args.artifact, cache_budget=args.cache_budget, prefetch=not args.no_prefetch)
-    vocab = int(model.manifest.model.get("vocab_size") or 256)
-    limit = int(model.manifest.model.get("max_positions") or 10**9)
+    vocab = int(model.manifest.model.vocab_size or 256)
+    limit = int(model.manifest.model.max_positions or 10**9)
     prompt_max = max(1, min(args.prompt_max_len, limit - args.gen_tokens))
     prompts = [p[0].tolist() for p in make_pool(rng, args.soak_prompts, prompt_max, vocab)]
     gc.collect()

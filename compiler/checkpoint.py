@@ -1,0 +1,236 @@
+"""A transformers checkpoint read tensor by tensor: what lets the compiler stream a model larger
+than the workstation's memory.
+
+`streamed_hf_model(path)` builds the model from its config.json with every parameter on zero
+pages: an anonymous private mapping of the parameter's size that is never written, so reading it
+(tracing, probes) maps the kernel's shared zero page and costs no resident memory. Buffers (rope
+tables) are real. Each parameter carries its `checkpoint_source`, a `LazyTensor` that reads its
+values from the safetensors shards when asked and keeps nothing; fused expert parameters read one
+expert at a time (`FusedExperts`). The compiler reads each weight through these, converts or
+quantizes it and writes it out, so its working set is a tensor, not the model.
+
+transformers loads checkpoints through a conversion (per-expert keys merged into fused expert
+tensors, modules renamed). The keys of each parameter come from transformers' own reverse
+conversion (the one `save_pretrained` writes with), run on shape-only (meta) tensors, so the
+layouts understood are transformers' own; a parameter whose keys are missing from the checkpoint,
+or whose layout is none of the two below, is refused with its name.
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from moetvm.errors import UsageError
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class CheckpointError(UsageError):
+    """A checkpoint whose files or tensors cannot be streamed: the message names which."""
+
+
+class LazyTensor:
+    """An fp32 array read when asked (`np.asarray`), never kept: only its shape is held."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, shape, load: Callable[[], np.ndarray]):
+        self.shape = tuple(int(d) for d in shape)
+        self._load = load
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * 4
+
+    def __array__(self, dtype=None, copy=None):
+        array = self._load()
+        if array.shape != self.shape:
+            raise CheckpointError(f"checkpoint tensor has shape {array.shape}, the model expects {self.shape}")
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def copy(self) -> "LazyTensor":
+        return self  # nothing is held, so nothing is shared
+
+
+class Checkpoint:
+    """The tensors of a directory's safetensors files (one file, or shards with or without their
+    index), by key: dtype and shape from the headers; values read per call, each file memory-mapped
+    only for that read."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.folder}: no .safetensors files (a transformers checkpoint is needed)")
+        self.entries: dict[str, tuple[Path, tuple[int, ...], str]] = {}
+        for file in files:
+            try:
+                with safe_open(file, "pt") as f:
+                    for key in f.keys():
+                        part = f.get_slice(key)
+                        self.entries[key] = (file, tuple(part.get_shape()), part.get_dtype())
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                raise CheckpointError(f"{file}: not a readable safetensors file ({' '.join(str(e).split())})") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.entries[key][1]
+
+    def read(self, key: str, index: int | None = None) -> np.ndarray:
+        """Tensor `key` (its row `index` only, when given) as a new fp32 array."""
+        import torch
+        from safetensors import safe_open
+
+        file = self.entries[key][0]
+        with safe_open(file, "pt") as f:
+            tensor = f.get_tensor(key) if index is None else f.get_slice(key)[index]
+        return tensor.to(torch.float32, copy=True).numpy()
+
+
+class FusedExperts:
+    """A fused expert parameter (E, a, b), read one expert's (a, b) at a time: from one checkpoint
+    tensor of the same shape (renamed only: GraniteMoE's input_linear), or from E keys per chunk
+    of the a rows (per-expert keys, merged and concatenated by transformers: OLMoE's gate_proj and
+    up_proj, Mixtral's w1 and w3)."""
+
+    def __init__(self, name: str, shape, chunks: list[list[str]] | None, fused_key: str | None, checkpoint: Checkpoint):
+        self.name, self.shape, self.chunks, self.fused_key, self.checkpoint = name, tuple(shape), chunks, fused_key, checkpoint
+
+    def expert(self, e: int, rows: slice = slice(None)) -> np.ndarray:
+        if self.fused_key is not None:
+            return self.checkpoint.read(self.fused_key, e)[rows]
+        start, stop, _ = rows.indices(self.shape[1])
+        parts, offset = [], 0
+        for keys in self.chunks:  # read only the chunks the rows overlap
+            n = self.checkpoint.shape(keys[e])[0]
+            if offset < stop and start < offset + n:
+                parts.append(self.checkpoint.read(keys[e])[max(start - offset, 0): stop - offset])
+            offset += n
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def lazy(self, e: int, rows: slice = slice(None), transposed: bool = False) -> LazyTensor:
+        """Expert e's rows `rows` (of its transpose, when the model stores experts (E, in, out))."""
+        if transposed:
+            shape = np.empty(self.shape[1:][::-1], np.bool_)[rows].shape
+            return LazyTensor(shape, lambda: np.ascontiguousarray(self.expert(e).T[rows]))
+        shape = np.empty(self.shape[1:], np.bool_)[rows].shape
+        return LazyTensor(shape, lambda: self.expert(e, rows))
+
+
+def checkpoint_source(tensor):
+    """The `LazyTensor` or `FusedExperts` a streamed parameter reads from, or None."""
+    return getattr(tensor, "checkpoint_source", None)
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Within: every parameter a module registers moves to the meta device (no memory, no
+    initialisation), while buffers (rope tables) are made for real."""
+    import torch
+    from torch import nn
+
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _zero_pages(shape, dtype):
+    """A tensor of zeros backed by an anonymous mapping that is never written: reading it maps the
+    shared zero page, so it holds no memory however large."""
+    import torch
+
+    nbytes = max(int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size(), 1)
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+    return torch.frombuffer(pages, dtype=dtype, count=int(np.prod(shape))).view(shape)
+
+
+_EXPERT_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _expert_chunks(keys: list[str], n_experts: int) -> list[list[str]] | None:
+    """Per-expert keys grouped by chunk (in the order transformers concatenates them), each
+    chunk's keys in expert order; None when they are not E keys per chunk."""
+    chunks: dict[str, dict[int, str]] = {}
+    for key in keys:
+        found = list(_EXPERT_INDEX.finditer(key))
+        if not found:
+            return None
+        last = found[-1]
+        pattern = key[: last.start()] + ".*." + key[last.end():]
+        chunks.setdefault(pattern, {})[int(last.group(1))] = key
+    if any(sorted(c) != list(range(n_experts)) for c in chunks.values()):
+        return None
+    return [[c[e] for e in range(n_experts)] for c in chunks.values()]
+
+
+def streamed_hf_model(path: Path, config) -> "torch.nn.Module":
+    """The transformers model of `config` (fp32) on zero pages, each parameter carrying its
+    `checkpoint_source` in the checkpoint at `path`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+
+    checkpoint = Checkpoint(path)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tied = {k: v for k, v in (getattr(model, "_tied_weights_keys", None) or {}).items()} \
+        if getattr(config, "tie_word_embeddings", False) else {}
+    sources = {}
+    for name, param in list(model.named_parameters(remove_duplicate=False)):
+        shape = tuple(param.shape)
+        wanted = revert_weight_conversion(model, {name: torch.empty(shape, device="meta", dtype=param.dtype)})
+        keys = list(wanted)
+        if not all(k in checkpoint.entries for k in keys) and name in tied:
+            keys = list(revert_weight_conversion(model, {tied[name]: torch.empty(shape, device="meta")}))
+        missing = [k for k in keys if k not in checkpoint.entries]
+        if missing:
+            raise CheckpointError(f"hf:{path}: parameter {name} needs checkpoint tensor(s) {missing[:3]}, which the "
+                                  f"checkpoint does not have")
+        if len(keys) == 1 and checkpoint.shape(keys[0]) == shape:
+            key = keys[0]
+            source = (FusedExperts(name, shape, None, key, checkpoint) if name.endswith(("gate_up_proj", "down_proj"))
+                      and param.ndim == 3 else LazyTensor(shape, lambda key=key: checkpoint.read(key)))
+        else:
+            chunks = _expert_chunks(keys, shape[0]) if param.ndim == 3 else None
+            if chunks is None or sum(checkpoint.shape(c[0])[0] for c in chunks) != shape[1]:
+                raise CheckpointError(f"hf:{path}: parameter {name} {list(shape)} comes from checkpoint tensors "
+                                      f"{keys[:3]}{'...' if len(keys) > 3 else ''} in a layout the streaming reader "
+                                      f"does not know")
+            source = FusedExperts(name, shape, chunks, None, checkpoint)
+        sources[name] = source
+    # Every parameter on zero pages, then its source attached (tied parameters share one object).
+    for module_name, module in model.named_modules():
+        for pname, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            full = f"{module_name}.{pname}" if module_name else pname
+            if param.device.type == "meta":
+                param = torch.nn.Parameter(_zero_pages(tuple(param.shape), param.dtype), requires_grad=False)
+                module._parameters[pname] = param
+            if getattr(param, "checkpoint_source", None) is None:
+                param.checkpoint_source = sources[full]
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
