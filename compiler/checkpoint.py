@@ -36,13 +36,16 @@ class CheckpointError(UsageError):
 
 
 class LazyTensor:
-    """An fp32 array read when asked (`np.asarray`), never kept: only its shape is held."""
+    """An fp32 array read when asked (`np.asarray`), never kept: only its shape is held, and
+    `identity`, which names the bytes it reads (file, size, modification time, key, part): what
+    a resumed compile compares instead of reading them."""
 
     dtype = np.dtype(np.float32)
 
-    def __init__(self, shape, load: Callable[[], np.ndarray]):
+    def __init__(self, shape, load: Callable[[], np.ndarray], identity: str,
+                 load_rows: Callable[[int, int], np.ndarray] | None = None):
         self.shape = tuple(int(d) for d in shape)
-        self._load = load
+        self._load, self.identity, self._load_rows = load, identity, load_rows
 
     @property
     def ndim(self) -> int:
@@ -60,6 +63,10 @@ class LazyTensor:
 
     def copy(self) -> "LazyTensor":
         return self  # nothing is held, so nothing is shared
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop), read alone where the source allows."""
+        return self._load_rows(start, stop) if self._load_rows else np.asarray(self)[start:stop]
 
 
 class Checkpoint:
@@ -87,8 +94,13 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key][1]
 
-    def read(self, key: str, index: int | None = None) -> np.ndarray:
-        """Tensor `key` (its row `index` only, when given) as a new fp32 array."""
+    def identity(self, key: str) -> str:
+        """Names tensor `key`'s bytes: its file by name, size and modification time, and the key."""
+        stat = self.entries[key][0].stat()
+        return f"{self.entries[key][0].name}:{stat.st_size}:{stat.st_mtime_ns}:{key}"
+
+    def read(self, key: str, index: int | slice | None = None) -> np.ndarray:
+        """Tensor `key` (its row or rows `index` only, when given) as a new fp32 array."""
         import torch
         from safetensors import safe_open
 
@@ -121,11 +133,13 @@ class FusedExperts:
 
     def lazy(self, e: int, rows: slice = slice(None), transposed: bool = False) -> LazyTensor:
         """Expert e's rows `rows` (of its transpose, when the model stores experts (E, in, out))."""
+        keys = [self.fused_key] if self.fused_key is not None else [chunk[e] for chunk in self.chunks]
+        identity = f"{[self.checkpoint.identity(k) for k in keys]}[{e}][{rows}]{'.T' if transposed else ''}"
         if transposed:
             shape = np.empty(self.shape[1:][::-1], np.bool_)[rows].shape
-            return LazyTensor(shape, lambda: np.ascontiguousarray(self.expert(e).T[rows]))
+            return LazyTensor(shape, lambda: np.ascontiguousarray(self.expert(e).T[rows]), identity)
         shape = np.empty(self.shape[1:], np.bool_)[rows].shape
-        return LazyTensor(shape, lambda: self.expert(e, rows))
+        return LazyTensor(shape, lambda: self.expert(e, rows), identity)
 
 
 def checkpoint_source(tensor):
@@ -186,7 +200,8 @@ def _expert_chunks(keys: list[str], n_experts: int) -> list[list[str]] | None:
 
 def streamed_hf_model(path: Path, config) -> "torch.nn.Module":
     """The transformers model of `config` (fp32) on zero pages, each parameter carrying its
-    `checkpoint_source` in the checkpoint at `path`."""
+    `checkpoint_source` in the checkpoint at `path`; `checkpoint_precision` says what the
+    checkpoint stores (fp32, fp16 or bf16)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
@@ -210,7 +225,8 @@ def streamed_hf_model(path: Path, config) -> "torch.nn.Module":
         if len(keys) == 1 and checkpoint.shape(keys[0]) == shape:
             key = keys[0]
             source = (FusedExperts(name, shape, None, key, checkpoint) if name.endswith(("gate_up_proj", "down_proj"))
-                      and param.ndim == 3 else LazyTensor(shape, lambda key=key: checkpoint.read(key)))
+                      and param.ndim == 3 else LazyTensor(shape, lambda key=key: checkpoint.read(key), checkpoint.identity(key),
+                                                          lambda a, b, key=key: checkpoint.read(key, slice(a, b))))
         else:
             chunks = _expert_chunks(keys, shape[0]) if param.ndim == 3 else None
             if chunks is None or sum(checkpoint.shape(c[0])[0] for c in chunks) != shape[1]:
@@ -232,5 +248,9 @@ def streamed_hf_model(path: Path, config) -> "torch.nn.Module":
                 param.checkpoint_source = sources[full]
     if tied:
         model.tie_weights()
+    dtypes: dict[str, int] = {}  # the checkpoint's precision: that of most of its bytes
+    for _, shape, dtype in checkpoint.entries.values():
+        dtypes[dtype] = dtypes.get(dtype, 0) + int(np.prod(shape))
+    model.checkpoint_precision = {"BF16": "bf16", "F16": "fp16"}.get(max(dtypes, key=dtypes.get), "fp32")
     return model.eval()
 

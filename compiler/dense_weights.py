@@ -155,9 +155,10 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
     shapes = {w: tuple(int(d) for d in w.ty.shape.values) for w in weights}
     uses = _uses(main, weights)
 
-    def value(w) -> np.ndarray:
+    def value(w):
+        """The weight's values, or its checkpoint tensor (read in row blocks by `_quantized`)."""
         source = (sources or {}).get(names[w])
-        return np.asarray(source) if source is not None else traced[w].numpy()
+        return source if source is not None else traced[w].numpy()
 
     vocabularies = {shapes[w][0] for w in weights if "embedding" in uses[w]}
     table_scheme = quantization.scheme("int8") if scheme.name == "int4" else scheme
@@ -182,7 +183,7 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
             schemes[names[w]] = s
         elif kinds:
             params.append(w)
-            makers.append(lambda w=w: [np.ascontiguousarray(value(w))])
+            makers.append(lambda w=w: [np.ascontiguousarray(np.asarray(value(w)))])
             stored_names.append(names[w])
             specs.append((shape, str(w.ty.dtype)))
         # an unused parameter is dropped
@@ -198,9 +199,24 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
     return out, DenseWeights(stored_names, specs, makers, scheme, schemes)
 
 
-def _quantized(array: np.ndarray, padded_n: int, s: quantization.Scheme) -> list[np.ndarray]:
+ROW_BLOCK = 4096  # outputs quantized at once: bounds the working set of a vocabulary table
+
+
+def _quantized(weight, padded_n: int, s: quantization.Scheme) -> list[np.ndarray]:
     """A PyTorch (out, in) weight's stored tensors: padded to `padded_n` outputs, in the kernel
-    layout (K, N) = (in, out), quantized at `s`."""
-    padded = np.zeros((padded_n, array.shape[1]), np.float32)
-    padded[: array.shape[0]] = array
-    return list(quantization.quantize(np.ascontiguousarray(padded.T), s).values())
+    layout (K, N) = (in, out), quantized at `s`, ROW_BLOCK outputs at a time (scales are per
+    output, groups run along the input: blocks of outputs quantize independently), so a 50k x
+    2048 table never has its fp32 copies made whole; a checkpoint tensor is read block by block."""
+    n, k = weight.shape
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, padded_n, ROW_BLOCK):
+        stop = min(start + ROW_BLOCK, padded_n)
+        block = np.zeros((stop - start, k), np.float32)
+        if start < n:
+            rows = weight.rows(start, min(stop, n)) if hasattr(weight, "rows") else weight[start:min(stop, n)]
+            block[: rows.shape[0]] = rows
+        for suffix, a in quantization.quantize(np.ascontiguousarray(block.T), s).items():
+            parts.setdefault(suffix, []).append(a)
+    # the output axis: first in tiled storage (N / tile, ...) and of 1-D scales, else the last
+    return [np.concatenate(blocks, axis=0 if s.tile or blocks[0].ndim == 1 else blocks[0].ndim - 1)
+            for blocks in parts.values()]

@@ -34,6 +34,7 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
             raise UsageError("a single MoE block needs example_inputs=(hidden,) with hidden a torch.Tensor "
                              f"(batch, seq, d_model); got {_describe(example_inputs)}")
     model = model.eval()
+    options = options.kept(_precision(model))
     if getattr(model, "streamed", False) and calibration is not None:
         raise UsageError("calibration (--calibration, --quant auto) runs the PyTorch model, whose weights a streamed "
                          "checkpoint leaves on disk: load it with load_model_source(source, stream=False)")
@@ -73,6 +74,18 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
     p.split = frontend.split_at_moe_layers(mod, input_names, output_names, p.dense.names if p.dense else [])
     p.model_info = _model_info(model, name, description, source, specs, kv)
     return p
+
+
+def _precision(model: nn.Module) -> str:
+    """The precision the weights come in: the checkpoint's for a streamed model, else the
+    parameters' (most of them, by count)."""
+    if getattr(model, "checkpoint_precision", None):
+        return model.checkpoint_precision
+    counts: dict = {}
+    for p in model.parameters():
+        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    dtype = max(counts, key=counts.get) if counts else torch.float32
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
 
 
 def _is_causal_lm(model: nn.Module) -> bool:

@@ -19,6 +19,7 @@ artifact (kind "graph") then runs with the same expert cache as a torch.export o
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -488,6 +489,12 @@ def import_onnx(path: str | Path, target: BuildTarget, options: CompileOptions, 
         raise OnnxModelError(f"{', '.join(refused)}: not available for an ONNX model (calibration runs the PyTorch "
                              f"model; an ONNX graph keeps its dense part as imported)")
     model = load_onnx(path, input_shapes)
+    if options.quant == "keep":  # the initializers' precision, for the experts (the dense part stays as imported)
+        sizes: dict = {}
+        for t in model.graph.initializer:
+            sizes[t.data_type] = sizes.get(t.data_type, 0) + int(np.prod(t.dims))
+        stored = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}.get(max(sizes, key=sizes.get, default=0), "fp32")
+        options = dataclasses.replace(options, quant=options.kept(stored).quant)
     with bar.step(f"cut {Path(path).name} at its MoE blocks, import segments with relax.frontend.onnx"):
         specs, split = cut_onnx(model)
     p = plan_parts(specs, split, False, target, options, kind="graph", bar=bar)

@@ -17,7 +17,8 @@ from moetvm.errors import UsageError
 
 from . import quant as quantization
 
-QUANT_CHOICES = (*QUANT_SCHEMES, "auto")  # auto: per expert, planned from calibration text
+# auto: per expert, planned from calibration text; keep: the checkpoint's own precision
+QUANT_CHOICES = (*QUANT_SCHEMES, "auto", "keep")
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class CompileOptions:
 
     quant: expert weight precision, one of QUANT_CHOICES: fp32, fp16, int8, int4 (group-wise,
     `group_size` input rows per scale and zero point) or auto (per expert, from calibration
-    tokens, within `weight_budget`: bytes, a size or a percentage of the fp32 expert bytes).
+    tokens, within `weight_budget`: bytes, a size or a percentage of the fp32 expert bytes) or
+    keep (the checkpoint's precision, see `kept`).
     router_quant: the routers' precision (fp32 or int8).
     dense_quant: the dense part's linear layers, LM head and embedding table; default: as
     `quant` (fp32 with auto). Norms stay fp32. Dense weights go to weight files, never into code.
@@ -62,9 +64,9 @@ class CompileOptions:
             raise UsageError(f"group size must be a positive integer, got {self.group_size!r}")
         if self.quant not in QUANT_CHOICES:
             raise quantization.QuantizationError(f"unknown quantization {self.quant!r}; choose from {', '.join(QUANT_CHOICES)}")
-        if self.quant != "auto":
+        if self.quant not in ("auto", "keep"):
             quantization.scheme(self.quant, self.group_size)
-        elif self.weight_budget is None:
+        elif self.quant == "auto" and self.weight_budget is None:
             raise quantization.QuantizationError("--quant auto needs a --weight-budget (bytes, a size or a percentage "
                                                  "of the fp32 expert bytes)")
         quantization.scheme(self.router_quant, self.group_size)
@@ -99,6 +101,16 @@ class CompileOptions:
             raise UsageError(f"unknown compile option{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
                              f"the options are {', '.join(sorted(names))}")
         return dataclasses.replace(options or cls(), **fields) if fields else (options or cls())
+
+    def kept(self, precision: str) -> "CompileOptions":
+        """quant "keep" made the weights' own `precision` (fp32, fp16 or bf16), for the experts and
+        (unless dense_quant says otherwise) the dense part. bf16 is kept as fp16: no kernel here
+        reads bf16 yet, and fp16 holds bf16's 8 significant bits in its 11 (its narrower range is
+        checked per weight when quantized)."""
+        if self.quant != "keep":
+            return self
+        stored = {"fp32": "fp32", "fp16": "fp16", "bf16": "fp16"}[precision]
+        return dataclasses.replace(self, quant=stored, dense_quant=self.dense_quant or stored)
 
     @property
     def dense_scheme(self) -> quantization.Scheme:

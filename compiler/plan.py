@@ -33,16 +33,30 @@ class Progress:
     def __init__(self, enabled: bool, total: int):
         self.enabled, self.total, self.done = enabled, total, 0
         self.start = time.perf_counter()
+        self._line, self._shown = "", 0.0
 
     @contextmanager
     def step(self, what: str):
         t0 = time.perf_counter()
         self.done += 1
+        self._line = f"[{self.done}/{self.total or '?'}] {what} ..."
         if self.enabled:
-            print(f"[{self.done}/{self.total or '?'}] {what} ...", end="", file=sys.stderr, flush=True)
+            print(self._line, end="", file=sys.stderr, flush=True)
         yield
         if self.enabled:
             print(f" {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+
+    def count(self, what: str, done: int, total: int, made: int, since: float) -> None:
+        """A running count within the current step (at most a line a second): done / total, and
+        an ETA from the rate of the `made` ones (the rest were reused) since `since`."""
+        now = time.perf_counter()
+        if not self.enabled or (done < total and now - self._shown < 1.0):
+            return
+        self._shown = now
+        rate = made / max(now - since, 1e-9)
+        eta = f", ETA {(total - done) / rate:.0f}s" if made and done < total else ""
+        reused = f" ({done - made} reused)" if done > made else ""
+        print(f"\r{self._line} {what} {done}/{total}{reused}{eta}", end="", file=sys.stderr, flush=True)
 
     @property
     def elapsed(self) -> float:

@@ -148,6 +148,9 @@ def quantize(w: np.ndarray, s: Scheme) -> dict[str, np.ndarray]:
     if s.name == "fp32":
         out = {"": w}
     elif s.name == "fp16":
+        if w.size and np.abs(w).max() > np.finfo(np.float16).max:
+            raise QuantizationError(f"a weight of magnitude {np.abs(w).max():.3g} exceeds fp16's range "
+                                    f"({np.finfo(np.float16).max:.0f}): store it as fp32, int8 or int4")
         out = {"": w.astype(np.float16)}
     elif s.name == "int8":
         scale = np.abs(w).max(axis=0) / 127.0

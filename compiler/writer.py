@@ -5,7 +5,12 @@ weight files and the manifest, and replaces the output only once the new artifac
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +93,11 @@ def write_artifact(p: PlannedModel, out: str | Path, options: CompileOptions, ba
 
         with bar.step("write weights and manifest"):
             weights = _write_dense_weights(tmp, p.dense, p.split.weights) if p.dense else []
+            total = sum(len(spec.experts) - len(p.routers[i].masked) + len(spec.shared) + options.dense_fallback
+                        for i, spec in enumerate(specs))
+            files = ExpertFiles(out, total, bar)
             moe_layers = [_write_layer(tmp, i, spec, p.plan, p.usage, p.workload_entries, p.routers[i], options.dense_fallback,
-                                       p.resident.get(i)) for i, spec in enumerate(specs)]
+                                       files, p.resident.get(i)) for i, spec in enumerate(specs)]
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
                 kind=p.kind,
@@ -112,6 +120,7 @@ def write_artifact(p: PlannedModel, out: str | Path, options: CompileOptions, ba
                               **({"device_code": device_code} if device_code else {})},
             )
             (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+    files.finish()
     if tuning_db and bar.enabled:
         print(f"tuning database {tuning_db}: {tuning['tuned']} kernels tuned, {tuning['default']} default", file=sys.stderr)
     return out
@@ -139,21 +148,69 @@ def relax_libraries(p: PlannedModel) -> dict[str, tvm.IRModule]:
     return libs
 
 
-def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: dict, workloads: dict,
-                 router: Router, dense_fallback: bool, resident_function: str | None = None) -> MoELayer:
-    from safetensors.numpy import save_file
+class ExpertFiles:
+    """Writes the experts' weight files so that an interrupted compile resumes. Each expert's
+    stored tensors go first to a store beside the output (`.NAME.partial/`), under a key of all
+    they are made from (the source tensors: a checkpoint's by file, size, time and key, others by
+    their bytes; precision and layout; the quantizer's code), then are linked into the artifact.
+    A compile stopped by anything (Ctrl-C, a kill, a power cut) leaves the store, and the next
+    compile to the same output links the experts it finds there instead of making them again;
+    the store goes once the artifact is in place."""
 
+    QUANTIZER = hashlib.sha256(Path(quantization.__file__).read_bytes()).hexdigest()
+
+    def __init__(self, out: Path, total: int, bar: Progress):
+        self.store = out.parent / f".{out.name}.partial"
+        self.total, self.bar = total, bar
+        self.done = self.made = 0
+        self.started = time.perf_counter()
+
+    def write(self, expert: ExpertWeights, scheme: quantization.Scheme, path: Path) -> int:
+        """Expert's file at `path`; returns its weight bytes."""
+        from safetensors.numpy import save_file
+
+        kept = self.store / f"{self._key(expert, scheme)}.safetensors"
+        if not kept.is_file():
+            self.store.mkdir(exist_ok=True)
+            tensors = quantization.quantize_expert(quantization.kernel_layout(expert.w_gate, expert.w_up, expert.w_down),
+                                                   scheme)
+            part = kept.with_suffix(".part")
+            save_file(tensors, str(part))
+            os.replace(part, kept)  # whole or absent: a kill mid-write leaves only a .part
+            self.made += 1
+        try:
+            os.link(kept, path)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(kept, path)
+        self.done += 1
+        self.bar.count("experts", self.done, self.total, self.made, self.started)
+        return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                   for _, shape, dtype in quantization.swiglu_params(expert.d_model, expert.d_ff, scheme))
+
+    def _key(self, expert: ExpertWeights, scheme: quantization.Scheme) -> str:
+        def identity(w) -> str:
+            return getattr(w, "identity", None) or hashlib.sha256(np.ascontiguousarray(w, np.float32).tobytes()).hexdigest()
+        parts = [self.QUANTIZER, scheme.tag, expert.kind] + [identity(w) for w in (expert.w_gate, expert.w_up, expert.w_down)]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+    def finish(self) -> None:
+        """The artifact is in place: the store has served (it holds only our files)."""
+        if self.store.is_dir() and not self.store.is_symlink():
+            shutil.rmtree(self.store, ignore_errors=True)
+
+
+def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: dict, workloads: dict,
+                 router: Router, dense_fallback: bool, files: ExpertFiles, resident_function: str | None = None) -> MoELayer:
     folder = root / "experts" / f"layer{index}"
     folder.mkdir(parents=True)
 
     def write(expert, key, stem: str, number: int) -> Expert:
         sch = plan[key]
-        tensors = quantization.quantize_expert(quantization.kernel_layout(expert.w_gate, expert.w_up, expert.w_down), sch)
         path = folder / f"{stem}.safetensors"
-        save_file(tensors, str(path))
+        weight_bytes = files.write(expert, sch, path)
         workload = workloads[(expert.kind, expert.d_model, expert.d_ff, sch)]
-        return Expert(index=number, workload=workload.id, file=file_ref(root, path),
-                      weight_bytes=quantization.nbytes(tensors), usage=usage.get(key))
+        return Expert(index=number, workload=workload.id, file=file_ref(root, path), weight_bytes=weight_bytes,
+                      usage=usage.get(key))
 
     experts = [write(e, (index, j), f"expert{j}", j) for j, e in enumerate(spec.experts) if j not in router.masked]
     # The "dense" fallback policy's stand-in: the mean of the layer's experts, at the precision

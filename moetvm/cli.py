@@ -69,7 +69,7 @@ def targets():
 @click.argument("model")
 @click.option("--target", default="host", show_default=True, help="target name (see `moetvm targets`)")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="artifact directory")
-@click.option("--quant", type=click.Choice([*QUANT_SCHEMES, "auto"]), default="fp32", show_default=True,
+@click.option("--quant", type=click.Choice([*QUANT_SCHEMES, "auto", "keep"]), default="fp32", show_default=True,
               help="expert weight precision; auto plans it per expert from calibration text")
 @click.option("--group-size", default=32, show_default=True, help="int4 group size (input rows per scale/zero)")
 @click.option("--router-quant", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True)
@@ -173,7 +173,8 @@ def tune(model, target, trials, db, tracker, key, quant, group_size, parts):
     if db.exists() and not db.is_dir():
         _fail(f"--db {db}: is a file, not a database directory")
     options = CompileOptions(quant=quant, group_size=group_size)
-    report = tune_model(load_model_source(model), target=BuildTarget.resolve(target), options=options, db=db,
+    # Tuning needs the model's shapes, never its weights: a transformers checkpoint is streamed.
+    report = tune_model(load_model_source(model, stream=True), target=BuildTarget.resolve(target), options=options, db=db,
                         trials=trials, tracker=tracker, key=key, parts=tuple(parts) or ("segments", "routers", "experts"))
     click.echo(str(report))
 

@@ -212,8 +212,9 @@ def load_hf(path: str | Path, stream: bool = False) -> HFCausalLM:
 
         from ..checkpoint import streamed_hf_model
 
-        model = HFCausalLM(streamed_hf_model(path, AutoConfig.from_pretrained(path, local_files_only=True)))
-        model.streamed = True
+        hf = streamed_hf_model(path, AutoConfig.from_pretrained(path, local_files_only=True))
+        model = HFCausalLM(hf)
+        model.streamed, model.checkpoint_precision = True, hf.checkpoint_precision
         return model
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     return HFCausalLM(model)
