@@ -13,8 +13,9 @@ and artifact size:
   * the same shape cut to 2 layers with 64 and with 128 experts -> int4 host: the peak may grow
     by < 10% when the experts double;
   * Mixtral-8x7B with 2 of its 32 layers -> int4 host: the same bound;
-  * the 2-layer OLMoE shape -> fp32 host, run and compared with transformers in fp32 (the bf16
-    weights upcast exactly): the streamed compile computes what the checkpoint holds.
+  * the 2-layer OLMoE shape -> fp32 and int4 host, run and compared with transformers in fp32
+    (the bf16 weights upcast exactly): fp32 shows the streamed compile computes what the
+    checkpoint holds, int4 the size of 4-bit error on these weights.
 
 Each artifact is deleted once measured (--keep keeps them). Writes build/bench-compile/results.json
 and compile.png (peak RSS beside each model's fp32 size).
@@ -94,7 +95,8 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['model']}\n{r['quant']} {r['target']}" for r in results]
+    labels = [f"{r['model'].replace('-2layers', chr(10) + '2 layers').replace('-128experts', ', 128 experts')}\n"
+              f"{r['quant']} {r['target']}" for r in results]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(results)), 4.5))
     x = range(len(results))
     ax.bar([i - 0.2 for i in x], [r["fp32_bytes"] / 1e9 for r in results], 0.4, label="model in fp32", color="#bbbbbb")
@@ -104,6 +106,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_xticks(list(x), labels, fontsize=7)
     ax.set_ylabel("GB")
     ax.set_yscale("log")
+    ax.set_yticks([1, 2, 4, 8, 16, 32], ["1", "2", "4", "8", "16", "32"])
     ax.set_title("Streamed compiles: peak memory against model size")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -128,14 +131,17 @@ def main() -> int:
 
     two_layers = ["--layers", "2"]
     olmoe2 = checkpoint(root, "olmoe-1b-7b-2layers", "olmoe-1b-7b", *two_layers)
-    case(olmoe2, "host", "fp32", "olmoe2-fp32", drop=False)
-    compared = subprocess.run([sys.executable, "-c", COMPARE, str(olmoe2), str(arts / "olmoe2-fp32")],
-                              capture_output=True, text=True, check=True)
-    results[-1].update(json.loads(compared.stdout.splitlines()[-1]))
-    log(f"  vs transformers fp32: max relative logit error {results[-1]['max_relative_logit_error']:.2e}")
-    shutil.rmtree(arts / "olmoe2-fp32") if not args.keep else None
+    def compare(model: Path, name: str) -> None:
+        compared = subprocess.run([sys.executable, "-c", COMPARE, str(model), str(arts / name)],
+                                  capture_output=True, text=True, check=True)
+        results[-1].update(json.loads(compared.stdout.splitlines()[-1]))
+        log(f"  vs transformers fp32: max relative logit error {results[-1]['max_relative_logit_error']:.2e}")
+        shutil.rmtree(arts / name) if not args.keep else None
 
-    base = case(olmoe2, "host", "int4", "olmoe2-int4")
+    case(olmoe2, "host", "fp32", "olmoe2-fp32", drop=False)
+    compare(olmoe2, "olmoe2-fp32")
+    base = case(olmoe2, "host", "int4", "olmoe2-int4", drop=False)
+    compare(olmoe2, "olmoe2-int4")  # the int4 error itself, for scale
     olmoe2x = checkpoint(root, "olmoe-1b-7b-2layers-128experts", "olmoe-1b-7b", *two_layers, "--set", "num_experts=128")
     doubled = case(olmoe2x, "host", "int4", "olmoe2x-int4")
     doubled["peak_growth_for_2x_experts"] = doubled["peak_rss_bytes"] / base["peak_rss_bytes"] - 1
