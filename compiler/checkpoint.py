@@ -179,6 +179,42 @@ def _zero_pages(shape, dtype):
     return torch.frombuffer(pages, dtype=dtype, count=int(np.prod(shape))).view(shape)
 
 
+PROBE_LAYERS = 4  # a stand-in's layers: every kind of a per-layer attention pattern (Cohere2: 3 windowed in 4)
+PROBE_VOCAB = 64
+
+
+def probe_stand_in(config) -> "torch.nn.Module":
+    """A small model of `config`'s architecture with real random weights, for the wrapper's
+    numerical probes (attention window, cache layout), which a model of zeros would pass
+    whatever they test: its first PROBE_LAYERS layers, a PROBE_VOCAB-token vocabulary, the
+    experts left on zero pages (an MoE block adds nothing; the probes are about attention)."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    layers = min(config.num_hidden_layers, PROBE_LAYERS)
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[:layers]
+    config.num_hidden_layers, config.vocab_size = layers, PROBE_VOCAB
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    for module_name, module in model.named_modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or param.device.type != "meta":
+                continue
+            if ".experts" in f".{module_name}" or param.ndim == 3:
+                values = _zero_pages(tuple(param.shape), param.dtype)
+            else:
+                values = torch.randn(param.shape, generator=generator) * 0.02 + (1.0 if param.ndim == 1 else 0.0)
+            module._parameters[name] = torch.nn.Parameter(values, requires_grad=False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()
+
+
 _EXPERT_INDEX = re.compile(r"\.(\d+)\.")
 
 

@@ -34,7 +34,9 @@ from .lm import KVCachedLM
 class HFCausalLM(KVCachedLM):
     """A transformers `*ForCausalLM` in the compiler's KV-cached LM protocol."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, probes: "HFCausalLM | None" = None):
+        """probes: a stand-in of the same architecture with real weights, probed instead of
+        `model` (a streamed model computes with zeros, which every numerical probe passes)."""
         super().__init__()
         config = model.config
         if getattr(config, "is_encoder_decoder", False):
@@ -43,9 +45,13 @@ class HFCausalLM(KVCachedLM):
         self.hf = model.eval()
         self.config = config
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self._kv_layout = self._probe_kv_layout()
-        self.window, self.mixed_attention = self._probe_attention_window()
-        self._in_place_kv = self.window is None and self._probe_in_place_kv()
+        if probes is not None:
+            self._kv_layout = (config.num_hidden_layers, *probes._kv_layout[1:])
+            self.window, self.mixed_attention, self._in_place_kv = probes.window, probes.mixed_attention, probes._in_place_kv
+        else:
+            self._kv_layout = self._probe_kv_layout()
+            self.window, self.mixed_attention = self._probe_attention_window()
+            self._in_place_kv = self.window is None and self._probe_in_place_kv()
         self.cfg = SimpleNamespace(vocab_size=config.vocab_size, d_model=config.hidden_size,
                                    max_positions=getattr(config, "max_position_embeddings", None))
 
@@ -210,10 +216,11 @@ def load_hf(path: str | Path, stream: bool = False) -> HFCausalLM:
     if stream:
         from transformers import AutoConfig
 
-        from ..checkpoint import streamed_hf_model
+        from ..checkpoint import probe_stand_in, streamed_hf_model
 
-        hf = streamed_hf_model(path, AutoConfig.from_pretrained(path, local_files_only=True))
-        model = HFCausalLM(hf)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        hf = streamed_hf_model(path, config)
+        model = HFCausalLM(hf, probes=HFCausalLM(probe_stand_in(config)))
         model.streamed, model.checkpoint_precision = True, hf.checkpoint_precision
         return model
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
