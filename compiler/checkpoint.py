@@ -28,9 +28,6 @@ import numpy as np
 
 from moetvm.errors import UsageError
 
-INDEX_NAME = "model.safetensors.index.json"
-
-
 class CheckpointError(UsageError):
     """A checkpoint whose files or tensors cannot be streamed: the message names which."""
 
@@ -280,7 +277,7 @@ def streamed_hf_model(path: Path, config) -> "torch.nn.Module":
             if param.device.type == "meta":
                 param = torch.nn.Parameter(_zero_pages(tuple(param.shape), param.dtype), requires_grad=False)
                 module._parameters[pname] = param
-            if getattr(param, "checkpoint_source", None) is None:
+            if checkpoint_source(param) is None:
                 param.checkpoint_source = sources[full]
     if tied:
         model.tie_weights()

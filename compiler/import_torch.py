@@ -18,6 +18,7 @@ from .build_target import BuildTarget
 from .options import CompileOptions
 from .plan import PlannedModel, Progress, plan_parts
 from .adapters import find_moe_layers
+from .checkpoint import checkpoint_source
 from .spec import MoELayerSpec, UnsupportedModelError
 
 
@@ -68,8 +69,8 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
     if lm:
         with bar.step(f"store the dense weights ({scheme.tag})"):
             # A streamed model's weights are read from its checkpoint.
-            sources = {frontend.weight_name(n): t.checkpoint_source for n, t in model.named_parameters(remove_duplicate=False)
-                       if getattr(t, "checkpoint_source", None) is not None}
+            sources = {frontend.weight_name(n): checkpoint_source(t) for n, t in model.named_parameters(remove_duplicate=False)
+                       if checkpoint_source(t) is not None}
             mod, p.dense = store_dense_weights(mod, scheme, cpu=target.cpu, int8_dot=target.int8_dot, sources=sources)
     p.split = frontend.split_at_moe_layers(mod, input_names, output_names, p.dense.names if p.dense else [])
     p.model_info = _model_info(model, name, description, source, specs, kv)

@@ -19,6 +19,8 @@ import numpy as np
 from moetvm.errors import MoetvmError
 from moetvm.artifact import Router
 
+from .checkpoint import checkpoint_source
+
 
 class UnsupportedModelError(MoetvmError, ValueError):
     """The model (or one of its MoE blocks) has a structure no adapter understands."""
@@ -106,7 +108,7 @@ def experts_from_fused(gate_up: np.ndarray, down: np.ndarray) -> list[ExpertWeig
 def to_numpy(tensor) -> np.ndarray:
     """A torch tensor's values as a float32 NumPy array of its own (a parameter streamed from its
     checkpoint, compiler/checkpoint.py, read from there)."""
-    source = getattr(tensor, "checkpoint_source", None)
+    source = checkpoint_source(tensor)
     if source is not None:
         return np.asarray(source)
     return tensor.detach().float().cpu().numpy().copy()
@@ -115,5 +117,5 @@ def to_numpy(tensor) -> np.ndarray:
 def expert_weight(tensor):
     """An expert's weight matrix: a streamed parameter's `LazyTensor` (read when quantized and
     written, one expert at a time), else its values."""
-    source = getattr(tensor, "checkpoint_source", None)
+    source = checkpoint_source(tensor)
     return source if source is not None else to_numpy(tensor)
