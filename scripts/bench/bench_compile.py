@@ -5,7 +5,7 @@
 
 Makes (once) random-weight bf16 checkpoints with scripts/make_checkpoint.py under
 build/bench-compile/checkpoints, then compiles each case with `moetvm compile hf:DIR` in its own
-process and records its peak RSS (the process's own maximum, as the kernel counts it), wall time
+process and records its peak RSS (the process's own high-water mark, VmHWM), wall time
 and artifact size:
 
   * OLMoE-1B-7B shape (16 layers x 64 experts, 6.9B parameters, 13.8 GB bf16) -> int4 for each
@@ -34,15 +34,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 MAKE = ROOT / "scripts" / "make_checkpoint.py"
 
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork and exec, so a child
+# reports its parent's RSS at the fork when that is larger than its own peak.
 PEAK = """
-import resource, sys, time
+import sys, time
 from moetvm.cli import main
 started = time.perf_counter()
 try:
     main(sys.argv[1:], standalone_mode=False)
 finally:
-    print(f"PEAK {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024} {time.perf_counter() - started:.1f}",
-          file=sys.stderr)
+    hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(f"PEAK {hwm * 1024} {time.perf_counter() - started:.1f}", file=sys.stderr)
 """
 
 COMPARE = """
