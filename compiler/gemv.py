@@ -8,7 +8,7 @@ Xeon core and far from the memory bound. Here the affine part is factored out of
 
   int4   y[j] = sum_g scale[g, j] * (sum_{k in g} x[k] * q[k, j]  -  zero[g, j] * sum_{k in g} x[k])
   int8   y[j] = scale[j] * sum_k x[k] * q[k, j]
-  fp16/32 y[j] = sum_k x[k] * w[k, j]
+  fp32/fp16/bf16 y[j] = sum_k x[k] * w[k, j]
 
 so the inner loop is: load a row of stored bytes for LANES columns, unpack the two nibbles (int4),
 convert, multiply-add; one pass per byte row serves two values of k. LANES columns give
@@ -50,7 +50,7 @@ from tvm.script import tirx as T
 from moetvm.artifact import DTYPE_BYTES, SLOT_ALIGN
 
 from .attention import vector_exp
-from .quant import Scheme, scale_dtype
+from .quant import FLOAT_DTYPES, Scheme, scale_dtype
 
 LANES = 64
 ACT_BLOCK = 32  # inputs sharing one activation scale on the integer-dot path
@@ -65,7 +65,7 @@ _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"  # acc.i32x16 += 4-byte dots of u8x64
 # Weights may be views into a resident layer's pool (artifact.MoELayer.resident_function), which
 # start at a multiple of SLOT_ALIGN bytes, not at 0: each weight buffer takes an element offset
 # of that granularity (the data stays 64-byte aligned, so the vector loads are unchanged).
-_OFFSET = {dtype: SLOT_ALIGN // DTYPE_BYTES[dtype] for dtype in ("uint8", "int8", "float16", "float32")}
+_OFFSET = {dtype: SLOT_ALIGN // DTYPE_BYTES[dtype] for dtype in ("uint8", "int8", "float16", "bfloat16", "float32")}
 
 
 def lanes_for(*dims: int) -> int | None:
@@ -93,7 +93,7 @@ def matmul(k_dim: int, n_dim: int, s: Scheme) -> tirx.PrimFunc:
         return _int4(k_dim, n_dim, s.group_size, lanes, tiles)
     if s.name == "int8":
         return _int8(k_dim, n_dim, lanes, tiles)
-    return _float(k_dim, n_dim, "float16" if s.name == "fp16" else "float32", lanes, tiles)
+    return _float(k_dim, n_dim, FLOAT_DTYPES[s.name], lanes, tiles)
 
 
 def _int4(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tirx.PrimFunc:

@@ -26,7 +26,7 @@ class CompileOptions:
     """How to compile a model (every field checked on construction; UsageError,
     QuantizationError, TuningError or SignatureError, one line each).
 
-    quant: expert weight precision, one of QUANT_CHOICES: fp32, fp16, int8, int4 (group-wise,
+    quant: expert weight precision, one of QUANT_CHOICES: fp32, fp16, bf16, int8, int4 (group-wise,
     `group_size` input rows per scale and zero point) or auto (per expert, from calibration
     tokens, within `weight_budget`: bytes, a size or a percentage of the fp32 expert bytes) or
     keep (the checkpoint's precision, see `kept`).
@@ -104,12 +104,11 @@ class CompileOptions:
 
     def kept(self, precision: str) -> "CompileOptions":
         """quant "keep" made the weights' own `precision` (fp32, fp16 or bf16), for the experts and
-        (unless dense_quant says otherwise) the dense part. bf16 is kept as fp16: no kernel here
-        reads bf16 yet, and fp16 holds bf16's 8 significant bits in its 11 (its narrower range is
-        checked per weight when quantized)."""
+        (unless dense_quant says otherwise) the dense part: the checkpoint's bytes, stored as
+        they are (every target's kernels widen fp16 and bf16 to fp32 and accumulate in fp32)."""
         if self.quant != "keep":
             return self
-        stored = {"fp32": "fp32", "fp16": "fp16", "bf16": "fp16"}[precision]
+        stored = precision
         return dataclasses.replace(self, quant=stored, dense_quant=self.dense_quant or stored)
 
     @property

@@ -6,6 +6,8 @@ product accumulates in fp32. Schemes:
 
   fp32  plain weights.
   fp16  half-precision storage.
+  bf16  bfloat16 storage (fp32's range, 8 significant bits): what most checkpoints hold, kept as
+        is; the kernels widen each weight to fp32 (a 16-bit shift) before the product.
   int8  symmetric, one fp32 scale per output channel:  w[k, n] = q[k, n] * scale[n].
   int4  asymmetric, group-wise along K (groups of `group_size` input rows share a scale and a
         zero point per output channel), two values per byte (low nibble = even k):
@@ -31,13 +33,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 from moetvm.artifact import QUANT_SCHEMES
 from moetvm.errors import MoetvmError
 
 SCHEMES = QUANT_SCHEMES
-BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
+BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4}
+FLOATS = ("fp32", "fp16", "bf16")  # stored as plain numbers: no scales, no packing
+FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DEFAULT_GROUP_SIZE = 32
 
 
@@ -150,8 +155,10 @@ def quantize(w: np.ndarray, s: Scheme) -> dict[str, np.ndarray]:
     elif s.name == "fp16":
         if w.size and np.abs(w).max() > np.finfo(np.float16).max:
             raise QuantizationError(f"a weight of magnitude {np.abs(w).max():.3g} exceeds fp16's range "
-                                    f"({np.finfo(np.float16).max:.0f}): store it as fp32, int8 or int4")
+                                    f"({np.finfo(np.float16).max:.0f}): store it as bf16, fp32, int8 or int4")
         out = {"": w.astype(np.float16)}
+    elif s.name == "bf16":
+        out = {"": w.astype(ml_dtypes.bfloat16)}  # round to nearest even
     elif s.name == "int8":
         scale = np.abs(w).max(axis=0) / 127.0
         scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
@@ -172,7 +179,7 @@ def dequantize(t: dict[str, np.ndarray], s: Scheme) -> np.ndarray:
     """The reference: the fp32 weights a quantized tensor stands for."""
     values = _dot_deinterleave(t[""], s) if s.dot else None
     t = {suffix: _untile(a, s.tile) for suffix, a in t.items()}
-    if s.name in ("fp32", "fp16"):
+    if s.name in FLOATS:
         return t[""].astype(np.float32)
     if s.name == "int8":
         return (t[""] if values is None else values).astype(np.float32) * t[".scale"]
@@ -204,8 +211,8 @@ def nbytes(t: dict[str, np.ndarray]) -> int:
 
 def weight_params(prefix: str, k: int, n: int, s: Scheme) -> list[tuple[str, tuple, str]]:
     """(name, shape, dtype) of the tensors stored for one (k, n) weight, in call order."""
-    if s.name in ("fp32", "fp16"):
-        plain = [(prefix, (k, n), "float32" if s.name == "fp32" else "float16")]
+    if s.name in FLOATS:
+        plain = [(prefix, (k, n), FLOAT_DTYPES[s.name])]
     elif s.name == "int8":
         plain = [(prefix, (k, n), "int8"), (prefix + ".scale", (n,), "float32")]
     else:

@@ -18,7 +18,7 @@ from tvm import relax, te
 from moetvm.artifact import DTYPE_BYTES, fused_function
 
 from . import gemv
-from .quant import QuantizationError, Scheme, quantize, scale_dtype, swiglu_params
+from .quant import FLOATS, QuantizationError, Scheme, quantize, scale_dtype, swiglu_params
 
 
 def _dequantized(weights: list[te.Tensor], s: Scheme, k, j):
@@ -29,7 +29,7 @@ def _dequantized(weights: list[te.Tensor], s: Scheme, k, j):
         return tensor[j // t, row, j % t] if t else tensor[row, j]
 
     w = weights[0]
-    if s.name in ("fp32", "fp16"):
+    if s.name in FLOATS:
         return at(w, k).astype(f32)
     if s.dot:  # input k's byte: row k // interleave, the column's 4 bytes together
         byte = w[j // t, k // s.interleave, (j % t) * 4 + k % 4]

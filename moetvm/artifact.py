@@ -349,7 +349,7 @@ def parse(text: str | bytes) -> Manifest:
 
 
 MAX_DIM = 1 << 31  # any one tensor dimension (a real one is below 10^6)
-QUANT_SCHEMES = ("fp32", "fp16", "int8", "int4")  # how weights may be stored (compiler/quant.py builds them)
+QUANT_SCHEMES = ("fp32", "fp16", "bf16", "int8", "int4")  # how weights may be stored (compiler/quant.py builds them)
 KV_DTYPES = ("float32", "float16")  # what an LM's KV cache may hold
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
 GROUP_SCORES = ("top2_sum", "max")  # how grouped top-k ranks a group (see routing.select_experts)

@@ -70,7 +70,7 @@ def targets():
 @click.option("--target", default="host", show_default=True, help="target name (see `moetvm targets`)")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="artifact directory")
 @click.option("--quant", type=click.Choice([*QUANT_SCHEMES, "auto", "keep"]), default="fp32", show_default=True,
-              help="expert weight precision; auto plans it per expert from calibration text")
+              help="expert weight precision; auto plans it per expert from calibration text; keep stores the checkpoint's")
 @click.option("--group-size", default=32, show_default=True, help="int4 group size (input rows per scale/zero)")
 @click.option("--router-quant", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True)
 @click.option("--dense-quant", type=click.Choice(QUANT_SCHEMES), default=None,

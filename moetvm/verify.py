@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-PRECISION_ORDER = ("fp32", "fp16", "int8", "int4")
+PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8", "int4")
 # Least top-1 agreement with fp32 PyTorch a quantized artifact must reach on held-out text, by
 # its lowest precision: the bounds the quantization tests hold the shipped model to (test_quant.py).
-AGREEMENT_BOUNDS = {"fp16": 0.99, "int8": 0.99, "int4": 0.95}
+AGREEMENT_BOUNDS = {"fp16": 0.99, "bf16": 0.99, "int8": 0.99, "int4": 0.95}
 FP32_TOLERANCE = 1e-4  # max logit error relative to the logits' magnitude, fp32 artifacts
 WINDOW, PROMPT_TOKENS = 128, 32  # tokens per compared window; prompt of the greedy comparison
 

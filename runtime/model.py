@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
@@ -29,6 +30,18 @@ from moetvm.routing import FixedPattern, allowed_experts, group_by_expert, route
 LATENCY_WINDOW = 10_000  # decode latencies kept for the percentiles in stats()
 TRIM_EVERY_LOADS = 16  # expert loads between trims of malloc's free memory (host_memory.release_freed_memory)
 CALL_ERRORS = (tvm.error.InternalError, ValueError, TypeError, RuntimeError)  # what a compiled function raises
+# safetensors' names of the dtypes a weight file may hold (artifact.DTYPE_BYTES); bf16 arrays are
+# ml_dtypes' (a dependency of TVM's), which safetensors.numpy does not read.
+STORED_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I8": np.int8, "U8": np.uint8,
+                 "I32": np.int32, "I64": np.int64}
+
+
+def _wrap(array: np.ndarray) -> tvm.runtime.Tensor:
+    """A TVM tensor over `array`'s memory (no copy). DLPack has no bfloat16: such an array
+    crosses as its 16-bit patterns and is viewed as bfloat16 on the TVM side."""
+    if array.dtype != ml_dtypes.bfloat16:
+        return tvm.runtime.from_dlpack(array)
+    return tvm.runtime.from_dlpack(array.view(np.uint16))._create_view(array.shape, "bfloat16")
 
 
 class InputError(MoetvmError, ValueError):
@@ -525,7 +538,7 @@ class MoEModel:
             return [tvm.runtime.empty(shape, dtype, self.device) for shape, dtype in specs]
         block, arrays = host_arrays(specs)
         self._host_blocks.append(block)
-        return [tvm.runtime.from_dlpack(array) for array in arrays]
+        return [_wrap(array) for array in arrays]
 
     def settle_memory(self) -> None:
         """Collapse the filled weight blocks into huge pages where their faults got small ones
@@ -547,12 +560,13 @@ class MoEModel:
     def _read_tensors(self, ref, specs) -> dict[str, np.ndarray]:
         """The arrays `specs` of one safetensors file, read once and verified."""
         data = read_verified(self.root, ref, self.verify)  # also catches files changed after load
-        from safetensors.numpy import load
+        from safetensors import deserialize
 
-        try:
-            tensors = load(data)  # the bytes just verified, not the path again
+        try:  # the bytes just verified, not the path again
+            tensors = {name: np.frombuffer(view["data"], STORED_DTYPES[view["dtype"]]).reshape(view["shape"])
+                       for name, view in deserialize(data)}
         except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file
-            raise ArtifactError(f"{ref.path}: not a readable safetensors file ({e})") from None
+            raise ArtifactError(f"{ref.path}: not a readable safetensors file ({e!r})") from None
         del data
         out = {}
         for spec in specs:

@@ -65,7 +65,7 @@ def test_fused_kernel_matches_numpy_dequantize_then_matmul(kernels, name, tile, 
 def test_stored_bytes_shrink():
     w = np.random.default_rng(0).standard_normal((128, 256), np.float32)
     sizes = {name: quant.nbytes(quant.quantize(w, quant.scheme(name, 32))) for name in quant.SCHEMES}
-    assert sizes["fp32"] == 131072 and sizes["fp16"] == 65536
+    assert sizes["fp32"] == 131072 and sizes["fp16"] == sizes["bf16"] == 65536
     assert sizes["int8"] == 128 * 256 + 256 * 4
     assert sizes["int4"] == 128 * 256 // 2 + (128 // 32) * 256 * 3  # nibbles + fp16 scale + u8 zero
 
@@ -80,12 +80,13 @@ def test_int4_pack_unpack_round_trip():
 
 def test_quantization_error_bounds():
     w = np.random.default_rng(1).standard_normal((128, 64), np.float32)
-    for name, bound in (("fp16", 1e-3), ("int8", 1 / 127 / 2 + 1e-6), ("int4", 1 / 15 / 2 + 1e-3)):
+    # relative half-ulp for the floats (fp16: 11 significant bits, bf16: 8), half a step for the integers
+    for name, bound in (("fp16", 2.0 ** -11), ("bf16", 2.0 ** -8), ("int8", 1 / 127 / 2 + 1e-6), ("int4", 1 / 15 / 2 + 1e-3)):
         s = quant.scheme(name, 32)
         err = np.abs(quant.dequantize(quant.quantize(w, s), s) - w)
         span = (np.abs(w).max(0) if name == "int8" else
                 (w.reshape(4, 32, 64).max(1) - w.reshape(4, 32, 64).min(1)).repeat(32, 0) if name == "int4" else 1)
-        assert (err <= bound * 2 * span + 1e-7).all() if name != "fp16" else (err <= bound * np.abs(w) + 1e-7).all()
+        assert (err <= bound * 2 * span + 1e-7).all() if name in ("int8", "int4") else (err <= bound * np.abs(w)).all()
 
 
 def test_bad_group_sizes_rejected(reference_model, tmp_path):
