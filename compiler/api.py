@@ -32,6 +32,7 @@ def compile_model(
     name: str | None = None,
     description: str = "",
     source: str | None = None,
+    tokenizer: str | Path | None = None,
     progress: bool = True,
     **option_fields,
 ) -> Path:
@@ -46,6 +47,9 @@ def compile_model(
     calibration: token windows (batch, seq) run through the model to profile expert usage (stored
     per expert, it orders the runtime's preload) and, for quant auto, hash routing or
     mask_below, to fit on.
+    tokenizer: a directory holding the LM's tokenizer.json (and its configuration, chat
+    template), copied into the artifact for text in and out; default: the model's own (the
+    directory of an `hf:DIR` source, the reference model's bytes).
 
     Every option, the output path and the signing key are checked before any work starts; the
     new artifact is validated (manifest parsed, every file hashed, signature verified) before it
@@ -57,7 +61,7 @@ def compile_model(
     target = BuildTarget.resolve(target)
     bar = Progress(progress, total=0)  # planning sizes it once the workloads are known
     p = import_torch(model, example_inputs, target, options, calibration, bar, name=name, description=description,
-                     source=source)
+                     source=source, tokenizer=tokenizer)
     return write_artifact(p, out, options, bar)
 
 

@@ -5,6 +5,8 @@ other front door; both end in plan.py's plan_parts."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -20,13 +22,16 @@ from .plan import PlannedModel, Progress, plan_parts
 from .adapters import find_moe_layers
 from .checkpoint import checkpoint_source
 from .spec import MoELayerSpec, UnsupportedModelError
+from .tokenizer import TokenizerSource
 
 
 def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, options: CompileOptions, calibration,
-                 bar: Progress, *, name: str | None = None, description: str = "", source: str | None = None) -> PlannedModel:
+                 bar: Progress, *, name: str | None = None, description: str = "", source: str | None = None,
+                 tokenizer: str | Path | None = None) -> PlannedModel:
     """Trace `model` (with `example_inputs=(hidden,)` for a lone MoE block), find its MoE layers,
     plan them for `target` with `options` (`calibration`: token windows, see compile_model) and
-    cut the rest into segments; the plan carries the manifest's model section."""
+    cut the rest into segments; the plan carries the manifest's model section and the LM's
+    tokenizer (`tokenizer`: a directory with a tokenizer.json, default the model's own)."""
     model = _in_lm_protocol(model)
     if not isinstance(model, nn.Module):
         raise UsageError(f"compile_model takes a torch.nn.Module, got {type(model).__name__}")
@@ -74,6 +79,13 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
             mod, p.dense = store_dense_weights(mod, scheme, cpu=target.cpu, int8_dot=target.int8_dot, sources=sources)
     p.split = frontend.split_at_moe_layers(mod, input_names, output_names, p.dense.names if p.dense else [])
     p.model_info = _model_info(model, name, description, source, specs, kv)
+    if tokenizer is not None and not lm:
+        raise UsageError("a tokenizer goes with a causal LM; this model is a single MoE block")
+    if lm:
+        p.tokenizer = (TokenizerSource.from_directory(tokenizer, p.model_info.vocab_size) if tokenizer is not None
+                       else getattr(model, "tokenizer_source", None))
+        if tokenizer is not None and p.tokenizer is None:
+            raise UsageError(f"tokenizer {tokenizer}: no tokenizer.json there")
     return p
 
 

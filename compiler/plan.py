@@ -84,6 +84,7 @@ class PlannedModel:
     resident: dict = dataclasses.field(default_factory=dict)  # layer -> its resident function
     resident_routing: dict = dataclasses.field(default_factory=dict)  # workload key -> [ResidentRouting]
     model_info: ModelInfo = dataclasses.field(default_factory=ModelInfo)  # the manifest's model section (the front door's)
+    tokenizer: object = None  # a causal LM's tokenizer.TokenizerSource, copied into the artifact
 
 
 def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: BuildTarget, options: CompileOptions, *,

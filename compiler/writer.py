@@ -112,6 +112,7 @@ def write_artifact(p: PlannedModel, out: str | Path, options: CompileOptions, ba
                 workloads=list(p.workload_entries.values()),
                 moe_layers=moe_layers,
                 weights=weights,
+                tokenizer=p.tokenizer.write(tmp) if p.tokenizer is not None else None,
                 # No timestamps or durations: the same inputs give a byte-identical manifest.
                 compile_info={"tvm": tvm.__version__, "torch": torch.__version__,
                               "quant": {**p.plan_info, "router": p.router_scheme.tag,

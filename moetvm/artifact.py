@@ -219,6 +219,20 @@ class TargetInfo:
 
 
 @dataclass(frozen=True)
+class TokenizerInfo:
+    """How text becomes the model's token ids and back (runtime/tokenizer.py). bytes: an id is a
+    byte of the UTF-8 text (the reference model's 256-token vocabulary). hf: a Hugging Face
+    tokenizer, `files[0]` its tokenizer.json; the other files are the model directory's tokenizer
+    configuration, copied as they were. The facts generation needs are recorded here once."""
+
+    kind: str  # one of TOKENIZER_KINDS
+    files: list[FileRef] = field(default_factory=list)
+    eos_token_ids: list[int] = field(default_factory=list)  # a generation ends at any of these
+    special_tokens: dict = field(default_factory=dict)  # bos_token, eos_token, ...: text, as chat templates use them
+    chat_template: str | None = None  # Jinja2 source, rendered as transformers' apply_chat_template does
+
+
+@dataclass(frozen=True)
 class Manifest:
     format_version: int
     kind: str  # "causal_lm" | "moe_block" | "graph" (fixed-shape inputs -> outputs, e.g. an ONNX import)
@@ -232,6 +246,7 @@ class Manifest:
     moe_layers: list[MoELayer]
     compile_info: dict = field(default_factory=dict)
     weights: list[WeightFile] = field(default_factory=list)
+    tokenizer: TokenizerInfo | None = None  # causal LMs compiled with one
 
     @property
     def dense_weight_bytes(self) -> int:
@@ -258,6 +273,7 @@ class Manifest:
 
     def files(self) -> list[FileRef]:
         refs = [lib.file for lib in self.libraries] + [w.file for w in self.weights]
+        refs += self.tokenizer.files if self.tokenizer else []
         for layer in self.moe_layers:
             refs += [e.file for e in layer.experts] + [s.expert.file for s in layer.shared]
             refs += [layer.fallback.file] if layer.fallback else []
@@ -355,6 +371,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1,
 GROUP_SCORES = ("top2_sum", "max")  # how grouped top-k ranks a group (see routing.select_experts)
 MAX_EXPERTS = 1 << 16  # per layer; bounds every table the runtime builds from a manifest
 DEVICES = ("cpu", "cuda")
+TOKENIZER_KINDS = ("bytes", "hf")
 
 
 def _positive_int(value) -> bool:
@@ -372,6 +389,7 @@ def _check_consistency(m: Manifest) -> None:
     if not m.moe_layers:
         raise ArtifactError(f"{MANIFEST_NAME}: no MoE layers")
     _check_model_fields(m)
+    _check_tokenizer(m)
     _check_program(m)
     libs = {lib.name: lib for lib in m.libraries}
     for ref in m.files():
@@ -557,6 +575,25 @@ def _check_model_fields(m: Manifest) -> None:
         if logits is None or not logits.shape or logits.shape[-1] != (vocab or logits.shape[-1]):
             raise ArtifactError(f"{MANIFEST_NAME}: model.vocab_size {vocab!r} does not match "
                                 f"the logits output {None if logits is None else logits.shape}")
+
+
+def _check_tokenizer(m: Manifest) -> None:
+    t, vocab = m.tokenizer, m.model.vocab_size
+    if t is None:
+        return
+    where = f"{MANIFEST_NAME}: tokenizer"
+    if m.kind != "causal_lm":
+        raise ArtifactError(f"{where}: only a causal LM takes text, this artifact is a {m.kind}")
+    if t.kind not in TOKENIZER_KINDS:
+        raise ArtifactError(f"{where}: unknown kind {t.kind!r} (known: {', '.join(TOKENIZER_KINDS)})")
+    if t.kind == "bytes" and vocab != 256:
+        raise ArtifactError(f"{where}: byte tokens need a 256-token vocabulary, the model has {vocab}")
+    if t.kind == "hf" and (not t.files or PurePosixPath(t.files[0].path).name != "tokenizer.json"):
+        raise ArtifactError(f"{where}: a Hugging Face tokenizer needs its tokenizer.json as the first file")
+    if any(type(i) is not int or not 0 <= i < (vocab or 1 << 31) for i in t.eos_token_ids):
+        raise ArtifactError(f"{where}: eos_token_ids {t.eos_token_ids} are not ids of the {vocab}-token vocabulary")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in t.special_tokens.items()):
+        raise ArtifactError(f"{where}: special_tokens must map names to text")
 
 
 KV_LAYOUTS = ("in_place", "concat")

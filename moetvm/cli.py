@@ -40,14 +40,6 @@ class _Commands(click.Group):
             raise click.ClickException(one_line(f"{e.filename}: {e.strerror or e}")) from None
 
 
-def _encode(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-
-def _decode(ids) -> str:
-    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
-
 @click.group(cls=_Commands)
 @click.version_option(package_name="moetvm", prog_name="moetvm")
 def main():
@@ -238,14 +230,8 @@ def _load(directory: Path, cache_budget: str, **options):
     return load_model(directory, cache_budget=cache_budget, **options)
 
 
-def _prompt_ids(prompt: str, token_ids: str | None) -> list[int]:
-    """The prompt as token ids: `--token-ids 1,2,3`, or `--prompt` text as UTF-8 bytes (the
-    reference model's tokens)."""
-    if token_ids is None:
-        try:
-            return _encode(prompt)
-        except UnicodeEncodeError:
-            _fail("--prompt: not valid UTF-8 text (give token ids with --token-ids instead)")
+def _token_ids(token_ids: str) -> list[int]:
+    """`--token-ids 1,2,3` as a list of ids."""
     parts = [t.strip() for t in token_ids.split(",")]
     if not token_ids.strip() or not all(parts):
         _fail(f"--token-ids: expected comma-separated integers, got {token_ids!r}")
@@ -258,9 +244,12 @@ def _prompt_ids(prompt: str, token_ids: str | None) -> list[int]:
     return ids
 
 
-def _byte_level(manifest) -> bool:
-    """The text prompt is read as bytes: only a model with a 256-token byte vocabulary reads it."""
-    return manifest.model.vocab_size == 256
+def _needs_tokenizer(tokenizer, directory: Path, what: str):
+    """`tokenizer`, or a one-line refusal naming what needed it when the artifact ships none."""
+    if tokenizer is None:
+        _fail(f"{directory}: this artifact ships no tokenizer (its model directory had no tokenizer.json), so "
+              f"{what} cannot be used: give token ids (--token-ids), or recompile with the tokenizer beside the model")
+    return tokenizer
 
 
 def print_run_report(report: dict, fallback: str = "error") -> None:
@@ -292,12 +281,32 @@ def print_run_report(report: dict, fallback: str = "error") -> None:
     click.echo(f"peak RSS              {report['peak_rss_mb']:.0f} MB")
 
 
+def sampling_options(command):
+    """The generation options `run` and `serve` share the names of (OpenAI's and llama.cpp's)."""
+    for option in reversed([
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="sampling temperature; 0 is greedy"),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="keep the k likeliest tokens (0: all)"),
+        click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+                     help="keep the likeliest tokens summing to this probability"),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+                     help="> 1 discourages tokens already in the prompt or output"),
+        click.option("--seed", type=click.IntRange(min=0, max=2**64 - 1), default=None, help="random seed for sampling"),
+    ]):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--prompt", default="def ", show_default=True, help="text, as bytes (the reference model's tokens)")
-@click.option("--token-ids", default=None,
-              help="the prompt as comma-separated token ids instead (models with their own tokenizer, e.g. transformers)")
+@click.option("--prompt", default="def ", show_default=True, help="text, encoded with the artifact's tokenizer")
+@click.option("--token-ids", default=None, help="the prompt as comma-separated token ids instead")
+@click.option("--chat", is_flag=True, help="--prompt is a user message, rendered with the model's chat template")
+@click.option("--system", default=None, help="with --chat: a system message before it")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=0))
+@sampling_options
+@click.option("--stop", multiple=True, help="stop before this text (repeatable)")
+@click.option("--ignore-eos", is_flag=True, help="go on past the end-of-sequence token")
 @click.option("--cache-budget", default="25%", show_default=True, help="bytes, size (64MB) or percent of all experts")
 @click.option("--prefetch/--no-prefetch", default=True, show_default=True,
               help="load each next layer's predicted experts in the background")
@@ -308,12 +317,15 @@ def print_run_report(report: dict, fallback: str = "error") -> None:
               help="when an expert cannot be loaded: fail, renormalise over the rest, or use the dense stand-in")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Ed25519 public key; the artifact must be signed by one of these (repeatable)")
-@click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
-def run(directory, prompt, token_ids, max_new_tokens, cache_budget, prefetch, preload, storage_mbps, fallback,
-        trusted_keys, as_json):
-    """Generate from a compiled LM artifact (greedy) and report cache and latency stats."""
+@click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout, at the end")
+def run(directory, prompt, token_ids, chat, system, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+        stop, ignore_eos, cache_budget, prefetch, preload, storage_mbps, fallback, trusted_keys, as_json):
+    """Generate from a compiled LM artifact, text streamed as it comes, then cache and latency stats."""
     _runtime_only(directory)
-    prompt_ids = _prompt_ids(prompt, token_ids)
+    if chat and token_ids is not None:
+        _fail("--chat takes the user's message as --prompt, not --token-ids")
+    if system is not None and not chat:
+        _fail("--system goes with --chat")
     if preload != "auto":
         try:
             preload = float(preload)
@@ -323,19 +335,65 @@ def run(directory, prompt, token_ids, max_new_tokens, cache_budget, prefetch, pr
                   fallback=fallback, trusted_keys=list(trusted_keys) or None)
     if model.manifest.kind != "causal_lm":
         _fail(f"{directory}: `run` needs a causal LM artifact, this one is a {model.manifest.kind}")
-    if token_ids is None and not _byte_level(model.manifest):
-        _fail(f"{directory}: this model has its own tokenizer ({model.manifest.model.vocab_size} tokens), "
-              f"which the artifact does not ship: give the prompt as --token-ids")
-    model.check_generation(len(prompt_ids), max_new_tokens)
-    new = model.generate(prompt_ids, max_new_tokens)
-    shown = (token_ids, ",".join(map(str, new))) if token_ids is not None else (prompt, _decode(new))
-    report = {"text": shown[1], "prompt": shown[0], "new_ids": new, **model.stats()}
+    if token_ids is not None:
+        source = _token_ids(token_ids)
+    elif chat:
+        source = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
+    else:
+        source = prompt
+    if token_ids is None or stop:
+        _needs_tokenizer(model.tokenizer, directory, "--stop" if token_ids is not None else "a text --prompt")
+    generation = model.stream(source, max_new_tokens, stop=stop, ignore_eos=ignore_eos, temperature=temperature,
+                              top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+    if not as_json:
+        if token_ids is not None:
+            click.echo(token_ids + " -> ", nl=False)
+        elif not chat:
+            click.echo(prompt, nl=False)
+    for token in generation:
+        if not as_json:
+            click.echo(str(token.id) + "," if token_ids is not None and model.tokenizer is None else token.text, nl=False)
+    report = {"text": generation.text if model.tokenizer is not None else None, "prompt": token_ids or prompt,
+              "prompt_tokens": generation.prompt_tokens, "new_ids": generation.token_ids,
+              "finish_reason": generation.finish_reason, **model.stats()}
     if as_json:
         click.echo(json.dumps(report))
         return
-    click.echo(shown[0] + (" -> " if token_ids is not None else "") + shown[1])
+    click.echo()
     click.echo("-" * 60)
     print_run_report(report, fallback)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0: every interface)")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port (0: any free one)")
+@click.option("--api-key", envvar="MOETVM_API_KEY", default=None,
+              help="require `Authorization: Bearer KEY` (or set MOETVM_API_KEY)")
+@click.option("--model-name", default=None, help="the model's id in the API [default: the artifact's model name]")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=1),
+              help="requests waiting at most; more get HTTP 503")
+@click.option("--cache-budget", default="100%", show_default=True, help="bytes, size (64MB) or percent of all experts")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Ed25519 public key; the artifact must be signed by one of these (repeatable)")
+def serve(directory, host, port, api_key, model_name, max_queue, cache_budget, trusted_keys):
+    """Serve an LM artifact over HTTP with an OpenAI-compatible API (/v1/completions,
+    /v1/chat/completions, /v1/models, /health, /metrics)."""
+    _runtime_only(directory)
+    from moetvm.runtime.server import serve as serve_model
+
+    model = _load(directory, cache_budget, trusted_keys=list(trusted_keys) or None)
+    if model.manifest.kind != "causal_lm":
+        _fail(f"{directory}: `serve` needs a causal LM artifact, this one is a {model.manifest.kind}")
+    model_id = model_name or model.manifest.model.name or directory.name
+    text = "text and token ids" if model.tokenizer is not None else "token ids only (no tokenizer in the artifact)"
+    try:
+        serve_model(model, host, port, model_id=model_id, api_key=api_key, max_queue=max_queue,
+                    ready=lambda bound: click.echo(f"serving {model_id} ({text}) on http://{host}:{bound}/v1", err=True))
+    except OSError as e:
+        _fail(f"cannot listen on {host}:{port} ({e.strerror or e})")
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
 
 
 @main.command()
@@ -346,23 +404,29 @@ def run(directory, prompt, token_ids, max_new_tokens, cache_budget, prefetch, pr
               help="device key, as in TVM. --tracker: the key the boards registered under (default: the "
                    "artifact's target's rpc key: rasp4 for cortex-a72, host for host). --rpc: the board's "
                    "--key (default: none, as a board started without --key expects)")
-@click.option("--prompt", default="def ", show_default=True)
+@click.option("--prompt", default="def ", show_default=True, help="text, encoded here with the artifact's tokenizer")
+@click.option("--token-ids", default=None, help="the prompt as comma-separated token ids instead")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--cache-budget", default=None, help="default: the target's memory budget")
 @click.option("--timeout", default=600.0, show_default=True, help="seconds before the board session is dropped")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path),
               help="Ed25519 public key; refuse to upload unless the artifact is signed by one of these (repeatable)")
-def deploy(directory, rpc_addr, tracker, key, prompt, max_new_tokens, cache_budget, timeout, trusted_keys):
-    """Upload an artifact to a board over TVM RPC, run it there, print the JSON report."""
+def deploy(directory, rpc_addr, tracker, key, prompt, token_ids, max_new_tokens, cache_budget, timeout, trusted_keys):
+    """Upload an artifact to a board over TVM RPC, run it there, print the JSON report (with the
+    text, decoded by the artifact's tokenizer)."""
     from moetvm.runtime.remote import deploy as deploy_artifact
+    from moetvm.runtime.tokenizer import load_tokenizer
 
+    tokenizer = load_tokenizer(directory, read_manifest(directory))  # the bytes the board gets, verified
+    prompt_ids = _token_ids(token_ids) if token_ids is not None else \
+        _needs_tokenizer(tokenizer, directory, "a text --prompt").encode(prompt)
     try:  # address, signature and key are checked before connecting; then the board's own cause
-        report = deploy_artifact(directory, prompt_ids=_encode(prompt), max_new_tokens=max_new_tokens,
+        report = deploy_artifact(directory, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
                                  cache_budget=cache_budget, rpc_addr=rpc_addr, tracker=tracker, key=key,
                                  timeout=timeout, trusted_keys=list(trusted_keys) or None)
     except MoetvmError as e:
         _fail(one_line(e))
-    report = {"text": _decode(report.pop("new_ids")), "prompt": prompt, **report}
+    report = {"text": tokenizer.decode(report["new_ids"]) if tokenizer else None, "prompt": token_ids or prompt, **report}
     click.echo(json.dumps(report))
 
 
@@ -380,7 +444,6 @@ def trace(directory, text, out, max_tokens, window):
     _runtime_only(directory)
     import numpy as np
 
-    
     from moetvm.runtime.trace import RoutingTrace, TraceError
 
     if out.is_dir():
@@ -393,10 +456,12 @@ def trace(directory, text, out, max_tokens, window):
     model = _load(directory, "100%")
     if model.manifest.kind != "causal_lm":
         _fail("`trace` needs a causal LM artifact")
-    if not _byte_level(model.manifest):
-        _fail(f"{directory}: `trace` reads --text as bytes, the tokens of byte-level models; this model has "
-              f"{model.manifest.model.vocab_size} tokens")
-    tokens = np.frombuffer(text.read_bytes(), dtype=np.uint8).astype(np.int64)[:max_tokens]
+    tokenizer = _needs_tokenizer(model.tokenizer, directory, "--text")
+    try:
+        content = text.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        _fail(f"--text {text}: not UTF-8 text")
+    tokens = np.asarray(tokenizer.encode(content), dtype=np.int64)[:max_tokens]
     if not len(tokens):
         _fail(f"--text {text}: empty")
     model.start_trace()

@@ -39,6 +39,9 @@ _import_tvm_without_torch()
 from moetvm.artifact import ArtifactError  # noqa: E402
 
 from .cache import ExpertCache, parse_budget  # noqa: E402
+from .generation import Generation, GenerationError, Sampling, Token  # noqa: E402
 from .model import InputError, MoEModel, load_model  # noqa: E402
+from .tokenizer import Tokenizer, TokenizerError  # noqa: E402
 
-__all__ = ["ArtifactError", "ExpertCache", "InputError", "MoEModel", "load_model", "parse_budget"]
+__all__ = ["ArtifactError", "ExpertCache", "Generation", "GenerationError", "InputError", "MoEModel", "Sampling", "Token",
+           "Tokenizer", "TokenizerError", "load_model", "parse_budget"]

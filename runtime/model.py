@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import functools
 import os
 import platform
 import resource
@@ -12,6 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -23,6 +26,8 @@ from moetvm.artifact import (FIXED_MODES, ArtifactError, Expert, Manifest, MoELa
                              fused_function, read_manifest, read_verified)
 
 from .cache import DEFAULT_PIN_FRACTION, ExpertCache, parse_budget
+from .generation import Generation, GenerationError, Sampler, Sampling, Token
+from .tokenizer import Tokenizer, load_tokenizer
 from .host_memory import aligned_copy, host_arrays, release_freed_memory, settle
 from moetvm.routing import FixedPattern, allowed_experts, group_by_expert, route
 
@@ -687,9 +692,36 @@ class MoEModel:
             raise InputError(f"a {prompt_tokens}-token prompt plus {max_new_tokens} new tokens needs {needed} positions; "
                              f"the model has {limit} (at most {limit - prompt_tokens + 1} new tokens)")
 
-    def generate(self, prompt, max_new_tokens: int) -> list[int]:
-        """Greedy decoding with a KV cache from one prompt (a 1-D sequence of token ids, or a
-        (1, seq) batch of one); returns the new token ids."""
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer | None:
+        """The artifact's tokenizer (runtime/tokenizer.py), None when it ships none."""
+        return load_tokenizer(self.root, self.manifest, self.verify)
+
+    def stream(self, prompt, max_new_tokens: int = 64, *, stop: tuple[str, ...] | list[str] = (),
+               ignore_eos: bool = False, **sampling) -> Generation:
+        """A generation from one prompt, made as it is iterated (runtime/generation.py): text (encoded
+        with the artifact's tokenizer), token ids (a 1-D sequence or a (1, seq) batch of one), or a
+        chat, messages [{"role": ..., "content": ...}] rendered with the model's chat template.
+        It ends at max_new_tokens, at an end-of-sequence id (unless ignore_eos) or at a stop string
+        (`stop`, never part of the text). sampling: Sampling's fields (temperature 0, the default,
+        is greedy)."""
+        params = Sampling(**sampling) if set(sampling) <= _SAMPLING_FIELDS else None
+        if params is None:
+            raise GenerationError(f"unknown generation option(s) {sorted(set(sampling) - _SAMPLING_FIELDS)}; "
+                                  f"sampling takes {', '.join(sorted(_SAMPLING_FIELDS))}")
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not all(isinstance(s, str) for s in stop):
+            raise GenerationError(f"stop must be text or a list of texts, got {stop!r}")
+        tokenizer = self.tokenizer
+        if isinstance(prompt, str) or _is_chat(prompt) or stop:
+            if tokenizer is None:
+                raise GenerationError(f"{self.root}: this artifact ships no tokenizer (its model directory had no "
+                                      f"tokenizer.json): give the prompt as token ids, without stop strings")
+        if isinstance(prompt, str):
+            prompt = tokenizer.encode(prompt)
+        elif _is_chat(prompt):
+            prompt = tokenizer.chat_ids(prompt)
         ids = np.asarray(prompt)
         if ids.ndim > 2 or (ids.ndim == 2 and ids.shape[0] != 1):
             raise InputError(f"generate takes one prompt (a 1-D sequence of token ids), got shape {ids.shape}; "
@@ -698,23 +730,37 @@ class MoEModel:
             raise InputError(f"token ids must be integers, got {ids.dtype}")
         self.check_generation(ids.size, max_new_tokens)
         tokens = self._check_tokens(ids.astype(np.int64).reshape(1, -1))
+        eos = () if ignore_eos or tokenizer is None else tokenizer.eos_token_ids
+        return Generation(self._decode(tokens, int(max_new_tokens), Sampler(params)), tokens.shape[1], eos, tuple(stop),
+                          tokenizer.decoder() if tokenizer is not None else None)
+
+    def generate(self, prompt, max_new_tokens: int = 64, *, stream: Callable[[Token], None] | None = None,
+                 **options) -> list[int]:
+        """The new token ids of one generation (`stream` as above, with its options); `stream`,
+        when given, is called with each Token (id, and the text it adds) as it is made."""
+        return self.stream(prompt, max_new_tokens, **options).run(stream).token_ids
+
+    def _decode(self, tokens: np.ndarray, max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
+        """Prefill, then one step per new token; each token is yielded before the next is computed,
+        and the last one is never fed back."""
+        history = tokens[0].tolist()
         cache = KVCache.empty(self.manifest, 1)
         t0 = time.perf_counter()
         logits, cache = self._lm_step(tokens, cache)
         self.timings.prefill.append(time.perf_counter() - t0)
-        new = []
-        for _ in range(max_new_tokens):
-            new.append(int(np.argmax(logits[0, -1])))
-            if len(new) == max_new_tokens:
-                break
+        for produced in range(1, max_new_tokens + 1):
+            token = sampler(logits[0, -1], history)
+            history.append(token)
+            yield token
+            if produced == max_new_tokens:
+                return
             t0, in_calls = time.perf_counter(), self.timings.calls
-            logits, cache = self._lm_step(np.array([[new[-1]]], dtype=np.int64), cache)
+            logits, cache = self._lm_step(np.array([[token]], dtype=np.int64), cache)
             took = time.perf_counter() - t0
             self.timings.token_latencies.append(took)
             self.timings.decode_tokens += 1
             self.timings.decode_seconds += took
             self.timings.decode_calls += self.timings.calls - in_calls
-        return new
 
     def stats(self) -> dict:
         c, timings = self.cache.stats, self.timings
@@ -813,6 +859,14 @@ class KVCache:
             buffers[layers + i][:, :, :n] = self.values[i].numpy()[:, :, :n]
         tensors = [tvm.runtime.from_dlpack(b) if on_cpu else tvm.runtime.tensor(b, device) for b in buffers]
         self.keys, self.values = tensors[:layers], tensors[layers:]
+
+
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(Sampling)}
+
+
+def _is_chat(prompt) -> bool:
+    """A conversation: a list of message objects (a list of ids is a prompt of token ids)."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
 
 
 def _call_failed(library: str, function: str, error: Exception) -> ArtifactError:

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import moetvm.compiler  # noqa: F401 - first, before TVM loads: it prepares CUDA builds (cuda_driver.py)
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def board():
+    """The emulated Cortex-A72 board's python (qemu-aarch64 + the sysroot of scripts/board/build-board-a72)."""
+    proc = subprocess.run([REPO / "scripts" / "board" / "build-board-a72"], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return REPO / "scripts" / "board" / "board-a72-python"
 
 
 @pytest.fixture(scope="session")

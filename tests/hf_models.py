@@ -31,12 +31,13 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """`overrides`: config fields replacing the defaults above (vocab_size, eos_token_id, ...)."""
     import transformers
 
     config_class, model_class, fields = FAMILIES[family]
     torch.manual_seed(seed)
-    config = getattr(transformers, config_class)(**COMMON, **fields)
+    config = getattr(transformers, config_class)(**{**COMMON, **fields, **overrides})
     model = getattr(transformers, model_class)(config).eval()
     for name, buffer in model.named_buffers():
         if name.endswith("e_score_correction_bias"):

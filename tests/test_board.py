@@ -17,14 +17,6 @@ from servers import start, stop
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-BOARD_PYTHON = REPO / "scripts" / "board" / "board-a72-python"
-
-
-@pytest.fixture(scope="session")
-def board():
-    proc = subprocess.run([REPO / "scripts" / "board" / "build-board-a72"], capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return BOARD_PYTHON
 
 
 BOARD_SCRIPT = """

@@ -135,7 +135,7 @@ def test_cli_compiles_a_local_transformers_directory(tmp_path):
     as_text = subprocess.run([*cli, "run", tmp_path / "art", "--prompt", "hello"], capture_output=True, text=True,
                              timeout=600)  # the artifact ships no tokenizer: refused up front, not after generating
     assert as_text.returncode == 1 and "Traceback" not in as_text.stderr
-    assert "give the prompt as --token-ids" in as_text.stderr and len(as_text.stderr.strip().splitlines()) == 1
+    assert "give token ids (--token-ids)" in as_text.stderr and len(as_text.stderr.strip().splitlines()) == 1
 
     missing = subprocess.run([*cli, "compile", f"hf:{tmp_path / 'nowhere'}", "-o", tmp_path / "x"],
                              capture_output=True, text=True, timeout=600)

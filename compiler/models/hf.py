@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from ..tokenizer import TokenizerSource
 from .lm import KVCachedLM
 
 
@@ -222,6 +223,8 @@ def load_hf(path: str | Path, stream: bool = False) -> HFCausalLM:
         hf = streamed_hf_model(path, config)
         model = HFCausalLM(hf, probes=HFCausalLM(probe_stand_in(config)))
         model.streamed, model.checkpoint_precision = True, hf.checkpoint_precision
-        return model
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    return HFCausalLM(model)
+    else:
+        model = HFCausalLM(AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32))
+    # The directory's tokenizer, when it has one, goes into the artifact (compiler/tokenizer.py).
+    model.tokenizer_source = TokenizerSource.from_directory(path, model.cfg.vocab_size, model.config.to_dict())
+    return model

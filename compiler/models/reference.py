@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..tokenizer import TokenizerSource
 from .lm import KVCachedLM
 
 
@@ -133,6 +134,8 @@ class ReferenceMoELM(KVCachedLM):
     def __init__(self, cfg: ReferenceConfig = ReferenceConfig()):
         super().__init__()
         self.cfg = cfg
+        # Its tokens are the bytes of UTF-8 text (with the standard 256-token vocabulary).
+        self.tokenizer_source = TokenizerSource.bytes() if cfg.vocab_size == 256 else None
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_positions, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
