@@ -282,7 +282,7 @@ def print_run_report(report: dict, fallback: str = "error") -> None:
 
 
 def sampling_options(command):
-    """The generation options `run` and `serve` share the names of (OpenAI's and llama.cpp's)."""
+    """`run`'s sampling options, named as in llama.cpp (and as the server's JSON fields)."""
     for option in reversed([
         click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="sampling temperature; 0 is greedy"),

@@ -82,7 +82,7 @@ class Sampler:
 
 @dataclass(frozen=True)
 class Token:
-    id: int
+    id: int | None  # None: the end of the text, held back until the generation ended (no new token)
     text: str  # the text this token adds, as far as it is final (may be "": held back)
 
 
@@ -146,7 +146,7 @@ class Generation:
             self.text += tail
             text += tail
         if text:
-            yield Token(self.token_ids[-1], text)
+            yield Token(None, text)
         self.finish_reason = "stop" if hit else reason
 
     def _shown(self, text: str) -> tuple[str, bool]:

@@ -1,7 +1,6 @@
 """Whole Hugging Face transformers MoE models through the compiler and the runtime: the dense
 parts traced, every MoE block read by its adapter, experts evicted under a small cache budget."""
 
-import json
 
 import numpy as np
 import pytest
@@ -56,6 +55,14 @@ def test_family_matches_transformers_with_evicting_cache(compiled):
     prompt = torch.from_numpy(rng.integers(0, 128, size=(1, 5)))
     assert runtime.generate(prompt[0].numpy(), 16) == _greedy(model, prompt, 16)
     assert runtime.stats()["evictions"] > 0
+    if family == "olmoe":  # compiled from a module, not a directory: no tokenizer, so text is refused up front
+        import subprocess
+        import sys
+
+        as_text = subprocess.run([sys.executable, "-m", "moetvm.cli", "run", out, "--prompt", "hello"],
+                                 capture_output=True, text=True, timeout=600)
+        assert as_text.returncode == 1 and "Traceback" not in as_text.stderr
+        assert "ships no tokenizer" in as_text.stderr and len(as_text.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("family, window, mixed", [("mixtral", 4, False), ("olmoe", None, False),
@@ -108,35 +115,3 @@ def test_complex_rotary_is_rewritten_to_real_arithmetic(tmp_path):
         x, positions = torch.randn(batch, 3, length, 8), torch.arange(3, 3 + length).expand(batch, length)
         ours = vm["main"](tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(positions.numpy())).numpy()
         assert relative_error(ours, ComplexRotary()(x, positions).numpy()) < 1e-6
-
-
-@pytest.mark.slow
-def test_cli_compiles_a_local_transformers_directory(tmp_path):
-    """`moetvm compile hf:DIR` on a saved model directory (config.json + safetensors), as users
-    run it; then `moetvm run` on the artifact."""
-    import subprocess
-    import sys
-
-    model = tiny_model("mixtral", seed=3)
-    model.save_pretrained(tmp_path / "mixtral-tiny")
-    cli = [sys.executable, "-m", "moetvm.cli"]
-    done = subprocess.run([*cli, "compile", f"hf:{tmp_path / 'mixtral-tiny'}", "-o", tmp_path / "art", "--quiet"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert read_manifest(tmp_path / "art").model.source == f"hf:{tmp_path / 'mixtral-tiny'}"
-    tokens = np.random.default_rng().integers(0, 128, size=(1, 12))
-    with torch.no_grad():
-        theirs = model(torch.from_numpy(tokens)).logits.numpy()
-    assert relative_error(load_model(tmp_path / "art", cache_budget="30%")(tokens), theirs) < 1e-4
-    ran = subprocess.run([*cli, "run", tmp_path / "art", "--token-ids", "5,17,99", "--max-new-tokens", "6", "--json"],
-                         capture_output=True, text=True, timeout=600)
-    assert ran.returncode == 0, ran.stderr
-    assert json.loads(ran.stdout)["new_ids"] == _greedy(model, torch.tensor([[5, 17, 99]]), 6)
-    as_text = subprocess.run([*cli, "run", tmp_path / "art", "--prompt", "hello"], capture_output=True, text=True,
-                             timeout=600)  # the artifact ships no tokenizer: refused up front, not after generating
-    assert as_text.returncode == 1 and "Traceback" not in as_text.stderr
-    assert "give token ids (--token-ids)" in as_text.stderr and len(as_text.stderr.strip().splitlines()) == 1
-
-    missing = subprocess.run([*cli, "compile", f"hf:{tmp_path / 'nowhere'}", "-o", tmp_path / "x"],
-                             capture_output=True, text=True, timeout=600)
-    assert missing.returncode != 0 and "config.json" in missing.stderr and "Traceback" not in missing.stderr

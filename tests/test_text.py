@@ -1,7 +1,8 @@
-"""Text in, text out (issue 17): a tiny transformers MoE saved beside a BPE tokenizer trained here
-with `tokenizers`, compiled with the CLI; `run` against transformers' `generate` decoded by the same
-tokenizer, sampling, stop strings, the chat template; `moetvm serve` with real HTTP clients on
-loopback, on the host and on the emulated board."""
+"""Text in, text out (issue 17), and `moetvm compile hf:DIR` as users run it: a tiny Mixtral (its
+attention window shorter than the prompts) saved beside a BPE tokenizer trained here with
+`tokenizers`, compiled with the CLI; logits and `run` against transformers (`generate` decoded by
+the same tokenizer), sampling, stop strings, the chat template; `moetvm serve` with real HTTP
+clients on loopback, on the host and on the emulated board."""
 
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ CHAT = [{"role": "system", "content": "You write Python."}, {"role": "user", "co
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A 2-layer OLMoE-style model with a 384-token byte-level BPE trained on the held-out text."""
+    """A 2-layer Mixtral-style model (window of 8 positions) with a 384-token byte-level BPE trained
+    on the held-out text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from moetvm.compiler.models import HELDOUT_TEXT
 
-    folder = tmp_path_factory.mktemp("text") / "tiny-olmoe"
+    folder = tmp_path_factory.mktemp("text") / "tiny-mixtral"
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -44,7 +46,7 @@ def model_dir(tmp_path_factory):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
     tokenizer.chat_template = TEMPLATE
     tokenizer.save_pretrained(folder)
-    model = tiny_model("olmoe", seed=5, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+    model = tiny_model("mixtral", seed=3, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
     model.save_pretrained(folder)
     return folder
@@ -81,10 +83,17 @@ def _run(artifact, *args) -> dict:
     return json.loads(done.stdout)
 
 
-def test_artifact_ships_the_tokenizer(artifact, model_dir):
+def test_cli_compile_matches_transformers_and_ships_the_tokenizer(artifact, model_dir, reference):
     from moetvm.artifact import read_manifest
+    from moetvm.runtime import load_model
+    from moetvm.verify import relative_error
 
     manifest = read_manifest(artifact)
+    assert manifest.model.source == f"hf:{model_dir}"
+    tokens = np.random.default_rng().integers(0, manifest.model.vocab_size, size=(1, 12))
+    with torch.no_grad():
+        theirs = reference[0](torch.from_numpy(tokens)).logits.numpy()
+    assert relative_error(load_model(artifact, cache_budget="30%")(tokens), theirs) < 1e-4
     info = manifest.tokenizer
     assert info.kind == "hf" and [f.path for f in info.files][0] == "tokenizer/tokenizer.json"
     assert (artifact / "tokenizer" / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
@@ -104,21 +113,31 @@ def test_run_prompt_prints_transformers_greedy_text(artifact, reference):
 
 
 def test_sampling_is_reproducible_and_not_greedy(artifact):
-    greedy = _run(artifact, "--prompt", PROMPT, "--max-new-tokens", "24", "--ignore-eos")["new_ids"]
-    args = ["--prompt", PROMPT, "--max-new-tokens", "24", "--ignore-eos", "--temperature", "1.0", "--top-p", "0.95"]
-    first, again = _run(artifact, *args, "--seed", "7"), _run(artifact, *args, "--seed", "7")
-    other = _run(artifact, *args, "--seed", "8")
-    assert first["new_ids"] == again["new_ids"] and first["text"] == again["text"]
-    assert first["new_ids"] != greedy and other["new_ids"] != first["new_ids"]
+    seeded = _run(artifact, "--prompt", PROMPT, "--max-new-tokens", "24", "--ignore-eos", "--temperature", "1.0",
+                  "--top-p", "0.95", "--top-k", "100", "--repetition-penalty", "1.1", "--seed", "7")
+    from moetvm.runtime import load_model
+
+    model = load_model(artifact)
+    options = dict(ignore_eos=True, temperature=1.0, top_p=0.95, top_k=100, repetition_penalty=1.1)
+    again = model.stream(PROMPT, 24, seed=7, **options).run()
+    assert again.token_ids == seeded["new_ids"] and again.text == seeded["text"]  # the CLI's, again
+    assert model.generate(PROMPT, 24, seed=8, **options) != seeded["new_ids"]
+    assert model.generate(PROMPT, 24, ignore_eos=True) != seeded["new_ids"]  # greedy
 
 
 def test_stop_strings_stop(artifact):
-    greedy = _run(artifact, "--prompt", PROMPT, "--max-new-tokens", "24", "--ignore-eos")
-    text = greedy["text"]
+    from moetvm.runtime import load_model
+
+    model = load_model(artifact)
+    greedy = model.stream(PROMPT, 24, ignore_eos=True).run()
+    text = greedy.text
     stop = text[len(text) // 2: len(text) // 2 + 2]
     cut = _run(artifact, "--prompt", PROMPT, "--max-new-tokens", "24", "--ignore-eos", "--stop", stop)
     assert cut["text"] == text[: text.find(stop)] and cut["finish_reason"] == "stop"
-    assert len(cut["new_ids"]) < len(greedy["new_ids"])
+    assert len(cut["new_ids"]) < len(greedy.token_ids)
+    pieces = []
+    streamed = model.stream(PROMPT, 24, ignore_eos=True, stop=[stop, "never"]).run(lambda t: pieces.append(t.text))
+    assert "".join(pieces) == streamed.text == cut["text"]  # nothing past the stop was ever shown
 
 
 def test_chat_applies_the_template_as_transformers_does(artifact, reference):
@@ -141,7 +160,7 @@ def test_python_api_streams_the_same_text(artifact, reference):
     ids = model.generate(PROMPT, 24, stream=lambda token: pieces.append(token.text), ignore_eos=True)
     assert "".join(pieces) == reference[1].decode(ids, skip_special_tokens=True)
     generation = model.stream(PROMPT, 24)
-    assert [t.id for t in generation] == generation.token_ids and generation.text == _their_text(reference, reference[1](PROMPT)["input_ids"], 24)
+    assert [t.id for t in generation if t.id is not None] == generation.token_ids and generation.text == _their_text(reference, reference[1](PROMPT)["input_ids"], 24)
 
 
 def test_trace_reads_text_with_the_artifacts_tokenizer(artifact, reference, tmp_path):
@@ -258,6 +277,12 @@ def test_server_api_key_and_unknown_paths(artifact, tmp_path):
         assert _request(port, "GET", "/v2/nothing", headers={"Authorization": "Bearer s3cret"})[0] == 404
     finally:
         stop(proc)
+
+
+def test_missing_model_directory_is_one_line(tmp_path):
+    done = subprocess.run([*CLI, "compile", f"hf:{tmp_path / 'nowhere'}", "-o", tmp_path / "x"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "config.json" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.slow
