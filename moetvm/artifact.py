@@ -22,9 +22,10 @@ from pathlib import Path, PurePosixPath
 
 from moetvm.errors import MoetvmError
 
-FORMAT_VERSION = 3  # 2: the dense part's weights in weight files (`weights`), not in the segments library
+FORMAT_VERSION = 4  # 2: the dense part's weights in weight files (`weights`), not in the segments library
 # 3: resident MoE layers (a layer's experts in one pool, routed and run in one call)
-SUPPORTED_FORMAT_VERSIONS = (1, 3)
+# 4: the LM's tokenizer (`tokenizer`) and bf16 weights: a runtime before them says so by version
+SUPPORTED_FORMAT_VERSIONS = (1, 4)
 SLOT_ALIGN = 64  # bytes: every tensor in an expert's pool slot starts at a multiple (the kernels' vector alignment)
 MANIFEST_NAME = "manifest.json"
 
