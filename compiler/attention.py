@@ -18,6 +18,8 @@ Queries are grouped onto KV heads (GQA): head h reads KV head h // (heads // kv_
 
 from __future__ import annotations
 
+import functools
+
 from tvm.script import tirx as T
 
 LANES = 64  # keys scored together: independent accumulators (4 AVX512 / 8 AVX2 / 16 NEON
@@ -41,6 +43,7 @@ def vector_exp(x):
     return poly * T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
 
 
+@functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
 def append_keys(kv_heads: int, head_dim: int, dtype: str):
     """cache (b, kv_heads, head_dim, cap) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1."""
 
@@ -58,6 +61,7 @@ def append_keys(kv_heads: int, head_dim: int, dtype: str):
     return kv_append_keys
 
 
+@functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
 def append_values(kv_heads: int, head_dim: int, dtype: str):
     """cache (b, kv_heads, cap, head_dim) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1."""
 
@@ -76,6 +80,7 @@ def append_values(kv_heads: int, head_dim: int, dtype: str):
     return kv_append_values
 
 
+@functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
 def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dtype: str, scale: float):
     """out (b, s, heads, value_dim) = causal softmax(q K^T * scale) V for queries q (b, heads, s,
     key_dim) at positions p..p+s-1 over cached positions 0..p+s-1. `scores` (b, heads, s, cap) is

@@ -44,6 +44,8 @@ layout and the TE form. dense_weights.py pads the LM head to a tile.
 
 from __future__ import annotations
 
+import functools
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -96,6 +98,7 @@ def matmul(k_dim: int, n_dim: int, s: Scheme) -> tirx.PrimFunc:
     return _float(k_dim, n_dim, FLOAT_DTYPES[s.name], lanes, tiles)
 
 
+@functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
 def _int4(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tirx.PrimFunc:
     groups, pairs = k_dim // group, group // 2
 
@@ -135,6 +138,7 @@ def _int4(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tirx.Pr
     return int4_matmul
 
 
+@functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
 def _int8(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
     @T.prim_func(private=True)
     def int8_matmul(x_h: T.handle, q_h: T.handle, scale_h: T.handle, out_h: T.handle):
@@ -158,6 +162,7 @@ def _int8(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
     return int8_matmul
 
 
+@functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
 def _float(k_dim: int, n_dim: int, dtype: str, lanes: int, tiles: int) -> tirx.PrimFunc:
     @T.prim_func(private=True)
     def float_matmul(x_h: T.handle, w_h: T.handle, out_h: T.handle):
@@ -305,6 +310,7 @@ def _int8_terms(q_row, q_line, scale_at, lanes: int):
     return operand, block_value, finish, ahead
 
 
+@functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
 def _int4_dot(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tirx.PrimFunc:
     groups = k_dim // group
     operand, block_value, finish, ahead = _int4_terms(lambda w, tile, row, v: w[0][tile, row, T.ramp(v * 64, 1, 64)],
@@ -326,6 +332,7 @@ def _int4_dot(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tir
     return int4_dot_matmul
 
 
+@functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
 def _int8_dot(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
     operand, block_value, finish, ahead = _int8_terms(lambda w, tile, row, v: w[0][tile, row, T.ramp(v * 64, 1, 64)],
                                                       lambda w, tile, row, v: T.address_of(w[0][tile, row, v * 64]),

@@ -244,6 +244,14 @@ def _token_ids(token_ids: str) -> list[int]:
     return ids
 
 
+def _check_text(option: str, text: str) -> None:
+    """A one-line refusal for text that is not UTF-8 (bytes a shell passed through undecoded)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        _fail(f"{option}: not valid UTF-8 text (give token ids with --token-ids instead)")
+
+
 def _needs_tokenizer(tokenizer, directory: Path, what: str):
     """`tokenizer`, or a one-line refusal naming what needed it when the artifact ships none."""
     if tokenizer is None:
@@ -324,6 +332,9 @@ def run(directory, prompt, token_ids, chat, system, max_new_tokens, temperature,
     _runtime_only(directory)
     if chat and token_ids is not None:
         _fail("--chat takes the user's message as --prompt, not --token-ids")
+    _check_text("--prompt", prompt)
+    if system is not None:
+        _check_text("--system", system)
     if system is not None and not chat:
         _fail("--system goes with --chat")
     if preload != "auto":
@@ -417,6 +428,7 @@ def deploy(directory, rpc_addr, tracker, key, prompt, token_ids, max_new_tokens,
     from moetvm.runtime.remote import deploy as deploy_artifact
     from moetvm.runtime.tokenizer import load_tokenizer
 
+    _check_text("--prompt", prompt)
     tokenizer = load_tokenizer(directory, read_manifest(directory))  # the bytes the board gets, verified
     prompt_ids = _token_ids(token_ids) if token_ids is not None else \
         _needs_tokenizer(tokenizer, directory, "a text --prompt").encode(prompt)
