@@ -18,6 +18,7 @@ or whose layout is none of the two below, is refused with its name.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import re
 from collections.abc import Callable
@@ -91,10 +92,15 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key][1]
 
+    @functools.cache
+    def _stamp(self, file: Path) -> str:
+        """A shard by name, size and modification time, read once per compile (not once per tensor)."""
+        stat = file.stat()
+        return f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}"
+
     def identity(self, key: str) -> str:
         """Names tensor `key`'s bytes: its file by name, size and modification time, and the key."""
-        stat = self.entries[key][0].stat()
-        return f"{self.entries[key][0].name}:{stat.st_size}:{stat.st_mtime_ns}:{key}"
+        return f"{self._stamp(self.entries[key][0])}:{key}"
 
     def read(self, key: str, index: int | slice | None = None) -> np.ndarray:
         """Tensor `key` (its row or rows `index` only, when given) as a new fp32 array."""
