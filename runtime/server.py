@@ -9,7 +9,8 @@ board (tornado, already a runtime dependency; no torch).
   GET  /metrics               Prometheus text: requests, tokens, tokens/s, expert cache hit rate and loads, RSS
 
 `"stream": true` answers with server-sent events (`data: {chunk}` ... `data: [DONE]`), as OpenAI
-does. The model runs on one worker thread: requests queue in arrival order and are served one at
+does. A completion's choices also carry the new `token_ids` (as vLLM can): the whole answer of an
+artifact that ships no tokenizer. The model runs on one worker thread: requests queue in arrival order and are served one at
 a time (the model and its expert cache are one per process); the event loop keeps accepting,
 streaming and answering /health meanwhile. A bad request (malformed JSON, unknown or out-of-range
 values, more tokens than the model's positions) gets HTTP 400 with OpenAI's error object; a
@@ -176,7 +177,7 @@ class Completions(Handler):
             m.add(failed=1)
             return self.fail(value)
         created, rid = int(time.time()), ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
-        text, finish, usage = [], None, None
+        text, ids, finish, usage = [], [], None, None
         if stream:
             self.set_header("Content-Type", "text/event-stream")
             self.set_header("Cache-Control", "no-cache")
@@ -184,10 +185,12 @@ class Completions(Handler):
                 await self._send(self._chunk(rid, created, {"role": "assistant", "content": ""}, None))
         while True:
             kind, value = await events.get()
-            if kind == "token" and value:
-                text.append(value)
-                if stream:
-                    await self._send(self._chunk(rid, created, value, None))
+            if kind == "token":
+                text.append(value.text)
+                ids += [] if value.id is None else [value.id]
+                if stream and (value.text or (not self.chat and value.id is not None)):
+                    await self._send(self._chunk(rid, created, value.text, None,
+                                                 [] if value.id is None else [value.id]))
             elif kind == "end":
                 finish, usage = value
                 break
@@ -202,7 +205,8 @@ class Completions(Handler):
             self.write("data: [DONE]\n\n")
             return self.finish()
         choice = {"index": 0, "finish_reason": finish, "logprobs": None}
-        choice.update({"message": {"role": "assistant", "content": "".join(text)}} if self.chat else {"text": "".join(text)})
+        choice.update({"message": {"role": "assistant", "content": "".join(text)}} if self.chat
+                      else {"text": "".join(text), "token_ids": ids})
         self.finish({"id": rid, "object": "chat.completion" if self.chat else "text_completion", "created": created,
                      "model": self.server.model_id, "choices": [choice], "usage": usage})
 
@@ -216,7 +220,7 @@ class Completions(Handler):
                 return post("error", BadRequest(one_line(e)))
             post("start", None)
             for token in generation:
-                post("token", token.text)
+                post("token", token)
                 if self.cancelled.is_set():
                     break
             done = len(generation.token_ids)
@@ -239,10 +243,10 @@ class Completions(Handler):
         except tornado.iostream.StreamClosedError:
             self.cancelled.set()
 
-    def _chunk(self, rid, created, piece, finish):
+    def _chunk(self, rid, created, piece, finish, token_ids=()):
         choice = {"index": 0, "finish_reason": finish}
         choice.update({"delta": piece if isinstance(piece, dict) else {"content": piece}} if self.chat
-                      else {"text": piece, "logprobs": None})
+                      else {"text": piece, "logprobs": None, "token_ids": list(token_ids)})
         return {"id": rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": created, "model": self.server.model_id, "choices": [choice]}
 

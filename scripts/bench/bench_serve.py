@@ -68,7 +68,7 @@ def request(port: int, body: dict, stream: bool = False) -> dict:
     if stream:
         chunks = 0
         for line in response:
-            if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["text"]:
+            if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["token_ids"]:
                 first = first or time.perf_counter() - started
                 chunks += 1
         tokens = body["max_tokens"]
