@@ -41,8 +41,8 @@ from moetvm.errors import MoetvmError
 
 SCHEMES = QUANT_SCHEMES
 BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4}
-FLOATS = ("fp32", "fp16", "bf16")  # stored as plain numbers: no scales, no packing
 FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+FLOATS = tuple(FLOAT_DTYPES)  # stored as plain numbers: no scales, no packing
 DEFAULT_GROUP_SIZE = 32
 
 

@@ -352,8 +352,6 @@ def run(directory, prompt, token_ids, chat, system, max_new_tokens, temperature,
         source = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
     else:
         source = prompt
-    if token_ids is None or stop:
-        _needs_tokenizer(model.tokenizer, directory, "--stop" if token_ids is not None else "a text --prompt")
     generation = model.stream(source, max_new_tokens, stop=stop, ignore_eos=ignore_eos, temperature=temperature,
                               top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
     if not as_json:

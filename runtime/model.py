@@ -705,10 +705,11 @@ class MoEModel:
         It ends at max_new_tokens, at an end-of-sequence id (unless ignore_eos) or at a stop string
         (`stop`, never part of the text). sampling: Sampling's fields (temperature 0, the default,
         is greedy)."""
-        params = Sampling(**sampling) if set(sampling) <= _SAMPLING_FIELDS else None
-        if params is None:
-            raise GenerationError(f"unknown generation option(s) {sorted(set(sampling) - _SAMPLING_FIELDS)}; "
+        unknown = set(sampling) - _SAMPLING_FIELDS
+        if unknown:
+            raise GenerationError(f"unknown generation option(s) {sorted(unknown)}; "
                                   f"sampling takes {', '.join(sorted(_SAMPLING_FIELDS))}")
+        params = Sampling(**sampling)
         if isinstance(stop, str):
             stop = (stop,)
         if not all(isinstance(s, str) for s in stop):
