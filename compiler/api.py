@@ -6,18 +6,21 @@ onnx_frontend.py) into one back end (plan.py, writer.py), with options checked o
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
+from moetvm.errors import UsageError
 from moetvm.targets import DeployTarget
 
 from .import_torch import import_torch
 from .build_target import BuildTarget
 from .options import CompileOptions
-from .output import check_output
+from .output import OutputError, check_output
 from .plan import Progress
+from .quantized import QuantizedNumbers
 from .writer import relax_libraries, write_artifact
 
 
@@ -34,6 +37,7 @@ def compile_model(
     source: str | None = None,
     tokenizer: str | Path | None = None,
     progress: bool = True,
+    quantized: QuantizedNumbers | None = None,
     **option_fields,
 ) -> Path:
     """Compile a supported MoE model into an artifact directory and return its path.
@@ -54,6 +58,7 @@ def compile_model(
     Every option, the output path and the signing key are checked before any work starts; the
     new artifact is validated (manifest parsed, every file hashed, signature verified) before it
     replaces an old one at `out`, and `out` is replaced only when it holds a moetvm artifact.
+    quantized: the weights' numbers shared with the other targets of compile_targets.
     """
     options = CompileOptions.of(options, **option_fields)
     options.check_calibration(calibration)
@@ -62,7 +67,47 @@ def compile_model(
     bar = Progress(progress, total=0)  # planning sizes it once the workloads are known
     p = import_torch(model, example_inputs, target, options, calibration, bar, name=name, description=description,
                      source=source, tokenizer=tokenizer)
-    return write_artifact(p, out, options, bar)
+    return write_artifact(p, out, options, bar, quantized)
+
+
+def compile_targets(
+    model: nn.Module,
+    targets: Sequence[str | DeployTarget | BuildTarget],
+    out: str | Path,
+    options: CompileOptions | None = None,
+    *,
+    inputs: tuple[str | Path, ...] = (),
+    progress: bool = True,
+    **compile_fields,
+) -> dict[str, Path]:
+    """Compile one model for several targets: the artifact for each at `out`/<target name>,
+    returned by name. What does not depend on the target is done once: every expert is read
+    from its source and quantized once, its numbers kept in `out`/.quantized.partial/ until the
+    last target has laid them out its own way (each target still traces the model and builds
+    its own libraries). A compile stopped part-way keeps the targets done and the numbers made;
+    run again, it reuses both. `inputs` (checkpoint, calibration text) may not lie inside
+    `out`; the rest as compile_model."""
+    resolved = [BuildTarget.resolve(t) for t in targets]
+    names = [t.deploy.name for t in resolved]
+    if not names:
+        raise UsageError("compile_targets needs at least one target")
+    if len(set(names)) < len(names):
+        raise UsageError(f"targets {', '.join(names)}: each target once")
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OutputError(f"-o {out}: several targets write a folder of artifacts, one per target; "
+                          f"{out} is {'a symbolic link' if out.is_symlink() else 'a file'}")
+    for name in names:
+        check_output(out / name, inputs=inputs)
+    quantized = QuantizedNumbers(out / ".quantized.partial")
+    paths = {}
+    for i, (name, target) in enumerate(zip(names, resolved)):
+        if progress:
+            print(f"[target {i + 1}/{len(names)}] {name} -> {out / name}", file=sys.stderr, flush=True)
+        paths[name] = compile_model(model, target=target, out=out / name, options=options, progress=progress,
+                                    quantized=quantized, **compile_fields)
+    quantized.finish()
+    return paths
 
 
 def compile_onnx(path: str | Path, target: str | DeployTarget | BuildTarget = "host", out: str | Path = "artifact",
@@ -97,6 +142,9 @@ def tune_model(model: nn.Module, example_inputs: tuple = (), target: str | Deplo
     # The tracker first (rpc_runner checks it gives a device under the key): an unreachable one
     # is a TuningError now, not after preparing the model and failing every measurement.
     runner = tuning.rpc_runner(tracker, key or target.deploy.rpc_key) if tracker else None
+    # Before the trace: registering them parses TVMScript, whose inspect.stack() costs grow with
+    # sys.modules; after torch.export's imports it took 19 s instead of 4.5 s.
+    tuning.load_tensor_intrinsics(target.tvm)
     p = import_torch(model, example_inputs, target, options, calibration, Progress(progress, total=4))
     libs = {k: v for k, v in relax_libraries(p).items()
             if (k if k in ("segments", "routers") else "experts") in parts}

@@ -26,6 +26,7 @@ import tvm
 from tvm import relax
 
 from . import quant as quantization
+from .quantized import QuantizedNumbers, identity
 from .quant_kernels import gather_te, matmul_call
 from .gemv import LANES, dot_fits
 
@@ -38,7 +39,7 @@ class DenseWeights:
 
     names: list[str]
     specs: list[tuple[tuple[int, ...], str]]  # (shape, dtype) of each stored tensor
-    makers: list[Callable[[], list[np.ndarray]]]  # in order, each makes the next stored tensors (a weight's parts)
+    makers: list[Callable[..., list[np.ndarray]]]  # in order, each makes the next stored tensors (a weight's parts)
     scheme: quantization.Scheme
     schemes: dict[str, quantization.Scheme]  # PyTorch name -> how each quantized weight is stored (the rest stay fp32)
 
@@ -50,11 +51,13 @@ class DenseWeights:
     def nbytes(self) -> int:
         return sum(self.nbytes_of(i) for i in range(len(self.names)))
 
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(name, stored tensor) in order, each made when reached."""
+    def tensors(self, quantized: QuantizedNumbers | None = None) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, stored tensor) in order, each made when reached; quantized weights' numbers
+        through `quantized` (made once for every target of a compile)."""
+        quantized = quantized or QuantizedNumbers(None)
         names = iter(self.names)
         for make in self.makers:
-            for array in make():
+            for array in make(quantized):
                 yield next(names), array
 
 
@@ -178,12 +181,12 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
                 stored_names.append(name)
                 specs.append((tuple(stored_shape), dtype))
             params.extend(vars_)
-            makers.append(lambda w=w, s=s, padded_n=padded_n: _quantized(value(w), padded_n, s))
+            makers.append(lambda quantized, w=w, s=s, padded_n=padded_n: _stored(quantized, value(w), padded_n, s))
             stored[w] = (vars_, shape[1], s)
             schemes[names[w]] = s
         elif kinds:
             params.append(w)
-            makers.append(lambda w=w: [np.ascontiguousarray(np.asarray(value(w)))])
+            makers.append(lambda _quantized, w=w: [np.ascontiguousarray(np.asarray(value(w)))])
             stored_names.append(names[w])
             specs.append((shape, str(w.ty.dtype)))
         # an unused parameter is dropped
@@ -202,9 +205,26 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
 ROW_BLOCK = 4096  # outputs quantized at once: bounds the working set of a vocabulary table
 
 
-def _quantized(weight, padded_n: int, s: quantization.Scheme) -> list[np.ndarray]:
-    """A PyTorch (out, in) weight's stored tensors: padded to `padded_n` outputs, in the kernel
-    layout (K, N) = (in, out), quantized at `s`, ROW_BLOCK outputs at a time (scales are per
+def _stored(quantized, weight, padded_n: int, s: quantization.Scheme) -> list[np.ndarray]:
+    """A PyTorch (out, in) weight's stored tensors at `s`: its numbers in the plain layout of
+    s's precision, made once for every target (`quantized`), laid out for this one ROW_BLOCK
+    outputs at a time (tiles never straddle blocks: ROW_BLOCK is a multiple of every tile)."""
+    precision = quantization.Scheme(s.name, s.group_size)
+    plain = quantized.get(["dense", identity(weight), padded_n, precision.tag],
+                          lambda: _quantized(weight, padded_n, precision))
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, padded_n, ROW_BLOCK):
+        block = {suffix: a[..., start:start + ROW_BLOCK] for suffix, a in plain.items()}
+        for suffix, a in quantization.relayout(block, s).items():
+            parts.setdefault(suffix, []).append(a)
+    # the output axis: first in tiled storage (N / tile, ...) and of 1-D scales, else the last
+    return [np.concatenate(blocks, axis=0 if s.tile or blocks[0].ndim == 1 else blocks[0].ndim - 1)
+            for blocks in parts.values()]
+
+
+def _quantized(weight, padded_n: int, s: quantization.Scheme) -> dict[str, np.ndarray]:
+    """A PyTorch (out, in) weight padded to `padded_n` outputs, in the kernel layout (K, N) =
+    (in, out), quantized at `s` (a plain layout), ROW_BLOCK outputs at a time (scales are per
     output, groups run along the input: blocks of outputs quantize independently), so a 50k x
     2048 table never has its fp32 copies made whole; a checkpoint tensor is read block by block."""
     n, k = weight.shape
@@ -217,6 +237,4 @@ def _quantized(weight, padded_n: int, s: quantization.Scheme) -> list[np.ndarray
             block[: rows.shape[0]] = rows
         for suffix, a in quantization.quantize(np.ascontiguousarray(block.T), s).items():
             parts.setdefault(suffix, []).append(a)
-    # the output axis: first in tiled storage (N / tile, ...) and of 1-D scales, else the last
-    return [np.concatenate(blocks, axis=0 if s.tile or blocks[0].ndim == 1 else blocks[0].ndim - 1)
-            for blocks in parts.values()]
+    return {suffix: np.concatenate(blocks, axis=blocks[0].ndim - 1) for suffix, blocks in parts.items()}

@@ -46,9 +46,10 @@ class Progress:
         if self.enabled:
             print(f" {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
 
-    def count(self, what: str, done: int, total: int, made: int, since: float) -> None:
+    def count(self, what: str, done: int, total: int, made: int, since: float, note: str = "") -> None:
         """A running count within the current step (at most a line a second): done / total, and
-        an ETA from the rate of the `made` ones (the rest were reused) since `since`."""
+        an ETA from the rate of the `made` ones (the rest were reused) since `since`; `note`
+        follows."""
         now = time.perf_counter()
         if not self.enabled or (done < total and now - self._shown < 1.0):
             return
@@ -56,7 +57,7 @@ class Progress:
         rate = made / max(now - since, 1e-9)
         eta = f", ETA {(total - done) / rate:.0f}s" if made and done < total else ""
         reused = f" ({done - made} reused)" if done > made else ""
-        print(f"\r{self._line} {what} {done}/{total}{reused}{eta}", end="", file=sys.stderr, flush=True)
+        print(f"\r{self._line} {what} {done}/{total}{reused}{note}{eta}", end="", file=sys.stderr, flush=True)
 
     @property
     def elapsed(self) -> float:

@@ -163,7 +163,7 @@ def quantize(w: np.ndarray, s: Scheme) -> dict[str, np.ndarray]:
         scale = np.abs(w).max(axis=0) / 127.0
         scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
         q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-        out = {"": _dot_interleave(q, s) if s.dot else q, ".scale": scale}
+        out = {"": q, ".scale": scale}
     else:
         g = w.reshape(w.shape[0] // s.group_size, s.group_size, w.shape[1])
         lo, hi = g.min(axis=1), g.max(axis=1)
@@ -171,7 +171,20 @@ def quantize(w: np.ndarray, s: Scheme) -> dict[str, np.ndarray]:
         scale = np.where(scale == 0, 1.0, scale).astype(np.float16)
         zero = np.clip(np.rint(-lo / scale.astype(np.float32)), 0, 15).astype(np.uint8)
         q = np.clip(np.rint(g / scale.astype(np.float32)[:, None]) + zero[:, None], 0, 15).reshape(w.shape)
-        out = {"": _dot_interleave(q, s) if s.dot else pack_int4(q), ".scale": scale, ".zero": zero}
+        out = {"": pack_int4(q), ".scale": scale, ".zero": zero}
+    return relayout(out, s)
+
+
+def relayout(plain: dict[str, np.ndarray], s: Scheme) -> dict[str, np.ndarray]:
+    """Stored tensors in the plain layout of s's precision (what `quantize` gives without tile or
+    dot) -> the same numbers in s's layout, exactly as `quantize(w, s)` stores them: one
+    quantization serves every target's layout. Returned in `weight_params`' order."""
+    out = {suffix: plain[suffix] for suffix in ("", ".scale", ".zero") if suffix in plain}
+    if not s.tile:
+        return out
+    if s.dot:
+        values = plain[""] if s.name == "int8" else unpack_int4(plain[""])
+        out[""] = _dot_interleave(values, s)
     return {suffix: a if s.dot and suffix == "" else _tile(a, s.tile) for suffix, a in out.items()}
 
 
@@ -245,6 +258,15 @@ def quantize_expert(weights: dict[str, np.ndarray], s: Scheme) -> dict[str, np.n
     out = {}
     for prefix, w in weights.items():
         out.update({prefix + suffix: t for suffix, t in quantize(w, s).items()})
+    return out
+
+
+def relayout_expert(plain: dict[str, np.ndarray], s: Scheme) -> dict[str, np.ndarray]:
+    """`quantize_expert`'s tensors in the plain layout of s's precision -> s's layout."""
+    out = {}
+    for prefix in ("w_gate", "w_up", "w_down"):
+        parts = {name[len(prefix):]: a for name, a in plain.items() if name.startswith(prefix)}
+        out.update({prefix + suffix: t for suffix, t in relayout(parts, s).items()})
     return out
 
 

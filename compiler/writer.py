@@ -39,6 +39,7 @@ from .lowering import build_library
 from .options import CompileOptions
 from .output import atomic_directory
 from .plan import PlannedModel, Progress
+from .quantized import QUANTIZER, QuantizedNumbers, identity, remove_store, save_tensors
 from .spec import ExpertWeights, MoELayerSpec
 from .tuning import apply_database
 
@@ -61,10 +62,12 @@ def _validate_artifact(sign_key, bar: Progress):
     return validate
 
 
-def write_artifact(p: PlannedModel, out: str | Path, options: CompileOptions, bar: Progress | None = None) -> Path:
+def write_artifact(p: PlannedModel, out: str | Path, options: CompileOptions, bar: Progress | None = None,
+                   quantized: QuantizedNumbers | None = None) -> Path:
     """Build every library of a prepared model and write the artifact atomically (shared by the
     torch.export and ONNX front doors); signed with the options' key and validated before it
-    replaces anything at `out`."""
+    replaces anything at `out`. `quantized`: where the weights' quantized numbers are kept for
+    the other targets of the same compile (api.compile_targets)."""
     bar = bar or Progress(False, total=0)
     dt, specs = p.target.deploy, p.specs
     tuning_db, sign_key = options.tuning_db, options.sign_key
@@ -92,10 +95,11 @@ def write_artifact(p: PlannedModel, out: str | Path, options: CompileOptions, ba
                     device_code[lib_name] = info
 
         with bar.step("write weights and manifest"):
-            weights = _write_dense_weights(tmp, p.dense, p.split.weights) if p.dense else []
+            quantized = quantized or QuantizedNumbers(None)
+            weights = _write_dense_weights(tmp, p.dense, p.split.weights, quantized) if p.dense else []
             total = sum(len(spec.experts) - len(p.routers[i].masked) + len(spec.shared) + options.dense_fallback
                         for i, spec in enumerate(specs))
-            files = ExpertFiles(out, total, bar)
+            files = ExpertFiles(out, total, bar, quantized)
             moe_layers = [_write_layer(tmp, i, spec, p.plan, p.usage, p.workload_entries, p.routers[i], options.dense_fallback,
                                        files, p.resident.get(i)) for i, spec in enumerate(specs)]
             manifest = Manifest(
@@ -158,46 +162,41 @@ class ExpertFiles:
     compile to the same output links the experts it finds there instead of making them again;
     the store goes once the artifact is in place."""
 
-    QUANTIZER = hashlib.sha256(Path(quantization.__file__).read_bytes()).hexdigest()
-
-    def __init__(self, out: Path, total: int, bar: Progress):
+    def __init__(self, out: Path, total: int, bar: Progress, quantized: QuantizedNumbers):
         self.store = out.parent / f".{out.name}.partial"
-        self.total, self.bar = total, bar
+        self.total, self.bar, self.quantized = total, bar, quantized
         self.done = self.made = 0
+        self.shared_before = quantized.shared
         self.started = time.perf_counter()
 
     def write(self, expert: ExpertWeights, scheme: quantization.Scheme, path: Path) -> int:
         """Expert's file at `path`; returns its weight bytes."""
-        from safetensors.numpy import save_file
-
-        kept = self.store / f"{self._key(expert, scheme)}.safetensors"
+        kept = self.store / f"{expert_key(expert, scheme.tag)}.safetensors"
         if not kept.is_file():
             self.store.mkdir(exist_ok=True)
-            tensors = quantization.quantize_expert(quantization.kernel_layout(expert.w_gate, expert.w_up, expert.w_down),
-                                                   scheme)
-            part = kept.with_suffix(".part")
-            save_file(tensors, str(part))
-            os.replace(part, kept)  # whole or absent: a kill mid-write leaves only a .part
+            save_tensors(quantization.relayout_expert(self.quantized.expert(expert, scheme), scheme), kept)
             self.made += 1
         try:
             os.link(kept, path)
         except OSError:  # a file system without hard links
             shutil.copyfile(kept, path)
         self.done += 1
-        self.bar.count("experts", self.done, self.total, self.made, self.started)
+        shared = self.quantized.shared - self.shared_before
+        self.bar.count("experts", self.done, self.total, self.made, self.started,
+                       f" ({shared} quantized for an earlier target)" if shared else "")
         return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
                    for _, shape, dtype in quantization.swiglu_params(expert.d_model, expert.d_ff, scheme))
 
-    def _key(self, expert: ExpertWeights, scheme: quantization.Scheme) -> str:
-        def identity(w) -> str:
-            return getattr(w, "identity", None) or hashlib.sha256(np.ascontiguousarray(w, np.float32).tobytes()).hexdigest()
-        parts = [self.QUANTIZER, scheme.tag, expert.kind] + [identity(w) for w in (expert.w_gate, expert.w_up, expert.w_down)]
-        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
-
     def finish(self) -> None:
         """The artifact is in place: the store has served (it holds only our files)."""
-        if self.store.is_dir() and not self.store.is_symlink():
-            shutil.rmtree(self.store, ignore_errors=True)
+        remove_store(self.store)
+
+
+def expert_key(expert: ExpertWeights, tag: str) -> str:
+    """A name for an expert's stored tensors at `tag` from all they are made of: the source
+    tensors, the precision and layout, and the quantizer's code."""
+    parts = [QUANTIZER, tag, expert.kind] + [identity(w) for w in (expert.w_gate, expert.w_up, expert.w_down)]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 
 def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: dict, workloads: dict,
@@ -234,7 +233,8 @@ def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: 
 WEIGHT_SHARD_BYTES = 64 << 20  # per dense weight file: bounds what the runtime holds twice while loading
 
 
-def _write_dense_weights(root: Path, dense: DenseWeights, specs: list[TensorSpec]) -> list[WeightFile]:
+def _write_dense_weights(root: Path, dense: DenseWeights, specs: list[TensorSpec],
+                         quantized: QuantizedNumbers) -> list[WeightFile]:
     """The dense weights as safetensors shards, in the order the model uses them."""
     from safetensors.numpy import save_file
 
@@ -249,7 +249,7 @@ def _write_dense_weights(root: Path, dense: DenseWeights, specs: list[TensorSpec
         shards[-1].append(i)
         size += dense.nbytes_of(i)
     files = []
-    tensors = dense.tensors()  # made one weight at a time: a shard is the most held at once
+    tensors = dense.tensors(quantized)  # made one weight at a time: a shard is the most held at once
     for n, shard in enumerate(s for s in shards if s):
         path = folder / f"dense-{n:05d}.safetensors"
         arrays = dict(next(tensors) for _ in shard)

@@ -59,7 +59,9 @@ def targets():
 
 @main.command("compile")
 @click.argument("model")
-@click.option("--target", default="host", show_default=True, help="target name (see `moetvm targets`)")
+@click.option("--target", "targets", multiple=True, default=["host"], show_default=True,
+              help="target name (see `moetvm targets`); repeated, OUT holds an artifact per target, "
+                   "from one read of the weights")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="artifact directory")
 @click.option("--quant", type=click.Choice([*QUANT_SCHEMES, "auto", "keep"]), default="fp32", show_default=True,
               help="expert weight precision; auto plans it per expert from calibration text; keep stores the checkpoint's")
@@ -88,7 +90,7 @@ def targets():
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x16",
               help="ONNX models: fixed shape for an input with symbolic dimensions (repeatable)")
 @click.option("--quiet", is_flag=True, help="no progress lines")
-def compile_cmd(model, target, out, quant, group_size, router_quant, dense_quant, kv_dtype, weight_budget, calibration, routing, tile,
+def compile_cmd(model, targets, out, quant, group_size, router_quant, dense_quant, kv_dtype, weight_budget, calibration, routing, tile,
                 cycle_dwell, mask_below, tuning_db, dense_fallback, sign_key, input_shapes, quiet):
     """Compile MODEL ('reference', a checkpoint path, hf:DIR or an ONNX file, *.onnx) into an
     artifact directory. Everything that can be checked is checked before the work starts; the
@@ -103,10 +105,14 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, dense_quant
                              kv_dtype=kv_dtype, weight_budget=weight_budget, routing=routing, tile=tile,
                              cycle_dwell=cycle_dwell, mask_below=mask_below, tuning_db=tuning_db,
                              dense_fallback=dense_fallback, sign_key=sign_key)
-    build_target = BuildTarget.resolve(target)
+    build_targets = [BuildTarget.resolve(t) for t in targets]
     model_path = model[3:] if model.startswith("hf:") else None if model == "reference" else model
-    check_output(out, inputs=(model_path, calibration, tuning_db, sign_key))
+    inputs = (model_path, calibration, tuning_db, sign_key)
+    if len(targets) == 1:
+        check_output(out, inputs=inputs)
     onnx = model.endswith(".onnx")
+    if onnx and len(targets) > 1:
+        _fail("several --target values share an expert pass over a PyTorch model; compile an ONNX model once per target")
     if onnx and calibration:
         _fail("--calibration runs the PyTorch model; not available for an ONNX model")
     if not onnx and input_shapes:
@@ -123,7 +129,7 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, dense_quant
             _fail(f"--input-shape takes NAME=1x16, got {list(input_shapes)}")
         if any(d <= 0 for dims in shapes.values() for d in dims):
             _fail(f"--input-shape dimensions must be positive, got {list(input_shapes)}")
-        path = compile_onnx(model, build_target, out, options, input_shapes=shapes, progress=not quiet)
+        paths = [compile_onnx(model, build_targets[0], out, options, input_shapes=shapes, progress=not quiet)]
     else:
         from moetvm.compiler import compile_model
         from moetvm.compiler.models import calibration_windows, load_model_source
@@ -134,13 +140,20 @@ def compile_cmd(model, target, out, quant, group_size, router_quant, dense_quant
         options.check_calibration(tokens)
         # Without calibration nothing runs the PyTorch model: its weights are streamed from the checkpoint.
         torch_model = load_model_source(model, stream=tokens is None)
-        path = compile_model(torch_model, target=build_target, out=out, options=options, calibration=tokens,
-                             name=model, source=model, progress=not quiet)
-    m = read_manifest(path)
-    size = sum(f.size for f in m.files())
-    click.echo(f"wrote {path} ({size / 1e6:.2f} MB, {len(m.libraries)} libraries, "
-               f"{sum(len(layer.experts) for layer in m.moe_layers)} experts{', signed' if sign_key else ''}) "
-               f"in {time.perf_counter() - started:.1f}s", err=True)
+        if len(build_targets) == 1:
+            paths = [compile_model(torch_model, target=build_targets[0], out=out, options=options, calibration=tokens,
+                                   name=model, source=model, progress=not quiet)]
+        else:
+            from moetvm.compiler import compile_targets
+
+            paths = list(compile_targets(torch_model, build_targets, out, options, inputs=inputs, calibration=tokens,
+                                         name=model, source=model, progress=not quiet).values())
+    for path in paths:
+        m = read_manifest(path)
+        size = sum(f.size for f in m.files())
+        click.echo(f"wrote {path} ({size / 1e6:.2f} MB, {len(m.libraries)} libraries, "
+                   f"{sum(len(layer.experts) for layer in m.moe_layers)} experts{', signed' if sign_key else ''})", err=True)
+    click.echo(f"compiled in {time.perf_counter() - started:.1f}s", err=True)
 
 
 @main.command()

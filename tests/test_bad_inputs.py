@@ -136,6 +136,11 @@ COMPILE_CASES = [
     (lambda f: ["model.onnx", "-o", f["root"] / "a", "--calibration", f["tiny"]], "not available for an ONNX"),
     (lambda f: ["reference", "-o", f["root"] / "a", "--input-shape", "x=1x2"], "ONNX models only"),
     (lambda f: ["reference", "-o", f["root"] / "a", "--target", "nowhere"], "unknown target 'nowhere'"),
+    (lambda f: ["reference", "-o", f["root"] / "a", "--target", "host", "--target", "host"], "each target once"),
+    (lambda f: ["reference", "-o", f["text"], "--target", "host", "--target", "cortex-a72"],
+     "several targets write a folder of artifacts"),
+    (lambda f: ["model.onnx", "-o", f["root"] / "a", "--target", "host", "--target", "cortex-a72"],
+     "compile an ONNX model once per target"),
 ]
 
 

@@ -145,3 +145,23 @@ def test_keep_the_checkpoints_precision(tmp_path):
         want = reference(torch.from_numpy(tokens)).logits.numpy()
     # the weights are the checkpoint's own bytes: the error is the fp16 KV cache's
     assert np.abs(ours - want).max() / np.abs(want).max() < 1e-2
+
+
+def test_targets_share_one_read_of_the_checkpoint(tmp_path):
+    """`--target host --target cortex-a72`: an artifact per target, each byte for byte what its
+    own compile makes (each in its target's layout: dot-product tiles on a host with them, plain
+    tiles on the A72), while every weight is read from the checkpoint and quantized once: the second target
+    finds every expert's numbers made, and the shared numbers are gone at the end."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", "olmoe-1b-7b", *TINY, "--set", "num_experts=4")
+    both = tmp_path / "both"
+    proc = compile_cli(ckpt, both, "--target", "host", "--target", "cortex-a72", "--quant", "int4")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert "experts 8/8 (8 quantized for an earlier target)" in err, err[-1500:]
+    assert sorted(p.name for p in both.iterdir()) == ["cortex-a72", "host"]  # .quantized.partial has served
+    alone = compile_cli(ckpt, tmp_path / "a72", "--target", "cortex-a72", "--quant", "int4", "--quiet")
+    _, err = alone.communicate(timeout=600)
+    assert alone.returncode == 0, err
+    ours = {p.relative_to(both / "cortex-a72"): p.read_bytes() for p in (both / "cortex-a72").rglob("*") if p.is_file()}
+    theirs = {p.relative_to(tmp_path / "a72"): p.read_bytes() for p in (tmp_path / "a72").rglob("*") if p.is_file()}
+    assert ours.keys() == theirs.keys() and all(ours[k] == theirs[k] for k in ours)

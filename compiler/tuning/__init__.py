@@ -39,7 +39,7 @@ without tuning."""
 from __future__ import annotations
 
 from .common import DEFAULT_BUCKETS, SIDECAR, TuningError  # noqa: F401
-from .targets import _serialization_problem, as_tvm_target, check_target, require_working_serialization, target_key  # noqa: F401
+from .targets import _serialization_problem, as_tvm_target, check_target, load_tensor_intrinsics, require_working_serialization, target_key  # noqa: F401
 from .tasks import Task, bucket_label, bucket_values, extract_tasks, lower_for_tuning, normalize, specialize, symbolic_vars, workload_key  # noqa: F401
 from .database import open_database  # noqa: F401
 from .search import TaskResult, TuneReport, check_tracker, local_runner, rpc_runner, tune  # noqa: F401

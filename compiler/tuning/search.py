@@ -17,7 +17,7 @@ from typing import Callable
 import tvm
 
 from .common import TuningError, _GIVE_UP_AFTER, _MS_LOGGER
-from .targets import _load_tensor_intrinsics, as_tvm_target, check_target, target_key
+from .targets import load_tensor_intrinsics, as_tvm_target, check_target, target_key
 from .tasks import Task, _normalize_buckets, extract_tasks, symbolic_vars
 from .database import _Entry, _index, _measured, _read_sidecar, _write_sidecar, open_database
 
@@ -256,6 +256,13 @@ def _progress_callback(report: Callable[[int, int, float | None, str | None], No
     return _Progress()
 
 
+def _population(trials: int) -> int:
+    """The evolutionary search's population, scaled to the trials it feeds: MetaSchedule's 512
+    (its default, kept from 64 trials up) sampled and evolved to measure 2 candidates cost 7 s per
+    task, with a cost model that has nothing yet to rank them by."""
+    return min(512, max(64, 8 * trials))
+
+
 def tune(
     tasks: list[Task],
     target,
@@ -332,7 +339,7 @@ def tune(
                 f"(>= {trials_per_task}), best {best}: skipped")
 
     if todo:
-        _load_tensor_intrinsics(target)
+        load_tensor_intrinsics(target)
         cores = int(target.attrs.get("num-cores", 1) or 1)
         if builder is None:
             f_export = functools.partial(_export_shared, compiler=cross_compiler) if cross_compiler else None
@@ -368,7 +375,8 @@ def tune(
                     f"{res.trials_before + state['done']}/{trials_per_task} trials, best {best_txt}")
 
             context = ms.TuneContext(
-                mod=task.mod, target=target, space_generator="post-order-apply", search_strategy="evolutionary",
+                mod=task.mod, target=target, space_generator="post-order-apply",
+                search_strategy=ms.search_strategy.EvolutionarySearch(population_size=_population(remaining)),
                 task_name=task.name, logger=logger, rand_state=-1 if seed is None else seed, num_threads=cores,
             ).clone()
             say(f"[tune {number}/{len(results)}] {task.name} (x{task.weight}, {', '.join(task.libraries)}): "

@@ -83,7 +83,7 @@ def require_working_serialization() -> None:
         raise TuningError(problem)
 
 
-def _load_tensor_intrinsics(target: tvm.target.Target) -> None:
+def load_tensor_intrinsics(target: tvm.target.Target) -> None:
     """MetaSchedule's CPU rules name x86/Arm tensor intrinsics (VNNI, dot-product), which must be
     registered first. `import tvm.s_tir.tensor_intrin` registers every backend's, CUDA's alone
     taking 10-35 s; for CPU targets load only the x86 and Arm ones (about 1.5 s). TuneContext then

@@ -9,7 +9,8 @@ process and records its peak RSS (the process's own high-water mark, VmHWM), wal
 and artifact size:
 
   * OLMoE-1B-7B shape (16 layers x 64 experts, 6.9B parameters, 13.8 GB bf16) -> int4 for each
-    --targets (host, cortex-a72); goal: peak <= 4 GB and <= 20 min;
+    --targets (host, cortex-a72); goal: peak <= 4 GB and <= 20 min; then one compile for all the
+    targets (`--target host --target cortex-a72`: the checkpoint read and quantized once);
   * the same shape cut to 2 layers with 64 and with 128 experts -> int4 host: the peak may grow
     by < 10% when the experts double;
   * Mixtral-8x7B with 2 of its 32 layers -> int4 host: the same bound;
@@ -18,7 +19,8 @@ and artifact size:
     checkpoint holds, int4 the size of 4-bit error on these weights.
 
 Each artifact is deleted once measured (--keep keeps them). Writes build/bench-compile/results.json
-and compile.png (peak RSS beside each model's fp32 size).
+and compile.png (peak RSS beside each model's fp32 size); --full-size-only (the OLMoE-1B-7B
+compiles alone) writes full-size.json and full-size.png.
 """
 
 from __future__ import annotations
@@ -75,9 +77,11 @@ def checkpoint(root: Path, name: str, shape: str, *args: str) -> Path:
 
 
 def compile_case(model: Path, out: Path, target: str, quant: str) -> dict:
+    """`target`: one name, or several joined by "+" (one compile for them all, an artifact each)."""
     shutil.rmtree(out, ignore_errors=True)
     log(f"compile {model.name} -> {quant} for {target}")
-    proc = subprocess.run([sys.executable, "-c", PEAK, "compile", f"hf:{model}", "--target", target, "--quant", quant,
+    targets = [arg for t in target.split("+") for arg in ("--target", t)]
+    proc = subprocess.run([sys.executable, "-c", PEAK, "compile", f"hf:{model}", *targets, "--quant", quant,
                            "-o", str(out)], stderr=subprocess.PIPE, text=True)
     peak, seconds = next(line.split()[1:] for line in proc.stderr.splitlines() if line.startswith("PEAK"))
     if proc.returncode != 0:
@@ -120,6 +124,7 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=ROOT / "build" / "bench-compile")
     parser.add_argument("--targets", nargs="+", default=["host", "cortex-a72"])
     parser.add_argument("--keep", action="store_true", help="keep the artifacts")
+    parser.add_argument("--full-size-only", action="store_true", help="only the OLMoE-1B-7B compiles")
     args = parser.parse_args()
     root, arts = args.root, args.root / "artifacts"
     results = []
@@ -140,29 +145,38 @@ def main() -> int:
         log(f"  vs transformers fp32: max relative logit error {results[-1]['max_relative_logit_error']:.2e}")
         shutil.rmtree(arts / name) if not args.keep else None
 
-    case(olmoe2, "host", "fp32", "olmoe2-fp32", drop=False)
-    compare(olmoe2, "olmoe2-fp32")
-    base = case(olmoe2, "host", "int4", "olmoe2-int4", drop=False)
-    compare(olmoe2, "olmoe2-int4")  # the int4 error itself, for scale
-    olmoe2x = checkpoint(root, "olmoe-1b-7b-2layers-128experts", "olmoe-1b-7b", *two_layers, "--set", "num_experts=128")
-    doubled = case(olmoe2x, "host", "int4", "olmoe2x-int4")
-    doubled["peak_growth_for_2x_experts"] = doubled["peak_rss_bytes"] / base["peak_rss_bytes"] - 1
-    log(f"  twice the experts: peak {100 * doubled['peak_growth_for_2x_experts']:+.1f}%")
+    if not args.full_size_only:
+        case(olmoe2, "host", "fp32", "olmoe2-fp32", drop=False)
+        compare(olmoe2, "olmoe2-fp32")
+        base = case(olmoe2, "host", "int4", "olmoe2-int4", drop=False)
+        compare(olmoe2, "olmoe2-int4")  # the int4 error itself, for scale
+        olmoe2x = checkpoint(root, "olmoe-1b-7b-2layers-128experts", "olmoe-1b-7b", *two_layers, "--set", "num_experts=128")
+        doubled = case(olmoe2x, "host", "int4", "olmoe2x-int4")
+        doubled["peak_growth_for_2x_experts"] = doubled["peak_rss_bytes"] / base["peak_rss_bytes"] - 1
+        log(f"  twice the experts: peak {100 * doubled['peak_growth_for_2x_experts']:+.1f}%")
 
-    mixtral = checkpoint(root, "mixtral-8x7b-2layers", "mixtral-8x7b", *two_layers)
-    case(mixtral, "host", "int4", "mixtral2-int4")
+        mixtral = checkpoint(root, "mixtral-8x7b-2layers", "mixtral-8x7b", *two_layers)
+        case(mixtral, "host", "int4", "mixtral2-int4")
 
     olmoe = checkpoint(root, "olmoe-1b-7b", "olmoe-1b-7b")
     for target in args.targets:
         case(olmoe, target, "int4", f"olmoe-int4-{target}")
+    if len(args.targets) > 1:  # all of them in one compile: the checkpoint read and quantized once
+        joint = case(olmoe, "+".join(args.targets), "int4", "olmoe-int4-targets")
+        alone = sum(r["seconds"] for r in results if r["model"] == olmoe.name and r["target"] in args.targets)
+        joint["seconds_one_target_at_a_time"] = alone
+        log(f"  one compile for {len(args.targets)} targets: {joint['seconds'] / 60:.1f} min against "
+            f"{alone / 60:.1f} min one at a time")
 
-    (root / "results.json").write_text(json.dumps(results, indent=1))
-    plot(results, root / "compile.png")
+    data, figure = (root / "full-size.json", root / "full-size.png") if args.full_size_only else \
+        (root / "results.json", root / "compile.png")
+    data.write_text(json.dumps(results, indent=1))
+    plot(results, figure)
     print(f"{'model':34s} {'target':11s} {'quant':5s} {'fp32 GB':>8s} {'peak GB':>8s} {'min':>6s} {'artifact GB':>12s}")
     for r in results:
         print(f"{r['model']:34s} {r['target']:11s} {r['quant']:5s} {r['fp32_bytes'] / 1e9:8.2f} "
               f"{r['peak_rss_bytes'] / 1e9:8.2f} {r['seconds'] / 60:6.1f} {r['artifact_bytes'] / 1e9:12.2f}")
-    print(f"wrote {root / 'results.json'} and {root / 'compile.png'}")
+    print(f"wrote {data} and {figure}")
     return 0
 
 
