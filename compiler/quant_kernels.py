@@ -15,7 +15,7 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
-from moetvm.artifact import DTYPE_BYTES, fused_function
+from moetvm.artifact import DTYPE_BYTES, SCORE_FNS, fused_function
 
 from . import gemv
 from .quant import FLOATS, QuantizationError, Scheme, quantize, scale_dtype, swiglu_params
@@ -263,9 +263,10 @@ def _fused_resident_layer(bb: relax.BlockBuilder, d_model: int, d_ff: int, s: Sc
 
 
 def router_module(weight: np.ndarray, bias: np.ndarray | None, score_fn: str, s: Scheme, name: str) -> tvm.IRModule:
-    """router(x (n, d) f32) -> scores (n, E) = score_fn(x @ W^T + b), weights baked in as
-    constants at precision `s` (fp32 by default: routing is the most sensitive part)."""
-    if score_fn not in ("softmax", "sigmoid"):
+    """router(x (n, d) f32) -> scores (n, E) = score_fn(x @ W^T + b) (sparsemixer: the logits,
+    routing.sparsemixer picks from them), weights baked in as constants at precision `s` (fp32
+    by default: routing is the most sensitive part)."""
+    if score_fn not in SCORE_FNS:
         raise QuantizationError(f"unknown router score function {score_fn!r}")
     n = tvm.tirx.Var("n", "int64")
     x = relax.Var("x", relax.TensorType((n, weight.shape[1]), "float32"))
@@ -278,7 +279,8 @@ def router_module(weight: np.ndarray, bias: np.ndarray | None, score_fn: str, s:
                                 primfunc_name_hint=f"{name}_logits")
             if bias is not None:
                 logits = bb.emit(relax.op.add(logits, relax.const(np.asarray(bias, np.float32))))
-            scores = relax.op.nn.softmax(logits, axis=-1) if score_fn == "softmax" else relax.op.sigmoid(logits)
-            out = bb.emit_output(bb.emit(scores))
+            if score_fn != "sparsemixer":
+                logits = bb.emit(relax.op.nn.softmax(logits, axis=-1) if score_fn == "softmax" else relax.op.sigmoid(logits))
+            out = bb.emit_output(logits)
         bb.emit_func_output(out)
     return bb.get()

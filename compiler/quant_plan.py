@@ -49,7 +49,7 @@ def calibrate(model: torch.nn.Module, specs: list[MoELayerSpec], tokens: np.ndar
     for i, spec in enumerate(specs):
         x = np.concatenate(captured[i])
         logits = x @ spec.router_weight.T + (0 if spec.router_bias is None else spec.router_bias)
-        scores = _softmax(logits) if spec.score_fn == "softmax" else 1 / (1 + np.exp(-logits))
+        scores = {"softmax": _softmax, "sigmoid": lambda z: 1 / (1 + np.exp(-z)), "sparsemixer": lambda z: z}[spec.score_fn](logits)
         idx, w = select_experts(scores.astype(np.float32), spec.router())
         out.append(LayerCalibration(x, idx, w))
     return out

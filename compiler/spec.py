@@ -60,6 +60,7 @@ class MoELayerSpec:
     scaling: float = 1.0
     shared: list[ExpertWeights] = field(default_factory=list)
     shared_gate_weight: np.ndarray | None = None  # (1, d_model): sigmoid gate on the shared expert
+    jitter_eps: float = 0.0  # sparsemixer routing (PhiMoE): see routing.sparsemixer
 
     @property
     def n_experts(self) -> int:
@@ -72,7 +73,8 @@ class MoELayerSpec:
         return Router(**{"library": "", "function": "", "n_experts": self.n_experts, "top_k": self.top_k,
                          "score_fn": self.score_fn, "normalize": self.normalize, "n_groups": self.n_groups,
                          "top_groups": self.top_groups, "group_score": self.group_score,
-                         "scaling": float(self.scaling), "selection_bias": bias, **fields})
+                         "scaling": float(self.scaling), "selection_bias": bias,
+                         "jitter_eps": float(self.jitter_eps), **fields})
 
     @property
     def d_model(self) -> int:
@@ -87,6 +89,8 @@ class MoELayerSpec:
             return "expert and router hidden sizes differ"
         if not 0 < self.top_k <= n:
             return f"top_k={self.top_k} for {n} experts"
+        if self.score_fn == "sparsemixer" and (self.top_k != 2 or self.n_groups > 1 or self.selection_bias is not None):
+            return f"sparsemixer routing picks 2 experts, ungrouped and unbiased (top_k={self.top_k})"
         if self.n_groups > 1 and (n % self.n_groups or not 0 < self.top_groups <= self.n_groups):
             return f"n_group={self.n_groups}/topk_group={self.top_groups} do not fit {n} experts"
         if self.n_groups > 1 and self.top_groups * (n // self.n_groups) < self.top_k:

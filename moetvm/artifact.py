@@ -22,10 +22,11 @@ from pathlib import Path, PurePosixPath
 
 from moetvm.errors import MoetvmError
 
-FORMAT_VERSION = 4  # 2: the dense part's weights in weight files (`weights`), not in the segments library
+FORMAT_VERSION = 5  # 2: the dense part's weights in weight files (`weights`), not in the segments library
 # 3: resident MoE layers (a layer's experts in one pool, routed and run in one call)
 # 4: the LM's tokenizer (`tokenizer`) and bf16 weights: a runtime before them says so by version
-SUPPORTED_FORMAT_VERSIONS = (1, 4)
+# 5: sparsemixer routing (PhiMoE: score_fn "sparsemixer", jitter_eps)
+SUPPORTED_FORMAT_VERSIONS = (1, 5)
 SLOT_ALIGN = 64  # bytes: every tensor in an expert's pool slot starts at a multiple (the kernels' vector alignment)
 MANIFEST_NAME = "manifest.json"
 
@@ -106,10 +107,10 @@ class Expert:
 @dataclass(frozen=True)
 class Router:
     library: str
-    function: str  # hidden (n, d) -> scores (n, n_experts), score_fn already applied
+    function: str  # hidden (n, d) -> scores (n, n_experts), score_fn already applied (sparsemixer: logits)
     n_experts: int
     top_k: int
-    score_fn: str  # "softmax" | "sigmoid"
+    score_fn: str  # one of SCORE_FNS
     normalize: bool  # renormalise the top-k weights to sum to 1
     n_groups: int = 1  # grouped top-k (DeepSeek-V3): experts split into groups...
     top_groups: int = 1  # ...and only the best groups compete
@@ -121,6 +122,7 @@ class Router:
     tile: int = 16  # tiling: consecutive positions that share one expert set
     cycle: list[list[int]] | None = None  # cycle: expert sets, one per time step, repeated
     masked: list[int] = field(default_factory=list)  # experts disabled and pruned from the artifact
+    jitter_eps: float = 0.0  # sparsemixer: experts more than 2 jitter_eps (relative) below the pick leave its softmax
 
 
 @dataclass(frozen=True)
@@ -369,6 +371,7 @@ MAX_DIM = 1 << 31  # any one tensor dimension (a real one is below 10^6)
 QUANT_SCHEMES = ("fp32", "fp16", "bf16", "int8", "int4")  # how weights may be stored (compiler/quant.py builds them)
 KV_DTYPES = ("float32", "float16")  # what an LM's KV cache may hold
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
+SCORE_FNS = ("softmax", "sigmoid", "sparsemixer")  # sparsemixer: PhiMoE's two picks (see routing.select_experts)
 GROUP_SCORES = ("top2_sum", "max")  # how grouped top-k ranks a group (see routing.select_experts)
 MAX_EXPERTS = 1 << 16  # per layer; bounds every table the runtime builds from a manifest
 DEVICES = ("cpu", "cuda")
@@ -431,8 +434,12 @@ def _check_consistency(m: Manifest) -> None:
         problem = check_router(r, [e.index for e in layer.experts])
         if problem:
             raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: {problem}")
-        if r.score_fn not in ("softmax", "sigmoid"):
+        if r.score_fn not in SCORE_FNS:
             raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: unknown score_fn {r.score_fn!r}")
+        if r.score_fn == "sparsemixer" and (r.top_k != 2 or r.n_groups != 1 or r.selection_bias is not None
+                                            or not 0 <= r.jitter_eps < 1):
+            raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: sparsemixer routing picks 2 experts, ungrouped "
+                                f"and unbiased, with 0 <= jitter_eps < 1")
         if not (0 < r.top_k <= r.n_experts) or r.n_experts % max(r.n_groups, 1):
             raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: bad top_k/groups")
         if r.group_score not in GROUP_SCORES:
@@ -513,7 +520,8 @@ def check_router(router: Router, present: list[int]) -> str | None:
 def plain_top_k(r: Router) -> bool:
     """Learned routing that is a plain top-k of the scores (no groups, selection bias or masked
     experts): what a resident layer's compiled top-k computes."""
-    return r.mode == "learned" and r.n_groups == 1 and r.selection_bias is None and not r.masked
+    return (r.mode == "learned" and r.score_fn != "sparsemixer" and r.n_groups == 1 and r.selection_bias is None
+            and not r.masked)
 
 
 def slot_layout(params: list[TensorSpec]) -> tuple[list[int], int]:

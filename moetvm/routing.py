@@ -65,7 +65,10 @@ def select_experts(scores: np.ndarray, router: Router) -> tuple[np.ndarray, np.n
 
     Scores already carry the score function (softmax or sigmoid). Selection may add a bias and
     restrict to the best groups (DeepSeek-V3); the weights always come from the unbiased scores.
+    Sparsemixer routers give their logits: see `sparsemixer`.
     """
+    if router.score_fn == "sparsemixer":
+        return sparsemixer(scores, router)
     choice = scores if router.selection_bias is None else scores + np.asarray(router.selection_bias, scores.dtype)
     if router.masked:
         choice = choice.copy()
@@ -87,6 +90,31 @@ def select_experts(scores: np.ndarray, router: Router) -> tuple[np.ndarray, np.n
     if router.normalize:
         weights = weights / weights.sum(-1, keepdims=True)
     return indices, (weights * router.scaling).astype(scores.dtype, copy=False)
+
+
+def sparsemixer(logits: np.ndarray, router: Router) -> tuple[np.ndarray, np.ndarray]:
+    """PhiMoE's sparsemixer as transformers runs it at inference: the best expert, then the best
+    of the rest; each weighted by a softmax of the logits over the experts within 2 jitter_eps
+    of it (relative: (pick - logit) / max(|logit|, pick)), the first one's over all experts, the
+    second one's with the first left out. Not renormalised."""
+    s = np.array(logits, np.float32)
+    if router.masked:
+        s[:, router.masked] = -np.inf
+    rows = np.arange(s.shape[0])
+    indices, weights = [], []
+    candidates = s
+    for _ in range(2):
+        pick = np.argmax(candidates, axis=-1)
+        best = candidates[rows, pick][:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 and inf/inf are NaN: kept, as in torch
+            far = (best - s) / np.maximum(np.abs(s), best) > 2 * router.jitter_eps
+        gates = np.where(far, -np.inf, candidates)
+        gates = np.exp(gates - best)
+        weights.append(gates[rows, pick] / gates.sum(-1))
+        indices.append(pick)
+        candidates = candidates.copy()
+        candidates[rows, pick] = -np.inf
+    return (np.stack(indices, -1), (np.stack(weights, -1) * router.scaling).astype(np.float32))
 
 
 def group_by_expert(indices: np.ndarray, weights: np.ndarray):

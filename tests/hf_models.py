@@ -28,6 +28,11 @@ FAMILIES = {
                          num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=0,
                          routed_scaling_factor=2.5, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
                          qk_rope_head_dim=8, v_head_dim=16)),
+    # Sparsemixer routing; biased attention, LayerNorms and LM head. A wide jitter_eps keeps
+    # several experts in each pick's softmax.
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
+               dict(num_key_value_heads=2, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                    router_jitter_noise=0.2, attention_bias=True, lm_head_bias=True)),
 }
 
 

@@ -111,6 +111,23 @@ def test_grouped_topk_with_bias_and_scaling_matches_deepseek_v3_rule():
     np.testing.assert_allclose(np.take_along_axis(w, order, 1), np.take_along_axis(ref_w.numpy(), ref_order, 1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("jitter_eps", [0.0, 0.01, 0.2, 0.9])
+def test_sparsemixer_matches_transformers(jitter_eps):
+    """PhiMoE's routing at inference, transformers' own function: logits with negative maxima,
+    exact ties and near ties (where the jitter mask decides what each pick's softmax sees)."""
+    sparsemixer = pytest.importorskip("transformers.models.phimoe.modeling_phimoe").sparsemixer
+    torch.manual_seed(0)
+    logits = torch.randn(256, 8) * torch.tensor([0.01, 1.0, 4.0]).repeat(86)[:256, None]
+    logits[:16] -= 5  # every logit negative
+    logits[16:32, 3] = logits[16:32, 5]  # tied picks
+    logits[32:48] = logits[32:48, :1] * (1 + 1e-3 * torch.randn(16, 8))  # near ties everywhere
+    want_w, want_i = sparsemixer(logits, jitter_eps=jitter_eps, training=False)
+    idx, w = select_experts(logits.numpy(), router(top_k=2, score_fn="sparsemixer", normalize=False,
+                                                   jitter_eps=jitter_eps))
+    assert (idx == want_i.numpy()).all()
+    np.testing.assert_allclose(w, want_w.numpy(), rtol=1e-5)
+
+
 def test_group_by_expert_covers_every_assignment_once():
     idx = np.array([[0, 3], [3, 1], [0, 1], [2, 0]])
     w = np.arange(8, dtype=np.float32).reshape(4, 2)

@@ -155,7 +155,8 @@ def mutate(data, doc, pool):
                                         "insert"]), label="op")
         if op == "same_type":  # a value of the same JSON type from elsewhere: passes type checks
             kind = _json_type(container[key])
-            same = [t for t in subtrees if _json_type(t) == kind]
+            # (a value an earlier mutation put there may have a type the base document lacks)
+            same = [t for t in subtrees if _json_type(t) == kind] or [container[key]]
             container[key] = copy.deepcopy(same[data.draw(st.integers(0, len(same) - 1), label="same")])
         elif op == "tweak":
             container[key] = _tweak(data.draw, container[key], strings)

@@ -115,3 +115,36 @@ def test_complex_rotary_is_rewritten_to_real_arithmetic(tmp_path):
         x, positions = torch.randn(batch, 3, length, 8), torch.arange(3, 3 + length).expand(batch, length)
         ours = vm["main"](tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(positions.numpy())).numpy()
         assert relative_error(ours, ComplexRotary()(x, positions).numpy()) < 1e-6
+
+
+def test_phimoe_longrope_switches_scale_where_transformers_does(tmp_path):
+    """Phi-3.5-MoE's LongRoPE: the cos/sin scale is chosen by the sequence's length (a Python
+    branch in transformers, a `where` once traced). Prompts on both sides of the switch match
+    transformers' forward, and cached decode steps across it match transformers' cached steps."""
+    import copy
+
+    from transformers import DynamicCache
+
+    from hf_models import tiny_model
+
+    half = 16 // 2  # head_dim 16
+    rope = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(half)],
+            "long_factor": [2.0 + 0.3 * i for i in range(half)], "original_max_position_embeddings": 32,
+            "short_mscale": 1.0, "long_mscale": 1.3}
+    model = tiny_model("phimoe", rope_parameters=rope)
+    reference = copy.deepcopy(model)  # the compile wraps the model it is given
+    runtime = load_model(compile_model(model, target="host", out=tmp_path / "a", progress=False))
+    rng = np.random.default_rng(0)
+    for length in (16, 40):
+        tokens = rng.integers(0, 128, size=(2, length))
+        with torch.no_grad():
+            theirs = reference(torch.from_numpy(tokens)).logits.numpy()
+        assert relative_error(runtime(tokens), theirs) < 1e-4, length
+    tokens = rng.integers(0, 128, size=36)
+    cache, ours = DynamicCache(config=reference.config), runtime.new_cache()
+    for start, stop in [(0, 20)] + [(i, i + 1) for i in range(20, 36)]:  # steps through positions 31 -> 32
+        with torch.no_grad():
+            theirs = reference(torch.from_numpy(tokens[None, start:stop]), past_key_values=cache, use_cache=True,
+                               position_ids=torch.arange(start, stop)[None]).logits.numpy()
+        logits, ours = runtime.step(tokens[None, start:stop], ours)
+        assert relative_error(logits, theirs) < 1e-4, start

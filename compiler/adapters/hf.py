@@ -13,6 +13,7 @@ table maps block classes to one of a few routing readers:
   softmax, grouped     Mistral-4 / Mistral-Large-4 (V3's grouping over softmax, no bias)
   one-off readers      DeepSeek-V2 (softmax, greedy or group max), Cohere2-MoE, ERNIE-4.5-MoE,
                        LFM2-MoE, AFMoE, MiniMax-M2, DBRX
+  sparsemixer          PhiMoE: two sequential picks, each with a jitter-masked softmax
 
 Expert FFNs: transformers 5 stores a family's experts fused (`gate_up_proj` (E, 2I, H) with the
 gate rows first, `down_proj` (E, H, I); `is_transposed` experts store (E, in, out)). Every
@@ -236,6 +237,14 @@ def _dbrx(router, block):
                 normalize=p is not None)
 
 
+def _sparsemixer(router, block):
+    # PhiMoE: two sequential picks from the logits, each weighted by a jitter-masked softmax
+    # (its inference form; training samples instead). Always two experts.
+    _require(router.top_k == 2, f"sparsemixer picks 2 experts, not num_experts_per_tok={router.top_k}")
+    return dict(router_weight=_router_weight(router), top_k=2, score_fn="sparsemixer", normalize=False,
+                jitter_eps=float(router.router_jitter_noise))
+
+
 def _cohere2_shared_scale(block) -> float:
     strategy = getattr(block, "shared_expert_combination_strategy", "sum")
     _require(strategy in ("sum", "average"), f"shared_expert_combination_strategy {strategy!r}")
@@ -289,6 +298,7 @@ FAMILIES: list[Family] = [
     Family(("AfmoeSparseMoeBlock",), "router", _afmoe, shared="shared_experts"),
     Family(("MiniMaxM2SparseMoeBlock",), "gate", _minimax_m2),
     Family(("DbrxFFN",), "router", _dbrx, experts=_dbrx_experts),
+    Family(("PhimoeSparseMoeBlock",), "router", _sparsemixer),
 ]
 _BY_CLASS = {name: fam for fam in FAMILIES for name in fam.blocks}
 
@@ -329,7 +339,6 @@ def hf_block(module: nn.Module, path: str) -> MoELayerSpec | None:
 KNOWN_UNSUPPORTED = {
     "Llama4TextMoe": "router scores scale the expert *input* (sigmoid(score) * x), not the output",
     "GptOssMLP": "experts are clamped SwiGLU (alpha, limit) with biases, interleaved gate/up",
-    "PhimoeSparseMoeBlock": "sparsemixer routing (jitter-masked, sequential top-2)",
     "JetMoeAttention": "mixture of attention heads, not an FFN MoE",
     "NllbMoeSparseMLP": "capacity-limited top-2 with dropped tokens and non-SiLU experts",
     "SwitchTransformersSparseMLP": "capacity-limited top-1 with dropped tokens and non-SiLU experts",

@@ -13,7 +13,9 @@ Export choices, each because the default does not survive torch.export + TVM's i
   * the cache is a `DynamicCache` filled from the step's inputs and read back after the call,
     so the traced graph is plain `cat`s;
   * complex-number rotary embeddings (DeepSeek-V2: `polar`, `view_as_complex`) are rewritten to
-    real arithmetic before import (frontend._lower_complex).
+    real arithmetic before import (frontend._lower_complex);
+  * PhiMoE's LongRoPE picks its scale in Python by the sequence's length (`if seq_len > ...`),
+    which torch.export cannot trace: the choice becomes a `where` on the positions (`_LongRopeScale`).
 transformers is an optional dependency (`pip install moetvm[hf]`); nothing here imports it at
 module import time.
 """
@@ -43,6 +45,9 @@ class HFCausalLM(KVCachedLM):
         if getattr(config, "is_encoder_decoder", False):
             raise ValueError(f"{type(model).__name__}: encoder-decoder models are not causal LMs")
         model.set_attn_implementation("eager")
+        for name, module in model.named_modules():
+            if type(module).__name__ == "PhimoeRotaryEmbedding" and module.rope_type != "default":
+                model.set_submodule(name, _LongRopeScale(module))
         self.hf = model.eval()
         self.config = config
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -198,6 +203,27 @@ class HFCausalLM(KVCachedLM):
             yield self
         finally:
             self.hf.set_experts_implementation(before)
+
+
+class _LongRopeScale(nn.Module):
+    """PhiMoE's rotary embedding (transformers' PhimoeRotaryEmbedding.forward) with its one
+    Python branch made a tensor op: the cos/sin scale is long_mscale once the step's last
+    position passes original_max_position_embeddings, else short_mscale; the frequencies are the
+    ones its forward computes, the short factors, whatever the length."""
+
+    def __init__(self, rotary: nn.Module):
+        super().__init__()
+        params = rotary.config.rope_parameters
+        self.original = int(params["original_max_position_embeddings"])
+        self.short_mscale, self.long_mscale = float(params["short_mscale"]), float(params["long_mscale"])
+        self.inv_freq = nn.Buffer(rotary.rope_init_fn(rotary.config)[0].float(), persistent=False)
+
+    def forward(self, x, position_ids):
+        longer = (position_ids.max() + 1) > self.original
+        mscale = torch.where(longer, self.long_mscale, self.short_mscale)
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * mscale).to(x.dtype), (emb.sin() * mscale).to(x.dtype)
 
 
 def load_hf(path: str | Path, stream: bool = False) -> HFCausalLM:
