@@ -58,11 +58,16 @@ def moe_families() -> list[tuple[str, str, str]]:
     return found
 
 
+# Families whose config defaults do not fit TINY's 2 layers: a layer kind per layer, each kind once.
+FAMILY_FIELDS = {"Lfm2MoeConfig": dict(layer_types=["conv", "full_attention"], num_dense_layers=0)}
+
+
 def tiny_config(config_class):
-    """TINY, less the fields this family's config rejects (it keeps its own default for those)."""
+    """TINY (and FAMILY_FIELDS), less the fields this family's config rejects (it keeps its own
+    default for those)."""
     import re
 
-    fields = dict(TINY)
+    fields = {**TINY, **FAMILY_FIELDS.get(config_class.__name__, {})}
     for _ in range(len(TINY)):
         try:
             return config_class(**fields)
