@@ -60,9 +60,13 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
     scheme = options.dense_scheme
     kv = None
     if lm:
+        # Sliding-window attention in every layer bounds the cache (one past length for all layers:
+        # models mixing layer kinds keep everything; their masks still window).
+        window = getattr(model, "window", None) if not getattr(model, "mixed_attention", False) else None
         kv = (KVCacheLayout("in_place", options.kv_cache_dtype(), KV_CAPACITY_MULTIPLE)
-              if getattr(model, "in_place_kv", False) else KVCacheLayout("concat", "float32"))
-    kv_note = f", {kv.layout} {kv.dtype} KV cache" if lm else ""
+              if getattr(model, "in_place_kv", False) else KVCacheLayout("concat", "float32", window=window))
+    kv_note = f", {kv.layout} {kv.dtype} KV cache" + (f" of the last {kv.window - 1} positions" if kv.window else "") \
+        if lm else ""
     with bar.step(f"trace {type(model).__name__} with torch.export ({len(specs)} MoE layers{kv_note})"):
         if lm:
             input_names, output_names = lm_io_names(model.kv_layout[0], kv.layout)

@@ -25,7 +25,8 @@ from moetvm.errors import MoetvmError
 FORMAT_VERSION = 5  # 2: the dense part's weights in weight files (`weights`), not in the segments library
 # 3: resident MoE layers (a layer's experts in one pool, routed and run in one call)
 # 4: the LM's tokenizer (`tokenizer`) and bf16 weights: a runtime before them says so by version
-# 5: sparsemixer routing (PhiMoE: score_fn "sparsemixer", jitter_eps)
+# 5: sparsemixer routing (PhiMoE: score_fn "sparsemixer", jitter_eps); a sliding window's bounded cache
+#    (kv_cache.window)
 SUPPORTED_FORMAT_VERSIONS = (1, 5)
 SLOT_ALIGN = 64  # bytes: every tensor in an expert's pool slot starts at a multiple (the kernels' vector alignment)
 MANIFEST_NAME = "manifest.json"
@@ -163,12 +164,13 @@ class KVCacheLayout:
     key dim, capacity) and a value buffer (batch, value heads, capacity, value dim) of `dtype`,
     which it writes at the new positions, and returns logits; the capacity is a multiple of
     `capacity_multiple`. concat (format 1): past keys/values (batch, heads, past, dim) in,
-    extended ones out."""
+    extended ones out, the past positions they hold beside them; with a `window` (format 5) every
+    layer attends to the last `window` positions only, so the cache keeps the last window - 1."""
 
     layout: str = "concat"  # one of KV_LAYOUTS
     dtype: str = "float32"  # one of KV_DTYPES
     capacity_multiple: int = 1
-
+    window: int | None = None  # concat: sliding-window attention in every layer
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -576,6 +578,9 @@ def _check_model_fields(m: Manifest) -> None:
             if getattr(info, key) is not None and not _positive_int(getattr(info, key)):
                 raise ArtifactError(f"{MANIFEST_NAME}: model.{key} must be a positive integer, got {getattr(info, key)!r}")
         kv = info.kv
+        if kv.window is not None and not (kv.layout == "concat" and _positive_int(kv.window)):
+            raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache.window must be a positive integer, and only with "
+                                f"the concat layout, got {kv.window!r} with {kv.layout!r}")
         if not (kv.layout in KV_LAYOUTS and kv.dtype in KV_DTYPES and 0 < kv.capacity_multiple <= 4096):
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache must give a layout ({', '.join(KV_LAYOUTS)}), a dtype "
                                 f"({', '.join(KV_DTYPES)}) and optionally a capacity_multiple (1..4096), got {kv!r}")

@@ -663,8 +663,9 @@ class MoEModel:
         if cache.batch != b:
             raise InputError(f"a KV cache of batch {cache.batch} cannot take tokens of batch {b}")
         (tokens_in, positions_in, past_in, *kv_in), (logits_out, *kv_out) = cache.io_names
+        held = cache.held_positions
         inputs = {tokens_in: tokens, positions_in: np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy(),
-                  past_in: np.broadcast_to(np.arange(p, dtype=np.int64), (b, p)).copy()}
+                  past_in: np.broadcast_to(held, (b, held.size)).copy()}
         if cache.layout == "in_place":
             cache.reserve(p + s, self.device, limit)
         inputs.update(zip(kv_in, [*cache.keys, *cache.values]))
@@ -673,8 +674,10 @@ class MoEModel:
             cache.length = p + s  # the step wrote its keys and values into the buffers
             return out[logits_out], cache
         layers = len(kv_out) // 2
-        return out[logits_out], KVCache(cache.manifest, b, [out[n] for n in kv_out[:layers]],
-                                        [out[n] for n in kv_out[layers:]], length=p + s)
+        keep = slice(-(cache.window - 1), None) if cache.window and cache.window > 1 else \
+            slice(0, 0) if cache.window else slice(None)  # what the next step's queries can still see
+        kept = [np.ascontiguousarray(out[n][:, :, keep]) for n in kv_out]  # a copy when trimmed: the rest is freed
+        return out[logits_out], KVCache(cache.manifest, b, kept[:layers], kept[layers:], length=p + s)
 
     def check_generation(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """InputError, before any work, when `generate` could not finish: not a causal LM, no
@@ -815,14 +818,15 @@ class KVCache:
     """An LM's keys and values, in the artifact's layout (artifact.kv_cache). in_place: device
     buffers per layer that the steps write into; their capacity grows by doubling (copying what
     is cached, amortised O(1) per token), so memory follows the context actually used.
-    concat: the past keys/values as arrays, replaced by each step's extended ones."""
+    concat: the past keys/values as arrays, replaced by each step's extended ones; with a sliding
+    window, only the last window - 1 positions of them (all the next step can attend to)."""
 
     INITIAL_CAPACITY = 256
 
     def __init__(self, manifest: Manifest, batch: int, keys=None, values=None, length: int = 0):
         self.manifest, self.batch, self.length = manifest, batch, length
         info = manifest.model.kv
-        self.layout, self.dtype, self.multiple = info.layout, info.dtype, info.capacity_multiple
+        self.layout, self.dtype, self.multiple, self.window = info.layout, info.dtype, info.capacity_multiple, info.window
         layers, (key_heads, key_dim), (value_heads, value_dim) = manifest.model.kv_shapes
         if keys is None and self.layout == "concat":
             keys = [np.zeros((batch, key_heads, 0, key_dim), np.float32)] * layers
@@ -834,6 +838,12 @@ class KVCache:
     @staticmethod
     def empty(manifest: Manifest, batch: int) -> "KVCache":
         return KVCache(manifest, batch)
+
+    @property
+    def held_positions(self) -> np.ndarray:
+        """The positions whose keys and values the cache holds (concat: the last ones, in order)."""
+        held = self.keys[0].shape[2] if self.layout == "concat" and self.keys else self.length
+        return np.arange(self.length - held, self.length, dtype=np.int64)
 
     @property
     def capacity(self) -> int:

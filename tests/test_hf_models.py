@@ -148,3 +148,24 @@ def test_phimoe_longrope_switches_scale_where_transformers_does(tmp_path):
                                position_ids=torch.arange(start, stop)[None]).logits.numpy()
         logits, ours = runtime.step(tokens[None, start:stop], ours)
         assert relative_error(logits, theirs) < 1e-4, start
+
+
+def test_sliding_window_cache_stays_at_the_window(tmp_path):
+    """Mixtral windows every layer (8 positions): over 32 tokens, 4x the window, fed a few at a
+    time, the cache holds no more than the 7 past positions the next token can attend to, and
+    every step's logits match transformers' forward over the whole sequence."""
+    from hf_models import tiny_model
+
+    model = tiny_model("mixtral")
+    out = compile_model(model, target="host", out=tmp_path / "a", progress=False)
+    assert read_manifest(out).model.kv.window == 8
+    runtime = load_model(out)
+    tokens = np.random.default_rng(0).integers(0, 128, size=(2, 32))
+    cache, held = runtime.new_cache(2), []
+    for start, stop in [(0, 5), (5, 12), *((i, i + 1) for i in range(12, 32))]:
+        logits, cache = runtime.step(tokens[:, start:stop], cache)
+        held.append(cache.keys[0].shape[2])
+        with torch.no_grad():
+            theirs = model(torch.from_numpy(tokens[:, :stop])).logits[:, start:stop].numpy()
+        assert relative_error(logits, theirs) < 1e-4, (start, stop)
+    assert held[:2] == [5, 7] and set(held[2:]) == {7} and cache.length == 32
