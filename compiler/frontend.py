@@ -47,12 +47,13 @@ def _(x, layer):
 
 
 class _MoEMarker(nn.Module):
-    def __init__(self, layer: int):
+    def __init__(self, layer: int, returns_tuple: bool = False):
         super().__init__()
-        self.layer = layer
+        self.layer, self.returns_tuple = layer, returns_tuple
 
     def forward(self, x):
-        return torch.ops.moetvm.moe_layer(x, self.layer)
+        y = torch.ops.moetvm.moe_layer(x, self.layer)
+        return (y, None) if self.returns_tuple else y  # (hidden, router scores): the caller drops the scores
 
 
 def _convert_marker(node, importer):
@@ -69,7 +70,7 @@ def _with_markers(model: nn.Module, specs: list[MoELayerSpec]) -> nn.Module:
     for i, spec in enumerate(specs):
         parent_path, _, attr = spec.path.rpartition(".")
         parent = marked.get_submodule(parent_path) if parent_path else marked
-        setattr(parent, attr, _MoEMarker(i))
+        setattr(parent, attr, _MoEMarker(i, spec.returns_tuple))
     return marked
 
 

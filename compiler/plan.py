@@ -119,7 +119,7 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: BuildTarget, 
         expert_kind, d_model, d_ff, sch = key
         fn = f"expert_{wid}"
         params = [TensorSpec(name=n, shape=list(shape), dtype=dtype)
-                  for n, shape, dtype in quantization.swiglu_params(d_model, d_ff, sch)]
+                  for n, shape, dtype in quantization.swiglu_params(d_model, d_ff, sch, expert_kind)]
         # One resident function per distinct routing among the layers of this workload.
         layer_routing = {li: _routing_signature(routers[li]) for li, wkey in resident_keys.items() if wkey == key}
         signatures = sorted(set(layer_routing.values()))
@@ -139,12 +139,13 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: BuildTarget, 
 
 def _resident_layers(specs, plan: dict, routers: list[Router], target: BuildTarget) -> dict[int, tuple]:
     """Layer -> its experts' workload key, for the layers a resident function can run whole: CPU
-    GEMV kernels (tiled storage), one workload for all experts, learned plain top-k routing, no
+    GEMV kernels (tiled storage), one workload of SwiGLU experts, learned plain top-k routing, no
     masked or shared experts (the host path keeps the rest)."""
     out = {}
     for li, (spec, r) in enumerate(zip(specs, routers)):
         keys = {(e.kind, e.d_model, e.d_ff, plan[(li, ei)]) for ei, e in enumerate(spec.experts)}
-        if target.cpu and len(keys) == 1 and next(iter(keys))[3].tile and plain_top_k(r) and not spec.shared:
+        if target.cpu and len(keys) == 1 and next(iter(keys))[3].tile and plain_top_k(r) and not spec.shared \
+                and next(iter(keys))[0] == quantization.SWIGLU:
             out[li] = next(iter(keys))
     return out
 

@@ -246,17 +246,44 @@ def scale_dtype(s: Scheme) -> str:
     return next(dtype for name, _, dtype in weight_params("w", k, s.tile or 1, s) if name == "w.scale")
 
 
-def swiglu_params(d_model: int, d_ff: int, s: Scheme) -> list[tuple[str, tuple, str]]:
+SWIGLU = "swiglu"  # down(silu(x @ gate) * (x @ up))
+CLAMPED = "clampedswiglu"  # GPT-OSS: biases, gate clamped above, up clamped both ways, (up + 1) * gate * sigmoid(alpha gate)
+BIASES = ("b_gate", "b_up", "b_down")  # a clamped expert's fp32 biases, stored after its weights
+
+
+def clamped_kind(alpha: float, limit: float) -> str:
+    """The workload kind of a clamped SwiGLU expert: its constants are part of the kernel."""
+    return f"{CLAMPED}_a{alpha!r}_l{limit!r}".replace(".", "p").replace("-", "m")
+
+
+def parse_kind(kind: str) -> tuple[str, dict]:
+    """(name, constants) of an expert kind: (SWIGLU, {}) or (CLAMPED, {alpha, limit})."""
+    if kind == SWIGLU:
+        return SWIGLU, {}
+    name, alpha, limit = kind.split("_")
+    if name != CLAMPED or alpha[0] != "a" or limit[0] != "l":
+        raise QuantizationError(f"unknown expert kind {kind!r}")
+    number = lambda text: float(text[1:].replace("p", ".").replace("m", "-"))  # noqa: E731
+    return CLAMPED, {"alpha": number(alpha), "limit": number(limit)}
+
+
+def swiglu_params(d_model: int, d_ff: int, s: Scheme, kind: str = SWIGLU) -> list[tuple[str, tuple, str]]:
     s.check(d_model)
     s.check(d_ff)
+    biases = [("b_gate", (d_ff,), "float32"), ("b_up", (d_ff,), "float32"), ("b_down", (d_model,), "float32")] \
+        if parse_kind(kind)[0] == CLAMPED else []
     return (weight_params("w_gate", d_model, d_ff, s) + weight_params("w_up", d_model, d_ff, s)
-            + weight_params("w_down", d_ff, d_model, s))
+            + weight_params("w_down", d_ff, d_model, s) + biases)
 
 
 def quantize_expert(weights: dict[str, np.ndarray], s: Scheme) -> dict[str, np.ndarray]:
-    """Kernel-layout fp32 weights {"w_gate", "w_up", "w_down"} -> the stored tensors."""
+    """Kernel-layout fp32 weights {"w_gate", "w_up", "w_down"} (and biases, kept fp32) -> the
+    stored tensors."""
     out = {}
     for prefix, w in weights.items():
+        if prefix in BIASES:
+            out[prefix] = np.ascontiguousarray(w, np.float32)
+            continue
         out.update({prefix + suffix: t for suffix, t in quantize(w, s).items()})
     return out
 
@@ -267,11 +294,13 @@ def relayout_expert(plain: dict[str, np.ndarray], s: Scheme) -> dict[str, np.nda
     for prefix in ("w_gate", "w_up", "w_down"):
         parts = {name[len(prefix):]: a for name, a in plain.items() if name.startswith(prefix)}
         out.update({prefix + suffix: t for suffix, t in relayout(parts, s).items()})
-    return out
+    return out | {b: plain[b] for b in BIASES if b in plain}
 
 
-def kernel_layout(w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray) -> dict[str, np.ndarray]:
+def kernel_layout(w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray,
+                  biases: tuple | None = None) -> dict[str, np.ndarray]:
     """PyTorch (out, in) weights (arrays, or checkpoint tensors read here) -> the kernels' (in,
-    out) layout, fp32."""
-    return {name: np.ascontiguousarray(np.asarray(w, np.float32).T)
-            for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down))}
+    out) layout, fp32; biases (gate, up, down) as they are."""
+    out = {name: np.ascontiguousarray(np.asarray(w, np.float32).T)
+           for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down))}
+    return out | ({b: np.asarray(v, np.float32) for b, v in zip(BIASES, biases)} if biases is not None else {})

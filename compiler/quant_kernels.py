@@ -18,7 +18,7 @@ from tvm import relax, te
 from moetvm.artifact import DTYPE_BYTES, SCORE_FNS, fused_function
 
 from . import gemv
-from .quant import FLOATS, QuantizationError, Scheme, quantize, scale_dtype, swiglu_params
+from .quant import FLOATS, SWIGLU, QuantizationError, Scheme, parse_kind, quantize, scale_dtype, swiglu_params
 
 
 def _dequantized(weights: list[te.Tensor], s: Scheme, k, j):
@@ -150,7 +150,7 @@ def top_k_kernel(r: ResidentRouting) -> tvm.tirx.PrimFunc:
 
 def swiglu_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[int, ...] = (),
                   cpu: bool = True, resident: tuple[ResidentRouting, ...] = (),
-                  slot: tuple[list[int], int] | None = None) -> tvm.IRModule:
+                  slot: tuple[list[int], int] | None = None, kind: str = SWIGLU) -> tvm.IRModule:
     """An IRModule whose function `name` is the expert kernel:
     (x (n, d_model) f32, *weights) -> (n, d_model) = down(silu(x@gate) * (x@up)),
     and for each k in `fused_k` a function `fused_function(name, k)`:
@@ -161,8 +161,11 @@ def swiglu_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[
     at the `slot` layout (offsets, slot bytes) of the pool: by gemv.resident_layer, one kernel for
     the whole layer, where the scheme has one (integer-dot CPUs), else through views into the pool
     given to the experts' own GEMVs.
-    cpu: the matmuls use compiler/gemv.py's kernels."""
-    specs = swiglu_params(d_model, d_ff, s)
+    cpu: the matmuls use compiler/gemv.py's kernels. kind: quant.SWIGLU, or a clamped SwiGLU
+    (quant.clamped_kind, GPT-OSS): with biases, the gate clamped above at `limit`, the up
+    projection to [-limit, limit], and (up + 1) * gate * sigmoid(alpha * gate) between them."""
+    specs = swiglu_params(d_model, d_ff, s, kind)
+    clamped, constants = parse_kind(kind)
     bb = relax.BlockBuilder()
     n = tvm.tirx.Var("n", "int64")
 
@@ -171,8 +174,15 @@ def swiglu_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[
             group = [v for key, v in params.items() if key == prefix or key.startswith(prefix + ".")]
             return matmul_call(bb, a, group, s, prefix, cpu)
 
-        h = bb.emit(relax.op.multiply(relax.op.nn.silu(matmul(x, "w_gate")), matmul(x, "w_up")))
-        return matmul(h, "w_down")
+        if clamped == SWIGLU:
+            h = bb.emit(relax.op.multiply(relax.op.nn.silu(matmul(x, "w_gate")), matmul(x, "w_up")))
+            return matmul(h, "w_down")
+        alpha, limit = (relax.const(np.float32(constants[c])) for c in ("alpha", "limit"))
+        gate = relax.op.minimum(relax.op.add(matmul(x, "w_gate"), params["b_gate"]), limit)
+        up = relax.op.clip(relax.op.add(matmul(x, "w_up"), params["b_up"]), -constants["limit"], constants["limit"])
+        glu = relax.op.multiply(gate, relax.op.sigmoid(relax.op.multiply(gate, alpha)))
+        h = bb.emit(relax.op.multiply(relax.op.add(up, relax.const(np.float32(1))), glu))
+        return bb.emit(relax.op.add(matmul(h, "w_down"), params["b_down"]))
 
     def weight_vars(tag: str = "") -> dict:
         return {p: relax.Var(p.replace(".", "_") + tag, relax.TensorType(shape, dtype)) for p, shape, dtype in specs}

@@ -45,9 +45,10 @@ class QuantizedNumbers:
     def expert(self, expert: ExpertWeights, scheme: quantization.Scheme) -> dict[str, np.ndarray]:
         """An expert's stored tensors in the plain layout of `scheme`'s precision."""
         precision = quantization.Scheme(scheme.name, scheme.group_size)
-        return self.get([precision.tag, expert.kind, *map(identity, (expert.w_gate, expert.w_up, expert.w_down))],
+        return self.get([precision.tag, expert.kind, *map(identity, expert_tensors(expert))],
                         lambda: quantization.quantize_expert(
-                            quantization.kernel_layout(expert.w_gate, expert.w_up, expert.w_down), precision))
+                            quantization.kernel_layout(expert.w_gate, expert.w_up, expert.w_down, expert.biases),
+                            precision))
 
     def finish(self) -> None:
         """Every target is written: the numbers have served."""
@@ -56,6 +57,11 @@ class QuantizedNumbers:
 
 
 QUANTIZER = hashlib.sha256(Path(quantization.__file__).read_bytes()).hexdigest()
+
+
+def expert_tensors(expert: ExpertWeights) -> tuple:
+    """Everything an expert's stored tensors are made from."""
+    return (expert.w_gate, expert.w_up, expert.w_down, *(expert.biases or ()))
 
 
 def identity(w) -> str:

@@ -33,7 +33,8 @@ class ExpertWeights:
     w_gate: np.ndarray
     w_up: np.ndarray
     w_down: np.ndarray
-    kind: str = "swiglu"
+    kind: str = "swiglu"  # quant.SWIGLU, or quant.clamped_kind(alpha, limit) (GPT-OSS)
+    biases: tuple | None = None  # (gate (d_ff,), up (d_ff,), down (d_model,)): clamped kinds only
 
     @property
     def d_model(self) -> int:
@@ -61,6 +62,7 @@ class MoELayerSpec:
     shared: list[ExpertWeights] = field(default_factory=list)
     shared_gate_weight: np.ndarray | None = None  # (1, d_model): sigmoid gate on the shared expert
     jitter_eps: float = 0.0  # sparsemixer routing (PhiMoE): see routing.sparsemixer
+    returns_tuple: bool = False  # the block returns (hidden, router scores) (GPT-OSS)
 
     @property
     def n_experts(self) -> int:

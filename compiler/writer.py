@@ -39,7 +39,7 @@ from .lowering import build_library
 from .options import CompileOptions
 from .output import atomic_directory
 from .plan import PlannedModel, Progress
-from .quantized import QUANTIZER, QuantizedNumbers, identity, remove_store, save_tensors
+from .quantized import QUANTIZER, QuantizedNumbers, expert_tensors, identity, remove_store, save_tensors
 from .spec import ExpertWeights, MoELayerSpec
 from .tuning import apply_database
 
@@ -148,7 +148,7 @@ def relax_libraries(p: PlannedModel) -> dict[str, tvm.IRModule]:
         libs["routers"] = router_mod
     for (kind, d_model, d_ff, sch), w in p.workload_entries.items():
         libs[w.library] = swiglu_module(
-            d_model, d_ff, sch, w.function, tuple(w.fused_k), cpu=p.target.cpu,
+            d_model, d_ff, sch, w.function, tuple(w.fused_k), cpu=p.target.cpu, kind=kind,
             resident=tuple(p.resident_routing.get((kind, d_model, d_ff, sch), ())), slot=(w.slot_offsets, w.slot_bytes))
     return libs
 
@@ -185,7 +185,7 @@ class ExpertFiles:
         self.bar.count("experts", self.done, self.total, self.made, self.started,
                        f" ({shared} quantized for an earlier target)" if shared else "")
         return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
-                   for _, shape, dtype in quantization.swiglu_params(expert.d_model, expert.d_ff, scheme))
+                   for _, shape, dtype in quantization.swiglu_params(expert.d_model, expert.d_ff, scheme, expert.kind))
 
     def finish(self) -> None:
         """The artifact is in place: the store has served (it holds only our files)."""
@@ -195,7 +195,7 @@ class ExpertFiles:
 def expert_key(expert: ExpertWeights, tag: str) -> str:
     """A name for an expert's stored tensors at `tag` from all they are made of: the source
     tensors, the precision and layout, and the quantizer's code."""
-    parts = [QUANTIZER, tag, expert.kind] + [identity(w) for w in (expert.w_gate, expert.w_up, expert.w_down)]
+    parts = [QUANTIZER, tag, expert.kind] + [identity(w) for w in expert_tensors(expert)]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 
@@ -218,8 +218,11 @@ def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: 
     fallback = None
     if dense_fallback:
         # summed one expert at a time: a streamed layer's experts are never all in memory
-        mean = ExpertWeights(*(sum(np.asarray(getattr(e, w), np.float64) for e in spec.experts) / len(spec.experts)
-                               for w in ("w_gate", "w_up", "w_down")), kind=spec.experts[0].kind)
+        average = lambda tensors: sum(np.asarray(t, np.float64) for t in tensors) / len(spec.experts)  # noqa: E731
+        mean = ExpertWeights(*(average(getattr(e, w) for e in spec.experts) for w in ("w_gate", "w_up", "w_down")),
+                             kind=spec.experts[0].kind,
+                             biases=None if spec.experts[0].biases is None else
+                             tuple(average(e.biases[i] for e in spec.experts) for i in range(3)))
         fallback = dataclasses.replace(write(mean, (index, 0), "fallback", -1), usage=None)
     shared = [
         SharedExpert(expert=write(e, (index, ("shared", j)), f"shared{j}", j),

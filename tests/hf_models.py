@@ -33,6 +33,12 @@ FAMILIES = {
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
                dict(num_key_value_heads=2, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
                     router_jitter_noise=0.2, attention_bias=True, lm_head_bias=True)),
+    # Clamped SwiGLU experts with biases (a limit low enough to clamp), attention sinks,
+    # alternating sliding and full layers.
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(num_key_value_heads=2, head_dim=16, intermediate_size=32, num_local_experts=8,
+                     num_experts_per_tok=2, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                     swiglu_limit=0.5)),
 }
 
 
@@ -47,4 +53,8 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     for name, buffer in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             buffer.normal_(0, 0.5)  # initialised to zero: make the selection bias matter
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("_bias", ".sinks", "router.bias")):
+                param.normal_(0, 0.5)  # GPT-OSS's expert and router biases and attention sinks start at zero
     return model

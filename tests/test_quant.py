@@ -8,6 +8,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from moetvm.compiler import compile_model, quant
 from moetvm.compiler.lowering import build_library
+from moetvm.artifact import fused_function
 from moetvm.compiler.quant_kernels import swiglu_module
 from moetvm.targets import get_target
 from moetvm.verify import relative_error
@@ -177,3 +178,43 @@ def test_auto_plan_respects_budget_and_is_recorded(reference_model, fp32_referen
     with pytest.raises(quant.QuantizationError, match="below the all-int4 size"):
         compile_model(reference_model, target="host", out=tmp_path / "tiny", quant="auto", weight_budget=1000,
                       calibration=calibration_windows(), progress=False)
+
+
+@pytest.mark.parametrize("name, tile", [("fp32", None), ("int8", 32), ("int4", 32), ("int4", None)])
+def test_clamped_swiglu_kernel_matches_numpy(tmp_path, name, tile):
+    """GPT-OSS's expert kind at each storage: biases, gate clamped above, up clamped both ways,
+    (up + 1) * gate * sigmoid(alpha gate); a limit low enough that both clamps bite; the fused
+    k-expert function weighs and sums."""
+    alpha, limit = 1.702, 0.7
+    kind = quant.clamped_kind(alpha, limit)
+    assert quant.parse_kind(kind) == (quant.CLAMPED, {"alpha": alpha, "limit": limit})
+    s = quant.scheme(name, 32).tiled(tile)
+    path = tmp_path / "clamped.so"
+    build_library(swiglu_module(64, 96, s, "expert", (2,), kind=kind), get_target("host"), path)
+    vm = VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    rng = np.random.default_rng(0)
+    experts = []
+    for _ in range(2):
+        weights = quant.kernel_layout(rng.standard_normal((96, 64), np.float32) * 0.3,
+                                      rng.standard_normal((96, 64), np.float32) * 0.3,
+                                      rng.standard_normal((64, 96), np.float32) * 0.3,
+                                      (rng.standard_normal(96, np.float32), rng.standard_normal(96, np.float32),
+                                       rng.standard_normal(64, np.float32)))
+        stored = quant.quantize_expert(weights, s)
+        real = {p: quant.dequantize({k[len(p):]: v for k, v in stored.items() if k == p or k.startswith(p + ".")}, s)
+                for p in ("w_gate", "w_up", "w_down")} | {b: stored[b] for b in quant.BIASES}
+        experts.append(([tvm.runtime.tensor(stored[n]) for n, _, _ in quant.swiglu_params(64, 96, s, kind)],
+                        {k: v.astype(np.float64) for k, v in real.items()}))
+
+    def reference(x, w):
+        gate = np.minimum(x @ w["w_gate"] + w["b_gate"], limit)
+        up = np.clip(x @ w["w_up"] + w["b_up"], -limit, limit)
+        assert (gate == limit).any() and (np.abs(up) == limit).any() and (np.abs(up) < limit).any()
+        return ((up + 1) * gate / (1 + np.exp(-alpha * gate))) @ w["w_down"] + w["b_down"]
+
+    x = rng.standard_normal((5, 64), np.float32)
+    assert relative_error(vm["expert"](tvm.runtime.tensor(x), *experts[0][0]).numpy(), reference(x, experts[0][1])) < 1e-5
+    gates = rng.random((5, 2), np.float32)
+    fused = vm[fused_function("expert", 2)](tvm.runtime.tensor(x), tvm.runtime.tensor(gates), *experts[0][0], *experts[1][0]).numpy()
+    want = sum(gates[:, i:i + 1] * reference(x, experts[i][1]) for i in range(2))
+    assert relative_error(fused, want) < 1e-5

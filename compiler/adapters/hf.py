@@ -14,6 +14,7 @@ table maps block classes to one of a few routing readers:
   one-off readers      DeepSeek-V2 (softmax, greedy or group max), Cohere2-MoE, ERNIE-4.5-MoE,
                        LFM2-MoE, AFMoE, MiniMax-M2, DBRX
   sparsemixer          PhiMoE: two sequential picks, each with a jitter-masked softmax
+  biased top-k         GPT-OSS (clamped SwiGLU experts with biases: their own workload kind)
 
 Expert FFNs: transformers 5 stores a family's experts fused (`gate_up_proj` (E, 2I, H) with the
 gate rows first, `down_proj` (E, H, I); `is_transposed` experts store (E, in, out)). Every
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import FusedExperts, checkpoint_source
+from ..quant import clamped_kind
 from ..spec import ExpertWeights, MoELayerSpec, UnsupportedModelError, expert_weight, experts_from_fused, to_numpy
 
 
@@ -102,6 +104,19 @@ def _fused_experts(experts: nn.Module) -> list[ExpertWeights]:
         return experts_from_fused(to_numpy(gate_up), to_numpy(down))
     except UnsupportedModelError as e:
         raise _Refusal(str(e)) from None
+
+
+def _gpt_oss_experts(experts: nn.Module) -> list[ExpertWeights]:
+    """GPT-OSS: gate_up_proj (E, H, 2I) as x @ w, gate and up columns interleaved (gate even),
+    with biases; down_proj (E, I, H); the gate clamped (alpha, limit: the workload kind)."""
+    _require(all(checkpoint_source(t) is None for t in (experts.gate_up_proj, experts.down_proj)),
+             "interleaved gate/up experts are read in memory only, not streamed from a checkpoint yet")
+    kind = clamped_kind(float(experts.alpha), float(experts.limit))
+    gate_up, gate_up_bias = to_numpy(experts.gate_up_proj), to_numpy(experts.gate_up_proj_bias)
+    down, down_bias = to_numpy(experts.down_proj), to_numpy(experts.down_proj_bias)
+    return [ExpertWeights(gate_up[e, :, 0::2].T.copy(), gate_up[e, :, 1::2].T.copy(), down[e].T.copy(), kind=kind,
+                          biases=(gate_up_bias[e, 0::2].copy(), gate_up_bias[e, 1::2].copy(), down_bias[e].copy()))
+            for e in range(gate_up.shape[0])]
 
 
 def _dbrx_experts(experts: nn.Module) -> list[ExpertWeights]:
@@ -245,6 +260,12 @@ def _sparsemixer(router, block):
                 jitter_eps=float(router.router_jitter_noise))
 
 
+def _gpt_oss_router(router, block):
+    # A biased linear router; softmax over the k best logits == softmax, top-k, renormalised.
+    return dict(router_weight=_router_weight(router), router_bias=to_numpy(router.bias), top_k=router.top_k,
+                score_fn="softmax", normalize=True)
+
+
 def _cohere2_shared_scale(block) -> float:
     strategy = getattr(block, "shared_expert_combination_strategy", "sum")
     _require(strategy in ("sum", "average"), f"shared_expert_combination_strategy {strategy!r}")
@@ -263,6 +284,7 @@ class Family:
     # Whole-output scale (Cohere2 "average" mode): exact in fp32 for powers of two, folded into
     # the routed scaling and the shared experts' down projections.
     output_scale: Callable | None = None
+    returns_tuple: bool = False  # the block returns (hidden, router scores)
 
 
 _SOFTMAX_RENORM, _SOFTMAX_NORM_ATTR = _softmax_topk(True), _softmax_topk("norm_topk_prob")
@@ -299,6 +321,7 @@ FAMILIES: list[Family] = [
     Family(("MiniMaxM2SparseMoeBlock",), "gate", _minimax_m2),
     Family(("DbrxFFN",), "router", _dbrx, experts=_dbrx_experts),
     Family(("PhimoeSparseMoeBlock",), "router", _sparsemixer),
+    Family(("GptOssMLP",), "router", _gpt_oss_router, experts=_gpt_oss_experts, returns_tuple=True),
 ]
 _BY_CLASS = {name: fam for fam in FAMILIES for name in fam.blocks}
 
@@ -327,7 +350,8 @@ def hf_block(module: nn.Module, path: str) -> MoELayerSpec | None:
     if scale != 1.0:
         routing["scaling"] = routing.get("scaling", 1.0) * scale
         shared = [ExpertWeights(s.w_gate, s.w_up, s.w_down * np.float32(scale)) for s in shared]
-    spec = MoELayerSpec(path=path, experts=experts, shared=shared, shared_gate_weight=gate, **routing)
+    spec = MoELayerSpec(path=path, experts=experts, shared=shared, shared_gate_weight=gate,
+                        returns_tuple=family.returns_tuple, **routing)
     problem = spec.problem()
     if problem:
         raise UnsupportedModelError(f"{type(module).__name__} at {path!r}: {problem}")
@@ -338,7 +362,6 @@ def hf_block(module: nn.Module, path: str) -> MoELayerSpec | None:
 # the generic "looks like an MoE block".
 KNOWN_UNSUPPORTED = {
     "Llama4TextMoe": "router scores scale the expert *input* (sigmoid(score) * x), not the output",
-    "GptOssMLP": "experts are clamped SwiGLU (alpha, limit) with biases, interleaved gate/up",
     "JetMoeAttention": "mixture of attention heads, not an FFN MoE",
     "NllbMoeSparseMLP": "capacity-limited top-2 with dropped tokens and non-SiLU experts",
     "SwitchTransformersSparseMLP": "capacity-limited top-1 with dropped tokens and non-SiLU experts",
