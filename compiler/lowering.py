@@ -83,11 +83,26 @@ def legalize_passes(backend, target: tvm.target.Target) -> list:
             # (b * 4, s18 + s19, 32), and the reshape became a copy kernel).
             p = relax.transform.LegalizeOps(skip_ops=["relax.reshape"])
         passes.append(p)
+        if p.info.name == "AnnotateTIROpPattern":
+            passes.append(_opaque_arange)  # before FuseOps
         if p.info.name == "FuseOps":
             passes.append(canonical_fusion)
         elif p.info.name == "FuseTIR":
             passes.append(canonical_kernels)
     return passes
+
+
+@tvm.transform.module_pass(opt_level=0, name="MoetvmOpaqueArange")
+def _opaque_arange(mod, _ctx):
+    """`arange` kernels stay unfused: TVM 0.27's FuseTIR fails (renew_defs: VarRemapGet) on a
+    group holding an arange of symbolic start and length (Llama 4's temperature-tuning
+    positions, `arange(seq) + past`). An arange is a few integers per step."""
+    out = tvm.IRModule(attrs=mod.attrs, global_infos=mod.global_infos)
+    for gv, f in mod.functions_items():
+        if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint.startswith("arange"):
+            f = f.with_attr("op_pattern", 8)
+        out[gv] = f
+    return out
 
 
 @relax.expr_functor.mutator

@@ -63,6 +63,7 @@ class MoELayerSpec:
     shared_gate_weight: np.ndarray | None = None  # (1, d_model): sigmoid gate on the shared expert
     jitter_eps: float = 0.0  # sparsemixer routing (PhiMoE): see routing.sparsemixer
     returns_tuple: bool = False  # the block returns (hidden, router scores) (GPT-OSS)
+    scale_input: bool = False  # the weights scale each expert's input, not its output (Llama 4)
 
     @property
     def n_experts(self) -> int:
@@ -76,7 +77,7 @@ class MoELayerSpec:
                          "score_fn": self.score_fn, "normalize": self.normalize, "n_groups": self.n_groups,
                          "top_groups": self.top_groups, "group_score": self.group_score,
                          "scaling": float(self.scaling), "selection_bias": bias,
-                         "jitter_eps": float(self.jitter_eps), **fields})
+                         "jitter_eps": float(self.jitter_eps), "scale_input": self.scale_input, **fields})
 
     @property
     def d_model(self) -> int:

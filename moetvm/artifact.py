@@ -26,7 +26,7 @@ FORMAT_VERSION = 5  # 2: the dense part's weights in weight files (`weights`), n
 # 3: resident MoE layers (a layer's experts in one pool, routed and run in one call)
 # 4: the LM's tokenizer (`tokenizer`) and bf16 weights: a runtime before them says so by version
 # 5: sparsemixer routing (PhiMoE: score_fn "sparsemixer", jitter_eps); a sliding window's bounded cache
-#    (kv_cache.window)
+#    (kv_cache.window); routing weights that scale the experts' input (Llama 4: scale_input)
 SUPPORTED_FORMAT_VERSIONS = (1, 5)
 SLOT_ALIGN = 64  # bytes: every tensor in an expert's pool slot starts at a multiple (the kernels' vector alignment)
 MANIFEST_NAME = "manifest.json"
@@ -124,6 +124,7 @@ class Router:
     cycle: list[list[int]] | None = None  # cycle: expert sets, one per time step, repeated
     masked: list[int] = field(default_factory=list)  # experts disabled and pruned from the artifact
     jitter_eps: float = 0.0  # sparsemixer: experts more than 2 jitter_eps (relative) below the pick leave its softmax
+    scale_input: bool = False  # Llama 4: each weight scales its expert's input; the outputs add up unweighted
 
 
 @dataclass(frozen=True)
@@ -522,8 +523,8 @@ def check_router(router: Router, present: list[int]) -> str | None:
 def plain_top_k(r: Router) -> bool:
     """Learned routing that is a plain top-k of the scores (no groups, selection bias or masked
     experts): what a resident layer's compiled top-k computes."""
-    return (r.mode == "learned" and r.score_fn != "sparsemixer" and r.n_groups == 1 and r.selection_bias is None
-            and not r.masked)
+    return (r.mode == "learned" and r.score_fn != "sparsemixer" and not r.scale_input and r.n_groups == 1
+            and r.selection_bias is None and not r.masked)
 
 
 def slot_layout(params: list[TensorSpec]) -> tuple[list[int], int]:

@@ -334,9 +334,13 @@ class MoEModel:
         layer = self._layers[index]
         out = np.zeros_like(x)
         failed = []
+        scale_input = layer.router.scale_input
         for expert, rows, w in group_by_expert(indices, weights):
             try:
-                out[rows] += self._run_expert((index, expert), x[rows], order) * w[:, None]
+                if scale_input:  # Llama 4: the weight scales what the expert sees
+                    out[rows] += self._run_expert((index, expert), x[rows] * w[:, None], order)
+                else:
+                    out[rows] += self._run_expert((index, expert), x[rows], order) * w[:, None]
             except (ArtifactError, OSError) as e:
                 if self.fallback == "error":
                     raise
@@ -358,7 +362,8 @@ class MoEModel:
         keys = [(index, int(indices[0, j])) for j in order_ids]
         workload = self.manifest.workload(self._experts[keys[0]].workload)
         k = len(keys)
-        if k not in workload.fused_k or any(self._experts[key].workload != workload.id for key in keys):
+        if k not in workload.fused_k or any(self._experts[key].workload != workload.id for key in keys) \
+                or self._layers[index].router.scale_input:  # one input for all k: weights must scale outputs
             return None
         try:
             loaded = [self.cache.get(key, order=order) for key in keys]

@@ -39,6 +39,13 @@ FAMILIES = {
                 dict(num_key_value_heads=2, head_dim=16, intermediate_size=32, num_local_experts=8,
                      num_experts_per_tok=2, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
                      swiglu_limit=0.5)),
+    # Routing weights scale the experts' input (top-1); chunked layers (chunks of 4) beside full
+    # ones, the full one without rotary embeddings and with temperature tuning; a shared expert.
+    "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM",
+                    dict(num_key_value_heads=2, head_dim=16, intermediate_size=32, intermediate_size_mlp=96,
+                         num_local_experts=8, num_experts_per_tok=1, attention_chunk_size=4,
+                         layer_types=["chunked_attention", "full_attention"], no_rope_layers=[1, 0],
+                         moe_layers=[0, 1], interleave_moe_layer_step=1)),
 }
 
 

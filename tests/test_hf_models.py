@@ -169,3 +169,21 @@ def test_sliding_window_cache_stays_at_the_window(tmp_path):
             theirs = model(torch.from_numpy(tokens[:, :stop])).logits[:, start:stop].numpy()
         assert relative_error(logits, theirs) < 1e-4, (start, stop)
     assert held[:2] == [5, 7] and set(held[2:]) == {7} and cache.length == 32
+
+
+def test_llama4_chunked_masks_follow_transformers():
+    """Llama 4's chunked layers (chunks of 4) beside full ones: the wrapper's masks reproduce
+    transformers' own on 13 tokens, and full causal masks would not."""
+    from hf_models import tiny_model
+
+    from moetvm.compiler.models.hf import HFCausalLM
+
+    model = tiny_model("llama4_text")
+    wrapped = HFCausalLM(model)
+    assert wrapped.chunk == 4 and not wrapped.in_place_kv
+    tokens = torch.randint(0, 128, (2, 13))
+    with torch.no_grad():
+        assert torch.allclose(wrapped(tokens), model(tokens).logits, rtol=1e-5, atol=1e-6)
+        wrapped.chunk = 1 << 20  # one chunk: full causal masks, which must not match
+        assert not torch.allclose(wrapped(tokens), model(tokens).logits, rtol=1e-5, atol=1e-6)
+

@@ -15,6 +15,7 @@ table maps block classes to one of a few routing readers:
                        LFM2-MoE, AFMoE, MiniMax-M2, DBRX
   sparsemixer          PhiMoE: two sequential picks, each with a jitter-masked softmax
   biased top-k         GPT-OSS (clamped SwiGLU experts with biases: their own workload kind)
+  input-scaled         Llama 4: sigmoid of the k best logits scales each expert's input
 
 Expert FFNs: transformers 5 stores a family's experts fused (`gate_up_proj` (E, 2I, H) with the
 gate rows first, `down_proj` (E, H, I); `is_transposed` experts store (E, in, out)). Every
@@ -72,14 +73,15 @@ def _mlp(mlp: nn.Module, what: str) -> ExpertWeights:
     """A dense gated MLP (gate_proj/up_proj/down_proj + act_fn): a shared expert."""
     _require(all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")),
              f"{what} ({type(mlp).__name__}) is not a gate_proj/up_proj/down_proj MLP")
-    _require(_is_silu(getattr(mlp, "act_fn", None)), f"{what} activation is not SiLU")
+    _require(_is_silu(getattr(mlp, "act_fn", getattr(mlp, "activation_fn", None))), f"{what} activation is not SiLU")
     return ExpertWeights(_linear_weight(mlp.gate_proj, f"{what}.gate_proj", expert_weight),
                          _linear_weight(mlp.up_proj, f"{what}.up_proj", expert_weight),
                          _linear_weight(mlp.down_proj, f"{what}.down_proj", expert_weight))
 
 
-def _fused_experts(experts: nn.Module) -> list[ExpertWeights]:
-    """Experts stored as 3D tensors by transformers' `use_experts_implementation` classes."""
+def _fused_experts(experts: nn.Module, transposed: bool | None = None) -> list[ExpertWeights]:
+    """Experts stored as 3D tensors by transformers' `use_experts_implementation` classes;
+    `transposed`: stored (E, in, out) (default: the experts' `is_transposed`)."""
     _require(hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj"),
              f"experts ({type(experts).__name__}) are not fused gate_up_proj/down_proj tensors")
     _require(getattr(experts, "has_gate", True), "experts have no gate projection (not a gated FFN)")
@@ -90,7 +92,7 @@ def _fused_experts(experts: nn.Module) -> list[ExpertWeights]:
     _require(apply_gate is None or apply_gate.__name__ == "_default_apply_gate",
              f"experts override the gate function ({type(experts).__name__}._apply_gate: clamping, limits, ...)")
     _require(_is_silu(getattr(experts, "act_fn", None)), "expert activation is not SiLU")
-    transposed = getattr(experts, "is_transposed", False)
+    transposed = getattr(experts, "is_transposed", False) if transposed is None else transposed
     streamed = checkpoint_source(experts.gate_up_proj), checkpoint_source(experts.down_proj)
     if all(isinstance(s, FusedExperts) for s in streamed):  # read one expert at a time, when used
         gate_up, down = streamed
@@ -266,6 +268,13 @@ def _gpt_oss_router(router, block):
                 score_fn="softmax", normalize=True)
 
 
+def _llama4(router, block):
+    # Sigmoid of the k best logits, each scaling its expert's *input* (Llama4TextMoe: experts
+    # of a zero input give zero, so the unselected ones drop out); outputs summed unweighted.
+    return dict(router_weight=_router_weight(router), top_k=router.top_k, score_fn="sigmoid", normalize=False,
+                scale_input=True)
+
+
 def _cohere2_shared_scale(block) -> float:
     strategy = getattr(block, "shared_expert_combination_strategy", "sum")
     _require(strategy in ("sum", "average"), f"shared_expert_combination_strategy {strategy!r}")
@@ -322,6 +331,8 @@ FAMILIES: list[Family] = [
     Family(("DbrxFFN",), "router", _dbrx, experts=_dbrx_experts),
     Family(("PhimoeSparseMoeBlock",), "router", _sparsemixer),
     Family(("GptOssMLP",), "router", _gpt_oss_router, experts=_gpt_oss_experts, returns_tuple=True),
+    Family(("Llama4TextMoe",), "router", _llama4, shared="shared_expert",
+           experts=lambda experts: _fused_experts(experts, transposed=True), returns_tuple=True),
 ]
 _BY_CLASS = {name: fam for fam in FAMILIES for name in fam.blocks}
 
@@ -361,7 +372,6 @@ def hf_block(module: nn.Module, path: str) -> MoELayerSpec | None:
 # Blocks known to be outside the canonical spec, with what they need: a clearer refusal than
 # the generic "looks like an MoE block".
 KNOWN_UNSUPPORTED = {
-    "Llama4TextMoe": "router scores scale the expert *input* (sigmoid(score) * x), not the output",
     "JetMoeAttention": "mixture of attention heads, not an FFN MoE",
     "NllbMoeSparseMLP": "capacity-limited top-2 with dropped tokens and non-SiLU experts",
     "SwitchTransformersSparseMLP": "capacity-limited top-1 with dropped tokens and non-SiLU experts",

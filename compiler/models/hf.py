@@ -14,6 +14,7 @@ Export choices, each because the default does not survive torch.export + TVM's i
     so the traced graph is plain `cat`s;
   * complex-number rotary embeddings (DeepSeek-V2: `polar`, `view_as_complex`) are rewritten to
     real arithmetic before import (frontend._lower_complex);
+  * Llama 4's chunked layers get their own mask (same chunk of attention_chunk_size positions);
   * PhiMoE's LongRoPE picks its scale in Python by the sequence's length (`if seq_len > ...`),
     which torch.export cannot trace: the choice becomes a `where` on the positions (`_LongRopeScale`).
 transformers is an optional dependency (`pip install moetvm[hf]`); nothing here imports it at
@@ -45,6 +46,9 @@ class HFCausalLM(KVCachedLM):
         if getattr(config, "is_encoder_decoder", False):
             raise ValueError(f"{type(model).__name__}: encoder-decoder models are not causal LMs")
         model.set_attn_implementation("eager")
+        # Llama 4's chunked layers attend within their chunk of attention_chunk_size positions.
+        self.chunk = int(config.attention_chunk_size) \
+            if "chunked_attention" in (getattr(config, "layer_types", None) or []) else None
         for name, module in model.named_modules():
             if type(module).__name__ == "PhimoeRotaryEmbedding" and module.rope_type != "default":
                 model.set_submodule(name, _LongRopeScale(module))
@@ -57,7 +61,7 @@ class HFCausalLM(KVCachedLM):
         else:
             self._kv_layout = self._probe_kv_layout()
             self.window, self.mixed_attention = self._probe_attention_window()
-            self._in_place_kv = self.window is None and self._probe_in_place_kv()
+            self._in_place_kv = self.window is None and self.chunk is None and self._probe_in_place_kv()
         self.cfg = SimpleNamespace(vocab_size=config.vocab_size, d_model=config.hidden_size,
                                    max_positions=getattr(config, "max_position_embeddings", None))
 
@@ -72,10 +76,11 @@ class HFCausalLM(KVCachedLM):
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        kinds = sorted(set(getattr(self.config, "layer_types", None) or []) - {"full_attention", "sliding_attention"})
+        kinds = sorted(set(getattr(self.config, "layer_types", None) or [])
+                       - {"full_attention", "sliding_attention", "chunked_attention"})
         if kinds:  # linear attention / state space (a recurrent state), indexed or chunked attention, ...
-            raise ValueError(f"{type(self.hf).__name__}: layers of kind {kinds} are not supported: only full and "
-                             f"sliding-window attention (a per-layer key/value cache and a position mask)")
+            raise ValueError(f"{type(self.hf).__name__}: layers of kind {kinds} are not supported: only full, "
+                             f"sliding-window and chunked attention (a per-layer key/value cache and a position mask)")
         try:
             with torch.no_grad():
                 self.hf(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True, **{self._cache_kwarg: cache})
@@ -146,6 +151,11 @@ class HFCausalLM(KVCachedLM):
             windowed = additive(causal & (key_positions[:, None, :] > positions[:, :, None] - self.window))
             # Models mixing layer kinds take one mask per kind (transformers' causal_mask_mapping).
             mask = {"full_attention": mask, "sliding_attention": windowed} if self.mixed_attention else windowed
+        if self.chunk is not None:
+            # an int64 divisor: a Python int imports as an int32 constant, which TVM refuses to mix
+            divisor = torch.full((), self.chunk, dtype=positions.dtype)
+            same_chunk = (key_positions // divisor)[:, None, :] == (positions // divisor)[:, :, None]
+            mask = {"full_attention": mask, "chunked_attention": additive(causal & same_chunk)}
         out = self.hf(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
                       **{self._cache_kwarg: cache})
         return out.logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
