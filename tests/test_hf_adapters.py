@@ -187,10 +187,8 @@ def test_refuses_a_block_that_breaks_an_assumption():
 
 
 @pytest.mark.parametrize("model_type,config,reason", [
-    ("llama4_text", dict(num_local_experts=8, num_experts_per_tok=1, intermediate_size_mlp=48,
-                         moe_layers=[0], interleave_moe_layer_step=1), "Llama4TextMoe.*input"),
-    ("gpt_oss", dict(num_local_experts=8, num_experts_per_tok=2, layer_types=["full_attention"]),
-     "GptOssMLP.*clamped"),
+    ("kolibri1", dict(num_local_experts=8, num_experts=8, num_experts_per_tok=2), "Kolibri1SparseMoeBlock.*before the sigmoid"),
+    ("nemotron_h", dict(n_routed_experts=8, num_experts_per_tok=2), "NemotronHMoE.*no gate"),
 ])
 def test_unsupported_blocks_are_named(model_type, config, reason):
     cfg = transformers.CONFIG_MAPPING[model_type](**{**BASE, **config})
