@@ -103,10 +103,24 @@ def _convert_amax(node, importer):
     return importer.block_builder.emit(relax.op.max(args[0], axis=list(dims) or None, keepdims=keepdim))
 
 
+def _convert_max_dim(node, importer):
+    """`max(x, dim)` -> (values, indices) as a reduction and an argmax. TVM imports it as a
+    top-1 `topk`, which lowers on CPUs to tvm.contrib.sort.topk, a function of TVM's compiler
+    library that a board's runtime library does not have (GPT-OSS's attention sinks: softmax's
+    max over scores and sink)."""
+    x = importer.env[node.args[0]]
+    dim = node.args[1]
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    bb = importer.block_builder
+    values = bb.emit(relax.op.max(x, axis=[dim], keepdims=keepdim))
+    indices = bb.emit(relax.op.argmax(x, axis=dim, keepdims=keepdim))
+    return bb.emit(relax.Tuple([values, indices]))
+
+
 _CONVERTERS = {"moe_layer.default": _convert_marker, "cached_attention.default": convert_cached_attention,
                "view.default": _convert_reshape,
                "reshape.default": _convert_reshape, "empty.memory_format": _convert_empty,
-               "empty.default": _convert_empty, "amax.default": _convert_amax}
+               "empty.default": _convert_empty, "amax.default": _convert_amax, "max.dim": _convert_max_dim}
 
 
 @relax.expr_functor.mutator

@@ -170,3 +170,28 @@ def test_tune_on_board_through_tracker_then_cross_compile(board, tracker, refere
     with torch.no_grad():
         theirs = reference_model(torch.from_numpy(tokens)).numpy()
     assert relative_error(np.load(tmp_path / "l.npy"), theirs) < 1e-4
+
+
+def test_transformers_family_on_emulated_board(board, tmp_path):
+    """GPT-OSS, the family with the most new kinds (clamped SwiGLU experts with biases as their
+    own kernels, a biased router, attention sinks, sliding and full layers), cross-compiled for
+    the A72 and run on the emulated board with an evicting cache: logits and 32 greedy tokens as
+    transformers gives them here."""
+    from hf_models import tiny_model
+
+    from moetvm.compiler import compile_model
+
+    model = tiny_model("gpt_oss")
+    out = compile_model(model, target="cortex-a72", out=tmp_path / "a72", progress=False)
+    tokens = np.random.default_rng(0).integers(0, 128, size=(1, 12))
+    proc = subprocess.run([board, "-c", BOARD_SCRIPT, out, "30%", json.dumps(tokens.tolist()), tmp_path / "l.npy"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["machine"] == "aarch64" and result["stats"]["evictions"] > 0
+    ids = torch.from_numpy(tokens)
+    with torch.no_grad():
+        assert relative_error(np.load(tmp_path / "l.npy"), model(ids).logits.numpy()) < 1e-4
+        for _ in range(32):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert result["new"] == ids[0, 12:].tolist()
