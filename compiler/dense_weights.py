@@ -210,7 +210,7 @@ def _stored(quantized, weight, padded_n: int, s: quantization.Scheme) -> list[np
     s's precision, made once for every target (`quantized`), laid out for this one ROW_BLOCK
     outputs at a time (tiles never straddle blocks: ROW_BLOCK is a multiple of every tile)."""
     precision = quantization.Scheme(s.name, s.group_size)
-    plain = quantized.get(["dense", identity(weight), padded_n, precision.tag],
+    plain = quantized.get(lambda: ["dense", identity(weight), padded_n, precision.tag],
                           lambda: _quantized(weight, padded_n, precision))
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, padded_n, ROW_BLOCK):

@@ -27,13 +27,14 @@ class QuantizedNumbers:
         self.folder = folder
         self.shared = 0  # weights whose numbers were found made
 
-    def get(self, key: list, make) -> dict[str, np.ndarray]:
-        """The tensors `make()` gives, made once per `key` (a JSON-able list naming the inputs)."""
+    def get(self, key, make) -> dict[str, np.ndarray]:
+        """The tensors `make()` gives, made once per `key()` (a JSON-able list naming the inputs;
+        called only when there is a folder: naming an in-memory weight hashes its bytes)."""
         if self.folder is None:
             return make()
         from safetensors.numpy import load_file
 
-        path = self.folder / f"{hashlib.sha256(json.dumps([QUANTIZER, *key]).encode()).hexdigest()[:32]}.safetensors"
+        path = self.folder / f"{store_name(key())}.safetensors"
         if path.is_file():
             self.shared += 1
             return load_file(str(path))
@@ -45,7 +46,7 @@ class QuantizedNumbers:
     def expert(self, expert: ExpertWeights, scheme: quantization.Scheme) -> dict[str, np.ndarray]:
         """An expert's stored tensors in the plain layout of `scheme`'s precision."""
         precision = quantization.Scheme(scheme.name, scheme.group_size)
-        return self.get([precision.tag, expert.kind, *map(identity, expert_tensors(expert))],
+        return self.get(lambda: [precision.tag, expert.kind, *map(identity, expert_tensors(expert))],
                         lambda: quantization.quantize_expert(
                             quantization.kernel_layout(expert.w_gate, expert.w_up, expert.w_down, expert.biases),
                             precision))
@@ -57,6 +58,11 @@ class QuantizedNumbers:
 
 
 QUANTIZER = hashlib.sha256(Path(quantization.__file__).read_bytes()).hexdigest()
+
+
+def store_name(key: list) -> str:
+    """A stored file's name from all it is made of (`key`) and the quantizer's code."""
+    return hashlib.sha256(json.dumps([QUANTIZER, *key]).encode()).hexdigest()[:32]
 
 
 def expert_tensors(expert: ExpertWeights) -> tuple:

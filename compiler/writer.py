@@ -5,8 +5,6 @@ weight files and the manifest, and replaces the output only once the new artifac
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -39,7 +37,7 @@ from .lowering import build_library
 from .options import CompileOptions
 from .output import atomic_directory
 from .plan import PlannedModel, Progress
-from .quantized import QUANTIZER, QuantizedNumbers, expert_tensors, identity, remove_store, save_tensors
+from .quantized import QuantizedNumbers, expert_tensors, identity, remove_store, save_tensors, store_name
 from .spec import ExpertWeights, MoELayerSpec
 from .tuning import apply_database
 
@@ -195,8 +193,7 @@ class ExpertFiles:
 def expert_key(expert: ExpertWeights, tag: str) -> str:
     """A name for an expert's stored tensors at `tag` from all they are made of: the source
     tensors, the precision and layout, and the quantizer's code."""
-    parts = [QUANTIZER, tag, expert.kind] + [identity(w) for w in expert_tensors(expert)]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+    return store_name([tag, expert.kind, *map(identity, expert_tensors(expert))])
 
 
 def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: dict, workloads: dict,
