@@ -9,6 +9,8 @@ profile can be `preload`ed and pinned.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import queue
 import threading
 import time
@@ -177,9 +179,15 @@ class ExpertCache:
             self._queue = queue.Queue()
             # The thread holds the cache weakly: a dropped model (and its experts) is freed, and
             # its thread ends, instead of living as long as the process.
-            threading.Thread(target=_prefetch_loop, args=(weakref.ref(self), self._queue), name="moetvm-prefetch",
-                             daemon=True).start()
-            weakref.finalize(self, self._queue.put, None)
+            thread = threading.Thread(target=_prefetch_loop, args=(weakref.ref(self), self._queue),
+                                      name="moetvm-prefetch", daemon=True)
+            thread.start()
+            # A daemon thread still inside a TVM call (GIL released) when the interpreter finalizes
+            # is ended there by pthread_exit, whose unwinding through TVM's C++ frames aborts the
+            # process ("terminate called without an active exception"): stop it first, at exit.
+            stop = functools.partial(_stop_prefetcher, self._queue, thread)
+            atexit.register(stop)
+            weakref.finalize(self, _retire_prefetcher, self._queue, stop)
         protected = frozenset(protected)
         for key in keys:
             with self._lock:
@@ -223,6 +231,24 @@ class ExpertCache:
     def keys(self) -> list:
         with self._lock:
             return list(self._entries)
+
+
+def _stop_prefetcher(requests: queue.Queue, thread: threading.Thread) -> None:
+    """At exit: drop the requests not started, let the load in progress finish, end the thread."""
+    while True:
+        try:
+            requests.get_nowait()
+        except queue.Empty:
+            break
+        requests.task_done()
+    requests.put(None)
+    thread.join()
+
+
+def _retire_prefetcher(requests: queue.Queue, stop) -> None:
+    """The cache was collected: end its thread, and forget it at exit."""
+    requests.put(None)
+    atexit.unregister(stop)
 
 
 def _prefetch_loop(cache_ref, requests: queue.Queue) -> None:

@@ -2,6 +2,8 @@
 survives slow and failing loads, and the byte ceiling holds."""
 
 import random
+import subprocess
+import sys
 import threading
 import time
 
@@ -108,3 +110,23 @@ def test_preload_pins_the_hottest_experts(reference_artifact):
     assert len(resident) == 8 and model.stats()["preloaded"] == 8
     coldest_resident = min(experts[k].usage for k in resident)
     assert all(experts[k].usage <= coldest_resident for k in experts.keys() - resident)
+
+
+EXIT_DURING_PREFETCH = """
+import time, tvm_ffi
+from moetvm.runtime.cache import ExpertCache
+sleep_in_tvm = tvm_ffi.get_global_func("testing.run_check_signal")  # C++ sleep, GIL released
+cache = ExpertCache(1 << 20, lambda key: (print("load", key, flush=True), sleep_in_tvm(1), 10)[1:])
+cache.prefetch(["a", "b", "c"])
+time.sleep(0.3)
+print("exiting", flush=True)
+"""
+
+
+def test_exit_while_a_prefetch_is_inside_tvm():
+    """A script that ends while the prefetch thread is inside a TVM call exits cleanly: finalizing
+    Python with a daemon thread there aborted the process (seen on the emulated board, where loads
+    are slow), so the thread is stopped at exit; queued requests are dropped, not loaded."""
+    proc = subprocess.run([sys.executable, "-c", EXIT_DURING_PREFETCH], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[:2] == ["load a", "exiting"] and "load b" not in proc.stdout
