@@ -353,8 +353,15 @@ def _int8_dot(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
 
 def fuses_resident_layer(s: Scheme) -> bool:
     """Whether a resident layer at `s` runs as one kernel (resident_layer) rather than as the
-    composition of per-expert GEMVs: the integer-dot schemes, in tiles of whole activation blocks."""
-    return s.dot and s.tile % ACT_BLOCK == 0
+    composition of per-expert GEMVs: the integer-dot schemes, in tiles of whole activation blocks,
+    and the float precisions in tiles."""
+    return bool(s.tile) and (s.name in FLOAT_DTYPES or (s.dot and s.tile % ACT_BLOCK == 0))
+
+
+def resident_view_dtype(s: Scheme) -> str:
+    """The dtype the fused resident layer also reads its pool as: the scales of the integer
+    schemes, the weights themselves of the float ones."""
+    return FLOAT_DTYPES[s.name] if s.name in FLOAT_DTYPES else scale_dtype(s)
 
 
 def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: int, offsets: dict[str, int],
@@ -369,6 +376,8 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
     experts. `offsets`: the byte offset in a slot of each stored tensor (swiglu_params' names).
     A chosen id outside [0, E) is clamped: the kernel never reads outside the pool."""
     assert fuses_resident_layer(s), s
+    if s.name in FLOAT_DTYPES:
+        return _resident_float_layer(d_model, d_ff, FLOAT_DTYPES[s.name], s.tile, n_experts, top_k, offsets, slot_bytes)
     lanes, f32 = s.tile, "float32"
     scales_dtype = scale_dtype(s)
     scale_bytes = DTYPE_BYTES[scales_dtype]
@@ -466,3 +475,65 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
                 out[0, tile * lanes + l] = acc[l]
 
     return resident_moe_layer
+
+
+def _resident_float_layer(d_model: int, d_ff: int, dtype: str, lanes: int, n_experts: int, top_k: int,
+                          offsets: dict[str, int], slot_bytes: int) -> tirx.PrimFunc:
+    """resident_layer for weights stored as plain numbers (fp32/fp16/bf16 tiles, `_float`'s
+    layout), read through `weights`, the pool viewed as their dtype. Measured on the OLMoE-style
+    fp32 layer (k = 8 of 64 experts, 1024 x 512), the composition of each expert's GEMVs was ~40
+    thread-pool launches per layer and no faster with a second thread."""
+    size = DTYPE_BYTES[dtype]
+    w_gate, w_up, w_down = (offsets[name] // size for name in ("w_gate", "w_up", "w_down"))
+    slot, pool_bytes, f32 = slot_bytes // size, n_experts * slot_bytes, "float32"
+    ff_tiles, d_tiles = d_ff // lanes, d_model // lanes
+
+    @T.prim_func(private=True)
+    def resident_float_moe_layer(x_h: T.handle, gates_h: T.handle, chosen_h: T.handle, pool_h: T.handle,
+                                 weights_h: T.handle, out_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        x = T.match_buffer(x_h, (1, d_model), f32)
+        gates = T.match_buffer(gates_h, (1, top_k), f32)
+        chosen = T.match_buffer(chosen_h, (top_k,), "int64")
+        pool = T.match_buffer(pool_h, (pool_bytes,), "uint8")  # noqa: F841 - read through `weights`
+        weights = T.match_buffer(weights_h, (pool_bytes // size,), dtype)
+        out = T.match_buffer(out_h, (1, d_model), f32)
+        hidden = T.alloc_buffer((top_k, d_ff), f32)
+        for et in T.parallel(T.int64(top_k * ff_tiles)):
+            if True:
+                e: T.let[T.int64] = et // ff_tiles
+                tile: T.let[T.int64] = et % ff_tiles
+                base: T.let[T.int64] = T.min(T.max(chosen[e], T.int64(0)), T.int64(n_experts - 1)) * slot
+                gate_acc = T.decl_buffer((lanes,), f32, scope="local")
+                up_acc = T.decl_buffer((lanes,), f32, scope="local")
+                h = T.decl_buffer((lanes,), f32, scope="local")
+                for l in T.vectorized(lanes):
+                    gate_acc[l] = T.float32(0)
+                    up_acc[l] = T.float32(0)
+                for k in T.serial(d_model):
+                    for l in T.vectorized(lanes):
+                        gate_acc[l] = gate_acc[l] + x[0, k] * T.Cast(f32, weights[base + w_gate + (tile * d_model + k) * lanes + l])
+                        up_acc[l] = up_acc[l] + x[0, k] * T.Cast(f32, weights[base + w_up + (tile * d_model + k) * lanes + l])
+                for l in T.vectorized(lanes):  # silu(gate) * up, as resident_layer computes it
+                    h[l] = vector_exp(T.float32(0) - T.fabs(gate_acc[l]))
+                    hidden[e, tile * lanes + l] = gate_acc[l] * T.if_then_else(
+                        gate_acc[l] >= T.float32(0), T.float32(1) / (T.float32(1) + h[l]), h[l] / (T.float32(1) + h[l])) * up_acc[l]
+        for tile in T.parallel(T.int64(d_tiles)):
+            acc = T.decl_buffer((lanes,), f32, scope="local")
+            part = T.decl_buffer((lanes,), f32, scope="local")
+            for l in T.vectorized(lanes):
+                acc[l] = T.float32(0)
+            for e in T.serial(T.int64(top_k)):
+                if True:
+                    base: T.let[T.int64] = T.min(T.max(chosen[e], T.int64(0)), T.int64(n_experts - 1)) * slot
+                    for l in T.vectorized(lanes):
+                        part[l] = T.float32(0)
+                    for k in T.serial(d_ff):
+                        for l in T.vectorized(lanes):
+                            part[l] = part[l] + hidden[e, k] * T.Cast(f32, weights[base + w_down + (tile * d_ff + k) * lanes + l])
+                    for l in T.vectorized(lanes):
+                        acc[l] = acc[l] + part[l] * gates[0, e]
+            for l in T.vectorized(lanes):
+                out[0, tile * lanes + l] = acc[l]
+
+    return resident_float_moe_layer

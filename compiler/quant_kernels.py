@@ -255,7 +255,7 @@ def _fused_resident_layer(bb: relax.BlockBuilder, d_model: int, d_ff: int, s: Sc
     pool_bytes = r.n_experts * slot_bytes
     layer = gemv.resident_layer(d_model, d_ff, s, r.n_experts, r.top_k,
                                 {name: offset for (name, _, _), offset in zip(specs, offsets)}, slot_bytes)
-    scales = scale_dtype(s)  # the kernel reads the pool's scales through a view of this dtype
+    scales = gemv.resident_view_dtype(s)  # the kernel also reads the pool through a view of this dtype
     x = relax.Var("x", relax.TensorType((1, d_model), "float32"))
     scores = relax.Var("scores", relax.TensorType((1, r.n_experts), "float32"))
     pool = relax.Var("pool", relax.TensorType((pool_bytes,), "uint8"))

@@ -61,12 +61,14 @@ def test_resident_layers_compute_what_the_host_path_computes(which, reference_ar
     assert resident.timings.call_count - before == sum(step.op == "segment" for step in m.program) + 2 * layers
 
 
-# Resident layer kernels: fp32 composes the experts' own GEMVs; int4/int8 on CPUs with integer
-# dot products run the whole layer as one kernel (gemv.resident_layer).
-SCHEMES = {"fp32": quant.Scheme("fp32", tile=64), "int4": quant.scheme("int4").tiled(64, dot=True),
-           "int8": quant.scheme("int8").tiled(64, dot=True)}
+# Resident layer kernels: fp32/fp16 and, on CPUs with integer dot products, int4/int8 run the
+# whole layer as one kernel (gemv.resident_layer); int4/int8 without them (the A72) compose the
+# experts' own GEMVs.
+SCHEMES = {"fp32": quant.Scheme("fp32", tile=64), "fp16": quant.Scheme("fp16", tile=64),
+           "int4": quant.scheme("int4").tiled(64, dot=True), "int8": quant.scheme("int8").tiled(64, dot=True),
+           "int4-nodot": quant.scheme("int4").tiled(64)}
 needs_dot = pytest.mark.skipif(not get_target("host").int8_dot, reason="this CPU has no integer dot products")
-SCHEME_CASES = ["fp32", pytest.param("int4", marks=needs_dot), pytest.param("int8", marks=needs_dot)]
+SCHEME_CASES = ["fp32", "fp16", "int4-nodot", pytest.param("int4", marks=needs_dot), pytest.param("int8", marks=needs_dot)]
 
 
 def _resident_module(n_experts: int, top_k: int, normalize: bool, scaling: float, d: int = 64, d_ff: int = 128,
@@ -108,7 +110,7 @@ def test_resident_top_k_selects_and_weights_as_the_host_does(normalize, scaling,
     n, k = 8, 3
     vm, experts, pool = _resident_module(n, k, normalize, scaling, scheme=scheme)
     fused = gemv.fuses_resident_layer(SCHEMES[scheme])
-    assert fused == (scheme != "fp32")
+    assert fused == (scheme != "int4-nodot")
     router = Router(library="", function="", n_experts=n, top_k=k, score_fn="softmax", normalize=normalize, scaling=scaling)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((1, 64)).astype(np.float32)
