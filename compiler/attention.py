@@ -43,6 +43,17 @@ def vector_exp(x):
     return poly * T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
 
 
+def prefetch_line(address):
+    """Software prefetch of the cache line at `address` (never faults, past the end included)."""
+    return T.call_llvm_intrin("void", "llvm.prefetch.p0", address, 0, 3, 1)  # read, keep in all levels, data
+
+
+AHEAD = 1  # blocks: the keys of one block are key_dim rows a capacity apart, too many strided streams for
+# the hardware prefetcher; prefetching the next block's took the GraniteMoE int4 attention over 1024
+# cached positions (24 layers, cold) from 12.0 to 8.2 ms with 1 thread, 6.2 to 5.4 ms with 2 (2 and
+# more blocks ahead: slower).
+
+
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
 def append_keys(kv_heads: int, head_dim: int, dtype: str):
     """cache (b, kv_heads, head_dim, cap) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1."""
@@ -88,6 +99,12 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
     capacity) and masked."""
     group = heads // kv_heads
     vd = value_dim
+    # Values are summed over keys as `unroll` interleaved partial rows (each vd lanes), so
+    # consecutive keys' multiply-adds do not wait on each other; about 16 vector registers of
+    # AVX512 in all.
+    unroll = max(1, min(4, 256 // vd))
+    line_lanes = 64 // (2 if dtype == "float16" else 4)  # keys per cache line
+    lines = LANES // line_lanes
 
     @T.prim_func(private=True)
     def attention(q_h: T.handle, keys_h: T.handle, values_h: T.handle, p: T.int64, out_h: T.handle,
@@ -103,38 +120,59 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
             for i in T.serial(s):
                 if True:
                     acc = T.decl_buffer((LANES,), "float32", scope="local")
+                    lane_max = T.decl_buffer((LANES,), "float32", scope="local")
+                    lane_total = T.decl_buffer((LANES,), "float32", scope="local")
                     row_max = T.decl_buffer((1,), "float32", scope="local")
                     total = T.decl_buffer((1,), "float32", scope="local")
-                    o = T.decl_buffer((value_dim,), "float32", scope="local")
+                    o = T.decl_buffer((unroll, value_dim), "float32", scope="local")
                     visible: T.let[T.int64] = p + i + 1
                     blocks: T.let[T.int64] = T.min((visible + LANES - 1) // LANES, cap // LANES)
+                    steps: T.let[T.int64] = visible // unroll
                     bi: T.let[T.int64] = bh // heads
                     h: T.let[T.int64] = bh % heads
                     g: T.let[T.int64] = h // group
-                    row_max[0] = T.float32(-3.0e38)
+                    for l in T.vectorized(LANES):
+                        lane_max[l] = T.float32(-3.0e38)
+                        lane_total[l] = T.float32(0)
                     for jb in T.serial(blocks):
                         for l in T.vectorized(LANES):
                             acc[l] = T.float32(0)
                         for d in T.serial(key_dim):
+                            for line in T.unroll(lines):
+                                prefetch_line(T.address_of(keys[bi, g, d, (jb + AHEAD) * LANES + line * line_lanes]))
                             for l in T.vectorized(LANES):
                                 acc[l] = acc[l] + q[bi, h, i, d] * T.Cast("float32", keys[bi, g, d, jb * LANES + l])
                         for l in T.vectorized(LANES):
                             scores[bi, h, i, jb * LANES + l] = T.if_then_else(
                                 jb * LANES + l < visible, acc[l] * T.float32(scale), T.float32(-3.0e38))
-                        for l in T.serial(LANES):
-                            row_max[0] = T.max(row_max[0], scores[bi, h, i, jb * LANES + l])
-                    total[0] = T.float32(0)
+                            lane_max[l] = T.max(lane_max[l], scores[bi, h, i, jb * LANES + l])
+                    row_max[0] = T.float32(-3.0e38)
+                    for l in T.serial(LANES):
+                        row_max[0] = T.max(row_max[0], lane_max[l])
                     for jb in T.serial(blocks):
                         for l in T.vectorized(LANES):
                             scores[bi, h, i, jb * LANES + l] = vector_exp(scores[bi, h, i, jb * LANES + l] - row_max[0])
-                    for j in T.serial(visible):
-                        total[0] = total[0] + scores[bi, h, i, j]
-                    for d in T.vectorized(vd):
-                        o[d] = T.float32(0)
-                    for j in T.serial(visible):
+                            lane_total[l] = lane_total[l] + T.if_then_else(
+                                jb * LANES + l < visible, scores[bi, h, i, jb * LANES + l], T.float32(0))
+                    total[0] = T.float32(0)
+                    for l in T.serial(LANES):
+                        total[0] = total[0] + lane_total[l]
+                    for u in T.unroll(unroll):
                         for d in T.vectorized(vd):
-                            o[d] = o[d] + scores[bi, h, i, j] * T.Cast("float32", values[bi, g, j, d])
+                            o[u, d] = T.float32(0)
+                    for js in T.serial(steps):  # keys past the last whole step go to the first row
+                        for u in T.unroll(unroll):
+                            for d in T.vectorized(vd):
+                                o[u, d] = o[u, d] + scores[bi, h, i, js * unroll + u] * T.Cast("float32", values[bi, g, js * unroll + u, d])
+                    for j in T.serial(visible - steps * unroll):
+                        for d in T.vectorized(vd):
+                            o[0, d] = o[0, d] + scores[bi, h, i, steps * unroll + j] * T.Cast("float32", values[bi, g, steps * unroll + j, d])
                     for d in T.vectorized(vd):
-                        out[bi, i, h, d] = o[d] / total[0]
+                        out[bi, i, h, d] = o[0, d]
+                    for u in T.serial(unroll - 1):
+                        for d in T.vectorized(vd):
+                            out[bi, i, h, d] = out[bi, i, h, d] + o[u + 1, d]
+                    for d in T.vectorized(vd):
+                        out[bi, i, h, d] = out[bi, i, h, d] / total[0]
 
     return attention

@@ -51,7 +51,7 @@ from tvm.script import tirx as T
 
 from moetvm.artifact import DTYPE_BYTES, SLOT_ALIGN
 
-from .attention import vector_exp
+from .attention import prefetch_line, vector_exp
 from .quant import FLOAT_DTYPES, Scheme, scale_dtype
 
 LANES = 64
@@ -259,10 +259,6 @@ def _integer_dot_tiles(x, out, weights, rows, k_dim, lanes, tiles, operand, bloc
                 out[i, tile * lanes + l] = finish(weights, tile, l, acc[l])
 
 
-def _prefetch(address):
-    return T.call_llvm_intrin("void", "llvm.prefetch.p0", address, 0, 3, 1)  # read, keep in all levels, data
-
-
 def _int4_terms(q_row, q_line, scale_at, zero_at, group: int, lanes: int):
     """(operand, block_value, finish, ahead) of dot-interleaved int4 weights, read through
     q_row(weights, tile, stored row, v) -> bytes 64v..64v+63 of that row, q_line(weights, tile,
@@ -284,7 +280,7 @@ def _int4_terms(q_row, q_line, scale_at, zero_at, group: int, lanes: int):
         return acc
 
     def ahead(w, tile, step, v, half):  # both halves read the same row
-        return T.int32(0) if half else _prefetch(q_line(w, tile, step + rows_ahead, v))
+        return T.int32(0) if half else prefetch_line(q_line(w, tile, step + rows_ahead, v))
 
     return operand, block_value, finish, ahead
 
@@ -305,7 +301,7 @@ def _int8_terms(q_row, q_line, scale_at, lanes: int):
         return acc * scale_at(w, tile, l)
 
     def ahead(w, tile, step, v, half):
-        return _prefetch(q_line(w, tile, step * 2 + half + rows_ahead, v))
+        return prefetch_line(q_line(w, tile, step * 2 + half + rows_ahead, v))
 
     return operand, block_value, finish, ahead
 
