@@ -43,6 +43,8 @@ class CompileOptions:
     schedules, the rest the default ones.
     dense_fallback: add per layer the mean of its experts, for the runtime's "dense" fallback.
     sign_key: an Ed25519 private key file; the artifact is signed before it replaces anything.
+    encrypt_key: a file of 32 random bytes; the weight files are stored encrypted with it
+    (AES-256-GCM, moetvm/encryption.py), the runtime decrypts them in memory with the same file.
     """
 
     quant: str = "fp32"
@@ -58,6 +60,7 @@ class CompileOptions:
     tuning_db: Path | None = None
     dense_fallback: bool = False
     sign_key: Path | None = None
+    encrypt_key: Path | None = None
 
     def __post_init__(self):
         if not (type(self.group_size) is int and self.group_size > 0):
@@ -91,6 +94,10 @@ class CompileOptions:
             from moetvm.signing import load_private_key
 
             load_private_key(self.sign_key)
+        if self.encrypt_key is not None:
+            from moetvm.encryption import read_key
+
+            read_key(self.encrypt_key)  # EncryptionError naming what is wrong with it
 
     @classmethod
     def of(cls, options: "CompileOptions | None" = None, **fields) -> "CompileOptions":

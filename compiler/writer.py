@@ -122,6 +122,10 @@ def write_artifact(p: PlannedModel, out: str | Path, options: CompileOptions, ba
                               **({"tuning": {**tuning, "database": str(tuning_db)}} if tuning_db else {}),
                               **({"device_code": device_code} if device_code else {})},
             )
+            if options.encrypt_key is not None:
+                from moetvm.encryption import WeightCipher, encrypt_weights, read_key
+
+                manifest = encrypt_weights(tmp, manifest, WeightCipher(read_key(options.encrypt_key), dt.weight_aead))
             (tmp / MANIFEST_NAME).write_text(manifest.to_json())
     files.finish()
     if tuning_db and bar.enabled:

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import stat
 import typing
 from contextlib import contextmanager
@@ -22,12 +23,13 @@ from pathlib import Path, PurePosixPath
 
 from moetvm.errors import MoetvmError
 
-FORMAT_VERSION = 5  # 2: the dense part's weights in weight files (`weights`), not in the segments library
+FORMAT_VERSION = 6  # 2: the dense part's weights in weight files (`weights`), not in the segments library
 # 3: resident MoE layers (a layer's experts in one pool, routed and run in one call)
 # 4: the LM's tokenizer (`tokenizer`) and bf16 weights: a runtime before them says so by version
 # 5: sparsemixer routing (PhiMoE: score_fn "sparsemixer", jitter_eps); a sliding window's bounded cache
 #    (kv_cache.window); routing weights that scale the experts' input (Llama 4: scale_input)
-SUPPORTED_FORMAT_VERSIONS = (1, 5)
+# 6: weight files encrypted at rest (`encryption`, moetvm/encryption.py)
+SUPPORTED_FORMAT_VERSIONS = (1, 6)
 SLOT_ALIGN = 64  # bytes: every tensor in an expert's pool slot starts at a multiple (the kernels' vector alignment)
 MANIFEST_NAME = "manifest.json"
 
@@ -239,6 +241,15 @@ class TokenizerInfo:
 
 
 @dataclass(frozen=True)
+class Encryption:
+    """The artifact's weight files are encrypted (moetvm/encryption.py): with `aead`, under the
+    key whose keyed hash is `key_check`."""
+
+    aead: str
+    key_check: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     format_version: int
     kind: str  # "causal_lm" | "moe_block" | "graph" (fixed-shape inputs -> outputs, e.g. an ONNX import)
@@ -253,6 +264,7 @@ class Manifest:
     compile_info: dict = field(default_factory=dict)
     weights: list[WeightFile] = field(default_factory=list)
     tokenizer: TokenizerInfo | None = None  # causal LMs compiled with one
+    encryption: Encryption | None = None  # weight files encrypted at rest
 
     @property
     def dense_weight_bytes(self) -> int:
@@ -278,8 +290,16 @@ class Manifest:
         raise ArtifactError(f"{MANIFEST_NAME}: no workload named {wid!r}")
 
     def files(self) -> list[FileRef]:
-        refs = [lib.file for lib in self.libraries] + [w.file for w in self.weights]
-        refs += self.tokenizer.files if self.tokenizer else []
+        return [lib.file for lib in self.libraries] + [w.file for w in self.weights] + \
+            (self.tokenizer.files if self.tokenizer else []) + self._expert_files()
+
+    def weight_files(self) -> list[FileRef]:
+        """The files that hold the model's weights: the dense part's, every expert's (routed,
+        shared, dense stand-ins). What encryption covers."""
+        return [w.file for w in self.weights] + self._expert_files()
+
+    def _expert_files(self) -> list[FileRef]:
+        refs = []
         for layer in self.moe_layers:
             refs += [e.file for e in layer.experts] + [s.expert.file for s in layer.shared]
             refs += [layer.fallback.file] if layer.fallback else []
@@ -548,6 +568,8 @@ def _tensor_bytes(t: TensorSpec, where: str) -> int:
 def _check_weight_files(m: Manifest) -> None:
     """Weight tensors: unique names apart from the inputs', fixed shapes, and byte counts that add
     up and fit in their file."""
+    if m.encryption is not None and not re.fullmatch(r"[0-9a-f]{32}", m.encryption.key_check):
+        raise ArtifactError(f"{MANIFEST_NAME}: encryption.key_check must be 32 hex digits")
     seen = {t.name for t in m.inputs}
     for w in m.weights:
         total = 0

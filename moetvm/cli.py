@@ -87,11 +87,14 @@ def targets():
 @click.option("--dense-fallback", is_flag=True, help="add a mean expert per layer for `run --fallback dense`")
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Ed25519 private key (from `moetvm keygen`) to sign the artifact with")
+@click.option("--encrypt-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="file of 32 random bytes (head -c 32 /dev/urandom > key): weight files stored encrypted "
+                   "(AES-256-GCM); run/serve need the same file")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x16",
               help="ONNX models: fixed shape for an input with symbolic dimensions (repeatable)")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def compile_cmd(model, targets, out, quant, group_size, router_quant, dense_quant, kv_dtype, weight_budget, calibration, routing, tile,
-                cycle_dwell, mask_below, tuning_db, dense_fallback, sign_key, input_shapes, quiet):
+                cycle_dwell, mask_below, tuning_db, dense_fallback, sign_key, encrypt_key, input_shapes, quiet):
     """Compile MODEL ('reference', a checkpoint path, hf:DIR or an ONNX file, *.onnx) into an
     artifact directory. Everything that can be checked is checked before the work starts; the
     new artifact replaces OUT only once validated (and signed), and only if OUT is empty or
@@ -104,10 +107,10 @@ def compile_cmd(model, targets, out, quant, group_size, router_quant, dense_quan
     options = CompileOptions(quant=quant, group_size=group_size, router_quant=router_quant, dense_quant=dense_quant,
                              kv_dtype=kv_dtype, weight_budget=weight_budget, routing=routing, tile=tile,
                              cycle_dwell=cycle_dwell, mask_below=mask_below, tuning_db=tuning_db,
-                             dense_fallback=dense_fallback, sign_key=sign_key)
+                             dense_fallback=dense_fallback, sign_key=sign_key, encrypt_key=encrypt_key)
     build_targets = [BuildTarget.resolve(t) for t in targets]
     model_path = model[3:] if model.startswith("hf:") else None if model == "reference" else model
-    inputs = (model_path, calibration, tuning_db, sign_key)
+    inputs = (model_path, calibration, tuning_db, sign_key, encrypt_key)
     if len(targets) == 1:
         check_output(out, inputs=inputs)
     onnx = model.endswith(".onnx")
@@ -152,7 +155,8 @@ def compile_cmd(model, targets, out, quant, group_size, router_quant, dense_quan
         m = read_manifest(path)
         size = sum(f.size for f in m.files())
         click.echo(f"wrote {path} ({size / 1e6:.2f} MB, {len(m.libraries)} libraries, "
-                   f"{sum(len(layer.experts) for layer in m.moe_layers)} experts{', signed' if sign_key else ''})", err=True)
+                   f"{sum(len(layer.experts) for layer in m.moe_layers)} experts{', signed' if sign_key else ''}"
+                   f"{', weights encrypted' if encrypt_key else ''})", err=True)
     click.echo(f"compiled in {time.perf_counter() - started:.1f}s", err=True)
 
 
@@ -338,9 +342,11 @@ def sampling_options(command):
               help="when an expert cannot be loaded: fail, renormalise over the rest, or use the dense stand-in")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Ed25519 public key; the artifact must be signed by one of these (repeatable)")
+@click.option("--decrypt-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="key file of an artifact compiled with --encrypt-key [default: $MOETVM_DECRYPT_KEY]")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout, at the end")
 def run(directory, prompt, token_ids, chat, system, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-        stop, ignore_eos, cache_budget, prefetch, preload, storage_mbps, fallback, trusted_keys, as_json):
+        stop, ignore_eos, cache_budget, prefetch, preload, storage_mbps, fallback, trusted_keys, decrypt_key, as_json):
     """Generate from a compiled LM artifact, text streamed as it comes, then cache and latency stats."""
     _runtime_only(directory)
     if chat and token_ids is not None:
@@ -356,7 +362,7 @@ def run(directory, prompt, token_ids, chat, system, max_new_tokens, temperature,
         except ValueError:
             _fail(f"--preload takes a fraction of the experts in [0, 1] or auto, got {preload!r}")
     model = _load(directory, cache_budget, prefetch=prefetch, preload=preload, storage_mbps=storage_mbps,
-                  fallback=fallback, trusted_keys=list(trusted_keys) or None)
+                  fallback=fallback, trusted_keys=list(trusted_keys) or None, decrypt_key=decrypt_key)
     if model.manifest.kind != "causal_lm":
         _fail(f"{directory}: `run` needs a causal LM artifact, this one is a {model.manifest.kind}")
     if token_ids is not None:
@@ -398,13 +404,15 @@ def run(directory, prompt, token_ids, chat, system, max_new_tokens, temperature,
 @click.option("--cache-budget", default="100%", show_default=True, help="bytes, size (64MB) or percent of all experts")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Ed25519 public key; the artifact must be signed by one of these (repeatable)")
-def serve(directory, host, port, api_key, model_name, max_queue, cache_budget, trusted_keys):
+@click.option("--decrypt-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="key file of an artifact compiled with --encrypt-key [default: $MOETVM_DECRYPT_KEY]")
+def serve(directory, host, port, api_key, model_name, max_queue, cache_budget, trusted_keys, decrypt_key):
     """Serve an LM artifact over HTTP with an OpenAI-compatible API (/v1/completions,
     /v1/chat/completions, /v1/models, /health, /metrics)."""
     _runtime_only(directory)
     from moetvm.runtime.server import serve as serve_model
 
-    model = _load(directory, cache_budget, trusted_keys=list(trusted_keys) or None)
+    model = _load(directory, cache_budget, trusted_keys=list(trusted_keys) or None, decrypt_key=decrypt_key)
     if model.manifest.kind != "causal_lm":
         _fail(f"{directory}: `serve` needs a causal LM artifact, this one is a {model.manifest.kind}")
     model_id = model_name or model.manifest.model.name or directory.name

@@ -24,6 +24,7 @@ from tvm.runtime.vm import VirtualMachine
 from moetvm.errors import MoetvmError
 from moetvm.artifact import (FIXED_MODES, ArtifactError, Expert, Manifest, MoELayer, check_file, copy_verified,
                              fused_function, read_manifest, read_verified)
+from moetvm.encryption import EncryptionError, WeightCipher, key_from
 
 from .cache import DEFAULT_PIN_FRACTION, ExpertCache, parse_budget
 from .generation import Generation, GenerationError, Sampler, Sampling, Token
@@ -75,7 +76,8 @@ class Timings:
 
 def load_model(path: str | Path, cache_budget: int | float | str = "100%", verify: bool = True, *,
                prefetch: bool = True, preload: float | str = "auto", storage_mbps: float | None = None,
-               fallback: str = "error", trusted_keys: list | None = None) -> "MoEModel":
+               fallback: str = "error", trusted_keys: list | None = None,
+               decrypt_key: str | Path | bytes | None = None) -> "MoEModel":
     """Validate and load the artifact at `path`.
 
     cache_budget: bytes of expert weights kept loaded (int), a fraction (float), "25%", or a
@@ -94,6 +96,9 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
     fallback is counted in stats().
     trusted_keys: Ed25519 public key files; the artifact's signature must verify with one of them
     before anything else is read.
+    decrypt_key: for an artifact whose weights are encrypted (compile --encrypt-key): the key file
+    or its 32 bytes (default: the file named by MOETVM_DECRYPT_KEY). Checked before any library
+    is loaded; weights are decrypted in memory only.
     """
     root = Path(path)
     if fallback not in ("error", "skip", "dense"):
@@ -110,6 +115,10 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
         manifest, _ = read_verified_manifest(root, trusted_keys)
     else:
         manifest = read_manifest(root)
+    key = key_from(decrypt_key)
+    if decrypt_key is not None and manifest.encryption is None:
+        raise EncryptionError(f"{root}: the weights are not encrypted; a decrypt key was given for an encrypted artifact")
+    cipher = WeightCipher.for_artifact(manifest.encryption, key, str(root))
     if verify:  # libraries and dense weights are verified as they load (from the bytes checked), experts here and on fetch
         loaded_whole = {lib.file.path for lib in manifest.libraries} | {w.file.path for w in manifest.weights}
         for ref in manifest.files():
@@ -119,7 +128,7 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
         raise InputError(f"{root}: fallback 'dense' needs the dense stand-in experts, which this artifact lacks "
                          f"(compile it with --dense-fallback, or use fallback 'skip')")
     model = MoEModel(root, manifest, cache_budget, prefetch=prefetch, storage_mbps=storage_mbps, fallback=fallback,
-                     verify=verify)
+                     verify=verify, cipher=cipher)
     if preload == "auto" and model._pools:  # everything fits: load it all, so decode runs resident
         model.preload_hot(1.0)
     elif preload == "auto":
@@ -132,9 +141,11 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
 
 class MoEModel:
     def __init__(self, root: Path, manifest: Manifest, cache_budget, prefetch: bool = False,
-                 storage_mbps: float | None = None, fallback: str = "error", verify: bool = True):
+                 storage_mbps: float | None = None, fallback: str = "error", verify: bool = True,
+                 cipher: WeightCipher | None = None):
         self.root, self.manifest = root, manifest
         self.verify = verify
+        self._cipher = cipher
         self.fallback = fallback
         self.fallbacks = {"skip": 0, "dense": 0}  # token-expert slots served by a fallback
         self.fallback_errors: list[str] = []
@@ -570,6 +581,8 @@ class MoEModel:
     def _read_tensors(self, ref, specs) -> dict[str, np.ndarray]:
         """The arrays `specs` of one safetensors file, read once and verified."""
         data = read_verified(self.root, ref, self.verify)  # also catches files changed after load
+        if self._cipher is not None:
+            data = self._cipher.decrypt(ref.path, data)  # in memory: no plaintext reaches a disk
         from safetensors import deserialize
 
         try:  # the bytes just verified, not the path again

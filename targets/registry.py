@@ -35,6 +35,8 @@ class DeployTarget:
     memory_budget: int = 1 * GiB  # default expert-cache ceiling on the board, bytes
     rpc_key: str = ""
     device: str = "cpu"  # "cpu" | "cuda"
+    # The AEAD of encrypted weight files (compile --encrypt-key), moetvm/encryption.py's AEADS.
+    weight_aead: str = "AES-256-GCM"
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -100,6 +102,9 @@ BUILTIN = {
         cross_compiler_package="g++-aarch64-linux-gnu",
         memory_budget=1 * GiB,
         rpc_key="rasp4",
+        # The Pi 4's BCM2711 has no ARMv8 crypto extensions (no AES instructions): ChaCha20 in
+        # plain NEON arithmetic outruns table- or bit-sliced AES there.
+        weight_aead="ChaCha20-Poly1305",
     ),
     "jetson-orin": DeployTarget(
         name="jetson-orin",
@@ -147,6 +152,10 @@ def _parse_targets(path: Path) -> list[DeployTarget]:
             raise TargetError(f"{where}: target {name!r}: memory_budget must be a positive number of bytes")
         if target.device not in ("cpu", "cuda") or not isinstance(target.rpc_key, str):
             raise TargetError(f"{where}: target {name!r}: device must be cpu or cuda and rpc_key a string")
+        from moetvm.encryption import AEADS
+
+        if target.weight_aead not in AEADS:
+            raise TargetError(f"{where}: target {name!r}: weight_aead must be one of {', '.join(AEADS)}")
         out.append(target)
     return out
 

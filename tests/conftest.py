@@ -64,3 +64,18 @@ def a72_artifact(tmp_path_factory, reference_model):
 
     out = tmp_path_factory.mktemp("artifacts") / "reference-a72"
     return compile_model(reference_model, target="cortex-a72", out=out, source="reference", progress=False)
+
+
+@pytest.fixture
+def no_library_loads(monkeypatch):
+    """Fail the test if any kernel library is loaded: refusals must come before use."""
+    import tvm
+
+    loaded = []
+
+    def refuse(path, *args, **kwargs):
+        loaded.append(path)
+        raise AssertionError(f"library {path} loaded before the artifact was verified")
+
+    monkeypatch.setattr(tvm.runtime, "load_module", refuse)
+    return loaded

@@ -195,3 +195,28 @@ def test_transformers_family_on_emulated_board(board, tmp_path):
         for _ in range(32):
             ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert result["new"] == ids[0, 12:].tolist()
+
+
+def test_encrypted_artifact_on_emulated_board(board, reference_model, heldout_tokens, tmp_path):
+    """Weights encrypted for the A72 (ChaCha20-Poly1305: a Pi 4 has no AES instructions), the key
+    given to the board's runtime through MOETVM_DECRYPT_KEY, decrypted in memory there: logits as
+    PyTorch's; without the key, a one-line refusal."""
+    import os
+
+    from moetvm.artifact import read_manifest
+    from moetvm.compiler import compile_model
+
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    out = compile_model(reference_model, target="cortex-a72", out=tmp_path / "a72", encrypt_key=key, progress=False)
+    assert read_manifest(out).encryption.aead == "ChaCha20-Poly1305"
+    tokens = heldout_tokens[2000:2016][None]
+    args = [board, "-c", BOARD_SCRIPT, out, "25%", json.dumps(tokens.tolist()), tmp_path / "l.npy"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env={**os.environ, "MOETVM_DECRYPT_KEY": str(key)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["stats"]["evictions"] > 0  # decrypted on every load
+    with torch.no_grad():
+        assert relative_error(np.load(tmp_path / "l.npy"), reference_model(torch.from_numpy(tokens)).numpy()) < 1e-4
+    env = {k: v for k, v in os.environ.items() if k != "MOETVM_DECRYPT_KEY"}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0 and "the weights are encrypted; give the key file" in proc.stderr

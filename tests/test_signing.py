@@ -251,21 +251,6 @@ def _positions(size: int, seed: str) -> list[int]:
     return [rng.randrange(lo, max(hi, lo + 1)) for lo, hi in zip(bounds, bounds[1:])]
 
 
-@pytest.fixture
-def no_library_loads(monkeypatch):
-    """Fail the test if any kernel library is loaded: refusals must come before use."""
-    import tvm
-
-    loaded = []
-
-    def refuse(path, *args, **kwargs):
-        loaded.append(path)
-        raise AssertionError(f"library {path} loaded before the artifact was verified")
-
-    monkeypatch.setattr(tvm.runtime, "load_module", refuse)
-    return loaded
-
-
 @pytest.mark.parametrize("which", ["manifest", "library", "expert"])
 def test_every_flipped_byte_refused_before_use(signed, keys, which, no_library_loads):
     trusted = [keys["a"]["public"]]
