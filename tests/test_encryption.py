@@ -152,3 +152,24 @@ def test_cli_run_with_key_option_or_environment(encrypted, reference_artifact, k
     proc = _cli("compile", "reference", "--encrypt-key", short, "-o", tmp_path / "out")
     assert proc.returncode != 0 and "exactly 32 bytes; this one has more than 32" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_serve_with_decrypt_key(encrypted, reference_artifact, key_files, tmp_path):
+    """`serve --decrypt-key`: completions over loopback HTTP as the plain artifact gives them."""
+    import http.client
+    import re
+
+    from servers import start, stop
+
+    proc, line = start([sys.executable, "-m", "moetvm.cli", "serve", encrypted, "--port", "0", "--decrypt-key",
+                        key_files["right"]], "serving", tmp_path / "serve.log", timeout=300)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", int(re.search(r":(\d+)/v1", line).group(1)), timeout=300)
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "def ", "max_tokens": 12, "temperature": 0}),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        body = json.loads(response.read())
+    finally:
+        stop(proc)
+    assert response.status == 200, body
+    assert body["choices"][0]["text"] == load_model(reference_artifact).stream("def ", 12).run().text
