@@ -18,7 +18,7 @@ from moetvm.targets import DeployTarget
 from .import_torch import import_torch
 from .build_target import BuildTarget
 from .options import CompileOptions
-from .output import OutputError, check_output
+from moetvm.output import OutputError, check_output
 from .plan import Progress
 from .quantized import QuantizedNumbers
 from .writer import relax_libraries, write_artifact

@@ -35,7 +35,7 @@ from .quant_kernels import router_module, swiglu_module
 from .dense_weights import DenseWeights
 from .lowering import build_library
 from .options import CompileOptions
-from .output import atomic_directory
+from moetvm.output import atomic_directory
 from .plan import PlannedModel, Progress
 from .quantized import QuantizedNumbers, expert_tensors, identity, remove_store, save_tensors, store_name
 from .spec import ExpertWeights, MoELayerSpec

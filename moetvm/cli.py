@@ -102,7 +102,7 @@ def compile_cmd(model, targets, out, quant, group_size, router_quant, dense_quan
     started = time.perf_counter()
     import moetvm.compiler  # noqa: F401 - first: it prepares TVM's CUDA build before TVM loads
     from moetvm.compiler import BuildTarget, CompileOptions
-    from moetvm.compiler.output import check_output
+    from moetvm.output import check_output
 
     options = CompileOptions(quant=quant, group_size=group_size, router_quant=router_quant, dense_quant=dense_quant,
                              kv_dtype=kv_dtype, weight_budget=weight_budget, routing=routing, tile=tile,
@@ -561,6 +561,45 @@ def diff(old, new, as_json):
 
     d = diff_artifacts(old, new)
     click.echo(json.dumps(d) if as_json else format_diff(d))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="bundle file to write (new)")
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="the version the board has: the bundle holds only what differs from it (a delta)")
+def pack(directory, out, base):
+    """Write an artifact as one zstd-compressed bundle to ship (or, with --base, a delta update)."""
+    from moetvm.bundle import pack as pack_bundle
+
+    r = pack_bundle(directory, out, base)
+    click.echo(f"wrote {out}: {r['kind']} bundle, {r['files']} files, {r['bytes'] / 1e6:.2f} MB of the artifact's "
+               f"{r['artifact_bytes'] / 1e6:.2f} MB, {r['bundle_bytes'] / 1e6:.2f} MB compressed", err=True)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="artifact directory")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Ed25519 public key; the bundle's manifest must be signed by one of these (repeatable)")
+def unpack(bundle, out, trusted_keys):
+    """Unpack a full bundle into an artifact directory (verified whole before it takes OUT's place)."""
+    from moetvm.bundle import unpack as unpack_bundle
+
+    click.echo(f"unpacked {unpack_bundle(bundle, out, list(trusted_keys) or None)}", err=True)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("delta", type=click.Path(path_type=Path))
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Ed25519 public key; the new manifest must be signed by one of these (repeatable)")
+def update(directory, delta, trusted_keys):
+    """Apply a delta bundle (`pack NEW --base OLD`) to the artifact at DIRECTORY, atomically:
+    the new version is assembled and verified beside it, then replaces it in one rename."""
+    from moetvm.bundle import update as update_artifact
+
+    click.echo(f"updated {update_artifact(directory, delta, list(trusted_keys) or None)}", err=True)
 
 
 @main.command()

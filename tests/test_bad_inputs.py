@@ -163,7 +163,7 @@ def test_compile_refuses_bad_targets_files(files):
 def test_output_is_replaced_only_when_it_is_our_artifact(reference_artifact, tmp_path):
     """-o over a directory of the user's files, over a file, over the input checkpoint, over the
     working directory: all refused, all left as they were. Over an artifact: replaced."""
-    from moetvm.compiler.output import OutputError, check_output
+    from moetvm.output import OutputError, check_output
 
     user_dir = tmp_path / "mine"
     user_dir.mkdir()
@@ -192,7 +192,7 @@ def test_a_failed_compile_leaves_the_good_artifact(reference_model, reference_ar
     """A new artifact that fails validation at the very end, and a compile refused up front,
     both leave the old artifact byte for byte and no temp directory behind."""
     from moetvm.compiler import compile_model
-    from moetvm.compiler.output import atomic_directory
+    from moetvm.output import atomic_directory
 
     artifact = tmp_path / "artifact"
     shutil.copytree(reference_artifact, artifact)
@@ -298,7 +298,7 @@ def test_version_and_one_error_root():
     from moetvm.budget import BudgetError
     from moetvm.compiler.models import ModelSourceError
     from moetvm.compiler.onnx_frontend import OnnxModelError
-    from moetvm.compiler.output import OutputError
+    from moetvm.output import OutputError
     from moetvm.compiler.quant import QuantizationError
     from moetvm.compiler.spec import UnsupportedModelError
     from moetvm.compiler.tuning import TuningError
