@@ -344,9 +344,12 @@ def sampling_options(command):
               help="Ed25519 public key; the artifact must be signed by one of these (repeatable)")
 @click.option("--decrypt-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="key file of an artifact compiled with --encrypt-key [default: $MOETVM_DECRYPT_KEY]")
+@click.option("--min-expert-weight", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
+              help="skip a token's selected experts below this share of its routing weight (renormalising the rest)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout, at the end")
 def run(directory, prompt, token_ids, chat, system, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-        stop, ignore_eos, cache_budget, prefetch, preload, storage_mbps, fallback, trusted_keys, decrypt_key, as_json):
+        stop, ignore_eos, cache_budget, prefetch, preload, storage_mbps, fallback, trusted_keys, decrypt_key,
+        min_expert_weight, as_json):
     """Generate from a compiled LM artifact, text streamed as it comes, then cache and latency stats."""
     _runtime_only(directory)
     if chat and token_ids is not None:
@@ -362,7 +365,8 @@ def run(directory, prompt, token_ids, chat, system, max_new_tokens, temperature,
         except ValueError:
             _fail(f"--preload takes a fraction of the experts in [0, 1] or auto, got {preload!r}")
     model = _load(directory, cache_budget, prefetch=prefetch, preload=preload, storage_mbps=storage_mbps,
-                  fallback=fallback, trusted_keys=list(trusted_keys) or None, decrypt_key=decrypt_key)
+                  fallback=fallback, trusted_keys=list(trusted_keys) or None, decrypt_key=decrypt_key,
+                  min_expert_weight=min_expert_weight)
     if model.manifest.kind != "causal_lm":
         _fail(f"{directory}: `run` needs a causal LM artifact, this one is a {model.manifest.kind}")
     if token_ids is not None:

@@ -117,13 +117,32 @@ def sparsemixer(logits: np.ndarray, router: Router) -> tuple[np.ndarray, np.ndar
     return (np.stack(indices, -1), (np.stack(weights, -1) * router.scaling).astype(np.float32))
 
 
+SKIPPED = -1  # the index of a selected expert that skip_light_experts dropped
+
+
+def skip_light_experts(indices: np.ndarray, weights: np.ndarray, min_weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Confidence-based skipping: each token drops the selected experts whose share of its routing
+    weight is below `min_weight` (its heaviest always stays), and the rest are rescaled to the
+    same total. Dropped slots get index SKIPPED and weight 0."""
+    total = weights.sum(1, keepdims=True)
+    share = weights / np.where(total > 0, total, 1)
+    keep = share >= min_weight
+    keep[np.arange(len(weights)), share.argmax(1)] = True
+    kept = np.where(keep, weights, 0).astype(weights.dtype)
+    scale = np.divide(total, kept.sum(1, keepdims=True), out=np.ones_like(total), where=kept.sum(1, keepdims=True) > 0)
+    return np.where(keep, indices, SKIPPED), (kept * scale).astype(weights.dtype, copy=False)
+
+
 def group_by_expert(indices: np.ndarray, weights: np.ndarray):
-    """Yield (expert, token rows, their weights) for each selected expert, in expert order."""
+    """Yield (expert, token rows, their weights) for each selected expert, in expert order
+    (skipped slots left out)."""
     flat = indices.ravel()
     order = np.argsort(flat, kind="stable")
     experts, starts = np.unique(flat[order], return_index=True)
     bounds = list(starts[1:]) + [len(flat)]
     k = indices.shape[1]
     for expert, lo, hi in zip(experts, starts, bounds):
+        if expert == SKIPPED:
+            continue
         slots = order[lo:hi]
         yield int(expert), slots // k, weights.ravel()[slots]

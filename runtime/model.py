@@ -30,7 +30,7 @@ from .cache import DEFAULT_PIN_FRACTION, ExpertCache, parse_budget
 from .generation import Generation, GenerationError, Sampler, Sampling, Token
 from .tokenizer import Tokenizer, load_tokenizer
 from .host_memory import aligned_copy, host_arrays, release_freed_memory, settle
-from moetvm.routing import FixedPattern, allowed_experts, group_by_expert, route
+from moetvm.routing import SKIPPED, FixedPattern, allowed_experts, group_by_expert, route, skip_light_experts
 
 
 LATENCY_WINDOW = 10_000  # decode latencies kept for the percentiles in stats()
@@ -77,7 +77,7 @@ class Timings:
 def load_model(path: str | Path, cache_budget: int | float | str = "100%", verify: bool = True, *,
                prefetch: bool = True, preload: float | str = "auto", storage_mbps: float | None = None,
                fallback: str = "error", trusted_keys: list | None = None,
-               decrypt_key: str | Path | bytes | None = None) -> "MoEModel":
+               decrypt_key: str | Path | bytes | None = None, min_expert_weight: float = 0.0) -> "MoEModel":
     """Validate and load the artifact at `path`.
 
     cache_budget: bytes of expert weights kept loaded (int), a fraction (float), "25%", or a
@@ -99,12 +99,19 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
     decrypt_key: for an artifact whose weights are encrypted (compile --encrypt-key): the key file
     or its 32 bytes (default: the file named by MOETVM_DECRYPT_KEY). Checked before any library
     is loaded; weights are decrypted in memory only.
+    min_expert_weight: confidence-based skipping: a token does not run the selected experts whose
+    share of its routing weight is below this (its heaviest always runs; the rest renormalised,
+    routing.skip_light_experts). 0 (default): every selected expert runs. Decode then takes the
+    host path, which can drop experts, instead of the resident layers.
     """
     root = Path(path)
     if fallback not in ("error", "skip", "dense"):
         raise InputError(f"unknown fallback policy {fallback!r}: use error, skip or dense")
     if preload != "auto" and (isinstance(preload, bool) or not isinstance(preload, (int, float)) or not 0 <= preload <= 1):
         raise InputError(f"preload is a fraction of the experts in [0, 1] or 'auto', got {preload!r}")
+    if isinstance(min_expert_weight, bool) or not isinstance(min_expert_weight, (int, float)) \
+            or not 0 <= min_expert_weight < 1:
+        raise InputError(f"min expert weight is a share of a token's routing weight in [0, 1), got {min_expert_weight!r}")
     if storage_mbps is not None and not (isinstance(storage_mbps, (int, float)) and 0 < storage_mbps < float("inf")):
         raise InputError(f"storage throttle must be a positive number of MB/s, got {storage_mbps!r}")
     if not root.is_dir():
@@ -128,7 +135,7 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
         raise InputError(f"{root}: fallback 'dense' needs the dense stand-in experts, which this artifact lacks "
                          f"(compile it with --dense-fallback, or use fallback 'skip')")
     model = MoEModel(root, manifest, cache_budget, prefetch=prefetch, storage_mbps=storage_mbps, fallback=fallback,
-                     verify=verify, cipher=cipher)
+                     verify=verify, cipher=cipher, min_expert_weight=float(min_expert_weight))
     if preload == "auto" and model._pools:  # everything fits: load it all, so decode runs resident
         model.preload_hot(1.0)
     elif preload == "auto":
@@ -142,8 +149,10 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
 class MoEModel:
     def __init__(self, root: Path, manifest: Manifest, cache_budget, prefetch: bool = False,
                  storage_mbps: float | None = None, fallback: str = "error", verify: bool = True,
-                 cipher: WeightCipher | None = None):
+                 cipher: WeightCipher | None = None, min_expert_weight: float = 0.0):
         self.root, self.manifest = root, manifest
+        self.min_expert_weight = min_expert_weight
+        self.skipped_experts = 0  # token-expert slots skipped (min_expert_weight)
         self.verify = verify
         self._cipher = cipher
         self.fallback = fallback
@@ -266,6 +275,10 @@ class MoEModel:
         t_routed = time.perf_counter()
         if self.recorder is not None:
             self.recorder.record(index, indices, weights, (predictions or {}).get(index))
+        if self.min_expert_weight:
+            indices, weights = skip_light_experts(indices, weights, self.min_expert_weight)
+            with self._timing_lock:
+                self.skipped_experts += int((indices == SKIPPED).sum())
         nxt = self._next_layer.get(index)
         # Nothing to prefetch once every expert is resident (a full budget): skip the lookahead.
         prefetching = self.prefetch_enabled and self.cache.stats.resident_bytes < self.total_expert_bytes
@@ -273,14 +286,17 @@ class MoEModel:
         if nxt is not None and (prefetching or self.recorder is not None):
             # Gate lookahead: the next layer's router on this layer's input predicts its experts
             # (exactly, for fixed-pattern routing).
-            guess, _ = self._route(self._layers[nxt], xt, where)
+            guess, guess_weights = self._route(self._layers[nxt], xt, where)
             if predictions is not None:
                 predictions[nxt] = guess
+            if self.min_expert_weight:
+                guess, _ = skip_light_experts(guess, guess_weights, self.min_expert_weight)
             if prefetching:
-                self.cache.prefetch([(nxt, int(e)) for e in np.unique(guess)],
-                                    protected=[(index, int(e)) for e in np.unique(indices)], order=order)
+                self.cache.prefetch([(nxt, int(e)) for e in np.unique(guess) if e != SKIPPED],
+                                    protected=[(index, int(e)) for e in np.unique(indices) if e != SKIPPED], order=order)
         t1 = time.perf_counter()
-        out = self._fused_experts(index, xt, indices, weights, order) if n == 1 and not layer.shared else None
+        fused = n == 1 and not layer.shared and not (indices == SKIPPED).any()
+        out = self._fused_experts(index, xt, indices, weights, order) if fused else None
         if out is None:  # a prefill, shared experts, or a token the fused call does not cover
             out = self._grouped_experts(index, xt.numpy() if on_device else x, xt, indices, weights, order)
             out = tvm.runtime.tensor(out, self.device) if on_device else out
@@ -336,7 +352,8 @@ class MoEModel:
     def resident(self) -> bool:
         """Whether decode steps run the resident layers in one call: pools exist and every
         expert is loaded (a full budget never evicts, so this stays true once reached)."""
-        return bool(self._pools) and self.cache.stats.resident_bytes >= self.total_expert_bytes
+        return bool(self._pools) and self.cache.stats.resident_bytes >= self.total_expert_bytes \
+            and not self.min_expert_weight
 
     def _grouped_experts(self, index: int, x: np.ndarray, xt, indices: np.ndarray, weights: np.ndarray,
                          order) -> np.ndarray:
@@ -826,6 +843,7 @@ class MoEModel:
             # steps when nothing was decoded).
             "compiled_calls": self.timings.call_count,
             "resident_layer_calls": self.resident_calls,
+            "skipped_experts": self.skipped_experts,
             "outside_compiled_share": (1 - timings.decode_calls / timings.decode_seconds) if timings.decode_seconds else
                                       (1 - timings.calls / timings.steps) if timings.steps else None,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

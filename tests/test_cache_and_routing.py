@@ -137,3 +137,42 @@ def test_group_by_expert_covers_every_assignment_once():
             seen[(int(r), expert)] = float(wt)
     assert seen == {(t, int(idx[t, j])): float(w[t, j]) for t in range(4) for j in range(2)}
     assert [e for e, _, _ in group_by_expert(idx, w)] == [0, 1, 2, 3]
+
+
+def test_skip_light_experts_drops_below_the_share_and_renormalises():
+    from moetvm.routing import SKIPPED, skip_light_experts
+
+    indices = np.array([[3, 1, 7, 0], [2, 5, 6, 4], [1, 2, 3, 4]])
+    weights = np.array([[0.5, 0.3, 0.15, 0.05], [0.1, 0.1, 0.1, 0.1], [2.0, 0.2, 0.1, 0.1]], np.float32)  # row 3: scaled
+    got_i, got_w = skip_light_experts(indices, weights, 0.2)
+    assert got_i.tolist() == [[3, 1, SKIPPED, SKIPPED], [2, 5, 6, 4], [1, SKIPPED, SKIPPED, SKIPPED]]
+    np.testing.assert_allclose(got_w, [[0.625, 0.375, 0, 0], [0.1, 0.1, 0.1, 0.1], [2.4, 0, 0, 0]], rtol=1e-6)
+    # Above every share the heaviest stays; 0 changes nothing.
+    assert skip_light_experts(indices, weights, 0.99)[0].tolist() == [[3] + [SKIPPED] * 3, [2] + [SKIPPED] * 3,
+                                                                      [1] + [SKIPPED] * 3]
+    same_i, same_w = skip_light_experts(indices, weights, 0.0)
+    assert np.array_equal(same_i, indices) and np.array_equal(same_w, weights)
+    assert [e for e, _, _ in group_by_expert(got_i, got_w)] == [1, 2, 3, 4, 5, 6]  # skipped slots never run
+
+
+def test_skipping_at_zero_is_no_skipping_and_above_saves_loads(reference_artifact, heldout_tokens):
+    from moetvm.errors import MoetvmError
+    from moetvm.runtime import load_model
+
+    tokens = heldout_tokens[4000:4032][None]
+    plain, zero = load_model(reference_artifact, cache_budget="25%"), load_model(reference_artifact, cache_budget="25%",
+                                                                                   min_expert_weight=0.0)
+    assert np.array_equal(plain(tokens), zero(tokens))
+    assert plain.generate(tokens[0, :8], 32) == zero.generate(tokens[0, :8], 32)
+    assert zero.stats()["skipped_experts"] == 0
+    skipping = load_model(reference_artifact, cache_budget="25%", min_expert_weight=0.3)
+    fresh = load_model(reference_artifact, cache_budget="25%")
+    a, b = fresh.generate(tokens[0, :8], 64, ignore_eos=True), skipping.generate(tokens[0, :8], 64, ignore_eos=True)
+    assert skipping.stats()["skipped_experts"] > 0
+    assert skipping.stats()["expert_loads"] < fresh.stats()["expert_loads"]
+    logits, reference = skipping(tokens), plain(tokens)
+    assert (logits.argmax(-1) == reference.argmax(-1)).mean() >= 0.8 and not np.array_equal(logits, reference)
+    assert len(a) == len(b) == 64
+    for bad in (-0.1, 1.0, True, "0.2"):
+        with pytest.raises(MoetvmError, match="min expert weight is a share"):
+            load_model(reference_artifact, min_expert_weight=bad)
