@@ -60,6 +60,44 @@ class _Entry:
         self.value, self.nbytes, self.prefetched = value, nbytes, prefetched
 
 
+def memory_headroom() -> int:
+    """Bytes this process could still take: the system's available memory, or less when a
+    cgroup (v2 or v1) limits it."""
+    import psutil
+
+    room = psutil.virtual_memory().available
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = (open(f).read().strip() for f in (limit_file, usage_file))
+        except OSError:
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max", or v1's huge number: no limit
+            room = min(room, int(limit) - int(usage))
+        break
+    return room
+
+
+@dataclass(frozen=True)
+class AdaptiveBudget:
+    """A cache budget that moves between `floor` and `ceiling` bytes (`--cache-budget 25%..60%`).
+    Every `window` demand lookups: when the memory headroom (memory_headroom) is below `reserve`,
+    it gives back a step (an eighth of the range) toward the floor, evicting least-recently-used
+    experts; else when the window's hit rate is below `target_hit_rate` and a step fits above the
+    reserve, it grows a step toward the ceiling. It never shrinks for a good hit rate alone (that
+    would oscillate: the misses come back), and never passes the ceiling."""
+
+    floor: int
+    ceiling: int
+    window: int = 256
+    target_hit_rate: float = 0.95
+    reserve: int = 256 << 20
+
+    @property
+    def step(self) -> int:
+        return max((self.ceiling - self.floor) // 8, 1)
+
+
 class ExpertCache:
     """Thread-safe LRU cache of loaded experts.
 
@@ -68,11 +106,15 @@ class ExpertCache:
     cache drops its only reference) when inserting another would exceed the budget.
     """
 
-    def __init__(self, budget_bytes: int, loader: Callable[[Hashable], tuple[object, int]]):
+    def __init__(self, budget_bytes: int, loader: Callable[[Hashable], tuple[object, int]],
+                 adaptive: AdaptiveBudget | None = None):
         if budget_bytes <= 0:
             raise ValueError(f"cache budget must be positive, got {budget_bytes} bytes")
         self.budget = budget_bytes
         self.loader = loader
+        self.adaptive = adaptive
+        self.budget_history: list[tuple[int, int]] = [(0, budget_bytes)]  # (demand lookups, bytes) at each change
+        self._window = (0, 0)  # hits, misses at the last decision
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._pinned: set = set()
         self._inflight: dict[Hashable, threading.Event] = {}
@@ -88,6 +130,8 @@ class ExpertCache:
         (first evicted first) instead of least-recently-used order."""
         while True:
             with self._lock:
+                if self.adaptive is not None and (self.stats.hits + self.stats.misses) % self.adaptive.window == 0:
+                    self._adapt()
                 entry = self._entries.get(key)
                 if entry is not None:
                     self._entries.move_to_end(key)
@@ -113,6 +157,34 @@ class ExpertCache:
             return value
         finally:
             self._finish(key)
+
+    def _adapt(self) -> None:
+        """One decision of the adaptive budget (under the lock), from the last window's hit rate
+        and the memory headroom now."""
+        policy, stats = self.adaptive, self.stats
+        hits, misses = stats.hits - self._window[0], stats.misses - self._window[1]
+        if hits + misses == 0:
+            return
+        self._window = (stats.hits, stats.misses)
+        headroom = memory_headroom()
+        budget = self.budget
+        if headroom < policy.reserve:
+            budget = max(policy.floor, budget - policy.step)
+        elif hits / (hits + misses) < policy.target_hit_rate and headroom - policy.step >= policy.reserve:
+            budget = min(policy.ceiling, budget + policy.step)
+        if budget == self.budget:
+            return
+        pinned = sum(self._entries[k].nbytes for k in self._pinned if k in self._entries)
+        budget = max(budget, pinned)  # pinned experts stay (preload kept them within the floor)
+        for key in [k for k in self._entries if k not in self._pinned]:
+            if self.stats.resident_bytes <= budget:
+                break
+            entry = self._entries.pop(key)
+            self.stats.resident_bytes -= entry.nbytes
+            self.stats.evictions += 1
+            self.stats.prefetch_wasted += entry.prefetched
+        self.budget = max(budget, self.stats.resident_bytes)
+        self.budget_history.append((stats.hits + stats.misses, self.budget))
 
     def _timed_load(self, key):
         t0 = time.perf_counter()

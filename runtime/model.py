@@ -26,7 +26,7 @@ from moetvm.artifact import (FIXED_MODES, ArtifactError, Expert, Manifest, MoELa
                              fused_function, read_manifest, read_verified)
 from moetvm.encryption import EncryptionError, WeightCipher, key_from
 
-from .cache import DEFAULT_PIN_FRACTION, ExpertCache, parse_budget
+from .cache import DEFAULT_PIN_FRACTION, AdaptiveBudget, ExpertCache, parse_budget
 from .generation import Generation, GenerationError, Sampler, Sampling, Token
 from .tokenizer import Tokenizer, load_tokenizer
 from .host_memory import aligned_copy, host_arrays, release_freed_memory, settle
@@ -81,7 +81,8 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
     """Validate and load the artifact at `path`.
 
     cache_budget: bytes of expert weights kept loaded (int), a fraction (float), "25%", or a
-    size ("64MB"). Every file's size and SHA-256 is checked before any library is loaded.
+    size ("64MB"); or "FLOOR..CEILING" ("25%..60%"): a budget that grows by the hit rate and
+    shrinks when memory runs short, never past the ceiling (cache.AdaptiveBudget). Every file's size and SHA-256 is checked before any library is loaded.
     prefetch: a background thread loads each next layer's predicted experts (the next router
     applied to this layer's input) while this layer computes.
     preload: fraction of the experts, hottest first by the artifact's usage profile, loaded and
@@ -179,6 +180,14 @@ class MoEModel:
         fallback_experts = {(layer.layer, "fallback"): layer.fallback for layer in manifest.moe_layers if layer.fallback}
         self.total_expert_bytes = manifest.cache_bytes
         self._experts.update(fallback_experts)  # loadable, but not part of the model's expert bytes
+        adaptive = None
+        if isinstance(cache_budget, str) and ".." in cache_budget:  # "25%..60%": adaptive (cache.AdaptiveBudget)
+            low, _, high = cache_budget.partition("..")
+            floor, ceiling = parse_budget(low, self.total_expert_bytes), parse_budget(high, self.total_expert_bytes)
+            if floor > ceiling:
+                raise InputError(f"cache budget {cache_budget!r}: the floor is above the ceiling")
+            adaptive = AdaptiveBudget(floor, ceiling) if floor < ceiling else None
+            cache_budget = floor
         budget = parse_budget(cache_budget, self.total_expert_bytes)
         largest = max(e.weight_bytes for e in self._experts.values())
         if budget < largest:
@@ -196,7 +205,7 @@ class MoEModel:
         self.resident_calls = 0  # layer calls that took the resident function
         self._checked_segments: set[str] = set()  # segments whose result count matched the manifest
         self._loads_untrimmed = 0  # expert loads since malloc last gave freed memory back
-        self.cache = ExpertCache(budget, self._load_expert)
+        self.cache = ExpertCache(budget, self._load_expert, adaptive)
         self.timings = Timings()
         self._timing_lock = threading.Lock()
         moe_steps = [step.layer for step in manifest.program if step.op == "moe"]
@@ -833,6 +842,9 @@ class MoEModel:
             "resident_expert_bytes": c.resident_bytes,
             "peak_resident_expert_bytes": c.peak_resident_bytes,
             "cache_budget_bytes": self.cache.budget,
+            **({"cache_budget_range": [self.cache.adaptive.floor, self.cache.adaptive.ceiling],
+                "cache_budget_history": [list(change) for change in self.cache.budget_history]}
+               if self.cache.adaptive else {}),
             "total_expert_bytes": self.total_expert_bytes,
             "latency_ms": pct,
             "decode_tokens": self.timings.decode_tokens,

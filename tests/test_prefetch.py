@@ -130,3 +130,34 @@ def test_exit_while_a_prefetch_is_inside_tvm():
     proc = subprocess.run([sys.executable, "-c", EXIT_DURING_PREFETCH], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[:2] == ["load a", "exiting"] and "load b" not in proc.stdout
+
+
+def test_adaptive_budget_grows_with_misses_and_never_passes_its_ceiling(reference_artifact, heldout_tokens):
+    model = load_model(reference_artifact, cache_budget="10%..40%")
+    total = model.total_expert_bytes
+    model.generate(heldout_tokens[:16], 200, ignore_eos=True)
+    stats = model.stats()
+    floor, ceiling = stats["cache_budget_range"]
+    assert floor == total // 10 and ceiling == total * 40 // 100
+    budgets = [b for _, b in stats["cache_budget_history"]]
+    assert budgets[0] == floor and max(budgets) > floor  # a 10% cache misses: it grew
+    assert all(floor <= b <= ceiling for b in budgets)
+    assert stats["peak_resident_expert_bytes"] <= ceiling
+    fixed = load_model(reference_artifact, cache_budget="10%")
+    fixed.generate(heldout_tokens[:16], 200, ignore_eos=True)
+    assert stats["hit_rate"] > fixed.stats()["hit_rate"] and "cache_budget_history" not in fixed.stats()
+
+
+def test_adaptive_budget_gives_memory_back_when_headroom_is_short():
+    """A reserve larger than any machine's memory: every decision is 'memory is short', so a
+    cache started at its ceiling steps down to the floor, evicting as it goes."""
+    from moetvm.runtime.cache import AdaptiveBudget
+
+    policy = AdaptiveBudget(floor=400, ceiling=1200, window=4, reserve=1 << 62)
+    cache = ExpertCache(1200, lambda key: (key, 100), policy)
+    for step in range(200):
+        cache.get(step % 13)
+        assert cache.stats.resident_bytes <= cache.budget <= policy.ceiling
+    budgets = [b for _, b in cache.budget_history]
+    assert budgets[0] == 1200 and budgets[-1] == 400 and budgets == sorted(budgets, reverse=True)
+    assert cache.stats.resident_bytes <= 400
