@@ -344,12 +344,18 @@ def sampling_options(command):
               help="Ed25519 public key; the artifact must be signed by one of these (repeatable)")
 @click.option("--decrypt-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="key file of an artifact compiled with --encrypt-key [default: $MOETVM_DECRYPT_KEY]")
+@click.option("--expert-source", default=None, metavar="URL",
+              help="fetch expert files missing from the artifact from this URL (moetvm serve-experts DIR)")
+@click.option("--expert-store", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="where fetched experts are kept [default: ~/.cache/moetvm/experts]")
+@click.option("--expert-store-budget", default="100%", show_default=True,
+              help="bytes the store keeps (bytes, size or percent of all experts); least recently used go first")
 @click.option("--min-expert-weight", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
               help="skip a token's selected experts below this share of its routing weight (renormalising the rest)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout, at the end")
 def run(directory, prompt, token_ids, chat, system, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
         stop, ignore_eos, cache_budget, prefetch, preload, storage_mbps, fallback, trusted_keys, decrypt_key,
-        min_expert_weight, as_json):
+        expert_source, expert_store, expert_store_budget, min_expert_weight, as_json):
     """Generate from a compiled LM artifact, text streamed as it comes, then cache and latency stats."""
     _runtime_only(directory)
     if chat and token_ids is not None:
@@ -366,7 +372,8 @@ def run(directory, prompt, token_ids, chat, system, max_new_tokens, temperature,
             _fail(f"--preload takes a fraction of the experts in [0, 1] or auto, got {preload!r}")
     model = _load(directory, cache_budget, prefetch=prefetch, preload=preload, storage_mbps=storage_mbps,
                   fallback=fallback, trusted_keys=list(trusted_keys) or None, decrypt_key=decrypt_key,
-                  min_expert_weight=min_expert_weight)
+                  min_expert_weight=min_expert_weight, expert_source=expert_source, expert_store=expert_store,
+                  expert_store_budget=expert_store_budget)
     if model.manifest.kind != "causal_lm":
         _fail(f"{directory}: `run` needs a causal LM artifact, this one is a {model.manifest.kind}")
     if token_ids is not None:
@@ -410,13 +417,21 @@ def run(directory, prompt, token_ids, chat, system, max_new_tokens, temperature,
               help="Ed25519 public key; the artifact must be signed by one of these (repeatable)")
 @click.option("--decrypt-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="key file of an artifact compiled with --encrypt-key [default: $MOETVM_DECRYPT_KEY]")
-def serve(directory, host, port, api_key, model_name, max_queue, cache_budget, trusted_keys, decrypt_key):
+@click.option("--expert-source", default=None, metavar="URL",
+              help="fetch expert files missing from the artifact from this URL (moetvm serve-experts DIR)")
+@click.option("--expert-store", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="where fetched experts are kept [default: ~/.cache/moetvm/experts]")
+@click.option("--expert-store-budget", default="100%", show_default=True,
+              help="bytes the store keeps (bytes, size or percent of all experts); least recently used go first")
+def serve(directory, host, port, api_key, model_name, max_queue, cache_budget, trusted_keys, decrypt_key, expert_source,
+          expert_store, expert_store_budget):
     """Serve an LM artifact over HTTP with an OpenAI-compatible API (/v1/completions,
     /v1/chat/completions, /v1/models, /health, /metrics)."""
     _runtime_only(directory)
     from moetvm.runtime.server import serve as serve_model
 
-    model = _load(directory, cache_budget, trusted_keys=list(trusted_keys) or None, decrypt_key=decrypt_key)
+    model = _load(directory, cache_budget, trusted_keys=list(trusted_keys) or None, decrypt_key=decrypt_key,
+                  expert_source=expert_source, expert_store=expert_store, expert_store_budget=expert_store_budget)
     if model.manifest.kind != "causal_lm":
         _fail(f"{directory}: `serve` needs a causal LM artifact, this one is a {model.manifest.kind}")
     model_id = model_name or model.manifest.model.name or directory.name
@@ -565,6 +580,24 @@ def diff(old, new, as_json):
 
     d = diff_artifacts(old, new)
     click.echo(json.dumps(d) if as_json else format_diff(d))
+
+
+@main.command("serve-experts")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0: every interface)")
+@click.option("--port", default=8001, show_default=True, type=click.IntRange(0, 65535), help="TCP port (0: any free one)")
+def serve_experts_cmd(directory, host, port):
+    """Serve an artifact's files over HTTP as an expert source for `run/serve --expert-source URL`
+    (only the files its manifest lists)."""
+    from moetvm.runtime.expert_store import serve_experts
+
+    try:
+        serve_experts(directory, host, port,
+                      ready=lambda bound: click.echo(f"serving experts of {directory} on http://{host}:{bound}/", err=True))
+    except OSError as e:
+        _fail(f"cannot listen on {host}:{port} ({e.strerror or e})")
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
 
 
 @main.command()

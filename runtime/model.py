@@ -77,7 +77,9 @@ class Timings:
 def load_model(path: str | Path, cache_budget: int | float | str = "100%", verify: bool = True, *,
                prefetch: bool = True, preload: float | str = "auto", storage_mbps: float | None = None,
                fallback: str = "error", trusted_keys: list | None = None,
-               decrypt_key: str | Path | bytes | None = None, min_expert_weight: float = 0.0) -> "MoEModel":
+               decrypt_key: str | Path | bytes | None = None, min_expert_weight: float = 0.0,
+               expert_source: str | None = None, expert_store: str | Path | None = None,
+               expert_store_budget: int | float | str = "100%") -> "MoEModel":
     """Validate and load the artifact at `path`.
 
     cache_budget: bytes of expert weights kept loaded (int), a fraction (float), "25%", or a
@@ -100,6 +102,10 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
     decrypt_key: for an artifact whose weights are encrypted (compile --encrypt-key): the key file
     or its 32 bytes (default: the file named by MOETVM_DECRYPT_KEY). Checked before any library
     is loaded; weights are decrypted in memory only.
+    expert_source: an http(s) URL serving the artifact's files (`moetvm serve-experts DIR`): expert
+    files missing here are fetched when first needed, verified against the manifest, and kept in
+    `expert_store` (default ~/.cache/moetvm/experts) within `expert_store_budget` (bytes, a size or
+    a percentage of all experts; runtime/expert_store.py).
     min_expert_weight: confidence-based skipping: a token does not run the selected experts whose
     share of its routing weight is below this (its heaviest always runs; the rest renormalised,
     routing.skip_light_experts). 0 (default): every selected expert runs. Decode then takes the
@@ -127,16 +133,23 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
     if decrypt_key is not None and manifest.encryption is None:
         raise EncryptionError(f"{root}: the weights are not encrypted; a decrypt key was given for an encrypted artifact")
     cipher = WeightCipher.for_artifact(manifest.encryption, key, str(root))
+    store = None
+    if expert_source is not None:
+        from .expert_store import ExpertStore
+
+        store = ExpertStore(expert_source, expert_store, parse_budget(expert_store_budget, manifest.cache_bytes,
+                                                                      "expert store budget"))
     if verify:  # libraries and dense weights are verified as they load (from the bytes checked), experts here and on fetch
         loaded_whole = {lib.file.path for lib in manifest.libraries} | {w.file.path for w in manifest.weights}
+        fetched = {ref.path for ref in manifest.weight_files()} - loaded_whole if store else set()
         for ref in manifest.files():
-            if ref.path not in loaded_whole:
-                check_file(root, ref)
+            if ref.path not in loaded_whole and not (ref.path in fetched and not (root / ref.path).exists()):
+                check_file(root, ref)  # (an expert to fetch on demand is verified when it comes)
     if fallback == "dense" and any(layer.fallback is None for layer in manifest.moe_layers):
         raise InputError(f"{root}: fallback 'dense' needs the dense stand-in experts, which this artifact lacks "
                          f"(compile it with --dense-fallback, or use fallback 'skip')")
     model = MoEModel(root, manifest, cache_budget, prefetch=prefetch, storage_mbps=storage_mbps, fallback=fallback,
-                     verify=verify, cipher=cipher, min_expert_weight=float(min_expert_weight))
+                     verify=verify, cipher=cipher, min_expert_weight=float(min_expert_weight), store=store)
     if preload == "auto" and model._pools:  # everything fits: load it all, so decode runs resident
         model.preload_hot(1.0)
     elif preload == "auto":
@@ -150,8 +163,9 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
 class MoEModel:
     def __init__(self, root: Path, manifest: Manifest, cache_budget, prefetch: bool = False,
                  storage_mbps: float | None = None, fallback: str = "error", verify: bool = True,
-                 cipher: WeightCipher | None = None, min_expert_weight: float = 0.0):
+                 cipher: WeightCipher | None = None, min_expert_weight: float = 0.0, store=None):
         self.root, self.manifest = root, manifest
+        self.store = store  # an expert_store.ExpertStore: experts missing here come from it
         self.min_expert_weight = min_expert_weight
         self.skipped_experts = 0  # token-expert slots skipped (min_expert_weight)
         self.verify = verify
@@ -606,7 +620,10 @@ class MoEModel:
 
     def _read_tensors(self, ref, specs) -> dict[str, np.ndarray]:
         """The arrays `specs` of one safetensors file, read once and verified."""
-        data = read_verified(self.root, ref, self.verify)  # also catches files changed after load
+        if self.store is not None and not (self.root / ref.path).exists():
+            data = self.store.read(ref)  # verified against the manifest on the way in
+        else:
+            data = read_verified(self.root, ref, self.verify)  # also catches files changed after load
         if self._cipher is not None:
             data = self._cipher.decrypt(ref.path, data)  # in memory: no plaintext reaches a disk
         from safetensors import deserialize
@@ -856,6 +873,8 @@ class MoEModel:
             "compiled_calls": self.timings.call_count,
             "resident_layer_calls": self.resident_calls,
             "skipped_experts": self.skipped_experts,
+            **({"expert_store": {**dataclasses.asdict(self.store.stats), "stored_bytes": self.store.stored_bytes(),
+                                 "budget_bytes": self.store.budget}} if self.store is not None else {}),
             "outside_compiled_share": (1 - timings.decode_calls / timings.decode_seconds) if timings.decode_seconds else
                                       (1 - timings.calls / timings.steps) if timings.steps else None,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
