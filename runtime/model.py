@@ -105,7 +105,7 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
     expert_source: an http(s) URL serving the artifact's files (`moetvm serve-experts DIR`): expert
     files missing here are fetched when first needed, verified against the manifest, and kept in
     `expert_store` (default ~/.cache/moetvm/experts) within `expert_store_budget` (bytes, a size or
-    a percentage of all experts; runtime/expert_store.py).
+    a percentage of all expert files; runtime/expert_store.py).
     min_expert_weight: confidence-based skipping: a token does not run the selected experts whose
     share of its routing weight is below this (its heaviest always runs; the rest renormalised,
     routing.skip_light_experts). 0 (default): every selected expert runs. Decode then takes the
@@ -137,8 +137,8 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
     if expert_source is not None:
         from .expert_store import ExpertStore
 
-        store = ExpertStore(expert_source, expert_store, parse_budget(expert_store_budget, manifest.cache_bytes,
-                                                                      "expert store budget"))
+        files = sum(ref.size for ref in manifest.weight_files()) - sum(w.file.size for w in manifest.weights)
+        store = ExpertStore(expert_source, expert_store, parse_budget(expert_store_budget, files, "expert store budget"))
     if verify:  # libraries and dense weights are verified as they load (from the bytes checked), experts here and on fetch
         loaded_whole = {lib.file.path for lib in manifest.libraries} | {w.file.path for w in manifest.weights}
         fetched = {ref.path for ref in manifest.weight_files()} - loaded_whole if store else set()

@@ -89,6 +89,14 @@ RUN_CASES = [
     (["--storage-mbps", "-3"], "storage throttle must be a positive number"),
     (["--fallback", "dense"], "needs the dense stand-in experts"),
     (["--trusted-key", "/no/such.pem"], "does not exist"),
+    (["--decrypt-key", "/no/such.key"], "does not exist"),
+    (["--decrypt-key", str(ASSETS / "heldout.txt")], "a key file holds exactly 32 bytes"),
+    (["--min-expert-weight", "1"], "1.0 is not in the range 0<=x<1"),
+    (["--min-expert-weight", "-0.5"], "is not in the range"),
+    (["--cache-budget", "60%..25%"], "the floor is above the ceiling"),
+    (["--cache-budget", "25%..x"], "bad cache budget 'x'"),
+    (["--expert-source", "ftp://x/"], "give an http(s) URL"),
+    (["--expert-source", "http://127.0.0.1:1/", "--expert-store-budget", "0"], "bad expert store budget '0'"),
 ]
 
 
@@ -141,6 +149,8 @@ COMPILE_CASES = [
      "several targets write a folder of artifacts"),
     (lambda f: ["model.onnx", "-o", f["root"] / "a", "--target", "host", "--target", "cortex-a72"],
      "compile an ONNX model once per target"),
+    (lambda f: ["reference", "-o", f["root"] / "a", "--encrypt-key", f["tiny"]], "a key file holds exactly 32 bytes"),
+    (lambda f: ["reference", "-o", f["root"] / "a", "--encrypt-key", "/missing.key"], "'/missing.key' does not exist"),
 ]
 
 
@@ -540,3 +550,13 @@ def test_an_expert_swapped_after_the_check_is_never_used(reference_artifact, tmp
             used += 1
             assert all(np.array_equal(a, b) for a, b in zip(value, expected)), "forged weights were used"
     assert refused > 0 and used > 0
+
+
+def test_bundle_commands_refuse(reference_artifact, files, tmp_path):
+    assert_one_line_error(cli("pack", files["root"], "-o", tmp_path / "b"), "not a moetvm artifact")
+    assert_one_line_error(cli("pack", reference_artifact, "-o", files["text"]), "already exists; refusing to replace it")
+    assert_one_line_error(cli("unpack", files["text"], "-o", tmp_path / "x"), "not a readable moetvm bundle")
+    assert_one_line_error(cli("unpack", tmp_path / "none", "-o", tmp_path / "x"), "no such bundle file")
+    assert_one_line_error(cli("update", files["root"], files["text"]), "cannot be updated")
+    assert_one_line_error(cli("serve-experts", files["root"]), "no manifest (not a moetvm artifact directory?)")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "b").exists()

@@ -46,7 +46,10 @@ def test_resident_layers_compute_what_the_host_path_computes(which, reference_ar
     assert resident.resident and not host._pools
     tokens = heldout_tokens[5000:5040]
     a, b = _steps(resident, tokens), _steps(host, tokens)
-    assert max(relative_error(x, y) for x, y in zip(a, b)) < 1e-5
+    # fp32: the same sums in another order. int4: the integer-dot kernels quantize activations
+    # to int8 per block of 32, so a sum that differs in its last bit can round one activation to
+    # the next step (1/254 of its block's largest), and the next steps carry it on.
+    assert max(relative_error(x, y) for x, y in zip(a, b)) < (1e-5 if which == "fp32" else 1e-2)
     assert [x.argmax() for x in a] == [y.argmax() for y in b]
     steps, layers = len(tokens) - 8, len(m.moe_layers)
     stats = resident.stats()

@@ -94,7 +94,9 @@ def test_many_threads_one_model(reference_artifact, heldout_tokens):
     prefetch on: every output equals the single-threaded one; the budget is never exceeded."""
     rng = np.random.default_rng(7)
     jobs = [heldout_tokens[s : s + n][None] for s, n in zip(rng.integers(0, 40000, 48), rng.integers(1, 40, 48))]
-    single = load_model(reference_artifact, cache_budget="100%")
+    # The same budget single-threaded: the same kernels (a full budget would take the resident
+    # layers, whose fused kernel sums in another order), so outputs must be bit for bit the same.
+    single = load_model(reference_artifact, cache_budget="19%", prefetch=False)
     expected = [single(t) for t in jobs]
     shared = load_model(reference_artifact, cache_budget="19%", prefetch=True)
     results, errors = [None] * len(jobs), []
