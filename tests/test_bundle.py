@@ -137,3 +137,26 @@ def test_cli_pack_update(versions, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = run("unpack", tmp_path / "absent.moetvm", "-o", tmp_path / "x")
     assert proc.returncode != 0 and "no such bundle file" in proc.stderr
+
+
+def test_killed_update_leaves_one_whole_version(versions, tmp_path):
+    """`moetvm update` killed at several moments: the directory is always one whole version,
+    the old one or the new one, never a mix (the new one is built beside it and renamed in)."""
+    import signal
+    import time
+
+    v1, v2 = versions
+    pack(v2, tmp_path / "delta.moetvm", base=v1)
+    old, new = _snapshot(v1), _snapshot(v2)
+    outcomes = set()
+    for delay in (0.3, 0.8, 1.5, 2.5, 4.0):
+        board = Path(shutil.copytree(v1, tmp_path / f"board-{delay}"))
+        proc = subprocess.Popen([sys.executable, "-m", "moetvm.cli", "update", board, tmp_path / "delta.moetvm"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = _snapshot(board)
+        assert state in (old, new), delay
+        outcomes.add("new" if state == new else "old")
+    assert "old" in outcomes  # killed before the swap at least once (Python takes longer than 0.3 s to start)
