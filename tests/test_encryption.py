@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import deserialize
 
 from moetvm.artifact import ArtifactError, read_manifest
 from moetvm.encryption import KEY_ENV, EncryptionError, WeightCipher
@@ -51,15 +52,18 @@ def encrypted_copy(encrypted, tmp_path):
 def test_encrypted_artifact_computes_what_the_plain_one_does(encrypted, reference_artifact, key_files, heldout_tokens):
     plain_m, enc_m = read_manifest(reference_artifact), read_manifest(encrypted)
     assert plain_m.encryption is None and enc_m.encryption is not None
-    # Libraries and tokenizer are the same bytes; every weight file differs, and none holds the
-    # plain file's bytes or a safetensors header (8-byte length, then '{').
+    # Libraries and tokenizer are the same bytes; every weight file differs: none holds a stretch
+    # of the plain file's bytes (its safetensors header included) or parses as safetensors.
     assert [lib.file for lib in enc_m.libraries] == [lib.file for lib in plain_m.libraries]
     plain_files = {ref.path: (reference_artifact / ref.path).read_bytes() for ref in plain_m.weight_files()}
     assert [ref.path for ref in enc_m.weight_files()] == list(plain_files) and len(plain_files) > 32
     for ref in enc_m.weight_files():
         data = (encrypted / ref.path).read_bytes()
         assert len(data) == len(plain_files[ref.path]) + 28  # nonce + tag
-        assert data[8:9] != b"{" and plain_files[ref.path][64:128] not in data
+        plain = plain_files[ref.path]
+        assert plain[:64] not in data and plain[64:128] not in data and plain[-64:] not in data
+        with pytest.raises(Exception):
+            deserialize(data)
     before = {p: p.stat().st_mtime_ns for p in encrypted.rglob("*")}
     plain = load_model(reference_artifact, cache_budget="30%")
     model = load_model(encrypted, cache_budget="30%", decrypt_key=key_files["right"])
