@@ -347,6 +347,18 @@ def _int8_dot(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
     return int8_dot_matmul
 
 
+def _slot_start(chosen, e, n_experts: int, slot):
+    """Where chosen expert `e`'s slot starts in a resident pool (in units of `slot`'s size): an id
+    outside [0, E) is clamped, so a resident kernel never reads outside its pool."""
+    return T.min(T.max(chosen[e], T.int64(0)), T.int64(n_experts - 1)) * slot
+
+
+def _silu_times(gate, exp_neg_abs, up):
+    """silu(gate) * up from e^-|gate| (the exponent never positive: no overflow for large |gate|)."""
+    return gate * T.if_then_else(gate >= T.float32(0), T.float32(1) / (T.float32(1) + exp_neg_abs),
+                                 exp_neg_abs / (T.float32(1) + exp_neg_abs)) * up
+
+
 def fuses_resident_layer(s: Scheme) -> bool:
     """Whether a resident layer at `s` runs as one kernel (resident_layer) rather than as the
     composition of per-expert GEMVs: the integer-dot schemes, in tiles of whole activation blocks,
@@ -421,7 +433,7 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
             if True:
                 e: T.let[T.int64] = et // ff_tiles
                 tile: T.let[T.int64] = et % ff_tiles
-                base: T.let[T.int64] = T.min(T.max(chosen[e], T.int64(0)), T.int64(n_experts - 1)) * slot_bytes
+                base: T.let[T.int64] = _slot_start(chosen, e, n_experts, slot_bytes)
                 gate_acc = T.decl_buffer((lanes,), f32, scope="local")
                 up_acc = T.decl_buffer((lanes,), f32, scope="local")
                 h = T.decl_buffer((lanes,), f32, scope="local")
@@ -438,9 +450,7 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
                     # vectorised loop gave every lane one lane's value
                     gate_acc[l] = gate_finish((pool, scales, base), tile, l, gate_acc[l])
                     h[l] = vector_exp(T.float32(0) - T.fabs(gate_acc[l]))  # e^-|g|, within the polynomial's domain
-                    h[l] = gate_acc[l] * T.if_then_else(gate_acc[l] >= T.float32(0), T.float32(1) / (T.float32(1) + h[l]),
-                                                        h[l] / (T.float32(1) + h[l])) \
-                        * up_finish((pool, scales, base), tile, l, up_acc[l])
+                    h[l] = _silu_times(gate_acc[l], h[l], up_finish((pool, scales, base), tile, l, up_acc[l]))
                 for hb in T.serial(blocks_per_tile):  # as _quantize_activations, per block of this tile
                     amax[0] = T.float32(0)
                     for kk in T.serial(ACT_BLOCK):
@@ -460,7 +470,7 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
                 acc[l] = T.float32(0)
             for e in T.serial(T.int64(top_k)):
                 if True:
-                    base: T.let[T.int64] = T.min(T.max(chosen[e], T.int64(0)), T.int64(n_experts - 1)) * slot_bytes
+                    base: T.let[T.int64] = _slot_start(chosen, e, n_experts, slot_bytes)
                     for l in T.vectorized(lanes):
                         part[l] = T.float32(0)
                     _accumulate_tile(part, hq, hd, hs, e, (pool, scales, base), tile, d_ff, lanes, down_operand, down_value,
@@ -499,7 +509,7 @@ def _resident_float_layer(d_model: int, d_ff: int, dtype: str, lanes: int, n_exp
             if True:
                 e: T.let[T.int64] = et // ff_tiles
                 tile: T.let[T.int64] = et % ff_tiles
-                base: T.let[T.int64] = T.min(T.max(chosen[e], T.int64(0)), T.int64(n_experts - 1)) * slot
+                base: T.let[T.int64] = _slot_start(chosen, e, n_experts, slot)
                 gate_acc = T.decl_buffer((lanes,), f32, scope="local")
                 up_acc = T.decl_buffer((lanes,), f32, scope="local")
                 h = T.decl_buffer((lanes,), f32, scope="local")
@@ -512,8 +522,7 @@ def _resident_float_layer(d_model: int, d_ff: int, dtype: str, lanes: int, n_exp
                         up_acc[l] = up_acc[l] + x[0, k] * T.Cast(f32, weights[base + w_up + (tile * d_model + k) * lanes + l])
                 for l in T.vectorized(lanes):  # silu(gate) * up, as resident_layer computes it
                     h[l] = vector_exp(T.float32(0) - T.fabs(gate_acc[l]))
-                    hidden[e, tile * lanes + l] = gate_acc[l] * T.if_then_else(
-                        gate_acc[l] >= T.float32(0), T.float32(1) / (T.float32(1) + h[l]), h[l] / (T.float32(1) + h[l])) * up_acc[l]
+                    hidden[e, tile * lanes + l] = _silu_times(gate_acc[l], h[l], up_acc[l])
         for tile in T.parallel(T.int64(d_tiles)):
             acc = T.decl_buffer((lanes,), f32, scope="local")
             part = T.decl_buffer((lanes,), f32, scope="local")
@@ -521,7 +530,7 @@ def _resident_float_layer(d_model: int, d_ff: int, dtype: str, lanes: int, n_exp
                 acc[l] = T.float32(0)
             for e in T.serial(T.int64(top_k)):
                 if True:
-                    base: T.let[T.int64] = T.min(T.max(chosen[e], T.int64(0)), T.int64(n_experts - 1)) * slot
+                    base: T.let[T.int64] = _slot_start(chosen, e, n_experts, slot)
                     for l in T.vectorized(lanes):
                         part[l] = T.float32(0)
                     for k in T.serial(d_ff):

@@ -22,7 +22,8 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from moetvm.artifact import MANIFEST_NAME, ArtifactError, check_file, parse, read_manifest, safe_relative_path
+from moetvm.artifact import (MANIFEST_NAME, MAX_MANIFEST_BYTES, ArtifactError, Manifest, check_file, parse, read_manifest,
+                             read_regular_file, safe_relative_path)
 from moetvm.errors import MoetvmError
 from moetvm.output import atomic_directory
 from moetvm.signing import SIGNATURE_NAME
@@ -44,9 +45,11 @@ def _zstd():
     return zstandard
 
 
-def _manifest_bytes(root: Path) -> bytes:
-    read_manifest(root)  # parses: refuses a directory that is not an artifact, with the reason
-    return (root / MANIFEST_NAME).read_bytes()
+def _read_manifest(root: Path) -> tuple[bytes, Manifest]:
+    """The manifest's bytes (a delta names its base by their hash) and the manifest they parse to;
+    ArtifactError, with the reason, for a directory that is not an artifact."""
+    data = read_regular_file(root / MANIFEST_NAME, MAX_MANIFEST_BYTES, "manifest")
+    return data, parse(data)
 
 
 def pack(artifact: str | Path, out: str | Path, base: str | Path | None = None) -> dict:
@@ -55,15 +58,14 @@ def pack(artifact: str | Path, out: str | Path, base: str | Path | None = None) 
     root, out = Path(artifact), Path(out)
     if out.exists() or out.is_symlink():
         raise BundleError(f"-o {out}: already exists; refusing to replace it")
-    manifest_data = _manifest_bytes(root)
-    manifest = parse(manifest_data)
+    manifest_data, manifest = _read_manifest(root)
     for ref in manifest.files():  # what is shipped is what the manifest vouches for
         check_file(root, ref)
-    files = [ref for ref in _unique(manifest.files())]
+    files = list(_unique(manifest.files()))
     index = {"format": BUNDLE_FORMAT, "kind": "full"}
     if base is not None:
-        base_data = _manifest_bytes(Path(base))
-        have = {(ref.path, ref.size, ref.sha256) for ref in parse(base_data).files()}
+        base_data, base_manifest = _read_manifest(Path(base))
+        have = {(ref.path, ref.size, ref.sha256) for ref in base_manifest.files()}
         files = [ref for ref in files if (ref.path, ref.size, ref.sha256) not in have]
         index = {"format": BUNDLE_FORMAT, "kind": "delta", "base": hashlib.sha256(base_data).hexdigest()}
     index["files"] = [ref.path for ref in files]
@@ -112,13 +114,13 @@ def update(artifact: str | Path, delta: str | Path, trusted_keys: list | None = 
     """Apply a delta made against the artifact at `artifact`, atomically."""
     root = Path(artifact)
     try:
-        base = _manifest_bytes(root)
+        base = _read_manifest(root)
     except ArtifactError as e:
         raise BundleError(f"{root}: cannot be updated ({e})") from None
     return _apply(Path(delta), root, base, trusted_keys)
 
 
-def _apply(bundle: Path, out: Path, base: bytes | None, trusted_keys) -> Path:
+def _apply(bundle: Path, out: Path, base: tuple[bytes, Manifest] | None, trusted_keys) -> Path:
     if not bundle.is_file():
         raise BundleError(f"{bundle}: no such bundle file")
     want, zstd = "delta" if base is not None else "full", _zstd()
@@ -132,7 +134,11 @@ def _apply(bundle: Path, out: Path, base: bytes | None, trusted_keys) -> Path:
     return out
 
 
-def _extract(tar: tarfile.TarFile, tmp: Path, old: Path, base: bytes | None, want: str, bundle: Path) -> None:
+def _extract(tar: tarfile.TarFile, tmp: Path, old: Path, base: tuple[bytes, Manifest] | None, want: str,
+             bundle: Path) -> None:
+    """The bundle's files into `tmp`, then the rest of the new version from the old one at `old`;
+    `base`: the old version's manifest (bytes, parsed) for a delta, None for a full bundle."""
+    base_hash = hashlib.sha256(base[0]).hexdigest() if base is not None else None
     index = manifest = None
     carried: set[str] = set()
     for member in tar:
@@ -145,10 +151,9 @@ def _extract(tar: tarfile.TarFile, tmp: Path, old: Path, base: bytes | None, wan
             if index["kind"] != want:
                 how = "moetvm update DIR DELTA" if index["kind"] == "delta" else "moetvm unpack BUNDLE -o DIR"
                 raise BundleError(f"{bundle}: a {index['kind']} bundle; apply it with `{how}`")
-            if base is not None and index["base"] != hashlib.sha256(base).hexdigest():
+            if base is not None and index["base"] != base_hash:
                 raise BundleError(f"{bundle}: made against another version than the one at {old} "
-                                  f"(base manifest SHA-256 {index['base'][:12]}..., this one "
-                                  f"{hashlib.sha256(base).hexdigest()[:12]}...)")
+                                  f"(base manifest SHA-256 {index['base'][:12]}..., this one {base_hash[:12]}...)")
             continue
         if manifest is None:
             if member.name != MANIFEST_NAME:
@@ -179,7 +184,7 @@ def _extract(tar: tarfile.TarFile, tmp: Path, old: Path, base: bytes | None, wan
     if carried != set(index["files"]):
         raise BundleError(f"{bundle}: truncated ({len(set(index['files']) - carried)} of its files missing)")
     # The rest of the new version: the old version's files, where the bytes are the same.
-    old_refs = {(ref.path, ref.size, ref.sha256) for ref in parse(base).files()} if base is not None else set()
+    old_refs = {(ref.path, ref.size, ref.sha256) for ref in base[1].files()} if base is not None else set()
     for ref in _unique(manifest.files()):
         if ref.path in carried:
             continue

@@ -436,9 +436,15 @@ def serve(directory, host, port, api_key, model_name, max_queue, cache_budget, t
         _fail(f"{directory}: `serve` needs a causal LM artifact, this one is a {model.manifest.kind}")
     model_id = model_name or model.manifest.model.name or directory.name
     text = "text and token ids" if model.tokenizer is not None else "token ids only (no tokenizer in the artifact)"
+    _listen(lambda: serve_model(model, host, port, model_id=model_id, api_key=api_key, max_queue=max_queue,
+                                ready=lambda bound: click.echo(f"serving {model_id} ({text}) on http://{host}:{bound}/v1",
+                                                               err=True)), host, port)
+
+
+def _listen(run_server, host: str, port: int) -> None:
+    """Run a server until Ctrl-C; an address it cannot bind is a one-line error."""
     try:
-        serve_model(model, host, port, model_id=model_id, api_key=api_key, max_queue=max_queue,
-                    ready=lambda bound: click.echo(f"serving {model_id} ({text}) on http://{host}:{bound}/v1", err=True))
+        run_server()
     except OSError as e:
         _fail(f"cannot listen on {host}:{port} ({e.strerror or e})")
     except KeyboardInterrupt:
@@ -591,13 +597,8 @@ def serve_experts_cmd(directory, host, port):
     (only the files its manifest lists)."""
     from moetvm.runtime.expert_store import serve_experts
 
-    try:
-        serve_experts(directory, host, port,
-                      ready=lambda bound: click.echo(f"serving experts of {directory} on http://{host}:{bound}/", err=True))
-    except OSError as e:
-        _fail(f"cannot listen on {host}:{port} ({e.strerror or e})")
-    except KeyboardInterrupt:
-        click.echo("stopped", err=True)
+    _listen(lambda: serve_experts(directory, host, port, ready=lambda bound: click.echo(
+        f"serving experts of {directory} on http://{host}:{bound}/", err=True)), host, port)
 
 
 @main.command()

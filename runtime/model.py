@@ -318,7 +318,7 @@ class MoEModel:
                 self.cache.prefetch([(nxt, int(e)) for e in np.unique(guess) if e != SKIPPED],
                                     protected=[(index, int(e)) for e in np.unique(indices) if e != SKIPPED], order=order)
         t1 = time.perf_counter()
-        fused = n == 1 and not layer.shared and not (indices == SKIPPED).any()
+        fused = n == 1 and not layer.shared and not (self.min_expert_weight and (indices == SKIPPED).any())
         out = self._fused_experts(index, xt, indices, weights, order) if fused else None
         if out is None:  # a prefill, shared experts, or a token the fused call does not cover
             out = self._grouped_experts(index, xt.numpy() if on_device else x, xt, indices, weights, order)
