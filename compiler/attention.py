@@ -12,7 +12,10 @@ Layouts, chosen for batch-1 decode on CPUs:
           with no horizontal sums.
   values  (batch, kv_heads, capacity, head_dim)  the output row accumulates `weight * V[j]` along
           head_dim, vectorised.
-The cache dtype is float32 or float16 (half the bytes per token; products and sums stay fp32).
+The cache dtype is float32, float16 (half the bytes per token) or int8 (a quarter, plus a
+float32 scale per position and head: artifact.KVCacheLayout); products and sums stay fp32.
+int8 keys and values are quantized per position (symmetric, round to nearest, scale = max|x| /
+127) as they are appended; a key's scale multiplies its score, a value's its softmax weight.
 Queries are grouped onto KV heads (GQA): head h reads KV head h // (heads // kv_heads).
 """
 
@@ -21,6 +24,8 @@ from __future__ import annotations
 import functools
 
 from tvm.script import tirx as T
+
+from moetvm.artifact import KV_QUANTIZED, KV_SCALE_BYTES
 
 LANES = 64  # keys scored together: independent accumulators (4 AVX512 / 8 AVX2 / 16 NEON
 # registers), so the head_dim-long multiply-add chains overlap. With 8 (one AVX2 register) each
@@ -54,9 +59,27 @@ AHEAD = 1  # blocks: the keys of one block are key_dim rows a capacity apart, to
 # more blocks ahead: slower).
 
 
+def _byte(x):
+    """An int8 element's bits as 0..255."""
+    return T.bitwise_and(T.Cast("int32", x), 255)
+
+
+def stored_scale(b0, b1, b2, b3):
+    """The float32 whose little-endian bytes are the int8 elements b0..b3."""
+    bits = _byte(b0) | T.shift_left(_byte(b1), 8) | T.shift_left(_byte(b2), 16) | T.shift_left(_byte(b3), 24)
+    return T.reinterpret("float32", bits)
+
+
+def scale_byte(scale, k: int):
+    """Byte k (little-endian) of the float32 `scale`, as an int8 element."""
+    return T.Cast("int8", T.bitwise_and(T.shift_right(T.reinterpret("int32", scale), 8 * k), 255))
+
+
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
 def append_keys(kv_heads: int, head_dim: int, dtype: str):
     """cache (b, kv_heads, head_dim, cap) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1."""
+    if dtype in KV_QUANTIZED:
+        return append_quantized(kv_heads, head_dim, transposed=True)
 
     @T.prim_func(private=True, s_tir=True)
     def kv_append_keys(cache_h: T.handle, new_h: T.handle, p: T.int64):
@@ -75,6 +98,8 @@ def append_keys(kv_heads: int, head_dim: int, dtype: str):
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
 def append_values(kv_heads: int, head_dim: int, dtype: str):
     """cache (b, kv_heads, cap, head_dim) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1."""
+    if dtype in KV_QUANTIZED:
+        return append_quantized(kv_heads, head_dim, transposed=False)
 
     @T.prim_func(private=True, s_tir=True)
     def kv_append_values(cache_h: T.handle, new_h: T.handle, p: T.int64):
@@ -92,6 +117,47 @@ def append_values(kv_heads: int, head_dim: int, dtype: str):
 
 
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
+def append_quantized(kv_heads: int, head_dim: int, transposed: bool):
+    """int8 cache <- new (b, kv_heads, s, head_dim) at positions p..p+s-1, each position's row
+    quantized with its scale's bytes after it: keys (transposed) (b, kv_heads, head_dim + 4, cap),
+    values (b, kv_heads, cap, head_dim + 4)."""
+    rows = head_dim + KV_SCALE_BYTES
+
+    def shape(b, cap):
+        return (b, kv_heads, rows, cap) if transposed else (b, kv_heads, cap, rows)
+
+    @T.prim_func(private=True)
+    def kv_append_quantized(cache_h: T.handle, new_h: T.handle, p: T.int64):
+        # Opaque: a position's scale needs its whole row, so FuseOps must not treat this as elementwise.
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        b, s, cap = T.int64(), T.int64(), T.int64()
+        cache = T.match_buffer(cache_h, shape(b, cap), "int8")
+        new = T.match_buffer(new_h, (b, kv_heads, s, head_dim), "float32")
+        for bh in T.parallel(b * kv_heads):
+            for i in T.serial(s):
+                if True:
+                    amax = T.decl_buffer((1,), "float32", scope="local")
+                    bi: T.let[T.int64] = bh // kv_heads
+                    g: T.let[T.int64] = bh % kv_heads
+                    amax[0] = T.float32(0)
+                    for d in T.serial(head_dim):
+                        amax[0] = T.max(amax[0], T.fabs(new[bi, g, i, d]))
+                    inv: T.let[T.float32] = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+                    for d in T.serial(head_dim):
+                        if transposed:
+                            cache[bi, g, d, p + i] = T.Cast("int8", T.round(new[bi, g, i, d] * inv))
+                        else:
+                            cache[bi, g, p + i, d] = T.Cast("int8", T.round(new[bi, g, i, d] * inv))
+                    for k in T.unroll(KV_SCALE_BYTES):
+                        if transposed:
+                            cache[bi, g, head_dim + k, p + i] = scale_byte(amax[0] / T.float32(127), k)
+                        else:
+                            cache[bi, g, p + i, head_dim + k] = scale_byte(amax[0] / T.float32(127), k)
+
+    return kv_append_quantized
+
+
+@functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
 def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dtype: str, scale: float):
     """out (b, s, heads, value_dim) = causal softmax(q K^T * scale) V for queries q (b, heads, s,
     key_dim) at positions p..p+s-1 over cached positions 0..p+s-1. `scores` (b, heads, s, cap) is
@@ -99,12 +165,22 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
     capacity) and masked."""
     group = heads // kv_heads
     vd = value_dim
+    quantized = dtype in KV_QUANTIZED
+    extra = KV_SCALE_BYTES if quantized else 0
     # Values are summed over keys as `unroll` interleaved partial rows (each vd lanes), so
     # consecutive keys' multiply-adds do not wait on each other; about 16 vector registers of
     # AVX512 in all.
     unroll = max(1, min(4, 256 // vd))
-    line_lanes = 64 // (2 if dtype == "float16" else 4)  # keys per cache line
+    line_lanes = 64 // {"float32": 4, "float16": 2, "int8": 1}[dtype]  # keys per cache line
     lines = LANES // line_lanes
+
+    def key_scale(keys, bi, g, j):  # of the key at position j (int8): the 4 rows after key_dim
+        return stored_scale(*(keys[bi, g, key_dim + k, j] for k in range(KV_SCALE_BYTES)))
+
+    def weight(scores, values, bi, h, i, g, j):  # position j's softmax weight, times its value row's scale (int8)
+        if not quantized:
+            return scores[bi, h, i, j]
+        return scores[bi, h, i, j] * stored_scale(*(values[bi, g, j, value_dim + k] for k in range(KV_SCALE_BYTES)))
 
     @T.prim_func(private=True)
     def attention(q_h: T.handle, keys_h: T.handle, values_h: T.handle, p: T.int64, out_h: T.handle,
@@ -112,8 +188,8 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         b, s, cap = T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_h, (b, heads, s, key_dim), "float32")
-        keys = T.match_buffer(keys_h, (b, kv_heads, key_dim, cap), dtype)
-        values = T.match_buffer(values_h, (b, kv_heads, cap, value_dim), dtype)
+        keys = T.match_buffer(keys_h, (b, kv_heads, key_dim + extra, cap), dtype)
+        values = T.match_buffer(values_h, (b, kv_heads, cap, value_dim + extra), dtype)
         out = T.match_buffer(out_h, (b, s, heads, value_dim), "float32")
         scores = T.match_buffer(scores_h, (b, heads, s, cap), "float32")
         for bh in T.parallel(b * heads):
@@ -137,11 +213,16 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
                     for jb in T.serial(blocks):
                         for l in T.vectorized(LANES):
                             acc[l] = T.float32(0)
+                        for k in T.unroll(extra):  # int8: the scale rows
+                            prefetch_line(T.address_of(keys[bi, g, key_dim + k, (jb + AHEAD) * LANES]))
                         for d in T.serial(key_dim):
                             for line in T.unroll(lines):
                                 prefetch_line(T.address_of(keys[bi, g, d, (jb + AHEAD) * LANES + line * line_lanes]))
                             for l in T.vectorized(LANES):
                                 acc[l] = acc[l] + q[bi, h, i, d] * T.Cast("float32", keys[bi, g, d, jb * LANES + l])
+                        if quantized:
+                            for l in T.vectorized(LANES):
+                                acc[l] = acc[l] * key_scale(keys, bi, g, jb * LANES + l)
                         for l in T.vectorized(LANES):
                             scores[bi, h, i, jb * LANES + l] = T.if_then_else(
                                 jb * LANES + l < visible, acc[l] * T.float32(scale), T.float32(-3.0e38))
@@ -163,10 +244,10 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
                     for js in T.serial(steps):  # keys past the last whole step go to the first row
                         for u in T.unroll(unroll):
                             for d in T.vectorized(vd):
-                                o[u, d] = o[u, d] + scores[bi, h, i, js * unroll + u] * T.Cast("float32", values[bi, g, js * unroll + u, d])
+                                o[u, d] = o[u, d] + weight(scores, values, bi, h, i, g, js * unroll + u) * T.Cast("float32", values[bi, g, js * unroll + u, d])
                     for j in T.serial(visible - steps * unroll):
                         for d in T.vectorized(vd):
-                            o[0, d] = o[0, d] + scores[bi, h, i, steps * unroll + j] * T.Cast("float32", values[bi, g, steps * unroll + j, d])
+                            o[0, d] = o[0, d] + weight(scores, values, bi, h, i, g, steps * unroll + j) * T.Cast("float32", values[bi, g, steps * unroll + j, d])
                     for d in T.vectorized(vd):
                         out[bi, i, h, d] = o[0, d]
                     for u in T.serial(unroll - 1):

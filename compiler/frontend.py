@@ -24,7 +24,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
-from moetvm.artifact import Step, TensorSpec, kv_shapes
+from moetvm.artifact import KVCacheLayout, Step, TensorSpec, kv_shapes
 
 from .kv_cache import InPlaceLayer, convert_cached_attention
 from .spec import MoELayerSpec
@@ -243,27 +243,27 @@ class _LMStepInPlace(_LMStep):
         return self.lm.step(tokens, positions, past_positions, layers, None)[0]
 
 
-def export_causal_lm(model: nn.Module, specs: list[MoELayerSpec], kv_layout: str = "concat",
-                     kv_dtype: str = "float32") -> tvm.IRModule:
-    """kv_layout: "in_place" (buffers of `kv_dtype` written in place, see compiler/kv_cache.py)
-    or "concat" (past keys and values in, the extended ones out: models with sliding windows)."""
+def export_causal_lm(model: nn.Module, specs: list[MoELayerSpec], kv: KVCacheLayout = KVCacheLayout()) -> tvm.IRModule:
+    """kv.layout: "in_place" (buffers of kv.dtype written in place, see compiler/kv_cache.py) or
+    "concat" (past keys and values in, the extended ones out: models with sliding windows)."""
     layers, key_shape, value_shape = kv_shapes(model.kv_layout)
     b, s, p = 2, 3, 2  # example sizes; all three dimensions are exported as symbolic
     batch, seq, past = Dim("batch", min=1, max=64), Dim("seq", min=1, max=MAX_TOKENS), Dim("past", min=0, max=MAX_TOKENS)
     inputs = (torch.zeros(b, s, dtype=torch.long), torch.zeros(b, s, dtype=torch.long), torch.zeros(b, p, dtype=torch.long))
     dyn = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: past})
-    if kv_layout == "in_place":
+    if kv.layout == "in_place":
         capacity = Dim("capacity", min=2, max=1 << 20)
-        dtype = getattr(torch, kv_dtype)
-        keys = [torch.zeros(b, key_shape[0], key_shape[1], 8, dtype=dtype) for _ in range(layers)]
-        values = [torch.zeros(b, value_shape[0], 8, value_shape[1], dtype=dtype) for _ in range(layers)]
+        dtype = getattr(torch, kv.dtype)
+        key_buffer, value_buffer = kv.buffer_shapes(model.kv_layout, b, 8)
+        keys = [torch.zeros(key_buffer, dtype=dtype) for _ in range(layers)]
+        values = [torch.zeros(value_buffer, dtype=dtype) for _ in range(layers)]
         step = _LMStepInPlace(_with_markers(model, specs))
         args, dyn = (*inputs, keys, values), (*dyn, [{0: batch, 3: capacity}] * layers, [{0: batch, 2: capacity}] * layers)
     else:
         # Distinct tensors: torch.export would treat one object passed twice as one input.
-        kv = lambda shape: [torch.zeros(b, shape[0], p, shape[1]) for _ in range(layers)]  # noqa: E731
+        past_kv = lambda shape: [torch.zeros(b, shape[0], p, shape[1]) for _ in range(layers)]  # noqa: E731
         step = _LMStep(_with_markers(model, specs))
-        args, dyn = (*inputs, kv(key_shape), kv(value_shape)), (*dyn, [{0: batch, 2: past}] * layers, [{0: batch, 2: past}] * layers)
+        args, dyn = (*inputs, past_kv(key_shape), past_kv(value_shape)), (*dyn, [{0: batch, 2: past}] * layers, [{0: batch, 2: past}] * layers)
     mod = _import(step, args, dyn, keep_params=True)
     mod["main"] = mod["main"].with_attr("param_names", [weight_name(str(n)) for n in mod["main"].attrs["param_names"]])
     return mod

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moetvm.artifact import KVCacheLayout, ModelInfo, lm_io_names
+from moetvm.artifact import KV_QUANTIZED, KVCacheLayout, ModelInfo, lm_io_names
 from moetvm.errors import UsageError
 
 from . import frontend, quant_plan
@@ -65,12 +65,15 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
         window = getattr(model, "window", None) if not getattr(model, "mixed_attention", False) else None
         kv = (KVCacheLayout("in_place", options.kv_cache_dtype(), KV_CAPACITY_MULTIPLE)
               if getattr(model, "in_place_kv", False) else KVCacheLayout("concat", "float32", window=window))
+        if options.kv_dtype in KV_QUANTIZED and kv.layout != "in_place":
+            raise UnsupportedModelError(f"--kv-dtype {options.kv_dtype}: {type(model).__name__} keeps the concatenating "
+                                        f"KV cache (sliding-window, chunked or sink attention), which holds float32")
     kv_note = f", {kv.layout} {kv.dtype} KV cache" + (f" of the last {kv.window - 1} positions" if kv.window else "") \
         if lm else ""
     with bar.step(f"trace {type(model).__name__} with torch.export ({len(specs)} MoE layers{kv_note})"):
         if lm:
             input_names, output_names = lm_io_names(model.kv_layout[0], kv.layout)
-            mod = frontend.export_causal_lm(model, specs, kv.layout, kv.dtype)
+            mod = frontend.export_causal_lm(model, specs, kv)
         else:
             (example,) = example_inputs
             input_names, output_names = ["hidden"], ["output"]

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 import torch
 from tvm import relax
 
+from moetvm.artifact import KV_SCALE_BYTES
+
 from . import attention as kernels
 
 ATTENTION_NAME = "moetvm_in_place"
@@ -35,15 +37,32 @@ def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_buf
     attend causally over positions 0..p+s-1. q (b, h, s, dk), k (b, kvh, s, dk), v (b, kvh, s, dv);
     returns (b, s, h, dv)."""
     p, s = past_positions.shape[1], q.shape[2]
-    key_buffer[:, :, :, p:p + s] = k.transpose(2, 3).to(key_buffer.dtype)
-    value_buffer[:, :, p:p + s] = v.to(value_buffer.dtype)
+    key_buffer[:, :, :, p:p + s] = _stored(k, key_buffer.dtype).transpose(2, 3)
+    value_buffer[:, :, p:p + s] = _stored(v, value_buffer.dtype)
     group = q.shape[1] // k.shape[1]
-    keys = key_buffer[:, :, :, :p + s].float().repeat_interleave(group, 1)
-    values = value_buffer[:, :, :p + s].float().repeat_interleave(group, 1)
+    keys = _read(key_buffer[:, :, :, :p + s].transpose(2, 3)).transpose(2, 3).repeat_interleave(group, 1)
+    values = _read(value_buffer[:, :, :p + s]).repeat_interleave(group, 1)
     scores = (q @ keys) * scale
     visible = torch.arange(p + s)[None, :] <= (p + torch.arange(s))[:, None]
     weights = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1)
     return (weights @ values).transpose(1, 2).contiguous()
+
+
+def _stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows (..., d) as the cache stores them: cast, or for int8 quantized per row with the
+    row's float32 scale in its last KV_SCALE_BYTES elements (artifact.KVCacheLayout)."""
+    if dtype != torch.int8:
+        return x.to(dtype)
+    amax = x.float().abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return torch.cat([torch.round(x * inv).to(torch.int8), (amax / 127).view(torch.int8)], -1)
+
+
+def _read(rows: torch.Tensor) -> torch.Tensor:
+    """Stored rows -> float32 (the inverse of _stored, up to its rounding)."""
+    if rows.dtype != torch.int8:
+        return rows.float()
+    return rows[..., :-KV_SCALE_BYTES].float() * rows[..., -KV_SCALE_BYTES:].contiguous().view(torch.float32)
 
 
 @_cached_attention.register_fake

@@ -33,7 +33,8 @@ class CompileOptions:
     router_quant: the routers' precision (fp32 or int8).
     dense_quant: the dense part's linear layers, LM head and embedding table; default: as
     `quant` (fp32 with auto). Norms stay fp32. Dense weights go to weight files, never into code.
-    kv_dtype: the keys and values an LM caches; default float16 unless the dense part is fp32.
+    kv_dtype: the keys and values an LM caches; default float16 unless the dense part is fp32;
+    int8 (in-place caches) quantizes each position's key and value per head, with its scale.
     routing: learned (the model's router), hash (token id -> experts, fitted on calibration
     tokens), tiling (by position, `tile` positions per expert set) or cycle (by time step, each
     set held `cycle_dwell` steps).

@@ -23,13 +23,14 @@ from pathlib import Path, PurePosixPath
 
 from moetvm.errors import MoetvmError
 
-FORMAT_VERSION = 6  # 2: the dense part's weights in weight files (`weights`), not in the segments library
+FORMAT_VERSION = 7  # 2: the dense part's weights in weight files (`weights`), not in the segments library
 # 3: resident MoE layers (a layer's experts in one pool, routed and run in one call)
 # 4: the LM's tokenizer (`tokenizer`) and bf16 weights: a runtime before them says so by version
 # 5: sparsemixer routing (PhiMoE: score_fn "sparsemixer", jitter_eps); a sliding window's bounded cache
 #    (kv_cache.window); routing weights that scale the experts' input (Llama 4: scale_input)
 # 6: weight files encrypted at rest (`encryption`, moetvm/encryption.py)
-SUPPORTED_FORMAT_VERSIONS = (1, 6)
+# 7: an int8 in-place KV cache (kv_cache.dtype "int8", each position's scale in the buffer)
+SUPPORTED_FORMAT_VERSIONS = (1, 7)
 SLOT_ALIGN = 64  # bytes: every tensor in an expert's pool slot starts at a multiple (the kernels' vector alignment)
 MANIFEST_NAME = "manifest.json"
 
@@ -168,12 +169,26 @@ class KVCacheLayout:
     which it writes at the new positions, and returns logits; the capacity is a multiple of
     `capacity_multiple`. concat (format 1): past keys/values (batch, heads, past, dim) in,
     extended ones out, the past positions they hold beside them; with a `window` (format 5) every
-    layer attends to the last `window` positions only, so the cache keeps the last window - 1."""
+    layer attends to the last `window` positions only, so the cache keeps the last window - 1.
+    int8 (in_place, format 7): each position's key column and value row is quantized on its own,
+    symmetric, and carries its float32 scale (little-endian) in SCALE_BYTES extra int8 elements:
+    key buffers have key dim + 4 rows, value rows value dim + 4 elements."""
 
     layout: str = "concat"  # one of KV_LAYOUTS
     dtype: str = "float32"  # one of KV_DTYPES
     capacity_multiple: int = 1
     window: int | None = None  # concat: sliding-window attention in every layer
+
+    @property
+    def scale_bytes(self) -> int:
+        """Extra elements per position holding its scale (int8: a float32's bytes)."""
+        return KV_SCALE_BYTES if self.dtype in KV_QUANTIZED else 0
+
+    def buffer_shapes(self, kv_layout: list[int], batch: int, capacity: int) -> tuple[tuple, tuple]:
+        """in_place: the shapes of one layer's (key buffer, value buffer) for `capacity` positions."""
+        _, (key_heads, key_dim), (value_heads, value_dim) = kv_shapes(kv_layout)
+        return ((batch, key_heads, key_dim + self.scale_bytes, capacity),
+                (batch, value_heads, capacity, value_dim + self.scale_bytes))
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -392,7 +407,9 @@ def parse(text: str | bytes) -> Manifest:
 
 MAX_DIM = 1 << 31  # any one tensor dimension (a real one is below 10^6)
 QUANT_SCHEMES = ("fp32", "fp16", "bf16", "int8", "int4")  # how weights may be stored (compiler/quant.py builds them)
-KV_DTYPES = ("float32", "float16")  # what an LM's KV cache may hold
+KV_DTYPES = ("float32", "float16", "int8")  # what an LM's KV cache may hold
+KV_QUANTIZED = ("int8",)  # in_place only: stored with a per-position scale (KVCacheLayout)
+KV_SCALE_BYTES = 4
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
 SCORE_FNS = ("softmax", "sigmoid", "sparsemixer")  # sparsemixer: PhiMoE's two picks (see routing.select_experts)
 GROUP_SCORES = ("top2_sum", "max")  # how grouped top-k ranks a group (see routing.select_experts)
@@ -607,6 +624,9 @@ def _check_model_fields(m: Manifest) -> None:
         if not (kv.layout in KV_LAYOUTS and kv.dtype in KV_DTYPES and 0 < kv.capacity_multiple <= 4096):
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache must give a layout ({', '.join(KV_LAYOUTS)}), a dtype "
                                 f"({', '.join(KV_DTYPES)}) and optionally a capacity_multiple (1..4096), got {kv!r}")
+        if kv.dtype in KV_QUANTIZED and kv.layout != "in_place":
+            raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache dtype {kv.dtype} needs the in_place layout, "
+                                f"got {kv.layout!r}")
         logits = next((o for o in m.outputs if o.name == "logits"), None)
         vocab = info.vocab_size
         if logits is None or not logits.shape or logits.shape[-1] != (vocab or logits.shape[-1]):
@@ -661,9 +681,10 @@ def _check_program(m: Manifest) -> None:
     if m.kind == "causal_lm":
         layers, key_shape, value_shape = m.model.kv_shapes
         if m.model.kv.layout == "in_place":
-            # keys (b, heads, dim, capacity), values (b, heads, capacity, dim)
-            kv_inputs = [(t.shape[1:3], key_shape) if t.name.startswith("key_buffer_") else
-                         (t.shape[1::2], value_shape) for t in m.inputs if t.name.startswith(("key_buffer_", "value_buffer_"))]
+            # keys (b, heads, dim, capacity), values (b, heads, capacity, dim); int8 with their scales
+            key_buffer, value_buffer = m.model.kv.buffer_shapes(m.model.kv_layout, 1, 1)
+            kv_inputs = [(t.shape[1:3], key_buffer[1:3]) if t.name.startswith("key_buffer_") else
+                         (t.shape[1::2], value_buffer[1::2]) for t in m.inputs if t.name.startswith(("key_buffer_", "value_buffer_"))]
         else:
             kv_inputs = [(t.shape[1::2], key_shape if t.name.startswith("past_keys_") else value_shape) for t in m.inputs
                          if t.name.startswith(("past_keys_", "past_values_"))]

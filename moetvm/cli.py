@@ -71,7 +71,8 @@ def targets():
               help="precision of the dense part's linear layers, LM head and embeddings "
                    "[default: as --quant; fp32 with auto]")
 @click.option("--kv-dtype", type=click.Choice(KV_DTYPES), default=None,
-              help="keys and values the LM caches [default: float16, float32 when the dense part is fp32]")
+              help="keys and values the LM caches; int8: a quarter of float32's bytes, quantized per "
+                   "position [default: float16, float32 when the dense part is fp32]")
 @click.option("--weight-budget", default=None, help="auto: expert bytes allowed (bytes or % of fp32)")
 @click.option("--calibration", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="text profiling expert usage (preload order) and planning auto precision "

@@ -899,7 +899,7 @@ class KVCache:
             keys = [np.zeros((batch, key_heads, 0, key_dim), np.float32)] * layers
             values = [np.zeros((batch, value_heads, 0, value_dim), np.float32)] * layers
         self.keys, self.values = keys or [], values or []
-        self._shapes = (layers, key_heads, key_dim, value_heads, value_dim)
+        self._layers = layers
         self.io_names = manifest.model.io_names  # the step's (inputs, outputs), in order: computed once per manifest
 
     @staticmethod
@@ -926,8 +926,9 @@ class KVCache:
         if limit:
             capacity = min(capacity, max(limit, positions))
         capacity = -(-capacity // self.multiple) * self.multiple
-        layers, key_heads, key_dim, value_heads, value_dim = self._shapes
-        shapes = [(self.batch, key_heads, key_dim, capacity)] * layers + [(self.batch, value_heads, capacity, value_dim)] * layers
+        layers = self._layers
+        key_buffer, value_buffer = self.manifest.model.kv.buffer_shapes(self.manifest.model.kv_layout, self.batch, capacity)
+        shapes = [key_buffer] * layers + [value_buffer] * layers
         on_cpu = _is_cpu(device)
         # Read whole by every token at long contexts, as the weights are: one huge-page block on the CPU.
         buffers = host_arrays([(shape, self.dtype) for shape in shapes])[1] if on_cpu else [np.zeros(shape, self.dtype) for shape in shapes]

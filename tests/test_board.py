@@ -147,6 +147,23 @@ def test_quantized_artifact_on_board_matches_host(board, reference_model, heldou
     assert result["new"] == load_model(host).generate(tokens[0], 32)
 
 
+def test_int8_kv_cache_on_board_matches_host(board, reference_model, heldout_tokens, tmp_path):
+    """The int8 KV cache's kernels (quantize on append, scales in the buffer) built for NEON
+    compute what the host's compute, through a prefill and 32 decode steps."""
+    from moetvm.compiler import compile_model
+    from moetvm.runtime import load_model
+
+    host = compile_model(reference_model, target="host", out=tmp_path / "host", kv_dtype="int8", progress=False)
+    a72 = compile_model(reference_model, target="cortex-a72", out=tmp_path / "a72", kv_dtype="int8", progress=False)
+    tokens = heldout_tokens[6000:6020][None]
+    out = tmp_path / "logits.npy"
+    proc = subprocess.run([board, "-c", BOARD_SCRIPT, a72, "100%", json.dumps(tokens.tolist()), out],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert relative_error(np.load(out), load_model(host)(tokens)) < 1e-4
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["new"] == load_model(host).generate(tokens[0], 32)
+
+
 def test_tune_on_board_through_tracker_then_cross_compile(board, tracker, reference_model, heldout_tokens, tmp_path):
     """MetaSchedule measures candidates on the emulated board via the tracker (emulated timings
     are not real Cortex-A72 timings), and a cross-compile applies the records."""

@@ -195,3 +195,59 @@ def test_one_budget_means_the_same_bytes_in_run_and_simulate(tmp_path):
     assert result["accesses"] > 0
     with pytest.raises(Exception, match="shared experts"):
         simulate(trace, shared, policies=("lru",))  # nothing left for routed experts
+
+
+def _eager_in_place_logits(model, kv: KVCacheLayout, tokens: np.ndarray, prompt: int) -> list[np.ndarray]:
+    """The model run by PyTorch through the in-place cache op's eager semantics (compiler/kv_cache.py):
+    the prompt in one step, then one token per step; last-position logits of each step."""
+    from moetvm.compiler.kv_cache import InPlaceLayer
+
+    key_shape, value_shape = kv.buffer_shapes(model.kv_layout, 1, 512)
+    dtype = getattr(torch, kv.dtype)
+    buffers = [(torch.zeros(key_shape, dtype=dtype), torch.zeros(value_shape, dtype=dtype))
+               for _ in range(model.kv_layout[0])]
+    ids = torch.from_numpy(tokens)[None]
+    out, past = [], 0
+    with torch.no_grad():
+        for start, end in [(0, prompt)] + [(t, t + 1) for t in range(prompt, len(tokens))]:
+            past_positions = torch.arange(past)[None]
+            layers = [InPlaceLayer(k, v, past_positions) for k, v in buffers]
+            logits = model.step(ids[:, start:end], torch.arange(start, end)[None], past_positions, layers, None)[0]
+            out.append(logits[0, -1].numpy())
+            past = end
+    return out
+
+
+@pytest.mark.slow
+def test_int8_kv_cache_is_its_stated_quantization_and_keeps_the_model(reference_model, reference_artifact,
+                                                                      heldout_tokens, tmp_path):
+    """--kv-dtype int8: each position's key and value quantized per head, its scale in the
+    buffer. Over 300 decode steps (the buffers grow 256 -> 512, scales copied with them) the
+    compiled model computes what PyTorch computes with the same quantization (1e-4). Against the
+    fp32 cache, on 2 x 512 held-out bytes: cross-entropy within 0.5%, top-1 agreement >= 98%
+    (measured: 4.2940 vs 4.2947 bits/byte, 99.6%; single logits move up to ~0.2 of the largest)."""
+    art = compile_model(reference_model, out=tmp_path / "int8kv", kv_dtype="int8", progress=False)
+    kv = read_manifest(art).model.kv_cache
+    assert kv == KVCacheLayout("in_place", "int8", 64) and kv.scale_bytes == 4
+    int8_kv = load_model(art, prefetch=False, preload=0)
+    tokens = heldout_tokens[9000:9316]
+    cache = int8_kv.new_cache()
+    logits, cache = int8_kv.step(tokens[None, :16], cache)
+    ours = [logits[0, -1]]
+    for t in tokens[16:-1]:
+        logits, cache = int8_kv.step(np.array([[t]]), cache)
+        ours.append(logits[0, -1])
+    assert cache.capacity == 512 and cache.keys[0].dtype == "int8"
+    assert cache.keys[0].shape[2] == reference_model.kv_layout[2] + 4
+    eager = _eager_in_place_logits(reference_model, kv, tokens[:-1], 16)
+    assert max(relative_error(x, y) for x, y in zip(ours, eager)) < 1e-4
+
+    fp32_kv = load_model(reference_artifact, prefetch=False, preload=0)
+    windows = np.stack([heldout_tokens[s:s + 513] for s in (0, 4096)])
+    a, b = int8_kv(windows[:, :-1]), fp32_kv(windows[:, :-1])
+    def cross_entropy(logits):
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        return -np.take_along_axis(logp, windows[:, 1:, None], -1).mean()
+    assert abs(cross_entropy(a) / cross_entropy(b) - 1) < 5e-3
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.98

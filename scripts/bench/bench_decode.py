@@ -262,14 +262,15 @@ def compiler_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def moetvm_compile(model_dir: Path, quant: str, root: Path, timeout: float) -> tuple[Path, dict]:
-    art = root / "artifacts" / f"{model_dir.name}-{quant}"
+def moetvm_compile(model_dir: Path, quant: str, root: Path, timeout: float, kv_dtype: str | None = None) -> tuple[Path, dict]:
+    art = root / "artifacts" / (f"{model_dir.name}-{quant}" + (f"-kv{kv_dtype}" if kv_dtype else ""))
     stamp = art.with_name(art.name + ".compiler")
     fingerprint = compiler_fingerprint()
     if (art / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
         return art, {"reused": True}
-    log(f"moetvm compile {model_dir.name} --quant {quant}")
-    _, _, wall, rss = run_proc([*moetvm_cmd(), "compile", f"hf:{model_dir}", "--quant", quant, "-o", art, "--quiet"],
+    kv = ["--kv-dtype", kv_dtype] if kv_dtype else []
+    log(f"moetvm compile {model_dir.name} --quant {quant} {' '.join(kv)}")
+    _, _, wall, rss = run_proc([*moetvm_cmd(), "compile", f"hf:{model_dir}", "--quant", quant, *kv, "-o", art, "--quiet"],
                                timeout=timeout)
     stamp.write_text(fingerprint)
     return art, {"reused": False, "compile_s": wall, "compile_peak_rss_mb": rss}
@@ -391,12 +392,14 @@ def gguf_active_bytes(path: Path, summary: dict) -> dict:
 
 
 REPACK_OFF: set[tuple[Path, str]] = set()  # (GGUF, measurement) whose repacked (default) CPU kernels crashed
+LLAMA_KV: list = []  # llama-bench's cache options matching moetvm's --kv-dtype (int8: q8_0 keys and values)
+LLAMA_KV_ARGS = {"int8": ["-ctk", "q8_0", "-ctv", "q8_0", "-fa", 1], "float32": ["-ctk", "f32", "-ctv", "f32"]}
 
 
 def llama_bench(gguf: Path, threads: int, args: list, timeout: float, what: str) -> tuple[list[dict], float]:
     """One llama-bench measurement with its default (repacked) CPU kernels; where those crash,
     the same measurement again with --repack 0, recorded in REPACK_OFF as (gguf, what)."""
-    cmd = [LLAMA_BIN / "llama-bench", "-m", gguf, "-t", threads, "-r", 1, "-o", "json", *args]
+    cmd = [LLAMA_BIN / "llama-bench", "-m", gguf, "-t", threads, "-r", 1, "-o", "json", *LLAMA_KV, *args]
     try:
         out, _, _, rss = run_proc(cmd + (["--repack", 0] if (gguf, what) in REPACK_OFF else []), timeout=timeout)
     except EngineError as e:
@@ -621,6 +624,9 @@ def main() -> None:
     ap.add_argument("--models", default="granitemoe,olmoe")
     ap.add_argument("--engines", default="moetvm,llama.cpp,pytorch")
     ap.add_argument("--precisions", default=",".join(PRECISIONS), help="moetvm quant / llama.cpp type at the same bits")
+    ap.add_argument("--kv-dtype", choices=["float32", "float16", "int8"], default=None,
+                    help="moetvm's KV cache (compile --kv-dtype) [default: the compiler's]; llama.cpp's "
+                         "the same bits (int8: -ctk q8_0 -ctv q8_0 -fa 1), f16 by default")
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--depths", default="256,1024", help="contexts for per-token latency ('' for none)")
@@ -647,6 +653,7 @@ def main() -> None:
         ap.error(f"unknown: {sorted(bad)}")
     root = a.out
     root.mkdir(parents=True, exist_ok=True)
+    LLAMA_KV[:] = LLAMA_KV_ARGS.get(a.kv_dtype, [])
 
     log(f"measuring memory bandwidth (reading {a.bandwidth_mb} MB)")
     bandwidth = read_bandwidth(a.bandwidth_mb)
@@ -674,7 +681,7 @@ def main() -> None:
                 cell = (key, engine, prec)
                 try:
                     if engine == "moetvm":
-                        art, info["compile"][prec] = moetvm_compile(model_dir, prec, root, a.timeout)
+                        art, info["compile"][prec] = moetvm_compile(model_dir, prec, root, a.timeout, a.kv_dtype)
                         info["active_bytes"][("moetvm", prec)] = moetvm_active_bytes(art, s)
                         targets[cell] = ("moetvm", art, ids, depth_prompts)
                     elif engine == "llama.cpp":
@@ -723,14 +730,15 @@ def main() -> None:
 
     rows = summarise(runs, cells, depths)
     print(f"decode benchmark: scale {a.scale}, {a.rounds} round(s), batch 1, {a.prompt_tokens}-token prompt, "
-          f"{a.new_tokens} new tokens; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+          f"{a.new_tokens} new tokens; KV cache {a.kv_dtype or 'default'}; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs")
     print_table(rows, models, bandwidth, depths)
     for info in models.values():
         info["active_bytes"] = {f"{e}/{p}": v for (e, p), v in info["active_bytes"].items()}
         for prec, v in info["active_bytes"].items():
             v["floor_ms_per_token"] = v["total"] / bandwidth * 1e3
     results = {"scale": a.scale, "rounds": a.rounds, "threads": threads, "prompt_tokens": a.prompt_tokens,
-               "new_tokens": a.new_tokens, "depths": depths, "depth_new_tokens": DEPTH_NEW,
+               "new_tokens": a.new_tokens, "kv_dtype": a.kv_dtype, "llama_kv_args": LLAMA_KV, "depths": depths, "depth_new_tokens": DEPTH_NEW,
                "read_bandwidth_bytes_per_s": bandwidth, "machine": {"cpus": os.cpu_count(), "cpu": cpu_name(),
                                                                      "platform": platform.platform()},
                "models": models, "summary": rows, "runs": runs}
