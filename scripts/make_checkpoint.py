@@ -36,6 +36,13 @@ SHAPES = {
         num_experts_per_tok=8, vocab_size=49155, num_attention_heads=16, num_key_value_heads=8,
         max_position_embeddings=4096, tie_word_embeddings=True, embedding_multiplier=12.0,
         attention_multiplier=0.015625, residual_multiplier=0.22, logits_scaling=6.0, rms_norm_eps=1e-6),
+    # openai/gpt-oss-20b as transformers saves it (bf16 experts; the hub's files hold them as MXFP4,
+    # which this reader does not decode): alternating sliding (128) and full layers, sinks, biases.
+    "gpt-oss-20b": dict(
+        cls="GptOssConfig", hidden_size=2880, num_hidden_layers=24, num_local_experts=32, intermediate_size=2880,
+        num_experts_per_tok=4, vocab_size=201088, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+        sliding_window=128, max_position_embeddings=131072, tie_word_embeddings=False, swiglu_limit=7.0,
+        rms_norm_eps=1e-5),
 }
 COMMON = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=0.02)
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}

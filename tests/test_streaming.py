@@ -21,7 +21,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--set", "hidden_size=64", "--set", "intermediate_size=32", "--set", "vocab_size=256",
         "--set", "num_attention_heads=4", "--set", "num_key_value_heads=2", "--set", "num_experts_per_tok=2", "--layers", "2"]
-EXPERTS = {"olmoe-1b-7b": "num_experts", "mixtral-8x7b": "num_local_experts", "granite-3.1-1b-a400m": "num_local_experts"}
+EXPERTS = {"olmoe-1b-7b": "num_experts", "mixtral-8x7b": "num_local_experts", "granite-3.1-1b-a400m": "num_local_experts",
+           "gpt-oss-20b": "num_local_experts"}
+# GPT-OSS: a limit low enough to clamp, a window shorter than the prompt (a sliding and a full layer)
+SHAPE_SETTINGS = {"gpt-oss-20b": ["--set", "head_dim=16", "--set", "swiglu_limit=0.5", "--set", "sliding_window=4"]}
 
 
 def make_checkpoint(out: Path, shape: str, *args: str) -> Path:
@@ -40,15 +43,17 @@ def compile_cli(model: Path, out: Path, *args: str, **kw) -> subprocess.Popen:
 
 @pytest.mark.parametrize("shape", sorted(EXPERTS))
 def test_streamed_bf16_checkpoint_matches_transformers(shape, tmp_path):
-    """Three key layouts: per-expert gate/up/down (OLMoE), renamed per-expert w1/w3/w2 (Mixtral),
-    fused and renamed input_linear/output_linear (GraniteMoE); bf16 shards, tied and untied heads."""
+    """Four key layouts: per-expert gate/up/down (OLMoE), renamed per-expert w1/w3/w2 (Mixtral),
+    fused and renamed input_linear/output_linear (GraniteMoE), fused gate/up columns interleaved
+    with biases (GPT-OSS); bf16 shards, tied and untied heads."""
     import transformers
 
     from moetvm.compiler import compile_model
     from moetvm.compiler.models import load_model_source
     from moetvm.runtime import load_model
 
-    ckpt = make_checkpoint(tmp_path / "ckpt", shape, *TINY, "--set", f"{EXPERTS[shape]}=8", "--shard-size", "0.0001")
+    ckpt = make_checkpoint(tmp_path / "ckpt", shape, *TINY, *SHAPE_SETTINGS.get(shape, []), "--set", f"{EXPERTS[shape]}=8",
+                           "--shard-size", "0.0001")
     assert len(list(ckpt.glob("*.safetensors"))) > 1  # sharded, with its index
     model = load_model_source(f"hf:{ckpt}", stream=True)
     assert model.streamed

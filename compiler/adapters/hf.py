@@ -110,15 +110,24 @@ def _fused_experts(experts: nn.Module, transposed: bool | None = None) -> list[E
 
 def _gpt_oss_experts(experts: nn.Module) -> list[ExpertWeights]:
     """GPT-OSS: gate_up_proj (E, H, 2I) as x @ w, gate and up columns interleaved (gate even),
-    with biases; down_proj (E, I, H); the gate clamped (alpha, limit: the workload kind)."""
-    _require(all(checkpoint_source(t) is None for t in (experts.gate_up_proj, experts.down_proj)),
-             "interleaved gate/up experts are read in memory only, not streamed from a checkpoint yet")
+    with biases; down_proj (E, I, H); the gate clamped (alpha, limit: the workload kind).
+    Streamed from a checkpoint, each expert's weights are read when it is quantized (its
+    transpose's even rows are the gate's, odd rows the up's); the biases, small, are read whole."""
     kind = clamped_kind(float(experts.alpha), float(experts.limit))
-    gate_up, gate_up_bias = to_numpy(experts.gate_up_proj), to_numpy(experts.gate_up_proj_bias)
-    down, down_bias = to_numpy(experts.down_proj), to_numpy(experts.down_proj_bias)
+    gate_up_bias, down_bias = to_numpy(experts.gate_up_proj_bias), to_numpy(experts.down_proj_bias)
+    biases = [(gate_up_bias[e, 0::2].copy(), gate_up_bias[e, 1::2].copy(), down_bias[e].copy())
+              for e in range(gate_up_bias.shape[0])]
+    streamed = checkpoint_source(experts.gate_up_proj), checkpoint_source(experts.down_proj)
+    if all(isinstance(s, FusedExperts) for s in streamed):
+        gate_up, down = streamed
+        return [ExpertWeights(gate_up.lazy(e, slice(0, None, 2), transposed=True),
+                              gate_up.lazy(e, slice(1, None, 2), transposed=True),
+                              down.lazy(e, slice(None), transposed=True), kind=kind, biases=biases[e])
+                for e in range(gate_up.shape[0])]
+    _require(all(s is None for s in streamed), "gate_up_proj and down_proj are not both fused checkpoint tensors")
+    gate_up, down = to_numpy(experts.gate_up_proj), to_numpy(experts.down_proj)
     return [ExpertWeights(gate_up[e, :, 0::2].T.copy(), gate_up[e, :, 1::2].T.copy(), down[e].T.copy(), kind=kind,
-                          biases=(gate_up_bias[e, 0::2].copy(), gate_up_bias[e, 1::2].copy(), down_bias[e].copy()))
-            for e in range(gate_up.shape[0])]
+                          biases=biases[e]) for e in range(gate_up.shape[0])]
 
 
 def _dbrx_experts(experts: nn.Module) -> list[ExpertWeights]:
