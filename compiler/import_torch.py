@@ -66,7 +66,8 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
         kv = (KVCacheLayout("in_place", options.kv_cache_dtype(), KV_CAPACITY_MULTIPLE)
               if getattr(model, "in_place_kv", False) else KVCacheLayout("concat", "float32", window=window))
         if options.kv_dtype in KV_QUANTIZED and kv.layout != "in_place":
-            raise UnsupportedModelError(f"--kv-dtype {options.kv_dtype}: {type(model).__name__} keeps the concatenating "
+            user_class = type(getattr(model, "hf", model)).__name__  # not the wrapper's
+            raise UnsupportedModelError(f"--kv-dtype {options.kv_dtype}: {user_class} keeps the concatenating "
                                         f"KV cache (sliding-window, chunked or sink attention), which holds float32")
     kv_note = f", {kv.layout} {kv.dtype} KV cache" + (f" of the last {kv.window - 1} positions" if kv.window else "") \
         if lm else ""

@@ -171,7 +171,7 @@ class KVCacheLayout:
     extended ones out, the past positions they hold beside them; with a `window` (format 5) every
     layer attends to the last `window` positions only, so the cache keeps the last window - 1.
     int8 (in_place, format 7): each position's key column and value row is quantized on its own,
-    symmetric, and carries its float32 scale (little-endian) in SCALE_BYTES extra int8 elements:
+    symmetric, and carries its float32 scale (little-endian) in KV_SCALE_BYTES extra int8 elements:
     key buffers have key dim + 4 rows, value rows value dim + 4 elements."""
 
     layout: str = "concat"  # one of KV_LAYOUTS
@@ -189,6 +189,7 @@ class KVCacheLayout:
         _, (key_heads, key_dim), (value_heads, value_dim) = kv_shapes(kv_layout)
         return ((batch, key_heads, key_dim + self.scale_bytes, capacity),
                 (batch, value_heads, capacity, value_dim + self.scale_bytes))
+
 
 @dataclass(frozen=True)
 class ModelInfo:

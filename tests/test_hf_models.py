@@ -171,6 +171,18 @@ def test_sliding_window_cache_stays_at_the_window(tmp_path):
     assert held[:2] == [5, 7] and set(held[2:]) == {7} and cache.length == 32
 
 
+def test_int8_kv_cache_is_refused_for_a_concatenating_cache(tmp_path):
+    """A windowed model keeps the float32 concatenating cache: --kv-dtype int8 is refused by name,
+    before any trace, and nothing is written."""
+    from hf_models import tiny_model
+
+    from moetvm.compiler.spec import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="--kv-dtype int8: MixtralForCausalLM keeps the concatenating"):
+        compile_model(tiny_model("mixtral"), target="host", out=tmp_path / "a", kv_dtype="int8", progress=False)
+    assert not (tmp_path / "a").exists()
+
+
 def test_llama4_chunked_masks_follow_transformers():
     """Llama 4's chunked layers (chunks of 4) beside full ones: the wrapper's masks reproduce
     transformers' own on 13 tokens, and full causal masks would not."""
