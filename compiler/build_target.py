@@ -20,6 +20,7 @@ class BuildTarget:
     tvm: tvm.target.Target
     cross_compiler: str | None
     int8_dot: bool  # x86 AVX512-VNNI: int8/int4 weights take the integer-dot kernels
+    int4_dot: bool  # x86 AVX2 (or VNNI): int4 weights take them (DeployTarget.int4_dot)
 
     @classmethod
     def resolve(cls, target: "str | DeployTarget | BuildTarget") -> "BuildTarget":
@@ -28,7 +29,11 @@ class BuildTarget:
         deploy = target if isinstance(target, DeployTarget) else get_target(target)
         compiler = deploy.check_toolchain()
         tvm_target = tvm.target.Target(deploy.tvm_target, deploy.host) if deploy.host else tvm.target.Target(deploy.tvm_target)
-        return cls(deploy, tvm_target, compiler, deploy.int8_dot)
+        return cls(deploy, tvm_target, compiler, deploy.int8_dot, deploy.int4_dot)
+
+    def dot_for(self, precision: str) -> bool:
+        """Whether weights of this precision (a scheme's name) take the integer-dot kernels."""
+        return {"int8": self.int8_dot, "int4": self.int4_dot}.get(precision, False)
 
     @property
     def name(self) -> str:

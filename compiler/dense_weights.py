@@ -140,14 +140,14 @@ class _UseStoredWeights(relax.PyExprMutator):
         return super().visit_call_(call)
 
 
-def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: bool = True, int8_dot: bool = False,
-                        sources: dict | None = None) -> tuple[tvm.IRModule, DenseWeights]:
+def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: bool = True, dot: tuple[str, ...] = (),
+                        sources: dict | None = None, vnni: bool = True) -> tuple[tvm.IRModule, DenseWeights]:
     """`mod` (main with parameters as inputs, see frontend._import) with its weights in stored
     form: linear and embedding weights at `scheme` (vocabulary tables at int8 when `scheme` is
     int4; fp32 where the input size does not fit the group size), the rest fp32; returns the
     module and the tensors `main` now takes after its inputs. cpu: matmuls use the hand-scheduled
-    kernels of compiler/gemv.py (else the TE form, for GPU targets' schedules); int8_dot: the CPU
-    has the integer dot products of gemv.py's int8/int4 kernels. sources: PyTorch name -> the
+    kernels of compiler/gemv.py (else the TE form, for GPU targets' schedules); dot: the
+    precisions (int8, int4) for which the CPU has gemv.py's integer-dot kernels, with VNNI or not. sources: PyTorch name -> the
     weight's values where they are not the traced module's own (a streamed checkpoint's
     `LazyTensor`s, compiler/checkpoint.py); read, like the rest, only when the tensors are."""
     main = mod["main"]
@@ -171,7 +171,7 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
         shape, kinds = shapes[w], uses[w]
         s = table_scheme if len(shape) == 2 and ("embedding" in kinds or shape[0] in vocabularies) else scheme
         # every stored width is padded to a tile
-        s = s.tiled(LANES if cpu else None, cpu and int8_dot and len(shape) == 2 and dot_fits(s, shape[1]))
+        s = s.tiled(LANES if cpu else None, cpu and s.name in dot and len(shape) == 2 and dot_fits(s, shape[1]), vnni)
         fits = len(shape) == 2 and w.ty.dtype == "float32" and (s.name != "int4" or shape[1] % s.group_size == 0)
         if kinds and kinds <= {"linear", "embedding"} and fits:
             padded_n = (shape[0] + PAD - 1) // PAD * PAD

@@ -90,7 +90,7 @@ def matmul(k_dim: int, n_dim: int, s: Scheme) -> tirx.PrimFunc:
     tiles = n_dim // lanes
     if s.dot:
         assert dot_fits(s, k_dim) and lanes % 16 == 0, (s, k_dim)
-        return _int4_dot(k_dim, n_dim, s.group_size, lanes, tiles) if s.name == "int4" else _int8_dot(k_dim, n_dim, lanes, tiles)
+        return _int4_dot(k_dim, n_dim, s.group_size, lanes, tiles, s.vnni) if s.name == "int4" else _int8_dot(k_dim, n_dim, lanes, tiles)
     if s.name == "int4":
         return _int4(k_dim, n_dim, s.group_size, lanes, tiles)
     if s.name == "int8":
@@ -212,15 +212,35 @@ def _dot(acc, at, weights, activations):
                                    T.reinterpret("int8x64", weights), T.reinterpret("int8x64", T.broadcast(activations, 16)))
 
 
+def _dot_avx2(acc, at, weights, activations):
+    """_dot in AVX2 instructions, for CPUs without VNNI: per 32-byte half, vpmaddubsw (unsigned x
+    signed bytes, adjacent pairs summed into int16), then vpmaddwd by ones (pairs into int32).
+    Exact only while a pair of products fits int16: int4's nibbles (<= 15) times int8 activations
+    do (<= 3810), int8's bytes (<= 255) would saturate, so only int4 takes it (Scheme.vnni)."""
+    w = T.reinterpret("int8x64", weights)
+    a = T.reinterpret("int8x64", T.broadcast(activations, 16))
+    sums = []
+    for half in (0, 1):
+        lanes = [T.int32(32 * half + i) for i in range(32)]
+        pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", T.Shuffle([w], lanes), T.Shuffle([a], lanes))
+        sums.append(T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, T.broadcast(T.int16(1), 16)))
+    return acc[T.ramp(at, 1, 16)] + T.Shuffle(sums, [T.int32(i) for i in range(16)])
+
+
+def _dot_for(s: Scheme):
+    """The 4-byte dot product the CPU of `s` has (Scheme.vnni)."""
+    return _dot if s.vnni else _dot_avx2
+
+
 @T.macro
-def _accumulate_tile(acc, xq, xd, xs, row, weights, tile, k_dim, lanes, operand, block_value, ahead):
+def _accumulate_tile(acc, xq, xd, xs, row, weights, tile, k_dim, lanes, operand, block_value, ahead, dot):
     """acc[l] += column l of this tile dotted with activation row `row` (quantized: xq, its
     block scales xd and sums xs): per block of ACT_BLOCK inputs, two int32 chains (inputs
     8s..8s+3 and 8s+4..8s+7 of each step s of 8) folded into fp32. The stored form enters
     through operand(weights, tile, step, v, half) -> the 64 unsigned bytes (int32x16) of columns
     16v..16v+15 for that half of the step, block_value(weights, tile, b, l, isum, scale, sum) ->
     block b's fp32 contribution to column l, and ahead(weights, tile, step, v, half) -> the
-    prefetch of what that operand reads PREFETCH_BYTES later (or a no-op)."""
+    prefetch of what that operand reads PREFETCH_BYTES later (or a no-op); dot: _dot_for(scheme)."""
     first = T.decl_buffer((lanes,), "int32", scope="local")  # two halves: two chains
     second = T.decl_buffer((lanes,), "int32", scope="local")
     for b in T.serial(k_dim // ACT_BLOCK):
@@ -231,10 +251,10 @@ def _accumulate_tile(acc, xq, xd, xs, row, weights, tile, k_dim, lanes, operand,
             for v in T.unroll(lanes // 16):
                 T.evaluate(ahead(weights, tile, b * (ACT_BLOCK // 8) + r, v, 0))
                 T.evaluate(ahead(weights, tile, b * (ACT_BLOCK // 8) + r, v, 1))
-                first[T.ramp(v * 16, 1, 16)] = _dot(
+                first[T.ramp(v * 16, 1, 16)] = dot(
                     first, v * 16, operand(weights, tile, b * (ACT_BLOCK // 8) + r, v, 0),
                     T.reinterpret("int32", xq[row, T.ramp(b * ACT_BLOCK + r * 8, 1, 4)]))
-                second[T.ramp(v * 16, 1, 16)] = _dot(
+                second[T.ramp(v * 16, 1, 16)] = dot(
                     second, v * 16, operand(weights, tile, b * (ACT_BLOCK // 8) + r, v, 1),
                     T.reinterpret("int32", xq[row, T.ramp(b * ACT_BLOCK + r * 8 + 4, 1, 4)]))
         for l in T.vectorized(lanes):
@@ -242,7 +262,7 @@ def _accumulate_tile(acc, xq, xd, xs, row, weights, tile, k_dim, lanes, operand,
 
 
 @T.macro
-def _integer_dot_tiles(x, out, weights, rows, k_dim, lanes, tiles, operand, block_value, finish, ahead):
+def _integer_dot_tiles(x, out, weights, rows, k_dim, lanes, tiles, operand, block_value, finish, ahead, dot):
     """The integer-dot GEMV both precisions share: quantize x, then per tile and row the tile's
     sums (_accumulate_tile), finish(weights, tile, l, acc) -> the output."""
     xq = T.alloc_buffer((rows, k_dim), "int8")
@@ -254,7 +274,7 @@ def _integer_dot_tiles(x, out, weights, rows, k_dim, lanes, tiles, operand, bloc
             acc = T.decl_buffer((lanes,), "float32", scope="local")
             for l in T.vectorized(lanes):
                 acc[l] = T.float32(0)
-            _accumulate_tile(acc, xq, xd, xs, i, weights, tile, k_dim, lanes, operand, block_value, ahead)
+            _accumulate_tile(acc, xq, xd, xs, i, weights, tile, k_dim, lanes, operand, block_value, ahead, dot)
             for l in T.vectorized(lanes):
                 out[i, tile * lanes + l] = finish(weights, tile, l, acc[l])
 
@@ -307,7 +327,7 @@ def _int8_terms(q_row, q_line, scale_at, lanes: int):
 
 
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
-def _int4_dot(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tirx.PrimFunc:
+def _int4_dot(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int, vnni: bool) -> tirx.PrimFunc:
     groups = k_dim // group
     operand, block_value, finish, ahead = _int4_terms(lambda w, tile, row, v: w[0][tile, row, T.ramp(v * 64, 1, 64)],
                                                       lambda w, tile, row, v: T.address_of(w[0][tile, row, v * 64]),
@@ -323,7 +343,8 @@ def _int4_dot(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tir
         scale = T.match_buffer(scale_h, (tiles, groups, lanes), "float16", offset_factor=_OFFSET["float16"])
         zero = T.match_buffer(zero_h, (tiles, groups, lanes), "uint8", offset_factor=_OFFSET["uint8"])
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
-        _integer_dot_tiles(x, out, (q, scale, zero), rows, k_dim, lanes, tiles, operand, block_value, finish, ahead)
+        _integer_dot_tiles(x, out, (q, scale, zero), rows, k_dim, lanes, tiles, operand, block_value, finish, ahead,
+                           _dot if vnni else _dot_avx2)
 
     return int4_dot_matmul
 
@@ -342,7 +363,7 @@ def _int8_dot(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
         q = T.match_buffer(q_h, (tiles, k_dim // 4, lanes * 4), "int8", offset_factor=_OFFSET["int8"])
         scale = T.match_buffer(scale_h, (n_dim,), "float32", offset_factor=_OFFSET["float32"])
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
-        _integer_dot_tiles(x, out, (q, scale), rows, k_dim, lanes, tiles, operand, block_value, finish, ahead)
+        _integer_dot_tiles(x, out, (q, scale), rows, k_dim, lanes, tiles, operand, block_value, finish, ahead, _dot)
 
     return int8_dot_matmul
 
@@ -411,6 +432,7 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
     up_operand, up_value, up_finish, up_ahead = terms("w_up", d_model)
     down_operand, down_value, down_finish, down_ahead = terms("w_down", d_ff)
     ff_tiles, d_tiles, blocks_per_tile = d_ff // lanes, d_model // lanes, lanes // ACT_BLOCK
+    dot = _dot_for(s)
 
     @T.prim_func(private=True)
     def resident_moe_layer(x_h: T.handle, gates_h: T.handle, chosen_h: T.handle, pool_h: T.handle,
@@ -444,8 +466,9 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
                     gate_acc[l] = T.float32(0)
                     up_acc[l] = T.float32(0)
                 _accumulate_tile(gate_acc, xq, xd, xs, 0, (pool, scales, base), tile, d_model, lanes, gate_operand, gate_value,
-                                 gate_ahead)
-                _accumulate_tile(up_acc, xq, xd, xs, 0, (pool, scales, base), tile, d_model, lanes, up_operand, up_value, up_ahead)
+                                 gate_ahead, dot)
+                _accumulate_tile(up_acc, xq, xd, xs, 0, (pool, scales, base), tile, d_model, lanes, up_operand, up_value, up_ahead,
+                                 dot)
                 for l in T.vectorized(lanes):  # h = silu(gate) * up, through buffers: in TVM 0.27 a let in a
                     # vectorised loop gave every lane one lane's value
                     gate_acc[l] = gate_finish((pool, scales, base), tile, l, gate_acc[l])
@@ -474,7 +497,7 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
                     for l in T.vectorized(lanes):
                         part[l] = T.float32(0)
                     _accumulate_tile(part, hq, hd, hs, e, (pool, scales, base), tile, d_ff, lanes, down_operand, down_value,
-                                     down_ahead)
+                                     down_ahead, dot)
                     for l in T.vectorized(lanes):
                         acc[l] = acc[l] + down_finish((pool, scales, base), tile, l, part[l]) * gates[0, e]
             for l in T.vectorized(lanes):

@@ -84,7 +84,8 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
             # A streamed model's weights are read from its checkpoint.
             sources = {frontend.weight_name(n): checkpoint_source(t) for n, t in model.named_parameters(remove_duplicate=False)
                        if checkpoint_source(t) is not None}
-            mod, p.dense = store_dense_weights(mod, scheme, cpu=target.cpu, int8_dot=target.int8_dot, sources=sources)
+            mod, p.dense = store_dense_weights(mod, scheme, cpu=target.cpu, sources=sources, vnni=target.int8_dot,
+                                               dot=tuple(p for p in ("int8", "int4") if target.dot_for(p)))
     p.split = frontend.split_at_moe_layers(mod, input_names, output_names, p.dense.names if p.dense else [])
     p.model_info = _model_info(model, name, description, source, specs, kv)
     if tokenizer is not None and not lm:

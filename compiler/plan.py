@@ -99,9 +99,9 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: BuildTarget, 
     if target.cpu:  # tiled storage for the CPU GEMV kernels, where a tile fits
         dims = {(li, ei): (e.d_ff, e.d_model) for li, spec in enumerate(specs)
                 for ei, e in [*enumerate(spec.experts), *((("shared", j), e) for j, e in enumerate(spec.shared))]}
-        dot = target.int8_dot
         lanes = {key: lanes_for(*dims[key]) for key in plan}
-        plan = {key: sch.tiled(lanes[key], dot and bool(lanes[key]) and dot_fits(sch, *dims[key]))
+        plan = {key: sch.tiled(lanes[key], target.dot_for(sch.name) and bool(lanes[key]) and dot_fits(sch, *dims[key]),
+                               vnni=target.int8_dot)
                 for key, sch in plan.items()}
     usage = _usage_profile(specs, cal)
     masked = _masked_experts(specs, usage, options.mask_below)

@@ -56,6 +56,7 @@ class Scheme:
     group_size: int | None = None  # int4 only
     tile: int | None = None  # stored tile-major (N / tile, rows, tile), see above
     dot: bool = False  # tiles dot-interleaved for integer dot products, see above
+    vnni: bool = True  # dot: the CPU's 4-byte dots are AVX512-VNNI's (else AVX2's, int4 only; gemv._dot_avx2)
 
     def __post_init__(self):
         if self.name not in SCHEMES:
@@ -64,6 +65,8 @@ class Scheme:
             raise QuantizationError(f"int4 needs a positive even group size, got {self.group_size}")
         if self.dot and (self.name not in ("int8", "int4") or not self.tile):
             raise QuantizationError(f"dot-interleaved storage needs int8 or int4 in tiles, got {self.tag}")
+        if self.dot and not self.vnni and self.name != "int4":
+            raise QuantizationError(f"{self.tag}: integer dots without VNNI are exact for int4 only")
 
     @property
     def tag(self) -> str:
@@ -74,8 +77,8 @@ class Scheme:
         """The tag without the storage layout: what the numbers are, not how they are laid out."""
         return f"int4g{self.group_size}" if self.name == "int4" else self.name
 
-    def tiled(self, tile: int | None, dot: bool = False) -> "Scheme":
-        return Scheme(self.name, self.group_size, tile, dot)
+    def tiled(self, tile: int | None, dot: bool = False, vnni: bool = True) -> "Scheme":
+        return Scheme(self.name, self.group_size, tile, dot, vnni)
 
     @property
     def interleave(self) -> int:

@@ -51,13 +51,24 @@ class DeployTarget:
     def int8_dot(self) -> bool:
         """A CPU with 64-byte integer dot products (x86 AVX512-VNNI): int8 and int4 weights take
         compiler/gemv.py's integer-dot kernels there."""
+        return self._x86_has("avx512vnni")
+
+    @property
+    def int4_dot(self) -> bool:
+        """int4 weights take the integer-dot kernels: with AVX512-VNNI, and with AVX2 alone, where
+        each 4-byte dot is vpmaddubsw then vpmaddwd (schedules.avx2_integer_dot): exact for int4's
+        nibbles (a pair of products stays within int16), not for int8's bytes, which keep the
+        fp32-product kernels there."""
+        return self._x86_has("avx2")
+
+    def _x86_has(self, feature: str) -> bool:
         import tvm
         from tvm.target import codegen
 
         triple = self.tvm_target.get("mtriple") or platform.machine()
         if not self.cpu or not triple.startswith(("x86_64", "AMD64")):
             return False  # (and LLVM's feature query crashes on triples it does not know)
-        return bool(codegen.target_has_features("avx512vnni", tvm.target.Target(self.tvm_target)))
+        return bool(codegen.target_has_features(feature, tvm.target.Target(self.tvm_target)))
 
     def check_toolchain(self) -> str | None:
         """Path of the cross compiler, or a clear error naming the package to install."""

@@ -68,10 +68,12 @@ def test_resident_layers_compute_what_the_host_path_computes(which, reference_ar
 # whole layer as one kernel (gemv.resident_layer); int4/int8 without them (the A72) compose the
 # experts' own GEMVs.
 SCHEMES = {"fp32": quant.Scheme("fp32", tile=64), "fp16": quant.Scheme("fp16", tile=64),
-           "int4": quant.scheme("int4").tiled(64, dot=True), "int8": quant.scheme("int8").tiled(64, dot=True),
+           "int4": quant.scheme("int4").tiled(64, dot=True, vnni=get_target("host").int8_dot),
+           "int8": quant.scheme("int8").tiled(64, dot=True),
            "int4-nodot": quant.scheme("int4").tiled(64)}
-needs_dot = pytest.mark.skipif(not get_target("host").int8_dot, reason="this CPU has no integer dot products")
-SCHEME_CASES = ["fp32", "fp16", "int4-nodot", pytest.param("int4", marks=needs_dot), pytest.param("int8", marks=needs_dot)]
+needs_dot = pytest.mark.skipif(not get_target("host").int8_dot, reason="this CPU has no int8 integer dot products (VNNI)")
+needs_int4_dot = pytest.mark.skipif(not get_target("host").int4_dot, reason="this CPU has no int4 integer dot products (AVX2)")
+SCHEME_CASES = ["fp32", "fp16", "int4-nodot", pytest.param("int4", marks=needs_int4_dot), pytest.param("int8", marks=needs_dot)]
 
 
 def _resident_module(n_experts: int, top_k: int, normalize: bool, scaling: float, d: int = 64, d_ff: int = 128,

@@ -65,21 +65,25 @@ def _numpy_reference(model: _Dense, ids: np.ndarray, stored: dict, schemes: dict
     return matmul(normed, table_name)
 
 
-@pytest.mark.parametrize("cpu, int8_dot", [(True, False), (True, True), (False, False)], ids=["gemv", "dot", "te"])
+@pytest.mark.parametrize("cpu, integer_dot", [(True, False), (True, True), (False, False)], ids=["gemv", "dot", "te"])
 @pytest.mark.parametrize("name", ["fp16", "bf16", "int8", "int4"])
-def test_quantized_dense_path_matches_numpy_reference(name, cpu, int8_dot):
+def test_quantized_dense_path_matches_numpy_reference(name, cpu, integer_dot):
     """Every linear layer, the tied LM head and the embedding gather, quantized and compiled, give
     what NumPy computes from the same stored tensors dequantized (fp32 products either way; on
-    the integer-dot path with the activations rounded as the kernels round them)."""
-    if int8_dot and not get_target("host").int8_dot:
-        pytest.skip("this CPU has no AVX512-VNNI integer dot products")
+    the integer-dot path with the activations rounded as the kernels round them). The dot path
+    takes the host's dots: VNNI for int8 and int4, else AVX2 for int4 (its int8 tables then keep
+    the fp32-product kernels)."""
+    host = BuildTarget.resolve("host")
+    dot = tuple(p for p in ("int8", "int4") if host.dot_for(p)) if integer_dot else ()
+    if integer_dot and not dot:
+        pytest.skip("this CPU has no integer dot products")
     torch.manual_seed(0)
     model = _Dense().eval()
     ids = np.random.default_rng(0).integers(0, 96, (2, 7))
     seq = Dim("seq", min=1, max=64)
     mod = frontend._import(model, (torch.zeros(2, 7, dtype=torch.long),), ({1: seq},), keep_params=True)
     s = quant.scheme(name)
-    mod, dense = store_dense_weights(mod, s, cpu=cpu, int8_dot=int8_dot)
+    mod, dense = store_dense_weights(mod, s, cpu=cpu, dot=dot, vnni=host.int8_dot)
     stored = dict(dense.tensors())
     # Tied: one stored table (torch.export names it by one of its two names); int4's vocabulary
     # tables at int8; `down` (K=40) does not fit int4 groups.
@@ -88,7 +92,8 @@ def test_quantized_dense_path_matches_numpy_reference(name, cpu, int8_dot):
     assert "down.weight" not in dense.schemes if name == "int4" else dense.schemes["down.weight"].precision == name
     assert all(dense.schemes[n].tile == (64 if cpu else None) for n in dense.schemes)
     # K=40 (down) has no whole block of 32 activations: it keeps the fp32-product kernel
-    assert {n for n, sch in dense.schemes.items() if sch.dot} == ({table, "up.weight"} if int8_dot and name in ("int8", "int4") else set())
+    assert {n for n, sch in dense.schemes.items() if sch.dot} == \
+        {n for n in (table, "up.weight") if integer_dot and dense.schemes[n].name in dot}
     target = BuildTarget.resolve("host").tvm
     vm = relax.VirtualMachine(tvm.compile(mod, target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
     ours = vm["main"](tvm.runtime.tensor(ids), *[tvm.runtime.tensor(a) for _, a in dense.tensors()]).numpy()
@@ -113,17 +118,21 @@ def int4_artifact(tmp_path_factory, reference_model):
 
 
 def test_integer_dot_kernels_follow_the_target_cpu(int4_artifact):
-    """AVX512-VNNI CPUs get the integer-dot layout, others (the A72, AVX512 without VNNI, GPUs)
-    the fp32-product kernels; the host artifact records what its experts use."""
+    """AVX512-VNNI CPUs get the integer-dot layout for int8 and int4, AVX2 ones for int4 only,
+    others (the A72, GPUs, x86 without AVX2) the fp32-product kernels; the host artifact records
+    what its experts use."""
     from dataclasses import replace
 
     host = get_target("host")
-    assert not get_target("cortex-a72").int8_dot and not get_target("jetson-orin").int8_dot
+    for other in ("cortex-a72", "jetson-orin"):
+        assert not get_target(other).int8_dot and not get_target(other).int4_dot
     assert replace(host, tvm_target={"kind": "llvm", "mcpu": "icelake-server"}).int8_dot
-    assert not replace(host, tvm_target={"kind": "llvm", "mcpu": "skylake-avx512"}).int8_dot
+    skylake = replace(host, tvm_target={"kind": "llvm", "mcpu": "skylake-avx512"})
+    assert not skylake.int8_dot and skylake.int4_dot
+    assert not replace(host, tvm_target={"kind": "llvm", "mcpu": "x86-64"}).int4_dot
     m = read_manifest(int4_artifact)
-    assert {w.dot for w in m.workloads} == {host.int8_dot}
-    if host.int8_dot:  # the qkv projection's stored rows hold 8 inputs each, 4 bytes per column
+    assert {w.dot for w in m.workloads} == {host.int4_dot}
+    if host.int4_dot:  # the qkv projection's stored rows hold 8 inputs each, 4 bytes per column
         qkv = next(t for w in m.weights for t in w.tensors if t.name == "blocks.0.attn.qkv.weight")
         assert qkv.shape[1:] == [128 // 8, 64 * 4], qkv.shape
 
