@@ -147,7 +147,8 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
     int4; fp32 where the input size does not fit the group size), the rest fp32; returns the
     module and the tensors `main` now takes after its inputs. cpu: matmuls use the hand-scheduled
     kernels of compiler/gemv.py (else the TE form, for GPU targets' schedules); dot: the
-    precisions (int8, int4) for which the CPU has gemv.py's integer-dot kernels, with VNNI or not. sources: PyTorch name -> the
+    precisions (int8, int4) for which the CPU has gemv.py's integer-dot kernels; vnni: whether
+    their dots are AVX512-VNNI's (else AVX2's, Scheme.vnni). sources: PyTorch name -> the
     weight's values where they are not the traced module's own (a streamed checkpoint's
     `LazyTensor`s, compiler/checkpoint.py); read, like the rest, only when the tensors are."""
     main = mod["main"]

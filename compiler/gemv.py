@@ -227,9 +227,9 @@ def _dot_avx2(acc, at, weights, activations):
     return acc[T.ramp(at, 1, 16)] + T.Shuffle(sums, [T.int32(i) for i in range(16)])
 
 
-def _dot_for(s: Scheme):
-    """The 4-byte dot product the CPU of `s` has (Scheme.vnni)."""
-    return _dot if s.vnni else _dot_avx2
+def _dot_for(vnni: bool):
+    """The 4-byte dot product of a CPU with AVX512-VNNI or without it (Scheme.vnni)."""
+    return _dot if vnni else _dot_avx2
 
 
 @T.macro
@@ -240,7 +240,7 @@ def _accumulate_tile(acc, xq, xd, xs, row, weights, tile, k_dim, lanes, operand,
     through operand(weights, tile, step, v, half) -> the 64 unsigned bytes (int32x16) of columns
     16v..16v+15 for that half of the step, block_value(weights, tile, b, l, isum, scale, sum) ->
     block b's fp32 contribution to column l, and ahead(weights, tile, step, v, half) -> the
-    prefetch of what that operand reads PREFETCH_BYTES later (or a no-op); dot: _dot_for(scheme)."""
+    prefetch of what that operand reads PREFETCH_BYTES later (or a no-op); dot: _dot_for(scheme.vnni)."""
     first = T.decl_buffer((lanes,), "int32", scope="local")  # two halves: two chains
     second = T.decl_buffer((lanes,), "int32", scope="local")
     for b in T.serial(k_dim // ACT_BLOCK):
@@ -344,7 +344,7 @@ def _int4_dot(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int, vnni: 
         zero = T.match_buffer(zero_h, (tiles, groups, lanes), "uint8", offset_factor=_OFFSET["uint8"])
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
         _integer_dot_tiles(x, out, (q, scale, zero), rows, k_dim, lanes, tiles, operand, block_value, finish, ahead,
-                           _dot if vnni else _dot_avx2)
+                           _dot_for(vnni))
 
     return int4_dot_matmul
 
@@ -432,7 +432,7 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
     up_operand, up_value, up_finish, up_ahead = terms("w_up", d_model)
     down_operand, down_value, down_finish, down_ahead = terms("w_down", d_ff)
     ff_tiles, d_tiles, blocks_per_tile = d_ff // lanes, d_model // lanes, lanes // ACT_BLOCK
-    dot = _dot_for(s)
+    dot = _dot_for(s.vnni)
 
     @T.prim_func(private=True)
     def resident_moe_layer(x_h: T.handle, gates_h: T.handle, chosen_h: T.handle, pool_h: T.handle,

@@ -56,7 +56,7 @@ class DeployTarget:
     @property
     def int4_dot(self) -> bool:
         """int4 weights take the integer-dot kernels: with AVX512-VNNI, and with AVX2 alone, where
-        each 4-byte dot is vpmaddubsw then vpmaddwd (schedules.avx2_integer_dot): exact for int4's
+        each 4-byte dot is vpmaddubsw then vpmaddwd (compiler/gemv.py _dot_avx2): exact for int4's
         nibbles (a pair of products stays within int16), not for int8's bytes, which keep the
         fp32-product kernels there."""
         return self._x86_has("avx2")
