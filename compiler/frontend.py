@@ -27,6 +27,7 @@ from tvm.relax.frontend.torch import from_exported_program
 from moetvm.artifact import KVCacheLayout, Step, TensorSpec, kv_shapes
 
 from .kv_cache import InPlaceLayer, convert_cached_attention
+from .layer_state import ConvState, convert_short_conv
 from .spec import MoELayerSpec
 
 # torch 2.13 warns about its own pytree internals on every export; it is not actionable here.
@@ -118,6 +119,7 @@ def _convert_max_dim(node, importer):
 
 
 _CONVERTERS = {"moe_layer.default": _convert_marker, "cached_attention.default": convert_cached_attention,
+               "short_conv.default": convert_short_conv,
                "view.default": _convert_reshape,
                "reshape.default": _convert_reshape, "empty.memory_format": _convert_empty,
                "empty.default": _convert_empty, "amax.default": _convert_amax, "max.dim": _convert_max_dim}
@@ -235,12 +237,16 @@ class _LMStep(nn.Module):
 
 
 class _LMStepInPlace(_LMStep):
-    """The in-place protocol (compiler/kv_cache.py): per layer a key and a value buffer the
-    runtime owns, written in place; logits out."""
+    """The in-place protocol (compiler/kv_cache.py): per attention layer a key and a value
+    buffer the runtime owns, written in place, then per stateful layer its state buffer
+    (compiler/layer_state.py); logits out."""
 
-    def forward(self, tokens, positions, past_positions, key_buffers, value_buffers):
+    def forward(self, tokens, positions, past_positions, key_buffers, value_buffers, state_buffers):
         layers = [InPlaceLayer(k, v, past_positions) for k, v in zip(key_buffers, value_buffers)]
-        return self.lm.step(tokens, positions, past_positions, layers, None)[0]
+        if not state_buffers:
+            return self.lm.step(tokens, positions, past_positions, layers, None)[0]
+        states = [ConvState(buffer, past_positions) for buffer in state_buffers]
+        return self.lm.step(tokens, positions, past_positions, layers, None, states=states)[0]
 
 
 def export_causal_lm(model: nn.Module, specs: list[MoELayerSpec], kv: KVCacheLayout = KVCacheLayout()) -> tvm.IRModule:
@@ -257,8 +263,10 @@ def export_causal_lm(model: nn.Module, specs: list[MoELayerSpec], kv: KVCacheLay
         key_buffer, value_buffer = kv.buffer_shapes(model.kv_layout, b, 8)
         keys = [torch.zeros(key_buffer, dtype=dtype) for _ in range(layers)]
         values = [torch.zeros(value_buffer, dtype=dtype) for _ in range(layers)]
+        states = [torch.zeros(b, *state.shape, dtype=getattr(torch, state.dtype)) for state in kv.states]
         step = _LMStepInPlace(_with_markers(model, specs))
-        args, dyn = (*inputs, keys, values), (*dyn, [{0: batch, 3: capacity}] * layers, [{0: batch, 2: capacity}] * layers)
+        args = (*inputs, keys, values, states)
+        dyn = (*dyn, [{0: batch, 3: capacity}] * layers, [{0: batch, 2: capacity}] * layers, [{0: batch}] * len(states))
     else:
         # Distinct tensors: torch.export would treat one object passed twice as one input.
         past_kv = lambda shape: [torch.zeros(b, shape[0], p, shape[1]) for _ in range(layers)]  # noqa: E731

@@ -63,17 +63,22 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
         # Sliding-window attention in every layer bounds the cache (one past length for all layers:
         # models mixing layer kinds keep everything; their masks still window).
         window = getattr(model, "window", None) if not getattr(model, "mixed_attention", False) else None
-        kv = (KVCacheLayout("in_place", options.kv_cache_dtype(), KV_CAPACITY_MULTIPLE)
+        states = list(getattr(model, "state_layout", []))
+        kv = (KVCacheLayout("in_place", options.kv_cache_dtype(), KV_CAPACITY_MULTIPLE, states=states)
               if getattr(model, "in_place_kv", False) else KVCacheLayout("concat", "float32", window=window))
+        if states and kv.layout != "in_place":
+            raise UnsupportedModelError(f"{type(getattr(model, 'hf', model)).__name__}: layers that carry a state "
+                                        f"({states[0].kind}) need the in-place KV cache, which its attention does not allow")
         if options.kv_dtype in KV_QUANTIZED and kv.layout != "in_place":
             user_class = type(getattr(model, "hf", model)).__name__  # not the wrapper's
             raise UnsupportedModelError(f"--kv-dtype {options.kv_dtype}: {user_class} keeps the concatenating "
                                         f"KV cache (sliding-window, chunked or sink attention), which holds float32")
     kv_note = f", {kv.layout} {kv.dtype} KV cache" + (f" of the last {kv.window - 1} positions" if kv.window else "") \
+        + (f", {len(kv.states)} {kv.states[0].kind} states" if kv and kv.states else "") \
         if lm else ""
     with bar.step(f"trace {type(model).__name__} with torch.export ({len(specs)} MoE layers{kv_note})"):
         if lm:
-            input_names, output_names = lm_io_names(model.kv_layout[0], kv.layout)
+            input_names, output_names = lm_io_names(model.kv_layout[0], kv.layout, len(kv.states))
             mod = frontend.export_causal_lm(model, specs, kv)
         else:
             (example,) = example_inputs

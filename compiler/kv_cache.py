@@ -149,9 +149,25 @@ def in_place_cache_class():
         def get_seq_length(self) -> int:
             return self.past_positions.shape[1]
 
-    class InPlaceCache(DynamicCache):
-        def __init__(self, key_buffers, value_buffers, past_positions):
+    class _StateLayer(DynamicLayer):
+        """A stateful layer's place in the cache (compiler/layer_state.py): its state, no keys."""
+
+        def __init__(self, conv_state, past_positions):
             super().__init__()
-            self.layers = [_Layer(k, v, past_positions) for k, v in zip(key_buffers, value_buffers)]
+            self.conv_state, self.past_positions, self.is_initialized = conv_state, past_positions, True
+
+        def get_seq_length(self) -> int:
+            return self.past_positions.shape[1]
+
+    class InPlaceCache(DynamicCache):
+        """Indexed by decoder layer: the attention layers' buffers in order, the stateful layers'
+        states (`states`: decoder layer -> ConvState) at their own indices."""
+
+        def __init__(self, key_buffers, value_buffers, past_positions, states=None):
+            super().__init__()
+            states = states or {}
+            attention = iter(_Layer(k, v, past_positions) for k, v in zip(key_buffers, value_buffers))
+            self.layers = [_StateLayer(states[i], past_positions) if i in states else next(attention)
+                           for i in range(len(key_buffers) + len(states))]
 
     return InPlaceCache

@@ -23,14 +23,15 @@ from pathlib import Path, PurePosixPath
 
 from moetvm.errors import MoetvmError
 
-FORMAT_VERSION = 7  # 2: the dense part's weights in weight files (`weights`), not in the segments library
+FORMAT_VERSION = 8  # 2: the dense part's weights in weight files (`weights`), not in the segments library
 # 3: resident MoE layers (a layer's experts in one pool, routed and run in one call)
 # 4: the LM's tokenizer (`tokenizer`) and bf16 weights: a runtime before them says so by version
 # 5: sparsemixer routing (PhiMoE: score_fn "sparsemixer", jitter_eps); a sliding window's bounded cache
 #    (kv_cache.window); routing weights that scale the experts' input (Llama 4: scale_input)
 # 6: weight files encrypted at rest (`encryption`, moetvm/encryption.py)
 # 7: an int8 in-place KV cache (kv_cache.dtype "int8", each position's scale in the buffer)
-SUPPORTED_FORMAT_VERSIONS = (1, 7)
+# 8: per-layer recurrent state carried like the KV cache (kv_cache.states: LFM2's short convolutions)
+SUPPORTED_FORMAT_VERSIONS = (1, 8)
 SLOT_ALIGN = 64  # bytes: every tensor in an expert's pool slot starts at a multiple (the kernels' vector alignment)
 MANIFEST_NAME = "manifest.json"
 
@@ -163,6 +164,20 @@ class WeightFile:
 
 
 @dataclass(frozen=True)
+class LayerState:
+    """A recurrent layer's fixed-size state, carried between steps like the KV cache (in_place
+    layout, format 8): one buffer (batch, *shape) of `dtype` per stateful layer, which the step
+    reads and rewrites in place and treats as zeros at the first step (past length 0), whatever
+    it holds. kind "conv": the last kernel - 1 inputs of a causal depthwise convolution (LFM2's
+    short convolutions), shape [kernel - 1, channels]."""
+
+    kind: str  # one of STATE_KINDS
+    layer: int  # the decoder layer it belongs to (the step takes the states in this list's order)
+    shape: list[int]
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
 class KVCacheLayout:
     """A causal LM's KV cache. in_place: the step takes per layer a key buffer (batch, key heads,
     key dim, capacity) and a value buffer (batch, value heads, capacity, value dim) of `dtype`,
@@ -178,6 +193,7 @@ class KVCacheLayout:
     dtype: str = "float32"  # one of KV_DTYPES
     capacity_multiple: int = 1
     window: int | None = None  # concat: sliding-window attention in every layer
+    states: list[LayerState] = field(default_factory=list)  # in_place: layers that carry a state, not keys and values
 
     @property
     def scale_bytes(self) -> int:
@@ -226,7 +242,7 @@ class ModelInfo:
     @functools.cached_property
     def io_names(self) -> tuple[list[str], list[str]]:
         """A causal LM step's (input names, output names), in order (lm_io_names)."""
-        return lm_io_names(self.kv_layout[0], self.kv.layout)
+        return lm_io_names(self.kv_layout[0], self.kv.layout, len(self.kv.states))
 
 
 @dataclass(frozen=True)
@@ -411,6 +427,7 @@ QUANT_SCHEMES = ("fp32", "fp16", "bf16", "int8", "int4")  # how weights may be s
 KV_DTYPES = ("float32", "float16", "int8")  # what an LM's KV cache may hold
 KV_QUANTIZED = ("int8",)  # in_place only: stored with a per-position scale (KVCacheLayout)
 KV_SCALE_BYTES = 4
+STATE_KINDS = ("conv",)  # what a stateful layer carries between steps (LayerState)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
 SCORE_FNS = ("softmax", "sigmoid", "sparsemixer")  # sparsemixer: PhiMoE's two picks (see routing.select_experts)
 GROUP_SCORES = ("top2_sum", "max")  # how grouped top-k ranks a group (see routing.select_experts)
@@ -628,6 +645,13 @@ def _check_model_fields(m: Manifest) -> None:
         if kv.dtype in KV_QUANTIZED and kv.layout != "in_place":
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache dtype {kv.dtype} needs the in_place layout, "
                                 f"got {kv.layout!r}")
+        for state in kv.states:
+            if kv.layout != "in_place" or state.kind not in STATE_KINDS or state.dtype != "float32" \
+                    or type(state.layer) is not int or state.layer < 0 \
+                    or len(state.shape) != 2 or not all(_positive_int(d) and d < MAX_DIM for d in state.shape):
+                raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache.states: each needs the in_place layout, a kind "
+                                    f"({', '.join(STATE_KINDS)}), a layer, a shape of 2 positive sizes and dtype "
+                                    f"float32, got {state!r} with {kv.layout!r}")
         logits = next((o for o in m.outputs if o.name == "logits"), None)
         vocab = info.vocab_size
         if logits is None or not logits.shape or logits.shape[-1] != (vocab or logits.shape[-1]):
@@ -665,13 +689,14 @@ def kv_shapes(layout) -> tuple[int, tuple[int, int], tuple[int, int]]:
     return (layers, tuple(rest[:2]), tuple(rest[:2])) if len(rest) == 2 else (layers, tuple(rest[:2]), tuple(rest[2:]))
 
 
-def lm_io_names(layers: int, kv_layout: str = "concat") -> tuple[list[str], list[str]]:
+def lm_io_names(layers: int, kv_layout: str = "concat", states: int = 0) -> tuple[list[str], list[str]]:
     """Names of a causal LM artifact's inputs and outputs, in order (the causal LM protocol): token
-    ids, their positions, the cached positions, then per layer the KV cache's key and value
-    buffers (in place) or past keys and values (concat, which also returns the extended ones)."""
+    ids, their positions, the cached positions, then per attention layer the KV cache's key and
+    value buffers (in place, followed by the stateful layers' state buffers) or past keys and
+    values (concat, which also returns the extended ones)."""
     if kv_layout == "in_place":
         buffers = [f"key_buffer_{i}" for i in range(layers)] + [f"value_buffer_{i}" for i in range(layers)]
-        return ["tokens", "positions", "past_positions"] + buffers, ["logits"]
+        return ["tokens", "positions", "past_positions"] + buffers + [f"state_{i}" for i in range(states)], ["logits"]
     kv = lambda prefix: [f"{prefix}keys_{i}" for i in range(layers)] + [f"{prefix}values_{i}" for i in range(layers)]  # noqa: E731
     return ["tokens", "positions", "past_positions"] + kv("past_"), ["logits"] + kv("")
 
@@ -689,8 +714,11 @@ def _check_program(m: Manifest) -> None:
         else:
             kv_inputs = [(t.shape[1::2], key_shape if t.name.startswith("past_keys_") else value_shape) for t in m.inputs
                          if t.name.startswith(("past_keys_", "past_values_"))]
-        if len(m.inputs) != 3 + 2 * layers or any(len(t.shape) != 4 for t in m.inputs[3:]) \
-                or any(dims != list(shape) for dims, shape in kv_inputs):
+        states = m.model.kv.states
+        state_inputs = m.inputs[3 + 2 * layers:]
+        if len(m.inputs) != 3 + 2 * layers + len(states) or any(len(t.shape) != 4 for t in m.inputs[3:3 + 2 * layers]) \
+                or any(dims != list(shape) for dims, shape in kv_inputs) \
+                or any(t.shape[1:] != s.shape or t.dtype != s.dtype for t, s in zip(state_inputs, states)):
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_layout {m.model.kv_layout} does not match the "
                                 f"{len(m.inputs)} declared inputs")
         needed_in, needed_out = m.model.io_names

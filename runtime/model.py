@@ -729,7 +729,7 @@ class MoEModel:
                   past_in: np.broadcast_to(held, (b, held.size)).copy()}
         if cache.layout == "in_place":
             cache.reserve(p + s, self.device, limit)
-        inputs.update(zip(kv_in, [*cache.keys, *cache.values]))
+        inputs.update(zip(kv_in, [*cache.keys, *cache.values, *cache.states]))
         out = self.run_program(inputs)
         if cache.layout == "in_place":
             cache.length = p + s  # the step wrote its keys and values into the buffers
@@ -884,7 +884,8 @@ class MoEModel:
 class KVCache:
     """An LM's keys and values, in the artifact's layout (artifact.kv_cache). in_place: device
     buffers per layer that the steps write into; their capacity grows by doubling (copying what
-    is cached, amortised O(1) per token), so memory follows the context actually used.
+    is cached, amortised O(1) per token), so memory follows the context actually used; stateful
+    layers' states (kv_cache.states) are buffers of a fixed size, made once.
     concat: the past keys/values as arrays, replaced by each step's extended ones; with a sliding
     window, only the last window - 1 positions of them (all the next step can attend to)."""
 
@@ -899,6 +900,7 @@ class KVCache:
             keys = [np.zeros((batch, key_heads, 0, key_dim), np.float32)] * layers
             values = [np.zeros((batch, value_heads, 0, value_dim), np.float32)] * layers
         self.keys, self.values = keys or [], values or []
+        self.states = []  # in_place: one buffer per kv_cache.states entry, made at the first reserve
         self._layers = layers
         self.io_names = manifest.model.io_names  # the step's (inputs, outputs), in order: computed once per manifest
 
@@ -918,6 +920,10 @@ class KVCache:
 
     def reserve(self, positions: int, device, limit: int | None = None) -> None:
         """In-place buffers for at least `positions` positions (doubling), the cached ones kept."""
+        if len(self.states) < len(self.manifest.model.kv.states):
+            # Whatever they hold is read as zeros at the first step (artifact.LayerState).
+            self.states = _device_tensors([aligned_copy(np.zeros((self.batch, *state.shape), state.dtype))
+                                           for state in self.manifest.model.kv.states], device)
         if positions <= self.capacity:
             return
         capacity = max(self.capacity, self.INITIAL_CAPACITY)
@@ -929,15 +935,21 @@ class KVCache:
         layers = self._layers
         key_buffer, value_buffer = self.manifest.model.kv.buffer_shapes(self.manifest.model.kv_layout, self.batch, capacity)
         shapes = [key_buffer] * layers + [value_buffer] * layers
-        on_cpu = _is_cpu(device)
         # Read whole by every token at long contexts, as the weights are: one huge-page block on the CPU.
-        buffers = host_arrays([(shape, self.dtype) for shape in shapes])[1] if on_cpu else [np.zeros(shape, self.dtype) for shape in shapes]
+        buffers = host_arrays([(shape, self.dtype) for shape in shapes])[1] if _is_cpu(device) else \
+            [np.zeros(shape, self.dtype) for shape in shapes]
         for i in range(layers if self.keys else 0):  # the cached positions, kept
             n = self.length
             buffers[i][..., :n] = self.keys[i].numpy()[..., :n]
             buffers[layers + i][:, :, :n] = self.values[i].numpy()[:, :, :n]
-        tensors = [tvm.runtime.from_dlpack(b) if on_cpu else tvm.runtime.tensor(b, device) for b in buffers]
+        tensors = _device_tensors(buffers, device)
         self.keys, self.values = tensors[:layers], tensors[layers:]
+
+
+def _device_tensors(arrays: list[np.ndarray], device) -> list:
+    """The arrays as TVM tensors on `device`: the arrays themselves on the CPU (no copy)."""
+    on_cpu = _is_cpu(device)
+    return [tvm.runtime.from_dlpack(a) if on_cpu else tvm.runtime.tensor(a, device) for a in arrays]
 
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(Sampling)}

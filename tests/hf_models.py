@@ -46,6 +46,12 @@ FAMILIES = {
                          num_local_experts=8, num_experts_per_tok=1, attention_chunk_size=4,
                          layer_types=["chunked_attention", "full_attention"], no_rope_layers=[1, 0],
                          moe_layers=[0, 1], interleave_moe_layer_step=1)),
+    # Short-convolution layers (a state carried between steps, not keys and values) beside
+    # attention; sigmoid routing with a selection bias and a scaling factor.
+    "lfm2_moe": ("Lfm2MoeConfig", "Lfm2MoeForCausalLM",
+                 dict(num_key_value_heads=2, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+                      num_experts_per_tok=2, layer_types=["conv", "full_attention"], num_dense_layers=0,
+                      use_expert_bias=True, routed_scaling_factor=1.5)),
 }
 
 
@@ -58,7 +64,7 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     config = getattr(transformers, config_class)(**{**COMMON, **fields, **overrides})
     model = getattr(transformers, model_class)(config).eval()
     for name, buffer in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
+        if name.endswith(("e_score_correction_bias", "expert_bias")):
             buffer.normal_(0, 0.5)  # initialised to zero: make the selection bias matter
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -74,7 +74,7 @@ def test_tampered_library_detected_before_loading(artifact_copy):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda d: d.update(format_version=99), r"format_version 99 is not supported \(this runtime reads versions 1\.\.7\)"),
+        (lambda d: d.update(format_version=99), r"format_version 99 is not supported \(this runtime reads versions 1\.\.8\)"),
         (lambda d: d["moe_layers"][0]["experts"][0]["file"].update(path="../../etc/passwd"), "escapes the artifact directory"),
         (lambda d: d["moe_layers"][0]["experts"][0]["file"].update(path="/etc/passwd"), "escapes the artifact directory"),
         (lambda d: d["moe_layers"][0]["router"].update(top_k="2"), r"top_k: expected int, got str"),
@@ -83,6 +83,10 @@ def test_tampered_library_detected_before_loading(artifact_copy):
         (lambda d: d["model"].update(kv_cache=["in_place"]), r"model.kv_cache: expected an object, got list"),  # found by the fuzzer
         (lambda d: d["model"].update(kv_cache={"layout": "sideways"}), "model.kv_cache must give a layout"),
         (lambda d: d["model"].update(kv_cache={"layout": "concat", "dtype": "int8"}), "dtype int8 needs the in_place layout"),
+        (lambda d: d["model"].update(kv_cache={"layout": "concat", "states": [{"kind": "conv", "layer": 0, "shape": [2, 64]}]}),
+         r"model.kv_cache.states: each needs the in_place layout"),
+        (lambda d: d["model"].update(kv_cache={"layout": "in_place", "states": [{"kind": "ssm", "layer": 0, "shape": [2, 64]}]}),
+         r"model.kv_cache.states: each needs .* a kind \(conv\)"),
         (lambda d: d["target"].update(rpc_key=7), r"target.rpc_key: expected str, got int"),
         (lambda d: d["model"].update(tokenizer="bpe"), r"model: unknown field\(s\) \['tokenizer'\]"),
         (lambda d: d["workloads"][0].update(dot="yes"), r"dot: expected bool, got str"),

@@ -189,16 +189,18 @@ def test_tune_on_board_through_tracker_then_cross_compile(board, tracker, refere
     assert relative_error(np.load(tmp_path / "l.npy"), theirs) < 1e-4
 
 
-def test_transformers_family_on_emulated_board(board, tmp_path):
+@pytest.mark.parametrize("family", ["gpt_oss", "lfm2_moe"])
+def test_transformers_family_on_emulated_board(board, family, tmp_path):
     """GPT-OSS, the family with the most new kinds (clamped SwiGLU experts with biases as their
-    own kernels, a biased router, attention sinks, sliding and full layers), cross-compiled for
+    own kernels, a biased router, attention sinks, sliding and full layers), and LFM2-MoE (a
+    short-convolution layer whose state the runtime carries between steps), cross-compiled for
     the A72 and run on the emulated board with an evicting cache: logits and 32 greedy tokens as
     transformers gives them here."""
     from hf_models import tiny_model
 
     from moetvm.compiler import compile_model
 
-    model = tiny_model("gpt_oss")
+    model = tiny_model(family)
     out = compile_model(model, target="cortex-a72", out=tmp_path / "a72", progress=False)
     tokens = np.random.default_rng(0).integers(0, 128, size=(1, 12))
     proc = subprocess.run([board, "-c", BOARD_SCRIPT, out, "30%", json.dumps(tokens.tolist()), tmp_path / "l.npy"],

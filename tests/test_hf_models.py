@@ -171,6 +171,33 @@ def test_sliding_window_cache_stays_at_the_window(tmp_path):
     assert held[:2] == [5, 7] and set(held[2:]) == {7} and cache.length == 32
 
 
+def test_short_conv_state_is_carried_between_steps(tmp_path):
+    """LFM2-MoE's convolution layer keeps the last 2 inputs (kernel 3) as its state, a buffer of a
+    fixed size the runtime carries like the KV cache: fed in chunks of 5, 1, 6 and then one token
+    at a time (chunks shorter and longer than the kernel), every step's logits match transformers'
+    forward over the whole sequence, and the state buffer never changes shape. A state the step
+    did not carry over (zeroed between steps) changes the logits."""
+    model = tiny_model("lfm2_moe")
+    out = compile_model(model, target="host", out=tmp_path / "a", progress=False)
+    kv = read_manifest(out).model.kv
+    assert kv.layout == "in_place" and [(s.kind, s.layer, s.shape) for s in kv.states] == [("conv", 0, [2, 64])]
+    runtime = load_model(out)
+    tokens = np.random.default_rng(0).integers(0, 128, size=(2, 20))
+    cache, shapes = runtime.new_cache(2), set()
+    for start, stop in [(0, 5), (5, 6), (6, 12), *((i, i + 1) for i in range(12, 20))]:
+        logits, cache = runtime.step(tokens[:, start:stop], cache)
+        shapes.add(tuple(cache.states[0].shape))
+        with torch.no_grad():
+            theirs = model(torch.from_numpy(tokens[:, :stop])).logits[:, start:stop].numpy()
+        assert relative_error(logits, theirs) < 1e-4, (start, stop)
+    assert shapes == {(2, 2, 64)} and cache.length == 20
+    cache.states[0].copyfrom(np.zeros((2, 2, 64), np.float32))
+    logits, _ = runtime.step(tokens[:, 19:20], cache)
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(np.concatenate([tokens, tokens[:, 19:20]], 1))).logits[:, -1:].numpy()
+    assert relative_error(logits, theirs) > 1e-3
+
+
 def test_int8_kv_cache_is_refused_for_a_concatenating_cache(tmp_path):
     """A windowed model keeps the float32 concatenating cache: --kv-dtype int8 is refused by name,
     before any trace, and nothing is written."""

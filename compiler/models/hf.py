@@ -23,6 +23,7 @@ module import time.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +31,8 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
+
+from moetvm.artifact import LayerState
 
 from ..tokenizer import TokenizerSource
 from .lm import KVCachedLM
@@ -46,6 +49,7 @@ class HFCausalLM(KVCachedLM):
         if getattr(config, "is_encoder_decoder", False):
             raise ValueError(f"{type(model).__name__}: encoder-decoder models are not causal LMs")
         model.set_attn_implementation("eager")
+        self._state_layout = _take_short_convs(model)
         # Llama 4's chunked layers attend within their chunk of attention_chunk_size positions.
         self.chunk = int(config.attention_chunk_size) \
             if "chunked_attention" in (getattr(config, "layer_types", None) or []) else None
@@ -56,7 +60,7 @@ class HFCausalLM(KVCachedLM):
         self.config = config
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         if probes is not None:
-            self._kv_layout = (config.num_hidden_layers, *probes._kv_layout[1:])
+            self._kv_layout = (config.num_hidden_layers - len(self._state_layout), *probes._kv_layout[1:])
             self.window, self.mixed_attention, self._in_place_kv = probes.window, probes.mixed_attention, probes._in_place_kv
         else:
             self._kv_layout = self._probe_kv_layout()
@@ -67,32 +71,44 @@ class HFCausalLM(KVCachedLM):
 
     @property
     def kv_layout(self) -> tuple[int, int, int, int, int]:
-        """(layers, key heads, key dim, value heads, value dim) of what the model caches: plain
-        attention caches keys and values per KV head; DeepSeek's latent attention caches its
-        compressed latent and rope key instead, so the sizes come from a probe, not the config."""
+        """(attention layers, key heads, key dim, value heads, value dim) of what the model caches:
+        plain attention caches keys and values per KV head; DeepSeek's latent attention caches its
+        compressed latent and rope key instead, so the sizes come from a probe, not the config.
+        Stateful layers (LFM2's convolutions) cache no keys: they are in `state_layout`."""
         return self._kv_layout
+
+    @property
+    def state_layout(self) -> list[LayerState]:
+        """The layers that carry a fixed-size state between steps instead of keys and values."""
+        return self._state_layout
 
     def _probe_kv_layout(self) -> tuple[int, int, int, int, int]:
         from transformers import DynamicCache
 
-        cache = DynamicCache()
-        kinds = sorted(set(getattr(self.config, "layer_types", None) or [])
-                       - {"full_attention", "sliding_attention", "chunked_attention"})
-        if kinds:  # linear attention / state space (a recurrent state), indexed or chunked attention, ...
+        stateful = {state.layer for state in self._state_layout}
+        layer_types = getattr(self.config, "layer_types", None) or []
+        kinds = sorted(set(layer_types) - {"full_attention", "sliding_attention", "chunked_attention"}
+                       - ({"conv"} if stateful else set()))
+        if kinds:  # linear attention / state space (a recurrent state), indexed attention, ...
             raise ValueError(f"{type(self.hf).__name__}: layers of kind {kinds} are not supported: only full, "
-                             f"sliding-window and chunked attention (a per-layer key/value cache and a position mask)")
+                             f"sliding-window and chunked attention (a per-layer key/value cache and a position mask) "
+                             f"and LFM2's short convolutions (a per-layer state)")
+        # Stateful layers need transformers' per-kind cache layers to run at all.
+        cache = DynamicCache(config=self.config) if stateful else DynamicCache()
         try:
             with torch.no_grad():
                 self.hf(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True, **{self._cache_kwarg: cache})
         except (IndexError, TypeError, ValueError, AttributeError) as e:  # e.g. a hybrid model's own cache type
             raise ValueError(f"{type(self.hf).__name__}: does not run with a plain per-layer key/value cache "
                              f"(transformers DynamicCache): {type(e).__name__}: {e}") from e
-        shapes = {(tuple(layer.keys.shape[1::2]), tuple(layer.values.shape[1::2])) for layer in cache.layers}
-        if len(cache.layers) != self.config.num_hidden_layers or len(shapes) != 1:
+        attention = [layer for i, layer in enumerate(cache.layers) if i not in stateful]
+        shapes = {(tuple(layer.keys.shape[1::2]), tuple(layer.values.shape[1::2])) for layer in attention
+                  if getattr(layer, "keys", None) is not None}
+        if len(cache.layers) != self.config.num_hidden_layers or len(shapes) != 1 or not attention:
             raise ValueError(f"{type(self.hf).__name__}: its cache is not one key/value pair per layer of one "
                              f"shape ({len(cache.layers)} layers, shapes {sorted(shapes)}); not supported")
         ((key_heads, key_dim), (value_heads, value_dim)), = shapes
-        return len(cache.layers), key_heads, key_dim, value_heads, value_dim
+        return len(attention), key_heads, key_dim, value_heads, value_dim
 
     @property
     def in_place_kv(self) -> bool:
@@ -107,29 +123,43 @@ class HFCausalLM(KVCachedLM):
         compare with the model's own forward."""
         from ..kv_cache import InPlaceLayer
 
-        layers, key_heads, key_dim, value_heads, value_dim = self._kv_layout
         tokens = torch.arange(1, 5)[None] % self.config.vocab_size
-        past = torch.zeros(1, 0, dtype=torch.long)
-        buffers = [InPlaceLayer(torch.zeros(1, key_heads, key_dim, 8), torch.zeros(1, value_heads, 8, value_dim), past)
-                   for _ in range(layers)]
         self._in_place_kv = True
         try:
             with torch.no_grad():
-                ours = self.step(tokens, torch.arange(4)[None], past, buffers, None)[0]
+                ours = self._in_place_forward(tokens)
                 theirs = self.hf(input_ids=tokens).logits
             return bool(torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5))
         except (RuntimeError, ValueError, IndexError, TypeError):  # e.g. shapes of a cache its attention does not read
             return False
 
-    def step(self, tokens, positions, past_positions, past_keys, past_values):
+    def _in_place_forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One step over whole sequences through the in-place protocol's eager ops, on fresh buffers."""
+        from ..kv_cache import InPlaceLayer
+        from ..layer_state import ConvState
+
+        layers, key_heads, key_dim, value_heads, value_dim = self._kv_layout
+        b, s = tokens.shape
+        past = torch.zeros(b, 0, dtype=torch.long)
+        buffers = [InPlaceLayer(torch.zeros(b, key_heads, key_dim, s), torch.zeros(b, value_heads, s, value_dim), past)
+                   for _ in range(layers)]
+        states = [ConvState(torch.zeros(b, *state.shape), past) for state in self._state_layout]
+        return self.step(tokens, torch.arange(s).expand(b, s), past, buffers, None, states=states)[0]
+
+    def forward(self, tokens):
+        """Stateful layers run only through the in-place protocol (their state is its buffer)."""
+        return self._in_place_forward(tokens) if self._state_layout else super().forward(tokens)
+
+    def step(self, tokens, positions, past_positions, past_keys, past_values, states=()):
         """Same contract as ReferenceMoELM.step: logits (b, s, vocab) and per-layer keys/values
         (b, kv_heads, p + s, head_dim); with past_values None, past_keys are in-place cache
-        layers and attention runs through them (keys/values returned None)."""
+        layers and attention runs through them (keys/values returned None), and `states` are the
+        stateful layers' state buffers (compiler/layer_state.py), in `state_layout`'s order."""
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
         if past_values is None:
-            return self._step_in_place(tokens, positions, past_positions, past_keys)
+            return self._step_in_place(tokens, positions, past_positions, past_keys, states)
         past = past_positions.shape[1]
         for k, v in zip(past_keys, past_values):  # one past length for all layers (lets export unify it)
             torch._check(k.shape[2] == past)
@@ -160,16 +190,18 @@ class HFCausalLM(KVCachedLM):
                       **{self._cache_kwarg: cache})
         return out.logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 
-    def _step_in_place(self, tokens, positions, past_positions, layers):
+    def _step_in_place(self, tokens, positions, past_positions, layers, states):
         from transformers import AttentionInterface
 
         from ..kv_cache import ATTENTION_NAME, hf_attention, in_place_cache_class
 
         if not self.in_place_kv:
             raise ValueError(f"{type(self.hf).__name__}: its attention needs the concatenating KV cache")
+        if len(states) != len(self._state_layout):
+            raise ValueError(f"{type(self.hf).__name__}: expected {len(self._state_layout)} layer states, got {len(states)}")
         AttentionInterface.register(ATTENTION_NAME, hf_attention)
         cache = in_place_cache_class()([layer.key_buffer for layer in layers], [layer.value_buffer for layer in layers],
-                                       past_positions)
+                                       past_positions, {spec.layer: state for spec, state in zip(self._state_layout, states)})
         before = self.config._attn_implementation
         self.hf.set_attn_implementation(ATTENTION_NAME)
         try:
@@ -213,6 +245,37 @@ class HFCausalLM(KVCachedLM):
             yield self
         finally:
             self.hf.set_experts_implementation(before)
+
+
+def _take_short_convs(model: nn.Module) -> list[LayerState]:
+    """LFM2's short-convolution layers (`*ShortConv`: in_proj -> B, C, x; B*x through a causal
+    depthwise conv; C * that -> out_proj) made to run through the in-place protocol's state op
+    when the cache passed to them holds their state, and as before otherwise. Returns their
+    states, in layer order."""
+    states = []
+    for module in model.modules():
+        if not type(module).__name__.endswith("ShortConv"):
+            continue
+        conv = module.conv
+        kernel, channels = conv.kernel_size[0], conv.in_channels
+        if conv.groups != channels or conv.out_channels != channels or kernel < 2 \
+                or module.in_proj.out_features != 3 * channels:
+            raise ValueError(f"{type(module).__name__}: not a depthwise short convolution of kernel >= 2 "
+                             f"over a 3-way in_proj; not supported")
+        module.forward = functools.partial(_short_conv_forward, module, module.forward)
+        states.append(LayerState("conv", int(module.layer_idx), [kernel - 1, channels]))
+    return sorted(states, key=lambda state: state.layer)
+
+
+def _short_conv_forward(module, original, hidden_states, cache=None, attention_mask=None, **kwargs):
+    state = getattr(cache.layers[module.layer_idx], "conv_state", None) if hasattr(cache, "layers") else None
+    if state is None:  # transformers' own cache: its own forward
+        return original(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+    gate_b, gate_c, x = module.in_proj(hidden_states).chunk(3, dim=-1)
+    y = state.convolve(gate_b * x, module.conv.weight[:, 0, :])
+    if module.conv.bias is not None:
+        y = y + module.conv.bias
+    return module.out_proj(gate_c * y)
 
 
 class _LongRopeScale(nn.Module):
