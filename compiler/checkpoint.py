@@ -199,6 +199,10 @@ def probe_stand_in(config) -> "torch.nn.Module":
     config = copy.deepcopy(config)
     layers = min(config.num_hidden_layers, PROBE_LAYERS)
     if getattr(config, "layer_types", None):
+        # Through the first layer of every kind: a hybrid's attention may come after several
+        # Mamba layers, and the cache layout is probed from it.
+        first = {kind: i for i, kind in reversed(list(enumerate(config.layer_types)))}
+        layers = min(config.num_hidden_layers, max(layers, max(first.values()) + 1))
         config.layer_types = list(config.layer_types)[:layers]
     config.num_hidden_layers, config.vocab_size = layers, PROBE_VOCAB
     with _parameters_on_meta():
@@ -235,6 +239,23 @@ def _expert_chunks(keys: list[str], n_experts: int) -> list[list[str]] | None:
     if any(sorted(c) != list(range(n_experts)) for c in chunks.values()):
         return None
     return [[c[e] for e in range(n_experts)] for c in chunks.values()]
+
+
+def _read_persistent_buffers(model, checkpoint: Checkpoint) -> None:
+    """The persistent buffers the checkpoint holds, read now (the model made them from its
+    config): small tensors the adapters read as values, e.g. LFM2's and DeepSeek-V3's expert
+    selection biases, which left at their initial zeros would route every token differently."""
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    for module_name, module in model.named_modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is None or name in module._non_persistent_buffers_set:
+                continue
+            full = f"{module_name}.{name}" if module_name else name
+            keys = list(revert_weight_conversion(model, {full: torch.empty(tuple(buffer.shape), device="meta")}))
+            if len(keys) == 1 and keys[0] in checkpoint.entries and checkpoint.shape(keys[0]) == tuple(buffer.shape):
+                module._buffers[name] = torch.from_numpy(checkpoint.read(keys[0])).to(buffer.dtype)
 
 
 def streamed_hf_model(path: Path, config) -> "torch.nn.Module":
@@ -287,6 +308,7 @@ def streamed_hf_model(path: Path, config) -> "torch.nn.Module":
                 param.checkpoint_source = sources[full]
     if tied:
         model.tie_weights()
+    _read_persistent_buffers(model, checkpoint)
     dtypes: dict[str, int] = {}  # the checkpoint's precision: that of most of its bytes
     for _, shape, dtype in checkpoint.entries.values():
         dtypes[dtype] = dtypes.get(dtype, 0) + int(np.prod(shape))

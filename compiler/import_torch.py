@@ -74,7 +74,7 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
             raise UnsupportedModelError(f"--kv-dtype {options.kv_dtype}: {user_class} keeps the concatenating "
                                         f"KV cache (sliding-window, chunked or sink attention), which holds float32")
     kv_note = f", {kv.layout} {kv.dtype} KV cache" + (f" of the last {kv.window - 1} positions" if kv.window else "") \
-        + (f", {len(kv.states)} {kv.states[0].kind} states" if kv and kv.states else "") \
+        + (f", {len(kv.states)} layer states ({', '.join(sorted({s.kind for s in kv.states}))})" if kv and kv.states else "") \
         if lm else ""
     with bar.step(f"trace {type(model).__name__} with torch.export ({len(specs)} MoE layers{kv_note})"):
         if lm:

@@ -150,18 +150,18 @@ def in_place_cache_class():
             return self.past_positions.shape[1]
 
     class _StateLayer(DynamicLayer):
-        """A stateful layer's place in the cache (compiler/layer_state.py): its state, no keys."""
+        """A stateful layer's place in the cache (compiler/layer_state.py): its states by kind, no keys."""
 
-        def __init__(self, conv_state, past_positions):
+        def __init__(self, states, past_positions):
             super().__init__()
-            self.conv_state, self.past_positions, self.is_initialized = conv_state, past_positions, True
+            self.states, self.past_positions, self.is_initialized = states, past_positions, True
 
         def get_seq_length(self) -> int:
             return self.past_positions.shape[1]
 
     class InPlaceCache(DynamicCache):
         """Indexed by decoder layer: the attention layers' buffers in order, the stateful layers'
-        states (`states`: decoder layer -> ConvState) at their own indices."""
+        states (`states`: decoder layer -> {kind -> holder}) at their own indices."""
 
         def __init__(self, key_buffers, value_buffers, past_positions, states=None):
             super().__init__()

@@ -1,12 +1,17 @@
 """Layers that carry a fixed-size state between steps (artifact.LayerState), at export.
 
-LFM2's short convolution is a causal depthwise convolution over the sequence: a decode step needs
-the last kernel - 1 inputs of the layer, not its whole past. The runtime owns one state buffer
-(batch, kernel - 1, channels) per such layer, passed to every step like the KV buffers; the layer
-is traced as one opaque op, `moetvm::short_conv(x, weight, state, past_positions)`, which the
-importer lowers (`convert_short_conv`) to one kernel that convolves the step's inputs after the
-state and writes the new state in place (`call_tir_inplace`). At past length 0 the state is read
-as zeros, so a buffer never needs clearing between sequences.
+The runtime owns one buffer per state, passed to every step like the KV buffers; each kind is
+traced as one opaque op that reads the state and writes the new one in place, which the importer
+lowers to one kernel (`call_tir_inplace`). At past length 0 a state is read as zeros, so a buffer
+never needs clearing between sequences.
+  conv: a causal depthwise convolution over the sequence (LFM2's short convolutions, Mamba2's
+        input convolution) needs the last kernel - 1 inputs, not the whole past: state (batch,
+        kernel - 1, channels); `moetvm::short_conv(x, weight, state, past_positions)`.
+  ssm:  Mamba2's selective scan (state space duality): per head h, position t, with
+        dt = softplus(dt_t + dt_bias[h]), state <- exp(dt A[h]) state + dt x_t B_t^T and
+        y_t = state C_t + D[h] x_t; state (batch, heads, head_dim, state_size);
+        `moetvm::ssm_scan(x, dt, A, B, C, D, dt_bias, state, past_positions)`. transformers
+        runs prefill as a chunked scan; this is the same recurrence, one position at a time.
 """
 
 from __future__ import annotations
@@ -90,3 +95,98 @@ def short_conv_kernel(channels: int, kernel: int):
                         T.if_then_else(p > 0, state[bi, T.min(s + m, held - 1), c], T.float32(0)))
 
     return short_conv
+
+
+@torch.library.custom_op("moetvm::ssm_scan", mutates_args=())
+def _ssm_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor,
+              dt_bias: torch.Tensor, state: torch.Tensor, past_positions: torch.Tensor) -> torch.Tensor:
+    """Eager semantics: x (batch, s, heads, head_dim), dt (batch, s, heads), a, d, dt_bias (heads),
+    b, c (batch, s, groups, state_size), state (batch, heads, head_dim, state_size) -> y like x;
+    head h reads group h // (heads // groups)."""
+    heads, groups = x.shape[2], b.shape[2]
+    h = state if past_positions.shape[1] > 0 else torch.zeros_like(state)
+    b, c = (t.repeat_interleave(heads // groups, dim=2) for t in (b, c))
+    step = torch.nn.functional.softplus(dt + dt_bias)  # (batch, s, heads)
+    ys = []
+    for t in range(x.shape[1]):
+        h = torch.exp(step[:, t, :, None, None] * a[:, None, None]) * h \
+            + step[:, t, :, None, None] * x[:, t, :, :, None] * b[:, t, :, None, :]
+        ys.append((h * c[:, t, :, None, :]).sum(-1) + d[:, None] * x[:, t])
+    state.copy_(h)
+    return torch.stack(ys, dim=1)
+
+
+@_ssm_scan.register_fake
+def _(x, dt, a, b, c, d, dt_bias, state, past_positions):
+    return x.new_empty(x.shape)
+
+
+class SSMState:
+    """One Mamba2 layer's scan state while exporting (or running the op eagerly)."""
+
+    def __init__(self, buffer: torch.Tensor, past_positions: torch.Tensor):
+        self.buffer, self.past_positions = buffer, past_positions
+
+    def scan(self, x, dt, a, b, c, d, dt_bias) -> torch.Tensor:
+        return torch.ops.moetvm.ssm_scan(x, dt, a, b, c, d, dt_bias, self.buffer, self.past_positions)
+
+
+def convert_ssm_scan(node, importer):
+    """torch.export node -> Relax: one kernel writes y and, in place, the new state."""
+    x, dt, a, b, c, d, dt_bias, state, past_positions = (importer.env[arg] for arg in node.args[:9])
+    bb = importer.block_builder
+    heads, head_dim, state_size = (int(v) for v in state.ty.shape.values[1:])
+    groups = int(b.ty.shape.values[2])
+    p = relax.prim_value(past_positions.ty.shape.values[1])
+    func = bb.add_func(ssm_scan_kernel(heads, head_dim, groups, state_size), "ssm_scan")
+    both = bb.emit(relax.call_tir_inplace(func, [x, dt, a, b, c, d, dt_bias, state, p], [7, -1], [state.ty, x.ty]))
+    return bb.emit(relax.TupleGetItem(both, 1))
+
+
+@functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
+def ssm_scan_kernel(heads: int, head_dim: int, groups: int, state_size: int):
+    """The recurrence of `_ssm_scan`, per (batch, head) in parallel: each state row (state_size
+    lanes) stays in registers over the step's positions and is written back once."""
+    per_group = heads // groups
+
+    @T.prim_func(private=True)
+    def ssm_scan(x_h: T.handle, dt_h: T.handle, a_h: T.handle, b_h: T.handle, c_h: T.handle, d_h: T.handle,
+                 bias_h: T.handle, state_h: T.handle, p: T.int64, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        batch, s = T.int64(), T.int64()
+        x = T.match_buffer(x_h, (batch, s, heads, head_dim), "float32")
+        dt = T.match_buffer(dt_h, (batch, s, heads), "float32")
+        a = T.match_buffer(a_h, (heads,), "float32")
+        b = T.match_buffer(b_h, (batch, s, groups, state_size), "float32")
+        c = T.match_buffer(c_h, (batch, s, groups, state_size), "float32")
+        d = T.match_buffer(d_h, (heads,), "float32")
+        bias = T.match_buffer(bias_h, (heads,), "float32")
+        state = T.match_buffer(state_h, (batch, heads, head_dim, state_size), "float32")
+        y = T.match_buffer(y_h, (batch, s, heads, head_dim), "float32")
+        for bh in T.parallel(batch * heads):
+            if True:
+                row = T.decl_buffer((state_size,), "float32", scope="local")
+                acc = T.decl_buffer((1,), "float32", scope="local")
+                bi: T.let[T.int64] = bh // heads
+                h: T.let[T.int64] = bh % heads
+                g: T.let[T.int64] = h // per_group
+                for i in T.serial(head_dim):
+                    for n in T.serial(state_size):
+                        row[n] = T.if_then_else(p > 0, state[bi, h, i, n], T.float32(0))
+                    for t in T.serial(s):
+                        raw: T.let[T.float32] = dt[bi, t, h] + bias[h]
+                        # softplus as torch computes it (linear above 20)
+                        step: T.let[T.float32] = T.if_then_else(raw > T.float32(20), raw, T.log1p(T.exp(raw)))
+                        decay: T.let[T.float32] = T.exp(step * a[h])
+                        acc[0] = T.float32(0)
+                        for n in T.serial(state_size):
+                            row[n] = row[n] * decay + step * x[bi, t, h, i] * b[bi, t, g, n]
+                            acc[0] = acc[0] + row[n] * c[bi, t, g, n]
+                        y[bi, t, h, i] = acc[0] + d[h] * x[bi, t, h, i]
+                    for n in T.serial(state_size):
+                        state[bi, h, i, n] = row[n]
+
+    return ssm_scan
+
+
+HOLDERS = {"conv": ConvState, "ssm": SSMState}  # artifact.LayerState.kind -> its holder at export

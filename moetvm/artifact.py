@@ -169,7 +169,8 @@ class LayerState:
     layout, format 8): one buffer (batch, *shape) of `dtype` per stateful layer, which the step
     reads and rewrites in place and treats as zeros at the first step (past length 0), whatever
     it holds. kind "conv": the last kernel - 1 inputs of a causal depthwise convolution (LFM2's
-    short convolutions), shape [kernel - 1, channels]."""
+    short convolutions, Mamba2's input convolution), shape [kernel - 1, channels]; "ssm": a
+    Mamba2 selective scan's state, shape [heads, head dim, state size]. A layer may carry both."""
 
     kind: str  # one of STATE_KINDS
     layer: int  # the decoder layer it belongs to (the step takes the states in this list's order)
@@ -427,7 +428,7 @@ QUANT_SCHEMES = ("fp32", "fp16", "bf16", "int8", "int4")  # how weights may be s
 KV_DTYPES = ("float32", "float16", "int8")  # what an LM's KV cache may hold
 KV_QUANTIZED = ("int8",)  # in_place only: stored with a per-position scale (KVCacheLayout)
 KV_SCALE_BYTES = 4
-STATE_KINDS = ("conv",)  # what a stateful layer carries between steps (LayerState)
+STATE_KINDS = {"conv": 2, "ssm": 3}  # what a stateful layer carries between steps (LayerState) -> its shape's length
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
 SCORE_FNS = ("softmax", "sigmoid", "sparsemixer")  # sparsemixer: PhiMoE's two picks (see routing.select_experts)
 GROUP_SCORES = ("top2_sum", "max")  # how grouped top-k ranks a group (see routing.select_experts)
@@ -648,10 +649,11 @@ def _check_model_fields(m: Manifest) -> None:
         for state in kv.states:
             if kv.layout != "in_place" or state.kind not in STATE_KINDS or state.dtype != "float32" \
                     or type(state.layer) is not int or state.layer < 0 \
-                    or len(state.shape) != 2 or not all(_positive_int(d) and d < MAX_DIM for d in state.shape):
+                    or len(state.shape) != STATE_KINDS[state.kind] \
+                    or not all(_positive_int(d) and d < MAX_DIM for d in state.shape):
                 raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache.states: each needs the in_place layout, a kind "
-                                    f"({', '.join(STATE_KINDS)}), a layer, a shape of 2 positive sizes and dtype "
-                                    f"float32, got {state!r} with {kv.layout!r}")
+                                    f"({', '.join(STATE_KINDS)}), a layer, a shape (conv: 2 positive sizes, ssm: 3) and "
+                                    f"dtype float32, got {state!r} with {kv.layout!r}")
         logits = next((o for o in m.outputs if o.name == "logits"), None)
         vocab = info.vocab_size
         if logits is None or not logits.shape or logits.shape[-1] != (vocab or logits.shape[-1]):

@@ -43,6 +43,22 @@ SHAPES = {
         num_experts_per_tok=4, vocab_size=201088, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
         sliding_window=128, max_position_embeddings=131072, tie_word_embeddings=False, swiglu_limit=7.0,
         rms_norm_eps=1e-5),
+    # LiquidAI/LFM2-8B-A1B: short-convolution layers (kernel 3) with 6 attention layers among 24,
+    # 2 dense layers first, then 32 experts top-4 with a selection bias; tied embeddings.
+    "lfm2-8b-a1b": dict(
+        cls="Lfm2MoeConfig", hidden_size=2048, num_hidden_layers=24, num_experts=32, moe_intermediate_size=1792,
+        intermediate_size=7168, num_dense_layers=2, num_experts_per_tok=4, vocab_size=65536, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=128000, conv_L_cache=3, tie_word_embeddings=True,
+        layer_types=["full_attention" if i in (2, 6, 10, 14, 18, 21) else "conv" for i in range(24)]),
+    # ibm-granite/granite-4.0-h-tiny: Mamba2 mixers (48 heads of 64, state 128) with 4 attention layers
+    # among 40, 64 experts top-6 and a shared MLP in every layer (sizes and layer pattern; its
+    # multipliers are left at transformers' defaults).
+    "granite-4.0-h-tiny": dict(
+        cls="GraniteMoeHybridConfig", hidden_size=1536, num_hidden_layers=40, num_local_experts=64,
+        intermediate_size=512, shared_intermediate_size=1024, num_experts_per_tok=6, vocab_size=100352,
+        num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=131072, mamba_n_heads=48,
+        mamba_d_head=64, mamba_d_state=128, mamba_n_groups=1, mamba_d_conv=4, mamba_expand=2, tie_word_embeddings=True,
+        layer_types=["full_attention" if i in (5, 15, 25, 35) else "linear_attention" for i in range(40)]),
 }
 COMMON = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=0.02)
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -67,6 +83,8 @@ def make_config(shape: str, layers: int | None, overrides: list[str]):
         fields[key] = _value(value)
     if layers is not None:
         fields["num_hidden_layers"] = layers
+        if isinstance(fields.get("layer_types"), list):
+            fields["layer_types"] = fields["layer_types"][:layers]  # (--set layer_types=[...] picks others)
     return cls(**{**COMMON, **fields})
 
 

@@ -52,6 +52,13 @@ FAMILIES = {
                  dict(num_key_value_heads=2, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
                       num_experts_per_tok=2, layer_types=["conv", "full_attention"], num_dense_layers=0,
                       use_expert_bias=True, routed_scaling_factor=1.5)),
+    # Granite-4.0-H: a Mamba2 mixer (a convolution state and a scan state, 2 groups, prefill in
+    # chunks of 8) beside attention; a shared MLP beside the MoE block.
+    "granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM",
+                         dict(num_key_value_heads=2, intermediate_size=32, shared_intermediate_size=48,
+                              num_local_experts=8, num_experts_per_tok=2,
+                              layer_types=["linear_attention", "full_attention"], mamba_n_heads=4, mamba_d_head=32,
+                              mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=8)),
 }
 
 
@@ -68,6 +75,8 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
             buffer.normal_(0, 0.5)  # initialised to zero: make the selection bias matter
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(("_bias", ".sinks", "router.bias")):
-                param.normal_(0, 0.5)  # GPT-OSS's expert and router biases and attention sinks start at zero
+            if name.endswith(("_bias", ".sinks", "router.bias", "A_log", ".D")):
+                # GPT-OSS's expert and router biases and attention sinks start at zero; Mamba2's
+                # decay (A_log), skip (D) and time-step bias at one value per head
+                param.normal_(0, 0.5)
     return model

@@ -171,31 +171,43 @@ def test_sliding_window_cache_stays_at_the_window(tmp_path):
     assert held[:2] == [5, 7] and set(held[2:]) == {7} and cache.length == 32
 
 
-def test_short_conv_state_is_carried_between_steps(tmp_path):
-    """LFM2-MoE's convolution layer keeps the last 2 inputs (kernel 3) as its state, a buffer of a
-    fixed size the runtime carries like the KV cache: fed in chunks of 5, 1, 6 and then one token
-    at a time (chunks shorter and longer than the kernel), every step's logits match transformers'
-    forward over the whole sequence, and the state buffer never changes shape. A state the step
-    did not carry over (zeroed between steps) changes the logits."""
-    model = tiny_model("lfm2_moe")
+@pytest.mark.parametrize("family, states", [
+    ("lfm2_moe", [("conv", 0, [2, 64])]),  # kernel 3: the last 2 inputs
+    ("granitemoehybrid", [("conv", 0, [3, 192]), ("ssm", 0, [4, 32, 16])]),  # x, B, C convolved; heads, head dim, state
+])
+def test_layer_states_are_carried_between_steps(family, states, tmp_path):
+    """A convolution layer (LFM2) or a Mamba2 mixer (Granite-4.0-H) carries fixed-size states
+    between steps, buffers the runtime holds like the KV cache: fed in chunks of 5, 1, 6 and then
+    one token at a time (shorter and longer than the kernel and the scan's chunk of 8), every
+    step's logits match transformers' forward over the whole sequence and no state buffer changes
+    shape. Each state matters: one zeroed between steps changes the next logits."""
+    model = tiny_model(family)
     out = compile_model(model, target="host", out=tmp_path / "a", progress=False)
     kv = read_manifest(out).model.kv
-    assert kv.layout == "in_place" and [(s.kind, s.layer, s.shape) for s in kv.states] == [("conv", 0, [2, 64])]
+    assert kv.layout == "in_place" and [(s.kind, s.layer, s.shape) for s in kv.states] == states
     runtime = load_model(out)
     tokens = np.random.default_rng(0).integers(0, 128, size=(2, 20))
     cache, shapes = runtime.new_cache(2), set()
     for start, stop in [(0, 5), (5, 6), (6, 12), *((i, i + 1) for i in range(12, 20))]:
         logits, cache = runtime.step(tokens[:, start:stop], cache)
-        shapes.add(tuple(cache.states[0].shape))
+        shapes.add(tuple(tuple(state.shape) for state in cache.states))
         with torch.no_grad():
             theirs = model(torch.from_numpy(tokens[:, :stop])).logits[:, start:stop].numpy()
         assert relative_error(logits, theirs) < 1e-4, (start, stop)
-    assert shapes == {(2, 2, 64)} and cache.length == 20
-    cache.states[0].copyfrom(np.zeros((2, 2, 64), np.float32))
-    logits, _ = runtime.step(tokens[:, 19:20], cache)
+    assert shapes == {tuple((2, *shape) for _, _, shape in states)} and cache.length == 20
     with torch.no_grad():
         theirs = model(torch.from_numpy(np.concatenate([tokens, tokens[:, 19:20]], 1))).logits[:, -1:].numpy()
-    assert relative_error(logits, theirs) > 1e-3
+    kept = [state.numpy() for state in cache.states]
+    for i in range(len(kept)):  # each step rewrites every state: all are put back before the next
+        for state, value in zip(cache.states, kept):
+            state.copyfrom(np.zeros_like(value) if state is cache.states[i] else value)
+        cache.length = 20
+        logits, _ = runtime.step(tokens[:, 19:20], cache)
+        assert relative_error(logits, theirs) > 1e-3, i
+    for state, value in zip(cache.states, kept):
+        state.copyfrom(value)
+    cache.length = 20
+    assert relative_error(runtime.step(tokens[:, 19:20], cache)[0], theirs) < 1e-4
 
 
 def test_int8_kv_cache_is_refused_for_a_concatenating_cache(tmp_path):

@@ -22,9 +22,16 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = ["--set", "hidden_size=64", "--set", "intermediate_size=32", "--set", "vocab_size=256",
         "--set", "num_attention_heads=4", "--set", "num_key_value_heads=2", "--set", "num_experts_per_tok=2", "--layers", "2"]
 EXPERTS = {"olmoe-1b-7b": "num_experts", "mixtral-8x7b": "num_local_experts", "granite-3.1-1b-a400m": "num_local_experts",
-           "gpt-oss-20b": "num_local_experts"}
-# GPT-OSS: a limit low enough to clamp, a window shorter than the prompt (a sliding and a full layer)
-SHAPE_SETTINGS = {"gpt-oss-20b": ["--set", "head_dim=16", "--set", "swiglu_limit=0.5", "--set", "sliding_window=4"]}
+           "gpt-oss-20b": "num_local_experts", "lfm2-8b-a1b": "num_experts", "granite-4.0-h-tiny": "num_local_experts"}
+SHAPE_SETTINGS = {
+    # a limit low enough to clamp, a window shorter than the prompt (a sliding and a full layer)
+    "gpt-oss-20b": ["--set", "head_dim=16", "--set", "swiglu_limit=0.5", "--set", "sliding_window=4"],
+    # a layer of each kind, both MoE (the selection bias is a buffer the checkpoint holds)
+    "lfm2-8b-a1b": ["--set", 'layer_types=["conv","full_attention"]', "--set", "num_dense_layers=0",
+                    "--set", "moe_intermediate_size=32"],
+    "granite-4.0-h-tiny": ["--set", 'layer_types=["linear_attention","full_attention"]', "--set", "mamba_n_heads=4",
+                           "--set", "mamba_d_head=32", "--set", "mamba_d_state=16", "--set", "shared_intermediate_size=32"],
+}
 
 
 def make_checkpoint(out: Path, shape: str, *args: str) -> Path:
@@ -43,9 +50,10 @@ def compile_cli(model: Path, out: Path, *args: str, **kw) -> subprocess.Popen:
 
 @pytest.mark.parametrize("shape", sorted(EXPERTS))
 def test_streamed_bf16_checkpoint_matches_transformers(shape, tmp_path):
-    """Four key layouts: per-expert gate/up/down (OLMoE), renamed per-expert w1/w3/w2 (Mixtral),
+    """Key layouts: per-expert gate/up/down (OLMoE), renamed per-expert w1/w3/w2 (Mixtral),
     fused and renamed input_linear/output_linear (GraniteMoE), fused gate/up columns interleaved
-    with biases (GPT-OSS); bf16 shards, tied and untied heads."""
+    with biases (GPT-OSS), fused experts beside convolution layers and a selection-bias buffer
+    (LFM2-MoE), Mamba2 mixers (Granite-4.0-H); bf16 shards, tied and untied heads."""
     import transformers
 
     from moetvm.compiler import compile_model
@@ -64,6 +72,26 @@ def test_streamed_bf16_checkpoint_matches_transformers(shape, tmp_path):
     with torch.no_grad():
         want = reference(torch.from_numpy(tokens)).logits.numpy()
     assert np.abs(ours - want).max() / np.abs(want).max() < 1e-4  # fp32 ≈ 1e-5 relative; observed ~3e-7
+
+
+def test_streamed_model_reads_its_buffers_from_the_checkpoint(tmp_path):
+    """LFM2-MoE keeps its experts' selection bias in a persistent buffer, not a parameter: a
+    streamed compile reads it from the checkpoint (left at its initial zeros, it routed tokens to
+    other experts: relative error 1.4)."""
+    from hf_models import tiny_model
+
+    from moetvm.compiler import compile_model
+    from moetvm.compiler.models import load_model_source
+    from moetvm.runtime import load_model
+
+    model = tiny_model("lfm2_moe")  # its bias drawn N(0, 0.5)
+    model.save_pretrained(tmp_path / "ckpt")
+    art = compile_model(load_model_source(f"hf:{tmp_path / 'ckpt'}", stream=True), target="host", out=tmp_path / "art",
+                        progress=False)
+    tokens = np.random.default_rng(0).integers(0, 128, size=(2, 16))
+    with torch.no_grad():
+        want = model(torch.from_numpy(tokens)).logits.numpy()
+    assert np.abs(load_model(art)(tokens) - want).max() / np.abs(want).max() < 1e-4
 
 
 def test_streamed_model_refuses_calibration(tmp_path):

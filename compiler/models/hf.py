@@ -49,7 +49,7 @@ class HFCausalLM(KVCachedLM):
         if getattr(config, "is_encoder_decoder", False):
             raise ValueError(f"{type(model).__name__}: encoder-decoder models are not causal LMs")
         model.set_attn_implementation("eager")
-        self._state_layout = _take_short_convs(model)
+        self._state_layout = _take_stateful_layers(model)
         # Llama 4's chunked layers attend within their chunk of attention_chunk_size positions.
         self.chunk = int(config.attention_chunk_size) \
             if "chunked_attention" in (getattr(config, "layer_types", None) or []) else None
@@ -60,12 +60,18 @@ class HFCausalLM(KVCachedLM):
         self.config = config
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         if probes is not None:
-            self._kv_layout = (config.num_hidden_layers - len(self._state_layout), *probes._kv_layout[1:])
+            stateful = {state.layer for state in self._state_layout}
+            self._kv_layout = (config.num_hidden_layers - len(stateful), *probes._kv_layout[1:])
             self.window, self.mixed_attention, self._in_place_kv = probes.window, probes.mixed_attention, probes._in_place_kv
         else:
             self._kv_layout = self._probe_kv_layout()
             self.window, self.mixed_attention = self._probe_attention_window()
             self._in_place_kv = self.window is None and self.chunk is None and self._probe_in_place_kv()
+            if self._state_layout and not self._in_place_kv:
+                kinds = sorted({state.kind for state in self._state_layout})
+                raise ValueError(f"{type(model).__name__}: its stateful layers ({', '.join(kinds)} state) run only "
+                                 f"through the in-place cache, and through it the model does not reproduce "
+                                 f"transformers' forward{' (windowed or chunked attention)' if self.window or self.chunk else ''}")
         self.cfg = SimpleNamespace(vocab_size=config.vocab_size, d_model=config.hidden_size,
                                    max_positions=getattr(config, "max_position_embeddings", None))
 
@@ -87,12 +93,12 @@ class HFCausalLM(KVCachedLM):
 
         stateful = {state.layer for state in self._state_layout}
         layer_types = getattr(self.config, "layer_types", None) or []
-        kinds = sorted(set(layer_types) - {"full_attention", "sliding_attention", "chunked_attention"}
-                       - ({"conv"} if stateful else set()))
-        if kinds:  # linear attention / state space (a recurrent state), indexed attention, ...
+        kinds = sorted({kind for i, kind in enumerate(layer_types) if i not in stateful}
+                       - {"full_attention", "sliding_attention", "chunked_attention", "attention"})
+        if kinds:  # linear attention other than Mamba2 (a recurrent state), indexed attention, ...
             raise ValueError(f"{type(self.hf).__name__}: layers of kind {kinds} are not supported: only full, "
-                             f"sliding-window and chunked attention (a per-layer key/value cache and a position mask) "
-                             f"and LFM2's short convolutions (a per-layer state)")
+                             f"sliding-window and chunked attention (a per-layer key/value cache and a position mask), "
+                             f"LFM2's short convolutions and Mamba2 mixers (a per-layer state)")
         # Stateful layers need transformers' per-kind cache layers to run at all.
         cache = DynamicCache(config=self.config) if stateful else DynamicCache()
         try:
@@ -136,14 +142,14 @@ class HFCausalLM(KVCachedLM):
     def _in_place_forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """One step over whole sequences through the in-place protocol's eager ops, on fresh buffers."""
         from ..kv_cache import InPlaceLayer
-        from ..layer_state import ConvState
+        from ..layer_state import HOLDERS
 
         layers, key_heads, key_dim, value_heads, value_dim = self._kv_layout
         b, s = tokens.shape
         past = torch.zeros(b, 0, dtype=torch.long)
         buffers = [InPlaceLayer(torch.zeros(b, key_heads, key_dim, s), torch.zeros(b, value_heads, s, value_dim), past)
                    for _ in range(layers)]
-        states = [ConvState(torch.zeros(b, *state.shape), past) for state in self._state_layout]
+        states = [HOLDERS[state.kind](torch.zeros(b, *state.shape), past) for state in self._state_layout]
         return self.step(tokens, torch.arange(s).expand(b, s), past, buffers, None, states=states)[0]
 
     def forward(self, tokens):
@@ -201,7 +207,7 @@ class HFCausalLM(KVCachedLM):
             raise ValueError(f"{type(self.hf).__name__}: expected {len(self._state_layout)} layer states, got {len(states)}")
         AttentionInterface.register(ATTENTION_NAME, hf_attention)
         cache = in_place_cache_class()([layer.key_buffer for layer in layers], [layer.value_buffer for layer in layers],
-                                       past_positions, {spec.layer: state for spec, state in zip(self._state_layout, states)})
+                                       past_positions, _by_layer(self._state_layout, states))
         before = self.config._attn_implementation
         self.hf.set_attn_implementation(ATTENTION_NAME)
         try:
@@ -247,35 +253,84 @@ class HFCausalLM(KVCachedLM):
             self.hf.set_experts_implementation(before)
 
 
-def _take_short_convs(model: nn.Module) -> list[LayerState]:
-    """LFM2's short-convolution layers (`*ShortConv`: in_proj -> B, C, x; B*x through a causal
-    depthwise conv; C * that -> out_proj) made to run through the in-place protocol's state op
-    when the cache passed to them holds their state, and as before otherwise. Returns their
-    states, in layer order."""
+def _take_stateful_layers(model: nn.Module) -> list[LayerState]:
+    """The layers that carry a state between steps (compiler/layer_state.py), made to run through
+    the in-place protocol's state ops when the cache passed to them holds their states, and as
+    before otherwise; returns their states in layer order. Found by structure:
+      LFM2's short convolutions (`*ShortConv`: in_proj -> B, C, x; B*x through a causal depthwise
+        conv; C * that -> out_proj): a conv state;
+      Mamba2 mixers (A_log, D, dt_bias, conv1d, a gated norm: Granite-4.0-H's): a conv and a scan state.
+    Whether the rewritten layers compute what transformers' do is then probed (HFCausalLM)."""
     states = []
     for module in model.modules():
-        if not type(module).__name__.endswith("ShortConv"):
-            continue
-        conv = module.conv
-        kernel, channels = conv.kernel_size[0], conv.in_channels
-        if conv.groups != channels or conv.out_channels != channels or kernel < 2 \
-                or module.in_proj.out_features != 3 * channels:
-            raise ValueError(f"{type(module).__name__}: not a depthwise short convolution of kernel >= 2 "
-                             f"over a 3-way in_proj; not supported")
-        module.forward = functools.partial(_short_conv_forward, module, module.forward)
-        states.append(LayerState("conv", int(module.layer_idx), [kernel - 1, channels]))
-    return sorted(states, key=lambda state: state.layer)
+        if type(module).__name__.endswith("ShortConv") and hasattr(module, "in_proj"):
+            channels = module.conv.in_channels
+            if module.in_proj.out_features != 3 * channels:
+                raise ValueError(f"{type(module).__name__}: in_proj gives {module.in_proj.out_features} features, "
+                                 f"not B, C and x of {channels}; not supported")
+            states.append(_conv_state(module, module.conv))
+            module.forward = functools.partial(_short_conv_forward, module, module.forward)
+        elif all(hasattr(module, a) for a in MAMBA2_ATTRIBUTES):
+            limit = tuple(float(v) for v in getattr(module, "time_step_limit", (0.0, float("inf"))))
+            if limit != (0.0, float("inf")):
+                raise ValueError(f"{type(module).__name__}: time step limits {limit} are not supported (only none)")
+            states += [_conv_state(module, module.conv1d),
+                       LayerState("ssm", int(module.layer_idx), [module.num_heads, module.head_dim, module.ssm_state_size])]
+            module.forward = functools.partial(_mamba2_forward, module, module.forward)
+    return sorted(states, key=lambda state: state.layer)  # stable: a layer's conv state before its scan's
+
+
+MAMBA2_ATTRIBUTES = ("in_proj", "conv1d", "A_log", "D", "dt_bias", "norm", "out_proj", "n_groups", "head_dim",
+                     "num_heads", "ssm_state_size", "intermediate_size", "conv_dim", "act", "layer_idx")
+
+
+def _by_layer(layout: list[LayerState], holders: list) -> dict[int, dict]:
+    """decoder layer -> {state kind -> holder}."""
+    layers: dict[int, dict] = {}
+    for spec, holder in zip(layout, holders):
+        layers.setdefault(spec.layer, {})[spec.kind] = holder
+    return layers
+
+
+def _conv_state(module: nn.Module, conv: nn.Conv1d) -> LayerState:
+    kernel, channels = conv.kernel_size[0], conv.in_channels
+    if conv.groups != channels or conv.out_channels != channels or kernel < 2:
+        raise ValueError(f"{type(module).__name__}: its convolution is not depthwise of kernel >= 2; not supported")
+    return LayerState("conv", int(module.layer_idx), [kernel - 1, channels])
+
+
+def _states_of(module, cache) -> dict | None:
+    """The layer's state holders in the in-place cache (kind -> holder); None in transformers' own."""
+    return getattr(cache.layers[module.layer_idx], "states", None) if hasattr(cache, "layers") else None
+
+
+def _convolve(conv: nn.Conv1d, holder, x):
+    y = holder.convolve(x, conv.weight[:, 0, :])
+    return y + conv.bias if conv.bias is not None else y
 
 
 def _short_conv_forward(module, original, hidden_states, cache=None, attention_mask=None, **kwargs):
-    state = getattr(cache.layers[module.layer_idx], "conv_state", None) if hasattr(cache, "layers") else None
-    if state is None:  # transformers' own cache: its own forward
+    states = _states_of(module, cache)
+    if states is None:
         return original(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
     gate_b, gate_c, x = module.in_proj(hidden_states).chunk(3, dim=-1)
-    y = state.convolve(gate_b * x, module.conv.weight[:, 0, :])
-    if module.conv.bias is not None:
-        y = y + module.conv.bias
-    return module.out_proj(gate_c * y)
+    return module.out_proj(gate_c * _convolve(module.conv, states["conv"], gate_b * x))
+
+
+def _mamba2_forward(module, original, hidden_states, cache=None, attention_mask=None, **kwargs):
+    """transformers' Mamba2 mixer forward (no padding mask: the protocol's rows are whole) with
+    its convolution and scan as the state ops."""
+    states = _states_of(module, cache)
+    if states is None:
+        return original(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+    gate, xbc, dt = module.in_proj(hidden_states).split([module.intermediate_size, module.conv_dim, module.num_heads], -1)
+    xbc = module.act(_convolve(module.conv1d, states["conv"], xbc))
+    bc = module.n_groups * module.ssm_state_size
+    x, b, c = xbc.split([module.intermediate_size, bc, bc], dim=-1)
+    groups = (module.n_groups, module.ssm_state_size)
+    y = states["ssm"].scan(x.unflatten(-1, (module.num_heads, module.head_dim)), dt, -torch.exp(module.A_log.float()),
+                           b.unflatten(-1, groups), c.unflatten(-1, groups), module.D, module.dt_bias)
+    return module.out_proj(module.norm(y.flatten(-2), gate))
 
 
 class _LongRopeScale(nn.Module):

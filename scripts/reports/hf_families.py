@@ -59,7 +59,11 @@ def moe_families() -> list[tuple[str, str, str]]:
 
 
 # Families whose config defaults do not fit TINY's 2 layers: a layer kind per layer, each kind once.
-FAMILY_FIELDS = {"Lfm2MoeConfig": dict(layer_types=["conv", "full_attention"], num_dense_layers=0)}
+FAMILY_FIELDS = {
+    "Lfm2MoeConfig": dict(layer_types=["conv", "full_attention"], num_dense_layers=0),
+    "GraniteMoeHybridConfig": dict(layer_types=["linear_attention", "full_attention"], mamba_n_heads=4,
+                                   mamba_d_head=32, mamba_d_state=16, mamba_chunk_size=8),
+}
 
 
 def tiny_config(config_class):
