@@ -236,6 +236,14 @@ class _LMStep(nn.Module):
         return self.lm.step(tokens, positions, past_positions, past_keys, past_values)
 
 
+class _LMStepWindowed(_LMStep):
+    """The concatenating protocol of a model that windows some layers only (kv.full_layers): the
+    windowed layers' held positions are an input of their own."""
+
+    def forward(self, tokens, positions, past_positions, window_positions, past_keys, past_values):
+        return self.lm.step(tokens, positions, past_positions, past_keys, past_values, window_positions=window_positions)
+
+
 class _LMStepInPlace(_LMStep):
     """The in-place protocol (compiler/kv_cache.py): per attention layer a key and a value
     buffer the runtime owns, written in place, then per stateful layer its state buffer
@@ -267,6 +275,16 @@ def export_causal_lm(model: nn.Module, specs: list[MoELayerSpec], kv: KVCacheLay
         step = _LMStepInPlace(_with_markers(model, specs))
         args = (*inputs, keys, values, states)
         dyn = (*dyn, [{0: batch, 3: capacity}] * layers, [{0: batch, 2: capacity}] * layers, [{0: batch}] * len(states))
+    elif kv.full_layers:
+        # Windowed layers hold `held` past positions, full ones `past`: two sizes (distinct examples,
+        # so export keeps them apart).
+        held, w = Dim("window_past", min=0, max=MAX_TOKENS), 3  # >= 2: export specialises sizes 0 and 1
+        lengths = [p if i in kv.full_layers else w for i in range(layers)]
+        dims = [{0: batch, 2: past if i in kv.full_layers else held} for i in range(layers)]
+        past_kv = lambda shape: [torch.zeros(b, shape[0], n, shape[1]) for n in lengths]  # noqa: E731
+        step = _LMStepWindowed(_with_markers(model, specs))
+        args = (*inputs, torch.zeros(b, w, dtype=torch.long), past_kv(key_shape), past_kv(value_shape))
+        dyn = (*dyn, {0: batch, 1: held}, dims, dims)
     else:
         # Distinct tensors: torch.export would treat one object passed twice as one input.
         past_kv = lambda shape: [torch.zeros(b, shape[0], p, shape[1]) for _ in range(layers)]  # noqa: E731

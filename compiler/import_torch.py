@@ -60,12 +60,14 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
     scheme = options.dense_scheme
     kv = None
     if lm:
-        # Sliding-window attention in every layer bounds the cache (one past length for all layers:
-        # models mixing layer kinds keep everything; their masks still window).
-        window = getattr(model, "window", None) if not getattr(model, "mixed_attention", False) else None
+        # Sliding-window attention bounds the windowed layers' cache to the window; models mixing
+        # windowed and full layers name the full ones, which keep everything.
+        window = getattr(model, "window", None)
         states = list(getattr(model, "state_layout", []))
         kv = (KVCacheLayout("in_place", options.kv_cache_dtype(), KV_CAPACITY_MULTIPLE, states=states)
-              if getattr(model, "in_place_kv", False) else KVCacheLayout("concat", "float32", window=window))
+              if getattr(model, "in_place_kv", False) else
+              KVCacheLayout("concat", "float32", window=window, full_layers=list(getattr(model, "full_layers", [])),
+                            chunk=getattr(model, "chunk", None) if getattr(model, "full_layers", None) else None))
         if states and kv.layout != "in_place":
             raise UnsupportedModelError(f"{type(getattr(model, 'hf', model)).__name__}: layers that carry a state "
                                         f"({states[0].kind}) need the in-place KV cache, which its attention does not allow")
@@ -73,12 +75,17 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
             user_class = type(getattr(model, "hf", model)).__name__  # not the wrapper's
             raise UnsupportedModelError(f"--kv-dtype {options.kv_dtype}: {user_class} keeps the concatenating "
                                         f"KV cache (sliding-window, chunked or sink attention), which holds float32")
-    kv_note = f", {kv.layout} {kv.dtype} KV cache" + (f" of the last {kv.window - 1} positions" if kv.window else "") \
+    kv_note = f", {kv.layout} {kv.dtype} KV cache" \
+        + (f" of the last {kv.window - 1} positions" + (f" in {model.kv_layout[0] - len(kv.full_layers)} of "
+                                                          f"{model.kv_layout[0]} layers" if kv.full_layers else "")
+           if kv.window else "") \
+        + (f" of the current {kv.chunk}-position chunk in {model.kv_layout[0] - len(kv.full_layers)} of "
+           f"{model.kv_layout[0]} layers" if kv and kv.chunk else "") \
         + (f", {len(kv.states)} layer states ({', '.join(sorted({s.kind for s in kv.states}))})" if kv and kv.states else "") \
         if lm else ""
     with bar.step(f"trace {type(model).__name__} with torch.export ({len(specs)} MoE layers{kv_note})"):
         if lm:
-            input_names, output_names = lm_io_names(model.kv_layout[0], kv.layout, len(kv.states))
+            input_names, output_names = lm_io_names(model.kv_layout[0], kv.layout, len(kv.states), bool(kv.full_layers))
             mod = frontend.export_causal_lm(model, specs, kv)
         else:
             (example,) = example_inputs

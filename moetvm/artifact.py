@@ -30,7 +30,9 @@ FORMAT_VERSION = 8  # 2: the dense part's weights in weight files (`weights`), n
 #    (kv_cache.window); routing weights that scale the experts' input (Llama 4: scale_input)
 # 6: weight files encrypted at rest (`encryption`, moetvm/encryption.py)
 # 7: an int8 in-place KV cache (kv_cache.dtype "int8", each position's scale in the buffer)
-# 8: per-layer recurrent state carried like the KV cache (kv_cache.states: LFM2's short convolutions)
+# 8: per-layer recurrent state carried like the KV cache (kv_cache.states: LFM2's short convolutions,
+#    Mamba2); a window on some layers only (kv_cache.full_layers: GPT-OSS, Cohere2), the windowed ones
+#    holding the last window - 1 positions (their positions a `window_positions` input of the step)
 SUPPORTED_FORMAT_VERSIONS = (1, 8)
 SLOT_ALIGN = 64  # bytes: every tensor in an expert's pool slot starts at a multiple (the kernels' vector alignment)
 MANIFEST_NAME = "manifest.json"
@@ -185,7 +187,11 @@ class KVCacheLayout:
     which it writes at the new positions, and returns logits; the capacity is a multiple of
     `capacity_multiple`. concat (format 1): past keys/values (batch, heads, past, dim) in,
     extended ones out, the past positions they hold beside them; with a `window` (format 5) every
-    layer attends to the last `window` positions only, so the cache keeps the last window - 1.
+    layer attends to the last `window` positions only, so the cache keeps the last window - 1;
+    except `full_layers` (format 8), which attend to, and keep, every position: the step then
+    takes the positions the windowed layers hold as its own input (`window_positions`). With a
+    `chunk` instead (format 8: Llama 4) the other layers attend within their chunk of `chunk`
+    positions and keep only the current chunk's (length mod chunk).
     int8 (in_place, format 7): each position's key column and value row is quantized on its own,
     symmetric, and carries its float32 scale (little-endian) in KV_SCALE_BYTES extra int8 elements:
     key buffers have key dim + 4 rows, value rows value dim + 4 elements."""
@@ -193,7 +199,9 @@ class KVCacheLayout:
     layout: str = "concat"  # one of KV_LAYOUTS
     dtype: str = "float32"  # one of KV_DTYPES
     capacity_multiple: int = 1
-    window: int | None = None  # concat: sliding-window attention in every layer
+    window: int | None = None  # concat: sliding-window attention in every layer but full_layers
+    full_layers: list[int] = field(default_factory=list)  # concat with a window or chunk: KV layers attending to all
+    chunk: int | None = None  # concat: chunked attention (Llama 4) in every layer but full_layers
     states: list[LayerState] = field(default_factory=list)  # in_place: layers that carry a state, not keys and values
 
     @property
@@ -243,7 +251,7 @@ class ModelInfo:
     @functools.cached_property
     def io_names(self) -> tuple[list[str], list[str]]:
         """A causal LM step's (input names, output names), in order (lm_io_names)."""
-        return lm_io_names(self.kv_layout[0], self.kv.layout, len(self.kv.states))
+        return lm_io_names(self.kv_layout[0], self.kv.layout, len(self.kv.states), bool(self.kv.full_layers))
 
 
 @dataclass(frozen=True)
@@ -646,6 +654,15 @@ def _check_model_fields(m: Manifest) -> None:
         if kv.dtype in KV_QUANTIZED and kv.layout != "in_place":
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache dtype {kv.dtype} needs the in_place layout, "
                                 f"got {kv.layout!r}")
+        if kv.chunk is not None and not (kv.layout == "concat" and _positive_int(kv.chunk) and kv.window is None
+                                         and kv.full_layers):
+            raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache.chunk must be a positive integer, with the concat "
+                                f"layout, full_layers and no window, got {kv.chunk!r}")
+        if kv.full_layers and not ((kv.window is not None or kv.chunk is not None)
+                                   and len(set(kv.full_layers)) == len(kv.full_layers)
+                                   and all(type(i) is int and 0 <= i < layout[0] for i in kv.full_layers)):
+            raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache.full_layers must be distinct KV layer indices "
+                                f"below {layout[0]}, and only with a window or a chunk, got {kv.full_layers!r}")
         for state in kv.states:
             if kv.layout != "in_place" or state.kind not in STATE_KINDS or state.dtype != "float32" \
                     or type(state.layer) is not int or state.layer < 0 \
@@ -691,16 +708,19 @@ def kv_shapes(layout) -> tuple[int, tuple[int, int], tuple[int, int]]:
     return (layers, tuple(rest[:2]), tuple(rest[:2])) if len(rest) == 2 else (layers, tuple(rest[:2]), tuple(rest[2:]))
 
 
-def lm_io_names(layers: int, kv_layout: str = "concat", states: int = 0) -> tuple[list[str], list[str]]:
+def lm_io_names(layers: int, kv_layout: str = "concat", states: int = 0,
+                window_positions: bool = False) -> tuple[list[str], list[str]]:
     """Names of a causal LM artifact's inputs and outputs, in order (the causal LM protocol): token
     ids, their positions, the cached positions, then per attention layer the KV cache's key and
     value buffers (in place, followed by the stateful layers' state buffers) or past keys and
-    values (concat, which also returns the extended ones)."""
+    values (concat, which also returns the extended ones; with a window on some layers only, the
+    positions the windowed layers hold come after the cached positions)."""
     if kv_layout == "in_place":
         buffers = [f"key_buffer_{i}" for i in range(layers)] + [f"value_buffer_{i}" for i in range(layers)]
         return ["tokens", "positions", "past_positions"] + buffers + [f"state_{i}" for i in range(states)], ["logits"]
     kv = lambda prefix: [f"{prefix}keys_{i}" for i in range(layers)] + [f"{prefix}values_{i}" for i in range(layers)]  # noqa: E731
-    return ["tokens", "positions", "past_positions"] + kv("past_"), ["logits"] + kv("")
+    held = ["past_positions", "window_positions"] if window_positions else ["past_positions"]
+    return ["tokens", "positions", *held] + kv("past_"), ["logits"] + kv("")
 
 
 def _check_program(m: Manifest) -> None:
@@ -717,8 +737,10 @@ def _check_program(m: Manifest) -> None:
             kv_inputs = [(t.shape[1::2], key_shape if t.name.startswith("past_keys_") else value_shape) for t in m.inputs
                          if t.name.startswith(("past_keys_", "past_values_"))]
         states = m.model.kv.states
-        state_inputs = m.inputs[3 + 2 * layers:]
-        if len(m.inputs) != 3 + 2 * layers + len(states) or any(len(t.shape) != 4 for t in m.inputs[3:3 + 2 * layers]) \
+        first = 4 if m.model.kv.full_layers else 3  # tokens, positions, past_positions (, window_positions)
+        state_inputs = m.inputs[first + 2 * layers:]
+        if len(m.inputs) != first + 2 * layers + len(states) \
+                or any(len(t.shape) != 4 for t in m.inputs[first:first + 2 * layers]) \
                 or any(dims != list(shape) for dims, shape in kv_inputs) \
                 or any(t.shape[1:] != s.shape or t.dtype != s.dtype for t, s in zip(state_inputs, states)):
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_layout {m.model.kv_layout} does not match the "

@@ -723,10 +723,14 @@ class MoEModel:
             raise InputError(f"sequence of {p + s} tokens exceeds the model's {limit} positions")
         if cache.batch != b:
             raise InputError(f"a KV cache of batch {cache.batch} cannot take tokens of batch {b}")
-        (tokens_in, positions_in, past_in, *kv_in), (logits_out, *kv_out) = cache.io_names
-        held = cache.held_positions
-        inputs = {tokens_in: tokens, positions_in: np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy(),
-                  past_in: np.broadcast_to(held, (b, held.size)).copy()}
+        (tokens_in, positions_in, *kv_in), (logits_out, *kv_out) = cache.io_names
+        held = [cache.held_positions(cache.full_layers[0] if cache.full_layers else 0)]
+        if cache.full_layers:  # the windowed layers' positions too (`window_positions`)
+            held.append(cache.held_positions(next(i for i in range(cache._layers) if i not in cache.full_layers)))
+        inputs = {tokens_in: tokens, positions_in: np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy()}
+        for name, positions in zip(kv_in, held):
+            inputs[name] = np.broadcast_to(positions, (b, positions.size)).copy()
+        kv_in = kv_in[len(held):]
         if cache.layout == "in_place":
             cache.reserve(p + s, self.device, limit)
         inputs.update(zip(kv_in, [*cache.keys, *cache.values, *cache.states]))
@@ -735,9 +739,13 @@ class MoEModel:
             cache.length = p + s  # the step wrote its keys and values into the buffers
             return out[logits_out], cache
         layers = len(kv_out) // 2
-        keep = slice(-(cache.window - 1), None) if cache.window and cache.window > 1 else \
-            slice(0, 0) if cache.window else slice(None)  # what the next step's queries can still see
-        kept = [np.ascontiguousarray(out[n][:, :, keep]) for n in kv_out]  # a copy when trimmed: the rest is freed
+        # What the next step's queries can still see: the last window - 1 positions, or the
+        # current chunk's.
+        bounded = cache.window - 1 if cache.window else (p + s) % cache.chunk if cache.chunk else None
+        windowed = slice(None) if bounded is None else slice(-bounded, None) if bounded else slice(0, 0)
+        keep = [slice(None) if i % layers in cache.full_layers else windowed for i in range(2 * layers)]
+        # a copy when trimmed: the rest is freed
+        kept = [np.ascontiguousarray(out[n][:, :, k]) if k != slice(None) else out[n] for n, k in zip(kv_out, keep)]
         return out[logits_out], KVCache(cache.manifest, b, kept[:layers], kept[layers:], length=p + s)
 
     def check_generation(self, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -887,7 +895,8 @@ class KVCache:
     is cached, amortised O(1) per token), so memory follows the context actually used; stateful
     layers' states (kv_cache.states) are buffers of a fixed size, made once.
     concat: the past keys/values as arrays, replaced by each step's extended ones; with a sliding
-    window, only the last window - 1 positions of them (all the next step can attend to)."""
+    window, only the last window - 1 positions of them (all the next step can attend to) in every
+    layer but the `full_layers`, which keep all."""
 
     INITIAL_CAPACITY = 256
 
@@ -895,6 +904,7 @@ class KVCache:
         self.manifest, self.batch, self.length = manifest, batch, length
         info = manifest.model.kv
         self.layout, self.dtype, self.multiple, self.window = info.layout, info.dtype, info.capacity_multiple, info.window
+        self.full_layers, self.chunk = info.full_layers, info.chunk
         layers, (key_heads, key_dim), (value_heads, value_dim) = manifest.model.kv_shapes
         if keys is None and self.layout == "concat":
             keys = [np.zeros((batch, key_heads, 0, key_dim), np.float32)] * layers
@@ -908,10 +918,9 @@ class KVCache:
     def empty(manifest: Manifest, batch: int) -> "KVCache":
         return KVCache(manifest, batch)
 
-    @property
-    def held_positions(self) -> np.ndarray:
-        """The positions whose keys and values the cache holds (concat: the last ones, in order)."""
-        held = self.keys[0].shape[2] if self.layout == "concat" and self.keys else self.length
+    def held_positions(self, layer: int = 0) -> np.ndarray:
+        """The positions whose keys and values KV layer `layer` holds (concat: the last ones, in order)."""
+        held = self.keys[layer].shape[2] if self.layout == "concat" and self.keys else self.length
         return np.arange(self.length - held, self.length, dtype=np.int64)
 
     @property

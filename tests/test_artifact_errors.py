@@ -83,6 +83,10 @@ def test_tampered_library_detected_before_loading(artifact_copy):
         (lambda d: d["model"].update(kv_cache=["in_place"]), r"model.kv_cache: expected an object, got list"),  # found by the fuzzer
         (lambda d: d["model"].update(kv_cache={"layout": "sideways"}), "model.kv_cache must give a layout"),
         (lambda d: d["model"].update(kv_cache={"layout": "concat", "dtype": "int8"}), "dtype int8 needs the in_place layout"),
+        (lambda d: d["model"].update(kv_cache={"layout": "concat", "full_layers": [0]}),
+         r"model.kv_cache.full_layers must be distinct KV layer indices below \d+, and only with a window"),
+        (lambda d: d["model"].update(kv_cache={"layout": "concat", "window": 4, "full_layers": [0, 0]}),
+         r"model.kv_cache.full_layers must be distinct"),
         (lambda d: d["model"].update(kv_cache={"layout": "concat", "states": [{"kind": "conv", "layer": 0, "shape": [2, 64]}]}),
          r"model.kv_cache.states: each needs the in_place layout"),
         (lambda d: d["model"].update(kv_cache={"layout": "in_place", "states": [{"kind": "rnn", "layer": 0, "shape": [2, 64]}]}),

@@ -150,25 +150,32 @@ def test_phimoe_longrope_switches_scale_where_transformers_does(tmp_path):
         assert relative_error(logits, theirs) < 1e-4, start
 
 
-def test_sliding_window_cache_stays_at_the_window(tmp_path):
-    """Mixtral windows every layer (8 positions): over 32 tokens, 4x the window, fed a few at a
-    time, the cache holds no more than the 7 past positions the next token can attend to, and
-    every step's logits match transformers' forward over the whole sequence."""
-    from hf_models import tiny_model
-
-    model = tiny_model("mixtral")
+@pytest.mark.parametrize("family, full_layers, bound", [
+    ("mixtral", [], ("window", 8)), ("gpt_oss", [1], ("window", 8)), ("llama4_text", [1], ("chunk", 4))])
+def test_bounded_layers_keep_only_what_they_attend_to(family, full_layers, bound, tmp_path):
+    """A window of 8 positions on every layer (Mixtral) or on GPT-OSS's sliding layers beside a
+    full one (and sinks); Llama 4's chunks of 4 beside a full layer. Over 32 tokens, 4x the
+    window, fed a few at a time, a windowed layer holds no more than the 7 past positions the next
+    token can attend to, a chunked one only its current chunk's, a full one every position; every
+    step's logits match transformers' forward over the whole sequence."""
+    model = tiny_model(family)
     out = compile_model(model, target="host", out=tmp_path / "a", progress=False)
-    assert read_manifest(out).model.kv.window == 8
+    kv = read_manifest(out).model.kv
+    kind, size = bound
+    assert getattr(kv, kind) == size and kv.full_layers == full_layers
+    expected = (lambda n: min(n, size - 1)) if kind == "window" else (lambda n: n % size)
     runtime = load_model(out)
     tokens = np.random.default_rng(0).integers(0, 128, size=(2, 32))
-    cache, held = runtime.new_cache(2), []
+    cache = runtime.new_cache(2)
     for start, stop in [(0, 5), (5, 12), *((i, i + 1) for i in range(12, 32))]:
         logits, cache = runtime.step(tokens[:, start:stop], cache)
-        held.append(cache.keys[0].shape[2])
+        held = [k.shape[2] for k in cache.keys]
+        assert [v.shape[2] for v in cache.values] == held
+        assert held == [stop if i in full_layers else expected(stop) for i in range(len(held))], stop
         with torch.no_grad():
             theirs = model(torch.from_numpy(tokens[:, :stop])).logits[:, start:stop].numpy()
         assert relative_error(logits, theirs) < 1e-4, (start, stop)
-    assert held[:2] == [5, 7] and set(held[2:]) == {7} and cache.length == 32
+    assert cache.length == 32
 
 
 @pytest.mark.parametrize("family, states", [

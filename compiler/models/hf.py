@@ -156,20 +156,37 @@ class HFCausalLM(KVCachedLM):
         """Stateful layers run only through the in-place protocol (their state is its buffer)."""
         return self._in_place_forward(tokens) if self._state_layout else super().forward(tokens)
 
-    def step(self, tokens, positions, past_positions, past_keys, past_values, states=()):
+    @property
+    def full_layers(self) -> list[int]:
+        """The KV layers (in cache order) that attend to every position in a model that windows
+        the others (`mixed_attention`); [] where the window is on every layer or on none."""
+        bounded = "chunked_attention" if self.chunk is not None else \
+            "sliding_attention" if self.window is not None and self.mixed_attention else None
+        if bounded is None:
+            return []
+        kinds = [kind for kind in self.config.layer_types if kind != "conv"]
+        return [i for i, kind in enumerate(kinds) if kind != bounded]
+
+    def step(self, tokens, positions, past_positions, past_keys, past_values, states=(), window_positions=None):
         """Same contract as ReferenceMoELM.step: logits (b, s, vocab) and per-layer keys/values
         (b, kv_heads, p + s, head_dim); with past_values None, past_keys are in-place cache
         layers and attention runs through them (keys/values returned None), and `states` are the
-        stateful layers' state buffers (compiler/layer_state.py), in `state_layout`'s order."""
+        stateful layers' state buffers (compiler/layer_state.py), in `state_layout`'s order.
+        window_positions: where only some layers are windowed (`full_layers`), the positions the
+        windowed (or chunked) layers' past keys/values hold (the last window - 1, or the current
+        chunk's; past_positions: all)."""
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
         if past_values is None:
             return self._step_in_place(tokens, positions, past_positions, past_keys, states)
-        past = past_positions.shape[1]
-        for k, v in zip(past_keys, past_values):  # one past length for all layers (lets export unify it)
-            torch._check(k.shape[2] == past)
-            torch._check(v.shape[2] == past)
+        if window_positions is None:
+            window_positions = past_positions
+        full = set(self.full_layers)
+        for i, (k, v) in enumerate(zip(past_keys, past_values)):  # one past length per kind (lets export unify them)
+            held = past_positions if i in full or not full else window_positions
+            torch._check(k.shape[2] == held.shape[1])
+            torch._check(v.shape[2] == held.shape[1])
         cache = DynamicCache()
         cache.layers = []
         for k, v in zip(past_keys, past_values):
@@ -184,14 +201,18 @@ class HFCausalLM(KVCachedLM):
             ~visible, torch.finfo(self.hf.dtype).min)[:, None]
         mask = additive(causal)
         if self.window is not None:
-            windowed = additive(causal & (key_positions[:, None, :] > positions[:, :, None] - self.window))
+            window_keys = torch.cat([window_positions, positions], dim=1)
+            windowed = additive((window_keys[:, None, :] <= positions[:, :, None])
+                                & (window_keys[:, None, :] > positions[:, :, None] - self.window))
             # Models mixing layer kinds take one mask per kind (transformers' causal_mask_mapping).
             mask = {"full_attention": mask, "sliding_attention": windowed} if self.mixed_attention else windowed
         if self.chunk is not None:
             # an int64 divisor: a Python int imports as an int32 constant, which TVM refuses to mix
             divisor = torch.full((), self.chunk, dtype=positions.dtype)
-            same_chunk = (key_positions // divisor)[:, None, :] == (positions // divisor)[:, :, None]
-            mask = {"full_attention": mask, "chunked_attention": additive(causal & same_chunk)}
+            chunk_keys = torch.cat([window_positions, positions], dim=1)  # what the chunked layers hold
+            same_chunk = (chunk_keys // divisor)[:, None, :] == (positions // divisor)[:, :, None]
+            mask = {"full_attention": mask,
+                    "chunked_attention": additive((chunk_keys[:, None, :] <= positions[:, :, None]) & same_chunk)}
         out = self.hf(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
                       **{self._cache_kwarg: cache})
         return out.logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
