@@ -100,6 +100,10 @@ def export_parts(model: nn.Module, out: str | Path, tokens_shape: tuple[int, int
     if not specs or vocab is None:
         raise UnsupportedModelError(f"{type(model).__name__}: export-onnx needs an MoE language model "
                                     f"(forward(tokens) -> logits, cfg.vocab_size)")
+    states = getattr(model, "state_layout", [])
+    if states:  # their ops (compiler/layer_state.py) have TVM kernels, no ONNX translation
+        raise UnsupportedModelError(f"{type(getattr(model, 'hf', model)).__name__}: export-onnx does not write "
+                                    f"layers that carry a state ({', '.join(sorted({s.kind for s in states}))})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()

@@ -93,6 +93,18 @@ def test_export_onnx_parts_match_pytorch_in_onnxruntime(tmp_path):
     compile_onnx(out / "model.onnx", "host", tmp_path / "artifact", progress=False)
 
 
+def test_export_onnx_refuses_layers_that_carry_a_state(tmp_path):
+    """LFM2-MoE's convolution state has a TVM kernel, no ONNX translation: one line, exit 1,
+    nothing written."""
+    tiny_model("lfm2_moe").save_pretrained(tmp_path / "lfm2")
+    run = subprocess.run([str(MOETVM), "export-onnx", str(tmp_path / "parts"), "--model", f"hf:{tmp_path / 'lfm2'}"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == \
+        "Error: Lfm2MoeForCausalLM: export-onnx does not write layers that carry a state (conv)"
+    assert not (tmp_path / "parts").exists()
+
+
 def export_hf_onnx(model: torch.nn.Module, path: Path, seq: int = 16) -> Path:
     """A transformers MoE model as torch.onnx.export (dynamo) writes it, at token ids (1, seq).
     Through HFCausalLM: eager attention and explicit masks (transformers' own mask builders add
