@@ -724,9 +724,7 @@ class MoEModel:
         if cache.batch != b:
             raise InputError(f"a KV cache of batch {cache.batch} cannot take tokens of batch {b}")
         (tokens_in, positions_in, *kv_in), (logits_out, *kv_out) = cache.io_names
-        held = [cache.held_positions(cache.full_layers[0] if cache.full_layers else 0)]
-        if cache.full_layers:  # the windowed layers' positions too (`window_positions`)
-            held.append(cache.held_positions(next(i for i in range(cache._layers) if i not in cache.full_layers)))
+        held = cache.held_inputs()
         inputs = {tokens_in: tokens, positions_in: np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy()}
         for name, positions in zip(kv_in, held):
             inputs[name] = np.broadcast_to(positions, (b, positions.size)).copy()
@@ -895,8 +893,8 @@ class KVCache:
     is cached, amortised O(1) per token), so memory follows the context actually used; stateful
     layers' states (kv_cache.states) are buffers of a fixed size, made once.
     concat: the past keys/values as arrays, replaced by each step's extended ones; with a sliding
-    window, only the last window - 1 positions of them (all the next step can attend to) in every
-    layer but the `full_layers`, which keep all."""
+    window, only the last window - 1 positions of them (all the next step can attend to), with
+    chunked attention the current chunk's, in every layer but the `full_layers`, which keep all."""
 
     INITIAL_CAPACITY = 256
 
@@ -922,6 +920,14 @@ class KVCache:
         """The positions whose keys and values KV layer `layer` holds (concat: the last ones, in order)."""
         held = self.keys[layer].shape[2] if self.layout == "concat" and self.keys else self.length
         return np.arange(self.length - held, self.length, dtype=np.int64)
+
+    def held_inputs(self) -> list[np.ndarray]:
+        """The step's held-position inputs: `past_positions` (what a full layer holds) and, where
+        only some layers are bounded (kv_cache.full_layers), `window_positions` (what they hold)."""
+        if not self.full_layers:
+            return [self.held_positions()]
+        bounded = next(i for i in range(self._layers) if i not in self.full_layers)
+        return [self.held_positions(self.full_layers[0]), self.held_positions(bounded)]
 
     @property
     def capacity(self) -> int:

@@ -164,7 +164,8 @@ class HFCausalLM(KVCachedLM):
             "sliding_attention" if self.window is not None and self.mixed_attention else None
         if bounded is None:
             return []
-        kinds = [kind for kind in self.config.layer_types if kind != "conv"]
+        stateful = {state.layer for state in self._state_layout}
+        kinds = [kind for i, kind in enumerate(self.config.layer_types) if i not in stateful]  # the KV layers'
         return [i for i, kind in enumerate(kinds) if kind != bounded]
 
     def step(self, tokens, positions, past_positions, past_keys, past_values, states=(), window_positions=None):
