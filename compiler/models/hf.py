@@ -250,6 +250,9 @@ class HFCausalLM(KVCachedLM):
             return None, False
         tokens = torch.arange(1, 5)[None] % self.config.vocab_size
         self.config.sliding_window = 2
+        # A stateful model runs only through the in-place cache, whose attention is never
+        # windowed: only "no window" can reproduce transformers' masks there.
+        self._in_place_kv = bool(self._state_layout)
         try:
             with torch.no_grad():
                 theirs = self.hf(input_ids=tokens).logits
