@@ -817,6 +817,11 @@ class MoEModel:
         history = tokens[0].tolist()
         cache = KVCache.empty(self.manifest, 1)
         t0 = time.perf_counter()
+        if cache.layout == "in_place":
+            # Every position the generation can reach, once, as part of the prefill: growing by
+            # doubling mid-generation stalls one token for the copy and the new pages' first
+            # touch (GraniteMoE at 1024 positions: 0.3-0.4 s, against 28 ms per token).
+            cache.reserve(tokens.shape[1] + max(max_new_tokens - 1, 0), self.device, self.manifest.model.max_positions)
         logits, cache = self._lm_step(tokens, cache)
         self.timings.prefill.append(time.perf_counter() - t0)
         for produced in range(1, max_new_tokens + 1):
