@@ -104,7 +104,7 @@ class HFCausalLM(KVCachedLM):
         try:
             with torch.no_grad():
                 self.hf(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True, **{self._cache_kwarg: cache})
-        except (IndexError, TypeError, ValueError, AttributeError) as e:  # e.g. a hybrid model's own cache type
+        except (IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # e.g. a hybrid model's own cache type
             raise ValueError(f"{type(self.hf).__name__}: does not run with a plain per-layer key/value cache "
                              f"(transformers DynamicCache): {type(e).__name__}: {e}") from e
         attention = [layer for i, layer in enumerate(cache.layers) if i not in stateful]
