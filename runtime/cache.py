@@ -259,7 +259,10 @@ class ExpertCache:
             # process ("terminate called without an active exception"): stop it first, at exit.
             stop = functools.partial(_stop_prefetcher, self._queue, thread)
             atexit.register(stop)
-            weakref.finalize(self, _retire_prefetcher, self._queue, stop)
+            # Not at exit: weakref.finalize runs live finalizers from its own atexit hook, which,
+            # registered after `stop`, ran first, unregistered it and left the thread loading
+            # the queued experts while the interpreter finalized (the same abort, ~1 in 60 exits).
+            weakref.finalize(self, _retire_prefetcher, self._queue, stop).atexit = False
         protected = frozenset(protected)
         for key in keys:
             with self._lock:
