@@ -60,8 +60,7 @@ class HFCausalLM(KVCachedLM):
         self.config = config
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         if probes is not None:
-            stateful = {state.layer for state in self._state_layout}
-            self._kv_layout = (config.num_hidden_layers - len(stateful), *probes._kv_layout[1:])
+            self._kv_layout = (config.num_hidden_layers - len(self._stateful_layers), *probes._kv_layout[1:])
             self.window, self.mixed_attention, self._in_place_kv = probes.window, probes.mixed_attention, probes._in_place_kv
         else:
             self._kv_layout = self._probe_kv_layout()
@@ -88,10 +87,15 @@ class HFCausalLM(KVCachedLM):
         """The layers that carry a fixed-size state between steps instead of keys and values."""
         return self._state_layout
 
+    @property
+    def _stateful_layers(self) -> set[int]:
+        """The decoder layers (indices) that carry states: the others cache keys and values."""
+        return {state.layer for state in self._state_layout}
+
     def _probe_kv_layout(self) -> tuple[int, int, int, int, int]:
         from transformers import DynamicCache
 
-        stateful = {state.layer for state in self._state_layout}
+        stateful = self._stateful_layers
         layer_types = getattr(self.config, "layer_types", None) or []
         kinds = sorted({kind for i, kind in enumerate(layer_types) if i not in stateful}
                        - {"full_attention", "sliding_attention", "chunked_attention", "attention"})
@@ -164,7 +168,7 @@ class HFCausalLM(KVCachedLM):
             "sliding_attention" if self.window is not None and self.mixed_attention else None
         if bounded is None:
             return []
-        stateful = {state.layer for state in self._state_layout}
+        stateful = self._stateful_layers
         kinds = [kind for i, kind in enumerate(self.config.layer_types) if i not in stateful]  # the KV layers'
         return [i for i, kind in enumerate(kinds) if kind != bounded]
 
