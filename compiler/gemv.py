@@ -402,7 +402,7 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
     Two parallel loops instead of one per GEMV and elementwise op of each expert: over (expert,
     d_ff tile) for gate and up, which also quantizes its tile of the hidden activations (a tile is
     whole activation blocks), then over d_model tiles, each summing its columns over the k
-    experts. `offsets`: the byte offset in a slot of each stored tensor (swiglu_params' names).
+    experts. `offsets`: the byte offset in a slot of each stored tensor (expert_params' names).
     A chosen id outside [0, E) is clamped: the kernel never reads outside the pool."""
     assert fuses_resident_layer(s), s
     if s.name in FLOAT_DTYPES:

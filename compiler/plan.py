@@ -119,7 +119,7 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: BuildTarget, 
         expert_kind, d_model, d_ff, sch = key
         fn = f"expert_{wid}"
         params = [TensorSpec(name=n, shape=list(shape), dtype=dtype)
-                  for n, shape, dtype in quantization.swiglu_params(d_model, d_ff, sch, expert_kind)]
+                  for n, shape, dtype in quantization.expert_params(d_model, d_ff, sch, expert_kind)]
         # One resident function per distinct routing among the layers of this workload.
         layer_routing = {li: _routing_signature(routers[li]) for li, wkey in resident_keys.items() if wkey == key}
         signatures = sorted(set(layer_routing.values()))
@@ -178,7 +178,7 @@ def _precision_plan(specs, cal, quant, group_size, weight_budget, calibration):
         return {**{k: s for k in keys}, **{k: s for k in shared}}, {"scheme": s.tag}
     if calibration is None or weight_budget is None:
         raise quantization.QuantizationError("--quant auto needs calibration tokens and a --weight-budget")
-    fp32_bytes = sum(e.w_gate.nbytes * 3 for spec in specs for e in spec.experts)
+    fp32_bytes = sum(e.d_model * e.d_ff * 4 * len(quantization.projections(e.kind)) for spec in specs for e in spec.experts)
     budget = parse_budget(weight_budget, fp32_bytes, "weight budget")
     chosen = quant_plan.plan(specs, cal, budget, group_size)
     counts = {}

@@ -251,7 +251,24 @@ def scale_dtype(s: Scheme) -> str:
 
 SWIGLU = "swiglu"  # down(silu(x @ gate) * (x @ up))
 CLAMPED = "clampedswiglu"  # GPT-OSS: biases, gate clamped above, up clamped both ways, (up + 1) * gate * sigmoid(alpha gate)
+PLAIN = "mlp"  # no gate: down(act(x @ up)) (NemotronH: relu^2), optionally with biases
 BIASES = ("b_gate", "b_up", "b_down")  # a clamped expert's fp32 biases, stored after its weights
+PLAIN_BIASES = ("b_up", "b_down")  # a plain expert's, when it has them
+# A plain expert's activation (its name in the kind) -> NumPy reference; the kernels' are in
+# quant_kernels.PLAIN_ACTIVATIONS.
+ACTIVATIONS = {
+    "relu": lambda h: np.maximum(h, 0),
+    "relu2": lambda h: np.square(np.maximum(h, 0)),
+    "gelu": lambda h: 0.5 * h * (1 + _erf(h / np.sqrt(2))),
+    "gelutanh": lambda h: 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3))),
+    "silu": lambda h: h / (1 + np.exp(-h)),
+}
+
+
+def _erf(x):
+    from math import erf
+
+    return np.vectorize(erf, otypes=[np.float64])(x).astype(np.asarray(x).dtype)
 
 
 def clamped_kind(alpha: float, limit: float) -> str:
@@ -259,32 +276,54 @@ def clamped_kind(alpha: float, limit: float) -> str:
     return f"{CLAMPED}_a{alpha!r}_l{limit!r}".replace(".", "p").replace("-", "m")
 
 
+def plain_kind(activation: str, biases: bool) -> str:
+    """The workload kind of a plain (gateless) MLP expert: its activation, and whether it has biases."""
+    if activation not in ACTIVATIONS:
+        raise QuantizationError(f"unknown expert activation {activation!r} (known: {', '.join(ACTIVATIONS)})")
+    return f"{PLAIN}_{activation}" + ("_bias" if biases else "")
+
+
 def parse_kind(kind: str) -> tuple[str, dict]:
-    """(name, constants) of an expert kind: (SWIGLU, {}) or (CLAMPED, {alpha, limit})."""
+    """(name, constants) of an expert kind: (SWIGLU, {}), (CLAMPED, {alpha, limit}) or (PLAIN,
+    {activation, biases})."""
     if kind == SWIGLU:
         return SWIGLU, {}
-    name, alpha, limit = kind.split("_")
-    if name != CLAMPED or alpha[0] != "a" or limit[0] != "l":
+    name, *fields = kind.split("_")
+    if name == PLAIN and fields and fields[0] in ACTIVATIONS and fields[1:] in ([], ["bias"]):
+        return PLAIN, {"activation": fields[0], "biases": fields[1:] == ["bias"]}
+    if name != CLAMPED or len(fields) != 2 or fields[0][:1] != "a" or fields[1][:1] != "l":
         raise QuantizationError(f"unknown expert kind {kind!r}")
     number = lambda text: float(text[1:].replace("p", ".").replace("m", "-"))  # noqa: E731
-    return CLAMPED, {"alpha": number(alpha), "limit": number(limit)}
+    return CLAMPED, {"alpha": number(fields[0]), "limit": number(fields[1])}
 
 
-def swiglu_params(d_model: int, d_ff: int, s: Scheme, kind: str = SWIGLU) -> list[tuple[str, tuple, str]]:
+def projections(kind: str) -> tuple[str, ...]:
+    """The weight matrices of an expert of `kind`, in storage order."""
+    return ("w_up", "w_down") if parse_kind(kind)[0] == PLAIN else ("w_gate", "w_up", "w_down")
+
+
+def bias_names(kind: str) -> tuple[str, ...]:
+    """The fp32 biases an expert of `kind` stores after its weights (none for SwiGLU)."""
+    name, constants = parse_kind(kind)
+    return BIASES if name == CLAMPED else PLAIN_BIASES if constants.get("biases") else ()
+
+
+def expert_params(d_model: int, d_ff: int, s: Scheme, kind: str = SWIGLU) -> list[tuple[str, tuple, str]]:
+    """(name, shape, dtype) of each tensor an expert of `kind` stores at `s`, in order."""
     s.check(d_model)
     s.check(d_ff)
-    biases = [("b_gate", (d_ff,), "float32"), ("b_up", (d_ff,), "float32"), ("b_down", (d_model,), "float32")] \
-        if parse_kind(kind)[0] == CLAMPED else []
-    return (weight_params("w_gate", d_model, d_ff, s) + weight_params("w_up", d_model, d_ff, s)
-            + weight_params("w_down", d_ff, d_model, s) + biases)
+    sizes = {"w_gate": (d_model, d_ff), "w_up": (d_model, d_ff), "w_down": (d_ff, d_model)}
+    bias_sizes = {"b_gate": d_ff, "b_up": d_ff, "b_down": d_model}
+    return ([p for name in projections(kind) for p in weight_params(name, *sizes[name], s)]
+            + [(b, (bias_sizes[b],), "float32") for b in bias_names(kind)])
 
 
 def quantize_expert(weights: dict[str, np.ndarray], s: Scheme) -> dict[str, np.ndarray]:
-    """Kernel-layout fp32 weights {"w_gate", "w_up", "w_down"} (and biases, kept fp32) -> the
-    stored tensors."""
+    """Kernel-layout fp32 weights {"w_gate" (gated kinds), "w_up", "w_down"} (and biases, kept
+    fp32) -> the stored tensors."""
     out = {}
     for prefix, w in weights.items():
-        if prefix in BIASES:
+        if prefix.startswith("b_"):
             out[prefix] = np.ascontiguousarray(w, np.float32)
             continue
         out.update({prefix + suffix: t for suffix, t in quantize(w, s).items()})
@@ -296,14 +335,18 @@ def relayout_expert(plain: dict[str, np.ndarray], s: Scheme) -> dict[str, np.nda
     out = {}
     for prefix in ("w_gate", "w_up", "w_down"):
         parts = {name[len(prefix):]: a for name, a in plain.items() if name.startswith(prefix)}
-        out.update({prefix + suffix: t for suffix, t in relayout(parts, s).items()})
-    return out | {b: plain[b] for b in BIASES if b in plain}
+        if parts:
+            out.update({prefix + suffix: t for suffix, t in relayout(parts, s).items()})
+    return out | {b: a for b, a in plain.items() if b.startswith("b_")}
 
 
-def kernel_layout(w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray,
-                  biases: tuple | None = None) -> dict[str, np.ndarray]:
+def kernel_layout(w_gate: np.ndarray | None, w_up: np.ndarray, w_down: np.ndarray,
+                  biases: tuple | None = None, kind: str = SWIGLU) -> dict[str, np.ndarray]:
     """PyTorch (out, in) weights (arrays, or checkpoint tensors read here) -> the kernels' (in,
-    out) layout, fp32; biases (gate, up, down) as they are."""
+    out) layout, fp32 (w_gate None for the plain kind); biases (`bias_names(kind)`) as they are."""
     out = {name: np.ascontiguousarray(np.asarray(w, np.float32).T)
-           for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down))}
-    return out | ({b: np.asarray(v, np.float32) for b, v in zip(BIASES, biases)} if biases is not None else {})
+           for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)) if w is not None}
+    names = bias_names(kind)
+    if len(biases or ()) != len(names):
+        raise QuantizationError(f"an expert of kind {kind!r} has {len(names)} biases, not {len(biases or ())}")
+    return out | {b: np.asarray(v, np.float32) for b, v in zip(names, biases or ())}

@@ -18,7 +18,7 @@ from tvm import relax, te
 from moetvm.artifact import DTYPE_BYTES, SCORE_FNS, fused_function
 
 from . import gemv
-from .quant import FLOATS, SWIGLU, QuantizationError, Scheme, parse_kind, quantize, scale_dtype, swiglu_params
+from .quant import FLOATS, PLAIN, SWIGLU, QuantizationError, Scheme, expert_params, parse_kind, quantize, scale_dtype
 
 
 def _dequantized(weights: list[te.Tensor], s: Scheme, k, j):
@@ -148,7 +148,17 @@ def top_k_kernel(r: ResidentRouting) -> tvm.tirx.PrimFunc:
     return top_k
 
 
-def swiglu_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[int, ...] = (),
+# A plain expert's activation (quant.ACTIVATIONS names it) as Relax.
+PLAIN_ACTIVATIONS = {
+    "relu": relax.op.nn.relu,
+    "relu2": lambda h: relax.op.square(relax.op.nn.relu(h)),
+    "gelu": relax.op.nn.gelu,
+    "gelutanh": relax.op.nn.gelu_tanh,
+    "silu": relax.op.nn.silu,
+}
+
+
+def expert_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[int, ...] = (),
                   cpu: bool = True, resident: tuple[ResidentRouting, ...] = (),
                   slot: tuple[list[int], int] | None = None, kind: str = SWIGLU) -> tvm.IRModule:
     """An IRModule whose function `name` is the expert kernel:
@@ -161,10 +171,11 @@ def swiglu_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[
     at the `slot` layout (offsets, slot bytes) of the pool: by gemv.resident_layer, one kernel for
     the whole layer, where the scheme has one (integer-dot CPUs), else through views into the pool
     given to the experts' own GEMVs.
-    cpu: the matmuls use compiler/gemv.py's kernels. kind: quant.SWIGLU, or a clamped SwiGLU
+    cpu: the matmuls use compiler/gemv.py's kernels. kind: quant.SWIGLU; a clamped SwiGLU
     (quant.clamped_kind, GPT-OSS): with biases, the gate clamped above at `limit`, the up
-    projection to [-limit, limit], and (up + 1) * gate * sigmoid(alpha * gate) between them."""
-    specs = swiglu_params(d_model, d_ff, s, kind)
+    projection to [-limit, limit], and (up + 1) * gate * sigmoid(alpha * gate) between them; or a
+    plain MLP (quant.plain_kind, NemotronH): down(act(x @ up + b_up)) + b_down, no gate."""
+    specs = expert_params(d_model, d_ff, s, kind)
     clamped, constants = parse_kind(kind)
     bb = relax.BlockBuilder()
     n = tvm.tirx.Var("n", "int64")
@@ -177,6 +188,10 @@ def swiglu_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[
         if clamped == SWIGLU:
             h = bb.emit(relax.op.multiply(relax.op.nn.silu(matmul(x, "w_gate")), matmul(x, "w_up")))
             return matmul(h, "w_down")
+        if clamped == PLAIN:
+            biased = lambda y, b: relax.op.add(y, params[b]) if constants["biases"] else y  # noqa: E731
+            h = bb.emit(PLAIN_ACTIVATIONS[constants["activation"]](biased(matmul(x, "w_up"), "b_up")))
+            return bb.emit(biased(matmul(h, "w_down"), "b_down"))
         alpha, limit = (relax.const(np.float32(constants[c])) for c in ("alpha", "limit"))
         gate = relax.op.minimum(relax.op.add(matmul(x, "w_gate"), params["b_gate"]), limit)
         up = relax.op.clip(relax.op.add(matmul(x, "w_up"), params["b_up"]), -constants["limit"], constants["limit"])

@@ -63,7 +63,7 @@ def _softmax(z):
 
 def _swiglu(x, w):
     """An expert's output (NumPy reference, either kind: the clamped one has biases)."""
-    if "b_gate" not in w:
+    if "w_gate" in w and "b_gate" not in w:
         g = x @ w["w_gate"]
         return (g / (1 + np.exp(-g)) * (x @ w["w_up"])) @ w["w_down"]
     raise quant.QuantizationError("--quant auto plans SwiGLU experts only")
@@ -82,7 +82,7 @@ def plan(specs: list[MoELayerSpec], calibration: list[LayerCalibration], budget_
     options = {}  # (layer, expert) -> [(bytes, damage) per ladder step]
     for li, (spec, cal) in enumerate(zip(specs, calibration)):
         for ei, expert in enumerate(spec.experts):
-            weights = quant.kernel_layout(expert.w_gate, expert.w_up, expert.w_down, expert.biases)
+            weights = quant.kernel_layout(expert.w_gate, expert.w_up, expert.w_down, expert.biases, expert.kind)
             rows, slots = np.nonzero(cal.indices == ei)
             x, w = cal.inputs[rows], cal.weights[rows, slots]
             exact = _swiglu(x, weights) if len(rows) else None

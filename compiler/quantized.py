@@ -48,7 +48,8 @@ class QuantizedNumbers:
         precision = quantization.Scheme(scheme.name, scheme.group_size)
         return self.get(lambda: [precision.tag, expert.kind, *map(identity, expert_tensors(expert))],
                         lambda: quantization.quantize_expert(
-                            quantization.kernel_layout(expert.w_gate, expert.w_up, expert.w_down, expert.biases),
+                            quantization.kernel_layout(expert.w_gate, expert.w_up, expert.w_down, expert.biases,
+                                                          expert.kind),
                             precision))
 
     def finish(self) -> None:
@@ -67,7 +68,7 @@ def store_name(key: list) -> str:
 
 def expert_tensors(expert: ExpertWeights) -> tuple:
     """Everything an expert's stored tensors are made from."""
-    return (expert.w_gate, expert.w_up, expert.w_down, *(expert.biases or ()))
+    return tuple(w for w in (expert.w_gate, expert.w_up, expert.w_down, *(expert.biases or ())) if w is not None)
 
 
 def identity(w) -> str:

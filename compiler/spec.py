@@ -28,21 +28,23 @@ class UnsupportedModelError(MoetvmError, ValueError):
 
 @dataclass
 class ExpertWeights:
-    """A gated FFN expert: down(act(x @ gate^T) * (x @ up^T)); PyTorch (out, in) layout."""
+    """An FFN expert, PyTorch (out, in) layout: gated, down(act(x @ gate^T) * (x @ up^T)), or
+    plain (w_gate None), down(act(x @ up^T))."""
 
-    w_gate: np.ndarray
+    w_gate: np.ndarray | None
     w_up: np.ndarray
     w_down: np.ndarray
-    kind: str = "swiglu"  # quant.SWIGLU, or quant.clamped_kind(alpha, limit) (GPT-OSS)
-    biases: tuple | None = None  # (gate (d_ff,), up (d_ff,), down (d_model,)): clamped kinds only
+    # quant.SWIGLU, quant.clamped_kind(alpha, limit) (GPT-OSS) or quant.plain_kind(activation, biases) (NemotronH)
+    kind: str = "swiglu"
+    biases: tuple | None = None  # quant.bias_names(kind) in order: clamped (gate, up, down), plain (up, down)
 
     @property
     def d_model(self) -> int:
-        return self.w_gate.shape[1]
+        return self.w_up.shape[1]
 
     @property
     def d_ff(self) -> int:
-        return self.w_gate.shape[0]
+        return self.w_up.shape[0]
 
 
 @dataclass
@@ -88,7 +90,7 @@ class MoELayerSpec:
         n, d = self.router_weight.shape
         if len(self.experts) != n:
             return f"router scores {n} experts but the block holds {len(self.experts)}"
-        if any(e.w_gate.shape[1] != d or e.w_down.shape[0] != d for e in self.experts + self.shared):
+        if any(e.d_model != d or e.w_down.shape[0] != d for e in self.experts + self.shared):
             return "expert and router hidden sizes differ"
         if not 0 < self.top_k <= n:
             return f"top_k={self.top_k} for {n} experts"

@@ -31,7 +31,7 @@ from moetvm.artifact import (
 )
 
 from . import quant as quantization
-from .quant_kernels import router_module, swiglu_module
+from .quant_kernels import router_module, expert_module
 from .dense_weights import DenseWeights
 from .lowering import build_library
 from .options import CompileOptions
@@ -149,7 +149,7 @@ def relax_libraries(p: PlannedModel) -> dict[str, tvm.IRModule]:
     if any(isinstance(f, tvm.relax.Function) for f in router_mod.functions.values()):
         libs["routers"] = router_mod
     for (kind, d_model, d_ff, sch), w in p.workload_entries.items():
-        libs[w.library] = swiglu_module(
+        libs[w.library] = expert_module(
             d_model, d_ff, sch, w.function, tuple(w.fused_k), cpu=p.target.cpu, kind=kind,
             resident=tuple(p.resident_routing.get((kind, d_model, d_ff, sch), ())), slot=(w.slot_offsets, w.slot_bytes))
     return libs
@@ -187,7 +187,7 @@ class ExpertFiles:
         self.bar.count("experts", self.done, self.total, self.made, self.started,
                        f" ({shared} quantized for an earlier target)" if shared else "")
         return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
-                   for _, shape, dtype in quantization.swiglu_params(expert.d_model, expert.d_ff, scheme, expert.kind))
+                   for _, shape, dtype in quantization.expert_params(expert.d_model, expert.d_ff, scheme, expert.kind))
 
     def finish(self) -> None:
         """The artifact is in place: the store has served (it holds only our files)."""
@@ -220,10 +220,12 @@ def _write_layer(root: Path, index: int, spec: MoELayerSpec, plan: dict, usage: 
     if dense_fallback:
         # summed one expert at a time: a streamed layer's experts are never all in memory
         average = lambda tensors: sum(np.asarray(t, np.float64) for t in tensors) / len(spec.experts)  # noqa: E731
-        mean = ExpertWeights(*(average(getattr(e, w) for e in spec.experts) for w in ("w_gate", "w_up", "w_down")),
-                             kind=spec.experts[0].kind,
-                             biases=None if spec.experts[0].biases is None else
-                             tuple(average(e.biases[i] for e in spec.experts) for i in range(3)))
+        first = spec.experts[0]
+        mean = ExpertWeights(*(None if getattr(first, w) is None else average(getattr(e, w) for e in spec.experts)
+                               for w in ("w_gate", "w_up", "w_down")),
+                             kind=first.kind,
+                             biases=None if first.biases is None else
+                             tuple(average(e.biases[i] for e in spec.experts) for i in range(len(first.biases))))
         fallback = dataclasses.replace(write(mean, (index, 0), "fallback", -1), usage=None)
     shared = [
         SharedExpert(expert=write(e, (index, ("shared", j)), f"shared{j}", j),

@@ -59,7 +59,16 @@ FAMILIES = {
                               num_local_experts=8, num_experts_per_tok=2,
                               layer_types=["linear_attention", "full_attention"], mamba_n_heads=4, mamba_d_head=32,
                               mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=8)),
+    # One block of each kind (Mamba2, MoE, attention, dense MLP); relu^2 experts without a gate;
+    # biases on the shared expert (mlp_bias) so the biased plain kind is compiled too.
+    "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM",
+                   dict(num_hidden_layers=4, layers_block_type=["linear_attention", "moe", "full_attention", "mlp"],
+                        num_key_value_heads=2, head_dim=16, intermediate_size=48, mlp_bias=True,
+                        mamba_num_heads=4, mamba_head_dim=32, n_groups=2, ssm_state_size=16, conv_kernel=4,
+                        chunk_size=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                        moe_shared_expert_intermediate_size=48, n_group=2, topk_group=1, routed_scaling_factor=2.5)),
 }
+MOE_LAYERS = {"nemotron_h": 1}  # family -> its MoE layers where not 2 (one block of each of 4 kinds)
 
 
 def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:

@@ -188,7 +188,7 @@ def test_refuses_a_block_that_breaks_an_assumption():
 
 @pytest.mark.parametrize("model_type,config,reason", [
     ("kolibri1", dict(num_local_experts=8, num_experts=8, num_experts_per_tok=2), "Kolibri1SparseMoeBlock.*before the sigmoid"),
-    ("nemotron_h", dict(n_routed_experts=8, num_experts_per_tok=2), "NemotronHMoE.*no gate"),
+    ("nemotron_h", dict(n_routed_experts=8, num_experts_per_tok=2, moe_latent_size=32), "NemotronHMoE.*latent space"),
 ])
 def test_unsupported_blocks_are_named(model_type, config, reason):
     cfg = transformers.CONFIG_MAPPING[model_type](**{**BASE, **config})

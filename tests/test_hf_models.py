@@ -11,7 +11,7 @@ from moetvm.compiler import compile_model
 from moetvm.runtime import load_model
 
 from moetvm.verify import relative_error
-from hf_models import FAMILIES, tiny_model
+from hf_models import FAMILIES, MOE_LAYERS, tiny_model
 
 pytest.importorskip("transformers")
 
@@ -38,7 +38,7 @@ def test_family_matches_transformers_with_evicting_cache(compiled):
     family, model, out = compiled
     manifest = read_manifest(out)
     assert manifest.model.name == type(model).__name__
-    assert len(manifest.moe_layers) == 2 and all(len(layer.experts) == 8 for layer in manifest.moe_layers)
+    assert len(manifest.moe_layers) == MOE_LAYERS.get(family, 2) and all(len(layer.experts) == 8 for layer in manifest.moe_layers)
     total = sum(e.weight_bytes for layer in manifest.moe_layers for e in layer.experts + [s.expert for s in layer.shared])
     runtime = load_model(out, cache_budget="30%")
     assert runtime.cache.budget < total

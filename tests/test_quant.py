@@ -10,7 +10,7 @@ from moetvm.compiler import compile_model, quant
 from moetvm.compiler.build_target import BuildTarget
 from moetvm.compiler.lowering import build_library
 from moetvm.artifact import fused_function
-from moetvm.compiler.quant_kernels import swiglu_module
+from moetvm.compiler.quant_kernels import expert_module
 from moetvm.targets import get_target
 from moetvm.verify import relative_error
 
@@ -37,7 +37,7 @@ def kernels(tmp_path_factory):
             continue
         s = quant.scheme(name, 32).tiled(tile, dot, vnni=get_target("host").int8_dot)  # int4 without VNNI: AVX2's dots
         path = root / f"{s.tag}.so"
-        build_library(swiglu_module(64, 96, s, "expert"), get_target("host"), path)
+        build_library(expert_module(64, 96, s, "expert"), get_target("host"), path)
         built[s.tag] = (s, VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu()))
     return built
 
@@ -56,7 +56,7 @@ def test_fused_kernel_matches_numpy_dequantize_then_matmul(kernels, name, tile, 
     stored = quant.quantize_expert(weights, s)
     reference_weights = {p: quant.dequantize({k[len(p):]: v for k, v in stored.items() if k == p or k.startswith(p + ".")}, s)
                          for p in weights}
-    args = [tvm.runtime.tensor(stored[n]) for n, _, _ in quant.swiglu_params(64, 96, s)]
+    args = [tvm.runtime.tensor(stored[n]) for n, _, _ in quant.expert_params(64, 96, s)]
     for tokens in (1, 4, 33):
         x = rng.standard_normal((tokens, 64), np.float32)
         ours = vm["expert"](tvm.runtime.tensor(x), *args).numpy()
@@ -191,7 +191,7 @@ def test_clamped_swiglu_kernel_matches_numpy(tmp_path, name, tile):
     assert quant.parse_kind(kind) == (quant.CLAMPED, {"alpha": alpha, "limit": limit})
     s = quant.scheme(name, 32).tiled(tile)
     path = tmp_path / "clamped.so"
-    build_library(swiglu_module(64, 96, s, "expert", (2,), kind=kind), get_target("host"), path)
+    build_library(expert_module(64, 96, s, "expert", (2,), kind=kind), get_target("host"), path)
     vm = VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
     rng = np.random.default_rng(0)
     experts = []
@@ -200,11 +200,11 @@ def test_clamped_swiglu_kernel_matches_numpy(tmp_path, name, tile):
                                       rng.standard_normal((96, 64), np.float32) * 0.3,
                                       rng.standard_normal((64, 96), np.float32) * 0.3,
                                       (rng.standard_normal(96, np.float32), rng.standard_normal(96, np.float32),
-                                       rng.standard_normal(64, np.float32)))
+                                       rng.standard_normal(64, np.float32)), kind)
         stored = quant.quantize_expert(weights, s)
         real = {p: quant.dequantize({k[len(p):]: v for k, v in stored.items() if k == p or k.startswith(p + ".")}, s)
                 for p in ("w_gate", "w_up", "w_down")} | {b: stored[b] for b in quant.BIASES}
-        experts.append(([tvm.runtime.tensor(stored[n]) for n, _, _ in quant.swiglu_params(64, 96, s, kind)],
+        experts.append(([tvm.runtime.tensor(stored[n]) for n, _, _ in quant.expert_params(64, 96, s, kind)],
                         {k: v.astype(np.float64) for k, v in real.items()}))
 
     def reference(x, w):
@@ -219,3 +219,52 @@ def test_clamped_swiglu_kernel_matches_numpy(tmp_path, name, tile):
     fused = vm[fused_function("expert", 2)](tvm.runtime.tensor(x), tvm.runtime.tensor(gates), *experts[0][0], *experts[1][0]).numpy()
     want = sum(gates[:, i:i + 1] * reference(x, experts[i][1]) for i in range(2))
     assert relative_error(fused, want) < 1e-5
+
+
+@pytest.mark.parametrize("name, tile, activation, biases", [
+    ("fp32", None, "relu2", False), ("int8", 32, "relu2", False), ("int4", 32, "relu2", True), ("fp16", 32, "gelu", True),
+    ("int4", None, "gelutanh", False), ("int8", 32, "relu", True), ("fp32", 32, "silu", False)])
+def test_plain_mlp_kernel_matches_numpy(tmp_path, name, tile, activation, biases):
+    """A plain (gateless) expert kind at each storage: down(act(x @ up + b_up)) + b_down against
+    NumPy on the dequantized weights; the fused k-expert function weighs and sums."""
+    kind = quant.plain_kind(activation, biases)
+    assert quant.parse_kind(kind) == (quant.PLAIN, {"activation": activation, "biases": biases})
+    assert [n for n, _, _ in quant.expert_params(64, 96, quant.scheme("fp32"), kind)] == \
+        ["w_up", "w_down"] + (["b_up", "b_down"] if biases else [])
+    s = quant.scheme(name, 32).tiled(tile)
+    path = tmp_path / "plain.so"
+    build_library(expert_module(64, 96, s, "expert", (2,), kind=kind), get_target("host"), path)
+    vm = VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    rng = np.random.default_rng(0)
+    experts = []
+    for _ in range(2):
+        weights = quant.kernel_layout(None, rng.standard_normal((96, 64), np.float32) * 0.3,
+                                      rng.standard_normal((64, 96), np.float32) * 0.3,
+                                      (rng.standard_normal(96, np.float32), rng.standard_normal(64, np.float32))
+                                      if biases else None, kind)
+        assert "w_gate" not in weights
+        stored = quant.quantize_expert(weights, s)
+        real = {p: quant.dequantize({k[len(p):]: v for k, v in stored.items() if k == p or k.startswith(p + ".")}, s)
+                for p in ("w_up", "w_down")} | {b: stored[b] for b in quant.bias_names(kind)}
+        experts.append(([tvm.runtime.tensor(stored[n]) for n, _, _ in quant.expert_params(64, 96, s, kind)],
+                        {k: v.astype(np.float64) for k, v in real.items()}))
+
+    def reference(x, w):
+        h = quant.ACTIVATIONS[activation](x @ w["w_up"] + w.get("b_up", 0))
+        assert not activation.startswith("relu") or ((h == 0).any() and (h > 0).any())  # the ReLUs cut, not all
+        return h @ w["w_down"] + w.get("b_down", 0)
+
+    x = rng.standard_normal((5, 64), np.float32)
+    assert relative_error(vm["expert"](tvm.runtime.tensor(x), *experts[0][0]).numpy(), reference(x, experts[0][1])) < 1e-5
+    gates = rng.random((5, 2), np.float32)
+    fused = vm[fused_function("expert", 2)](tvm.runtime.tensor(x), tvm.runtime.tensor(gates), *experts[0][0], *experts[1][0]).numpy()
+    want = sum(gates[:, i:i + 1] * reference(x, experts[i][1]) for i in range(2))
+    assert relative_error(fused, want) < 1e-5
+
+
+def test_expert_kinds_are_parsed_strictly():
+    for bad in ("mlp", "mlp_tanh", "mlp_relu_bias_x", "mlp_relu_biases", "clampedswiglu_a1", "geglu"):
+        with pytest.raises(quant.QuantizationError, match="unknown expert"):
+            quant.parse_kind(bad)
+    with pytest.raises(quant.QuantizationError, match="unknown expert activation"):
+        quant.plain_kind("tanh", False)

@@ -10,7 +10,7 @@ from tvm import relax
 from moetvm.artifact import Router, TensorSpec, read_manifest, slot_layout
 from moetvm.compiler import compile_model
 from moetvm.compiler import gemv, quant
-from moetvm.compiler.quant_kernels import ResidentRouting, swiglu_module
+from moetvm.compiler.quant_kernels import ResidentRouting, expert_module
 from moetvm.compiler.lowering import relax_pipeline
 from moetvm.compiler.build_target import BuildTarget
 from moetvm.routing import select_experts
@@ -79,10 +79,10 @@ SCHEME_CASES = ["fp32", "fp16", "int4-nodot", pytest.param("int4", marks=needs_i
 def _resident_module(n_experts: int, top_k: int, normalize: bool, scaling: float, d: int = 64, d_ff: int = 128,
                      scheme: str = "fp32"):
     s = SCHEMES[scheme]
-    params = [TensorSpec(n, list(shape), dtype) for n, shape, dtype in quant.swiglu_params(d, d_ff, s)]
+    params = [TensorSpec(n, list(shape), dtype) for n, shape, dtype in quant.expert_params(d, d_ff, s)]
     offsets, slot_bytes = slot_layout(params)
     routing = ResidentRouting("layer", n_experts, top_k, normalize, scaling)
-    mod = swiglu_module(d, d_ff, s, "expert", (top_k,), resident=(routing,), slot=(offsets, slot_bytes))
+    mod = expert_module(d, d_ff, s, "expert", (top_k,), resident=(routing,), slot=(offsets, slot_bytes))
     target = BuildTarget.resolve("host").tvm
     vm = relax.VirtualMachine(tvm.compile(relax.transform.ConvertToDataflow()(mod), target,
                                           relax_pipeline=relax_pipeline(target)), tvm.cpu())

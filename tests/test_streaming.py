@@ -71,17 +71,19 @@ def test_streamed_bf16_checkpoint_matches_transformers(shape, tmp_path):
     assert np.abs(ours - want).max() / np.abs(want).max() < 1e-4  # fp32 ≈ 1e-5 relative; observed ~3e-7
 
 
-def test_streamed_model_reads_its_buffers_from_the_checkpoint(tmp_path):
-    """LFM2-MoE keeps its experts' selection bias in a persistent buffer, not a parameter: a
-    streamed compile reads it from the checkpoint (left at its initial zeros, it routed tokens to
-    other experts: relative error 1.4)."""
+@pytest.mark.parametrize("family", ["lfm2_moe", "nemotron_h"])
+def test_streamed_model_reads_its_buffers_from_the_checkpoint(family, tmp_path):
+    """LFM2-MoE and NemotronH keep their experts' selection bias in a persistent buffer, not a
+    parameter: a streamed compile reads it from the checkpoint (left at its initial zeros, LFM2
+    routed tokens to other experts: relative error 1.4). NemotronH's checkpoint also holds its
+    gateless experts one key per expert under `backbone.`, read one expert at a time."""
     from hf_models import tiny_model
 
     from moetvm.compiler import compile_model
     from moetvm.compiler.models import load_model_source
     from moetvm.runtime import load_model
 
-    model = tiny_model("lfm2_moe")  # its bias drawn N(0, 0.5)
+    model = tiny_model(family)  # its bias drawn N(0, 0.5)
     model.save_pretrained(tmp_path / "ckpt")
     art = compile_model(load_model_source(f"hf:{tmp_path / 'ckpt'}", stream=True), target="host", out=tmp_path / "art",
                         progress=False)

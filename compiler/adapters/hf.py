@@ -16,6 +16,7 @@ table maps block classes to one of a few routing readers:
   sparsemixer          PhiMoE: two sequential picks, each with a jitter-masked softmax
   biased top-k         GPT-OSS (clamped SwiGLU experts with biases: their own workload kind)
   input-scaled         Llama 4: sigmoid of the k best logits scales each expert's input
+  V3's router, plain   NemotronH (gateless relu^2 experts and shared expert: the plain kind)
 
 Expert FFNs: transformers 5 stores a family's experts fused (`gate_up_proj` (E, 2I, H) with the
 gate rows first, `down_proj` (E, H, I); `is_transposed` experts store (E, in, out)). Every
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import FusedExperts, checkpoint_source
-from ..quant import clamped_kind
+from ..quant import ACTIVATIONS, clamped_kind, plain_kind
 from ..spec import ExpertWeights, MoELayerSpec, UnsupportedModelError, expert_weight, experts_from_fused, to_numpy
 
 
@@ -63,6 +64,21 @@ def _is_silu(fn) -> bool:
     return isinstance(y, torch.Tensor) and torch.allclose(y, _PROBE * torch.sigmoid(_PROBE), atol=1e-6)
 
 
+def _activation(fn) -> str | None:
+    """The name (quant.ACTIVATIONS) of the elementwise function `fn` computes, checked on values
+    as _is_silu is; None when it is none of them."""
+    try:
+        with torch.no_grad():
+            y = fn(_PROBE.clone())
+    except Exception:  # noqa: BLE001 - not a plain elementwise function
+        return None
+    if not isinstance(y, torch.Tensor):
+        return None
+    x = _PROBE.double().numpy()
+    return next((name for name, ref in ACTIVATIONS.items()
+                 if np.allclose(y.double().numpy(), ref(x), rtol=1e-5, atol=1e-6)), None)
+
+
 def _linear_weight(layer: nn.Module, what: str, read=to_numpy) -> np.ndarray:
     _require(isinstance(layer, nn.Linear), f"{what} is a {type(layer).__name__}, not a Linear")
     _require(layer.bias is None, f"{what} has a bias (the expert kernels have none)")
@@ -70,10 +86,20 @@ def _linear_weight(layer: nn.Module, what: str, read=to_numpy) -> np.ndarray:
 
 
 def _mlp(mlp: nn.Module, what: str) -> ExpertWeights:
-    """A dense gated MLP (gate_proj/up_proj/down_proj + act_fn): a shared expert."""
+    """A dense MLP: a shared expert. Gated (gate_proj/up_proj/down_proj, SiLU, no biases), or
+    plain (up_proj/down_proj, any of quant.ACTIVATIONS, biases on both or neither: NemotronH's)."""
+    act = getattr(mlp, "act_fn", getattr(mlp, "activation_fn", None))
+    if not hasattr(mlp, "gate_proj") and all(isinstance(getattr(mlp, a, None), nn.Linear) for a in ("up_proj", "down_proj")):
+        name = _activation(act)
+        _require(name is not None, f"{what} activation is none of {', '.join(ACTIVATIONS)}")
+        up, down = mlp.up_proj, mlp.down_proj
+        _require((up.bias is None) == (down.bias is None), f"{what}: only one of up_proj and down_proj has a bias")
+        biases = None if up.bias is None else (to_numpy(up.bias), to_numpy(down.bias))
+        return ExpertWeights(None, expert_weight(up.weight), expert_weight(down.weight),
+                             kind=plain_kind(name, biases is not None), biases=biases)
     _require(all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")),
              f"{what} ({type(mlp).__name__}) is not a gate_proj/up_proj/down_proj MLP")
-    _require(_is_silu(getattr(mlp, "act_fn", getattr(mlp, "activation_fn", None))), f"{what} activation is not SiLU")
+    _require(_is_silu(act), f"{what} activation is not SiLU")
     return ExpertWeights(_linear_weight(mlp.gate_proj, f"{what}.gate_proj", expert_weight),
                          _linear_weight(mlp.up_proj, f"{what}.up_proj", expert_weight),
                          _linear_weight(mlp.down_proj, f"{what}.down_proj", expert_weight))
@@ -130,6 +156,25 @@ def _gpt_oss_experts(experts: nn.Module) -> list[ExpertWeights]:
                           biases=biases[e]) for e in range(gate_up.shape[0])]
 
 
+def _plain_experts(experts: nn.Module) -> list[ExpertWeights]:
+    """NemotronH: gateless experts, up_proj (E, I, H) -> activation -> down_proj (E, H, I), no
+    biases (the plain kind); streamed, each expert is read when it is quantized."""
+    _require(not hasattr(experts, "gate_up_proj") and hasattr(experts, "up_proj") and hasattr(experts, "down_proj"),
+             f"experts ({type(experts).__name__}) are not up_proj/down_proj tensors")
+    _require(not getattr(experts, "has_bias", False), "experts have biases")
+    name = _activation(getattr(experts, "act_fn", None))
+    _require(name is not None, f"expert activation is none of {', '.join(ACTIVATIONS)}")
+    kind = plain_kind(name, False)
+    streamed = checkpoint_source(experts.up_proj), checkpoint_source(experts.down_proj)
+    if all(isinstance(s, FusedExperts) for s in streamed):
+        up, down = streamed
+        return [ExpertWeights(None, up.lazy(e, slice(None), False), down.lazy(e, slice(None), False), kind=kind)
+                for e in range(up.shape[0])]
+    _require(all(s is None for s in streamed), "up_proj and down_proj are not both 3-D checkpoint tensors")
+    up, down = to_numpy(experts.up_proj), to_numpy(experts.down_proj)
+    return [ExpertWeights(None, up[e], down[e], kind=kind) for e in range(up.shape[0])]
+
+
 def _dbrx_experts(experts: nn.Module) -> list[ExpertWeights]:
     """DBRX keeps w1 (gate), v1 (up) as (E*F, H) and w2 as (E*F, H) used as x @ w2: (in, out)."""
     glu = experts.mlp
@@ -179,6 +224,14 @@ def _sigmoid_grouped(router, block):
                 normalize=bool(router.norm_topk_prob), selection_bias=to_numpy(router.e_score_correction_bias),
                 n_groups=int(router.num_group), top_groups=int(router.topk_group),
                 scaling=float(router.routed_scaling_factor))
+
+
+def _nemotron_h(router, block):
+    """NemotronH's router is DeepSeek-V3's; a latent projection around the experts (moe_latent_size)
+    is outside the spec."""
+    _require(all(isinstance(getattr(block, p, None), nn.Identity) for p in ("fc1_latent_proj", "fc2_latent_proj")),
+             "experts run in a projected latent space (moe_latent_size)")
+    return _sigmoid_grouped(router, block)
 
 
 def _softmax_grouped(normalize: bool | str) -> Callable:
@@ -340,6 +393,7 @@ FAMILIES: list[Family] = [
     Family(("DbrxFFN",), "router", _dbrx, experts=_dbrx_experts),
     Family(("PhimoeSparseMoeBlock",), "router", _sparsemixer),
     Family(("GptOssMLP",), "router", _gpt_oss_router, experts=_gpt_oss_experts, returns_tuple=True),
+    Family(("NemotronHMoE",), "gate", _nemotron_h, shared="shared_experts", experts=_plain_experts),
     Family(("Llama4TextMoe",), "router", _llama4, shared="shared_expert",
            experts=lambda experts: _fused_experts(experts, transposed=True), returns_tuple=True),
 ]
@@ -384,6 +438,5 @@ KNOWN_UNSUPPORTED = {
     "JetMoeAttention": "mixture of attention heads, not an FFN MoE",
     "NllbMoeSparseMLP": "capacity-limited top-2 with dropped tokens and non-SiLU experts",
     "SwitchTransformersSparseMLP": "capacity-limited top-1 with dropped tokens and non-SiLU experts",
-    "NemotronHMoE": "experts have no gate (up -> relu^2 -> down)",
     "Kolibri1SparseMoeBlock": "selection bias is added to the logits, before the sigmoid",
 }

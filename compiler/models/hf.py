@@ -60,15 +60,16 @@ class HFCausalLM(KVCachedLM):
         self.config = config
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         if probes is not None:
-            self._kv_layout = (config.num_hidden_layers - len(self._stateful_layers), *probes._kv_layout[1:])
+            self._kv_layout = (len(self._kv_layers), *probes._kv_layout[1:])
             self.window, self.mixed_attention, self._in_place_kv = probes.window, probes.mixed_attention, probes._in_place_kv
         else:
             self._kv_layout = self._probe_kv_layout()
             self.window, self.mixed_attention = self._probe_attention_window()
             self._in_place_kv = self.window is None and self.chunk is None and self._probe_in_place_kv()
-            if self._state_layout and not self._in_place_kv:
-                kinds = sorted({state.kind for state in self._state_layout})
-                raise ValueError(f"{type(model).__name__}: its stateful layers ({', '.join(kinds)} state) run only "
+            if self._in_place_only and not self._in_place_kv:
+                kinds = sorted({f"{state.kind} state" for state in self._state_layout}
+                               | ({"cacheless blocks"} if self._cacheless_layers else set()))
+                raise ValueError(f"{type(model).__name__}: its layers ({', '.join(kinds)}) run only "
                                  f"through the in-place cache, and through it the model does not reproduce "
                                  f"transformers' forward{' (windowed or chunked attention)' if self.window or self.chunk else ''}")
         self.cfg = SimpleNamespace(vocab_size=config.vocab_size, d_model=config.hidden_size,
@@ -89,8 +90,26 @@ class HFCausalLM(KVCachedLM):
 
     @property
     def _stateful_layers(self) -> set[int]:
-        """The decoder layers (indices) that carry states: the others cache keys and values."""
+        """The decoder layers (indices) that carry states."""
         return {state.layer for state in self._state_layout}
+
+    @property
+    def _cacheless_layers(self) -> set[int]:
+        """The decoder layers that cache nothing: NemotronH's blocks of one MLP or MoE (kinds
+        "mlp", "moe" in its layer_types, which transformers' caches also skip)."""
+        return {i for i, kind in enumerate(getattr(self.config, "layer_types", None) or []) if kind in CACHELESS_KINDS}
+
+    @property
+    def _kv_layers(self) -> list[int]:
+        """The decoder layers that cache keys and values, in cache order."""
+        skipped = self._stateful_layers | self._cacheless_layers
+        return [i for i in range(self.config.num_hidden_layers) if i not in skipped]
+
+    @property
+    def _in_place_only(self) -> bool:
+        """Whether the model runs only through the in-place protocol: the concatenating cache has
+        one key/value pair per decoder layer, with no place for states or cacheless layers."""
+        return bool(self._state_layout or self._cacheless_layers)
 
     def _probe_kv_layout(self) -> tuple[int, int, int, int, int]:
         from transformers import DynamicCache
@@ -98,11 +117,11 @@ class HFCausalLM(KVCachedLM):
         stateful = self._stateful_layers
         layer_types = getattr(self.config, "layer_types", None) or []
         kinds = sorted({kind for i, kind in enumerate(layer_types) if i not in stateful}
-                       - {"full_attention", "sliding_attention", "chunked_attention", "attention"})
+                       - {"full_attention", "sliding_attention", "chunked_attention", "attention", *CACHELESS_KINDS})
         if kinds:  # linear attention other than Mamba2 (a recurrent state), indexed attention, ...
             raise ValueError(f"{type(self.hf).__name__}: layers of kind {kinds} are not supported: only full, "
                              f"sliding-window and chunked attention (a per-layer key/value cache and a position mask), "
-                             f"LFM2's short convolutions and Mamba2 mixers (a per-layer state)")
+                             f"LFM2's short convolutions and Mamba2 mixers (a per-layer state), blocks of one MLP or MoE")
         # Stateful layers need transformers' per-kind cache layers to run at all.
         cache = DynamicCache(config=self.config) if stateful else DynamicCache()
         try:
@@ -111,7 +130,7 @@ class HFCausalLM(KVCachedLM):
         except (IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # e.g. a hybrid model's own cache type
             raise ValueError(f"{type(self.hf).__name__}: does not run with a plain per-layer key/value cache "
                              f"(transformers DynamicCache): {type(e).__name__}: {e}") from e
-        attention = [layer for i, layer in enumerate(cache.layers) if i not in stateful]
+        attention = [cache.layers[i] for i in self._kv_layers if i < len(cache.layers)]
         shapes = {(tuple(layer.keys.shape[1::2]), tuple(layer.values.shape[1::2])) for layer in attention
                   if getattr(layer, "keys", None) is not None}
         if len(cache.layers) != self.config.num_hidden_layers or len(shapes) != 1 or not attention:
@@ -157,8 +176,8 @@ class HFCausalLM(KVCachedLM):
         return self.step(tokens, torch.arange(s).expand(b, s), past, buffers, None, states=states)[0]
 
     def forward(self, tokens):
-        """Stateful layers run only through the in-place protocol (their state is its buffer)."""
-        return self._in_place_forward(tokens) if self._state_layout else super().forward(tokens)
+        """Stateful and cacheless layers run only through the in-place protocol (`_in_place_only`)."""
+        return self._in_place_forward(tokens) if self._in_place_only else super().forward(tokens)
 
     @property
     def full_layers(self) -> list[int]:
@@ -168,8 +187,7 @@ class HFCausalLM(KVCachedLM):
             "sliding_attention" if self.window is not None and self.mixed_attention else None
         if bounded is None:
             return []
-        stateful = self._stateful_layers
-        kinds = [kind for i, kind in enumerate(self.config.layer_types) if i not in stateful]  # the KV layers'
+        kinds = [self.config.layer_types[i] for i in self._kv_layers]
         return [i for i, kind in enumerate(kinds) if kind != bounded]
 
     def step(self, tokens, positions, past_positions, past_keys, past_values, states=(), window_positions=None):
@@ -233,7 +251,8 @@ class HFCausalLM(KVCachedLM):
             raise ValueError(f"{type(self.hf).__name__}: expected {len(self._state_layout)} layer states, got {len(states)}")
         AttentionInterface.register(ATTENTION_NAME, hf_attention)
         cache = in_place_cache_class()([layer.key_buffer for layer in layers], [layer.value_buffer for layer in layers],
-                                       past_positions, _by_layer(self._state_layout, states))
+                                       past_positions, _by_layer(self._state_layout, states), self._kv_layers,
+                                       self.config.num_hidden_layers)
         before = self.config._attn_implementation
         self.hf.set_attn_implementation(ATTENTION_NAME)
         try:
@@ -254,9 +273,9 @@ class HFCausalLM(KVCachedLM):
             return None, False
         tokens = torch.arange(1, 5)[None] % self.config.vocab_size
         self.config.sliding_window = 2
-        # A stateful model runs only through the in-place cache, whose attention is never
+        # A model with stateful or cacheless layers runs only through the in-place cache, whose attention is never
         # windowed: only "no window" can reproduce transformers' masks there.
-        self._in_place_kv = bool(self._state_layout)
+        self._in_place_kv = self._in_place_only
         try:
             with torch.no_grad():
                 theirs = self.hf(input_ids=tokens).logits
@@ -309,6 +328,7 @@ def _take_stateful_layers(model: nn.Module) -> list[LayerState]:
     return sorted(states, key=lambda state: state.layer)  # stable: a layer's conv state before its scan's
 
 
+CACHELESS_KINDS = ("mlp", "moe")  # layer_types of blocks that hold no attention or state
 MAMBA2_ATTRIBUTES = ("in_proj", "conv1d", "A_log", "D", "dt_bias", "norm", "out_proj", "n_groups", "head_dim",
                      "num_heads", "ssm_state_size", "intermediate_size", "conv_dim", "act", "layer_idx")
 

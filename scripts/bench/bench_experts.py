@@ -27,7 +27,7 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from moetvm.compiler import quant
-from moetvm.compiler.quant_kernels import swiglu_module
+from moetvm.compiler.quant_kernels import expert_module
 from moetvm.compiler.lowering import build_library
 from moetvm.compiler.models import load_model_source
 from moetvm.targets import get_target
@@ -61,11 +61,11 @@ def main() -> int:
     for name in quant.SCHEMES:
         s = quant.scheme(name, 32)
         path = workdir / f"{s.tag}.so"
-        build_library(swiglu_module(128, 256, s, "expert"), get_target("host"), path)
+        build_library(expert_module(128, 256, s, "expert"), get_target("host"), path)
         vm = VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
         stored = quant.quantize_expert(weights, s)
         sizes[f"TVM {s.tag}"] = quant.nbytes(stored)
-        impls[f"TVM {s.tag}"] = (vm["expert"], [tvm.runtime.tensor(stored[n]) for n, _, _ in quant.swiglu_params(128, 256, s)])
+        impls[f"TVM {s.tag}"] = (vm["expert"], [tvm.runtime.tensor(stored[n]) for n, _, _ in quant.expert_params(128, 256, s)])
     dynamic = torch.ao.quantization.quantize_dynamic(expert, {torch.nn.Linear}, dtype=torch.qint8)
     sizes["PyTorch eager fp32"] = sum(w.nbytes for w in weights.values())
     sizes["PyTorch dynamic int8"] = 3 * 128 * 256 + 4 * 3 * 4  # int8 weights + per-tensor scale/zero

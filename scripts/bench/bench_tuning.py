@@ -26,7 +26,7 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from moetvm.compiler import BuildTarget, compile_model, quant
-from moetvm.compiler.quant_kernels import router_module, swiglu_module
+from moetvm.compiler.quant_kernels import router_module, expert_module
 from moetvm.compiler.lowering import build_library
 from moetvm.compiler.tuning import apply_database
 from moetvm.compiler.models import load_model_source
@@ -61,7 +61,7 @@ def main() -> int:
     kernels = {}
     for label, db in (("TVM default", None), ("TVM tuned", args.db)):
         expert_so, router_so = work / f"expert-{db is not None}.so", work / f"router-{db is not None}.so"
-        build_library(swiglu_module(128, 256, s, "expert"), host, expert_so, tuned(db))
+        build_library(expert_module(128, 256, s, "expert"), host, expert_so, tuned(db))
         router = block.router.weight.detach().numpy()
         build_library(router_module(router, None, "softmax", s, "router"), host, router_so, tuned(db))
         kernels[label] = (VirtualMachine(tvm.runtime.load_module(str(expert_so)), tvm.cpu()),
