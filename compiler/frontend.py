@@ -27,7 +27,7 @@ from tvm.relax.frontend.torch import from_exported_program
 from moetvm.artifact import KVCacheLayout, Step, TensorSpec, kv_shapes
 
 from .kv_cache import InPlaceLayer, convert_cached_attention
-from .layer_state import HOLDERS, convert_short_conv, convert_ssm_scan
+from .layer_state import HOLDERS, convert_delta_rule, convert_short_conv, convert_ssm_scan
 from .spec import MoELayerSpec
 
 # torch 2.13 warns about its own pytree internals on every export; it is not actionable here.
@@ -120,6 +120,7 @@ def _convert_max_dim(node, importer):
 
 _CONVERTERS = {"moe_layer.default": _convert_marker, "cached_attention.default": convert_cached_attention,
                "short_conv.default": convert_short_conv, "ssm_scan.default": convert_ssm_scan,
+               "delta_rule.default": convert_delta_rule,
                "view.default": _convert_reshape,
                "reshape.default": _convert_reshape, "empty.memory_format": _convert_empty,
                "empty.default": _convert_empty, "amax.default": _convert_amax, "max.dim": _convert_max_dim}

@@ -12,6 +12,12 @@ never needs clearing between sequences.
         y_t = state C_t + D[h] x_t; state (batch, heads, head_dim, state_size);
         `moetvm::ssm_scan(x, dt, A, B, C, D, dt_bias, state, past_positions)`. transformers
         runs prefill as a chunked scan; this is the same recurrence, one position at a time.
+  delta: the gated delta rule (Qwen3-Next, Qwen3.5's linear attention): per value head h, with
+        decay exp(g_t) and write strength beta_t, the memory S (value_dim x key_dim) becomes
+        S exp(g_t), then S += beta_t (v_t - S k_t) k_t^T, and o_t = S q_t (q, k l2-normalised
+        before, q scaled by key_dim^-1/2); state (batch, value heads, value_dim, key_dim);
+        `moetvm::delta_rule(q, k, v, g, beta, state, past_positions)`. Again transformers'
+        prefill is chunked and this is its recurrent form.
 """
 
 from __future__ import annotations
@@ -189,4 +195,98 @@ def ssm_scan_kernel(heads: int, head_dim: int, groups: int, state_size: int):
     return ssm_scan
 
 
-HOLDERS = {"conv": ConvState, "ssm": SSMState}  # artifact.LayerState.kind -> its holder at export
+@torch.library.custom_op("moetvm::delta_rule", mutates_args=())
+def _delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                state: torch.Tensor, past_positions: torch.Tensor) -> torch.Tensor:
+    """Eager semantics: q, k (batch, s, key_heads, key_dim) normalised and scaled already, v
+    (batch, s, value_heads, value_dim), g, beta (batch, s, value_heads), state (batch, value_heads,
+    value_dim, key_dim) -> out like v; value head h reads key head h // (value_heads // key_heads)."""
+    value_heads, key_heads = v.shape[2], k.shape[2]
+    memory = state if past_positions.shape[1] > 0 else torch.zeros_like(state)
+    q, k = (t.repeat_interleave(value_heads // key_heads, dim=2) for t in (q, k))
+    outs = []
+    for t in range(v.shape[1]):
+        memory = memory * torch.exp(g[:, t, :, None, None])
+        recalled = (memory * k[:, t, :, None, :]).sum(-1)  # (batch, heads, value_dim)
+        delta = (v[:, t] - recalled) * beta[:, t, :, None]
+        memory = memory + delta[..., None] * k[:, t, :, None, :]
+        outs.append((memory * q[:, t, :, None, :]).sum(-1))
+    state.copy_(memory)
+    return torch.stack(outs, dim=1)
+
+
+@_delta_rule.register_fake
+def _(q, k, v, g, beta, state, past_positions):
+    return v.new_empty(v.shape)
+
+
+class DeltaState:
+    """One gated-delta-rule layer's memory while exporting (or running the op eagerly)."""
+
+    def __init__(self, buffer: torch.Tensor, past_positions: torch.Tensor):
+        self.buffer, self.past_positions = buffer, past_positions
+
+    def update(self, q, k, v, g, beta) -> torch.Tensor:
+        return torch.ops.moetvm.delta_rule(q, k, v, g, beta, self.buffer, self.past_positions)
+
+
+def convert_delta_rule(node, importer):
+    """torch.export node -> Relax: one kernel writes the output and, in place, the new memory."""
+    q, k, v, g, beta, state, past_positions = (importer.env[arg] for arg in node.args[:7])
+    bb = importer.block_builder
+    value_heads, value_dim, key_dim = (int(d) for d in state.ty.shape.values[1:])
+    key_heads = int(k.ty.shape.values[2])
+    p = relax.prim_value(past_positions.ty.shape.values[1])
+    func = bb.add_func(delta_rule_kernel(key_heads, value_heads, key_dim, value_dim), "delta_rule")
+    both = bb.emit(relax.call_tir_inplace(func, [q, k, v, g, beta, state, p], [5, -1], [state.ty, v.ty]))
+    return bb.emit(relax.TupleGetItem(both, 1))
+
+
+@functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
+def delta_rule_kernel(key_heads: int, value_heads: int, key_dim: int, value_dim: int):
+    """The recurrence of `_delta_rule`, per (batch, value head) in parallel: each memory row (one
+    value channel over key_dim lanes) is independent of the others, stays in registers over the
+    step's positions and is written back once."""
+    per_key = value_heads // key_heads
+
+    @T.prim_func(private=True)
+    def delta_rule(q_h: T.handle, k_h: T.handle, v_h: T.handle, g_h: T.handle, beta_h: T.handle, state_h: T.handle,
+                   p: T.int64, out_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        batch, s = T.int64(), T.int64()
+        q = T.match_buffer(q_h, (batch, s, key_heads, key_dim), "float32")
+        k = T.match_buffer(k_h, (batch, s, key_heads, key_dim), "float32")
+        v = T.match_buffer(v_h, (batch, s, value_heads, value_dim), "float32")
+        g = T.match_buffer(g_h, (batch, s, value_heads), "float32")
+        beta = T.match_buffer(beta_h, (batch, s, value_heads), "float32")
+        state = T.match_buffer(state_h, (batch, value_heads, value_dim, key_dim), "float32")
+        out = T.match_buffer(out_h, (batch, s, value_heads, value_dim), "float32")
+        for bh in T.parallel(batch * value_heads):
+            if True:
+                row = T.decl_buffer((key_dim,), "float32", scope="local")
+                acc = T.decl_buffer((1,), "float32", scope="local")
+                bi: T.let[T.int64] = bh // value_heads
+                h: T.let[T.int64] = bh % value_heads
+                kh: T.let[T.int64] = h // per_key
+                for j in T.serial(value_dim):
+                    for i in T.serial(key_dim):
+                        row[i] = T.if_then_else(p > 0, state[bi, h, j, i], T.float32(0))
+                    for t in T.serial(s):
+                        decay: T.let[T.float32] = T.exp(g[bi, t, h])
+                        acc[0] = T.float32(0)
+                        for i in T.serial(key_dim):
+                            row[i] = row[i] * decay
+                            acc[0] = acc[0] + row[i] * k[bi, t, kh, i]
+                        delta: T.let[T.float32] = (v[bi, t, h, j] - acc[0]) * beta[bi, t, h]
+                        acc[0] = T.float32(0)
+                        for i in T.serial(key_dim):
+                            row[i] = row[i] + delta * k[bi, t, kh, i]
+                            acc[0] = acc[0] + row[i] * q[bi, t, kh, i]
+                        out[bi, t, h, j] = acc[0]
+                    for i in T.serial(key_dim):
+                        state[bi, h, j, i] = row[i]
+
+    return delta_rule
+
+
+HOLDERS = {"conv": ConvState, "ssm": SSMState, "delta": DeltaState}  # artifact.LayerState.kind -> its holder at export

@@ -138,7 +138,8 @@ def _parallel_rows(sch, block) -> None:
     extent = sch.get(inner).extent
     if outer:
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-    if isinstance(extent, tirx.IntImm) and extent.value % VECTOR_LANES == 0:
+    # (an empty slice, e.g. Qwen3.5's interleaved rotary sections: a 0-lane vector does not build)
+    if isinstance(extent, tirx.IntImm) and extent.value % VECTOR_LANES == 0 and extent.value > 0:
         if extent.value > VECTOR_LANES:
             _, inner = sch.split(inner, factors=[None, VECTOR_LANES])
         sch.vectorize(inner)
@@ -227,10 +228,34 @@ def _serial_when_small(stmt):
     work = _loop_work(stmt, [])
     if work is None:
         return stmt
+    if not isinstance(work, tirx.IntImm) and _aliases_an_allocation(stmt):
+        return stmt  # left parallel: a guarded copy of it would not compile (below)
     work = Analyzer().simplify(work)
     if isinstance(work, tirx.IntImm):
         return stmt if work.value >= PARALLEL_MIN_WORK else loop(tirx.ForKind.SERIAL, stmt.body)
     return tirx.IfThenElse(work >= PARALLEL_MIN_WORK, stmt, loop(tirx.ForKind.SERIAL, stmt.body))
+
+
+def _aliases_an_allocation(stmt) -> bool:
+    """Whether `stmt` declares a buffer over the data of one it allocates with a symbolic size
+    (StorageRewrite's reuse of a scratch buffer for same-sized intermediates: Qwen3-Next's
+    (1 + weight) RMSNorm over heads). In a guarded loop's second copy, ConvertSSA renames the
+    allocation and its size but not the declarations' data (TVM 0.27: "cannot find variable" at
+    codegen), so such loops are not duplicated. (Fixed-size reuse, every RMSNorm's, is fine.)"""
+    allocated, aliased = [], []
+
+    def visit(node):
+        if isinstance(node, tirx.AllocBuffer) and not all(isinstance(d, tirx.IntImm) for d in node.buffer.shape):
+            allocated.append(node.buffer.data)
+        elif isinstance(node, tirx.DeclBuffer):
+            aliased.append(node.buffer.data)
+        for child in (*(getattr(node, "seq", None) or ()), *(getattr(node, f, None) for f in ("body", "then_case", "else_case"))):
+            if isinstance(child, tirx.Stmt):
+                visit(child)
+
+    visit(stmt)
+    names = {str(a) for a in allocated}  # as printed: the declarations carry data nodes of their own
+    return any(str(data) in names for data in aliased)
 
 
 @tirx.transform.prim_func_pass(opt_level=0, name="SerialWhenSmall")

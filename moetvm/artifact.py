@@ -172,7 +172,9 @@ class LayerState:
     reads and rewrites in place and treats as zeros at the first step (past length 0), whatever
     it holds. kind "conv": the last kernel - 1 inputs of a causal depthwise convolution (LFM2's
     short convolutions, Mamba2's input convolution), shape [kernel - 1, channels]; "ssm": a
-    Mamba2 selective scan's state, shape [heads, head dim, state size]. A layer may carry both."""
+    Mamba2 selective scan's state, shape [heads, head dim, state size]; "delta": a gated delta
+    rule's (Qwen3-Next's linear attention) key-value memory, shape [value heads, value dim, key
+    dim]. A layer may carry a conv state and one of the others."""
 
     kind: str  # one of STATE_KINDS
     layer: int  # the decoder layer it belongs to (the step takes the states in this list's order)
@@ -436,7 +438,7 @@ QUANT_SCHEMES = ("fp32", "fp16", "bf16", "int8", "int4")  # how weights may be s
 KV_DTYPES = ("float32", "float16", "int8")  # what an LM's KV cache may hold
 KV_QUANTIZED = ("int8",)  # in_place only: stored with a per-position scale (KVCacheLayout)
 KV_SCALE_BYTES = 4
-STATE_KINDS = {"conv": 2, "ssm": 3}  # what a stateful layer carries between steps (LayerState) -> its shape's length
+STATE_KINDS = {"conv": 2, "ssm": 3, "delta": 3}  # what a stateful layer carries between steps (LayerState) -> its shape's length
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
 SCORE_FNS = ("softmax", "sigmoid", "sparsemixer")  # sparsemixer: PhiMoE's two picks (see routing.select_experts)
 GROUP_SCORES = ("top2_sum", "max")  # how grouped top-k ranks a group (see routing.select_experts)
@@ -669,7 +671,7 @@ def _check_model_fields(m: Manifest) -> None:
                     or len(state.shape) != STATE_KINDS[state.kind] \
                     or not all(_positive_int(d) and d < MAX_DIM for d in state.shape):
                 raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache.states: each needs the in_place layout, a kind "
-                                    f"({', '.join(STATE_KINDS)}), a layer, a shape (conv: 2 positive sizes, ssm: 3) and "
+                                    f"({', '.join(STATE_KINDS)}), a layer, a shape (conv: 2 positive sizes, ssm and delta: 3) and "
                                     f"dtype float32, got {state!r} with {kv.layout!r}")
         logits = next((o for o in m.outputs if o.name == "logits"), None)
         vocab = info.vocab_size

@@ -59,6 +59,20 @@ FAMILIES = {
                               num_local_experts=8, num_experts_per_tok=2,
                               layer_types=["linear_attention", "full_attention"], mamba_n_heads=4, mamba_d_head=32,
                               mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=8)),
+    # Gated delta net (4 value heads sharing 2 key heads) beside attention; a shared expert with its gate.
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                   dict(num_key_value_heads=2, head_dim=16, intermediate_size=48, moe_intermediate_size=32,
+                        shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                        layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=24,
+                        linear_conv_kernel_dim=4)),
+    # Qwen3.5's gated delta net has separate q/k/v, z, b, a projections; its rotary sections
+    # interleave (an empty slice among them).
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
+                         dict(num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
+                              shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                              layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                              linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)),
     # One block of each kind (Mamba2, MoE, attention, dense MLP); relu^2 experts without a gate;
     # biases on the shared expert (mlp_bias) so the biased plain kind is compiled too.
     "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM",

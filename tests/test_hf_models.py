@@ -181,13 +181,15 @@ def test_bounded_layers_keep_only_what_they_attend_to(family, full_layers, bound
 @pytest.mark.parametrize("family, states", [
     ("lfm2_moe", [("conv", 0, [2, 64])]),  # kernel 3: the last 2 inputs
     ("granitemoehybrid", [("conv", 0, [3, 192]), ("ssm", 0, [4, 32, 16])]),  # x, B, C convolved; heads, head dim, state
+    ("qwen3_next", [("conv", 0, [3, 160]), ("delta", 0, [4, 24, 16])]),  # q, k, v convolved; value heads, value dim, key dim
 ])
 def test_layer_states_are_carried_between_steps(family, states, tmp_path):
-    """A convolution layer (LFM2) or a Mamba2 mixer (Granite-4.0-H) carries fixed-size states
-    between steps, buffers the runtime holds like the KV cache: fed in chunks of 5, 1, 6 and then
-    one token at a time (shorter and longer than the kernel and the scan's chunk of 8), every
-    step's logits match transformers' forward over the whole sequence and no state buffer changes
-    shape. Each state matters: one zeroed between steps changes the next logits."""
+    """A convolution layer (LFM2), a Mamba2 mixer (Granite-4.0-H) or a gated delta net
+    (Qwen3-Next) carries fixed-size states between steps, buffers the runtime holds like the KV
+    cache: fed in chunks of 5, 1, 6 and then one token at a time (shorter and longer than the
+    kernel and the scan's chunk of 8), every step's logits match transformers' forward over the
+    whole sequence and no state buffer changes shape. Each state matters: one zeroed between
+    steps changes the next logits."""
     model = tiny_model(family)
     out = compile_model(model, target="host", out=tmp_path / "a", progress=False)
     kv = read_manifest(out).model.kv

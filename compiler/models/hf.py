@@ -121,7 +121,8 @@ class HFCausalLM(KVCachedLM):
         if kinds:  # linear attention other than Mamba2 (a recurrent state), indexed attention, ...
             raise ValueError(f"{type(self.hf).__name__}: layers of kind {kinds} are not supported: only full, "
                              f"sliding-window and chunked attention (a per-layer key/value cache and a position mask), "
-                             f"LFM2's short convolutions and Mamba2 mixers (a per-layer state), blocks of one MLP or MoE")
+                             f"LFM2's short convolutions, Mamba2 mixers and gated delta nets (a per-layer state), "
+                             f"blocks of one MLP or MoE")
         # Stateful layers need transformers' per-kind cache layers to run at all.
         cache = DynamicCache(config=self.config) if stateful else DynamicCache()
         try:
@@ -307,7 +308,9 @@ def _take_stateful_layers(model: nn.Module) -> list[LayerState]:
     before otherwise; returns their states in layer order. Found by structure:
       LFM2's short convolutions (`*ShortConv`: in_proj -> B, C, x; B*x through a causal depthwise
         conv; C * that -> out_proj): a conv state;
-      Mamba2 mixers (A_log, D, dt_bias, conv1d, a gated norm: Granite-4.0-H's): a conv and a scan state.
+      Mamba2 mixers (A_log, D, dt_bias, conv1d, a gated norm: Granite-4.0-H's): a conv and a scan state;
+      gated delta nets (conv1d over q, k, v; A_log, dt_bias; in_proj_qkvz + in_proj_ba as in
+        Qwen3-Next, or in_proj_qkv, _z, _b, _a as in Qwen3.5): a conv and a delta-rule state.
     Whether the rewritten layers compute what transformers' do is then probed (HFCausalLM)."""
     states = []
     for module in model.modules():
@@ -325,9 +328,18 @@ def _take_stateful_layers(model: nn.Module) -> list[LayerState]:
             states += [_conv_state(module, module.conv1d),
                        LayerState("ssm", int(module.layer_idx), [module.num_heads, module.head_dim, module.ssm_state_size])]
             module.forward = functools.partial(_mamba2_forward, module, module.forward)
+        elif all(hasattr(module, a) for a in GATED_DELTA_ATTRIBUTES) and _delta_projections(module) is not None:
+            if module.num_v_heads % module.num_k_heads:
+                raise ValueError(f"{type(module).__name__}: {module.num_v_heads} value heads do not share "
+                                 f"{module.num_k_heads} key heads evenly; not supported")
+            states += [_conv_state(module, module.conv1d),
+                       LayerState("delta", int(module.layer_idx), [module.num_v_heads, module.head_v_dim, module.head_k_dim])]
+            module.forward = functools.partial(_gated_delta_forward, module, module.forward)
     return sorted(states, key=lambda state: state.layer)  # stable: a layer's conv state before its scan's
 
 
+GATED_DELTA_ATTRIBUTES = ("conv1d", "A_log", "dt_bias", "norm", "out_proj", "num_k_heads", "num_v_heads", "head_k_dim",
+                          "head_v_dim", "key_dim", "value_dim", "activation", "layer_idx")
 CACHELESS_KINDS = ("mlp", "moe")  # layer_types of blocks that hold no attention or state
 MAMBA2_ATTRIBUTES = ("in_proj", "conv1d", "A_log", "D", "dt_bias", "norm", "out_proj", "n_groups", "head_dim",
                      "num_heads", "ssm_state_size", "intermediate_size", "conv_dim", "act", "layer_idx")
@@ -380,6 +392,47 @@ def _mamba2_forward(module, original, hidden_states, cache=None, attention_mask=
     y = states["ssm"].scan(x.unflatten(-1, (module.num_heads, module.head_dim)), dt, -torch.exp(module.A_log.float()),
                            b.unflatten(-1, groups), c.unflatten(-1, groups), module.D, module.dt_bias)
     return module.out_proj(module.norm(y.flatten(-2), gate))
+
+
+def _delta_projections(module):
+    """hidden -> (q, k, v flattened, z (b, s, value heads, value_dim), b, a) of a gated delta
+    net, by its projections; None for projections this does not know."""
+    if hasattr(module, "in_proj_qkvz") and hasattr(module, "in_proj_ba") and hasattr(module, "fix_query_key_value_ordering"):
+        def project(hidden):
+            q, k, v, z, b, a = module.fix_query_key_value_ordering(module.in_proj_qkvz(hidden), module.in_proj_ba(hidden))
+            return (*(t.flatten(2) for t in (q, k, v)), z, b, a)
+        return project
+    if all(hasattr(module, f"in_proj_{p}") for p in ("qkv", "z", "b", "a")):
+        def project(hidden):
+            q, k, v = module.in_proj_qkv(hidden).split([module.key_dim, module.key_dim, module.value_dim], -1)
+            z = module.in_proj_z(hidden).unflatten(-1, (-1, module.head_v_dim))
+            return q, k, v, z, module.in_proj_b(hidden), module.in_proj_a(hidden)
+        return project
+    return None
+
+
+def _l2_normalised(x):
+    """transformers' l2norm (the FLA library's): x / sqrt(sum x^2 + 1e-6)."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+
+def _gated_delta_forward(module, original, hidden_states, cache=None, attention_mask=None, **kwargs):
+    """transformers' gated delta net forward (Qwen3-Next's recurrent form) with its convolution
+    and recurrence as the state ops."""
+    from transformers.activations import ACT2FN
+
+    states = _states_of(module, cache)
+    if states is None:
+        return original(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+    q, k, v, z, b, a = _delta_projections(module)(hidden_states)
+    qkv = ACT2FN[module.activation](_convolve(module.conv1d, states["conv"], torch.cat([q, k, v], -1)))
+    q, k, v = qkv.split([module.key_dim, module.key_dim, module.value_dim], -1)
+    q, k = (_l2_normalised(t.unflatten(-1, (-1, module.head_k_dim))) for t in (q, k))
+    g = -module.A_log.float().exp() * nn.functional.softplus(a.float() + module.dt_bias)
+    out = states["delta"].update(q * module.head_k_dim ** -0.5, k, v.unflatten(-1, (-1, module.head_v_dim)), g,
+                                 b.sigmoid())
+    out = module.norm(out.reshape(-1, module.head_v_dim), z.reshape(-1, module.head_v_dim))
+    return module.out_proj(out.reshape(z.shape).flatten(2))
 
 
 class _LongRopeScale(nn.Module):

@@ -63,6 +63,13 @@ FAMILY_FIELDS = {
     "Lfm2MoeConfig": dict(layer_types=["conv", "full_attention"], num_dense_layers=0),
     "GraniteMoeHybridConfig": dict(layer_types=["linear_attention", "full_attention"], mamba_n_heads=4,
                                    mamba_d_head=32, mamba_d_state=16, mamba_chunk_size=8),
+    # its sizes follow the block list (one of each of its 4 kinds), not num_hidden_layers
+    "NemotronHConfig": dict(layers_block_type=["linear_attention", "moe", "full_attention", "mlp"],
+                            moe_shared_expert_intermediate_size=48, mamba_num_heads=4, mamba_head_dim=32, n_groups=2,
+                            ssm_state_size=16, chunk_size=8),
+    **{name: dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=4,
+                  linear_key_head_dim=16, linear_value_head_dim=16)
+       for name in ("Qwen3NextConfig", "Qwen3_5MoeTextConfig")},
 }
 
 
