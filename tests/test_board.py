@@ -189,14 +189,14 @@ def test_tune_on_board_through_tracker_then_cross_compile(board, tracker, refere
     assert relative_error(np.load(tmp_path / "l.npy"), theirs) < 1e-4
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "granitemoehybrid"])
+@pytest.mark.parametrize("family", ["gpt_oss", "granitemoehybrid", "qwen3_next"])
 def test_transformers_family_on_emulated_board(board, family, tmp_path):
     """GPT-OSS, the family with the most new kinds (clamped SwiGLU experts with biases as their
     own kernels, a biased router, attention sinks, sliding and full layers) and Granite-4.0-H (a
     Mamba2 mixer: a convolution state, LFM2's kind too, and a scan state, each its own in-place
-    kernel, carried by the runtime between steps), cross-compiled for
-    the A72 and run on the emulated board with an evicting cache: logits and 32 greedy tokens as
-    transformers gives them here."""
+    kernel, carried by the runtime between steps) and Qwen3-Next (a gated delta net's memory),
+    cross-compiled for the A72 and run on the emulated board with an evicting cache: logits and
+    32 greedy tokens as transformers gives them here."""
     from hf_models import tiny_model
 
     from moetvm.compiler import compile_model

@@ -58,3 +58,49 @@ def test_long_greedy_decode_matches_pytorch(reference_artifact, reference_model,
     with torch.no_grad():
         expected = reference_model(torch.from_numpy(full)).numpy()
     assert relative_error(model(full)[:, -1], expected[:, -1]) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def attention_kernels():
+    """compiler/attention.py's kernel for 8 query heads over 8, 4 and 2 KV heads (no sharing,
+    groups of 2 and 4 heads scored together) at each cache dtype, built for the host."""
+    import tvm
+
+    from moetvm.compiler import attention
+
+    target = BuildTarget.resolve("host").tvm
+    built = {}
+    for kv_heads in (8, 4, 2):
+        for dtype in ("float32", "float16", "int8"):
+            func = attention.cached_attention(8, kv_heads, 16, 24, dtype, 16 ** -0.5).with_attr("global_symbol", "attend")
+            built[kv_heads, dtype] = tvm.compile(tvm.IRModule({"attend": func}), target=target)["attend"]
+    return built
+
+
+@pytest.mark.parametrize("kv_heads", [8, 4, 2])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_attention_kernel_matches_the_eager_op(attention_kernels, kv_heads, dtype):
+    """The attention kernel against the op's eager semantics (compiler/kv_cache.py) on the same
+    stored cache: past lengths 0, 7 and 70 (a partial block, past a block of 64), 1 and 5 new
+    positions, batch 2, query heads sharing their KV head or not, within 1e-5 relative."""
+    import tvm
+
+    from moetvm.compiler.kv_cache import _cached_attention, _stored
+
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}[dtype]
+    extra = 4 if dtype == "int8" else 0
+    rng = np.random.default_rng()
+    for past, new in [(0, 1), (0, 5), (7, 1), (7, 5), (70, 1), (70, 5)]:
+        q = torch.from_numpy(rng.standard_normal((2, 8, new, 16)).astype(np.float32))
+        k, v = (torch.from_numpy(rng.standard_normal((2, kv_heads, past + new, d)).astype(np.float32)) for d in (16, 24))
+        keys, values = torch.zeros(2, kv_heads, 16 + extra, 128, dtype=torch_dtype), torch.zeros(2, kv_heads, 128, 24 + extra, dtype=torch_dtype)
+        if past:
+            keys[..., :past] = _stored(k[:, :, :past], torch_dtype).transpose(2, 3)
+            values[:, :, :past] = _stored(v[:, :, :past], torch_dtype)
+        want = _cached_attention(q, k[:, :, past:], v[:, :, past:], keys, values, torch.zeros(2, past, dtype=torch.long),
+                                 16 ** -0.5).numpy()  # (and stores the new keys and values, as the kernels' appends do)
+        out = tvm.runtime.tensor(np.zeros((2, new, 8, 24), np.float32))
+        attention_kernels[kv_heads, dtype](tvm.runtime.tensor(q.numpy()), tvm.runtime.tensor(keys.numpy()),
+                                           tvm.runtime.tensor(values.numpy()), past, out,
+                                           tvm.runtime.tensor(np.zeros((2, 8, new, 128), np.float32)))
+        assert relative_error(out.numpy(), want) < 1e-5, (past, new)
