@@ -8,7 +8,7 @@ transformers' own forward (logits at prompt lengths 1 and 16, greedy generation 
 Prints a markdown table (and writes it to build/hf_families.md): the stage each family reached and,
 where it stopped, why.
 
-  .venv/bin/python scripts/reports/hf_families.py [--families mixtral,olmoe,...] [--out build/hf_families.md]
+  .venv/bin/python scripts/reports/hf_families.py [--families mixtral,olmoe,...] [--out build/hf_families.md] [--readme]
 """
 
 from __future__ import annotations
@@ -155,6 +155,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default=None, help="comma-separated model types (default: every MoE family)")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "hf_families.md")
+    parser.add_argument("--readme", action="store_true",
+                        help=f"also put the table in README.md (between the {README_START} and {README_END} lines)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import transformers
@@ -179,6 +181,21 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
+    if args.readme:
+        put_in_readme(lines, ROOT / "README.md")
+        print("README.md: family table replaced", file=sys.stderr)
+
+
+README_START, README_END = "<!-- hf-families:start -->", "<!-- hf-families:end -->"
+
+
+def put_in_readme(lines: list[str], readme: Path) -> None:
+    """Replace what README.md holds between the markers with the table (the rest is kept)."""
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{readme}: no {README_START} ... {README_END} section to replace")
+    readme.write_text(text[:start + len(README_START)] + "\n" + "\n".join(lines) + "\n" + text[end:])
 
 
 if __name__ == "__main__":
