@@ -181,6 +181,29 @@ def test_auto_plan_respects_budget_and_is_recorded(reference_model, fp32_referen
                       calibration=calibration_windows(), progress=False)
 
 
+def _check_expert_kind(tmp_path, s, kind, make_weights, reference):
+    """Build the expert kernel of `kind` at storage `s` (with its fused 2-expert function), store
+    two experts of make_weights(rng) (kernel layout) and check both functions against
+    reference(x, dequantized float64 weights) within 1e-5 relative."""
+    path = tmp_path / "expert.so"
+    build_library(expert_module(64, 96, s, "expert", (2,), kind=kind), get_target("host"), path)
+    vm = VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    rng = np.random.default_rng(0)
+    experts = []
+    for _ in range(2):
+        stored = quant.quantize_expert(make_weights(rng), s)
+        real = {p: quant.dequantize({k[len(p):]: v for k, v in stored.items() if k == p or k.startswith(p + ".")}, s)
+                for p in quant.projections(kind)} | {b: stored[b] for b in quant.bias_names(kind)}
+        experts.append(([tvm.runtime.tensor(stored[n]) for n, _, _ in quant.expert_params(64, 96, s, kind)],
+                        {k: v.astype(np.float64) for k, v in real.items()}))
+    x = rng.standard_normal((5, 64), np.float32)
+    assert relative_error(vm["expert"](tvm.runtime.tensor(x), *experts[0][0]).numpy(), reference(x, experts[0][1])) < 1e-5
+    gates = rng.random((5, 2), np.float32)
+    fused = vm[fused_function("expert", 2)](tvm.runtime.tensor(x), tvm.runtime.tensor(gates), *experts[0][0], *experts[1][0]).numpy()
+    want = sum(gates[:, i:i + 1] * reference(x, experts[i][1]) for i in range(2))
+    assert relative_error(fused, want) < 1e-5
+
+
 @pytest.mark.parametrize("name, tile", [("fp32", None), ("int8", 32), ("int4", 32), ("int4", None)])
 def test_clamped_swiglu_kernel_matches_numpy(tmp_path, name, tile):
     """GPT-OSS's expert kind at each storage: biases, gate clamped above, up clamped both ways,
@@ -189,23 +212,13 @@ def test_clamped_swiglu_kernel_matches_numpy(tmp_path, name, tile):
     alpha, limit = 1.702, 0.7
     kind = quant.clamped_kind(alpha, limit)
     assert quant.parse_kind(kind) == (quant.CLAMPED, {"alpha": alpha, "limit": limit})
-    s = quant.scheme(name, 32).tiled(tile)
-    path = tmp_path / "clamped.so"
-    build_library(expert_module(64, 96, s, "expert", (2,), kind=kind), get_target("host"), path)
-    vm = VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
-    rng = np.random.default_rng(0)
-    experts = []
-    for _ in range(2):
-        weights = quant.kernel_layout(rng.standard_normal((96, 64), np.float32) * 0.3,
-                                      rng.standard_normal((96, 64), np.float32) * 0.3,
-                                      rng.standard_normal((64, 96), np.float32) * 0.3,
-                                      (rng.standard_normal(96, np.float32), rng.standard_normal(96, np.float32),
-                                       rng.standard_normal(64, np.float32)), kind)
-        stored = quant.quantize_expert(weights, s)
-        real = {p: quant.dequantize({k[len(p):]: v for k, v in stored.items() if k == p or k.startswith(p + ".")}, s)
-                for p in ("w_gate", "w_up", "w_down")} | {b: stored[b] for b in quant.BIASES}
-        experts.append(([tvm.runtime.tensor(stored[n]) for n, _, _ in quant.expert_params(64, 96, s, kind)],
-                        {k: v.astype(np.float64) for k, v in real.items()}))
+
+    def weights(rng):
+        return quant.kernel_layout(rng.standard_normal((96, 64), np.float32) * 0.3,
+                                   rng.standard_normal((96, 64), np.float32) * 0.3,
+                                   rng.standard_normal((64, 96), np.float32) * 0.3,
+                                   (rng.standard_normal(96, np.float32), rng.standard_normal(96, np.float32),
+                                    rng.standard_normal(64, np.float32)), kind)
 
     def reference(x, w):
         gate = np.minimum(x @ w["w_gate"] + w["b_gate"], limit)
@@ -213,12 +226,7 @@ def test_clamped_swiglu_kernel_matches_numpy(tmp_path, name, tile):
         assert (gate == limit).any() and (np.abs(up) == limit).any() and (np.abs(up) < limit).any()
         return ((up + 1) * gate / (1 + np.exp(-alpha * gate))) @ w["w_down"] + w["b_down"]
 
-    x = rng.standard_normal((5, 64), np.float32)
-    assert relative_error(vm["expert"](tvm.runtime.tensor(x), *experts[0][0]).numpy(), reference(x, experts[0][1])) < 1e-5
-    gates = rng.random((5, 2), np.float32)
-    fused = vm[fused_function("expert", 2)](tvm.runtime.tensor(x), tvm.runtime.tensor(gates), *experts[0][0], *experts[1][0]).numpy()
-    want = sum(gates[:, i:i + 1] * reference(x, experts[i][1]) for i in range(2))
-    assert relative_error(fused, want) < 1e-5
+    _check_expert_kind(tmp_path, quant.scheme(name, 32).tiled(tile), kind, weights, reference)
 
 
 @pytest.mark.parametrize("name, tile, activation, biases", [
@@ -231,35 +239,21 @@ def test_plain_mlp_kernel_matches_numpy(tmp_path, name, tile, activation, biases
     assert quant.parse_kind(kind) == (quant.PLAIN, {"activation": activation, "biases": biases})
     assert [n for n, _, _ in quant.expert_params(64, 96, quant.scheme("fp32"), kind)] == \
         ["w_up", "w_down"] + (["b_up", "b_down"] if biases else [])
-    s = quant.scheme(name, 32).tiled(tile)
-    path = tmp_path / "plain.so"
-    build_library(expert_module(64, 96, s, "expert", (2,), kind=kind), get_target("host"), path)
-    vm = VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
-    rng = np.random.default_rng(0)
-    experts = []
-    for _ in range(2):
-        weights = quant.kernel_layout(None, rng.standard_normal((96, 64), np.float32) * 0.3,
-                                      rng.standard_normal((64, 96), np.float32) * 0.3,
-                                      (rng.standard_normal(96, np.float32), rng.standard_normal(64, np.float32))
-                                      if biases else None, kind)
-        assert "w_gate" not in weights
-        stored = quant.quantize_expert(weights, s)
-        real = {p: quant.dequantize({k[len(p):]: v for k, v in stored.items() if k == p or k.startswith(p + ".")}, s)
-                for p in ("w_up", "w_down")} | {b: stored[b] for b in quant.bias_names(kind)}
-        experts.append(([tvm.runtime.tensor(stored[n]) for n, _, _ in quant.expert_params(64, 96, s, kind)],
-                        {k: v.astype(np.float64) for k, v in real.items()}))
+
+    def weights(rng):
+        w = quant.kernel_layout(None, rng.standard_normal((96, 64), np.float32) * 0.3,
+                                rng.standard_normal((64, 96), np.float32) * 0.3,
+                                (rng.standard_normal(96, np.float32), rng.standard_normal(64, np.float32))
+                                if biases else None, kind)
+        assert "w_gate" not in w
+        return w
 
     def reference(x, w):
         h = quant.ACTIVATIONS[activation](x @ w["w_up"] + w.get("b_up", 0))
         assert not activation.startswith("relu") or ((h == 0).any() and (h > 0).any())  # the ReLUs cut, not all
         return h @ w["w_down"] + w.get("b_down", 0)
 
-    x = rng.standard_normal((5, 64), np.float32)
-    assert relative_error(vm["expert"](tvm.runtime.tensor(x), *experts[0][0]).numpy(), reference(x, experts[0][1])) < 1e-5
-    gates = rng.random((5, 2), np.float32)
-    fused = vm[fused_function("expert", 2)](tvm.runtime.tensor(x), tvm.runtime.tensor(gates), *experts[0][0], *experts[1][0]).numpy()
-    want = sum(gates[:, i:i + 1] * reference(x, experts[i][1]) for i in range(2))
-    assert relative_error(fused, want) < 1e-5
+    _check_expert_kind(tmp_path, quant.scheme(name, 32).tiled(tile), kind, weights, reference)
 
 
 def test_expert_kinds_are_parsed_strictly():

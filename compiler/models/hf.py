@@ -123,8 +123,8 @@ class HFCausalLM(KVCachedLM):
                              f"sliding-window and chunked attention (a per-layer key/value cache and a position mask), "
                              f"LFM2's short convolutions, Mamba2 mixers and gated delta nets (a per-layer state), "
                              f"blocks of one MLP or MoE")
-        # Stateful layers need transformers' per-kind cache layers to run at all.
-        cache = DynamicCache(config=self.config) if stateful else DynamicCache()
+        # Stateful and cacheless layers need transformers' per-kind cache layers to run at all.
+        cache = DynamicCache(config=self.config) if self._in_place_only else DynamicCache()
         try:
             with torch.no_grad():
                 self.hf(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True, **{self._cache_kwarg: cache})
@@ -274,8 +274,8 @@ class HFCausalLM(KVCachedLM):
             return None, False
         tokens = torch.arange(1, 5)[None] % self.config.vocab_size
         self.config.sliding_window = 2
-        # A model with stateful or cacheless layers runs only through the in-place cache, whose attention is never
-        # windowed: only "no window" can reproduce transformers' masks there.
+        # A model with stateful or cacheless layers runs only through the in-place cache, whose
+        # attention is never windowed: only "no window" can reproduce transformers' masks there.
         self._in_place_kv = self._in_place_only
         try:
             with torch.no_grad():
