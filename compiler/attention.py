@@ -173,7 +173,8 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
     quantized = dtype in KV_QUANTIZED
     extra = KV_SCALE_BYTES if quantized else 0
     # Query heads per task: the whole group, except for int8 caches, whose shared tasks measured
-    # slower (GraniteMoE shape, 1024 positions: 8.9 against 6.7 ms for 24 layers; fp16 4.9 against 5.4).
+    # slower (GraniteMoE shape, 1024 positions, 24 layers, 1 thread: 8.3 against 5.3 ms; for the
+    # fp16 cache sharing took 5.8 to 4.8 ms).
     shared = 1 if quantized else group
     lanes = max(8, LANES // shared)  # keys per block
     # Values are summed over keys as `unroll` interleaved partial rows (each vd lanes, per head of
@@ -196,10 +197,10 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
 
     # With one query head per task (shared 1) the keys and values are read straight into the
     # multiply-adds; staging them through `key` / `row` costs that case 5-30%.
-    def key_value(keys, key, bi, g, d, j, l):
+    def key_operand(keys, key, bi, g, d, j, l):
         return key[l] if shared > 1 else T.Cast("float32", keys[bi, g, d, j])
 
-    def value_value(values, row, bi, g, j, d):
+    def value_operand(values, row, bi, g, j, d):
         return row[d] if shared > 1 else T.Cast("float32", values[bi, g, j, d])
 
     @T.prim_func(private=True)
@@ -247,7 +248,7 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
                                     key[l] = T.Cast("float32", keys[bi, g, d, jb * lanes + l])
                             for m in T.unroll(shared):
                                 for l in T.vectorized(lanes):
-                                    acc[m, l] = acc[m, l] + q[bi, h0 + m, i, d] * key_value(
+                                    acc[m, l] = acc[m, l] + q[bi, h0 + m, i, d] * key_operand(
                                         keys, key, bi, g, d, jb * lanes + l, l)
                         if quantized:
                             for l in T.vectorized(lanes):
@@ -284,7 +285,7 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
                             for m in T.unroll(shared):
                                 for d in T.vectorized(vd):
                                     o[m, u, d] = o[m, u, d] + weight(scores, values, bi, h0 + m, i, g, js * unroll + u) \
-                                        * value_value(values, row, bi, g, js * unroll + u, d)
+                                        * value_operand(values, row, bi, g, js * unroll + u, d)
                     for j in T.serial(visible - steps * unroll):
                         if shared > 1:
                             for d in T.vectorized(vd):
@@ -292,7 +293,7 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
                         for m in T.unroll(shared):
                             for d in T.vectorized(vd):
                                 o[m, 0, d] = o[m, 0, d] + weight(scores, values, bi, h0 + m, i, g, steps * unroll + j) \
-                                    * value_value(values, row, bi, g, steps * unroll + j, d)
+                                    * value_operand(values, row, bi, g, steps * unroll + j, d)
                     for m in T.unroll(shared):
                         for d in T.vectorized(vd):
                             out[bi, i, h0 + m, d] = o[m, 0, d]

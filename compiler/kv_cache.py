@@ -160,16 +160,13 @@ def in_place_cache_class():
             return self.past_positions.shape[1]
 
     class InPlaceCache(DynamicCache):
-        """Indexed by decoder layer: the attention layers' buffers at `kv_layers` (in order), the
-        stateful layers' states (`states`: decoder layer -> {kind -> holder}) at their own
-        indices, and an empty place at the layers that cache nothing (NemotronH's MLP and MoE
-        blocks). Default: every layer holds keys and values or a state."""
+        """Indexed by decoder layer (`n_layers` of them): the attention layers' buffers at
+        `kv_layers` (in order), the stateful layers' states (`states`: decoder layer -> {kind ->
+        holder}) at their own indices, and an empty place at the layers that cache nothing
+        (NemotronH's MLP and MoE blocks)."""
 
-        def __init__(self, key_buffers, value_buffers, past_positions, states=None, kv_layers=None, n_layers=None):
+        def __init__(self, key_buffers, value_buffers, past_positions, states, kv_layers, n_layers):
             super().__init__()
-            states = states or {}
-            n_layers = n_layers if n_layers is not None else len(key_buffers) + len(states)
-            kv_layers = kv_layers if kv_layers is not None else [i for i in range(n_layers) if i not in states]
             attention = dict(zip(kv_layers, (_Layer(k, v, past_positions) for k, v in zip(key_buffers, value_buffers))))
             self.layers = [_StateLayer(states[i], past_positions) if i in states else
                            attention[i] if i in attention else _StateLayer({}, past_positions) for i in range(n_layers)]

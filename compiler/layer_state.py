@@ -47,11 +47,16 @@ def _(x, weight, state, past_positions):
     return x.new_empty(x.shape)
 
 
-class ConvState:
-    """One short-convolution layer's state buffer while exporting (or running the op eagerly)."""
+class StateHolder:
+    """One layer's state buffer while exporting (or running its op eagerly), with the positions
+    the step's past holds (the op reads the state as zeros at past length 0)."""
 
     def __init__(self, buffer: torch.Tensor, past_positions: torch.Tensor):
         self.buffer, self.past_positions = buffer, past_positions
+
+
+class ConvState(StateHolder):
+    """A short convolution's state (LFM2, the input convolution of Mamba2 and gated delta nets)."""
 
     def convolve(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x (b, s, c), depthwise weight (c, k) -> (b, s, c), the state advanced by s inputs."""
@@ -127,11 +132,8 @@ def _(x, dt, a, b, c, d, dt_bias, state, past_positions):
     return x.new_empty(x.shape)
 
 
-class SSMState:
-    """One Mamba2 layer's scan state while exporting (or running the op eagerly)."""
-
-    def __init__(self, buffer: torch.Tensor, past_positions: torch.Tensor):
-        self.buffer, self.past_positions = buffer, past_positions
+class SSMState(StateHolder):
+    """A Mamba2 layer's scan state."""
 
     def scan(self, x, dt, a, b, c, d, dt_bias) -> torch.Tensor:
         return torch.ops.moetvm.ssm_scan(x, dt, a, b, c, d, dt_bias, self.buffer, self.past_positions)
@@ -220,11 +222,8 @@ def _(q, k, v, g, beta, state, past_positions):
     return v.new_empty(v.shape)
 
 
-class DeltaState:
-    """One gated-delta-rule layer's memory while exporting (or running the op eagerly)."""
-
-    def __init__(self, buffer: torch.Tensor, past_positions: torch.Tensor):
-        self.buffer, self.past_positions = buffer, past_positions
+class DeltaState(StateHolder):
+    """A gated delta net's memory."""
 
     def update(self, q, k, v, g, beta) -> torch.Tensor:
         return torch.ops.moetvm.delta_rule(q, k, v, g, beta, self.buffer, self.past_positions)
