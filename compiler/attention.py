@@ -6,12 +6,15 @@ positions (`kv_append`, a `call_tir_inplace`) and attends over the first `past +
 (`cached_attention`). Nothing of size `context` is copied, concatenated or converted per token:
 decode reads each cached key and value once.
 
-Layouts, chosen for batch-1 decode on CPUs:
-  keys    (batch, kv_heads, head_dim, capacity)  transposed: the scores of 8 consecutive keys for
-          one query are 8 lanes of one vector, one broadcast-multiply-add per head_dim element,
-          with no horizontal sums.
-  values  (batch, kv_heads, capacity, head_dim)  the output row accumulates `weight * V[j]` along
-          head_dim, vectorised.
+Layouts, chosen for batch-1 decode on CPUs, in blocks of BLOCK positions (artifact
+KVCacheLayout.block; the capacity is a whole number of blocks):
+  keys    (batch, kv_heads, blocks, head_dim, BLOCK)  transposed within a block: the scores of 8
+          consecutive keys for one query are 8 lanes of one vector, one broadcast-multiply-add per
+          head_dim element, with no horizontal sums; and a block's keys are one contiguous run of
+          memory, which the hardware prefetcher follows (transposed over the whole capacity, a
+          block's keys were head_dim rows a capacity apart: too many strided streams for it).
+  values  (batch, kv_heads, blocks, BLOCK, head_dim)  the output row accumulates `weight * V[j]`
+          along head_dim, vectorised.
 The cache dtype is float32, float16 (half the bytes per token) or int8 (a quarter, plus a
 float32 scale per position and head: artifact.KVCacheLayout); products and sums stay fp32.
 int8 keys and values are quantized per position (symmetric, round to nearest, scale = max|x| /
@@ -53,10 +56,15 @@ def prefetch_line(address):
     return T.call_llvm_intrin("void", "llvm.prefetch.p0", address, 0, 3, 1)  # read, keep in all levels, data
 
 
-AHEAD = 1  # blocks: the keys of one block are key_dim rows a capacity apart, too many strided streams for
-# the hardware prefetcher; prefetching the next block's took the GraniteMoE int4 attention over 1024
-# cached positions (24 layers, cold) from 12.0 to 8.2 ms with 1 thread, 6.2 to 5.4 ms with 2 (2 and
-# more blocks ahead: slower).
+BLOCK = LANES  # positions per block of the cache layout: the widest key block the kernel scores
+# Software prefetch distances. The hardware prefetcher restarts at every 4 KB page (a GraniteMoE
+# fp16 key block is one page), so each page's first lines were waited for. Keys: the next key block,
+# a line per head_dim row; values: 16 rows ahead (8 and 32 measured slower). With the blocked layout
+# the GraniteMoE-shaped attention over 1024 cached positions (24 layers, cold, 1 thread) went from
+# 6.7-7.0 to 5.3 ms (fp16 cache) and 4.6-4.7 to 3.7 ms (int8); OLMoE-shaped 6.6-6.9 to 5.3-5.7 and
+# 4.6-4.7 to 3.3-3.6 ms; with 2 threads 3.3-3.7 to 2.8-3.1 ms (fp16) and 2.4 to 1.9 ms (int8).
+KEY_AHEAD = 1  # key blocks
+VALUE_AHEAD = 16  # value rows
 
 
 def _byte(x):
@@ -77,41 +85,43 @@ def scale_byte(scale, k: int):
 
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
 def append_keys(kv_heads: int, head_dim: int, dtype: str):
-    """cache (b, kv_heads, head_dim, cap) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1."""
+    """cache (b, kv_heads, blocks, head_dim, BLOCK) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1."""
     if dtype in KV_QUANTIZED:
         return append_quantized(kv_heads, head_dim, transposed=True)
 
     @T.prim_func(private=True, s_tir=True)
     def kv_append_keys(cache_h: T.handle, new_h: T.handle, p: T.int64):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        b, s, cap = T.int64(), T.int64(), T.int64()
-        cache = T.match_buffer(cache_h, (b, kv_heads, head_dim, cap), dtype)
+        b, s, blocks = T.int64(), T.int64(), T.int64()
+        cache = T.match_buffer(cache_h, (b, kv_heads, blocks, head_dim, BLOCK), dtype)
         new = T.match_buffer(new_h, (b, kv_heads, s, head_dim), "float32")
         for bh in T.parallel(b * kv_heads):
             for i, d in T.grid(s, head_dim):
                 with T.sblock("append"):
-                    cache[bh // kv_heads, bh % kv_heads, d, p + i] = T.Cast(dtype, new[bh // kv_heads, bh % kv_heads, i, d])
+                    cache[bh // kv_heads, bh % kv_heads, (p + i) // BLOCK, d, (p + i) % BLOCK] = T.Cast(
+                        dtype, new[bh // kv_heads, bh % kv_heads, i, d])
 
     return kv_append_keys
 
 
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
 def append_values(kv_heads: int, head_dim: int, dtype: str):
-    """cache (b, kv_heads, cap, head_dim) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1."""
+    """cache (b, kv_heads, blocks, BLOCK, head_dim) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1."""
     if dtype in KV_QUANTIZED:
         return append_quantized(kv_heads, head_dim, transposed=False)
 
     @T.prim_func(private=True, s_tir=True)
     def kv_append_values(cache_h: T.handle, new_h: T.handle, p: T.int64):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        b, s, cap = T.int64(), T.int64(), T.int64()
-        cache = T.match_buffer(cache_h, (b, kv_heads, cap, head_dim), dtype)
+        b, s, blocks = T.int64(), T.int64(), T.int64()
+        cache = T.match_buffer(cache_h, (b, kv_heads, blocks, BLOCK, head_dim), dtype)
         new = T.match_buffer(new_h, (b, kv_heads, s, head_dim), "float32")
         for bh in T.parallel(b * kv_heads):
             for i in T.serial(s):
                 for d in T.vectorized(head_dim):
                     with T.sblock("append"):
-                        cache[bh // kv_heads, bh % kv_heads, p + i, d] = T.Cast(dtype, new[bh // kv_heads, bh % kv_heads, i, d])
+                        cache[bh // kv_heads, bh % kv_heads, (p + i) // BLOCK, (p + i) % BLOCK, d] = T.Cast(
+                            dtype, new[bh // kv_heads, bh % kv_heads, i, d])
 
     return kv_append_values
 
@@ -119,19 +129,19 @@ def append_values(kv_heads: int, head_dim: int, dtype: str):
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
 def append_quantized(kv_heads: int, head_dim: int, transposed: bool):
     """int8 cache <- new (b, kv_heads, s, head_dim) at positions p..p+s-1, each position's row
-    quantized with its scale's bytes after it: keys (transposed) (b, kv_heads, head_dim + 4, cap),
-    values (b, kv_heads, cap, head_dim + 4)."""
+    quantized with its scale's bytes after it: keys (transposed) (b, kv_heads, blocks, head_dim + 4,
+    BLOCK), values (b, kv_heads, blocks, BLOCK, head_dim + 4)."""
     rows = head_dim + KV_SCALE_BYTES
 
-    def shape(b, cap):
-        return (b, kv_heads, rows, cap) if transposed else (b, kv_heads, cap, rows)
+    def shape(b, blocks):
+        return (b, kv_heads, blocks, rows, BLOCK) if transposed else (b, kv_heads, blocks, BLOCK, rows)
 
     @T.prim_func(private=True)
     def kv_append_quantized(cache_h: T.handle, new_h: T.handle, p: T.int64):
         # Opaque: a position's scale needs its whole row, so FuseOps must not treat this as elementwise.
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
-        b, s, cap = T.int64(), T.int64(), T.int64()
-        cache = T.match_buffer(cache_h, shape(b, cap), "int8")
+        b, s, blocks = T.int64(), T.int64(), T.int64()
+        cache = T.match_buffer(cache_h, shape(b, blocks), "int8")
         new = T.match_buffer(new_h, (b, kv_heads, s, head_dim), "float32")
         for bh in T.parallel(b * kv_heads):
             for i in T.serial(s):
@@ -143,16 +153,18 @@ def append_quantized(kv_heads: int, head_dim: int, transposed: bool):
                     for d in T.serial(head_dim):
                         amax[0] = T.max(amax[0], T.fabs(new[bi, g, i, d]))
                     inv: T.let[T.float32] = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+                    kb: T.let[T.int64] = (p + i) // BLOCK
+                    kl: T.let[T.int64] = (p + i) % BLOCK
                     for d in T.serial(head_dim):
                         if transposed:
-                            cache[bi, g, d, p + i] = T.Cast("int8", T.round(new[bi, g, i, d] * inv))
+                            cache[bi, g, kb, d, kl] = T.Cast("int8", T.round(new[bi, g, i, d] * inv))
                         else:
-                            cache[bi, g, p + i, d] = T.Cast("int8", T.round(new[bi, g, i, d] * inv))
+                            cache[bi, g, kb, kl, d] = T.Cast("int8", T.round(new[bi, g, i, d] * inv))
                     for k in T.unroll(KV_SCALE_BYTES):
                         if transposed:
-                            cache[bi, g, head_dim + k, p + i] = scale_byte(amax[0] / T.float32(127), k)
+                            cache[bi, g, kb, head_dim + k, kl] = scale_byte(amax[0] / T.float32(127), k)
                         else:
-                            cache[bi, g, p + i, head_dim + k] = scale_byte(amax[0] / T.float32(127), k)
+                            cache[bi, g, kb, kl, head_dim + k] = scale_byte(amax[0] / T.float32(127), k)
 
     return kv_append_quantized
 
@@ -176,7 +188,8 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
     # slower (GraniteMoE shape, 1024 positions, 24 layers, 1 thread: 8.3 against 5.3 ms; for the
     # fp16 cache sharing took 5.8 to 4.8 ms).
     shared = 1 if quantized else group
-    lanes = max(8, LANES // shared)  # keys per block
+    lanes = max(8, LANES >> (shared - 1).bit_length())  # keys scored together: a power of two, dividing BLOCK
+    per_block = BLOCK // lanes
     # Values are summed over keys as `unroll` interleaved partial rows (each vd lanes, per head of
     # the task), so consecutive keys' multiply-adds do not wait on each other, within 64 floats of
     # accumulators (8 AVX2 / 16 NEON registers): at 256 (4 rows of 64) AVX2 spilled them, and the
@@ -184,33 +197,41 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
     # cache) and 4.7 ms (float16) against 5.0 and 4.55 ms now; rows of 64 or more lanes already
     # give 8 independent chains.
     unroll = max(1, min(4, 64 // (vd * shared)))
-    line_lanes = 64 // {"float32": 4, "float16": 2, "int8": 1}[dtype]  # keys per cache line
-    lines = max(1, lanes // line_lanes)
 
-    def key_scale(keys, bi, g, j):  # of the key at position j (int8): the 4 rows after key_dim
-        return stored_scale(*(keys[bi, g, key_dim + k, j] for k in range(KV_SCALE_BYTES)))
+    line_elements = 64 // {"float32": 4, "float16": 2, "int8": 1}[dtype]  # per cache line
+    key_lines = max(1, lanes // line_elements)  # per key row of a block
+    value_lines = -(-(value_dim + extra) // line_elements)  # per value row (the next row may straddle one more)
+
+    def key_at(keys, bi, g, d, jb, l):  # element d of key l of key block jb (lanes positions)
+        return keys[bi, g, jb // per_block, d, jb % per_block * lanes + l]
+
+    def value_at(values, bi, g, j, d):  # element d of position j's value
+        return values[bi, g, j // BLOCK, j % BLOCK, d]
+
+    def key_scale(keys, bi, g, jb, l):  # of key l of key block jb (int8): the 4 rows after key_dim
+        return stored_scale(*(key_at(keys, bi, g, key_dim + k, jb, l) for k in range(KV_SCALE_BYTES)))
 
     def weight(scores, values, bi, h, i, g, j):  # position j's softmax weight, times its value row's scale (int8)
         if not quantized:
             return scores[bi, h, i, j]
-        return scores[bi, h, i, j] * stored_scale(*(values[bi, g, j, value_dim + k] for k in range(KV_SCALE_BYTES)))
+        return scores[bi, h, i, j] * stored_scale(*(value_at(values, bi, g, j, value_dim + k) for k in range(KV_SCALE_BYTES)))
 
     # With one query head per task (shared 1) the keys and values are read straight into the
     # multiply-adds; staging them through `key` / `row` costs that case 5-30%.
-    def key_operand(keys, key, bi, g, d, j, l):
-        return key[l] if shared > 1 else T.Cast("float32", keys[bi, g, d, j])
+    def key_operand(keys, key, bi, g, d, jb, l):
+        return key[l] if shared > 1 else T.Cast("float32", key_at(keys, bi, g, d, jb, l))
 
     def value_operand(values, row, bi, g, j, d):
-        return row[d] if shared > 1 else T.Cast("float32", values[bi, g, j, d])
+        return row[d] if shared > 1 else T.Cast("float32", value_at(values, bi, g, j, d))
 
     @T.prim_func(private=True)
     def attention(q_h: T.handle, keys_h: T.handle, values_h: T.handle, p: T.int64, out_h: T.handle,
                   scores_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        b, s, cap = T.int64(), T.int64(), T.int64()
+        b, s, nb, cap = T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_h, (b, heads, s, key_dim), "float32")
-        keys = T.match_buffer(keys_h, (b, kv_heads, key_dim + extra, cap), dtype)
-        values = T.match_buffer(values_h, (b, kv_heads, cap, value_dim + extra), dtype)
+        keys = T.match_buffer(keys_h, (b, kv_heads, nb, key_dim + extra, BLOCK), dtype)
+        values = T.match_buffer(values_h, (b, kv_heads, nb, BLOCK, value_dim + extra), dtype)
         out = T.match_buffer(out_h, (b, s, heads, value_dim), "float32")
         scores = T.match_buffer(scores_h, (b, heads, s, cap), "float32")
         for task in T.parallel(b * (heads // shared)):
@@ -225,7 +246,7 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
                     row = T.decl_buffer((vd,), "float32", scope="local")
                     o = T.decl_buffer((shared, unroll, value_dim), "float32", scope="local")
                     visible: T.let[T.int64] = p + i + 1
-                    blocks: T.let[T.int64] = T.min((visible + lanes - 1) // lanes, cap // lanes)
+                    blocks: T.let[T.int64] = T.min((visible + lanes - 1) // lanes, nb * per_block)
                     steps: T.let[T.int64] = visible // unroll
                     bi: T.let[T.int64] = task // (heads // shared)
                     h0: T.let[T.int64] = task % (heads // shared) * shared  # the task's first query head
@@ -239,20 +260,19 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
                             for l in T.vectorized(lanes):
                                 acc[m, l] = T.float32(0)
                         for k in T.unroll(extra):  # int8: the scale rows
-                            prefetch_line(T.address_of(keys[bi, g, key_dim + k, (jb + AHEAD) * lanes]))
+                            prefetch_line(T.address_of(key_at(keys, bi, g, key_dim + k, jb + KEY_AHEAD, 0)))
                         for d in T.serial(key_dim):
-                            for line in T.unroll(lines):
-                                prefetch_line(T.address_of(keys[bi, g, d, (jb + AHEAD) * lanes + line * line_lanes]))
+                            for line in T.unroll(key_lines):
+                                prefetch_line(T.address_of(key_at(keys, bi, g, d, jb + KEY_AHEAD, line * line_elements)))
                             if shared > 1:
                                 for l in T.vectorized(lanes):
-                                    key[l] = T.Cast("float32", keys[bi, g, d, jb * lanes + l])
+                                    key[l] = T.Cast("float32", key_at(keys, bi, g, d, jb, l))
                             for m in T.unroll(shared):
                                 for l in T.vectorized(lanes):
-                                    acc[m, l] = acc[m, l] + q[bi, h0 + m, i, d] * key_operand(
-                                        keys, key, bi, g, d, jb * lanes + l, l)
+                                    acc[m, l] = acc[m, l] + q[bi, h0 + m, i, d] * key_operand(keys, key, bi, g, d, jb, l)
                         if quantized:
                             for l in T.vectorized(lanes):
-                                key[l] = key_scale(keys, bi, g, jb * lanes + l)
+                                key[l] = key_scale(keys, bi, g, jb, l)
                             for m in T.unroll(shared):
                                 for l in T.vectorized(lanes):
                                     acc[m, l] = acc[m, l] * key[l]
@@ -279,9 +299,11 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
                                 o[m, u, d] = T.float32(0)
                     for js in T.serial(steps):  # keys past the last whole step go to the first row
                         for u in T.unroll(unroll):
+                            for line in T.unroll(value_lines):
+                                prefetch_line(T.address_of(value_at(values, bi, g, js * unroll + u + VALUE_AHEAD, line * line_elements)))
                             if shared > 1:
                                 for d in T.vectorized(vd):
-                                    row[d] = T.Cast("float32", values[bi, g, js * unroll + u, d])
+                                    row[d] = T.Cast("float32", value_at(values, bi, g, js * unroll + u, d))
                             for m in T.unroll(shared):
                                 for d in T.vectorized(vd):
                                     o[m, u, d] = o[m, u, d] + weight(scores, values, bi, h0 + m, i, g, js * unroll + u) \
@@ -289,7 +311,7 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
                     for j in T.serial(visible - steps * unroll):
                         if shared > 1:
                             for d in T.vectorized(vd):
-                                row[d] = T.Cast("float32", values[bi, g, steps * unroll + j, d])
+                                row[d] = T.Cast("float32", value_at(values, bi, g, steps * unroll + j, d))
                         for m in T.unroll(shared):
                             for d in T.vectorized(vd):
                                 o[m, 0, d] = o[m, 0, d] + weight(scores, values, bi, h0 + m, i, g, steps * unroll + j) \

@@ -267,15 +267,15 @@ def export_causal_lm(model: nn.Module, specs: list[MoELayerSpec], kv: KVCacheLay
     inputs = (torch.zeros(b, s, dtype=torch.long), torch.zeros(b, s, dtype=torch.long), torch.zeros(b, p, dtype=torch.long))
     dyn = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: past})
     if kv.layout == "in_place":
-        capacity = Dim("capacity", min=2, max=1 << 20)
+        blocks = Dim("blocks", min=1, max=1 << 14)  # the capacity, in blocks of kv.block positions
         dtype = getattr(torch, kv.dtype)
-        key_buffer, value_buffer = kv.buffer_shapes(model.kv_layout, b, 8)
+        key_buffer, value_buffer = kv.buffer_shapes(model.kv_layout, b, 2 * kv.block)
         keys = [torch.zeros(key_buffer, dtype=dtype) for _ in range(layers)]
         values = [torch.zeros(value_buffer, dtype=dtype) for _ in range(layers)]
         states = [torch.zeros(b, *state.shape, dtype=getattr(torch, state.dtype)) for state in kv.states]
         step = _LMStepInPlace(_with_markers(model, specs))
         args = (*inputs, keys, values, states)
-        dyn = (*dyn, [{0: batch, 3: capacity}] * layers, [{0: batch, 2: capacity}] * layers, [{0: batch}] * len(states))
+        dyn = (*dyn, [{0: batch, 2: blocks}] * layers, [{0: batch, 2: blocks}] * layers, [{0: batch}] * len(states))
     elif kv.full_layers:
         # Windowed layers hold `held` past positions, full ones `past`: two sizes (distinct examples,
         # so export keeps them apart).

@@ -14,7 +14,7 @@ from moetvm.artifact import KV_QUANTIZED, KVCacheLayout, ModelInfo, lm_io_names
 from moetvm.errors import UsageError
 
 from . import frontend, quant_plan
-from .attention import LANES as KV_CAPACITY_MULTIPLE
+from .attention import BLOCK as KV_BLOCK
 from .dense_weights import store_dense_weights
 from .build_target import BuildTarget
 from .options import CompileOptions
@@ -64,7 +64,7 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
         # windowed and full layers name the full ones, which keep everything.
         window = getattr(model, "window", None)
         states = list(getattr(model, "state_layout", []))
-        kv = (KVCacheLayout("in_place", options.kv_cache_dtype(), KV_CAPACITY_MULTIPLE, states=states)
+        kv = (KVCacheLayout("in_place", options.kv_cache_dtype(), KV_BLOCK, states=states, block=KV_BLOCK)
               if getattr(model, "in_place_kv", False) else
               KVCacheLayout("concat", "float32", window=window, full_layers=list(getattr(model, "full_layers", [])),
                             chunk=getattr(model, "chunk", None) if getattr(model, "full_layers", None) else None))

@@ -1,8 +1,8 @@
 """The in-place KV cache at export: what a traced model's attention becomes.
 
 Exported with the in-place protocol, an LM step takes per layer a key buffer (batch, kv_heads,
-key_dim, capacity) and a value buffer (batch, kv_heads, capacity, value_dim) that the runtime
-owns, and returns only logits. Each attention layer is traced as one opaque op,
+blocks, key_dim, block) and a value buffer (batch, kv_heads, blocks, block, value_dim) that the
+runtime owns (artifact.KVCacheLayout), and returns only logits. Each attention layer is traced as one opaque op,
 `moetvm::cached_attention(q, k, v, key_buffer, value_buffer, past_positions, scale)`, which the
 importer lowers (`convert_cached_attention`) to the kernels of compiler/attention.py: the new
 keys and values written at their positions in place (`call_tir_inplace` on the step's inputs),
@@ -37,15 +37,23 @@ def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_buf
     attend causally over positions 0..p+s-1. q (b, h, s, dk), k (b, kvh, s, dk), v (b, kvh, s, dv);
     returns (b, s, h, dv)."""
     p, s = past_positions.shape[1], q.shape[2]
-    key_buffer[:, :, :, p:p + s] = _stored(k, key_buffer.dtype).transpose(2, 3)
-    value_buffer[:, :, p:p + s] = _stored(v, value_buffer.dtype)
+    positions = torch.arange(p, p + s)
+    block, offset = positions // key_buffer.shape[4], positions % key_buffer.shape[4]
+    key_buffer[:, :, block, :, offset] = _stored(k, key_buffer.dtype).permute(2, 0, 1, 3)  # (s, b, kvh, dk)
+    value_buffer[:, :, block, offset] = _stored(v, value_buffer.dtype)
     group = q.shape[1] // k.shape[1]
-    keys = _read(key_buffer[:, :, :, :p + s].transpose(2, 3)).transpose(2, 3).repeat_interleave(group, 1)
-    values = _read(value_buffer[:, :, :p + s]).repeat_interleave(group, 1)
+    keys = _read(_rows(key_buffer.transpose(3, 4), p + s)).transpose(2, 3).repeat_interleave(group, 1)
+    values = _read(_rows(value_buffer, p + s)).repeat_interleave(group, 1)
     scores = (q @ keys) * scale
     visible = torch.arange(p + s)[None, :] <= (p + torch.arange(s))[:, None]
     weights = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1)
     return (weights @ values).transpose(1, 2).contiguous()
+
+
+def _rows(blocked: torch.Tensor, n: int) -> torch.Tensor:
+    """(b, heads, blocks, block, d) -> the first n positions' rows (b, heads, n, d)."""
+    b, heads, blocks, block, d = blocked.shape
+    return blocked.reshape(b, heads, blocks * block, d)[:, :, :n]
 
 
 def _stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -96,7 +104,10 @@ def convert_cached_attention(node, importer):
     attend = bb.add_func(kernels.cached_attention(heads, kv_heads, key_dim, value_dim, dtype, scale), "cached_attention")
     keys = bb.emit(relax.call_tir_inplace(append_k, [key_buffer, k, p], 0, key_buffer.ty))
     values = bb.emit(relax.call_tir_inplace(append_v, [value_buffer, v, p], 0, value_buffer.ty))
-    capacity = key_buffer.ty.shape.values[3]
+    blocks, block = key_buffer.ty.shape.values[2], int(key_buffer.ty.shape.values[4])
+    if block != kernels.BLOCK:
+        raise ValueError(f"KV buffers in blocks of {block} positions; the attention kernels take {kernels.BLOCK}")
+    capacity = blocks * block
     out = bb.emit(relax.call_tir(attend, [q, keys, values, p],
                                  [relax.TensorType((b, s, heads, value_dim), "float32"),
                                   relax.TensorType((b, heads, s, capacity), "float32")]))

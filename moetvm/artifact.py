@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from moetvm.errors import MoetvmError
 
-FORMAT_VERSION = 8  # 2: the dense part's weights in weight files (`weights`), not in the segments library
+FORMAT_VERSION = 9  # 2: the dense part's weights in weight files (`weights`), not in the segments library
 # 3: resident MoE layers (a layer's experts in one pool, routed and run in one call)
 # 4: the LM's tokenizer (`tokenizer`) and bf16 weights: a runtime before them says so by version
 # 5: sparsemixer routing (PhiMoE: score_fn "sparsemixer", jitter_eps); a sliding window's bounded cache
@@ -33,7 +33,8 @@ FORMAT_VERSION = 8  # 2: the dense part's weights in weight files (`weights`), n
 # 8: per-layer recurrent state carried like the KV cache (kv_cache.states: LFM2's short convolutions,
 #    Mamba2); a window on some layers only (kv_cache.full_layers: GPT-OSS, Cohere2), the windowed ones
 #    holding the last window - 1 positions (their positions a `window_positions` input of the step)
-SUPPORTED_FORMAT_VERSIONS = (1, 8)
+# 9: in-place KV buffers in blocks of positions (kv_cache.block): a block's keys are contiguous
+SUPPORTED_FORMAT_VERSIONS = (1, 9)
 SLOT_ALIGN = 64  # bytes: every tensor in an expert's pool slot starts at a multiple (the kernels' vector alignment)
 MANIFEST_NAME = "manifest.json"
 
@@ -185,9 +186,11 @@ class LayerState:
 @dataclass(frozen=True)
 class KVCacheLayout:
     """A causal LM's KV cache. in_place: the step takes per layer a key buffer (batch, key heads,
-    key dim, capacity) and a value buffer (batch, value heads, capacity, value dim) of `dtype`,
+    blocks, key dim, block) and a value buffer (batch, value heads, blocks, block, value dim) of
+    `dtype` for a capacity of blocks x `block` positions (format 9; before it, with no block, keys
+    (batch, key heads, key dim, capacity) and values (batch, value heads, capacity, value dim)),
     which it writes at the new positions, and returns logits; the capacity is a multiple of
-    `capacity_multiple`. concat (format 1): past keys/values (batch, heads, past, dim) in,
+    `capacity_multiple`, itself a multiple of the block. concat (format 1): past keys/values (batch, heads, past, dim) in,
     extended ones out, the past positions they hold beside them; with a `window` (format 5) every
     layer attends to the last `window` positions only, so the cache keeps the last window - 1;
     except `full_layers` (format 8), which attend to, and keep, every position: the step then
@@ -205,17 +208,32 @@ class KVCacheLayout:
     full_layers: list[int] = field(default_factory=list)  # concat with a window or chunk: KV layers attending to all
     chunk: int | None = None  # concat: chunked attention (Llama 4) in every layer but full_layers
     states: list[LayerState] = field(default_factory=list)  # in_place: layers that carry a state, not keys and values
+    block: int | None = None  # in_place (format 9): positions per block of the key and value buffers
 
     @property
     def scale_bytes(self) -> int:
         """Extra elements per position holding its scale (int8: a float32's bytes)."""
         return KV_SCALE_BYTES if self.dtype in KV_QUANTIZED else 0
 
-    def buffer_shapes(self, kv_layout: list[int], batch: int, capacity: int) -> tuple[tuple, tuple]:
-        """in_place: the shapes of one layer's (key buffer, value buffer) for `capacity` positions."""
+    def buffer_dims(self, kv_layout: list[int]) -> tuple[tuple, tuple]:
+        """in_place: one layer's (key buffer, value buffer) shapes, None where they vary (batch
+        first, then the capacity in positions or blocks)."""
         _, (key_heads, key_dim), (value_heads, value_dim) = kv_shapes(kv_layout)
-        return ((batch, key_heads, key_dim + self.scale_bytes, capacity),
-                (batch, value_heads, capacity, value_dim + self.scale_bytes))
+        key_rows, value_row = key_dim + self.scale_bytes, value_dim + self.scale_bytes
+        if self.block is None:
+            return (None, key_heads, key_rows, None), (None, value_heads, None, value_row)
+        return (None, key_heads, None, key_rows, self.block), (None, value_heads, None, self.block, value_row)
+
+    def buffer_shapes(self, kv_layout: list[int], batch: int, capacity: int) -> tuple[tuple, tuple]:
+        """in_place: the shapes of one layer's (key buffer, value buffer) for `capacity` positions
+        (a multiple of the block)."""
+        size = capacity if self.block is None else capacity // self.block
+        return tuple(tuple(batch if i == 0 else size if d is None else d for i, d in enumerate(dims))
+                     for dims in self.buffer_dims(kv_layout))
+
+    def capacity_of(self, key_buffer_shape) -> int:
+        """in_place: the positions a key buffer of this shape holds."""
+        return key_buffer_shape[3] if self.block is None else key_buffer_shape[2] * self.block
 
 
 @dataclass(frozen=True)
@@ -653,6 +671,10 @@ def _check_model_fields(m: Manifest) -> None:
         if not (kv.layout in KV_LAYOUTS and kv.dtype in KV_DTYPES and 0 < kv.capacity_multiple <= 4096):
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache must give a layout ({', '.join(KV_LAYOUTS)}), a dtype "
                                 f"({', '.join(KV_DTYPES)}) and optionally a capacity_multiple (1..4096), got {kv!r}")
+        if kv.block is not None and not (kv.layout == "in_place" and _positive_int(kv.block)
+                                         and kv.capacity_multiple % kv.block == 0):
+            raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache.block must be a positive integer dividing the "
+                                f"capacity_multiple, and only with the in_place layout, got {kv!r}")
         if kv.dtype in KV_QUANTIZED and kv.layout != "in_place":
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache dtype {kv.dtype} needs the in_place layout, "
                                 f"got {kv.layout!r}")
@@ -731,10 +753,12 @@ def _check_program(m: Manifest) -> None:
     if m.kind == "causal_lm":
         layers, key_shape, value_shape = m.model.kv_shapes
         if m.model.kv.layout == "in_place":
-            # keys (b, heads, dim, capacity), values (b, heads, capacity, dim); int8 with their scales
-            key_buffer, value_buffer = m.model.kv.buffer_shapes(m.model.kv_layout, 1, 1)
-            kv_inputs = [(t.shape[1:3], key_buffer[1:3]) if t.name.startswith("key_buffer_") else
-                         (t.shape[1::2], value_buffer[1::2]) for t in m.inputs if t.name.startswith(("key_buffer_", "value_buffer_"))]
+            # every dimension but the batch and the capacity fixed (KVCacheLayout.buffer_dims)
+            key_buffer, value_buffer = m.model.kv.buffer_dims(m.model.kv_layout)
+            kv_inputs = [([d for d, want in zip(t.shape, shape) if want is not None], [d for d in shape if d is not None])
+                         if len(t.shape) == len(shape) else (t.shape, None)
+                         for t in m.inputs if t.name.startswith(("key_buffer_", "value_buffer_"))
+                         for shape in [key_buffer if t.name.startswith("key_buffer_") else value_buffer]]
         else:
             kv_inputs = [(t.shape[1::2], key_shape if t.name.startswith("past_keys_") else value_shape) for t in m.inputs
                          if t.name.startswith(("past_keys_", "past_values_"))]
@@ -742,7 +766,7 @@ def _check_program(m: Manifest) -> None:
         first = 4 if m.model.kv.full_layers else 3  # tokens, positions, past_positions (, window_positions)
         state_inputs = m.inputs[first + 2 * layers:]
         if len(m.inputs) != first + 2 * layers + len(states) \
-                or any(len(t.shape) != 4 for t in m.inputs[first:first + 2 * layers]) \
+                or any(len(t.shape) not in (4, 5) for t in m.inputs[first:first + 2 * layers]) \
                 or any(dims != list(shape) for dims, shape in kv_inputs) \
                 or any(t.shape[1:] != s.shape or t.dtype != s.dtype for t, s in zip(state_inputs, states)):
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_layout {m.model.kv_layout} does not match the "

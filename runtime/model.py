@@ -936,7 +936,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[3] if self.layout == "in_place" and self.keys else 0
+        return self.manifest.model.kv.capacity_of(self.keys[0].shape) if self.layout == "in_place" and self.keys else 0
 
     def reserve(self, positions: int, device, limit: int | None = None) -> None:
         """In-place buffers for at least `positions` positions (doubling), the cached ones kept."""
@@ -958,10 +958,9 @@ class KVCache:
         # Read whole by every token at long contexts, as the weights are: one huge-page block on the CPU.
         buffers = host_arrays([(shape, self.dtype) for shape in shapes])[1] if _is_cpu(device) else \
             [np.zeros(shape, self.dtype) for shape in shapes]
-        for i in range(layers if self.keys else 0):  # the cached positions, kept
-            n = self.length
-            buffers[i][..., :n] = self.keys[i].numpy()[..., :n]
-            buffers[layers + i][:, :, :n] = self.values[i].numpy()[:, :, :n]
+        for new, old in zip(buffers, self.keys + self.values):  # what is cached, kept: the old buffers
+            old = old.numpy()  # fill the new ones' leading capacity
+            new[tuple(slice(0, n) for n in old.shape)] = old
         tensors = _device_tensors(buffers, device)
         self.keys, self.values = tensors[:layers], tensors[layers:]
 

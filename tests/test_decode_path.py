@@ -81,11 +81,11 @@ def attention_kernels():
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
 def test_attention_kernel_matches_the_eager_op(attention_kernels, kv_heads, dtype):
     """The attention kernel against the op's eager semantics (compiler/kv_cache.py) on the same
-    stored cache: past lengths 0, 7 and 70 (a partial block, past a block of 64), 1 and 5 new
+    stored cache (blocks of 64 positions): past lengths 0, 7 and 70 (a partial block, past a block), 1 and 5 new
     positions, batch 2, query heads sharing their KV head or not, within 1e-5 relative."""
     import tvm
 
-    from moetvm.compiler.kv_cache import _cached_attention, _stored
+    from moetvm.compiler.kv_cache import _cached_attention
 
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}[dtype]
     extra = 4 if dtype == "int8" else 0
@@ -93,12 +93,14 @@ def test_attention_kernel_matches_the_eager_op(attention_kernels, kv_heads, dtyp
     for past, new in [(0, 1), (0, 5), (7, 1), (7, 5), (70, 1), (70, 5)]:
         q = torch.from_numpy(rng.standard_normal((2, 8, new, 16)).astype(np.float32))
         k, v = (torch.from_numpy(rng.standard_normal((2, kv_heads, past + new, d)).astype(np.float32)) for d in (16, 24))
-        keys, values = torch.zeros(2, kv_heads, 16 + extra, 128, dtype=torch_dtype), torch.zeros(2, kv_heads, 128, 24 + extra, dtype=torch_dtype)
+        keys = torch.zeros(2, kv_heads, 2, 16 + extra, 64, dtype=torch_dtype)  # 2 blocks of 64 positions
+        values = torch.zeros(2, kv_heads, 2, 64, 24 + extra, dtype=torch_dtype)
+        # the past through the op's own appends, then this step's, as the kernels' appends do
         if past:
-            keys[..., :past] = _stored(k[:, :, :past], torch_dtype).transpose(2, 3)
-            values[:, :, :past] = _stored(v[:, :, :past], torch_dtype)
+            _cached_attention(torch.zeros(2, 8, past, 16), k[:, :, :past], v[:, :, :past], keys, values,
+                              torch.zeros(2, 0, dtype=torch.long), 1.0)
         want = _cached_attention(q, k[:, :, past:], v[:, :, past:], keys, values, torch.zeros(2, past, dtype=torch.long),
-                                 16 ** -0.5).numpy()  # (and stores the new keys and values, as the kernels' appends do)
+                                 16 ** -0.5).numpy()
         out = tvm.runtime.tensor(np.zeros((2, new, 8, 24), np.float32))
         attention_kernels[kv_heads, dtype](tvm.runtime.tensor(q.numpy()), tvm.runtime.tensor(keys.numpy()),
                                            tvm.runtime.tensor(values.numpy()), past, out,

@@ -143,7 +143,7 @@ def test_dense_weights_are_weight_files_not_code(int4_artifact):
     names = {t.name for w in m.weights for t in w.tensors}
     assert {"blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.weight.scale", "embed.weight"} <= names
     assert "blocks.0.attn_norm.weight" in names  # norms stay fp32 parameters
-    assert m.model.kv_cache == KVCacheLayout("in_place", "float16", 64)
+    assert m.model.kv_cache == KVCacheLayout("in_place", "float16", 64, block=64)
     from safetensors.numpy import load_file
 
     library = (int4_artifact / m.library("segments").file.path).read_bytes()
@@ -165,7 +165,7 @@ def test_in_place_cache_matches_the_concatenating_cache_for_320_steps(reference_
     concat = load_model(compile_model(old_style, out=tmp_path / "concat", progress=False), prefetch=False, preload=0)
     in_place = load_model(reference_artifact, prefetch=False, preload=0)
     assert concat.manifest.model.kv_cache.layout == "concat"
-    assert in_place.manifest.model.kv_cache == KVCacheLayout("in_place", "float32", 64)
+    assert in_place.manifest.model.kv_cache == KVCacheLayout("in_place", "float32", 64, block=64)
     tokens = heldout_tokens[9000:9336]
     a, b = in_place.new_cache(), concat.new_cache()
     la, a = in_place.step(tokens[None, :16], a)
@@ -237,7 +237,7 @@ def test_int8_kv_cache_is_its_stated_quantization_and_keeps_the_model(reference_
     (measured: 4.2940 vs 4.2947 bits/byte, 99.6%; single logits move up to ~0.2 of the largest)."""
     art = compile_model(reference_model, out=tmp_path / "int8kv", kv_dtype="int8", progress=False)
     kv = read_manifest(art).model.kv_cache
-    assert kv == KVCacheLayout("in_place", "int8", 64) and kv.scale_bytes == 4
+    assert kv == KVCacheLayout("in_place", "int8", 64, block=64) and kv.scale_bytes == 4
     int8_kv = load_model(art, prefetch=False, preload=0)
     tokens = heldout_tokens[9000:9316]
     cache = int8_kv.new_cache()
@@ -247,7 +247,7 @@ def test_int8_kv_cache_is_its_stated_quantization_and_keeps_the_model(reference_
         logits, cache = int8_kv.step(np.array([[t]]), cache)
         ours.append(logits[0, -1])
     assert cache.capacity == 512 and cache.keys[0].dtype == "int8"
-    assert cache.keys[0].shape[2] == reference_model.kv_layout[2] + 4
+    assert cache.keys[0].shape[3] == reference_model.kv_layout[2] + 4
     eager = _eager_in_place_logits(reference_model, kv, tokens[:-1], 16)
     assert max(relative_error(x, y) for x, y in zip(ours, eager)) < 1e-4
 

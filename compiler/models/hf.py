@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from moetvm.artifact import LayerState
+from moetvm.artifact import KVCacheLayout, LayerState
 
 from ..tokenizer import TokenizerSource
 from .lm import KVCachedLM
@@ -165,14 +165,15 @@ class HFCausalLM(KVCachedLM):
 
     def _in_place_forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """One step over whole sequences through the in-place protocol's eager ops, on fresh buffers."""
+        from ..attention import BLOCK
         from ..kv_cache import InPlaceLayer
         from ..layer_state import HOLDERS
 
-        layers, key_heads, key_dim, value_heads, value_dim = self._kv_layout
         b, s = tokens.shape
         past = torch.zeros(b, 0, dtype=torch.long)
-        buffers = [InPlaceLayer(torch.zeros(b, key_heads, key_dim, s), torch.zeros(b, value_heads, s, value_dim), past)
-                   for _ in range(layers)]
+        kv = KVCacheLayout("in_place", block=BLOCK, capacity_multiple=BLOCK)
+        key_shape, value_shape = kv.buffer_shapes(self._kv_layout, b, -(-s // BLOCK) * BLOCK)
+        buffers = [InPlaceLayer(torch.zeros(key_shape), torch.zeros(value_shape), past) for _ in range(self._kv_layout[0])]
         states = [HOLDERS[state.kind](torch.zeros(b, *state.shape), past) for state in self._state_layout]
         return self.step(tokens, torch.arange(s).expand(b, s), past, buffers, None, states=states)[0]
 
