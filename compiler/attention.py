@@ -6,14 +6,15 @@ positions (`kv_append`, a `call_tir_inplace`) and attends over the first `past +
 (`cached_attention`). Nothing of size `context` is copied, concatenated or converted per token:
 decode reads each cached key and value once.
 
-Layouts, chosen for batch-1 decode on CPUs, in blocks of BLOCK positions (artifact
-KVCacheLayout.block; the capacity is a whole number of blocks):
-  keys    (batch, kv_heads, blocks, head_dim, BLOCK)  transposed within a block: the scores of 8
+Layouts, chosen for batch-1 decode on CPUs, in blocks of `block` positions (artifact
+KVCacheLayout.block, the keys the kernel scores together: `key_block`; the capacity is a whole
+number of blocks):
+  keys    (batch, kv_heads, blocks, head_dim, block)  transposed within a block: the scores of 8
           consecutive keys for one query are 8 lanes of one vector, one broadcast-multiply-add per
           head_dim element, with no horizontal sums; and a block's keys are one contiguous run of
           memory, which the hardware prefetcher follows (transposed over the whole capacity, a
           block's keys were head_dim rows a capacity apart: too many strided streams for it).
-  values  (batch, kv_heads, blocks, BLOCK, head_dim)  the output row accumulates `weight * V[j]`
+  values  (batch, kv_heads, blocks, block, head_dim)  the output row accumulates `weight * V[j]`
           along head_dim, vectorised.
 The cache dtype is float32, float16 (half the bytes per token) or int8 (a quarter, plus a
 float32 scale per position and head: artifact.KVCacheLayout); products and sums stay fp32.
@@ -56,13 +57,13 @@ def prefetch_line(address):
     return T.call_llvm_intrin("void", "llvm.prefetch.p0", address, 0, 3, 1)  # read, keep in all levels, data
 
 
-BLOCK = LANES  # positions per block of the cache layout: the widest key block the kernel scores
 # Software prefetch distances. The hardware prefetcher restarts at every 4 KB page (a GraniteMoE
 # fp16 key block is one page), so each page's first lines were waited for. Keys: the next key block,
 # a line per head_dim row; values: 16 rows ahead (8 and 32 measured slower). With the blocked layout
 # the GraniteMoE-shaped attention over 1024 cached positions (24 layers, cold, 1 thread) went from
-# 6.7-7.0 to 5.3 ms (fp16 cache) and 4.6-4.7 to 3.7 ms (int8); OLMoE-shaped 6.6-6.9 to 5.3-5.7 and
-# 4.6-4.7 to 3.3-3.6 ms; with 2 threads 3.3-3.7 to 2.8-3.1 ms (fp16) and 2.4 to 1.9 ms (int8).
+# 6.7-7.0 to 5.3 ms (fp16 cache, in blocks of 64 positions; of 32, its key block: 4.3-4.4 ms) and
+# 4.6-4.7 to 3.7 ms (int8); OLMoE-shaped 6.6-6.9 to 5.3-5.7 and 4.6-4.7 to 3.3-3.6 ms;
+# with 2 threads 3.3-3.7 to 2.8-3.1 ms (fp16) and 2.4 to 1.9 ms (int8).
 KEY_AHEAD = 1  # key blocks
 VALUE_AHEAD = 16  # value rows
 
@@ -84,57 +85,57 @@ def scale_byte(scale, k: int):
 
 
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
-def append_keys(kv_heads: int, head_dim: int, dtype: str):
-    """cache (b, kv_heads, blocks, head_dim, BLOCK) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1."""
+def append_keys(kv_heads: int, head_dim: int, dtype: str, block: int):
+    """cache (b, kv_heads, blocks, head_dim, block) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1."""
     if dtype in KV_QUANTIZED:
-        return append_quantized(kv_heads, head_dim, transposed=True)
+        return append_quantized(kv_heads, head_dim, True, block)
 
     @T.prim_func(private=True, s_tir=True)
     def kv_append_keys(cache_h: T.handle, new_h: T.handle, p: T.int64):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         b, s, blocks = T.int64(), T.int64(), T.int64()
-        cache = T.match_buffer(cache_h, (b, kv_heads, blocks, head_dim, BLOCK), dtype)
+        cache = T.match_buffer(cache_h, (b, kv_heads, blocks, head_dim, block), dtype)
         new = T.match_buffer(new_h, (b, kv_heads, s, head_dim), "float32")
         for bh in T.parallel(b * kv_heads):
             for i, d in T.grid(s, head_dim):
                 with T.sblock("append"):
-                    cache[bh // kv_heads, bh % kv_heads, (p + i) // BLOCK, d, (p + i) % BLOCK] = T.Cast(
+                    cache[bh // kv_heads, bh % kv_heads, (p + i) // block, d, (p + i) % block] = T.Cast(
                         dtype, new[bh // kv_heads, bh % kv_heads, i, d])
 
     return kv_append_keys
 
 
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
-def append_values(kv_heads: int, head_dim: int, dtype: str):
-    """cache (b, kv_heads, blocks, BLOCK, head_dim) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1."""
+def append_values(kv_heads: int, head_dim: int, dtype: str, block: int):
+    """cache (b, kv_heads, blocks, block, head_dim) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1."""
     if dtype in KV_QUANTIZED:
-        return append_quantized(kv_heads, head_dim, transposed=False)
+        return append_quantized(kv_heads, head_dim, False, block)
 
     @T.prim_func(private=True, s_tir=True)
     def kv_append_values(cache_h: T.handle, new_h: T.handle, p: T.int64):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         b, s, blocks = T.int64(), T.int64(), T.int64()
-        cache = T.match_buffer(cache_h, (b, kv_heads, blocks, BLOCK, head_dim), dtype)
+        cache = T.match_buffer(cache_h, (b, kv_heads, blocks, block, head_dim), dtype)
         new = T.match_buffer(new_h, (b, kv_heads, s, head_dim), "float32")
         for bh in T.parallel(b * kv_heads):
             for i in T.serial(s):
                 for d in T.vectorized(head_dim):
                     with T.sblock("append"):
-                        cache[bh // kv_heads, bh % kv_heads, (p + i) // BLOCK, (p + i) % BLOCK, d] = T.Cast(
+                        cache[bh // kv_heads, bh % kv_heads, (p + i) // block, (p + i) % block, d] = T.Cast(
                             dtype, new[bh // kv_heads, bh % kv_heads, i, d])
 
     return kv_append_values
 
 
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
-def append_quantized(kv_heads: int, head_dim: int, transposed: bool):
+def append_quantized(kv_heads: int, head_dim: int, transposed: bool, block: int):
     """int8 cache <- new (b, kv_heads, s, head_dim) at positions p..p+s-1, each position's row
     quantized with its scale's bytes after it: keys (transposed) (b, kv_heads, blocks, head_dim + 4,
-    BLOCK), values (b, kv_heads, blocks, BLOCK, head_dim + 4)."""
+    block), values (b, kv_heads, blocks, block, head_dim + 4)."""
     rows = head_dim + KV_SCALE_BYTES
 
     def shape(b, blocks):
-        return (b, kv_heads, blocks, rows, BLOCK) if transposed else (b, kv_heads, blocks, BLOCK, rows)
+        return (b, kv_heads, blocks, rows, block) if transposed else (b, kv_heads, blocks, block, rows)
 
     @T.prim_func(private=True)
     def kv_append_quantized(cache_h: T.handle, new_h: T.handle, p: T.int64):
@@ -153,8 +154,8 @@ def append_quantized(kv_heads: int, head_dim: int, transposed: bool):
                     for d in T.serial(head_dim):
                         amax[0] = T.max(amax[0], T.fabs(new[bi, g, i, d]))
                     inv: T.let[T.float32] = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
-                    kb: T.let[T.int64] = (p + i) // BLOCK
-                    kl: T.let[T.int64] = (p + i) % BLOCK
+                    kb: T.let[T.int64] = (p + i) // block
+                    kl: T.let[T.int64] = (p + i) % block
                     for d in T.serial(head_dim):
                         if transposed:
                             cache[bi, g, kb, d, kl] = T.Cast("int8", T.round(new[bi, g, i, d] * inv))
@@ -169,8 +170,23 @@ def append_quantized(kv_heads: int, head_dim: int, transposed: bool):
     return kv_append_quantized
 
 
+def _shared_heads(heads: int, kv_heads: int, dtype: str) -> int:
+    """Query heads per attention task: the whole group sharing a KV head, except for int8 caches,
+    whose shared tasks measured slower (GraniteMoE shape, 1024 positions, 24 layers, 1 thread: 8.3
+    against 5.3 ms; for the fp16 cache sharing took 5.8 to 4.8 ms)."""
+    return 1 if dtype in KV_QUANTIZED else heads // kv_heads
+
+
+def key_block(heads: int, kv_heads: int, dtype: str) -> int:
+    """The keys the attention kernel scores together, LANES floats of accumulators over the query
+    heads of a task: a power of two, and the cache layout's block (KVCacheLayout.block), so that a
+    key block is one contiguous run (blocks of 64 positions scored 32 at a time, GraniteMoE's
+    GQA pairs, took 5.1-5.3 ms where blocks of 32 took 4.3-4.4; 1024 positions, 24 layers, 1 thread)."""
+    return max(8, LANES >> (_shared_heads(heads, kv_heads, dtype) - 1).bit_length())
+
+
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
-def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dtype: str, scale: float):
+def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dtype: str, scale: float, block: int):
     """out (b, s, heads, value_dim) = causal softmax(q K^T * scale) V for queries q (b, heads, s,
     key_dim) at positions p..p+s-1 over cached positions 0..p+s-1. `scores` (b, heads, s, cap) is
     scratch. Keys past the visible length are read (to the next multiple of the block, within
@@ -184,12 +200,9 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
     vd = value_dim
     quantized = dtype in KV_QUANTIZED
     extra = KV_SCALE_BYTES if quantized else 0
-    # Query heads per task: the whole group, except for int8 caches, whose shared tasks measured
-    # slower (GraniteMoE shape, 1024 positions, 24 layers, 1 thread: 8.3 against 5.3 ms; for the
-    # fp16 cache sharing took 5.8 to 4.8 ms).
-    shared = 1 if quantized else group
-    lanes = max(8, LANES >> (shared - 1).bit_length())  # keys scored together: a power of two, dividing BLOCK
-    per_block = BLOCK // lanes
+    shared = _shared_heads(heads, kv_heads, dtype)
+    lanes = min(key_block(heads, kv_heads, dtype), block)  # both powers of two: lanes divides the block
+    per_block = block // lanes
     # Values are summed over keys as `unroll` interleaved partial rows (each vd lanes, per head of
     # the task), so consecutive keys' multiply-adds do not wait on each other, within 64 floats of
     # accumulators (8 AVX2 / 16 NEON registers): at 256 (4 rows of 64) AVX2 spilled them, and the
@@ -206,7 +219,7 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
         return keys[bi, g, jb // per_block, d, jb % per_block * lanes + l]
 
     def value_at(values, bi, g, j, d):  # element d of position j's value
-        return values[bi, g, j // BLOCK, j % BLOCK, d]
+        return values[bi, g, j // block, j % block, d]
 
     def key_scale(keys, bi, g, jb, l):  # of key l of key block jb (int8): the 4 rows after key_dim
         return stored_scale(*(key_at(keys, bi, g, key_dim + k, jb, l) for k in range(KV_SCALE_BYTES)))
@@ -230,8 +243,8 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         b, s, nb, cap = T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_h, (b, heads, s, key_dim), "float32")
-        keys = T.match_buffer(keys_h, (b, kv_heads, nb, key_dim + extra, BLOCK), dtype)
-        values = T.match_buffer(values_h, (b, kv_heads, nb, BLOCK, value_dim + extra), dtype)
+        keys = T.match_buffer(keys_h, (b, kv_heads, nb, key_dim + extra, block), dtype)
+        values = T.match_buffer(values_h, (b, kv_heads, nb, block, value_dim + extra), dtype)
         out = T.match_buffer(out_h, (b, s, heads, value_dim), "float32")
         scores = T.match_buffer(scores_h, (b, heads, s, cap), "float32")
         for task in T.parallel(b * (heads // shared)):

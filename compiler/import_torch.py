@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moetvm.artifact import KV_QUANTIZED, KVCacheLayout, ModelInfo, lm_io_names
+from moetvm.artifact import KV_QUANTIZED, KVCacheLayout, ModelInfo, kv_shapes, lm_io_names
 from moetvm.errors import UsageError
 
 from . import frontend, quant_plan
-from .attention import BLOCK as KV_BLOCK
+from .attention import LANES as KV_CAPACITY_MULTIPLE
+from .attention import key_block
 from .dense_weights import store_dense_weights
 from .build_target import BuildTarget
 from .options import CompileOptions
@@ -64,7 +65,9 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
         # windowed and full layers name the full ones, which keep everything.
         window = getattr(model, "window", None)
         states = list(getattr(model, "state_layout", []))
-        kv = (KVCacheLayout("in_place", options.kv_cache_dtype(), KV_BLOCK, states=states, block=KV_BLOCK)
+        kv_dtype = options.kv_cache_dtype()
+        kv = (KVCacheLayout("in_place", kv_dtype, KV_CAPACITY_MULTIPLE, states=states,
+                            block=key_block(model.query_heads, kv_shapes(model.kv_layout)[1][0], kv_dtype))
               if getattr(model, "in_place_kv", False) else
               KVCacheLayout("concat", "float32", window=window, full_layers=list(getattr(model, "full_layers", [])),
                             chunk=getattr(model, "chunk", None) if getattr(model, "full_layers", None) else None))

@@ -99,14 +99,12 @@ def convert_cached_attention(node, importer):
     kv_heads, value_dim = int(v.ty.shape.values[1]), int(v.ty.shape.values[3])
     heads, key_dim, dtype = int(heads), int(key_dim), str(key_buffer.ty.dtype)
     p = relax.prim_value(past_positions.ty.shape.values[1])
-    append_k = bb.add_func(kernels.append_keys(kv_heads, key_dim, dtype), f"kv_append_keys_{dtype}")
-    append_v = bb.add_func(kernels.append_values(kv_heads, value_dim, dtype), f"kv_append_values_{dtype}")
-    attend = bb.add_func(kernels.cached_attention(heads, kv_heads, key_dim, value_dim, dtype, scale), "cached_attention")
+    blocks, block = key_buffer.ty.shape.values[2], int(key_buffer.ty.shape.values[4])
+    append_k = bb.add_func(kernels.append_keys(kv_heads, key_dim, dtype, block), f"kv_append_keys_{dtype}")
+    append_v = bb.add_func(kernels.append_values(kv_heads, value_dim, dtype, block), f"kv_append_values_{dtype}")
+    attend = bb.add_func(kernels.cached_attention(heads, kv_heads, key_dim, value_dim, dtype, scale, block), "cached_attention")
     keys = bb.emit(relax.call_tir_inplace(append_k, [key_buffer, k, p], 0, key_buffer.ty))
     values = bb.emit(relax.call_tir_inplace(append_v, [value_buffer, v, p], 0, value_buffer.ty))
-    blocks, block = key_buffer.ty.shape.values[2], int(key_buffer.ty.shape.values[4])
-    if block != kernels.BLOCK:
-        raise ValueError(f"KV buffers in blocks of {block} positions; the attention kernels take {kernels.BLOCK}")
     capacity = blocks * block
     out = bb.emit(relax.call_tir(attend, [q, keys, values, p],
                                  [relax.TensorType((b, s, heads, value_dim), "float32"),

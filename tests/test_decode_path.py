@@ -2,6 +2,8 @@
 row-wise copies, not per-element index arithmetic, and a long greedy decode still matches
 PyTorch token for token. Speed itself is measured by scripts, not asserted here."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -63,7 +65,9 @@ def test_long_greedy_decode_matches_pytorch(reference_artifact, reference_model,
 @pytest.fixture(scope="module")
 def attention_kernels():
     """compiler/attention.py's kernel for 8 query heads over 8, 4 and 2 KV heads (no sharing,
-    groups of 2 and 4 heads scored together) at each cache dtype, built for the host."""
+    groups of 2 and 4 heads scored together) at each cache dtype, built for the host, for a cache
+    in blocks of its key block (as compiled models have it) and of 64 positions (key blocks of
+    fewer positions within a cache block)."""
     import tvm
 
     from moetvm.compiler import attention
@@ -72,8 +76,10 @@ def attention_kernels():
     built = {}
     for kv_heads in (8, 4, 2):
         for dtype in ("float32", "float16", "int8"):
-            func = attention.cached_attention(8, kv_heads, 16, 24, dtype, 16 ** -0.5).with_attr("global_symbol", "attend")
-            built[kv_heads, dtype] = tvm.compile(tvm.IRModule({"attend": func}), target=target)["attend"]
+            for block in {attention.key_block(8, kv_heads, dtype), 64}:
+                func = attention.cached_attention(8, kv_heads, 16, 24, dtype, 16 ** -0.5, block).with_attr("global_symbol", "attend")
+                built.setdefault((kv_heads, dtype), []).append(
+                    (block, tvm.compile(tvm.IRModule({"attend": func}), target=target)["attend"]))
     return built
 
 
@@ -81,7 +87,7 @@ def attention_kernels():
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
 def test_attention_kernel_matches_the_eager_op(attention_kernels, kv_heads, dtype):
     """The attention kernel against the op's eager semantics (compiler/kv_cache.py) on the same
-    stored cache (blocks of 64 positions): past lengths 0, 7 and 70 (a partial block, past a block), 1 and 5 new
+    stored cache (both block sizes of the fixture): past lengths 0, 7 and 70 (a partial block, past a block), 1 and 5 new
     positions, batch 2, query heads sharing their KV head or not, within 1e-5 relative."""
     import tvm
 
@@ -90,11 +96,12 @@ def test_attention_kernel_matches_the_eager_op(attention_kernels, kv_heads, dtyp
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}[dtype]
     extra = 4 if dtype == "int8" else 0
     rng = np.random.default_rng()
-    for past, new in [(0, 1), (0, 5), (7, 1), (7, 5), (70, 1), (70, 5)]:
+    for (block, kernel), (past, new) in itertools.product(attention_kernels[kv_heads, dtype],
+                                                          [(0, 1), (0, 5), (7, 1), (7, 5), (70, 1), (70, 5)]):
         q = torch.from_numpy(rng.standard_normal((2, 8, new, 16)).astype(np.float32))
         k, v = (torch.from_numpy(rng.standard_normal((2, kv_heads, past + new, d)).astype(np.float32)) for d in (16, 24))
-        keys = torch.zeros(2, kv_heads, 2, 16 + extra, 64, dtype=torch_dtype)  # 2 blocks of 64 positions
-        values = torch.zeros(2, kv_heads, 2, 64, 24 + extra, dtype=torch_dtype)
+        keys = torch.zeros(2, kv_heads, 128 // block, 16 + extra, block, dtype=torch_dtype)  # 128 positions
+        values = torch.zeros(2, kv_heads, 128 // block, block, 24 + extra, dtype=torch_dtype)
         # the past through the op's own appends, then this step's, as the kernels' appends do
         if past:
             _cached_attention(torch.zeros(2, 8, past, 16), k[:, :, :past], v[:, :, :past], keys, values,
@@ -102,7 +109,6 @@ def test_attention_kernel_matches_the_eager_op(attention_kernels, kv_heads, dtyp
         want = _cached_attention(q, k[:, :, past:], v[:, :, past:], keys, values, torch.zeros(2, past, dtype=torch.long),
                                  16 ** -0.5).numpy()
         out = tvm.runtime.tensor(np.zeros((2, new, 8, 24), np.float32))
-        attention_kernels[kv_heads, dtype](tvm.runtime.tensor(q.numpy()), tvm.runtime.tensor(keys.numpy()),
-                                           tvm.runtime.tensor(values.numpy()), past, out,
-                                           tvm.runtime.tensor(np.zeros((2, 8, new, 128), np.float32)))
-        assert relative_error(out.numpy(), want) < 1e-5, (past, new)
+        kernel(tvm.runtime.tensor(q.numpy()), tvm.runtime.tensor(keys.numpy()), tvm.runtime.tensor(values.numpy()),
+               past, out, tvm.runtime.tensor(np.zeros((2, 8, new, 128), np.float32)))
+        assert relative_error(out.numpy(), want) < 1e-5, (block, past, new)

@@ -84,6 +84,10 @@ class HFCausalLM(KVCachedLM):
         return self._kv_layout
 
     @property
+    def query_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
     def state_layout(self) -> list[LayerState]:
         """The layers that carry a fixed-size state between steps instead of keys and values."""
         return self._state_layout
@@ -165,14 +169,14 @@ class HFCausalLM(KVCachedLM):
 
     def _in_place_forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """One step over whole sequences through the in-place protocol's eager ops, on fresh buffers."""
-        from ..attention import BLOCK
+        from ..attention import LANES
         from ..kv_cache import InPlaceLayer
         from ..layer_state import HOLDERS
 
         b, s = tokens.shape
         past = torch.zeros(b, 0, dtype=torch.long)
-        kv = KVCacheLayout("in_place", block=BLOCK, capacity_multiple=BLOCK)
-        key_shape, value_shape = kv.buffer_shapes(self._kv_layout, b, -(-s // BLOCK) * BLOCK)
+        kv = KVCacheLayout("in_place", block=LANES, capacity_multiple=LANES)
+        key_shape, value_shape = kv.buffer_shapes(self._kv_layout, b, -(-s // LANES) * LANES)
         buffers = [InPlaceLayer(torch.zeros(key_shape), torch.zeros(value_shape), past) for _ in range(self._kv_layout[0])]
         states = [HOLDERS[state.kind](torch.zeros(b, *state.shape), past) for state in self._state_layout]
         return self.step(tokens, torch.arange(s).expand(b, s), past, buffers, None, states=states)[0]

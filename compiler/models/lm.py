@@ -14,7 +14,8 @@ class KVCachedLM(nn.Module):
     value heads, value dim)) and `step(tokens, positions, past_positions, past_keys, past_values)
     -> (logits, keys, values)`; `forward` is one step over whole sequences from an empty cache.
     Those with `in_place_kv` also take, with `past_values` None, in-place cache layers as
-    `past_keys` (compiler/kv_cache.py) and attend through them."""
+    `past_keys` (compiler/kv_cache.py) and attend through them; they name their `query_heads`
+    (the in-place cache is laid out for the attention kernel's key block, compiler/attention.py)."""
 
     in_place_kv = False
     # Weights left in the checkpoint (compiler/checkpoint.py), read one at a time by the compiler;

@@ -148,6 +148,10 @@ class ReferenceMoELM(KVCachedLM):
         """(layers, kv heads, head dim) of the KV cache `step` takes and returns."""
         return self.cfg.n_layers, self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
 
+    @property
+    def query_heads(self) -> int:
+        return self.cfg.n_heads
+
     def step(self, tokens, positions, past_positions, past_keys, past_values):
         """One forward over new tokens given cached keys/values.
 
