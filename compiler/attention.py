@@ -59,11 +59,11 @@ def prefetch_line(address):
 
 # Software prefetch distances. The hardware prefetcher restarts at every 4 KB page (a GraniteMoE
 # fp16 key block is one page), so each page's first lines were waited for. Keys: the next key block,
-# a line per head_dim row; values: 16 rows ahead (8 and 32 measured slower). With the blocked layout
-# the GraniteMoE-shaped attention over 1024 cached positions (24 layers, cold, 1 thread) went from
-# 6.7-7.0 to 5.3 ms (fp16 cache, in blocks of 64 positions; of 32, its key block: 4.3-4.4 ms) and
-# 4.6-4.7 to 3.7 ms (int8); OLMoE-shaped 6.6-6.9 to 5.3-5.7 and 4.6-4.7 to 3.3-3.6 ms;
-# with 2 threads 3.3-3.7 to 2.8-3.1 ms (fp16) and 2.4 to 1.9 ms (int8).
+# a line per head_dim row (none: 7.0 against 5.6 ms, 2 or 4 ahead: slower); values: 16 rows ahead
+# (8, 32, 64: slower). Blocked and prefetched, the attention over 1024 cached positions (cold,
+# huge pages, 1 thread) went from 5.96 to 4.55 ms at the GraniteMoE shape (fp16 cache; int8 4.60
+# to 3.87) and from 6.41 to 5.38 ms at the OLMoE-style one (int8 4.53 to 3.67); 2 threads: 3.23 to
+# 2.73, 2.28 to 2.02, 3.35 to 2.86, 2.34 to 2.06 ms.
 KEY_AHEAD = 1  # key blocks
 VALUE_AHEAD = 16  # value rows
 
