@@ -253,9 +253,10 @@ def test_verify_judges_a_quantized_artifact_by_its_precision(reference_model, tm
     from moetvm.compiler import compile_model
 
     out = compile_model(reference_model, out=tmp_path / "int8", quant="int8", source="reference", progress=False)
-    # 4 windows: int8 agrees on 99.2% of their tokens (the data and kernels are deterministic),
-    # above the 99% bound and below the strict 100% asked next.
-    result = cli("verify", out, "--windows", "4", "--generate", "4", "--json")
+    # 24 windows (3,072 tokens): int8 agrees on 99.4% of them on an AVX512-VNNI Xeon (integer dots),
+    # above the 99% bound and below the strict 100% asked next. 4 windows were too few: 99.2% on an
+    # AMD Zen 3 (fp32 products), 98.8% (6 of 512 tokens) on the Xeon.
+    result = cli("verify", out, "--windows", "24", "--generate", "4", "--json")
     report = json.loads(result.output)
     assert result.exit_code == 0 and report["ok"], report
     assert report["precision"] == "int8" and report["min_agreement"] == 0.99
