@@ -755,17 +755,19 @@ def _check_program(m: Manifest) -> None:
         if m.model.kv.layout == "in_place":
             # every dimension but the batch and the capacity fixed (KVCacheLayout.buffer_dims)
             key_buffer, value_buffer = m.model.kv.buffer_dims(m.model.kv_layout)
-            kv_fits = all(len(t.shape) == len(dims) and all(want is None or d == want for d, want in zip(t.shape, dims))
+            rank = len(key_buffer)  # 4, or 5 in blocks; the value buffer's is the same
+            kv_fits = all(len(t.shape) == rank and all(want is None or d == want for d, want in zip(t.shape, dims))
                           for t in m.inputs if t.name.startswith(("key_buffer_", "value_buffer_"))
                           for dims in [key_buffer if t.name.startswith("key_buffer_") else value_buffer])
         else:
+            rank = 4
             kv_fits = all(t.shape[1::2] == list(key_shape if t.name.startswith("past_keys_") else value_shape)
                           for t in m.inputs if t.name.startswith(("past_keys_", "past_values_")))
         states = m.model.kv.states
         first = 4 if m.model.kv.full_layers else 3  # tokens, positions, past_positions (, window_positions)
         state_inputs = m.inputs[first + 2 * layers:]
         if len(m.inputs) != first + 2 * layers + len(states) \
-                or any(len(t.shape) not in (4, 5) for t in m.inputs[first:first + 2 * layers]) \
+                or any(len(t.shape) != rank for t in m.inputs[first:first + 2 * layers]) \
                 or not kv_fits \
                 or any(t.shape[1:] != s.shape or t.dtype != s.dtype for t, s in zip(state_inputs, states)):
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_layout {m.model.kv_layout} does not match the "
