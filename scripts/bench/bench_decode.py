@@ -424,7 +424,7 @@ def llama_run(gguf: Path, threads: int, depths: list[int], timeout: float) -> di
                                  "depth")
         for r in rows:
             res["depth_ms"][str(r["n_depth"])] = r["avg_ns"] / 1e6 / DEPTH_NEW
-        res["peak_rss_mb"] = max(res["peak_rss_mb"], rss3)
+        res["depth_peak_rss_mb"] = rss3
     res["repack_off"] = sorted(what for g, what in REPACK_OFF if g == gguf)
     return res
 
@@ -466,14 +466,19 @@ def torch_worker(model_dir: str, threads: int, jobs: str) -> None:
 
 
 def torch_run(model_dir: Path, ids: list[int], new: int, depth_prompts: dict, threads: int, timeout: float) -> dict:
-    jobs = [[ids, new]] + [[p, DEPTH_NEW] for p in depth_prompts.values()]
-    out, _, _, rss = run_proc([sys.executable, __file__, "--_torch-worker", model_dir, str(threads), json.dumps(jobs)],
-                              env=thread_env(threads), timeout=timeout)
-    r = json.loads(out.strip().splitlines()[-1])
-    main = r[0]
-    return {"prefill_ms": main["prefill_ms"], "ms_per_token": main["ms_per_token"],
-            "tok_s": 1e3 / main["ms_per_token"], "peak_rss_mb": rss,
-            "depth_ms": {d: x["ms_per_token"] for d, x in zip(depth_prompts, r[1:])}}
+    def worker(jobs: list) -> tuple[list[dict], float]:
+        out, _, _, rss = run_proc([sys.executable, __file__, "--_torch-worker", model_dir, str(threads), json.dumps(jobs)],
+                                  env=thread_env(threads), timeout=timeout)
+        return json.loads(out.strip().splitlines()[-1]), rss
+
+    # The depth prompts in a process of their own: peak RSS is then the decode run's alone, as for the others.
+    (main,), rss = worker([[ids, new]])
+    res = {"prefill_ms": main["prefill_ms"], "ms_per_token": main["ms_per_token"],
+           "tok_s": 1e3 / main["ms_per_token"], "peak_rss_mb": rss, "depth_ms": {}}
+    if depth_prompts:
+        at_depth, res["depth_peak_rss_mb"] = worker([[p, DEPTH_NEW] for p in depth_prompts.values()])
+        res["depth_ms"] = {d: x["ms_per_token"] for d, x in zip(depth_prompts, at_depth)}
+    return res
 
 
 # --- memory bandwidth -------------------------------------------------------------------------
@@ -512,6 +517,7 @@ def summarise(runs: list[dict], cells: list[tuple], depths: list[int]) -> list[d
             row["ms_per_token"] = med(r["ms_per_token"] for r in ok)
             row["prefill_ms"] = med(r["prefill_ms"] for r in ok)
             row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+            row["depth_peak_rss_mb"] = max((r["depth_peak_rss_mb"] for r in ok if "depth_peak_rss_mb" in r), default=None)
             row["outside_share"] = med(r.get("outside_compiled_share") for r in ok)
             row["depth_ms"] = {str(d): med(r.get("depth_ms", {}).get(str(d)) for r in ok) for d in depths}
             if engine == "llama.cpp":
@@ -548,7 +554,7 @@ def print_table(rows: list[dict], models: dict, bandwidth: float, depths: list[i
             continue
         head = (f"  {'thr':>3} {'engine':9} {'prec':5} {'tok/s':>8} {'vs llama':>8} {'vs torch':>8} {'prefill16':>9}"
                 + "".join(f" {'ms@' + str(d):>8}" for d in [16, *depths])
-                + f" {'RSS MB':>7} {'MB/tok':>7} {'floor ms':>8} {'host %':>6}")
+                + f" {'RSS MB':>7}" + (f" {'RSS@ctx':>7}" if depths else "") + f" {'MB/tok':>7} {'floor ms':>8} {'host %':>6}")
         print(head)
         for r in (r for r in rows if r["model"] == model):
             prec = GGUF_TYPE[r["precision"]] if r["engine"] == "llama.cpp" else r["precision"]
@@ -564,11 +570,14 @@ def print_table(rows: list[dict], models: dict, bandwidth: float, depths: list[i
                   f"{fmt(r.get('vs_pytorch_fp32'), '.2f'):>8} {fmt(r['prefill_ms'], '.2f'):>9}"
                   + f" {fmt(r['ms_per_token'], '.2f'):>8}"
                   + "".join(f" {fmt(r['depth_ms'].get(str(d)), '.2f'):>8}" for d in depths)
-                  + f" {fmt(r['peak_rss_mb'], '.0f'):>7} {fmt(mbt, '.1f'):>7} {fmt(floor, '.3f'):>8}"
+                  + f" {fmt(r['peak_rss_mb'], '.0f'):>7}" + (f" {fmt(r.get('depth_peak_rss_mb'), '.0f'):>7}" if depths else "")
+                  + f" {fmt(mbt, '.1f'):>7} {fmt(floor, '.3f'):>8}"
                   + f" {fmt(r.get('outside_share') and 100 * r['outside_share'], '.0f'):>6}")
     print(f"\ntok/s: decode, median over rounds (moetvm/PyTorch: median per-token step after a 16-token prompt; "
           f"llama.cpp: llama-bench tg64 from an empty context). ms@16 = 1000/tok/s; ms@D = per-token latency "
-          f"of {DEPTH_NEW} tokens after a D-token context. vs llama = moetvm/llama.cpp at the same bits "
+          f"of {DEPTH_NEW} tokens after a D-token context. RSS MB: peak RSS of the decode run (the prompt and new "
+          f"tokens above; every engine in processes of its own); RSS@ctx: the highest over the depth runs. "
+          f"vs llama = moetvm/llama.cpp at the same bits "
           f"(fp32~f32, int8~q8_0, int4~q4_0); vs torch = moetvm/PyTorch eager fp32. MB/tok: weights read per "
           f"decode token (dense + top-k experts); floor = MB/tok / read bandwidth "
           f"({bandwidth / 1e9:.1f} GB/s, one thread reading an array). host %: moetvm's share of decode time spent "
@@ -713,8 +722,11 @@ def main() -> None:
                 if engine == "moetvm":
                     _, art, ids, depth_prompts = spec
                     res = moetvm_run(art, ids, a.new_tokens, t, a.timeout)
-                    res["depth_ms"] = {d: moetvm_run(art, p, DEPTH_NEW, t, a.timeout)["ms_per_token"]
-                                       for d, p in depth_prompts.items()} if rnd < a.depth_rounds else {}
+                    at_depth = {d: moetvm_run(art, p, DEPTH_NEW, t, a.timeout)
+                                for d, p in depth_prompts.items()} if rnd < a.depth_rounds else {}
+                    res["depth_ms"] = {d: x["ms_per_token"] for d, x in at_depth.items()}
+                    if at_depth:
+                        res["depth_peak_rss_mb"] = max(x["peak_rss_mb"] for x in at_depth.values())
                 elif engine == "llama.cpp":
                     res = llama_run(spec[1], t, depths if rnd < a.depth_rounds else [], a.timeout)
                 else:
