@@ -62,6 +62,32 @@ def test_long_greedy_decode_matches_pytorch(reference_artifact, reference_model,
     assert relative_error(model(full)[:, -1], expected[:, -1]) < 1e-4
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_as_pytorch_reads_it_whole(reference_artifact, reference_model,
+                                                                         heldout_tokens):
+    """A generation's prompt goes through the model PREFILL_CHUNK tokens per step (each step's
+    activations and logits bounded), the later chunks attending to the cache the earlier ones
+    wrote: 300 tokens (chunks of 128, 128, 44) give PyTorch's greedy tokens, and the first one's
+    logits within 1e-4 of a forward over the whole prompt."""
+    from moetvm.runtime import model as runtime_model
+
+    prompt = heldout_tokens[:300]
+    assert runtime_model.PREFILL_CHUNK < 300 - runtime_model.PREFILL_CHUNK
+    model = load_model(reference_artifact, cache_budget="100%")
+    ours = model.generate(prompt, 8)
+    ids = torch.from_numpy(prompt[None])
+    theirs = []
+    with torch.no_grad():
+        first = reference_model(ids)[0, -1].numpy()
+        for _ in range(8):
+            theirs.append(int(reference_model(ids)[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[theirs[-1]]])], dim=1)
+    assert ours == theirs
+    cache = model.new_cache()
+    for start in range(0, 300, runtime_model.PREFILL_CHUNK):
+        logits, cache = model.step(prompt[None, start:start + runtime_model.PREFILL_CHUNK], cache)
+    assert relative_error(logits[0, -1], first) < 1e-4
+
+
 @pytest.fixture(scope="module")
 def attention_kernels():
     """compiler/attention.py's kernel for 8 query heads over 8, 4 and 2 KV heads (no sharing,
