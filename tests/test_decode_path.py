@@ -66,8 +66,9 @@ def test_a_long_prompt_is_prefilled_in_chunks_as_pytorch_reads_it_whole(referenc
                                                                          heldout_tokens):
     """A generation's prompt goes through the model PREFILL_CHUNK tokens per step (each step's
     activations and logits bounded), the later chunks attending to the cache the earlier ones
-    wrote: 300 tokens (chunks of 128, 128, 44) give PyTorch's greedy tokens, and the first one's
-    logits within 1e-4 of a forward over the whole prompt."""
+    wrote: 300 tokens (chunks of 128, 128, 44) give PyTorch's greedy tokens, and the same chunks
+    through `step` give the last prompt position's logits within 1e-4 of a forward over the whole
+    prompt."""
     from moetvm.runtime import model as runtime_model
 
     prompt = heldout_tokens[:300]
