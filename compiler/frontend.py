@@ -21,6 +21,7 @@ from torch import nn
 from torch.export import Dim
 
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
@@ -394,6 +395,8 @@ def split_at_moe_layers(mod: tvm.IRModule, input_names: list[str], output_names:
             live.discard(b.var)
             live |= set(_free_values(b.value, values))
 
+    weight_params = set(params[len(input_names):])
+    lm = input_names[:1] == ["tokens"]  # a causal LM step (moe_block artifacts take hidden states)
     segments = tvm.IRModule()
     for gv, func in mod.functions_items():  # kernels the traced code already calls (dense_weights.py)
         if isinstance(func, tvm.tirx.PrimFunc):
@@ -416,12 +419,31 @@ def split_at_moe_layers(mod: tvm.IRModule, input_names: list[str], output_names:
         fn_name = f"segment_{sum(p.op == 'segment' for p in program)}"
         func, seg_inputs = _segment_function(used, binds, outs, params)
         segments[fn_name] = func.with_attr("global_symbol", fn_name)
-        program.append(Step(op="segment", name=fn_name, inputs=[name_of(v) for v in seg_inputs], outputs=[name_of(v) for v in outs]))
+        program.append(Step(op="segment", name=fn_name, inputs=[name_of(v) for v in seg_inputs],
+                            outputs=[name_of(v) for v in outs],
+                            per_position=lm and _per_position(seg_inputs, outs, params[:len(input_names)], weight_params)))
 
     inputs = [_tensor_spec(n, p) for n, p in zip(input_names, params)]
     weights = [_tensor_spec(n, p) for n, p in zip(weight_names, params[len(input_names):])]
     outputs = [_tensor_spec(n, e) for n, e in zip(output_names, final_outputs)]
     return SplitProgram(segments=segments, program=program, inputs=inputs, outputs=outputs, weights=weights)
+
+
+def _per_position(seg_inputs: list, outputs: list, model_inputs: list, weights: set) -> bool:
+    """Whether a segment computes each position from that position's rows alone: it reads no
+    model input (tokens, positions, KV cache, recurrent state) and its other inputs and its
+    outputs are (batch, seq, ...) like the tokens. In an LM that decodes step by step, mixing
+    positions needs the cache or the positions, so such a segment (the final norm and LM head)
+    can be run on the last position alone when only its logits are wanted."""
+    if any(v in model_inputs for v in seg_inputs):
+        return False
+    leading = model_inputs[0].ty.shape.values  # the tokens: (batch, seq)
+    if len(leading) != 2:
+        return False
+    activations = [v for v in seg_inputs if v not in weights] + list(outputs)
+    return bool(activations) and all(
+        len(v.ty.shape.values) >= 2 and all(tvm_ffi.structural_equal(a, b) for a, b in zip(v.ty.shape.values[:2], leading))
+        for v in activations)
 
 
 def _segment_function(inputs: list, binds: list, outputs: list, model_params: list) -> tuple[relax.Function, list]:

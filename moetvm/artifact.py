@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from moetvm.errors import MoetvmError
 
-FORMAT_VERSION = 9  # 2: the dense part's weights in weight files (`weights`), not in the segments library
+FORMAT_VERSION = 10  # 2: the dense part's weights in weight files (`weights`), not in the segments library
 # 3: resident MoE layers (a layer's experts in one pool, routed and run in one call)
 # 4: the LM's tokenizer (`tokenizer`) and bf16 weights: a runtime before them says so by version
 # 5: sparsemixer routing (PhiMoE: score_fn "sparsemixer", jitter_eps); a sliding window's bounded cache
@@ -34,7 +34,9 @@ FORMAT_VERSION = 9  # 2: the dense part's weights in weight files (`weights`), n
 #    Mamba2); a window on some layers only (kv_cache.full_layers: GPT-OSS, Cohere2), the windowed ones
 #    holding the last window - 1 positions (their positions a `window_positions` input of the step)
 # 9: in-place KV buffers in blocks of positions (kv_cache.block): a block's keys are contiguous
-SUPPORTED_FORMAT_VERSIONS = (1, 9)
+# 10: segments computed position by position (`per_position`: the final norm and LM head), which a
+#     generation's prefill runs on the last position alone
+SUPPORTED_FORMAT_VERSIONS = (1, 10)
 SLOT_ALIGN = 64  # bytes: every tensor in an expert's pool slot starts at a multiple (the kernels' vector alignment)
 MANIFEST_NAME = "manifest.json"
 
@@ -73,6 +75,9 @@ class Step:
     inputs: list[str]
     outputs: list[str]
     layer: int | None = None
+    # A segment whose outputs at a position depend on its inputs at that position alone (it reads
+    # no positions and no cache): given the last position's rows, it gives the last position's.
+    per_position: bool = False
 
 
 def fused_function(function: str, k: int) -> str:
@@ -545,13 +550,17 @@ def _check_consistency(m: Manifest) -> None:
         if layer.resident_function is not None:
             _check_resident(layer, m.workload(layer.experts[0].workload) if layer.experts else None, libs)
     layers = {layer.layer for layer in m.moe_layers}
+    model_inputs = {spec.name for spec in m.inputs}
     for step in m.program:
         if step.op == "moe":
-            if step.layer not in layers or len(step.inputs) != 1 or len(step.outputs) != 1:
+            if step.layer not in layers or len(step.inputs) != 1 or len(step.outputs) != 1 or step.per_position:
                 raise ArtifactError(f"{MANIFEST_NAME}: program step {step.name} is malformed")
         elif step.op == "segment":
             if "segments" not in libs or step.name not in libs["segments"].functions:
                 raise ArtifactError(f"{MANIFEST_NAME}: segment {step.name} is not in a library")
+            if step.per_position and model_inputs & set(step.inputs):
+                raise ArtifactError(f"{MANIFEST_NAME}: segment {step.name} is per_position but reads the model's "
+                                    f"inputs {sorted(model_inputs & set(step.inputs))}")
         else:
             raise ArtifactError(f"{MANIFEST_NAME}: unknown program op {step.op!r}")
 

@@ -240,7 +240,10 @@ class MoEModel:
             self._known_future = (span, max(r.top_k for r in routers))
 
     # --- the hot path ------------------------------------------------------------------------
-    def run_program(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_program(self, inputs: dict[str, np.ndarray], last_position: bool = False) -> dict[str, np.ndarray]:
+        """Run the program on named inputs. `last_position`: per-position segments (the final
+        norm and LM head) run on the last position's rows alone, so the logits are (batch, 1,
+        vocab): a prefill needs no more, and 128 positions' logits are 25 MB at a 49k vocabulary."""
         started = time.perf_counter()
         env = dict(self._weights)
         env.update((name, self._as_tensor(value)) for name, value in inputs.items())
@@ -257,7 +260,11 @@ class MoEModel:
         for step in self.manifest.program:
             t0 = time.perf_counter()
             if step.op == "segment":
-                results = self._call("segments", step.name, *[env[n] for n in step.inputs])
+                if last_position and step.per_position:
+                    args = [env[n] if n in self._weights else self._last_rows(env[n]) for n in step.inputs]
+                else:
+                    args = [env[n] for n in step.inputs]
+                results = self._call("segments", step.name, *args)
                 if step.name not in self._checked_segments:  # once: a library returns what it returned before
                     if len(results) != len(step.outputs):
                         raise ArtifactError(f"segments:{step.name}: returns {len(results)} values, the manifest "
@@ -276,6 +283,12 @@ class MoEModel:
         out = {spec.name: env[spec.name].numpy() for spec in self.manifest.outputs}
         self.timings.steps += time.perf_counter() - started
         return out
+
+    def _last_rows(self, x: tvm.runtime.Tensor) -> tvm.runtime.Tensor:
+        """(batch, seq, ...) -> (batch, 1, ...): the last position's rows."""
+        if x.shape[1] == 1:
+            return x
+        return self._as_tensor(np.ascontiguousarray(x.numpy()[:, -1:]))
 
     def _as_tensor(self, value) -> tvm.runtime.Tensor:
         """An input as a tensor on the device; on the CPU a small array is wrapped, not copied
@@ -700,13 +713,17 @@ class MoEModel:
         """An empty KV cache for `step`."""
         return KVCache.empty(self.manifest, batch)
 
-    def step(self, tokens, cache: "KVCache") -> tuple[np.ndarray, "KVCache"]:
+    def step(self, tokens, cache: "KVCache", last_only: bool = False) -> tuple[np.ndarray, "KVCache"]:
         """One forward step of a causal LM: token ids (batch, seq) at the positions after the
         `cache.length` the cache holds; returns the logits (batch, seq, vocab) and the cache
-        holding seq more positions (the same object where the artifact's KV cache is in place)."""
+        holding seq more positions (the same object where the artifact's KV cache is in place).
+        `last_only`: the logits of the last position alone, (batch, 1, vocab), as a prefill before
+        sampling needs; the LM head then runs on one position (where the artifact marks its final
+        segment per_position; format 10 on)."""
         if self.manifest.kind != "causal_lm":
             raise InputError(f"step needs a causal LM artifact; this one is a {self.manifest.kind}")
-        return self._lm_step(self._check_tokens(tokens), cache)
+        logits, cache = self._lm_step(self._check_tokens(tokens), cache, last_only)
+        return (logits[:, -1:] if last_only else logits), cache
 
     def router_scores(self, layer: int, hidden) -> np.ndarray:
         """The learned router of MoE layer `layer` on hidden states (n, d_model): scores
@@ -720,7 +737,7 @@ class MoEModel:
             raise InputError(f"hidden states have size {x.shape[1]}, layer {layer} takes {self._layers[layer].d_model}")
         return self._call(router.library, router.function, self._as_tensor(x)).numpy()
 
-    def _lm_step(self, tokens: np.ndarray, cache: "KVCache") -> tuple[np.ndarray, "KVCache"]:
+    def _lm_step(self, tokens: np.ndarray, cache: "KVCache", last_only: bool = False) -> tuple[np.ndarray, "KVCache"]:
         b, s = tokens.shape
         p = cache.length
         limit = self.manifest.model.max_positions
@@ -737,7 +754,7 @@ class MoEModel:
         if cache.layout == "in_place":
             cache.reserve(p + s, self.device, limit)
         inputs.update(zip(kv_in, [*cache.keys, *cache.values, *cache.states]))
-        out = self.run_program(inputs)
+        out = self.run_program(inputs, last_position=last_only)
         if cache.layout == "in_place":
             cache.length = p + s  # the step wrote its keys and values into the buffers
             return out[logits_out], cache
@@ -829,7 +846,7 @@ class MoEModel:
             cache.reserve(tokens.shape[1] + max(max_new_tokens - 1, 0), self.device, self.manifest.model.max_positions)
         for start in range(0, tokens.shape[1], PREFILL_CHUNK):
             logits = None  # a chunk's logits are dropped before the next: only the last row is sampled
-            logits, cache = self._lm_step(tokens[:, start:start + PREFILL_CHUNK], cache)
+            logits, cache = self._lm_step(tokens[:, start:start + PREFILL_CHUNK], cache, last_only=True)
         release_freed_memory()  # what malloc kept of the prefill's buffers
         self.timings.prefill.append(time.perf_counter() - t0)
         for produced in range(1, max_new_tokens + 1):

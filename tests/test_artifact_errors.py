@@ -74,7 +74,7 @@ def test_tampered_library_detected_before_loading(artifact_copy):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda d: d.update(format_version=99), r"format_version 99 is not supported \(this runtime reads versions 1\.\.9\)"),
+        (lambda d: d.update(format_version=99), r"format_version 99 is not supported \(this runtime reads versions 1\.\.10\)"),
         (lambda d: d["moe_layers"][0]["experts"][0]["file"].update(path="../../etc/passwd"), "escapes the artifact directory"),
         (lambda d: d["moe_layers"][0]["experts"][0]["file"].update(path="/etc/passwd"), "escapes the artifact directory"),
         (lambda d: d["moe_layers"][0]["router"].update(top_k="2"), r"top_k: expected int, got str"),
@@ -108,6 +108,9 @@ def test_tampered_library_detected_before_loading(artifact_copy):
         (lambda d: (d["moe_layers"][0]["experts"].pop(), d["moe_layers"][0]["router"].update(masked=[7])),
          r"needs all 8 experts, of one workload"),
         (lambda d: d["moe_layers"][0]["router"].update(n_groups=2), r"plain top-k routing without shared experts only"),
+        # A per-position segment is run on the last position's rows alone: it must not read positions or the cache.
+        (lambda d: d["program"][0].update(per_position=True), r"segment segment_0 is per_position but reads the model's inputs"),
+        (lambda d: d["program"][1].update(per_position=True), r"program step moe_0 is malformed"),
     ],
 )
 def test_malformed_manifest_refused(artifact_copy, edit, message):

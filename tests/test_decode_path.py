@@ -89,6 +89,34 @@ def test_a_long_prompt_is_prefilled_in_chunks_as_pytorch_reads_it_whole(referenc
     assert relative_error(logits[0, -1], first) < 1e-4
 
 
+def test_a_prefill_runs_the_lm_head_on_the_last_position_alone(reference_artifact, heldout_tokens, monkeypatch):
+    """The compiler marks the final segment (norm and LM head: no positions, no cache read)
+    per_position and no other; `step(last_only=True)` and a generation's prefill hand it the last
+    position's rows alone, and its logits equal the last row of a whole step's."""
+    model = load_model(reference_artifact, cache_budget="100%")
+    *body, final = model.manifest.program
+    assert final.op == "segment" and final.per_position and final.outputs == ["logits"]
+    assert not any(step.per_position for step in body)  # they attend, or are MoE layers
+    rows_seen = []
+    call = model._call
+
+    def spy(library, function, *args):  # the real call, noting how many positions the LM head got
+        if function == final.name:
+            rows_seen.append(args[0].shape[1])
+        return call(library, function, *args)
+
+    monkeypatch.setattr(model, "_call", spy)
+    prompt = heldout_tokens[None, :40]
+    whole, _ = model.step(prompt, model.new_cache())
+    last, _ = model.step(prompt, model.new_cache(), last_only=True)
+    assert rows_seen == [40, 1]
+    assert last.shape == (1, 1, whole.shape[-1])
+    np.testing.assert_allclose(last[0, 0], whole[0, -1], rtol=1e-5, atol=1e-5)
+    rows_seen.clear()
+    model.generate(heldout_tokens[:200], 3)
+    assert rows_seen == [1, 1, 1, 1]  # two prefill chunks, then the 2 tokens fed back
+
+
 @pytest.fixture(scope="module")
 def attention_kernels():
     """compiler/attention.py's kernel for 8 query heads over 8, 4 and 2 KV heads (no sharing,

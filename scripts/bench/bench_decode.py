@@ -424,7 +424,10 @@ def llama_run(gguf: Path, threads: int, depths: list[int], timeout: float) -> di
                                  "depth")
         for r in rows:
             res["depth_ms"][str(r["n_depth"])] = r["avg_ns"] / 1e6 / DEPTH_NEW
-        res["depth_peak_rss_mb"] = rss3
+        # The longest prompt's prefill (pp, from an empty cache): time to the first token.
+        (long_pp,), rss4 = llama_bench(gguf, threads, ["-p", max(depths), "-n", 0], timeout, "prefill")
+        res["depth_prefill_ms"] = {str(max(depths)): long_pp["avg_ns"] / 1e6}
+        res["depth_peak_rss_mb"] = max(rss3, rss4)
     res["repack_off"] = sorted(what for g, what in REPACK_OFF if g == gguf)
     return res
 
@@ -478,6 +481,7 @@ def torch_run(model_dir: Path, ids: list[int], new: int, depth_prompts: dict, th
     if depth_prompts:
         at_depth, res["depth_peak_rss_mb"] = worker([[p, DEPTH_NEW] for p in depth_prompts.values()])
         res["depth_ms"] = {d: x["ms_per_token"] for d, x in zip(depth_prompts, at_depth)}
+        res["depth_prefill_ms"] = {d: x["prefill_ms"] for d, x in zip(depth_prompts, at_depth)}
     return res
 
 
@@ -520,6 +524,7 @@ def summarise(runs: list[dict], cells: list[tuple], depths: list[int]) -> list[d
             row["depth_peak_rss_mb"] = max((r["depth_peak_rss_mb"] for r in ok if "depth_peak_rss_mb" in r), default=None)
             row["outside_share"] = med(r.get("outside_compiled_share") for r in ok)
             row["depth_ms"] = {str(d): med(r.get("depth_ms", {}).get(str(d)) for r in ok) for d in depths}
+            row["depth_prefill_ms"] = {str(d): med(r.get("depth_prefill_ms", {}).get(str(d)) for r in ok) for d in depths}
             if engine == "llama.cpp":
                 row["repack_off"] = sorted({w for r in ok for w in r.get("repack_off", [])})
             if len(ok) < len(mine):
@@ -554,6 +559,7 @@ def print_table(rows: list[dict], models: dict, bandwidth: float, depths: list[i
             continue
         head = (f"  {'thr':>3} {'engine':9} {'prec':5} {'tok/s':>8} {'vs llama':>8} {'vs torch':>8} {'prefill16':>9}"
                 + "".join(f" {'ms@' + str(d):>8}" for d in [16, *depths])
+                + (f" {'pp' + str(max(depths)) + ' s':>8}" if depths else "")
                 + f" {'RSS MB':>7}" + (f" {'RSS@ctx':>7}" if depths else "") + f" {'MB/tok':>7} {'floor ms':>8} {'host %':>6}")
         print(head)
         for r in (r for r in rows if r["model"] == model):
@@ -564,18 +570,23 @@ def print_table(rows: list[dict], models: dict, bandwidth: float, depths: list[i
                 print(f"{pre} n/a ({r['error']})")
                 continue
             active = info["active_bytes"].get((r["engine"], r["precision"]))
+            long_prefill = r["depth_prefill_ms"].get(str(max(depths))) if depths else None
             mbt = active["total"] / 1e6 if active else None
             floor = active["total"] / bandwidth * 1e3 if active else None
             print(f"{pre} {fmt(r['tok_s']):>8} {fmt(r.get('vs_llama_cpp'), '.2f'):>8} "
                   f"{fmt(r.get('vs_pytorch_fp32'), '.2f'):>8} {fmt(r['prefill_ms'], '.2f'):>9}"
                   + f" {fmt(r['ms_per_token'], '.2f'):>8}"
                   + "".join(f" {fmt(r['depth_ms'].get(str(d)), '.2f'):>8}" for d in depths)
+                  + (f" {fmt(long_prefill and long_prefill / 1e3, '.2f'):>8}" if depths else "")
                   + f" {fmt(r['peak_rss_mb'], '.0f'):>7}" + (f" {fmt(r.get('depth_peak_rss_mb'), '.0f'):>7}" if depths else "")
                   + f" {fmt(mbt, '.1f'):>7} {fmt(floor, '.3f'):>8}"
                   + f" {fmt(r.get('outside_share') and 100 * r['outside_share'], '.0f'):>6}")
     print(f"\ntok/s: decode, median over rounds (moetvm/PyTorch: median per-token step after a 16-token prompt; "
           f"llama.cpp: llama-bench tg64 from an empty context). ms@16 = 1000/tok/s; ms@D = per-token latency "
-          f"of {DEPTH_NEW} tokens after a D-token context. RSS MB: peak RSS of the decode run (the prompt and new "
+          f"of {DEPTH_NEW} tokens after a D-token context"
+          + (f"; pp{max(depths)} s: the prefill of a {max(depths)}-token prompt (time to the first token; "
+             f"llama.cpp: llama-bench pp{max(depths)})" if depths else "")
+          + f". RSS MB: peak RSS of the decode run (the prompt and new "
           f"tokens above; every engine in processes of its own); RSS@ctx: the highest over the depth runs. "
           f"vs llama = moetvm/llama.cpp at the same bits "
           f"(fp32~f32, int8~q8_0, int4~q4_0); vs torch = moetvm/PyTorch eager fp32. MB/tok: weights read per "
@@ -725,6 +736,7 @@ def main() -> None:
                     at_depth = {d: moetvm_run(art, p, DEPTH_NEW, t, a.timeout)
                                 for d, p in depth_prompts.items()} if rnd < a.depth_rounds else {}
                     res["depth_ms"] = {d: x["ms_per_token"] for d, x in at_depth.items()}
+                    res["depth_prefill_ms"] = {d: x["prefill_ms"] for d, x in at_depth.items()}
                     if at_depth:
                         res["depth_peak_rss_mb"] = max(x["peak_rss_mb"] for x in at_depth.values())
                 elif engine == "llama.cpp":
