@@ -223,6 +223,11 @@ class MoEModel:
             self._pools = {layer.layer: (pool, w) for (layer, w), pool in zip(resident, pools)}
         self.resident_calls = 0  # layer calls that took the resident function
         self._checked_segments: set[str] = set()  # segments whose result count matched the manifest
+        # Per-position segments whose results are the model's outputs alone (the final norm and LM
+        # head): the ones a prefill may run on its last position (one in the middle feeds attention).
+        outputs = {spec.name for spec in manifest.outputs}
+        self._head_segments = {step.name for step in manifest.program
+                               if step.per_position and set(step.outputs) <= outputs}
         self._loads_untrimmed = 0  # expert loads since malloc last gave freed memory back
         self.cache = ExpertCache(budget, self._load_expert, adaptive)
         self.timings = Timings()
@@ -241,9 +246,10 @@ class MoEModel:
 
     # --- the hot path ------------------------------------------------------------------------
     def run_program(self, inputs: dict[str, np.ndarray], last_position: bool = False) -> dict[str, np.ndarray]:
-        """Run the program on named inputs. `last_position`: per-position segments (the final
-        norm and LM head) run on the last position's rows alone, so the logits are (batch, 1,
-        vocab): a prefill needs no more, and 128 positions' logits are 25 MB at a 49k vocabulary."""
+        """Run the program on named inputs. `last_position`: the per-position segments that give
+        the model's outputs (the final norm and LM head) run on the last position's rows alone, so
+        the logits are (batch, 1, vocab): a prefill needs no more, and 128 positions' logits are
+        25 MB at a 49k vocabulary."""
         started = time.perf_counter()
         env = dict(self._weights)
         env.update((name, self._as_tensor(value)) for name, value in inputs.items())
@@ -260,7 +266,7 @@ class MoEModel:
         for step in self.manifest.program:
             t0 = time.perf_counter()
             if step.op == "segment":
-                if last_position and step.per_position:
+                if last_position and step.name in self._head_segments:
                     args = [env[n] if n in self._weights else self._last_rows(env[n]) for n in step.inputs]
                 else:
                     args = [env[n] for n in step.inputs]
