@@ -598,8 +598,9 @@ class MoEModel:
             time.sleep(expert.file.size / (self.storage_mbps * 1e6))
         workload = self.manifest.workload(expert.workload)
         if isinstance(key[1], int) and key[0] in self._pools:
-            return self._into_slot(key, self._read_tensors(expert.file, workload.params)), expert.weight_bytes
-        tensors = list(self._load_tensors(expert.file, workload.params).values())
+            tensors = self._into_slot(key, self._read_tensors(expert.file, workload.params))
+        else:
+            tensors = list(self._load_tensors(expert.file, workload.params).values())
         self._loads_untrimmed += 1  # (approximate across the prefetch thread: only a cadence)
         if self._loads_untrimmed >= TRIM_EVERY_LOADS:
             self._loads_untrimmed = 0
@@ -629,6 +630,7 @@ class MoEModel:
         """Collapse the filled weight blocks into huge pages where their faults got small ones
         (host_memory.settle); load_model calls it after preloading."""
         settle(self._host_blocks)
+        release_freed_memory()
 
     def _load_dense(self, weight_file) -> dict[str, tvm.runtime.Tensor]:
         """One dense weight file's tensors, verified, in one block of resident tensors."""
