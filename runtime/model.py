@@ -628,7 +628,8 @@ class MoEModel:
 
     def settle_memory(self) -> None:
         """Collapse the filled weight blocks into huge pages where their faults got small ones
-        (host_memory.settle); load_model calls it after preloading."""
+        (host_memory.settle), and hand back what loading freed (its read buffers); load_model
+        calls it after preloading."""
         settle(self._host_blocks)
         release_freed_memory()
 
