@@ -224,22 +224,14 @@ def export_onnx(directory, source, shape, tolerance):
     sys.exit(0 if worst <= tolerance else 1)
 
 
-def _runtime_only(directory: Path) -> None:
-    """`run` and `trace` need neither torch nor TVM's compiler, and a board has neither, but
-    tvm_ffi imports torch whenever it is installed (~300 MB of RSS, seconds of start-up) and
-    `import tvm` loads the compiler library (~110 MB). Unless something imported them already,
-    this process does without: an import of torch raises ImportError, and for a CPU artifact TVM
-    loads only its runtime library (a CUDA artifact keeps the full one, which brings TVM's CUDA
-    runtime with it)."""
-    if "tvm" in sys.modules:
-        return
-    sys.modules.setdefault("torch", None)
-    try:
-        device = read_manifest(directory).target.device
-    except ArtifactError:
-        return  # load_model reports it
-    if device == "cpu":
-        os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+def _runtime_only() -> None:
+    """`run`, `trace` and `serve` need neither torch nor TVM's compiler, and a board has neither,
+    but tvm_ffi imports torch whenever it is installed (~300 MB of RSS, seconds of start-up).
+    Unless something imported it already, this process does without: an import of torch raises
+    ImportError. (The runtime reaches TVM's runtime library without the `tvm` package on a CPU:
+    runtime/tvm_runtime.py.)"""
+    if "tvm" not in sys.modules:
+        sys.modules.setdefault("torch", None)
 
 
 def _load(directory: Path, cache_budget: str, **options):
@@ -358,7 +350,7 @@ def run(directory, prompt, token_ids, chat, system, max_new_tokens, temperature,
         stop, ignore_eos, cache_budget, prefetch, preload, storage_mbps, fallback, trusted_keys, decrypt_key,
         expert_source, expert_store, expert_store_budget, min_expert_weight, as_json):
     """Generate from a compiled LM artifact, text streamed as it comes, then cache and latency stats."""
-    _runtime_only(directory)
+    _runtime_only()
     if chat and token_ids is not None:
         _fail("--chat takes the user's message as --prompt, not --token-ids")
     _check_text("--prompt", prompt)
@@ -428,7 +420,7 @@ def serve(directory, host, port, api_key, model_name, max_queue, cache_budget, t
           expert_store, expert_store_budget):
     """Serve an LM artifact over HTTP with an OpenAI-compatible API (/v1/completions,
     /v1/chat/completions, /v1/models, /health, /metrics)."""
-    _runtime_only(directory)
+    _runtime_only()
     from moetvm.runtime.server import serve as serve_model
 
     model = _load(directory, cache_budget, trusted_keys=list(trusted_keys) or None, decrypt_key=decrypt_key,
@@ -498,7 +490,7 @@ def deploy(directory, rpc_addr, tracker, key, prompt, token_ids, max_new_tokens,
 def trace(directory, text, out, max_tokens, window):
     """Record a routing trace: decode TEXT token by token (teacher-forced) and log, per token
     and MoE layer, the chosen experts, their weights and the lookahead predictions."""
-    _runtime_only(directory)
+    _runtime_only()
     import numpy as np
 
     from moetvm.runtime.trace import RoutingTrace, TraceError

@@ -5,30 +5,29 @@ import sys as _sys
 
 
 def _import_tvm_without_torch() -> None:
-    """Import TVM with `import torch` made to fail, so the runtime's process stays free of torch
-    (about 200 MB of RSS on a workstation) even where torch is installed.
+    """Import TVM's runtime with `import torch` made to fail, so the runtime's process stays free
+    of torch (about 200 MB of RSS on a workstation) even where torch is installed.
 
-    apache-tvm-ffi 0.1.14 imports torch, when it can, from five places while `import tvm` runs,
-    and no setting turns all of them off: tvm_ffi/__init__.py ("try importing torch first", no
-    switch), tvm_ffi/_convert.py and stream.py (module level, no switch), the Cython core's
-    function.pxi and dtype.pxi (only TVM_FFI_BUILD_DOCS=1, which also drops numpy support), and
+    apache-tvm-ffi 0.1.14 imports torch, when it can, from five places while it is imported, and no
+    setting turns all of them off: tvm_ffi/__init__.py ("try importing torch first", no switch),
+    tvm_ffi/_convert.py and stream.py (module level, no switch), the Cython core's function.pxi and
+    dtype.pxi (only TVM_FFI_BUILD_DOCS=1, which also drops numpy support), and
     _optional_torch_c_dlpack.py (TVM_FFI_DISABLE_TORCH_C_DLPACK=1). Each is wrapped in
     `except ImportError`, so a `None` in sys.modules for the length of the import turns them all
     into "torch is not installed". The entry is removed afterwards: torch stays importable, the
     compiler imports it as usual (TVM's torch frontend imports torch itself; torch tensors then
     reach tvm_ffi through DLPack instead of tvm_ffi's torch fast path).
 
-    Nothing is done if TVM or torch is already imported (the compiler came first), or if
+    Nothing is done if tvm_ffi or torch is already imported (the compiler came first), or if
     MOETVM_RUNTIME_ALLOW_TORCH=1.
     """
-    if "tvm" in _sys.modules or "tvm_ffi" in _sys.modules or "torch" in _sys.modules:
+    if "tvm_ffi" in _sys.modules or "torch" in _sys.modules:
         return
     if _os.environ.get("MOETVM_RUNTIME_ALLOW_TORCH", "0") == "1":
         return
     _sys.modules["torch"] = None  # `import torch` (and torch.*) now raises ImportError
     try:
-        import tvm  # noqa: F401
-        import tvm.runtime.vm  # noqa: F401 - what model.py imports, under the same guard
+        from . import tvm_runtime  # noqa: F401 - tvm_ffi and TVM's runtime library, not the tvm package
     finally:
         if "torch" in _sys.modules and _sys.modules["torch"] is None:
             del _sys.modules["torch"]

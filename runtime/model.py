@@ -18,8 +18,6 @@ from typing import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
-import tvm
-from tvm.runtime.vm import VirtualMachine
 
 from moetvm.errors import MoetvmError
 from moetvm.artifact import (FIXED_MODES, ArtifactError, Expert, Manifest, MoELayer, check_file, copy_verified,
@@ -29,6 +27,7 @@ from moetvm.encryption import EncryptionError, WeightCipher, key_from
 from .cache import DEFAULT_PIN_FRACTION, AdaptiveBudget, ExpertCache, parse_budget
 from .generation import Generation, GenerationError, Sampler, Sampling, Token
 from .tokenizer import Tokenizer, load_tokenizer
+from . import tvm_runtime
 from .host_memory import aligned_copy, host_arrays, release_freed_memory, settle
 from moetvm.routing import SKIPPED, FixedPattern, allowed_experts, group_by_expert, route, skip_light_experts
 
@@ -40,19 +39,18 @@ TRIM_EVERY_LOADS = 16  # expert loads between trims of malloc's free memory (hos
 # process 1,145 MB above its loaded size and 9.2 s (2 threads); in steps of 128, 232 MB and 7.0 s
 # (64: 137 MB, 6.8 s; 256: 366 MB, 7.5 s); the OLMoE-style one 728 MB and 8.1 s, then 249 MB and 3.6 s.
 PREFILL_CHUNK = 128
-CALL_ERRORS = (tvm.error.InternalError, ValueError, TypeError, RuntimeError)  # what a compiled function raises
 # safetensors' names of the dtypes a weight file may hold (artifact.DTYPE_BYTES); bf16 arrays are
 # ml_dtypes' (a dependency of TVM's), which safetensors.numpy does not read.
 STORED_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I8": np.int8, "U8": np.uint8,
                  "I32": np.int32, "I64": np.int64}
 
 
-def _wrap(array: np.ndarray) -> tvm.runtime.Tensor:
+def _wrap(array: np.ndarray) -> tvm_runtime.Tensor:
     """A TVM tensor over `array`'s memory (no copy). DLPack has no bfloat16: such an array
     crosses as its 16-bit patterns and is viewed as bfloat16 on the TVM side."""
     if array.dtype != ml_dtypes.bfloat16:
-        return tvm.runtime.from_dlpack(array)
-    return tvm.runtime.from_dlpack(array.view(np.uint16))._create_view(array.shape, "bfloat16")
+        return tvm_runtime.from_dlpack(array)
+    return tvm_runtime.view(tvm_runtime.from_dlpack(array.view(np.uint16)), array.shape, "bfloat16")
 
 
 class InputError(MoetvmError, ValueError):
@@ -180,12 +178,12 @@ class MoEModel:
         self.fallback_errors: list[str] = []
         self.prefetch_enabled, self.storage_mbps = prefetch, storage_mbps
         self.recorder = None  # a TraceRecorder while recording routing traces
-        self.device = tvm.device(manifest.target.device)
-        self._on_cpu = _is_cpu(self.device)
+        self.device = tvm_runtime.device(manifest.target.device)
+        self._on_cpu = tvm_runtime.is_cpu(self.device)
         self._modules = {lib.name: _load_library(root, lib, verify) for lib in manifest.libraries}
         self._host_blocks: list = []  # the huge-page mappings of weights, settled once filled
         # The dense part's weights, resident for the model's life (the segments take them as inputs).
-        self._weights: dict[str, tvm.runtime.Tensor] = {}
+        self._weights: dict[str, tvm_runtime.Tensor] = {}
         for weight_file in manifest.weights:
             self._weights.update(self._load_dense(weight_file))
         # A TVM VirtualMachine keeps per-call state: each thread gets its own over the shared modules.
@@ -282,41 +280,41 @@ class MoEModel:
                 env[step.outputs[0]] = self._resident_layer(step.layer, env[step.inputs[0]])
             else:  # hidden states stay on the device; only routing decisions come to the host
                 x = env[step.inputs[0]]
-                rows = x._create_view((int(np.prod(x.shape[:-1])), x.shape[-1]))
-                env[step.outputs[0]] = self.moe_layer(step.layer, rows, predictions, where)._create_view(x.shape)
+                rows = tvm_runtime.view(x, (int(np.prod(x.shape[:-1])), x.shape[-1]))
+                env[step.outputs[0]] = tvm_runtime.view(self.moe_layer(step.layer, rows, predictions, where), x.shape)
         if self.recorder is not None:
             self.recorder.end_step()
-        out = {spec.name: env[spec.name].numpy() for spec in self.manifest.outputs}
+        out = {spec.name: tvm_runtime.to_numpy(env[spec.name]) for spec in self.manifest.outputs}
         self.timings.steps += time.perf_counter() - started
         return out
 
-    def _last_rows(self, x: tvm.runtime.Tensor) -> tvm.runtime.Tensor:
+    def _last_rows(self, x: tvm_runtime.Tensor) -> tvm_runtime.Tensor:
         """(batch, seq, ...) -> (batch, 1, ...): the last position's rows."""
         if x.shape[1] == 1:
             return x
-        return self._as_tensor(np.ascontiguousarray(x.numpy()[:, -1:]))
+        return self._as_tensor(np.ascontiguousarray(tvm_runtime.to_numpy(x)[:, -1:]))
 
-    def _as_tensor(self, value) -> tvm.runtime.Tensor:
+    def _as_tensor(self, value) -> tvm_runtime.Tensor:
         """An input as a tensor on the device; on the CPU a small array is wrapped, not copied
-        (an upload through tvm.runtime.tensor costs ~35 us, three of them per decode token)."""
-        if isinstance(value, tvm.runtime.Tensor):
+        (an upload through tvm_runtime.tensor costs ~35 us, three of them per decode token)."""
+        if isinstance(value, tvm_runtime.Tensor):
             return value
         value = np.asarray(value)
         if self._on_cpu and value.size:  # (an empty array has no address to align)
-            return tvm.runtime.from_dlpack(aligned_copy(value))
-        return tvm.runtime.tensor(value, self.device)
+            return tvm_runtime.from_dlpack(aligned_copy(value))
+        return tvm_runtime.tensor(value, self.device)
 
     def moe_layer(self, index: int, x, predictions: dict | None = None, where: dict | None = None):
         """One MoE layer on tokens x (n, d): route, fetch each selected expert, run, fuse. x is a
         NumPy array or a device tensor; the result is of the same kind."""
         layer = self._layers[index]
         t0 = time.perf_counter()
-        on_device = isinstance(x, tvm.runtime.Tensor)
-        xt = x if on_device else tvm.runtime.tensor(x, self.device)
+        on_device = isinstance(x, tvm_runtime.Tensor)
+        xt = x if on_device else tvm_runtime.tensor(x, self.device)
         n = xt.shape[0]
         if n == 1 and index in self._pools and self.recorder is None and self.resident:
             out = self._resident_layer(index, xt)
-            return out if on_device else out.numpy()
+            return out if on_device else tvm_runtime.to_numpy(out)
         where = where if where and where.get("positions") is not None else {"tokens": None, "positions": np.arange(n)}
         indices, weights = self._route(layer, xt, where)
         t_routed = time.perf_counter()
@@ -345,10 +343,10 @@ class MoEModel:
         fused = n == 1 and not layer.shared and not (self.min_expert_weight and (indices == SKIPPED).any())
         out = self._fused_experts(index, xt, indices, weights, order) if fused else None
         if out is None:  # a prefill, shared experts, or a token the fused call does not cover
-            out = self._grouped_experts(index, xt.numpy() if on_device else x, xt, indices, weights, order)
-            out = tvm.runtime.tensor(out, self.device) if on_device else out
+            out = self._grouped_experts(index, tvm_runtime.to_numpy(xt) if on_device else x, xt, indices, weights, order)
+            out = tvm_runtime.tensor(out, self.device) if on_device else out
         elif not on_device:
-            out = out.numpy()
+            out = tvm_runtime.to_numpy(out)
         self._add_time("routing", t_routed - t0)
         self._add_time("lookahead", t1 - t_routed)
         self._add_time("experts", time.perf_counter() - t1)
@@ -361,16 +359,16 @@ class MoEModel:
         the layer's handles and view shapes are looked up once per thread, not per token."""
         plan = self._thread.__dict__.setdefault("resident_plans", {}).get(index) or self._resident_plan(index)
         router, layer_fn, pool, row_shape, token_shape, dtype, top_k = plan
-        row = x if x.ndim == 2 else x._create_view(row_shape, dtype)
+        row = x if x.ndim == 2 else tvm_runtime.view(x, row_shape, dtype)
         t0 = time.perf_counter()
         try:
             scores = router(row)
-        except CALL_ERRORS as e:
+        except tvm_runtime.CALL_ERRORS as e:
             raise _call_failed(self._layers[index].router.library, self._layers[index].router.function, e) from None
         t1 = time.perf_counter()
         try:
             out = layer_fn(row, scores, pool)
-        except CALL_ERRORS as e:
+        except tvm_runtime.CALL_ERRORS as e:
             layer = self._layers[index]
             raise _call_failed(self._pools[index][1].library, layer.resident_function, e) from None
         t2 = time.perf_counter()
@@ -381,7 +379,7 @@ class MoEModel:
         timings.call_count += 2
         self.resident_calls += 1
         self.cache.stats.hits += top_k  # every expert a token uses is loaded
-        return out if row is x else out._create_view(token_shape, dtype)
+        return out if row is x else tvm_runtime.view(out, token_shape, dtype)
 
     def _resident_plan(self, index: int) -> tuple:
         """This thread's (router, layer function, pool, (1, d), (1, 1, d), dtype, top_k) for a
@@ -391,7 +389,7 @@ class MoEModel:
         d = layer.d_model
         plan = (self._function(layer.router.library, layer.router.function),
                 self._function(workload.library, layer.resident_function), pool,
-                tvm.runtime.ShapeTuple([1, d]), tvm.runtime.ShapeTuple([1, 1, d]), workload.dtype, layer.router.top_k)
+                tvm_runtime.Shape([1, d]), tvm_runtime.Shape([1, 1, d]), workload.dtype, layer.router.top_k)
         self._thread.__dict__["resident_plans"][index] = plan
         return plan
 
@@ -425,7 +423,7 @@ class MoEModel:
         for j, shared in enumerate(layer.shared):
             y = self._run_expert((index, "shared", j), x)
             if shared.gate_function:
-                y = y * self._call(layer.router.library, shared.gate_function, xt).numpy()
+                y = y * tvm_runtime.to_numpy(self._call(layer.router.library, shared.gate_function, xt))
             out += y
         return out
 
@@ -446,7 +444,7 @@ class MoEModel:
             if self.fallback == "error":
                 raise
             return None
-        gates = tvm.runtime.tensor(np.ascontiguousarray(weights[0, order_ids], dtype=np.float32).reshape(1, k), self.device)
+        gates = tvm_runtime.tensor(np.ascontiguousarray(weights[0, order_ids], dtype=np.float32).reshape(1, k), self.device)
         return self._call(workload.library, fused_function(workload.function, k), xt, gates,
                           *[w for arrays in loaded for w in arrays])
 
@@ -473,7 +471,7 @@ class MoEModel:
 
     def _route(self, layer: MoELayer, xt, where: dict) -> tuple[np.ndarray, np.ndarray]:
         router = layer.router
-        scores = self._call(router.library, router.function, xt).numpy() if router.mode == "learned" else None
+        scores = tvm_runtime.to_numpy(self._call(router.library, router.function, xt)) if router.mode == "learned" else None
         return route(router, scores, where["tokens"], where["positions"], self._patterns.get(layer.layer))
 
     def _future_order(self, index: int, where: dict):
@@ -561,15 +559,15 @@ class MoEModel:
     def _run_expert(self, key, rows: np.ndarray, order=None) -> np.ndarray:
         weights = self.cache.get(key, order=order)
         workload = self.manifest.workload(self._experts[key].workload)
-        x = tvm.runtime.tensor(np.ascontiguousarray(rows), self.device)
-        return self._call(workload.library, workload.function, x, *weights).numpy()
+        x = tvm_runtime.tensor(np.ascontiguousarray(rows), self.device)
+        return tvm_runtime.to_numpy(self._call(workload.library, workload.function, x, *weights))
 
     def _call(self, library: str, function: str, *args):
         fn = self._thread.__dict__.get("functions", {}).get((library, function)) or self._function(library, function)
         t0 = time.perf_counter()
         try:
             result = fn(*args)
-        except CALL_ERRORS as e:
+        except tvm_runtime.CALL_ERRORS as e:
             raise _call_failed(library, function, e) from None
         self.timings.calls += time.perf_counter() - t0
         self.timings.call_count += 1
@@ -583,7 +581,7 @@ class MoEModel:
             # Naive allocator on the CPU: the pooled one keeps a buffer of every size it has seen,
             # and each new past length is a new size (~0.2 MB per decoded token, never reused);
             # malloc/free per intermediate costs nothing measurable here.
-            vms[library] = VirtualMachine(self._modules[library], self.device, memory_cfg="naive" if self._on_cpu else None)
+            vms[library] = tvm_runtime.VirtualMachine(self._modules[library], self.device, naive=self._on_cpu)
         try:
             fn = vms[library][function]
         except AttributeError:
@@ -612,16 +610,15 @@ class MoEModel:
         pool, workload = self._pools[key[0]]
         views = []
         for spec, offset in zip(workload.params, workload.slot_offsets):
-            view = pool._create_view(spec.shape, spec.dtype, key[1] * workload.slot_bytes + offset)
-            view.copyfrom(tensors[spec.name])
-            views.append(view)
+            view = tvm_runtime.view(pool, spec.shape, spec.dtype, key[1] * workload.slot_bytes + offset)
+            views.append(tvm_runtime.copy_into(view, tensors[spec.name]))
         return views
 
-    def _resident_tensors(self, specs: list[tuple[tuple[int, ...], str]]) -> list[tvm.runtime.Tensor]:
+    def _resident_tensors(self, specs: list[tuple[tuple[int, ...], str]]) -> list[tvm_runtime.Tensor]:
         """Tensors of these (shape, dtype)s for what every token reads (weights, expert pools), to
         be filled by the caller: on the CPU in one huge-page block, each a zero-offset tensor."""
         if not self._on_cpu or not specs:
-            return [tvm.runtime.empty(shape, dtype, self.device) for shape, dtype in specs]
+            return [tvm_runtime.empty(shape, dtype, self.device) for shape, dtype in specs]
         block, arrays = host_arrays(specs)
         self._host_blocks.append(block)
         return [_wrap(array) for array in arrays]
@@ -633,17 +630,17 @@ class MoEModel:
         settle(self._host_blocks)
         release_freed_memory()
 
-    def _load_dense(self, weight_file) -> dict[str, tvm.runtime.Tensor]:
+    def _load_dense(self, weight_file) -> dict[str, tvm_runtime.Tensor]:
         """One dense weight file's tensors, verified, in one block of resident tensors."""
         arrays = self._read_tensors(weight_file.file, weight_file.tensors)
         tensors = self._resident_tensors([(tuple(t.shape), t.dtype) for t in weight_file.tensors])
         for spec, tensor in zip(weight_file.tensors, tensors):
-            tensor.copyfrom(arrays.pop(spec.name))
+            tvm_runtime.copy_into(tensor, arrays.pop(spec.name))
         return {spec.name: tensor for spec, tensor in zip(weight_file.tensors, tensors)}
 
-    def _load_tensors(self, ref, specs) -> dict[str, tvm.runtime.Tensor]:
+    def _load_tensors(self, ref, specs) -> dict[str, tvm_runtime.Tensor]:
         """The tensors `specs` of one safetensors file, read once, verified, on the device."""
-        return {name: tvm.runtime.tensor(array, self.device) for name, array in self._read_tensors(ref, specs).items()}
+        return {name: tvm_runtime.tensor(array, self.device) for name, array in self._read_tensors(ref, specs).items()}
 
     def _read_tensors(self, ref, specs) -> dict[str, np.ndarray]:
         """The arrays `specs` of one safetensors file, read once and verified."""
@@ -744,7 +741,7 @@ class MoEModel:
         x = _check_array(hidden, "float32", 2, "hidden states")
         if x.shape[1] != self._layers[layer].d_model:
             raise InputError(f"hidden states have size {x.shape[1]}, layer {layer} takes {self._layers[layer].d_model}")
-        return self._call(router.library, router.function, self._as_tensor(x)).numpy()
+        return tvm_runtime.to_numpy(self._call(router.library, router.function, self._as_tensor(x)))
 
     def _lm_step(self, tokens: np.ndarray, cache: "KVCache", last_only: bool = False) -> tuple[np.ndarray, "KVCache"]:
         b, s = tokens.shape
@@ -990,10 +987,10 @@ class KVCache:
         key_buffer, value_buffer = self.manifest.model.kv.buffer_shapes(self.manifest.model.kv_layout, self.batch, capacity)
         shapes = [key_buffer] * layers + [value_buffer] * layers
         # Read whole by every token at long contexts, as the weights are: one huge-page block on the CPU.
-        buffers = host_arrays([(shape, self.dtype) for shape in shapes])[1] if _is_cpu(device) else \
+        buffers = host_arrays([(shape, self.dtype) for shape in shapes])[1] if tvm_runtime.is_cpu(device) else \
             [np.zeros(shape, self.dtype) for shape in shapes]
         for new, old in zip(buffers, self.keys + self.values):  # what is cached, kept: the old buffers
-            old = old.numpy()  # fill the new ones' leading capacity
+            old = tvm_runtime.to_numpy(old)  # fill the new ones' leading capacity
             new[tuple(slice(0, n) for n in old.shape)] = old
         tensors = _device_tensors(buffers, device)
         self.keys, self.values = tensors[:layers], tensors[layers:]
@@ -1001,8 +998,8 @@ class KVCache:
 
 def _device_tensors(arrays: list[np.ndarray], device) -> list:
     """The arrays as TVM tensors on `device`: the arrays themselves on the CPU (no copy)."""
-    on_cpu = _is_cpu(device)
-    return [tvm.runtime.from_dlpack(a) if on_cpu else tvm.runtime.tensor(a, device) for a in arrays]
+    on_cpu = tvm_runtime.is_cpu(device)
+    return [tvm_runtime.from_dlpack(a) if on_cpu else tvm_runtime.tensor(a, device) for a in arrays]
 
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(Sampling)}
@@ -1020,18 +1017,14 @@ def _call_failed(library: str, function: str, error: Exception) -> ArtifactError
     return ArtifactError(f"{library}:{function}: call failed, the manifest does not match the library ({first})")
 
 
-def _is_cpu(device) -> bool:
-    return device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
-
-
 # Libraries loaded in this process, by SHA-256. TVM keeps every loaded library for the life of
 # the process (its functions may outlive the module object), so loading the same bytes again for
 # each model would only grow memory; the hash names the code exactly, so a hit is the same code.
-_LOADED: dict[str, tvm.runtime.Module] = {}
+_LOADED: dict[str, tvm_runtime.Module] = {}
 _LOADED_LOCK = threading.Lock()
 
 
-def _load_library(root: Path, lib, verify: bool = True) -> tvm.runtime.Module:
+def _load_library(root: Path, lib, verify: bool = True) -> tvm_runtime.Module:
     """Load a kernel library from exactly the bytes whose hash was checked: they are copied,
     while hashed, through one descriptor into a sealed memory file (Linux memfd), which the
     dynamic loader opens; where there is no memfd, into a file in a private temp directory. A
@@ -1045,10 +1038,8 @@ def _load_library(root: Path, lib, verify: bool = True) -> tvm.runtime.Module:
     return loaded
 
 
-def _load_verified_library(root: Path, lib, verify: bool) -> tvm.runtime.Module:
+def _load_verified_library(root: Path, lib, verify: bool) -> tvm_runtime.Module:
     import tempfile
-
-    import tvm_ffi
 
     private = Path(tempfile.mkdtemp(prefix="moetvm-lib-"))
     fd = None
@@ -1066,7 +1057,7 @@ def _load_verified_library(root: Path, lib, verify: bool) -> tvm.runtime.Module:
                         fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             os.symlink(f"/proc/self/fd/{fd}", name)
         try:
-            return tvm_ffi.load_module(str(name))
+            return tvm_runtime.load_module(str(name))
         except Exception as e:  # noqa: BLE001 - whatever TVM says, the file is not a usable library
             _check_machine(lib, name.read_bytes()[:20])  # the common cause, named as such
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
