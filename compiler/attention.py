@@ -52,9 +52,10 @@ def vector_exp(x):
     return poly * T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
 
 
-def prefetch_line(address):
-    """Software prefetch of the cache line at `address` (never faults, past the end included)."""
-    return T.call_llvm_intrin("void", "llvm.prefetch.p0", address, 0, 3, 1)  # read, keep in all levels, data
+def prefetch_line(address, locality: int = 3):
+    """Software prefetch of the cache line at `address` (never faults, past the end included).
+    locality: LLVM's, 3 = into every level (prefetcht0), 1 = the outer ones (prefetcht2)."""
+    return T.call_llvm_intrin("void", "llvm.prefetch.p0", address, 0, locality, 1)  # read, data
 
 
 # Software prefetch distances. The hardware prefetcher restarts at every 4 KB page (a GraniteMoE
