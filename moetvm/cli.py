@@ -4,14 +4,13 @@ and `targets` work on a board that has only the runtime installed."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import click
 
-from moetvm.artifact import KV_DTYPES, QUANT_SCHEMES, ROUTING_MODES, ArtifactError, read_manifest
+from moetvm.artifact import KV_DTYPES, QUANT_SCHEMES, ROUTING_MODES, read_manifest
 from moetvm.errors import MoetvmError, one_line
 from moetvm.verify import AGREEMENT_BOUNDS, FP32_TOLERANCE, WINDOW
 

@@ -81,8 +81,11 @@ def tensor(array: np.ndarray, dev: tvm_ffi.Device) -> Tensor:
 
 
 def view(x: Tensor, shape, dtype: str | None = None, byte_offset: int = 0) -> Tensor:
-    """`x`'s memory as another shape (and dtype), from `byte_offset` on: no copy."""
-    return _view(x, Shape([int(n) for n in shape]), str(dtype or x.dtype), byte_offset)
+    """`x`'s memory as another shape (and dtype), from `byte_offset` on: no copy. A Shape is used
+    as it is (the resident layer's plan builds its shapes once, for the per-token views)."""
+    if not isinstance(shape, Shape):
+        shape = Shape([int(n) for n in shape])
+    return _view(x, shape, str(dtype or x.dtype), byte_offset)
 
 
 def copy_into(x: Tensor, source: np.ndarray | Tensor) -> Tensor:
