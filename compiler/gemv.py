@@ -66,6 +66,18 @@ PREFETCH_BYTES = 4096
 # thread, AMD Zen 4 (29.6 GB/s): 20.5-20.9 ms/token with prefetcht0, 16.4-16.7 with prefetcht2
 # (prefetcht1 16.3-17.2; distances of 0-16 KB with prefetcht0 made no difference).
 PREFETCH_LOCALITY = 1
+# The scope of a kernel's small per-tile buffers (accumulators, partial sums): TVM 0.27's
+# LowerTVMBuiltin keeps a CPU allocation under 1 KB on the stack only in "global" scope; a "local"
+# one becomes a heap workspace (TVMBackendAllocWorkspace) that LLVM cannot prove apart from the
+# weights, so every vpdpbusd result was stored back to memory. int4 1024x1024 GEMV, L2-hot, 1
+# thread: 25.7 us with "local", 18.1 with "global"; GraniteMoE's int8 LM head in decode: 2.55-2.93
+# ms a token, 1.65-2.04 (50 MB: 31 GB/s at best, the read floor).
+STACK = "global"
+# Except the resident layers' partial sums: in decode (GraniteMoE int4, 1 thread, 3 interleaved
+# runs) the int4 layer took 374-402 us with them in a workspace, 412-457 us in registers; alone and
+# cold, 330 us either way (the cause is not isolated: this VM has no hardware counters). The fp32
+# layer: 2.03-2.18 ms against 2.21.
+RESIDENT_PARTIALS = "local"
 _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"  # acc.i32x16 += 4-byte dots of u8x64 and s8x64
 
 
@@ -118,9 +130,9 @@ def _int4(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int) -> tirx.Pr
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
         for tile in T.parallel(tiles):
             for i in T.serial(rows):
-                acc = T.decl_buffer((lanes,), "float32", scope="local")
-                part = T.decl_buffer((lanes,), "float32", scope="local")
-                x_sum = T.decl_buffer((1,), "float32", scope="local")
+                acc = T.decl_buffer((lanes,), "float32", scope=STACK)
+                part = T.decl_buffer((lanes,), "float32", scope=STACK)
+                x_sum = T.decl_buffer((1,), "float32", scope=STACK)
                 for l in T.vectorized(lanes):
                     acc[l] = T.float32(0)
                 for g in T.serial(groups):
@@ -155,7 +167,7 @@ def _int8(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
         for tile in T.parallel(tiles):
             for i in T.serial(rows):
-                acc = T.decl_buffer((lanes,), "float32", scope="local")
+                acc = T.decl_buffer((lanes,), "float32", scope=STACK)
                 for l in T.vectorized(lanes):
                     acc[l] = T.float32(0)
                 for k in T.serial(k_dim):
@@ -178,7 +190,7 @@ def _float(k_dim: int, n_dim: int, dtype: str, lanes: int, tiles: int) -> tirx.P
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
         for tile in T.parallel(tiles):
             for i in T.serial(rows):
-                acc = T.decl_buffer((lanes,), "float32", scope="local")
+                acc = T.decl_buffer((lanes,), "float32", scope=STACK)
                 for l in T.vectorized(lanes):
                     acc[l] = T.float32(0)
                 for k in T.serial(k_dim):
@@ -194,9 +206,9 @@ def _float(k_dim: int, n_dim: int, dtype: str, lanes: int, tiles: int) -> tirx.P
 def _quantize_activations(x, xq, xd, xs, rows, blocks):
     """x (rows, K) f32 -> xq int8, per block of ACT_BLOCK inputs its scale xd and the sum xs of xq."""
     for i, b in T.grid(rows, blocks):
-        amax = T.decl_buffer((1,), "float32", scope="local")
-        inv = T.decl_buffer((1,), "float32", scope="local")
-        total = T.decl_buffer((1,), "int32", scope="local")
+        amax = T.decl_buffer((1,), "float32", scope=STACK)
+        inv = T.decl_buffer((1,), "float32", scope=STACK)
+        total = T.decl_buffer((1,), "int32", scope=STACK)
         amax[0] = T.float32(0)
         for kk in T.serial(ACT_BLOCK):
             amax[0] = T.max(amax[0], T.fabs(x[i, b * ACT_BLOCK + kk]))
@@ -238,16 +250,17 @@ def _dot_for(vnni: bool):
 
 
 @T.macro
-def _accumulate_tile(acc, xq, xd, xs, row, weights, tile, k_dim, lanes, operand, block_value, ahead, dot):
+def _accumulate_tile(acc, xq, xd, xs, row, weights, tile, k_dim, lanes, operand, block_value, ahead, dot, scope=STACK):
     """acc[l] += column l of this tile dotted with activation row `row` (quantized: xq, its
     block scales xd and sums xs): per block of ACT_BLOCK inputs, two int32 chains (inputs
     8s..8s+3 and 8s+4..8s+7 of each step s of 8) folded into fp32. The stored form enters
     through operand(weights, tile, step, v, half) -> the 64 unsigned bytes (int32x16) of columns
     16v..16v+15 for that half of the step, block_value(weights, tile, b, l, isum, scale, sum) ->
     block b's fp32 contribution to column l, and ahead(weights, tile, step, v, half) -> the
-    prefetch of what that operand reads PREFETCH_BYTES later (or a no-op); dot: _dot_for(scheme.vnni)."""
-    first = T.decl_buffer((lanes,), "int32", scope="local")  # two halves: two chains
-    second = T.decl_buffer((lanes,), "int32", scope="local")
+    prefetch of what that operand reads PREFETCH_BYTES later (or a no-op); dot: _dot_for(scheme.vnni);
+    scope: where the two chains live (STACK, or RESIDENT_PARTIALS)."""
+    first = T.decl_buffer((lanes,), "int32", scope=scope)  # two halves: two chains
+    second = T.decl_buffer((lanes,), "int32", scope=scope)
     for b in T.serial(k_dim // ACT_BLOCK):
         for l in T.vectorized(lanes):
             first[l] = 0
@@ -276,7 +289,7 @@ def _integer_dot_tiles(x, out, weights, rows, k_dim, lanes, tiles, operand, bloc
     _quantize_activations(x, xq, xd, xs, rows, k_dim // ACT_BLOCK)
     for tile in T.parallel(tiles):
         for i in T.serial(rows):
-            acc = T.decl_buffer((lanes,), "float32", scope="local")
+            acc = T.decl_buffer((lanes,), "float32", scope=STACK)
             for l in T.vectorized(lanes):
                 acc[l] = T.float32(0)
             _accumulate_tile(acc, xq, xd, xs, i, weights, tile, k_dim, lanes, operand, block_value, ahead, dot)
@@ -461,19 +474,19 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
                 e: T.let[T.int64] = et // ff_tiles
                 tile: T.let[T.int64] = et % ff_tiles
                 base: T.let[T.int64] = _slot_start(chosen, e, n_experts, slot_bytes)
-                gate_acc = T.decl_buffer((lanes,), f32, scope="local")
-                up_acc = T.decl_buffer((lanes,), f32, scope="local")
-                h = T.decl_buffer((lanes,), f32, scope="local")
-                amax = T.decl_buffer((1,), f32, scope="local")
-                inv = T.decl_buffer((1,), f32, scope="local")
-                total = T.decl_buffer((1,), "int32", scope="local")
+                gate_acc = T.decl_buffer((lanes,), f32, scope=STACK)
+                up_acc = T.decl_buffer((lanes,), f32, scope=STACK)
+                h = T.decl_buffer((lanes,), f32, scope=STACK)
+                amax = T.decl_buffer((1,), f32, scope=STACK)
+                inv = T.decl_buffer((1,), f32, scope=STACK)
+                total = T.decl_buffer((1,), "int32", scope=STACK)
                 for l in T.vectorized(lanes):
                     gate_acc[l] = T.float32(0)
                     up_acc[l] = T.float32(0)
                 _accumulate_tile(gate_acc, xq, xd, xs, 0, (pool, scales, base), tile, d_model, lanes, gate_operand, gate_value,
-                                 gate_ahead, dot)
+                                 gate_ahead, dot, RESIDENT_PARTIALS)
                 _accumulate_tile(up_acc, xq, xd, xs, 0, (pool, scales, base), tile, d_model, lanes, up_operand, up_value, up_ahead,
-                                 dot)
+                                 dot, RESIDENT_PARTIALS)
                 for l in T.vectorized(lanes):  # h = silu(gate) * up, through buffers: in TVM 0.27 a let in a
                     # vectorised loop gave every lane one lane's value
                     gate_acc[l] = gate_finish((pool, scales, base), tile, l, gate_acc[l])
@@ -492,8 +505,8 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
                     hd[e, tile * blocks_per_tile + hb] = amax[0] / T.float32(127)
                     hs[e, tile * blocks_per_tile + hb] = total[0]
         for tile in T.parallel(T.int64(d_tiles)):
-            acc = T.decl_buffer((lanes,), f32, scope="local")
-            part = T.decl_buffer((lanes,), f32, scope="local")
+            acc = T.decl_buffer((lanes,), f32, scope=STACK)
+            part = T.decl_buffer((lanes,), f32, scope=STACK)
             for l in T.vectorized(lanes):
                 acc[l] = T.float32(0)
             for e in T.serial(T.int64(top_k)):
@@ -502,7 +515,7 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
                     for l in T.vectorized(lanes):
                         part[l] = T.float32(0)
                     _accumulate_tile(part, hq, hd, hs, e, (pool, scales, base), tile, d_ff, lanes, down_operand, down_value,
-                                     down_ahead, dot)
+                                     down_ahead, dot, RESIDENT_PARTIALS)
                     for l in T.vectorized(lanes):
                         acc[l] = acc[l] + down_finish((pool, scales, base), tile, l, part[l]) * gates[0, e]
             for l in T.vectorized(lanes):
@@ -538,9 +551,9 @@ def _resident_float_layer(d_model: int, d_ff: int, dtype: str, lanes: int, n_exp
                 e: T.let[T.int64] = et // ff_tiles
                 tile: T.let[T.int64] = et % ff_tiles
                 base: T.let[T.int64] = _slot_start(chosen, e, n_experts, slot)
-                gate_acc = T.decl_buffer((lanes,), f32, scope="local")
-                up_acc = T.decl_buffer((lanes,), f32, scope="local")
-                h = T.decl_buffer((lanes,), f32, scope="local")
+                gate_acc = T.decl_buffer((lanes,), f32, scope=RESIDENT_PARTIALS)
+                up_acc = T.decl_buffer((lanes,), f32, scope=RESIDENT_PARTIALS)
+                h = T.decl_buffer((lanes,), f32, scope=STACK)
                 for l in T.vectorized(lanes):
                     gate_acc[l] = T.float32(0)
                     up_acc[l] = T.float32(0)
@@ -552,8 +565,8 @@ def _resident_float_layer(d_model: int, d_ff: int, dtype: str, lanes: int, n_exp
                     h[l] = vector_exp(T.float32(0) - T.fabs(gate_acc[l]))
                     hidden[e, tile * lanes + l] = _silu_times(gate_acc[l], h[l], up_acc[l])
         for tile in T.parallel(T.int64(d_tiles)):
-            acc = T.decl_buffer((lanes,), f32, scope="local")
-            part = T.decl_buffer((lanes,), f32, scope="local")
+            acc = T.decl_buffer((lanes,), f32, scope=RESIDENT_PARTIALS)
+            part = T.decl_buffer((lanes,), f32, scope=RESIDENT_PARTIALS)
             for l in T.vectorized(lanes):
                 acc[l] = T.float32(0)
             for e in T.serial(T.int64(top_k)):
