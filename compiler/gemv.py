@@ -69,9 +69,9 @@ PREFETCH_LOCALITY = 1
 # The scope of a kernel's small per-tile buffers (accumulators, partial sums): TVM 0.27's
 # LowerTVMBuiltin keeps a CPU allocation under 1 KB on the stack only in "global" scope; a "local"
 # one becomes a heap workspace (TVMBackendAllocWorkspace) that LLVM cannot prove apart from the
-# weights, so every vpdpbusd result was stored back to memory. int4 1024x1024 GEMV, L2-hot, 1
-# thread: 25.7 us with "local", 18.1 with "global"; GraniteMoE's int8 LM head in decode: 2.55-2.93
-# ms a token, 1.65-2.04 (50 MB: 31 GB/s at best, the read floor).
+# weights, so every vpdpbusd result was stored back to memory. 1024x1024 GEMV, L2-hot, 1 thread:
+# int4 18.3 us with "local", 10.8 with "global", int8 19.7 and 14.9; GraniteMoE's int8 LM head in
+# decode: 2.55-2.93 ms a token, 1.59-2.04 (its 50 MB read: 1.6-2.0 ms).
 STACK = "global"
 # Except the resident layers' partial sums: in decode (GraniteMoE int4, 1 thread, 3 interleaved
 # runs) the int4 layer took 374-402 us with them in a workspace, 412-457 us in registers; alone and
