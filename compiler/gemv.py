@@ -51,7 +51,7 @@ from tvm.script import tirx as T
 
 from moetvm.artifact import DTYPE_BYTES, SLOT_ALIGN
 
-from .attention import prefetch_line, vector_exp
+from .attention import STACK, prefetch_line, vector_exp
 from .quant import FLOAT_DTYPES, Scheme, scale_dtype
 
 LANES = 64
@@ -66,13 +66,10 @@ PREFETCH_BYTES = 4096
 # thread, AMD Zen 4 (29.6 GB/s): 20.5-20.9 ms/token with prefetcht0, 16.4-16.7 with prefetcht2
 # (prefetcht1 16.3-17.2; distances of 0-16 KB with prefetcht0 made no difference).
 PREFETCH_LOCALITY = 1
-# The scope of a kernel's small per-tile buffers (accumulators, partial sums): TVM 0.27's
-# LowerTVMBuiltin keeps a CPU allocation under 1 KB on the stack only in "global" scope; a "local"
-# one becomes a heap workspace (TVMBackendAllocWorkspace) that LLVM cannot prove apart from the
-# weights, so every vpdpbusd result was stored back to memory. 1024x1024 GEMV, L2-hot, 1 thread:
-# int4 18.3 us with "local", 10.8 with "global", int8 19.7 and 14.9; GraniteMoE's int8 LM head in
-# decode: 2.55-2.93 ms a token, 1.59-2.04 (its 50 MB read: 1.6-2.0 ms).
-STACK = "global"
+# Per-tile sums live on the stack (attention.STACK): in "local" scope every vpdpbusd result was
+# stored back to a heap workspace. 1024x1024 GEMV, L2-hot, 1 thread: int4 18.3 us with "local",
+# 10.8 with "global", int8 19.7 and 14.9; GraniteMoE's int8 LM head in decode: 2.55-2.93 ms a
+# token, 1.59-2.04 (its 50 MB read: 1.6-2.0 ms).
 # Except the resident layers' partial sums: in decode (GraniteMoE int4, 1 thread, 3 interleaved
 # runs) the int4 layer took 374-402 us with them in a workspace, 412-457 us in registers; alone and
 # cold, 330 us either way (the cause is not isolated: this VM has no hardware counters). The fp32
