@@ -70,10 +70,11 @@ PREFETCH_LOCALITY = 1
 # stored back to a heap workspace. 1024x1024 GEMV, L2-hot, 1 thread: int4 18.3 us with "local",
 # 10.8 with "global", int8 19.7 and 14.9; GraniteMoE's int8 LM head in decode: 2.55-2.93 ms a
 # token, 1.59-2.04 (its 50 MB read: 1.6-2.0 ms).
-# Except the resident layers' partial sums: in decode (GraniteMoE int4, 1 thread, 3 interleaved
-# runs) the int4 layer took 374-402 us with them in a workspace, 412-457 us in registers; alone and
-# cold, 330 us either way (the cause is not isolated: this VM has no hardware counters). The fp32
-# layer: 2.03-2.18 ms against 2.21.
+# Except, in the resident layers, the sums their inner loops update: the integer layer's two int32
+# chains (_accumulate_tile) and the float layer's accumulators. In decode (GraniteMoE int4, 1
+# thread, 3 interleaved runs) the int4 layer took 374-402 us with its chains in a workspace,
+# 412-457 us in registers; alone and cold, 330 us either way (the cause is not isolated: this VM
+# has no hardware counters). The fp32 layer: 2.03-2.18 ms against 2.21.
 RESIDENT_PARTIALS = "local"
 _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"  # acc.i32x16 += 4-byte dots of u8x64 and s8x64
 
