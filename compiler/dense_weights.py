@@ -210,7 +210,7 @@ def _stored(quantized, weight, padded_n: int, s: quantization.Scheme) -> list[np
     """A PyTorch (out, in) weight's stored tensors at `s`: its numbers in the plain layout of
     s's precision, made once for every target (`quantized`), laid out for this one ROW_BLOCK
     outputs at a time (tiles never straddle blocks: ROW_BLOCK is a multiple of every tile)."""
-    precision = quantization.Scheme(s.name, s.group_size)
+    precision = s.plain
     plain = quantized.get(lambda: ["dense", identity(weight), padded_n, precision.tag],
                           lambda: _quantized(weight, padded_n, precision))
     parts: dict[str, list[np.ndarray]] = {}

@@ -27,7 +27,8 @@ class CompileOptions:
     QuantizationError, TuningError or SignatureError, one line each).
 
     quant: expert weight precision, one of QUANT_CHOICES: fp32, fp16, bf16, int8, int4 (group-wise,
-    `group_size` input rows per scale and zero point) or auto (per expert, from calibration
+    `group_size` input rows per scale and zero point; without zero points where `int4_symmetric`,
+    llama.cpp's q4_0 format) or auto (per expert, from calibration
     tokens, within `weight_budget`: bytes, a size or a percentage of the fp32 expert bytes) or
     keep (the checkpoint's precision, see `kept`).
     router_quant: the routers' precision (fp32 or int8).
@@ -50,6 +51,7 @@ class CompileOptions:
 
     quant: str = "fp32"
     group_size: int = quantization.DEFAULT_GROUP_SIZE
+    int4_symmetric: bool = False
     router_quant: str = "fp32"
     dense_quant: str | None = None
     kv_dtype: str | None = None
@@ -68,6 +70,8 @@ class CompileOptions:
             raise UsageError(f"group size must be a positive integer, got {self.group_size!r}")
         if self.quant not in QUANT_CHOICES:
             raise quantization.QuantizationError(f"unknown quantization {self.quant!r}; choose from {', '.join(QUANT_CHOICES)}")
+        if type(self.int4_symmetric) is not bool:
+            raise UsageError(f"int4_symmetric must be True or False, got {self.int4_symmetric!r}")
         if self.quant not in ("auto", "keep"):
             quantization.scheme(self.quant, self.group_size)
         elif self.quant == "auto" and self.weight_budget is None:
@@ -122,7 +126,8 @@ class CompileOptions:
     @property
     def dense_scheme(self) -> quantization.Scheme:
         """The dense part's precision: dense_quant, else the experts' (fp32 with auto)."""
-        return quantization.scheme(self.dense_quant or (self.quant if self.quant != "auto" else "fp32"), self.group_size)
+        return quantization.scheme(self.dense_quant or (self.quant if self.quant != "auto" else "fp32"), self.group_size,
+                                   self.int4_symmetric)
 
     def kv_cache_dtype(self) -> str:
         """fp16 keys and values (llama.cpp's default too) unless the model runs fp32 throughout."""

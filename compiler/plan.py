@@ -95,7 +95,7 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: BuildTarget, 
     cut into segments (`split`, a frontend.SplitProgram): whatever front door traced it.
     kind: the artifact kind (default causal_lm when `lm`, else moe_block)."""
     router_scheme = quantization.scheme(options.router_quant, options.group_size)
-    plan, plan_info = _precision_plan(specs, cal, options.quant, options.group_size, options.weight_budget, calibration)
+    plan, plan_info = _precision_plan(specs, cal, options, calibration)
     if target.cpu:  # tiled storage for the CPU GEMV kernels, where a tile fits
         dims = {(li, ei): (e.d_ff, e.d_model) for li, spec in enumerate(specs)
                 for ei, e in [*enumerate(spec.experts), *((("shared", j), e) for j, e in enumerate(spec.shared))]}
@@ -129,7 +129,8 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: BuildTarget, 
         offsets, slot_bytes = slot_layout(params) if signatures else ([], 0)
         entries[key] = Workload(
             id=wid, kind=expert_kind, library=fn, function=fn, d_model=d_model, d_ff=d_ff, dtype="float32",
-            quant=sch.name, group_size=sch.group_size, tile=sch.tile, dot=sch.dot, fused_k=sorted(fused.get(key, ())),
+            quant=sch.name, group_size=sch.group_size, symmetric=sch.symmetric, tile=sch.tile, dot=sch.dot,
+            fused_k=sorted(fused.get(key, ())),
             params=params, slot_offsets=offsets, slot_bytes=slot_bytes)
     if bar is not None:
         bar.total = 5 + lm + len(entries)  # trace, dense weights, segments, routers, one per workload, write, validate
@@ -165,22 +166,22 @@ def _usage_profile(specs, cal) -> dict:
     return usage
 
 
-def _precision_plan(specs, cal, quant, group_size, weight_budget, calibration):
+def _precision_plan(specs, cal, options: CompileOptions, calibration):
     """(layer, expert) -> Scheme for every routed and shared expert, and a summary for the manifest."""
     keys = [(li, ei) for li, spec in enumerate(specs) for ei in range(len(spec.experts))]
     shared = {(li, ("shared", j)): quantization.scheme("fp32") for li, spec in enumerate(specs) for j in range(len(spec.shared))}
-    if quant != "auto":
-        s = quantization.scheme(quant, group_size)
+    if options.quant != "auto":
+        s = quantization.scheme(options.quant, options.group_size, options.int4_symmetric)
         for spec in specs:
             for e in spec.experts + spec.shared:
                 s.check(e.d_model)
                 s.check(e.d_ff)
         return {**{k: s for k in keys}, **{k: s for k in shared}}, {"scheme": s.tag}
-    if calibration is None or weight_budget is None:
+    if calibration is None or options.weight_budget is None:
         raise quantization.QuantizationError("--quant auto needs calibration tokens and a --weight-budget")
     fp32_bytes = sum(e.d_model * e.d_ff * 4 * len(quantization.projections(e.kind)) for spec in specs for e in spec.experts)
-    budget = parse_budget(weight_budget, fp32_bytes, "weight budget")
-    chosen = quant_plan.plan(specs, cal, budget, group_size)
+    budget = parse_budget(options.weight_budget, fp32_bytes, "weight budget")
+    chosen = quant_plan.plan(specs, cal, budget, options.group_size, options.int4_symmetric)
     counts = {}
     for s in chosen.values():
         counts[s.tag] = counts.get(s.tag, 0) + 1

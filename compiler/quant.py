@@ -12,6 +12,10 @@ product accumulates in fp32. Schemes:
   int4  asymmetric, group-wise along K (groups of `group_size` input rows share a scale and a
         zero point per output channel), two values per byte (low nibble = even k):
         w[k, n] = (q[k, n] - zero[k // G, n]) * scale[k // G, n].
+        Symmetric (`Scheme.symmetric`, compile --int4-symmetric): no zero points, the zero is 8,
+        llama.cpp's q4_0 (and MLC-LLM's q4f16_1): w[k, n] = (q[k, n] - 8) * scale[k // G, n], the
+        scale the group's largest-magnitude weight over -8 (that weight exact). 4.5 bits a weight
+        at G = 32 against 4.75; relative RMS error on Gaussian weights 0.086 against 0.081.
 
 Tiled storage (`Scheme.tile`, CPU targets): every (rows, N) tensor is stored tile-major as
 (N / tile, rows, tile), so the GEMV kernel (compiler/gemv.py), which gives each thread whole
@@ -57,6 +61,7 @@ class Scheme:
     tile: int | None = None  # stored tile-major (N / tile, rows, tile), see above
     dot: bool = False  # tiles dot-interleaved for integer dot products, see above
     vnni: bool = True  # dot: the CPU's 4-byte dots are AVX512-VNNI's (else AVX2's, int4 only; gemv._dot_avx2)
+    symmetric: bool = False  # int4 only: no zero points (the zero is SYMMETRIC_ZERO), see above
 
     def __post_init__(self):
         if self.name not in SCHEMES:
@@ -65,6 +70,8 @@ class Scheme:
             raise QuantizationError(f"int4 needs a positive even group size, got {self.group_size}")
         if self.dot and (self.name not in ("int8", "int4") or not self.tile):
             raise QuantizationError(f"dot-interleaved storage needs int8 or int4 in tiles, got {self.tag}")
+        if self.symmetric and self.name != "int4":
+            raise QuantizationError(f"symmetric storage is an int4 format, not {self.name}")
         if self.dot and not self.vnni and self.name != "int4":
             raise QuantizationError(f"{self.tag}: integer dots without VNNI are exact for int4 only")
 
@@ -75,10 +82,15 @@ class Scheme:
     @property
     def precision(self) -> str:
         """The tag without the storage layout: what the numbers are, not how they are laid out."""
-        return f"int4g{self.group_size}" if self.name == "int4" else self.name
+        return f"int4g{self.group_size}" + ("s" if self.symmetric else "") if self.name == "int4" else self.name
 
     def tiled(self, tile: int | None, dot: bool = False, vnni: bool = True) -> "Scheme":
-        return Scheme(self.name, self.group_size, tile, dot, vnni)
+        return Scheme(self.name, self.group_size, tile, dot, vnni, self.symmetric)
+
+    @property
+    def plain(self) -> "Scheme":
+        """The same numbers without a storage layout (what `quantize` makes before relayout)."""
+        return Scheme(self.name, self.group_size, symmetric=self.symmetric)
 
     @property
     def interleave(self) -> int:
@@ -93,8 +105,13 @@ class Scheme:
             )
 
 
-def scheme(name: str, group_size: int | None = None) -> Scheme:
-    return Scheme(name, (group_size or DEFAULT_GROUP_SIZE) if name == "int4" else None)
+def scheme(name: str, group_size: int | None = None, int4_symmetric: bool = False) -> Scheme:
+    """The scheme `name`; int4_symmetric applies to int4 alone (other names ignore it)."""
+    int4 = name == "int4"
+    return Scheme(name, (group_size or DEFAULT_GROUP_SIZE) if int4 else None, symmetric=int4 and int4_symmetric)
+
+
+SYMMETRIC_ZERO = 8  # a symmetric int4 weight's stored value for 0
 
 
 # --- NumPy side: quantize, pack, and the reference dequantization ----------------------------
@@ -167,6 +184,14 @@ def quantize(w: np.ndarray, s: Scheme) -> dict[str, np.ndarray]:
         scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
         q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
         out = {"": q, ".scale": scale}
+    elif s.symmetric:
+        g = w.reshape(w.shape[0] // s.group_size, s.group_size, w.shape[1])
+        extreme = np.take_along_axis(g, np.abs(g).argmax(axis=1)[:, None], axis=1)[:, 0]
+        scale = (extreme / -SYMMETRIC_ZERO).astype(np.float16)  # the extreme weight stored as 0
+        d = scale.astype(np.float32)
+        inv = np.divide(1, d, out=np.zeros_like(d), where=d != 0)
+        q = np.clip(np.rint(g * inv[:, None]) + SYMMETRIC_ZERO, 0, 15).reshape(w.shape)
+        out = {"": pack_int4(q), ".scale": scale}
     else:
         g = w.reshape(w.shape[0] // s.group_size, s.group_size, w.shape[1])
         lo, hi = g.min(axis=1), g.max(axis=1)
@@ -201,7 +226,8 @@ def dequantize(t: dict[str, np.ndarray], s: Scheme) -> np.ndarray:
         return (t[""] if values is None else values).astype(np.float32) * t[".scale"]
     q = (unpack_int4(t[""]) if values is None else values).astype(np.float32)
     groups = np.repeat(np.arange(q.shape[0] // s.group_size), s.group_size)
-    return (q - t[".zero"][groups].astype(np.float32)) * t[".scale"][groups].astype(np.float32)
+    zero = np.float32(SYMMETRIC_ZERO) if s.symmetric else t[".zero"][groups].astype(np.float32)
+    return (q - zero) * t[".scale"][groups].astype(np.float32)
 
 
 def quantize_activations(x: np.ndarray, block: int = 32) -> np.ndarray:
@@ -233,8 +259,9 @@ def weight_params(prefix: str, k: int, n: int, s: Scheme) -> list[tuple[str, tup
         plain = [(prefix, (k, n), "int8"), (prefix + ".scale", (n,), "float32")]
     else:
         groups = k // s.group_size
-        plain = [(prefix, (k // 2, n), "uint8"), (prefix + ".scale", (groups, n), "float16"),
-                 (prefix + ".zero", (groups, n), "uint8")]
+        plain = [(prefix, (k // 2, n), "uint8"), (prefix + ".scale", (groups, n), "float16")]
+        if not s.symmetric:
+            plain.append((prefix + ".zero", (groups, n), "uint8"))
     if not s.tile:
         return plain
     tiled = [(name, (n // s.tile, shape[0], s.tile) if len(shape) == 2 else shape, dtype) for name, shape, dtype in plain]

@@ -18,7 +18,7 @@ from tvm import relax, te
 from moetvm.artifact import DTYPE_BYTES, SCORE_FNS, fused_function
 
 from . import gemv
-from .quant import FLOATS, PLAIN, SWIGLU, QuantizationError, Scheme, expert_params, parse_kind, quantize, scale_dtype
+from .quant import FLOATS, PLAIN, SWIGLU, SYMMETRIC_ZERO, QuantizationError, Scheme, expert_params, parse_kind, quantize, scale_dtype
 
 
 def _dequantized(weights: list[te.Tensor], s: Scheme, k, j):
@@ -37,10 +37,11 @@ def _dequantized(weights: list[te.Tensor], s: Scheme, k, j):
         byte = at(w, k // 2) if s.name == "int4" else at(w, k)
     if s.name == "int8":
         return byte.astype(f32) * weights[1][j]
-    scale, zero, g = weights[1], weights[2], s.group_size
+    scale, g = weights[1], s.group_size
     shift = (k % 8) // 4 * 4 if s.dot else (k % 2) * 4
     q = (byte >> shift.astype("uint8")) & tvm.tirx.const(15, "uint8")
-    return (q.astype(f32) - at(zero, k // g).astype(f32)) * at(scale, k // g).astype(f32)
+    zero = tvm.tirx.const(SYMMETRIC_ZERO, f32) if s.symmetric else at(weights[2], k // g).astype(f32)
+    return (q.astype(f32) - zero) * at(scale, k // g).astype(f32)
 
 
 def _matmul_te(x: te.Tensor, weights: list[te.Tensor], s: Scheme, name: str) -> te.Tensor:

@@ -76,9 +76,9 @@ def _dequantized(weights: dict, s: quant.Scheme) -> dict:
 
 
 def plan(specs: list[MoELayerSpec], calibration: list[LayerCalibration], budget_bytes: int,
-         group_size: int = quant.DEFAULT_GROUP_SIZE) -> dict[tuple[int, int], quant.Scheme]:
+         group_size: int = quant.DEFAULT_GROUP_SIZE, int4_symmetric: bool = False) -> dict[tuple[int, int], quant.Scheme]:
     """Precision per (layer, expert) minimising total damage within `budget_bytes`."""
-    ladder = [quant.scheme(name, group_size) for name in LADDER]
+    ladder = [quant.scheme(name, group_size, int4_symmetric) for name in LADDER]
     options = {}  # (layer, expert) -> [(bytes, damage) per ladder step]
     for li, (spec, cal) in enumerate(zip(specs, calibration)):
         for ei, expert in enumerate(spec.experts):

@@ -45,7 +45,7 @@ class QuantizedNumbers:
 
     def expert(self, expert: ExpertWeights, scheme: quantization.Scheme) -> dict[str, np.ndarray]:
         """An expert's stored tensors in the plain layout of `scheme`'s precision."""
-        precision = quantization.Scheme(scheme.name, scheme.group_size)
+        precision = scheme.plain
         return self.get(lambda: [precision.tag, expert.kind, *map(identity, expert_tensors(expert))],
                         lambda: quantization.quantize_expert(
                             quantization.kernel_layout(expert.w_gate, expert.w_up, expert.w_down, expert.biases,

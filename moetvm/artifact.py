@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from moetvm.errors import MoetvmError
 
-FORMAT_VERSION = 10  # 2: the dense part's weights in weight files (`weights`), not in the segments library
+FORMAT_VERSION = 11  # 2: the dense part's weights in weight files (`weights`), not in the segments library
 # 3: resident MoE layers (a layer's experts in one pool, routed and run in one call)
 # 4: the LM's tokenizer (`tokenizer`) and bf16 weights: a runtime before them says so by version
 # 5: sparsemixer routing (PhiMoE: score_fn "sparsemixer", jitter_eps); a sliding window's bounded cache
@@ -36,7 +36,9 @@ FORMAT_VERSION = 10  # 2: the dense part's weights in weight files (`weights`), 
 # 9: in-place KV buffers in blocks of positions (kv_cache.block): a block's keys are contiguous
 # 10: segments computed position by position (`per_position`: the final norm and LM head), which a
 #     generation's prefill runs on the last position alone
-SUPPORTED_FORMAT_VERSIONS = (1, 10)
+# 11: symmetric int4 (`Workload.symmetric`; dense weight files' quant tag "int4g<G>s..."): no zero
+#     points, a runtime before them would not know the tensors are two, not three, per weight
+SUPPORTED_FORMAT_VERSIONS = (1, 11)
 SLOT_ALIGN = 64  # bytes: every tensor in an expert's pool slot starts at a multiple (the kernels' vector alignment)
 MANIFEST_NAME = "manifest.json"
 
@@ -99,6 +101,7 @@ class Workload:
     params: list[TensorSpec]  # stored weight tensors, in call order after the activations
     quant: str = "fp32"  # weight storage, one of QUANT_SCHEMES (dequantized inside the kernel)
     group_size: int | None = None  # int4: input rows sharing one scale and zero point
+    symmetric: bool = False  # int4 without zero points (format 11): w = (q - 8) * scale, llama.cpp's q4_0
     fused_k: list[int] = field(default_factory=list)  # k with a function `<function>_x<k>` running k experts at once
     tile: int | None = None  # stored tile-major: each (rows, N) tensor as (N / tile, rows, tile)
     dot: bool = False  # tiles dot-interleaved for integer dot products; activations rounded to int8 per 32 inputs

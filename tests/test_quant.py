@@ -22,9 +22,15 @@ def _ref_swiglu(x, w, s):
 
 
 # Every storage layout: plain (the TE form GPU targets get), tiled (the CPU GEMV kernels with fp32
-# products), dot-interleaved (the integer-dot kernels, where the CPU has them).
-LAYOUTS = [(name, None, False) for name in quant.SCHEMES] + [(name, 32, False) for name in quant.SCHEMES] + [
-    ("int8", 32, True), ("int4", 32, True)]
+# products), dot-interleaved (the integer-dot kernels, where the CPU has them); int4 also without
+# zero points ("int4s": symmetric, q4_0's format) in each.
+NAMES = (*quant.SCHEMES, "int4s")
+LAYOUTS = [(name, None, False) for name in NAMES] + [(name, 32, False) for name in NAMES] + [
+    ("int8", 32, True), ("int4", 32, True), ("int4s", 32, True)]
+
+
+def _scheme(name: str) -> quant.Scheme:
+    return quant.scheme(name.rstrip("s") if name == "int4s" else name, 32, int4_symmetric=name == "int4s")
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +39,18 @@ def kernels(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     built = {}
     for name, tile, dot in LAYOUTS:
-        if dot and not BuildTarget.resolve("host").dot_for(name):
+        if dot and not BuildTarget.resolve("host").dot_for(_scheme(name).name):
             continue
-        s = quant.scheme(name, 32).tiled(tile, dot, vnni=get_target("host").int8_dot)  # int4 without VNNI: AVX2's dots
+        s = _scheme(name).tiled(tile, dot, vnni=get_target("host").int8_dot)  # int4 without VNNI: AVX2's dots
         path = root / f"{s.tag}.so"
         build_library(expert_module(64, 96, s, "expert"), get_target("host"), path)
         built[s.tag] = (s, VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu()))
     return built
 
 
-@pytest.mark.parametrize("name, tile, dot", LAYOUTS, ids=[quant.scheme(n, 32).tiled(t, d).tag for n, t, d in LAYOUTS])
+@pytest.mark.parametrize("name, tile, dot", LAYOUTS, ids=[_scheme(n).tiled(t, d).tag for n, t, d in LAYOUTS])
 def test_fused_kernel_matches_numpy_dequantize_then_matmul(kernels, name, tile, dot):
-    tag = quant.scheme(name, 32).tiled(tile, dot).tag
+    tag = _scheme(name).tiled(tile, dot).tag
     if tag not in kernels:
         pytest.skip("this CPU has no integer dot products for this precision (int8: AVX512-VNNI; int4: AVX2)")
     s, vm = kernels[tag]
@@ -70,6 +76,9 @@ def test_stored_bytes_shrink():
     assert sizes["fp32"] == 131072 and sizes["fp16"] == sizes["bf16"] == 65536
     assert sizes["int8"] == 128 * 256 + 256 * 4
     assert sizes["int4"] == 128 * 256 // 2 + (128 // 32) * 256 * 3  # nibbles + fp16 scale + u8 zero
+    symmetric = quant.scheme("int4", 32, int4_symmetric=True)
+    assert quant.nbytes(quant.quantize(w, symmetric)) == 128 * 256 // 2 + (128 // 32) * 256 * 2  # no zero points
+    assert quant.nbytes(quant.quantize(w, symmetric)) * 8 / w.size == 4.5  # q4_0's bits a weight
 
 
 def test_int4_pack_unpack_round_trip():
@@ -89,6 +98,19 @@ def test_quantization_error_bounds():
         span = (np.abs(w).max(0) if name == "int8" else
                 (w.reshape(4, 32, 64).max(1) - w.reshape(4, 32, 64).min(1)).repeat(32, 0) if name == "int4" else 1)
         assert (err <= bound * 2 * span + 1e-7).all() if name in ("int8", "int4") else (err <= bound * np.abs(w)).all()
+    # Symmetric int4: steps of a group's largest magnitude / 8; half a step, except at the far end
+    # of the range, which holds 7 steps, not 8 (the one weight at -8 steps is exact), as in q4_0.
+    s = quant.scheme("int4", 32, int4_symmetric=True)
+    err = np.abs(quant.dequantize(quant.quantize(w, s), s) - w)
+    step = (np.abs(w.reshape(4, 32, 64)).max(1) / 8).repeat(32, 0)
+    inner = np.abs(w) <= 7 * step
+    assert (err <= step * (1 + 1e-3)).all() and (err[inner] <= step[inner] / 2 * (1 + 1e-3)).all()
+    extreme = np.abs(w.reshape(4, 32, 64)).argmax(1)  # each group's largest magnitude is stored exactly
+    exact = np.take_along_axis(err.reshape(4, 32, 64), extreme[:, None], 1)
+    assert (exact <= np.abs(w).max() * 2.0 ** -11).all()
+    q4_0_rms, asymmetric_rms = (np.sqrt(np.mean((quant.dequantize(quant.quantize(w, x), x) - w) ** 2))
+                                for x in (s, quant.scheme("int4", 32)))
+    assert asymmetric_rms < q4_0_rms < 1.2 * asymmetric_rms
 
 
 def test_bad_group_sizes_rejected(reference_model, tmp_path):
@@ -123,9 +145,10 @@ def _agreement(artifact, fp32_logits):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme, floor", [("int8", 0.99), ("int4", 0.95)])
+@pytest.mark.parametrize("scheme, floor", [("int8", 0.99), ("int4", 0.95), ("int4s", 0.95)])
 def test_quantized_model_agrees_with_fp32(reference_model, fp32_reference, tmp_path, scheme, floor):
-    out = compile_model(reference_model, target="host", out=tmp_path / scheme, quant=scheme, progress=False)
+    out = compile_model(reference_model, target="host", out=tmp_path / scheme, quant=scheme.rstrip("s"),
+                        int4_symmetric=scheme == "int4s", progress=False)
     agreement = _agreement(out, fp32_reference)
     assert agreement >= floor, agreement
     from moetvm.artifact import read_manifest
@@ -134,9 +157,11 @@ def test_quantized_model_agrees_with_fp32(reference_model, fp32_reference, tmp_p
     per_expert = m.moe_layers[0].experts[0].weight_bytes
     values = 3 * 128 * 256
     expected = {"int8": values + (256 + 256 + 128) * 4,  # int8 weights + fp32 scale per output channel
-                "int4": values // 2 + (2 * (128 // 32) * 256 + (256 // 32) * 128) * 3}  # + fp16 scale, u8 zero per group
+                "int4": values // 2 + (2 * (128 // 32) * 256 + (256 // 32) * 128) * 3,  # + fp16 scale, u8 zero per group
+                "int4s": values // 2 + (2 * (128 // 32) * 256 + (256 // 32) * 128) * 2}  # fp16 scales alone
     assert per_expert == expected[scheme]
-    assert all(w.quant == scheme for w in m.workloads)
+    assert all(w.quant == scheme.rstrip("s") and w.symmetric == (scheme == "int4s") for w in m.workloads)
+    assert all(w.quant.startswith("int4g32s") for w in m.weights) if scheme == "int4s" else True
 
 
 @pytest.mark.slow

@@ -70,10 +70,13 @@ def test_resident_layers_compute_what_the_host_path_computes(which, reference_ar
 SCHEMES = {"fp32": quant.Scheme("fp32", tile=64), "fp16": quant.Scheme("fp16", tile=64),
            "int4": quant.scheme("int4").tiled(64, dot=True, vnni=get_target("host").int8_dot),
            "int8": quant.scheme("int8").tiled(64, dot=True),
-           "int4-nodot": quant.scheme("int4").tiled(64)}
+           "int4-nodot": quant.scheme("int4").tiled(64),
+           "int4s": quant.scheme("int4", int4_symmetric=True).tiled(64, dot=True, vnni=get_target("host").int8_dot),
+           "int4s-nodot": quant.scheme("int4", int4_symmetric=True).tiled(64)}
 needs_dot = pytest.mark.skipif(not get_target("host").int8_dot, reason="this CPU has no int8 integer dot products (VNNI)")
 needs_int4_dot = pytest.mark.skipif(not get_target("host").int4_dot, reason="this CPU has no int4 integer dot products (AVX2)")
-SCHEME_CASES = ["fp32", "fp16", "int4-nodot", pytest.param("int4", marks=needs_int4_dot), pytest.param("int8", marks=needs_dot)]
+SCHEME_CASES = ["fp32", "fp16", "int4-nodot", "int4s-nodot", pytest.param("int4", marks=needs_int4_dot),
+                pytest.param("int4s", marks=needs_int4_dot), pytest.param("int8", marks=needs_dot)]
 
 
 def _resident_module(n_experts: int, top_k: int, normalize: bool, scaling: float, d: int = 64, d_ff: int = 128,
@@ -115,7 +118,7 @@ def test_resident_top_k_selects_and_weights_as_the_host_does(normalize, scaling,
     n, k = 8, 3
     vm, experts, pool = _resident_module(n, k, normalize, scaling, scheme=scheme)
     fused = gemv.fuses_resident_layer(SCHEMES[scheme])
-    assert fused == (scheme != "int4-nodot")
+    assert fused == (not scheme.endswith("-nodot"))
     router = Router(library="", function="", n_experts=n, top_k=k, score_fn="softmax", normalize=normalize, scaling=scaling)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((1, 64)).astype(np.float32)

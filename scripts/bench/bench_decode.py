@@ -16,7 +16,8 @@ Each model directory also gets a byte-level BPE tokenizer trained here with `tok
 shipped held-out text (tokenizer.json, tokenizer_config.json): llama.cpp's converter needs one.
 
 Engines, interleaved round-robin within each round, medians over --rounds:
-  moetvm     `moetvm compile hf:DIR --quant fp32|int8|int4` (artifacts in build/bench-decode/
+  moetvm     `moetvm compile hf:DIR --quant fp32|int8|int4`, and int4s: `--quant int4
+             --int4-symmetric` (q4_0's format, 4.5 bits) (artifacts in build/bench-decode/
              artifacts, reused while the compiler's sources are unchanged), `moetvm run
              --token-ids ... --cache-budget 100% --preload 1 --json` with TVM_NUM_THREADS=t
   llama.cpp  comparison only, never a dependency: scripts/bench/setup-llama-cpp builds llama-bench and
@@ -81,8 +82,13 @@ SHAPES = {
 }
 COMMON = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=0.02)
 
-PRECISIONS = ("fp32", "int8", "int4")  # moetvm --quant
-GGUF_TYPE = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}  # llama.cpp at the same bits
+PRECISIONS = ("fp32", "int8", "int4", "int4s")  # moetvm --quant (int4s: int4 --int4-symmetric, q4_0's format)
+GGUF_TYPE = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0", "int4s": "q4_0"}  # llama.cpp at the same bits
+LLAMA_CELL = {"int4s": "int4"}  # both int4 formats are measured against the one q4_0 run
+
+
+def quant_flags(prec: str) -> list[str]:
+    return ["--quant", "int4", "--int4-symmetric"] if prec == "int4s" else ["--quant", prec]
 DEPTH_NEW = 16  # tokens generated at each depth
 
 
@@ -92,9 +98,10 @@ def log(msg: str) -> None:
 
 def first_line(text: str, limit: int = 160) -> str:
     """The most telling line of an error output: the last non-empty one (Python tracebacks end
-    with the error), shortened."""
+    with the error) that is not one of TVM's warnings printed as objects are torn down, shortened."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    line = lines[-1] if lines else "no output"
+    telling = [ln for ln in lines if "Warning:" not in ln] or lines
+    line = telling[-1] if telling else "no output"
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
@@ -269,8 +276,8 @@ def moetvm_compile(model_dir: Path, quant: str, root: Path, timeout: float, kv_d
     if (art / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
         return art, {"reused": True}
     kv = ["--kv-dtype", kv_dtype] if kv_dtype else []
-    log(f"moetvm compile {model_dir.name} --quant {quant} {' '.join(kv)}")
-    _, _, wall, rss = run_proc([*moetvm_cmd(), "compile", f"hf:{model_dir}", "--quant", quant, *kv, "-o", art, "--quiet"],
+    log(f"moetvm compile {model_dir.name} {' '.join(quant_flags(quant) + kv)}")
+    _, _, wall, rss = run_proc([*moetvm_cmd(), "compile", f"hf:{model_dir}", *quant_flags(quant), *kv, "-o", art, "--quiet"],
                                timeout=timeout)
     stamp.write_text(fingerprint)
     return art, {"reused": False, "compile_s": wall, "compile_peak_rss_mb": rss}
@@ -534,7 +541,7 @@ def summarise(runs: list[dict], cells: list[tuple], depths: list[int]) -> list[d
     for r in rows:
         if r["engine"] != "moetvm" or "tok_s" not in r:
             continue
-        ll = by.get((r["model"], "llama.cpp", r["precision"], r["threads"]), {})
+        ll = by.get((r["model"], "llama.cpp", LLAMA_CELL.get(r["precision"], r["precision"]), r["threads"]), {})
         pt = by.get((r["model"], "pytorch", "fp32", r["threads"]), {})
         r["vs_llama_cpp"] = r["tok_s"] / ll["tok_s"] if ll.get("tok_s") else None
         r["vs_pytorch_fp32"] = r["tok_s"] / pt["tok_s"] if pt.get("tok_s") else None
@@ -589,7 +596,7 @@ def print_table(rows: list[dict], models: dict, bandwidth: float, depths: list[i
           + f". RSS MB: peak RSS of the decode run (the prompt and new "
           f"tokens above; every engine in processes of its own); RSS@ctx: the highest over the depth runs. "
           f"vs llama = moetvm/llama.cpp at the same bits "
-          f"(fp32~f32, int8~q8_0, int4~q4_0); vs torch = moetvm/PyTorch eager fp32. MB/tok: weights read per "
+          f"(fp32~f32, int8~q8_0, int4 and int4s~q4_0); vs torch = moetvm/PyTorch eager fp32. MB/tok: weights read per "
           f"decode token (dense + top-k experts); floor = MB/tok / read bandwidth "
           f"({bandwidth / 1e9:.1f} GB/s, one thread reading an array). host %: moetvm's share of decode time spent "
           f"outside compiled code (Python dispatch, routing decisions, cache bookkeeping)."
@@ -610,7 +617,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(groups)), 4.5))
     width = 0.8 / max(len(series), 1)
     colors = {"moetvm": "tab:blue", "llama.cpp": "tab:orange", "pytorch": "tab:green"}
-    hatch = {"fp32": "", "int8": "//", "int4": "xx"}
+    hatch = {"fp32": "", "int8": "//", "int4": "xx", "int4s": ".."}
     for i, (engine, prec) in enumerate(series):
         xs, ys = [], []
         for g, (model, threads) in enumerate(groups):
@@ -697,7 +704,9 @@ def main() -> None:
         depth_prompts = {str(d): prompt_ids(model_dir, d) for d in depths}
         info["prompt_ids"] = ids
         for engine in engines:
-            for prec in (["fp32"] if engine == "pytorch" else precisions):
+            engine_precisions = (["fp32"] if engine == "pytorch" else precisions if engine == "moetvm" else
+                                 list(dict.fromkeys(LLAMA_CELL.get(p, p) for p in precisions)))
+            for prec in engine_precisions:
                 cell = (key, engine, prec)
                 try:
                     if engine == "moetvm":

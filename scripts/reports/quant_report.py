@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Accuracy vs bytes of expert quantization on the shipped model, through real artifacts.
 
-For fp32 / fp16 / int8 / int4 / auto (and fp32 experts with an int8 router): artifact bytes,
-bytes per expert, held-out cross-entropy (bits/byte), top-1 next-token agreement with the fp32
-PyTorch model, and the router's top-k *set* agreement with the fp32 router. Auto is calibrated
+For fp32 / fp16 / int8 / int4 (asymmetric and symmetric) / auto (and fp32 experts with an int8
+router): artifact bytes, bytes per expert, held-out cross-entropy (bits/byte), top-1 next-token
+agreement with the fp32 PyTorch model, and the router's top-k *set* agreement with the fp32 router. Auto is calibrated
 on the first half of the held-out text; everything is evaluated on the second half.
 
     .venv/bin/python scripts/reports/quant_report.py [-o build/quant-report] [--windows 48]
@@ -33,6 +33,7 @@ VARIANTS = [  # (label, compile options)
     ("fp16", {"quant": "fp16"}),
     ("int8", {"quant": "int8"}),
     ("int4 (g32)", {"quant": "int4", "group_size": 32}),
+    ("int4 symmetric (g32, q4_0's format)", {"quant": "int4", "group_size": 32, "int4_symmetric": True}),
     ("auto 30%", {"quant": "auto", "weight_budget": "30%"}),
     ("fp32 + int8 router", {"quant": "fp32", "router_quant": "int8"}),
 ]
