@@ -33,7 +33,7 @@ VARIANTS = [  # (label, compile options)
     ("fp16", {"quant": "fp16"}),
     ("int8", {"quant": "int8"}),
     ("int4 (g32)", {"quant": "int4", "group_size": 32}),
-    ("int4 symmetric (g32, q4_0's format)", {"quant": "int4", "group_size": 32, "int4_symmetric": True}),
+    ("int4 sym (g32)", {"quant": "int4", "group_size": 32, "int4_symmetric": True}),
     ("auto 30%", {"quant": "auto", "weight_budget": "30%"}),
     ("fp32 + int8 router", {"quant": "fp32", "router_quant": "int8"}),
 ]
