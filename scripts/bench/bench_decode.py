@@ -657,7 +657,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--depths", default="256,1024", help="contexts for per-token latency ('' for none)")
-    ap.add_argument("--depth-rounds", type=int, default=1, help="rounds that also measure the depths (the first ones)")
+    ap.add_argument("--depth-rounds", type=int, default=None,
+                    help="rounds that also measure the depths (the first ones) [default: every round: the context "
+                         "ratios are medians too]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bandwidth-mb", type=int, default=512)
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per engine run / compile")
@@ -669,6 +671,8 @@ def main() -> None:
         torch_worker(a._torch_worker[0], int(a._torch_worker[1]), a._torch_worker[2])
         return
 
+    if a.depth_rounds is None:
+        a.depth_rounds = a.rounds
     threads = [int(t) for t in a.threads.split(",") if t]
     engines = [e for e in a.engines.split(",") if e]
     precisions = [p for p in a.precisions.split(",") if p]
