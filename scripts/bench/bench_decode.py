@@ -83,13 +83,14 @@ SHAPES = {
 COMMON = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=0.02)
 
 PRECISIONS = ("fp32", "int8", "int4", "int4s")  # moetvm --quant (int4s: int4 --int4-symmetric, q4_0's format)
-GGUF_TYPE = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0", "int4s": "q4_0"}  # llama.cpp at the same bits
+GGUF_TYPE = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}  # llama.cpp at the same bits
 LLAMA_CELL = {"int4s": "int4"}  # both int4 formats are measured against the one q4_0 run
+DEPTH_NEW = 16  # tokens generated at each depth
 
 
 def quant_flags(prec: str) -> list[str]:
+    """moetvm compile's flags for a benchmark precision."""
     return ["--quant", "int4", "--int4-symmetric"] if prec == "int4s" else ["--quant", prec]
-DEPTH_NEW = 16  # tokens generated at each depth
 
 
 def log(msg: str) -> None:
