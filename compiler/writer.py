@@ -138,16 +138,14 @@ def relax_libraries(p: PlannedModel) -> dict[str, tvm.IRModule]:
     libs = {}
     if any(isinstance(f, tvm.relax.Function) for f in p.split.segments.functions.values()):
         libs["segments"] = p.split.segments
-    router_mod = tvm.IRModule()
+    routers = []
     for i, spec in enumerate(p.specs):
         if p.routing == "learned":  # fixed patterns need no router at run time
-            router_mod.update(router_module(spec.router_weight, spec.router_bias, spec.score_fn,
-                                                         p.router_scheme, f"router_{i}"))
+            routers.append((f"router_{i}", spec.router_weight, spec.router_bias, spec.score_fn))
         if spec.shared_gate_weight is not None:
-            router_mod.update(router_module(spec.shared_gate_weight, None, "sigmoid",
-                                                         p.router_scheme, f"shared_gate_{i}"))
-    if any(isinstance(f, tvm.relax.Function) for f in router_mod.functions.values()):
-        libs["routers"] = router_mod
+            routers.append((f"shared_gate_{i}", spec.shared_gate_weight, None, "sigmoid"))
+    if routers:
+        libs["routers"] = router_module(routers, p.router_scheme, cpu=p.target.cpu)
     for (kind, d_model, d_ff, sch), w in p.workload_entries.items():
         libs[w.library] = expert_module(
             d_model, d_ff, sch, w.function, tuple(w.fused_k), cpu=p.target.cpu, kind=kind,

@@ -274,7 +274,7 @@ class MoEModel:
                         raise ArtifactError(f"segments:{step.name}: returns {len(results)} values, the manifest "
                                             f"names {len(step.outputs)}")
                     self._checked_segments.add(step.name)
-                env.update(zip(step.outputs, results))
+                env.update(zip(step.outputs, tvm_runtime.results(results, len(step.outputs))))
                 self.timings.segments += time.perf_counter() - t0
             elif resident and step.layer in self._pools:
                 env[step.outputs[0]] = self._resident_layer(step.layer, env[step.inputs[0]])

@@ -50,6 +50,7 @@ _view = tvm_ffi.get_global_func("runtime.TVMTensorCreateView")
 _copy_from_bytes = tvm_ffi.get_global_func("runtime.TVMTensorCopyFromBytes")
 _copy_to_bytes = tvm_ffi.get_global_func("runtime.TVMTensorCopyToBytes")
 _copy_between = tvm_ffi.get_global_func("runtime.TVMTensorCopyFromTo")
+_array_item = tvm_ffi.get_global_func("ffi.ArrayGetItem")
 _CPU = tvm_ffi.device("cpu").dlpack_device_type()
 
 
@@ -86,6 +87,15 @@ def view(x: Tensor, shape, dtype: str | None = None, byte_offset: int = 0) -> Te
     if not isinstance(shape, Shape):
         shape = Shape([int(n) for n in shape])
     return _view(x, shape, str(dtype or x.dtype), byte_offset)
+
+
+def results(values, n: int) -> list:
+    """A compiled function's n results as a list: a Tensor alone, or an Array's first n items.
+    Iterating a tvm_ffi Array calls the FFI twice an item and runs its Python bounds checks: 2.4 us
+    for two results against 0.45 item by item (hot; a decode token unpacks 25 segments' results)."""
+    if isinstance(values, Tensor):
+        return [values]
+    return [_array_item(values, i) for i in range(n)]
 
 
 def copy_into(x: Tensor, source: np.ndarray | Tensor) -> Tensor:

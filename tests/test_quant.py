@@ -10,7 +10,7 @@ from moetvm.compiler import compile_model, quant
 from moetvm.compiler.build_target import BuildTarget
 from moetvm.compiler.lowering import build_library
 from moetvm.artifact import fused_function
-from moetvm.compiler.quant_kernels import expert_module
+from moetvm.compiler.quant_kernels import expert_module, router_module
 from moetvm.targets import get_target
 from moetvm.verify import relative_error
 
@@ -68,6 +68,32 @@ def test_fused_kernel_matches_numpy_dequantize_then_matmul(kernels, name, tile, 
         ours = vm["expert"](tvm.runtime.tensor(x), *args).numpy()
         ref = _ref_swiglu(x, {k: v.astype(np.float64) for k, v in reference_weights.items()}, s)
         assert relative_error(ours, ref) < 1e-5, (tag, tokens)
+
+
+@pytest.mark.parametrize("name", ["fp32", "int8", "int4"])
+def test_router_kernels_match_numpy(tmp_path, name):
+    """Routers at each router precision, built for the CPU: 32 and 64 experts take the GEMV kernel
+    (tiled constants), 24 the TE form; softmax, sigmoid (with a bias) and sparsemixer's raw logits
+    against NumPy on the dequantized weights, for 1 and 5 tokens."""
+    rng = np.random.default_rng(0)
+    s = quant.scheme(name, 32)
+    routers = [(f"r{e}_{fn}", rng.standard_normal((e, 64), np.float32), bias, fn)
+               for e, fn, bias in ((32, "softmax", None), (64, "sigmoid", rng.standard_normal(64, np.float32)),
+                                   (24, "sparsemixer", None))]
+    path = tmp_path / "routers.so"
+    mod = router_module(routers, s, cpu=True)
+    build_library(mod, get_target("host"), path)
+    kernels = {gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert {f"{s.tag}t32_matmul_64x32", f"{s.tag}t64_matmul_64x64"} <= kernels, kernels
+    vm = VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    for fname, weight, bias, fn in routers:
+        w = quant.dequantize(quant.quantize(np.ascontiguousarray(weight.T), s), s).astype(np.float64)
+        for tokens in (1, 5):
+            x = rng.standard_normal((tokens, 64), np.float32)
+            logits = x @ w + (0 if bias is None else bias)
+            want = {"softmax": lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True),
+                    "sigmoid": lambda z: 1 / (1 + np.exp(-z)), "sparsemixer": lambda z: z}[fn](logits)
+            assert relative_error(vm[fname](tvm.runtime.tensor(x)).numpy(), want) < 1e-5, (fname, tokens)
 
 
 def test_stored_bytes_shrink():

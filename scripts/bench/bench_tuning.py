@@ -63,7 +63,7 @@ def main() -> int:
         expert_so, router_so = work / f"expert-{db is not None}.so", work / f"router-{db is not None}.so"
         build_library(expert_module(128, 256, s, "expert"), host, expert_so, tuned(db))
         router = block.router.weight.detach().numpy()
-        build_library(router_module(router, None, "softmax", s, "router"), host, router_so, tuned(db))
+        build_library(router_module([("router", router, None, "softmax")], s), host, router_so, tuned(db))
         kernels[label] = (VirtualMachine(tvm.runtime.load_module(str(expert_so)), tvm.cpu()),
                           VirtualMachine(tvm.runtime.load_module(str(router_so)), tvm.cpu()))
     w = [tvm.runtime.tensor(weights[n]) for n in ("w_gate", "w_up", "w_down")]
