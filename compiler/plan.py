@@ -21,7 +21,7 @@ from . import quant as quantization
 from . import quant_plan
 from .quant_kernels import ResidentRouting
 from .dense_weights import DenseWeights
-from .gemv import dot_fits, lanes_for
+from .gemv import dot_fits, fuses_resident_layer, lanes_for
 from .build_target import BuildTarget
 from .options import CompileOptions
 from .spec import MoELayerSpec
@@ -84,6 +84,7 @@ class PlannedModel:
     dense: DenseWeights | None = None  # the dense part's weights, which the segments take as inputs
     resident: dict = dataclasses.field(default_factory=dict)  # layer -> its resident function
     resident_routing: dict = dataclasses.field(default_factory=dict)  # workload key -> [ResidentRouting]
+    decode: dict = dataclasses.field(default_factory=dict)  # layer -> its decode function (router library)
     model_info: ModelInfo = dataclasses.field(default_factory=ModelInfo)  # the manifest's model section (the front door's)
     tokenizer: object = None  # a causal LM's tokenizer.TokenizerSource, copied into the artifact
 
@@ -134,8 +135,11 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: BuildTarget, 
             params=params, slot_offsets=offsets, slot_bytes=slot_bytes)
     if bar is not None:
         bar.total = 5 + lm + len(entries)  # trace, dense weights, segments, routers, one per workload, write, validate
+    # Where the resident layer is one kernel, the router library also runs router and layer in one call.
+    decode = {li: f"router_{li}_decode" for li, key in resident_keys.items() if fuses_resident_layer(key[3])}
     return PlannedModel(target, specs, lm, split, plan, plan_info, usage, routers, options.routing, router_scheme, entries,
-                     kind or ("causal_lm" if lm else "moe_block"), resident=resident, resident_routing=resident_routing)
+                     kind or ("causal_lm" if lm else "moe_block"), resident=resident, resident_routing=resident_routing,
+                     decode=decode)
 
 
 def _resident_layers(specs, plan: dict, routers: list[Router], target: BuildTarget) -> dict[int, tuple]:

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from moetvm.errors import MoetvmError
 
-FORMAT_VERSION = 11  # 2: the dense part's weights in weight files (`weights`), not in the segments library
+FORMAT_VERSION = 12  # 2: the dense part's weights in weight files (`weights`), not in the segments library
 # 3: resident MoE layers (a layer's experts in one pool, routed and run in one call)
 # 4: the LM's tokenizer (`tokenizer`) and bf16 weights: a runtime before them says so by version
 # 5: sparsemixer routing (PhiMoE: score_fn "sparsemixer", jitter_eps); a sliding window's bounded cache
@@ -38,7 +38,9 @@ FORMAT_VERSION = 11  # 2: the dense part's weights in weight files (`weights`), 
 #     generation's prefill runs on the last position alone
 # 11: symmetric int4 (`Workload.symmetric`; dense weight files' quant tag "int4g<G>s..."): no zero
 #     points, a runtime before them would not know the tensors are two, not three, per weight
-SUPPORTED_FORMAT_VERSIONS = (1, 11)
+# 12: a resident layer's decode function (`MoELayer.decode_function`): router, top-k and the layer
+#     in one call on the hidden state as the segments hand it over
+SUPPORTED_FORMAT_VERSIONS = (1, 12)
 SLOT_ALIGN = 64  # bytes: every tensor in an expert's pool slot starts at a multiple (the kernels' vector alignment)
 MANIFEST_NAME = "manifest.json"
 
@@ -161,6 +163,10 @@ class MoELayer:
     # (n_experts * slot_bytes,) uint8) -> (1, d); top-k, weights, the k experts and their
     # weighted sum in one call, so no routing decision crosses to the host.
     resident_function: str | None = None
+    # A function of the router's library doing a decode step's whole layer over the same pool:
+    # (x (1, 1, d) as the segments hand it over, pool) -> (1, 1, d); the router, then the resident
+    # function, in one call (format 12; without it, the router and the resident function are two).
+    decode_function: str | None = None
 
 
 @dataclass(frozen=True)
@@ -552,6 +558,8 @@ def _check_consistency(m: Manifest) -> None:
                                     f"{e.file.size}-byte file, its workload's tensors take {workload_bytes[e.workload]}")
         if layer.resident_function is not None:
             _check_resident(layer, m.workload(layer.experts[0].workload) if layer.experts else None, libs)
+        elif layer.decode_function is not None:
+            raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: a decode function needs a resident function")
     layers = {layer.layer for layer in m.moe_layers}
     model_inputs = {spec.name for spec in m.inputs}
     for step in m.program:
@@ -580,6 +588,9 @@ def _check_resident(layer: MoELayer, w: Workload | None, libs: dict) -> None:
         raise ArtifactError(f"{where} covers learned plain top-k routing without shared experts only")
     if w.library not in libs or layer.resident_function not in libs[w.library].functions:
         raise ArtifactError(f"{where} is not in library {w.library}")
+    if layer.decode_function is not None and (r.library not in libs or layer.decode_function not in libs[r.library].functions):
+        raise ArtifactError(f"{MANIFEST_NAME}: layer {layer.layer}: decode function {layer.decode_function!r} is not in "
+                            f"library {r.library}")
     end = 0
     if len(w.slot_offsets) != len(w.params) or not _positive_int(w.slot_bytes) or w.slot_bytes % SLOT_ALIGN:
         raise ArtifactError(f"{MANIFEST_NAME}: workload {w.id}: no usable slot layout for resident layers")

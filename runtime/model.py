@@ -363,12 +363,29 @@ class MoEModel:
         return out
 
     def _resident_layer(self, index: int, x):
-        """One token through a resident layer: router scores, then the layer's one call. x is
-        (1, d) or (1, 1, d), the result of the same shape. Every Python step here runs with the
-        caches just flushed by a kernel streaming megabytes (a 1 us view costs ~40 us there), so
-        the layer's handles and view shapes are looked up once per thread, not per token."""
+        """One token through a resident layer. x is (1, d) or (1, 1, d), the result of the same
+        shape. A (1, 1, d) hidden state, as the segments hand it over, goes to the layer's decode
+        function when the artifact has one (router and layer in one call); otherwise the router's
+        scores, then the resident function, on a (1, d) view. Every Python step here runs with the
+        caches just flushed by a kernel streaming megabytes (a 1 us view costs ~40 us there), so the
+        layer's handles and view shapes are looked up once per thread, not per token."""
         plan = self._thread.__dict__.setdefault("resident_plans", {}).get(index) or self._resident_plan(index)
-        router, layer_fn, pool, row_shape, token_shape, dtype, top_k = plan
+        router, layer_fn, decode, pool, row_shape, token_shape, dtype, top_k = plan
+        timings = self.timings
+        if decode is not None and x.ndim == 3:
+            t0 = time.perf_counter()
+            try:
+                out = decode(x, pool)
+            except tvm_runtime.CALL_ERRORS as e:
+                layer = self._layers[index]
+                raise _call_failed(layer.router.library, layer.decode_function, e) from None
+            took = time.perf_counter() - t0
+            timings.experts += took  # the router's share is inside: one call
+            timings.calls += took
+            timings.call_count += 1
+            self.resident_calls += 1
+            self.cache.stats.hits += top_k
+            return out
         row = x if x.ndim == 2 else tvm_runtime.view(x, row_shape, dtype)
         t0 = time.perf_counter()
         try:
@@ -382,7 +399,6 @@ class MoEModel:
             layer = self._layers[index]
             raise _call_failed(self._pools[index][1].library, layer.resident_function, e) from None
         t2 = time.perf_counter()
-        timings = self.timings
         timings.routing += t1 - t0
         timings.experts += t2 - t1
         timings.calls += t2 - t0
@@ -392,14 +408,16 @@ class MoEModel:
         return out if row is x else tvm_runtime.view(out, token_shape, dtype)
 
     def _resident_plan(self, index: int) -> tuple:
-        """This thread's (router, layer function, pool, (1, d), (1, 1, d), dtype, top_k) for a
-        resident layer."""
+        """This thread's (router, resident function, decode function or None, pool, (1, d),
+        (1, 1, d), dtype, top_k) for a resident layer."""
         layer = self._layers[index]
         pool, workload = self._pools[index]
         d = layer.d_model
         # Steady: a resident call always takes one token.
+        decode = None if layer.decode_function is None else \
+            self._function(layer.router.library, layer.decode_function, steady=True)
         plan = (self._function(layer.router.library, layer.router.function, steady=True),
-                self._function(workload.library, layer.resident_function, steady=True), pool,
+                self._function(workload.library, layer.resident_function, steady=True), decode, pool,
                 tvm_runtime.Shape([1, d]), tvm_runtime.Shape([1, 1, d]), workload.dtype, layer.router.top_k)
         self._thread.__dict__["resident_plans"][index] = plan
         return plan

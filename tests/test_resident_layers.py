@@ -2,6 +2,8 @@
 compiled call (top-k, weights, the k experts, their sum), so no routing decision crosses to the
 host. It must compute what the host path computes, and never read outside its pool."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tvm
@@ -56,12 +58,23 @@ def test_resident_layers_compute_what_the_host_path_computes(which, reference_ar
     assert stats["resident_layer_calls"] == steps * layers and host.stats()["resident_layer_calls"] == 0
     n_experts = sum(len(layer.experts) for layer in m.moe_layers)
     assert stats["hit_rate"] == 1.0 and stats["preloaded"] == n_experts and stats["expert_loads"] == 0
-    # One decode step: the segments, and two calls per MoE layer (router scores, the resident layer).
+    # One decode step: the segments, and one call per MoE layer (its decode function: router and
+    # resident layer); without decode functions (an artifact before format 12), two.
+    assert all(layer.decode_function == f"router_{layer.layer}_decode" for layer in m.moe_layers)
+    segments = sum(step.op == "segment" for step in m.program)
     cache = resident.new_cache()
     _, cache = resident.step(tokens[None, :8], cache)
     before = resident.timings.call_count
     resident.step(tokens[None, 8:9], cache)
-    assert resident.timings.call_count - before == sum(step.op == "segment" for step in m.program) + 2 * layers
+    assert resident.timings.call_count - before == segments + layers
+    for index, layer in resident._layers.items():
+        resident._layers[index] = dataclasses.replace(layer, decode_function=None)
+    resident._thread.__dict__.pop("resident_plans")
+    two_calls = _steps(resident, tokens)
+    assert max(relative_error(x, y) for x, y in zip(a, two_calls)) < 1e-6
+    before = resident.timings.call_count
+    resident.step(tokens[None, 8:9], cache)
+    assert resident.timings.call_count - before == segments + 2 * layers
 
 
 # Resident layer kernels: fp32/fp16 and, on CPUs with integer dot products, int4/int8 run the

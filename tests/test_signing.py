@@ -315,7 +315,8 @@ def updated(artifact_copy, tmp_path):
     (new / layer2["experts"][7]["file"]["path"]).unlink()
     layer2["experts"] = layer2["experts"][:7]
     layer2["router"]["masked"] = [7]
-    layer2["resident_function"] = None  # as the compiler does: a layer with masked experts is not resident
+    # as the compiler does: a layer with masked experts is not resident
+    layer2["resident_function"] = layer2["decode_function"] = None
     (new / "manifest.json").write_text(json.dumps(data, indent=1))
     return new
 
