@@ -19,7 +19,7 @@ from moetvm.budget import parse_budget
 
 from . import quant as quantization
 from . import quant_plan
-from .quant_kernels import ResidentRouting
+from .quant_kernels import DecodeLayer, ResidentRouting
 from .dense_weights import DenseWeights
 from .gemv import dot_fits, fuses_resident_layer, lanes_for
 from .build_target import BuildTarget
@@ -84,7 +84,7 @@ class PlannedModel:
     dense: DenseWeights | None = None  # the dense part's weights, which the segments take as inputs
     resident: dict = dataclasses.field(default_factory=dict)  # layer -> its resident function
     resident_routing: dict = dataclasses.field(default_factory=dict)  # workload key -> [ResidentRouting]
-    decode: dict = dataclasses.field(default_factory=dict)  # layer -> its decode function (router library)
+    decode: dict = dataclasses.field(default_factory=dict)  # layer -> its DecodeLayer (router library)
     model_info: ModelInfo = dataclasses.field(default_factory=ModelInfo)  # the manifest's model section (the front door's)
     tokenizer: object = None  # a causal LM's tokenizer.TokenizerSource, copied into the artifact
 
@@ -115,7 +115,7 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: BuildTarget, 
         for ei, e in enumerate(spec.experts):
             fused.setdefault((e.kind, e.d_model, e.d_ff, plan[(li, ei)]), set()).add(spec.top_k)
     resident_keys = _resident_layers(specs, plan, routers, target)
-    entries, resident, resident_routing = {}, {}, {}
+    entries, resident, resident_routing, decode = {}, {}, {}, {}
     for key, wid in workloads.items():
         expert_kind, d_model, d_ff, sch = key
         fn = f"expert_{wid}"
@@ -128,6 +128,11 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: BuildTarget, 
         resident.update({li: names[sig] for li, sig in layer_routing.items()})
         resident_routing[key] = [ResidentRouting(names[sig], *sig) for sig in signatures]
         offsets, slot_bytes = slot_layout(params) if signatures else ([], 0)
+        # Where the resident layer is one kernel, the router library also runs router and layer in one call.
+        if fuses_resident_layer(sch):
+            decode.update({li: DecodeLayer(f"router_{li}_decode", f"router_{li}", d_model, d_ff, sch,
+                                           ResidentRouting(names[sig], *sig), (offsets, slot_bytes))
+                           for li, sig in layer_routing.items()})
         entries[key] = Workload(
             id=wid, kind=expert_kind, library=fn, function=fn, d_model=d_model, d_ff=d_ff, dtype="float32",
             quant=sch.name, group_size=sch.group_size, symmetric=sch.symmetric, tile=sch.tile, dot=sch.dot,
@@ -135,8 +140,6 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: BuildTarget, 
             params=params, slot_offsets=offsets, slot_bytes=slot_bytes)
     if bar is not None:
         bar.total = 5 + lm + len(entries)  # trace, dense weights, segments, routers, one per workload, write, validate
-    # Where the resident layer is one kernel, the router library also runs router and layer in one call.
-    decode = {li: f"router_{li}_decode" for li, key in resident_keys.items() if fuses_resident_layer(key[3])}
     return PlannedModel(target, specs, lm, split, plan, plan_info, usage, routers, options.routing, router_scheme, entries,
                      kind or ("causal_lm" if lm else "moe_block"), resident=resident, resident_routing=resident_routing,
                      decode=decode)

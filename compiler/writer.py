@@ -31,7 +31,7 @@ from moetvm.artifact import (
 )
 
 from . import quant as quantization
-from .quant_kernels import DecodeLayer, router_module, expert_module
+from .quant_kernels import router_module, expert_module
 from .dense_weights import DenseWeights
 from .lowering import build_library
 from .options import CompileOptions
@@ -99,7 +99,8 @@ def write_artifact(p: PlannedModel, out: str | Path, options: CompileOptions, ba
                         for i, spec in enumerate(specs))
             files = ExpertFiles(out, total, bar, quantized)
             moe_layers = [_write_layer(tmp, i, spec, p.plan, p.usage, p.workload_entries, p.routers[i], options.dense_fallback,
-                                       files, p.resident.get(i), p.decode.get(i)) for i, spec in enumerate(specs)]
+                                       files, p.resident.get(i), p.decode[i].function if i in p.decode else None)
+                          for i, spec in enumerate(specs)]
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
                 kind=p.kind,
@@ -144,15 +145,8 @@ def relax_libraries(p: PlannedModel) -> dict[str, tvm.IRModule]:
             routers.append((f"router_{i}", spec.router_weight, spec.router_bias, spec.score_fn))
         if spec.shared_gate_weight is not None:
             routers.append((f"shared_gate_{i}", spec.shared_gate_weight, None, "sigmoid"))
-    decode = []
-    for li, function in p.decode.items():
-        key = next(key for key in p.resident_routing if any(r.function == p.resident[li] for r in p.resident_routing[key]))
-        _, d_model, d_ff, sch = key
-        w = p.workload_entries[key]
-        routing = next(r for r in p.resident_routing[key] if r.function == p.resident[li])
-        decode.append(DecodeLayer(function, f"router_{li}", d_model, d_ff, sch, routing, (w.slot_offsets, w.slot_bytes)))
     if routers:
-        libs["routers"] = router_module(routers, p.router_scheme, cpu=p.target.cpu, decode=tuple(decode))
+        libs["routers"] = router_module(routers, p.router_scheme, cpu=p.target.cpu, decode=tuple(p.decode.values()))
     for (kind, d_model, d_ff, sch), w in p.workload_entries.items():
         libs[w.library] = expert_module(
             d_model, d_ff, sch, w.function, tuple(w.fused_k), cpu=p.target.cpu, kind=kind,

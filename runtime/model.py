@@ -379,33 +379,30 @@ class MoEModel:
             except tvm_runtime.CALL_ERRORS as e:
                 layer = self._layers[index]
                 raise _call_failed(layer.router.library, layer.decode_function, e) from None
-            took = time.perf_counter() - t0
-            timings.experts += took  # the router's share is inside: one call
-            timings.calls += took
-            timings.call_count += 1
-            self.resident_calls += 1
-            self.cache.stats.hits += top_k
-            return out
-        row = x if x.ndim == 2 else tvm_runtime.view(x, row_shape, dtype)
-        t0 = time.perf_counter()
-        try:
-            scores = router(row)
-        except tvm_runtime.CALL_ERRORS as e:
-            raise _call_failed(self._layers[index].router.library, self._layers[index].router.function, e) from None
-        t1 = time.perf_counter()
-        try:
-            out = layer_fn(row, scores, pool)
-        except tvm_runtime.CALL_ERRORS as e:
-            layer = self._layers[index]
-            raise _call_failed(self._pools[index][1].library, layer.resident_function, e) from None
+            t1 = t0  # the router's share is inside the one call
+            calls = 1
+        else:
+            row = x if x.ndim == 2 else tvm_runtime.view(x, row_shape, dtype)
+            t0 = time.perf_counter()
+            try:
+                scores = router(row)
+            except tvm_runtime.CALL_ERRORS as e:
+                raise _call_failed(self._layers[index].router.library, self._layers[index].router.function, e) from None
+            t1 = time.perf_counter()
+            try:
+                out = layer_fn(row, scores, pool)
+            except tvm_runtime.CALL_ERRORS as e:
+                layer = self._layers[index]
+                raise _call_failed(self._pools[index][1].library, layer.resident_function, e) from None
+            calls = 2
         t2 = time.perf_counter()
         timings.routing += t1 - t0
         timings.experts += t2 - t1
         timings.calls += t2 - t0
-        timings.call_count += 2
+        timings.call_count += calls
         self.resident_calls += 1
         self.cache.stats.hits += top_k  # every expert a token uses is loaded
-        return out if row is x else tvm_runtime.view(out, token_shape, dtype)
+        return out if calls == 1 or row is x else tvm_runtime.view(out, token_shape, dtype)
 
     def _resident_plan(self, index: int) -> tuple:
         """This thread's (router, resident function, decode function or None, pool, (1, d),
