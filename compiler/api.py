@@ -146,7 +146,7 @@ def tune_model(model: nn.Module, example_inputs: tuple = (), target: str | Deplo
     # sys.modules; after torch.export's imports it took 19 s instead of 4.5 s.
     tuning.load_tensor_intrinsics(target.tvm)
     p = import_torch(model, example_inputs, target, options, calibration, Progress(progress, total=4))
-    libs = {k: v for k, v in relax_libraries(p).items()
+    libs = {k: v for k, v in relax_libraries(p, decode_step=False).items()
             if (k if k in ("segments", "routers") else "experts") in parts}
     # Segments carry batch, sequence and past length: tune them at the decode shape (all 1);
     # routers and experts also at a prefill bucket.

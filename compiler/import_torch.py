@@ -101,7 +101,7 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
                        if checkpoint_source(t) is not None}
             mod, p.dense = store_dense_weights(mod, scheme, cpu=target.cpu, sources=sources, vnni=target.int8_dot,
                                                dot=tuple(p for p in ("int8", "int4") if target.dot_for(p)))
-    p.split = frontend.split_at_moe_layers(mod, input_names, output_names, p.dense.names if p.dense else [])
+    p.cut(frontend.split_at_moe_layers(mod, input_names, output_names, p.dense.names if p.dense else []), bar)
     p.model_info = _model_info(model, name, description, source, specs, kv)
     if tokenizer is not None and not lm:
         raise UsageError("a tokenizer goes with a causal LM; this model is a single MoE block")

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moetvm.artifact import ModelInfo, Router, TensorSpec, Workload, plain_top_k, slot_layout
+from moetvm.artifact import DecodeStep, ModelInfo, Router, TensorSpec, Workload, plain_top_k, slot_layout
 from moetvm.budget import parse_budget
 
 from . import quant as quantization
 from . import quant_plan
 from .quant_kernels import DecodeLayer, ResidentRouting
+from .decode_step import plan_decode_step
 from .dense_weights import DenseWeights
 from .gemv import dot_fits, fuses_resident_layer, lanes_for
 from .build_target import BuildTarget
@@ -85,8 +86,19 @@ class PlannedModel:
     resident: dict = dataclasses.field(default_factory=dict)  # layer -> its resident function
     resident_routing: dict = dataclasses.field(default_factory=dict)  # workload key -> [ResidentRouting]
     decode: dict = dataclasses.field(default_factory=dict)  # layer -> its DecodeLayer (router library)
+    decode_step: DecodeStep | None = None  # a decode step in one call (the routers then live in the segments library)
     model_info: ModelInfo = dataclasses.field(default_factory=ModelInfo)  # the manifest's model section (the front door's)
     tokenizer: object = None  # a causal LM's tokenizer.TokenizerSource, copied into the artifact
+
+    def cut(self, split, bar: Progress | None = None) -> None:
+        """Take the segments the front door cut (a frontend.SplitProgram), and the decode step
+        they allow: its routers and decode functions then go beside the segments it calls."""
+        self.split = split
+        self.decode_step = plan_decode_step(split, set(self.decode), self.lm)
+        if self.decode_step is not None:
+            self.routers = [dataclasses.replace(r, library="segments") for r in self.routers]
+            if bar is not None:
+                bar.total -= 1  # no router library of its own
 
 
 def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: BuildTarget, options: CompileOptions, *,
@@ -140,9 +152,12 @@ def plan_parts(specs: list[MoELayerSpec], split, lm: bool, target: BuildTarget, 
             params=params, slot_offsets=offsets, slot_bytes=slot_bytes)
     if bar is not None:
         bar.total = 5 + lm + len(entries)  # trace, dense weights, segments, routers, one per workload, write, validate
-    return PlannedModel(target, specs, lm, split, plan, plan_info, usage, routers, options.routing, router_scheme, entries,
+    p = PlannedModel(target, specs, lm, split, plan, plan_info, usage, routers, options.routing, router_scheme, entries,
                      kind or ("causal_lm" if lm else "moe_block"), resident=resident, resident_routing=resident_routing,
                      decode=decode)
+    if split is not None:
+        p.cut(split, bar)
+    return p
 
 
 def _resident_layers(specs, plan: dict, routers: list[Router], target: BuildTarget) -> dict[int, tuple]:

@@ -304,20 +304,21 @@ def _fused_resident_layer(bb: relax.BlockBuilder, d_model: int, d_ff: int, s: Sc
 
 
 def router_module(routers: list[tuple[str, np.ndarray, np.ndarray | None, str]], s: Scheme,
-                  cpu: bool = False, decode: tuple[DecodeLayer, ...] = ()) -> tvm.IRModule:
+                  cpu: bool = False, decode: tuple[DecodeLayer, ...] = (), base: tvm.IRModule | None = None) -> tvm.IRModule:
     """For each (name, weight (E, d), bias or None, score_fn) a function
     name(x (n, d) f32) -> scores (n, E) = score_fn(x @ W^T + b) (sparsemixer: the logits,
     routing.sparsemixer picks from them), weights baked in as constants at precision `s` (fp32
     by default: routing is the most sensitive part). On CPU targets the logits take the
     hand-scheduled GEMV (gemv.py) where a tile divides E, as the experts' matmuls do (one kernel
     for the routers of a shape): the TE form read GraniteMoE's 128 KB fp32 router in ~13 us a
-    token, ~10 GB/s (perf: 2% of an int4 token).
+    token, ~10 GB/s (perf: 2% of an int4 token). `base`: a module to add them to (the segments,
+    for a decode step in one call); kernel names are kept apart from its own.
 
     And each of `decode`'s functions (x (1, 1, d), pool) -> (1, 1, d): a decode step's whole MoE
     layer in one call from the host, where the router and the resident function were two, with
     a view of the hidden state before and of the result after (GraniteMoE int4s, 1 thread: the
     share of decode time outside compiled code, as timed, 6.0-6.7% -> 5.0-5.5%)."""
-    bb = relax.BlockBuilder()
+    bb = relax.BlockBuilder(base)
     for name, weight, bias, score_fn in routers:
         if score_fn not in SCORE_FNS:
             raise QuantizationError(f"unknown router score function {score_fn!r}")

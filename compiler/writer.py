@@ -31,6 +31,7 @@ from moetvm.artifact import (
 )
 
 from . import quant as quantization
+from .decode_step import add_decode_step
 from .quant_kernels import router_module, expert_module
 from .dense_weights import DenseWeights
 from .lowering import build_library
@@ -78,7 +79,8 @@ def write_artifact(p: PlannedModel, out: str | Path, options: CompileOptions, ba
         tuning = {"tuned": 0, "default": 0}
 
         for lib_name, module in relax_libraries(p).items():
-            what = {"segments": f"{sum(isinstance(f, tvm.relax.Function) for f in module.functions.values())} dense segments",
+            segments = sum(step.op == "segment" for step in p.split.program)
+            what = {"segments": f"{segments} dense segments" + (", routers, decode step" if p.decode_step else ""),
                     "routers": f"{len(specs)} routers ({p.routing}, {p.router_scheme.tag})"}.get(lib_name, f"expert workload {lib_name}")
             with bar.step(f"build {what}"):
                 path = tmp / "lib" / f"{lib_name}.so"
@@ -115,6 +117,7 @@ def write_artifact(p: PlannedModel, out: str | Path, options: CompileOptions, ba
                 workloads=list(p.workload_entries.values()),
                 moe_layers=moe_layers,
                 weights=weights,
+                decode_step=p.decode_step,
                 tokenizer=p.tokenizer.write(tmp) if p.tokenizer is not None else None,
                 # No timestamps or durations: the same inputs give a byte-identical manifest.
                 compile_info={"tvm": tvm.__version__, "torch": torch.__version__,
@@ -134,8 +137,10 @@ def write_artifact(p: PlannedModel, out: str | Path, options: CompileOptions, ba
     return out
 
 
-def relax_libraries(p: PlannedModel) -> dict[str, tvm.IRModule]:
-    """Library name -> the Relax module it is built from: segments, routers, one per workload."""
+def relax_libraries(p: PlannedModel, decode_step: bool = True) -> dict[str, tvm.IRModule]:
+    """Library name -> the Relax module it is built from: segments, routers, one per workload;
+    with the plan's decode step, the routers and the step in the segments' library (tuning asks
+    for them apart, `decode_step=False`: the step's kernels are theirs)."""
     libs = {}
     if any(isinstance(f, tvm.relax.Function) for f in p.split.segments.functions.values()):
         libs["segments"] = p.split.segments
@@ -145,7 +150,12 @@ def relax_libraries(p: PlannedModel) -> dict[str, tvm.IRModule]:
             routers.append((f"router_{i}", spec.router_weight, spec.router_bias, spec.score_fn))
         if spec.shared_gate_weight is not None:
             routers.append((f"shared_gate_{i}", spec.shared_gate_weight, None, "sigmoid"))
-    if routers:
+    if routers and p.decode_step is not None and decode_step:  # one library: the decode step calls segments and routers alike
+        module = router_module(routers, p.router_scheme, cpu=p.target.cpu, decode=tuple(p.decode.values()),
+                               base=p.split.segments)
+        libs["segments"] = add_decode_step(module, p.split, p.decode_step,
+                                           {li: layer.function for li, layer in p.decode.items()})
+    elif routers:
         libs["routers"] = router_module(routers, p.router_scheme, cpu=p.target.cpu, decode=tuple(p.decode.values()))
     for (kind, d_model, d_ff, sch), w in p.workload_entries.items():
         libs[w.library] = expert_module(

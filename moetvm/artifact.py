@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from moetvm.errors import MoetvmError
 
-FORMAT_VERSION = 12  # 2: the dense part's weights in weight files (`weights`), not in the segments library
+FORMAT_VERSION = 13  # 2: the dense part's weights in weight files (`weights`), not in the segments library
 # 3: resident MoE layers (a layer's experts in one pool, routed and run in one call)
 # 4: the LM's tokenizer (`tokenizer`) and bf16 weights: a runtime before them says so by version
 # 5: sparsemixer routing (PhiMoE: score_fn "sparsemixer", jitter_eps); a sliding window's bounded cache
@@ -40,7 +40,9 @@ FORMAT_VERSION = 12  # 2: the dense part's weights in weight files (`weights`), 
 #     points, a runtime before them would not know the tensors are two, not three, per weight
 # 12: a resident layer's decode function (`MoELayer.decode_function`): router, top-k and the layer
 #     in one call on the hidden state as the segments hand it over
-SUPPORTED_FORMAT_VERSIONS = (1, 12)
+# 13: a decode step in one call (`decode_step`): every segment and every layer's decode function for
+#     one token, the routers and decode functions beside the segments in their library
+SUPPORTED_FORMAT_VERSIONS = (1, 13)
 SLOT_ALIGN = 64  # bytes: every tensor in an expert's pool slot starts at a multiple (the kernels' vector alignment)
 MANIFEST_NAME = "manifest.json"
 
@@ -325,6 +327,17 @@ class Encryption:
 
 
 @dataclass(frozen=True)
+class DecodeStep:
+    """A function of the segments library that runs the whole program for one token on an
+    in-place KV cache with every expert resident: each segment, then each MoE layer's decode
+    function. It takes the named tensors, then one expert pool per MoE step in program order, and
+    returns the model's one output (the logits)."""
+
+    function: str
+    inputs: list[str]  # program inputs and dense weights, in call order
+
+
+@dataclass(frozen=True)
 class Manifest:
     format_version: int
     kind: str  # "causal_lm" | "moe_block" | "graph" (fixed-shape inputs -> outputs, e.g. an ONNX import)
@@ -340,6 +353,7 @@ class Manifest:
     weights: list[WeightFile] = field(default_factory=list)
     tokenizer: TokenizerInfo | None = None  # causal LMs compiled with one
     encryption: Encryption | None = None  # weight files encrypted at rest
+    decode_step: DecodeStep | None = None  # format 13
 
     @property
     def dense_weight_bytes(self) -> int:
@@ -574,6 +588,27 @@ def _check_consistency(m: Manifest) -> None:
                                     f"inputs {sorted(model_inputs & set(step.inputs))}")
         else:
             raise ArtifactError(f"{MANIFEST_NAME}: unknown program op {step.op!r}")
+    if m.decode_step is not None:
+        _check_decode_step(m, libs)
+
+
+def _check_decode_step(m: Manifest, libs: dict) -> None:
+    """A decode step: an LM's, in the segments library, reading only the program's inputs and
+    the dense weights (each once), with every MoE layer resident and a decode function beside
+    it, and one output to return."""
+    where = f"{MANIFEST_NAME}: decode step {m.decode_step.function!r}"
+    if m.kind != "causal_lm" or len(m.outputs) != 1 or m.model.kv.layout != "in_place":
+        raise ArtifactError(f"{where}: only a causal LM with an in-place KV cache has one")
+    if "segments" not in libs or m.decode_step.function not in libs["segments"].functions:
+        raise ArtifactError(f"{where} is not in library segments")
+    known = {t.name for t in m.inputs} | {t.name for w in m.weights for t in w.tensors}
+    names = m.decode_step.inputs
+    if len(set(names)) != len(names) or not set(names) <= known:
+        raise ArtifactError(f"{where}: inputs {sorted(set(names) - known) or 'repeated'} are not the program's "
+                            f"inputs and weights, each once")
+    for layer in m.moe_layers:
+        if layer.decode_function is None or layer.router.library != "segments":
+            raise ArtifactError(f"{where}: layer {layer.layer} has no decode function in library segments")
 
 
 def _check_resident(layer: MoELayer, w: Workload | None, libs: dict) -> None:

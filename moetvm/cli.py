@@ -287,7 +287,8 @@ def print_run_report(report: dict, fallback: str = "error") -> None:
                f"{report['total_expert_bytes'] / 1e6:.2f} MB; resident {report['resident_expert_bytes'] / 1e6:.2f} MB")
     t = report["time_ms"]
     click.echo(f"time split            segments {t['segments']:.1f} ms  routing {t['routing']:.1f} ms  "
-               f"experts {t['experts']:.1f} ms (incl. loads)")
+               f"experts {t['experts']:.1f} ms (incl. loads)"
+               + (f"  whole decode steps {t['decode_steps']:.1f} ms" if t.get("decode_steps") else ""))
     if report.get("outside_compiled_share") is not None:
         click.echo(f"outside compiled code {report['outside_compiled_share']:.0%} of decode time "
                    f"({report['compiled_calls']} calls into compiled functions)")

@@ -57,6 +57,8 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: list[int]) -> int:
         s = self.sampling
+        if s.greedy and s.repetition_penalty == 1.0:
+            return int(np.argmax(logits))  # (in float32: a float64 copy of 49k logits is ~20 us a token)
         logits = np.asarray(logits, np.float64)
         if s.repetition_penalty != 1.0 and history:
             seen = np.unique(np.asarray(history, np.int64))

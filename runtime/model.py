@@ -69,6 +69,7 @@ class Timings:
     calls: float = 0.0  # inside compiled functions (kernels and the VM that sequences them)
     call_count: int = 0
     steps: float = 0.0  # whole forward steps (prefills and decode tokens)
+    decode_steps: float = 0.0  # decode steps run as one call (artifact.DecodeStep): segments, routers and experts
     # The latest decode steps and prefills (bounded: a board runs for days); counts are kept apart.
     token_latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     prefill: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
@@ -271,6 +272,10 @@ class MoEModel:
         # shortest host path: no routing decision, cache lookup or timing lock per layer).
         resident = self.resident and self.recorder is None and where["positions"] is not None \
             and where["positions"].size == 1
+        if resident and self.manifest.decode_step is not None and self._thread.__dict__.get("steady"):
+            out = self._decode_step(inputs)
+            self.timings.steps += time.perf_counter() - started
+            return out
         for step in self.manifest.program:
             t0 = time.perf_counter()
             if step.op == "segment":
@@ -297,6 +302,41 @@ class MoEModel:
         out = {spec.name: tvm_runtime.to_numpy(env[spec.name]) for spec in self.manifest.outputs}
         self.timings.steps += time.perf_counter() - started
         return out
+
+    def _decode_step(self, inputs: dict) -> dict[str, np.ndarray]:
+        """One token on the in-place cache, every expert resident: the whole program in one call
+        (artifact.DecodeStep), where a step was a call per segment and per MoE layer, each with
+        its Python around it."""
+        plan = self._thread.__dict__.get("decode_step") or self._decode_step_plan()
+        fn, template, slots, layers, hits = plan
+        args = list(template)
+        for i, name in slots:
+            args[i] = self._as_tensor(inputs[name])
+        t0 = time.perf_counter()
+        try:
+            logits = fn(*args)
+        except tvm_runtime.CALL_ERRORS as e:
+            raise _call_failed("segments", self.manifest.decode_step.function, e) from None
+        elapsed = time.perf_counter() - t0
+        timings = self.timings
+        timings.decode_steps += elapsed
+        timings.calls += elapsed
+        timings.call_count += 1
+        self.resident_calls += layers
+        self.cache.stats.hits += hits  # every expert a token uses is loaded
+        return {self.manifest.outputs[0].name: tvm_runtime.to_numpy(logits)}
+
+    def _decode_step_plan(self) -> tuple:
+        """This thread's (decode step function, its arguments with the dense weights and pools in
+        place, (position, name) of the step's inputs, MoE layers, experts a token uses)."""
+        step = self.manifest.decode_step
+        moe = [s.layer for s in self.manifest.program if s.op == "moe"]
+        template = [self._weights.get(name) for name in step.inputs] + [self._pools[layer][0] for layer in moe]
+        slots = [(i, name) for i, name in enumerate(step.inputs) if name not in self._weights]
+        plan = (self._function("segments", step.function, steady=True), template, slots, len(moe),
+                sum(self._layers[layer].router.top_k for layer in moe))
+        self._thread.__dict__["decode_step"] = plan
+        return plan
 
     def _last_rows(self, x: tvm_runtime.Tensor) -> tvm_runtime.Tensor:
         """(batch, seq, ...) -> (batch, 1, ...): the last position's rows."""
@@ -940,7 +980,8 @@ class MoEModel:
             "latency_ms": pct,
             "decode_tokens": self.timings.decode_tokens,
             "prefill_ms": [t * 1e3 for t in self.timings.prefill],
-            "time_ms": {k: getattr(self.timings, k) * 1e3 for k in ("segments", "routing", "lookahead", "experts")},
+            "time_ms": {k: getattr(self.timings, k) * 1e3
+                        for k in ("segments", "routing", "lookahead", "experts", "decode_steps")},
             # The host's share: everything a step does outside compiled code (Python dispatch,
             # routing decisions, cache bookkeeping, conversions), over the decode steps (over all
             # steps when nothing was decoded).

@@ -63,18 +63,18 @@ def test_edited_manifest_detected(artifact_copy):
 
 
 def test_tampered_library_detected_before_loading(artifact_copy):
-    lib = artifact_copy / "lib" / "routers.so"
+    lib = next((artifact_copy / "lib").glob("expert_*.so"))
     data = bytearray(lib.read_bytes())
     data[4096] ^= 1
     lib.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match=r"lib/routers\.so: SHA-256 mismatch"):
+    with pytest.raises(ArtifactError, match=rf"lib/{lib.name}: SHA-256 mismatch"):
         load_model(artifact_copy)
 
 
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda d: d.update(format_version=99), r"format_version 99 is not supported \(this runtime reads versions 1\.\.12\)"),
+        (lambda d: d.update(format_version=99), r"format_version 99 is not supported \(this runtime reads versions 1\.\.13\)"),
         (lambda d: d["moe_layers"][0]["experts"][0]["file"].update(path="../../etc/passwd"), "escapes the artifact directory"),
         (lambda d: d["moe_layers"][0]["experts"][0]["file"].update(path="/etc/passwd"), "escapes the artifact directory"),
         (lambda d: d["moe_layers"][0]["router"].update(top_k="2"), r"top_k: expected int, got str"),
@@ -103,7 +103,12 @@ def test_tampered_library_detected_before_loading(artifact_copy):
         (lambda d: d["workloads"][0].update(dot="yes"), r"dot: expected bool, got str"),
         # Resident layers: the pool layout is the manifest's, so it must be sound before any view is taken.
         (lambda d: d["moe_layers"][0].update(resident_function="nope"), r"resident function 'nope' is not in library"),
-        (lambda d: d["moe_layers"][0].update(decode_function="nope"), r"layer 0: decode function 'nope' is not in library routers"),
+        (lambda d: d["moe_layers"][0].update(decode_function="nope"), r"layer 0: decode function 'nope' is not in library segments"),
+        # The decode step: one call that reads the inputs and weights by name and every layer's pool.
+        (lambda d: d["decode_step"].update(function="nope"), r"decode step 'nope' is not in library segments"),
+        (lambda d: d["decode_step"]["inputs"].append("ghost"), r"inputs \['ghost'\] are not the program's inputs and weights"),
+        (lambda d: d["decode_step"]["inputs"].append(d["decode_step"]["inputs"][0]), r"inputs repeated are not"),
+        (lambda d: d["moe_layers"][0].update(decode_function=None), r"layer 0 has no decode function in library segments"),
         (lambda d: d["moe_layers"][0].update(resident_function=None), r"layer 0: a decode function needs a resident function"),
         (lambda d: d["workloads"][0]["slot_offsets"].__setitem__(1, 8), r"slot offset 8 of w_up overlaps"),
         (lambda d: d["workloads"][0].update(slot_bytes=64), r"more than its 64-byte slot"),

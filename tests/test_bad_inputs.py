@@ -488,7 +488,7 @@ __attribute__((constructor)) static void evil(void) {
 
 
 def test_a_library_swapped_after_the_check_is_never_loaded(reference_artifact, tmp_path):
-    """An attacker swaps lib/routers.so between the good file and an unsigned library whose
+    """An attacker swaps an expert library between the good file and an unsigned library whose
     constructor leaves a mark, as fast as they can, while the model loads with trusted keys:
     the loader reads each file once and loads what it hashed, so the evil constructor never runs
     and every load either gets the good library or is refused by its hash."""
@@ -503,7 +503,7 @@ def test_a_library_swapped_after_the_check_is_never_loaded(reference_artifact, t
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", evil, tmp_path / "evil.c"], check=True)
     marker = tmp_path / "marker"
     os.environ["MOETVM_EVIL_MARKER"] = str(marker)
-    target = artifact / "lib" / "routers.so"
+    target = next((artifact / "lib").glob("expert_*.so"))
     good = tmp_path / "good.so"
     shutil.copy(target, good)
     outcomes = {"loaded": 0, "refused": 0}
@@ -515,7 +515,7 @@ def test_a_library_swapped_after_the_check_is_never_loaded(reference_artifact, t
                     model(np.array([[1, 2, 3]]))
                     outcomes["loaded"] += 1
                 except ArtifactError as e:
-                    assert "routers.so" in str(e)
+                    assert target.name in str(e)
                     outcomes["refused"] += 1
     finally:
         del os.environ["MOETVM_EVIL_MARKER"]

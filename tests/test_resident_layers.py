@@ -58,12 +58,21 @@ def test_resident_layers_compute_what_the_host_path_computes(which, reference_ar
     assert stats["resident_layer_calls"] == steps * layers and host.stats()["resident_layer_calls"] == 0
     n_experts = sum(len(layer.experts) for layer in m.moe_layers)
     assert stats["hit_rate"] == 1.0 and stats["preloaded"] == n_experts and stats["expert_loads"] == 0
-    # One decode step: the segments, and one call per MoE layer (its decode function: router and
-    # resident layer); without decode functions (an artifact before format 12), two.
+    # One decode step, one call (format 13: the segments and every layer's decode function in one
+    # function); without it (format 12), the segments and one call per layer (its decode function:
+    # router and resident layer); without decode functions either, two per layer.
+    assert m.decode_step is not None and all(layer.router.library == "segments" for layer in m.moe_layers)
     assert all(layer.decode_function == f"router_{layer.layer}_decode" for layer in m.moe_layers)
     segments = sum(step.op == "segment" for step in m.program)
     cache = resident.new_cache()
     _, cache = resident.step(tokens[None, :8], cache)
+    before, layer_calls = resident.timings.call_count, resident.resident_calls
+    resident.step(tokens[None, 8:9], cache)
+    assert resident.timings.call_count - before == 1 and resident.resident_calls - layer_calls == layers
+    assert resident.stats()["time_ms"]["decode_steps"] > 0
+    resident.manifest = dataclasses.replace(resident.manifest, decode_step=None)
+    per_layer = _steps(resident, tokens)
+    assert max(relative_error(x, y) for x, y in zip(a, per_layer)) < 1e-6
     before = resident.timings.call_count
     resident.step(tokens[None, 8:9], cache)
     assert resident.timings.call_count - before == segments + layers

@@ -301,11 +301,12 @@ def _rehash(root: Path, ref: dict) -> None:
 @pytest.fixture
 def updated(artifact_copy, tmp_path):
     """A second artifact: layer 1 expert 3 retrained, layer 2 expert 7 masked and pruned, the
-    routers library rebuilt."""
+    segments library (which holds the routers) rebuilt."""
     new = tmp_path / "new"
     shutil.copytree(artifact_copy, new)
     data = json.loads((new / "manifest.json").read_text())
-    for ref in (data["moe_layers"][1]["experts"][3]["file"], data["libraries"][1]["file"]):
+    assert data["libraries"][0]["name"] == "segments"
+    for ref in (data["moe_layers"][1]["experts"][3]["file"], data["libraries"][0]["file"]):
         path = new / ref["path"]
         blob = bytearray(path.read_bytes())
         blob[-100] ^= 0xFF  # safetensors payload / .so tail
@@ -315,8 +316,9 @@ def updated(artifact_copy, tmp_path):
     (new / layer2["experts"][7]["file"]["path"]).unlink()
     layer2["experts"] = layer2["experts"][:7]
     layer2["router"]["masked"] = [7]
-    # as the compiler does: a layer with masked experts is not resident
+    # as the compiler does: a layer with masked experts is not resident, so no decode step
     layer2["resident_function"] = layer2["decode_function"] = None
+    del data["decode_step"]
     (new / "manifest.json").write_text(json.dumps(data, indent=1))
     return new
 
@@ -328,7 +330,7 @@ def test_diff_lists_changed_added_removed(artifact_copy, updated, keys):
     d = diff_artifacts(artifact_copy, updated)
     json.dumps(d)  # plain data
     assert [(lib["name"], lib["status"]) for lib in d["libraries"]] == [
-        ("segments", "unchanged"), ("routers", "changed"), ("expert_swiglu_128x256_fp32t64", "unchanged")]
+        ("segments", "changed"), ("expert_swiglu_128x256_fp32t64", "unchanged")]
     fallbacks = sum(getattr(layer, "fallback", None) is not None for layer in read_manifest(artifact_copy).moe_layers)
     extra = ["fallback"] if fallbacks else []  # each layer's dense stand-in expert, if compiled
     assert d["layers"]["1"]["changed"] == [3] and d["layers"]["1"]["unchanged"] == [0, 1, 2, 4, 5, 6, 7] + extra
@@ -337,15 +339,15 @@ def test_diff_lists_changed_added_removed(artifact_copy, updated, keys):
     assert {k: d["summary"][k] for k in ("unchanged", "changed", "added", "removed", "libraries_changed")} == {
         "unchanged": 30 + fallbacks, "changed": 1, "added": 0, "removed": 1, "libraries_changed": 1}
     m_new = read_manifest(updated)
-    changed = {m_new.moe_layers[1].experts[3].file.path, m_new.library("routers").file.path}
+    changed = {m_new.moe_layers[1].experts[3].file.path, m_new.library("segments").file.path}
     assert d["summary"]["bytes_to_transfer"] == sum((updated / p).stat().st_size for p in changed)
-    assert d["manifest_fields_changed"] == []
+    assert d["manifest_fields_changed"] == ["decode_step"]
 
     back = diff_artifacts(updated, artifact_copy)
     assert back["layers"]["2"]["added"] == [7] and back["summary"]["added"] == 1
 
     table = format_diff(d)
-    assert "routers" in table and "changed" in table
+    assert "segments" in table and "changed" in table and "manifest fields changed: decode_step" in table
     assert any(line.startswith("layer 2") and "7" in line for line in table.splitlines())
     assert f"{30 + fallbacks} experts unchanged, 1 changed, 0 added, 1 removed" in table
 

@@ -1,0 +1,104 @@
+"""A decode step in one call (artifact format 13), as MLC-LLM's `decode` function is: one Relax
+function of the segments library runs the whole program for one token, every segment and every
+MoE layer's decode function (router, top-k and the resident layer), so the host makes one call a
+token where it made one per segment and per layer. The KV cache is written in place and the
+hidden state never leaves the function; the host passes the step's inputs, the dense weights and
+each layer's expert pool, and gets the logits."""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, tirx
+
+from moetvm.artifact import DecodeStep
+
+DECODE_STEP = "decode_step"
+
+
+def plan_decode_step(split, decode_layers, lm: bool) -> DecodeStep | None:
+    """The decode step of a model cut into segments (frontend.SplitProgram), or None where none
+    can be built: an LM whose step returns its logits alone (an in-place cache: a concatenated one
+    comes back as outputs), every MoE layer with a decode function, and segment parameters whose
+    dimensions are constants or symbols (renamed into the step's own)."""
+    moe = [s for s in split.program if s.op == "moe"]
+    if not lm or len(split.outputs) != 1 or not moe or any(s.layer not in decode_layers for s in moe):
+        return None
+    functions = {gv.name_hint: f for gv, f in split.segments.functions_items()}
+    produced, inputs = set(), []
+    for step in split.program:
+        if step.op == "segment":
+            for name, param in zip(step.inputs, functions[step.name].params):
+                if name in produced or name in inputs:
+                    continue
+                if not isinstance(param.ty, relax.TensorType) or param.ty.shape is None or \
+                        not all(isinstance(d, (tirx.IntImm, tirx.Var)) for d in param.ty.shape.values):
+                    return None
+                inputs.append(name)
+        produced.update(step.outputs)
+    return DecodeStep(function=DECODE_STEP, inputs=inputs)
+
+
+def add_decode_step(module: tvm.IRModule, split, step: DecodeStep, decode_functions: dict[int, str]) -> tvm.IRModule:
+    """`module` (the segments, routers and decode functions) with `step.function`:
+    (*step.inputs, one pool per MoE step in program order) -> the logits."""
+    bb = relax.BlockBuilder(module)
+    functions = {gv.name_hint: (gv, f) for gv, f in module.functions_items()}
+    for gv, f in functions.values():  # a call takes its type from the callee's global var, as bb.add_func gives it
+        if isinstance(f, relax.Function) and not isinstance(gv.ty, relax.FuncType):
+            relax.expr._update_type(gv, f.ty)
+    types = {}
+    for s in split.program:
+        if s.op == "segment":
+            for name, param in zip(s.inputs, functions[s.name][1].params):
+                types.setdefault(name, param.ty)
+    # Each segment has its own symbols: the step shares one per name. They stay symbols (batch and
+    # sequence too, though both are 1), so the step's kernels are the segments' own: dlight's CPU
+    # reduction rule schedules a (1, 1, 1024) RMSNorm with the mean recomputed per output element
+    # (829 us against 4 us for the (batch, seq, 1024) one).
+    dims: dict[str, tirx.Var] = {}
+
+    def renamed(ty):
+        shape = [d if isinstance(d, tirx.IntImm) else dims.setdefault(d.name, tirx.Var(d.name, "int64"))
+                 for d in ty.shape.values]
+        return relax.TensorType(shape, ty.dtype)
+
+    def inline(gv: tvm.ir.GlobalVar, args: list) -> relax.Expr:
+        """Emit a Relax function's body on `args` here, and so the functions it calls: one body
+        whose parameters are checked once, and whose intermediates are planned together."""
+        f = relax.utils.copy_with_new_vars(module[gv])
+        symbols = {}  # the callee's symbols as the arguments have them
+        for param, arg in zip(f.params, args):
+            for mine, theirs in zip(param.ty.shape.values, arg.ty.shape.values):
+                if isinstance(mine, tirx.Var):
+                    symbols.setdefault(mine, theirs)
+        f = f.bind_symbolic_vars(symbols)
+        f = f.bind_params(dict(zip(f.params, args)))
+        for block in f.body.blocks:
+            for binding in block.bindings:
+                value = binding.value
+                if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.GlobalVar) \
+                        and isinstance(module[value.op], relax.Function):
+                    value = inline(value.op, list(value.args))
+                    binding = relax.VarBinding(binding.var, value)
+                bb.emit_normalized(binding)
+        return f.body.body
+
+    params = {name: relax.Var(f"input{i}", renamed(types[name])) for i, name in enumerate(step.inputs)}
+    moe = [s for s in split.program if s.op == "moe"]
+    pools = {s.layer: relax.Var(f"pool{s.layer}", functions[decode_functions[s.layer]][1].params[1].ty) for s in moe}
+    with bb.function(step.function, [*params.values(), *pools.values()]):
+        with bb.dataflow():
+            env = dict(params)
+            for s in split.program:
+                if s.op == "segment":
+                    results = inline(functions[s.name][0], [env[n] for n in s.inputs])
+                    env.update((name, bb.emit(relax.TupleGetItem(results, j))) for j, name in enumerate(s.outputs))
+                else:
+                    gv, f = functions[decode_functions[s.layer]]
+                    hidden = env[s.inputs[0]]
+                    x = bb.emit(relax.op.reshape(hidden, f.params[0].ty.shape))  # the one token's (1, 1, d)
+                    # and back to (batch, seq, d), as the segments take it
+                    env[s.outputs[0]] = bb.emit(relax.op.reshape(inline(gv, [x, pools[s.layer]]), hidden.ty.shape))
+            logits = bb.emit_output(env[split.outputs[0].name])
+        bb.emit_func_output(logits)
+    return bb.get()
