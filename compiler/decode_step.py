@@ -3,7 +3,13 @@ function of the segments library runs the whole program for one token, every seg
 MoE layer's decode function (router, top-k and the resident layer), so the host makes one call a
 token where it made one per segment and per layer. The KV cache is written in place and the
 hidden state never leaves the function; the host passes the step's inputs, the dense weights and
-each layer's expert pool, and gets the logits."""
+each layer's expert pool, and gets the logits.
+
+The functions are inlined, not called: a call checks every argument's type and shape again (~34
+VM instructions of a GraniteMoE segment's 176). GraniteMoE int4s, 1 thread, perf's samples
+outside the kernels (scripts/bench/profile_decode.py): 18.0% of a token with a call per segment
+and per layer, 13.7% with the step calling them, 11.4% with them inlined (~5,000 VM instructions
+a token -> ~3,100)."""
 
 from __future__ import annotations
 
@@ -35,27 +41,26 @@ def plan_decode_step(split, decode_layers, lm: bool) -> DecodeStep | None:
                     return None
                 inputs.append(name)
         produced.update(step.outputs)
-    return DecodeStep(function=DECODE_STEP, inputs=inputs)
+    model_inputs = {spec.name for spec in split.inputs}
+    return DecodeStep(function=DECODE_STEP, inputs=[n for n in inputs if n in model_inputs],
+                      weights=[n for n in inputs if n not in model_inputs])
 
 
 def add_decode_step(module: tvm.IRModule, split, step: DecodeStep, decode_functions: dict[int, str]) -> tvm.IRModule:
     """`module` (the segments, routers and decode functions) with `step.function`:
-    (*step.inputs, one pool per MoE step in program order) -> the logits."""
+    (*step.inputs, *step.weights, one pool per MoE step in program order) -> the logits."""
     bb = relax.BlockBuilder(module)
     functions = {gv.name_hint: (gv, f) for gv, f in module.functions_items()}
-    for gv, f in functions.values():  # a call takes its type from the callee's global var, as bb.add_func gives it
-        if isinstance(f, relax.Function) and not isinstance(gv.ty, relax.FuncType):
-            relax.expr._update_type(gv, f.ty)
     types = {}
     for s in split.program:
         if s.op == "segment":
             for name, param in zip(s.inputs, functions[s.name][1].params):
                 types.setdefault(name, param.ty)
-    # Each segment has its own symbols: the step shares one per name. They stay symbols (batch and
-    # sequence too, though both are 1), so the step's kernels are the segments' own: dlight's CPU
-    # reduction rule schedules a (1, 1, 1024) RMSNorm with the mean recomputed per output element
-    # (829 us against 4 us for the (batch, seq, 1024) one).
-    dims: dict[str, tirx.Var] = {}
+    # Each segment has its own symbols: the step shares one per name, and the batch and the
+    # sequence (the tokens' dimensions) are 1, so most shapes are constants: no shape is computed
+    # at run time and the intermediates are planned statically.
+    one = tirx.IntImm("int64", 1)
+    dims = {d: one for d in split.inputs[0].shape if isinstance(d, str)}
 
     def renamed(ty):
         shape = [d if isinstance(d, tirx.IntImm) else dims.setdefault(d.name, tirx.Var(d.name, "int64"))
@@ -76,17 +81,18 @@ def add_decode_step(module: tvm.IRModule, split, step: DecodeStep, decode_functi
         for block in f.body.blocks:
             for binding in block.bindings:
                 value = binding.value
-                if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.GlobalVar) \
-                        and isinstance(module[value.op], relax.Function):
-                    value = inline(value.op, list(value.args))
-                    binding = relax.VarBinding(binding.var, value)
+                if isinstance(binding, relax.VarBinding) and isinstance(value, relax.Call) \
+                        and isinstance(value.op, tvm.ir.GlobalVar) and isinstance(module[value.op], relax.Function):
+                    binding = relax.VarBinding(binding.var, inline(value.op, list(value.args)))
                 bb.emit_normalized(binding)
         return f.body.body
 
-    params = {name: relax.Var(f"input{i}", renamed(types[name])) for i, name in enumerate(step.inputs)}
+    params = {name: relax.Var(f"input{i}", renamed(types[name])) for i, name in enumerate(step.inputs + step.weights)}
     moe = [s for s in split.program if s.op == "moe"]
     pools = {s.layer: relax.Var(f"pool{s.layer}", functions[decode_functions[s.layer]][1].params[1].ty) for s in moe}
-    with bb.function(step.function, [*params.values(), *pools.values()]):
+    # The weights and pools (static shapes) go unchecked, as MLC-LLM's do: ~580 VM instructions a
+    # GraniteMoE token; the runtime checks them once, through the segments, before the first step.
+    with bb.function(step.function, [*params.values(), *pools.values()], attrs={"num_input": len(step.inputs)}):
         with bb.dataflow():
             env = dict(params)
             for s in split.program:

@@ -330,11 +330,14 @@ class Encryption:
 class DecodeStep:
     """A function of the segments library that runs the whole program for one token on an
     in-place KV cache with every expert resident: each segment, then each MoE layer's decode
-    function. It takes the named tensors, then one expert pool per MoE step in program order, and
-    returns the model's one output (the logits)."""
+    function: the step's inputs, the dense weights, then one expert pool per MoE step in program
+    order, all by name; it returns the model's one output (the logits). It checks its inputs'
+    shapes, not the weights' and pools' (static, and checked by the segments and decode functions,
+    which a runtime runs once first)."""
 
     function: str
-    inputs: list[str]  # program inputs and dense weights, in call order
+    inputs: list[str]  # program inputs (tokens, positions, KV buffers...)
+    weights: list[str]  # dense weights
 
 
 @dataclass(frozen=True)
@@ -601,11 +604,11 @@ def _check_decode_step(m: Manifest, libs: dict) -> None:
         raise ArtifactError(f"{where}: only a causal LM with an in-place KV cache has one")
     if "segments" not in libs or m.decode_step.function not in libs["segments"].functions:
         raise ArtifactError(f"{where} is not in library segments")
-    known = {t.name for t in m.inputs} | {t.name for w in m.weights for t in w.tensors}
-    names = m.decode_step.inputs
-    if len(set(names)) != len(names) or not set(names) <= known:
-        raise ArtifactError(f"{where}: inputs {sorted(set(names) - known) or 'repeated'} are not the program's "
-                            f"inputs and weights, each once")
+    for names, known, what in ((m.decode_step.inputs, {t.name for t in m.inputs}, "inputs"),
+                               (m.decode_step.weights, {t.name for w in m.weights for t in w.tensors}, "weights")):
+        if len(set(names)) != len(names) or not set(names) <= known:
+            raise ArtifactError(f"{where}: {what} {sorted(set(names) - known) or 'repeated'} are not the "
+                                f"program's {what}, each once")
     for layer in m.moe_layers:
         if layer.decode_function is None or layer.router.library != "segments":
             raise ArtifactError(f"{where}: layer {layer.layer} has no decode function in library segments")

@@ -221,6 +221,9 @@ class MoEModel:
             pools = self._resident_tensors([((layer.router.n_experts * w.slot_bytes,), "uint8") for layer, w in resident])
             self._pools = {layer.layer: (pool, w) for (layer, w), pool in zip(resident, pools)}
         self.resident_calls = 0  # layer calls that took the resident function
+        # The decode step does not check the weights' and pools' shapes (artifact.DecodeStep): it
+        # runs once a decode step has gone through the segments and decode functions, which do.
+        self._decode_step_checked = False
         self._checked_segments: set[str] = set()  # segments whose result count matched the manifest
         # Per-position segments whose results are the model's outputs alone (the final norm and LM
         # head): the ones a prefill may run on its last position (one in the middle feeds attention).
@@ -272,7 +275,8 @@ class MoEModel:
         # shortest host path: no routing decision, cache lookup or timing lock per layer).
         resident = self.resident and self.recorder is None and where["positions"] is not None \
             and where["positions"].size == 1
-        if resident and self.manifest.decode_step is not None and self._thread.__dict__.get("steady"):
+        if resident and self._decode_step_checked and self.manifest.decode_step is not None \
+                and self._thread.__dict__.get("steady"):
             out = self._decode_step(inputs)
             self.timings.steps += time.perf_counter() - started
             return out
@@ -299,6 +303,7 @@ class MoEModel:
                 env[step.outputs[0]] = tvm_runtime.view(self.moe_layer(step.layer, rows, predictions, where), x.shape)
         if self.recorder is not None:
             self.recorder.end_step()
+        self._decode_step_checked |= resident  # every weight and pool went through a checked call
         out = {spec.name: tvm_runtime.to_numpy(env[spec.name]) for spec in self.manifest.outputs}
         self.timings.steps += time.perf_counter() - started
         return out
@@ -331,8 +336,9 @@ class MoEModel:
         place, (position, name) of the step's inputs, MoE layers, experts a token uses)."""
         step = self.manifest.decode_step
         moe = [s.layer for s in self.manifest.program if s.op == "moe"]
-        template = [self._weights.get(name) for name in step.inputs] + [self._pools[layer][0] for layer in moe]
-        slots = [(i, name) for i, name in enumerate(step.inputs) if name not in self._weights]
+        template = [None] * len(step.inputs) + [self._weights[name] for name in step.weights] + \
+            [self._pools[layer][0] for layer in moe]
+        slots = list(enumerate(step.inputs))
         plan = (self._function("segments", step.function, steady=True), template, slots, len(moe),
                 sum(self._layers[layer].router.top_k for layer in moe))
         self._thread.__dict__["decode_step"] = plan

@@ -106,8 +106,10 @@ def test_tampered_library_detected_before_loading(artifact_copy):
         (lambda d: d["moe_layers"][0].update(decode_function="nope"), r"layer 0: decode function 'nope' is not in library segments"),
         # The decode step: one call that reads the inputs and weights by name and every layer's pool.
         (lambda d: d["decode_step"].update(function="nope"), r"decode step 'nope' is not in library segments"),
-        (lambda d: d["decode_step"]["inputs"].append("ghost"), r"inputs \['ghost'\] are not the program's inputs and weights"),
-        (lambda d: d["decode_step"]["inputs"].append(d["decode_step"]["inputs"][0]), r"inputs repeated are not"),
+        (lambda d: d["decode_step"]["inputs"].append("ghost"), r"inputs \['ghost'\] are not the program's inputs"),
+        (lambda d: d["decode_step"]["weights"].append(d["decode_step"]["inputs"][0]),
+         r"weights \['tokens'\] are not the program's weights"),
+        (lambda d: d["decode_step"]["weights"].append(d["decode_step"]["weights"][0]), r"weights repeated are not"),
         (lambda d: d["moe_layers"][0].update(decode_function=None), r"layer 0 has no decode function in library segments"),
         (lambda d: d["moe_layers"][0].update(resident_function=None), r"layer 0: a decode function needs a resident function"),
         (lambda d: d["workloads"][0]["slot_offsets"].__setitem__(1, 8), r"slot offset 8 of w_up overlaps"),
