@@ -30,21 +30,27 @@ def plan_decode_step(split, decode_layers, lm: bool) -> DecodeStep | None:
     moe = [s for s in split.program if s.op == "moe"]
     if not lm or len(split.outputs) != 1 or not moe or any(s.layer not in decode_layers for s in moe):
         return None
-    functions = {gv.name_hint: f for gv, f in split.segments.functions_items()}
-    produced, inputs = set(), []
-    for step in split.program:
+    taken = _taken_from_outside(split.program, split.segments)
+    if not all(isinstance(ty, relax.TensorType) and ty.shape is not None
+               and all(isinstance(d, (tirx.IntImm, tirx.Var)) for d in ty.shape.values) for ty in taken.values()):
+        return None
+    model_inputs = {spec.name for spec in split.inputs}
+    return DecodeStep(function=DECODE_STEP, inputs=[n for n in taken if n in model_inputs],
+                      weights=[n for n in taken if n not in model_inputs])
+
+
+def _taken_from_outside(program, module: tvm.IRModule) -> dict:
+    """Name -> type, in order of first use, of what the segments take that no step makes: the
+    program's inputs and the dense weights."""
+    functions = {gv.name_hint: f for gv, f in module.functions_items()}
+    produced, taken = set(), {}
+    for step in program:
         if step.op == "segment":
             for name, param in zip(step.inputs, functions[step.name].params):
-                if name in produced or name in inputs:
-                    continue
-                if not isinstance(param.ty, relax.TensorType) or param.ty.shape is None or \
-                        not all(isinstance(d, (tirx.IntImm, tirx.Var)) for d in param.ty.shape.values):
-                    return None
-                inputs.append(name)
+                if name not in produced:
+                    taken.setdefault(name, param.ty)
         produced.update(step.outputs)
-    model_inputs = {spec.name for spec in split.inputs}
-    return DecodeStep(function=DECODE_STEP, inputs=[n for n in inputs if n in model_inputs],
-                      weights=[n for n in inputs if n not in model_inputs])
+    return taken
 
 
 def add_decode_step(module: tvm.IRModule, split, step: DecodeStep, decode_functions: dict[int, str]) -> tvm.IRModule:
@@ -52,11 +58,7 @@ def add_decode_step(module: tvm.IRModule, split, step: DecodeStep, decode_functi
     (*step.inputs, *step.weights, one pool per MoE step in program order) -> the logits."""
     bb = relax.BlockBuilder(module)
     functions = {gv.name_hint: (gv, f) for gv, f in module.functions_items()}
-    types = {}
-    for s in split.program:
-        if s.op == "segment":
-            for name, param in zip(s.inputs, functions[s.name][1].params):
-                types.setdefault(name, param.ty)
+    types = _taken_from_outside(split.program, module)
     # Each segment has its own symbols: the step shares one per name, and the batch and the
     # sequence (the tokens' dimensions) are 1, so most shapes are constants: no shape is computed
     # at run time and the intermediates are planned statically.
@@ -101,11 +103,9 @@ def add_decode_step(module: tvm.IRModule, split, step: DecodeStep, decode_functi
                     results = inline(functions[s.name][0], [env[n] for n in s.inputs])
                     env.update((name, bb.emit(relax.TupleGetItem(results, j))) for j, name in enumerate(s.outputs))
                 else:
-                    gv, f = functions[decode_functions[s.layer]]
-                    hidden = env[s.inputs[0]]
-                    # (1, 1, d) as the decode function takes it, and back to the segments' (batch, seq, d)
-                    x = bb.emit(relax.op.reshape(hidden, f.params[0].ty.shape))
-                    env[s.outputs[0]] = bb.emit(relax.op.reshape(inline(gv, [x, pools[s.layer]]), hidden.ty.shape))
+                    # the hidden state is (1, 1, d), as the decode function takes it
+                    gv = functions[decode_functions[s.layer]][0]
+                    env[s.outputs[0]] = inline(gv, [env[s.inputs[0]], pools[s.layer]])
             logits = bb.emit_output(env[split.outputs[0].name])
         bb.emit_func_output(logits)
     return bb.get()

@@ -78,8 +78,8 @@ def write_artifact(p: PlannedModel, out: str | Path, options: CompileOptions, ba
         device_code: dict[str, dict] = {}
         tuning = {"tuned": 0, "default": 0}
 
+        segments = sum(step.op == "segment" for step in p.split.program)
         for lib_name, module in relax_libraries(p).items():
-            segments = sum(step.op == "segment" for step in p.split.program)
             what = {"segments": f"{segments} dense segments" + (", routers, decode step" if p.decode_step else ""),
                     "routers": f"{len(specs)} routers ({p.routing}, {p.router_scheme.tag})"}.get(lib_name, f"expert workload {lib_name}")
             with bar.step(f"build {what}"):

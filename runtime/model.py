@@ -224,6 +224,7 @@ class MoEModel:
         # The decode step does not check the weights' and pools' shapes (artifact.DecodeStep): it
         # runs once a decode step has gone through the segments and decode functions, which do.
         self._decode_step_checked = False
+        self._decode_step_tail: list | None = None  # its arguments after the step's own inputs
         self._checked_segments: set[str] = set()  # segments whose result count matched the manifest
         # Per-position segments whose results are the model's outputs alone (the final norm and LM
         # head): the ones a prefill may run on its last position (one in the middle feeds attention).
@@ -237,6 +238,7 @@ class MoEModel:
         moe_steps = [step.layer for step in manifest.program if step.op == "moe"]
         self._next_layer = dict(zip(moe_steps, moe_steps[1:]))
         self._next_layer_order = moe_steps
+        self._decode_step_hits = sum(self._layers[layer].router.top_k for layer in moe_steps)
         # (lookahead span, slots per layer) when every layer's routing is fixed by position
         # (tiling, cycle) and eviction can use the known future; decided once, not per layer call.
         routers = [self._layers[layer].router for layer in moe_steps]
@@ -312,37 +314,17 @@ class MoEModel:
         """One token on the in-place cache, every expert resident: the whole program in one call
         (artifact.DecodeStep), where a step was a call per segment and per MoE layer, each with
         its Python around it."""
-        plan = self._thread.__dict__.get("decode_step") or self._decode_step_plan()
-        fn, template, slots, layers, hits = plan
-        args = list(template)
-        for i, name in slots:
-            args[i] = self._as_tensor(inputs[name])
-        t0 = time.perf_counter()
-        try:
-            logits = fn(*args)
-        except tvm_runtime.CALL_ERRORS as e:
-            raise _call_failed("segments", self.manifest.decode_step.function, e) from None
-        elapsed = time.perf_counter() - t0
-        timings = self.timings
-        timings.decode_steps += elapsed
-        timings.calls += elapsed
-        timings.call_count += 1
-        self.resident_calls += layers
-        self.cache.stats.hits += hits  # every expert a token uses is loaded
-        return {self.manifest.outputs[0].name: tvm_runtime.to_numpy(logits)}
-
-    def _decode_step_plan(self) -> tuple:
-        """This thread's (decode step function, its arguments with the dense weights and pools in
-        place, (position, name) of the step's inputs, MoE layers, experts a token uses)."""
         step = self.manifest.decode_step
-        moe = [s.layer for s in self.manifest.program if s.op == "moe"]
-        template = [None] * len(step.inputs) + [self._weights[name] for name in step.weights] + \
-            [self._pools[layer][0] for layer in moe]
-        slots = list(enumerate(step.inputs))
-        plan = (self._function("segments", step.function, steady=True), template, slots, len(moe),
-                sum(self._layers[layer].router.top_k for layer in moe))
-        self._thread.__dict__["decode_step"] = plan
-        return plan
+        if self._decode_step_tail is None:  # the dense weights, then each MoE layer's pool in program order
+            self._decode_step_tail = [self._weights[name] for name in step.weights] + \
+                [self._pools[layer][0] for layer in self._next_layer_order]
+        args = [self._as_tensor(inputs[name]) for name in step.inputs] + self._decode_step_tail
+        t0 = time.perf_counter()
+        logits = self._call("segments", step.function, *args)
+        self.timings.decode_steps += time.perf_counter() - t0
+        self.resident_calls += len(self._next_layer_order)
+        self.cache.stats.hits += self._decode_step_hits  # every expert a token uses is loaded
+        return {self.manifest.outputs[0].name: tvm_runtime.to_numpy(logits)}
 
     def _last_rows(self, x: tvm_runtime.Tensor) -> tvm_runtime.Tensor:
         """(batch, seq, ...) -> (batch, 1, ...): the last position's rows."""
