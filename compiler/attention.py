@@ -180,19 +180,22 @@ def append_quantized(kv_heads: int, head_dim: int, transposed: bool, block: int)
     return kv_append_quantized
 
 
-def _shared_heads(heads: int, kv_heads: int, dtype: str) -> int:
-    """Query heads per attention task: the whole group sharing a KV head, except for int8 caches,
-    whose shared tasks measured slower (GraniteMoE shape, 1024 positions, 24 layers, 1 thread: 8.3
-    against 5.3 ms; for the fp16 cache sharing took 5.8 to 4.8 ms)."""
-    return 1 if dtype in KV_QUANTIZED else heads // kv_heads
+def _shared_heads(heads: int, kv_heads: int) -> int:
+    """Query heads per attention task: those sharing a KV head, at most 4 (a divisor of the group).
+    Sharing reads each key and value once for the task, not once per head; past 4 the key block
+    falls to 8 lanes and the task is too narrow (16 query heads over 2 KV heads, 24 layers, 1024
+    positions, 1 thread: fp16 3.11 ms for 8 heads a task, 2.27 for 4; int8 3.28 and 2.02). int8
+    caches shared too (GraniteMoE's pairs: 3.10 ms one head a task, 2.05 shared)."""
+    group = heads // kv_heads
+    return next(s for s in (4, 3, 2, 1) if group % s == 0)
 
 
-def key_block(heads: int, kv_heads: int, dtype: str) -> int:
+def key_block(heads: int, kv_heads: int) -> int:
     """The keys the attention kernel scores together, LANES floats of accumulators over the query
     heads of a task: a power of two, and the cache layout's block (KVCacheLayout.block), so that a
     key block is one contiguous run (blocks of 64 positions scored 32 at a time, GraniteMoE's
     GQA pairs, took 5.1-5.3 ms where blocks of 32 took 4.3-4.4; 1024 positions, 24 layers, 1 thread)."""
-    return max(8, LANES >> (_shared_heads(heads, kv_heads, dtype) - 1).bit_length())
+    return LANES >> (_shared_heads(heads, kv_heads) - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
@@ -202,16 +205,16 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
     scratch. Keys past the visible length are read (to the next multiple of the block, within
     the capacity) and masked.
 
-    One task per KV head (float caches): the `group` query heads that share it are scored and
-    summed together, so each cached key and value is read (and converted to float32) once, not
-    once per query head; the key block shrinks by the group so the accumulators stay LANES wide
-    in all. int8 caches keep one task per query head (`shared`)."""
+    One task per KV head (`shared` query heads, up to 4, of the `group` that share it): its query
+    heads are scored and summed together, so each cached key and value is read (and converted to
+    float32) once a task, not once per query head; the key block shrinks by the heads so the
+    accumulators stay LANES wide in all."""
     group = heads // kv_heads
     vd = value_dim
     quantized = dtype in KV_QUANTIZED
     extra = KV_SCALE_BYTES if quantized else 0
-    shared = _shared_heads(heads, kv_heads, dtype)
-    lanes = min(key_block(heads, kv_heads, dtype), block)  # both powers of two: lanes divides the block
+    shared = _shared_heads(heads, kv_heads)
+    lanes = min(key_block(heads, kv_heads), block)  # both powers of two: lanes divides the block
     per_block = block // lanes
     # Values are summed over keys as `unroll` interleaved partial rows (each vd lanes, per head of
     # the task), so consecutive keys' multiply-adds do not wait on each other, within 64 floats of

@@ -67,7 +67,7 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
         states = list(getattr(model, "state_layout", []))
         kv_dtype = options.kv_cache_dtype()
         kv = (KVCacheLayout("in_place", kv_dtype, KV_CAPACITY_MULTIPLE, states=states,
-                            block=key_block(model.query_heads, kv_shapes(model.kv_layout)[1][0], kv_dtype))
+                            block=key_block(model.query_heads, kv_shapes(model.kv_layout)[1][0]))
               if getattr(model, "in_place_kv", False) else
               KVCacheLayout("concat", "float32", window=window, full_layers=list(getattr(model, "full_layers", [])),
                             chunk=getattr(model, "chunk", None) if getattr(model, "full_layers", None) else None))

@@ -74,7 +74,8 @@ def targets():
                    "[default: as --quant; fp32 with auto]")
 @click.option("--kv-dtype", type=click.Choice(KV_DTYPES), default=None,
               help="keys and values the LM caches; int8: a quarter of float32's bytes, quantized per "
-                   "position [default: float16, float32 when the dense part is fp32]")
+                   "position [default: int8 when the dense part is int8 or int4, float32 when fp32, "
+                   "else float16]")
 @click.option("--weight-budget", default=None, help="auto: expert bytes allowed (bytes or % of fp32)")
 @click.option("--calibration", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="text profiling expert usage (preload order) and planning auto precision "

@@ -120,8 +120,8 @@ def test_a_prefill_runs_the_lm_head_on_the_last_position_alone(reference_artifac
 
 @pytest.fixture(scope="module")
 def attention_kernels():
-    """compiler/attention.py's kernel for 8 query heads over 8, 4 and 2 KV heads (no sharing,
-    groups of 2 and 4 heads scored together) at each cache dtype, built for the host, for a cache
+    """compiler/attention.py's kernel for 8 query heads over 8, 4, 2 and 1 KV heads (no sharing,
+    groups of 2 and 4 heads scored together, a group of 8 in two tasks of 4) at each cache dtype, built for the host, for a cache
     in blocks of its key block (as compiled models have it) and of 64 positions (key blocks of
     fewer positions within a cache block)."""
     import tvm
@@ -130,16 +130,16 @@ def attention_kernels():
 
     target = BuildTarget.resolve("host").tvm
     built = {}
-    for kv_heads in (8, 4, 2):
+    for kv_heads in (8, 4, 2, 1):
         for dtype in ("float32", "float16", "int8"):
-            for block in {attention.key_block(8, kv_heads, dtype), 64}:
+            for block in {attention.key_block(8, kv_heads), 64}:
                 func = attention.cached_attention(8, kv_heads, 16, 24, dtype, 16 ** -0.5, block).with_attr("global_symbol", "attend")
                 built.setdefault((kv_heads, dtype), []).append(
                     (block, tvm.compile(tvm.IRModule({"attend": func}), target=target)["attend"]))
     return built
 
 
-@pytest.mark.parametrize("kv_heads", [8, 4, 2])
+@pytest.mark.parametrize("kv_heads", [8, 4, 2, 1])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
 def test_attention_kernel_matches_the_eager_op(attention_kernels, kv_heads, dtype):
     """The attention kernel against the op's eager semantics (compiler/kv_cache.py) on the same

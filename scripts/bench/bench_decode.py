@@ -402,6 +402,7 @@ def gguf_active_bytes(path: Path, summary: dict) -> dict:
 REPACK_OFF: set[tuple[Path, str]] = set()  # (GGUF, measurement) whose repacked (default) CPU kernels crashed
 LLAMA_KV: list = []  # llama-bench's cache options matching moetvm's --kv-dtype (int8: q8_0 keys and values)
 LLAMA_KV_ARGS = {"int8": ["-ctk", "q8_0", "-ctv", "q8_0", "-fa", 1], "float32": ["-ctk", "f32", "-ctv", "f32"]}
+LLAMA_KV_TYPE = {"int8": "q8_0", "float32": "f32"}  # llama.cpp's cache type for --kv-dtype (else its default f16)
 
 
 def llama_bench(gguf: Path, threads: int, args: list, timeout: float, what: str) -> tuple[list[dict], float]:
@@ -565,7 +566,7 @@ def print_table(rows: list[dict], models: dict, bandwidth: float, depths: list[i
         if info.get("error"):
             print(f"  n/a ({info['error']})")
             continue
-        head = (f"  {'thr':>3} {'engine':9} {'prec':5} {'tok/s':>8} {'vs llama':>8} {'vs torch':>8} {'prefill16':>9}"
+        head = (f"  {'thr':>3} {'engine':9} {'prec':5} {'KV':7} {'tok/s':>8} {'vs llama':>8} {'vs torch':>8} {'prefill16':>9}"
                 + "".join(f" {'ms@' + str(d):>8}" for d in [16, *depths])
                 + (f" {'pp' + str(max(depths)) + ' s':>8}" if depths else "")
                 + f" {'RSS MB':>7}" + (f" {'RSS@ctx':>7}" if depths else "") + f" {'MB/tok':>7} {'floor ms':>8} {'host %':>6}")
@@ -573,7 +574,8 @@ def print_table(rows: list[dict], models: dict, bandwidth: float, depths: list[i
         for r in (r for r in rows if r["model"] == model):
             prec = GGUF_TYPE[r["precision"]] if r["engine"] == "llama.cpp" else r["precision"]
             prec += "*" if r.get("repack_off") else ""
-            pre = f"  {r['threads']:>3} {label[r['engine']]:9} {prec:5}"
+            kv = info.get("kv_cache", {}).get(f"{r['engine']}/{r['precision']}", "-")
+            pre = f"  {r['threads']:>3} {label[r['engine']]:9} {prec:5} {kv:7}"
             if "error" in r:
                 print(f"{pre} n/a ({r['error']})")
                 continue
@@ -596,6 +598,7 @@ def print_table(rows: list[dict], models: dict, bandwidth: float, depths: list[i
              f"llama.cpp: llama-bench pp{max(depths)})" if depths else "")
           + f". RSS MB: peak RSS of the decode run (the prompt and new "
           f"tokens above; every engine in processes of its own); RSS@ctx: the highest over the depth runs. "
+          f"KV: the cache's dtype (moetvm's from the artifact: int8 for int8/int4 weights unless --kv-dtype). "
           f"vs llama = moetvm/llama.cpp at the same bits "
           f"(fp32~f32, int8~q8_0, int4 and int4s~q4_0); vs torch = moetvm/PyTorch eager fp32. MB/tok: weights read per "
           f"decode token (dense + top-k experts); floor = MB/tok / read bandwidth "
@@ -696,7 +699,7 @@ def main() -> None:
     llama_reason = llama_setup(not a.no_llama_build) if "llama.cpp" in engines else None
     for name in (m for m in a.models.split(",") if m):
         key = f"{name}-{a.scale}"
-        info = models[key] = {"active_bytes": {}, "compile": {}}
+        info = models[key] = {"active_bytes": {}, "compile": {}, "kv_cache": {}}
         try:
             model_dir = make_model(name, a.scale, root, a.seed)
         except Exception as e:  # noqa: BLE001 - reported in the table
@@ -717,15 +720,18 @@ def main() -> None:
                     if engine == "moetvm":
                         art, info["compile"][prec] = moetvm_compile(model_dir, prec, root, a.timeout, a.kv_dtype)
                         info["active_bytes"][("moetvm", prec)] = moetvm_active_bytes(art, s)
+                        info["kv_cache"][f"moetvm/{prec}"] = json.loads((art / "manifest.json").read_text())["model"]["kv_cache"]["dtype"]
                         targets[cell] = ("moetvm", art, ids, depth_prompts)
                     elif engine == "llama.cpp":
                         if llama_reason:
                             raise EngineError(llama_reason)
                         gguf = llama_gguf(model_dir, prec, root)
                         info["active_bytes"][("llama.cpp", prec)] = gguf_active_bytes(gguf, s)
+                        info["kv_cache"][f"llama.cpp/{prec}"] = LLAMA_KV_TYPE.get(a.kv_dtype, "f16")
                         targets[cell] = ("llama.cpp", gguf)
                     else:
                         info["active_bytes"][("pytorch", prec)] = {"total": s["active_params"] * 4}
+                        info["kv_cache"][f"pytorch/{prec}"] = "float32"
                         targets[cell] = ("pytorch", model_dir, ids, depth_prompts)
                 except Exception as e:  # noqa: BLE001 - reported in the table
                     reason = str(e) if isinstance(e, EngineError) else f"{type(e).__name__}: {first_line(str(e))}"
@@ -768,7 +774,7 @@ def main() -> None:
 
     rows = summarise(runs, cells, depths)
     print(f"decode benchmark: scale {a.scale}, {a.rounds} round(s), batch 1, {a.prompt_tokens}-token prompt, "
-          f"{a.new_tokens} new tokens; KV cache {a.kv_dtype or 'default'}; {platform.processor() or platform.machine()}, "
+          f"{a.new_tokens} new tokens; KV cache {a.kv_dtype or 'default per engine'}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs")
     print_table(rows, models, bandwidth, depths)
     for info in models.values():
