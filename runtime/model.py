@@ -265,23 +265,23 @@ class MoEModel:
 
     def _run_program(self, inputs: dict[str, np.ndarray], last_position: bool) -> dict[str, np.ndarray]:
         started = time.perf_counter()
-        env = dict(self._weights)
-        env.update((name, self._as_tensor(value)) for name, value in inputs.items())
-        predictions: dict[int, np.ndarray] = {}  # this call's lookahead guesses, by layer
-        # What fixed-pattern routers look at: token ids and positions, one per row of an MoE input.
-        tokens = inputs.get("tokens")
-        positions = inputs.get("positions")
-        where = {"tokens": None if tokens is None else np.asarray(tokens).ravel(),
-                 "positions": None if positions is None else np.asarray(positions).ravel()}
         # A decode step with every expert loaded: resident layers run as one call each (the
-        # shortest host path: no routing decision, cache lookup or timing lock per layer).
-        resident = self.resident and self.recorder is None and where["positions"] is not None \
-            and where["positions"].size == 1
+        # shortest host path: no routing decision, cache lookup or timing lock per layer), or
+        # the whole step as one call, decided before anything else is built for the step.
+        positions = inputs.get("positions")
+        resident = self.resident and self.recorder is None and positions is not None and np.size(positions) == 1
         if resident and self._decode_step_checked and self.manifest.decode_step is not None \
                 and self._thread.__dict__.get("steady"):
             out = self._decode_step(inputs)
             self.timings.steps += time.perf_counter() - started
             return out
+        env = dict(self._weights)
+        env.update((name, self._as_tensor(value)) for name, value in inputs.items())
+        predictions: dict[int, np.ndarray] = {}  # this call's lookahead guesses, by layer
+        # What fixed-pattern routers look at: token ids and positions, one per row of an MoE input.
+        tokens = inputs.get("tokens")
+        where = {"tokens": None if tokens is None else np.asarray(tokens).ravel(),
+                 "positions": None if positions is None else np.asarray(positions).ravel()}
         for step in self.manifest.program:
             t0 = time.perf_counter()
             if step.op == "segment":
