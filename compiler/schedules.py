@@ -15,7 +15,7 @@ from tvm.sym.analyzer import Analyzer
 from tvm.tirx.compilation_pipeline import get_tir_pipeline, register_tir_pipeline
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
 from tvm.target import Target
 
 VECTOR_LANES = 8  # fp32 lanes of a 256-bit vector; 2x NEON's 128 bits, which LLVM splits fine
@@ -134,12 +134,7 @@ class OneRowReduction(ScheduleRule):
             extents = [it.dom for it in info.iters if it.kind == "S"]
             if not all(isinstance(e, (int, tirx.IntImm)) and int(e) == 1 for e in extents):
                 return None
-        for info in infos[:-1]:
-            if info.is_injective():
-                try:
-                    sch.compute_inline(info.block_rv)
-                except Exception:  # noqa: BLE001 - kept as its own loop
-                    pass
+        try_inline_contiguous_spatial(sch, infos[:-1])  # what cannot be inlined stays its own loop
         _parallel_rows(sch, infos[-1].block_rv)
         return sch
 

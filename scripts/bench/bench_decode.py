@@ -284,12 +284,12 @@ def moetvm_compile(model_dir: Path, quant: str, root: Path, timeout: float, kv_d
     return art, {"reused": False, "compile_s": wall, "compile_peak_rss_mb": rss}
 
 
-def moetvm_active_bytes(art: Path, summary: dict) -> dict:
+def moetvm_active_bytes(m: dict) -> dict:
     """Bytes one decode token reads from the artifact: the top-k largest experts per MoE layer
     (their weight_bytes; all experts of a layer share one size unless --quant auto) + shared
     experts + the dense weights (the manifest's weight files; with tied embeddings the table is
-    read whole as the LM head, untied it counts whole too though a token reads one row of it)."""
-    m = json.loads((art / "manifest.json").read_text())
+    read whole as the LM head, untied it counts whole too though a token reads one row of it), from
+    the artifact's manifest `m`."""
     experts = 0
     for layer in m["moe_layers"]:
         sizes = [e["weight_bytes"] for e in layer["experts"]]
@@ -719,8 +719,9 @@ def main() -> None:
                 try:
                     if engine == "moetvm":
                         art, info["compile"][prec] = moetvm_compile(model_dir, prec, root, a.timeout, a.kv_dtype)
-                        info["active_bytes"][("moetvm", prec)] = moetvm_active_bytes(art, s)
-                        info["kv_cache"][f"moetvm/{prec}"] = json.loads((art / "manifest.json").read_text())["model"]["kv_cache"]["dtype"]
+                        manifest = json.loads((art / "manifest.json").read_text())
+                        info["active_bytes"][("moetvm", prec)] = moetvm_active_bytes(manifest)
+                        info["kv_cache"][f"moetvm/{prec}"] = manifest["model"]["kv_cache"]["dtype"]
                         targets[cell] = ("moetvm", art, ids, depth_prompts)
                     elif engine == "llama.cpp":
                         if llama_reason:
