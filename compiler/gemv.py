@@ -48,6 +48,7 @@ layout and the TE form. dense_weights.py pads the LM head to a tile.
 from __future__ import annotations
 
 import functools
+import math
 
 from tvm import tirx
 from tvm.script import tirx as T
@@ -79,6 +80,12 @@ PREFETCH_LOCALITY = 1
 # 412-457 us in registers; alone and cold, 330 us either way (the cause is not isolated: this VM
 # has no hardware counters). The fp32 layer: 2.03-2.18 ms against 2.21.
 RESIDENT_PARTIALS = "local"
+# The integer resident layer's (expert, d_ff tile) pairs run in this many parallel chunks (at most;
+# a multiple of 2 and 4 threads' tasks), each declaring the RESIDENT_PARTIALS chains once: declared
+# per pair they were 6,144 of the 7,370 workspace allocations (and frees) of a GraniteMoE int4 token,
+# time in TVM's runtime outside the kernels; 1,995 a token with chunks (counted by wrapping
+# TVMBackendAllocWorkspace). Decode speed the same within the noise.
+RESIDENT_CHUNKS = 16
 _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"  # acc.i32x16 += 4-byte dots of u8x64 and s8x64
 
 
@@ -270,17 +277,9 @@ def _dot_for(vnni: bool):
 
 
 @T.macro
-def _accumulate_tile(acc, xq, xd, xs, row, weights, tile, k_dim, lanes, operand, block_value, ahead, dot, scope=STACK):
-    """acc[l] += column l of this tile dotted with activation row `row` (quantized: xq, its
-    block scales xd and sums xs): per block of ACT_BLOCK inputs, two int32 chains (inputs
-    8s..8s+3 and 8s+4..8s+7 of each step s of 8) folded into fp32. The stored form enters
-    through operand(weights, tile, step, v, half) -> the 64 unsigned bytes (int32x16) of columns
-    16v..16v+15 for that half of the step, block_value(weights, tile, b, l, isum, scale, sum) ->
-    block b's fp32 contribution to column l, and ahead(weights, tile, step, v, half) -> the
-    prefetch of what that operand reads PREFETCH_BYTES later (or a no-op); dot: _dot_for(scheme.vnni);
-    scope: where the two chains live (STACK, or RESIDENT_PARTIALS)."""
-    first = T.decl_buffer((lanes,), "int32", scope=scope)  # two halves: two chains
-    second = T.decl_buffer((lanes,), "int32", scope=scope)
+def _accumulate_tile_in(acc, first, second, xq, xd, xs, row, weights, tile, k_dim, lanes, operand, block_value, ahead, dot):
+    """_accumulate_tile with its two chains given (buffers of `lanes` int32), for a caller that
+    declares them once for many tiles."""
     for b in T.serial(k_dim // ACT_BLOCK):
         for l in T.vectorized(lanes):
             first[l] = 0
@@ -297,6 +296,21 @@ def _accumulate_tile(acc, xq, xd, xs, row, weights, tile, k_dim, lanes, operand,
                     T.reinterpret("int32", xq[row, T.ramp(b * ACT_BLOCK + r * 8 + 4, 1, 4)]))
         for l in T.vectorized(lanes):
             acc[l] = acc[l] + block_value(weights, tile, b, l, first[l] + second[l], xd[row, b], xs[row, b])
+
+
+@T.macro
+def _accumulate_tile(acc, xq, xd, xs, row, weights, tile, k_dim, lanes, operand, block_value, ahead, dot, scope=STACK):
+    """acc[l] += column l of this tile dotted with activation row `row` (quantized: xq, its
+    block scales xd and sums xs): per block of ACT_BLOCK inputs, two int32 chains (inputs
+    8s..8s+3 and 8s+4..8s+7 of each step s of 8) folded into fp32. The stored form enters
+    through operand(weights, tile, step, v, half) -> the 64 unsigned bytes (int32x16) of columns
+    16v..16v+15 for that half of the step, block_value(weights, tile, b, l, isum, scale, sum) ->
+    block b's fp32 contribution to column l, and ahead(weights, tile, step, v, half) -> the
+    prefetch of what that operand reads PREFETCH_BYTES later (or a no-op); dot: _dot_for(scheme.vnni);
+    scope: where the two chains live (STACK, or RESIDENT_PARTIALS)."""
+    first = T.decl_buffer((lanes,), "int32", scope=scope)  # two halves: two chains
+    second = T.decl_buffer((lanes,), "int32", scope=scope)
+    _accumulate_tile_in(acc, first, second, xq, xd, xs, row, weights, tile, k_dim, lanes, operand, block_value, ahead, dot)
 
 
 @T.macro
@@ -488,6 +502,8 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
     up_operand, up_value, up_finish, up_ahead = terms("w_up", d_model)
     down_operand, down_value, down_finish, down_ahead = terms("w_down", d_ff)
     ff_tiles, d_tiles, blocks_per_tile = d_ff // lanes, d_model // lanes, lanes // ACT_BLOCK
+    chunks = math.gcd(top_k * ff_tiles, RESIDENT_CHUNKS)
+    per_chunk = top_k * ff_tiles // chunks
     dot = _dot_for(s.vnni)
 
     @T.prim_func(private=True)
@@ -507,10 +523,13 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
         hd = T.alloc_buffer((top_k, d_ff // ACT_BLOCK), f32)
         hs = T.alloc_buffer((top_k, d_ff // ACT_BLOCK), "int32")
         _quantize_activations(x, xq, xd, xs, 1, d_model // ACT_BLOCK)
-        for et in T.parallel(T.int64(top_k * ff_tiles)):
-            if True:
-                e: T.let[T.int64] = et // ff_tiles
-                tile: T.let[T.int64] = et % ff_tiles
+        for chunk in T.parallel(T.int64(chunks)):
+            # the chains, once per chunk of (expert, tile) pairs (RESIDENT_CHUNKS)
+            first = T.decl_buffer((lanes,), "int32", scope=RESIDENT_PARTIALS)
+            second = T.decl_buffer((lanes,), "int32", scope=RESIDENT_PARTIALS)
+            for i in T.serial(T.int64(per_chunk)):
+                e: T.let[T.int64] = (chunk * per_chunk + i) // ff_tiles
+                tile: T.let[T.int64] = (chunk * per_chunk + i) % ff_tiles
                 base: T.let[T.int64] = _slot_start(chosen, e, n_experts, slot_bytes)
                 gate_acc = T.decl_buffer((lanes,), f32, scope=STACK)
                 up_acc = T.decl_buffer((lanes,), f32, scope=STACK)
@@ -521,10 +540,10 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
                 for l in T.vectorized(lanes):
                     gate_acc[l] = T.float32(0)
                     up_acc[l] = T.float32(0)
-                _accumulate_tile(gate_acc, xq, xd, xs, 0, (pool, scales, base), tile, d_model, lanes, gate_operand, gate_value,
-                                 gate_ahead, dot, RESIDENT_PARTIALS)
-                _accumulate_tile(up_acc, xq, xd, xs, 0, (pool, scales, base), tile, d_model, lanes, up_operand, up_value, up_ahead,
-                                 dot, RESIDENT_PARTIALS)
+                _accumulate_tile_in(gate_acc, first, second, xq, xd, xs, 0, (pool, scales, base), tile, d_model, lanes,
+                                    gate_operand, gate_value, gate_ahead, dot)
+                _accumulate_tile_in(up_acc, first, second, xq, xd, xs, 0, (pool, scales, base), tile, d_model, lanes,
+                                    up_operand, up_value, up_ahead, dot)
                 for l in T.vectorized(lanes):  # h = silu(gate) * up, through buffers: in TVM 0.27 a let in a
                     # vectorised loop gave every lane one lane's value
                     gate_acc[l] = gate_finish((pool, scales, base), tile, l, gate_acc[l])

@@ -74,7 +74,7 @@ def legalize_passes(backend, target: tvm.target.Target) -> list:
     """`backend.legalize_passes(target)` (a tvm.relax.backend pipeline module), with the fused
     functions put in canonical form right after FuseOps and the kernels right after FuseTIR
     (`canonical_fusion`, `canonical_kernels`)."""
-    passes = [drop_identity_layout]
+    passes = [drop_identity_layout, rms_norm_as_one_op]
     for p in backend.legalize_passes(target):
         if p.info.name == "LegalizeOps":
             # A reshape is a view of a compact tensor: it stays a Relax op, which VMBuiltinLower
@@ -134,6 +134,48 @@ def drop_identity_layout(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     drop = _DropIdentityLayout(mod)
     for gv, func in mod.functions_items():
         out[gv] = drop.visit_expr(func) if isinstance(func, relax.Function) else func
+    return out
+
+
+def _rms_norm_pattern():
+    """w * (x * rsqrt(mean(x ** 2, -1) + eps)), the RMSNorm of the HF families, as torch.export
+    gives it: its parts, to check before rewriting."""
+    from tvm.relax.dpl import is_const, is_op, wildcard
+
+    x, w, two, eps = wildcard(), wildcard(), is_const(), is_const()
+    mean = is_op("relax.mean")(is_op("relax.power")(x, two))
+    scaled = is_op("relax.multiply")(x, is_op("relax.rsqrt")(is_op("relax.add")(mean, eps)))
+    return is_op("relax.multiply")(w, scaled) | is_op("relax.multiply")(scaled, w), x, w, two, eps, mean
+
+
+@tvm.transform.module_pass(opt_level=0, name="MoetvmRMSNormOp")
+def rms_norm_as_one_op(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """An RMSNorm becomes relax's rms_norm: one kernel where FuseOps made two, as it fuses no
+    elementwise producer (the square) into a reduction (the mean). GraniteMoE decodes 49 norms
+    a token: 49 kernel calls, their outputs' allocations and frees fewer (the squares' round trip
+    through memory too). Same arithmetic: the one sum of squares, divided by the width."""
+    from tvm.relax.dpl import rewrite_call
+
+    pattern, x, w, two, eps, mean = _rms_norm_pattern()
+
+    def scalar(const) -> float | None:
+        value = const.value.numpy()
+        return float(value) if value.size == 1 else None
+
+    def rewrite(call, m):
+        xt, wt = m[x].ty, m[w].ty
+        axis = [int(a) for a in m[mean].attrs.axis] if m[mean].attrs.axis is not None else None
+        if not (isinstance(xt, relax.TensorType) and isinstance(wt, relax.TensorType)
+                and xt.dtype == wt.dtype == "float32" and wt.ndim == 1 and xt.ndim >= 1
+                and axis in ([-1], [xt.ndim - 1]) and m[mean].attrs.keepdims
+                and scalar(m[two]) == 2.0 and scalar(m[eps]) is not None
+                and Analyzer().can_prove_equal(wt.shape[0], xt.shape[xt.ndim - 1])):
+            return call
+        return relax.op.nn.rms_norm(m[x], m[w], axes=[-1], epsilon=scalar(m[eps]))
+
+    out = tvm.IRModule(attrs=mod.attrs, global_infos=mod.global_infos)
+    for gv, func in mod.functions_items():
+        out[gv] = rewrite_call(pattern, rewrite, func) if isinstance(func, relax.Function) else func
     return out
 
 

@@ -18,6 +18,7 @@ from tvm import relax, te
 from moetvm.artifact import DTYPE_BYTES, SCORE_FNS, fused_function
 
 from . import gemv
+from .attention import STACK
 from .quant import FLOATS, PLAIN, SWIGLU, SYMMETRIC_ZERO, QuantizationError, Scheme, expert_params, parse_kind, quantize, scale_dtype
 
 
@@ -112,14 +113,17 @@ class DecodeLayer:
     slot: tuple  # (offsets, slot_bytes) of the experts' workload
 
 
-def top_k_kernel(r: ResidentRouting) -> tvm.tirx.PrimFunc:
+def top_k_kernel(r: ResidentRouting, cpu: bool = True) -> tvm.tirx.PrimFunc:
     """scores (1, E) -> (chosen (k,) int64, weights (1, k) f32): the k best experts in ascending
     expert order (the order the host path sums them in), ties to the lower index as
     moetvm.routing.select_experts breaks them; weights are their scores, renormalised and
     scaled as the router says. Always k distinct experts in [0, E), whatever the scores (NaN
-    included): the pool views taken from them stay in bounds."""
+    included): the pool views taken from them stay in bounds. cpu: its scratch on the stack
+    (attention.STACK), where "local" scope made five heap workspaces a call (120 allocations and
+    frees a GraniteMoE token)."""
     from tvm.script import tirx as T
 
+    scratch = STACK if cpu else "local"
     n, k = r.n_experts, r.top_k
     scaling = float(r.scaling)
 
@@ -132,11 +136,11 @@ def top_k_kernel(r: ResidentRouting) -> tvm.tirx.PrimFunc:
         # One opaque block: Relax inspects single-input kernels for a reshape pattern, which
         # needs a block-structured body.
         with T.sblock("top_k"):
-            taken = T.decl_buffer((n,), "int32", scope="local")
-            best = T.decl_buffer((1,), "float32", scope="local")
-            arg = T.decl_buffer((1,), "int32", scope="local")
-            count = T.decl_buffer((1,), "int32", scope="local")
-            total = T.decl_buffer((1,), "float32", scope="local")
+            taken = T.decl_buffer((n,), "int32", scope=scratch)
+            best = T.decl_buffer((1,), "float32", scope=scratch)
+            arg = T.decl_buffer((1,), "int32", scope=scratch)
+            count = T.decl_buffer((1,), "int32", scope=scratch)
+            total = T.decl_buffer((1,), "float32", scope=scratch)
             for e in T.serial(n):
                 taken[e] = 0
             for j in T.serial(k):
@@ -269,7 +273,7 @@ def expert_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[
         pool = relax.Var("pool", relax.TensorType((r.n_experts * slot_bytes,), "uint8"))
         with bb.function(r.function, [x, scores, pool]):
             with bb.dataflow():
-                kernel = bb.add_func(top_k_kernel(r), f"top{r.top_k}_of_{r.n_experts}")
+                kernel = bb.add_func(top_k_kernel(r, cpu), f"top{r.top_k}_of_{r.n_experts}")
                 picked = bb.emit(relax.call_tir(kernel, [scores], [relax.TensorType((r.top_k,), "int64"),
                                                                    relax.TensorType((1, r.top_k), "float32")]))
                 ids = bb.emit(relax.op.tensor_to_shape(bb.emit(relax.TupleGetItem(picked, 0))))

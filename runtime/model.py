@@ -224,7 +224,7 @@ class MoEModel:
         # The decode step does not check the weights' and pools' shapes (artifact.DecodeStep): it
         # runs once a decode step has gone through the segments and decode functions, which do.
         self._decode_step_checked = False
-        self._decode_step_tail: list | None = None  # its arguments after the step's own inputs
+        self._decode_step_tail_args: list | None = None  # its arguments after the step's own inputs
         self._checked_segments: set[str] = set()  # segments whose result count matched the manifest
         # Per-position segments whose results are the model's outputs alone (the final norm and LM
         # head): the ones a prefill may run on its last position (one in the middle feeds attention).
@@ -272,7 +272,8 @@ class MoEModel:
         resident = self.resident and self.recorder is None and positions is not None and np.size(positions) == 1
         if resident and self._decode_step_checked and self.manifest.decode_step is not None \
                 and self._thread.__dict__.get("steady"):
-            out = self._decode_step(inputs)
+            args = [self._as_tensor(inputs[name]) for name in self.manifest.decode_step.inputs] + self._decode_step_tail()
+            out = {self.manifest.outputs[0].name: self._decode_step(args)}
             self.timings.steps += time.perf_counter() - started
             return out
         env = dict(self._weights)
@@ -310,21 +311,55 @@ class MoEModel:
         self.timings.steps += time.perf_counter() - started
         return out
 
-    def _decode_step(self, inputs: dict) -> dict[str, np.ndarray]:
+    def _decode_step(self, args: list) -> np.ndarray:
         """One token on the in-place cache, every expert resident: the whole program in one call
         (artifact.DecodeStep), where a step was a call per segment and per MoE layer, each with
-        its Python around it."""
-        step = self.manifest.decode_step
-        if self._decode_step_tail is None:  # the dense weights, then each MoE layer's pool in program order
-            self._decode_step_tail = [self._weights[name] for name in step.weights] + \
-                [self._pools[layer][0] for layer in self._next_layer_order]
-        args = [self._as_tensor(inputs[name]) for name in step.inputs] + self._decode_step_tail
+        its Python around it. `args`: its inputs as tensors, then _decode_step_tail()."""
         t0 = time.perf_counter()
-        logits = self._call("segments", step.function, *args)
+        logits = self._call("segments", self.manifest.decode_step.function, *args)
         self.timings.decode_steps += time.perf_counter() - t0
         self.resident_calls += len(self._next_layer_order)
         self.cache.stats.hits += self._decode_step_hits  # every expert a token uses is loaded
-        return {self.manifest.outputs[0].name: tvm_runtime.to_numpy(logits)}
+        return tvm_runtime.to_numpy(logits)
+
+    def _decode_step_tail(self) -> list:
+        """The one-call step's arguments after its own inputs: the dense weights, then each MoE
+        layer's pool in program order (made once per model)."""
+        if self._decode_step_tail_args is None:
+            self._decode_step_tail_args = [self._weights[name] for name in self.manifest.decode_step.weights] + \
+                [self._pools[layer][0] for layer in self._next_layer_order]
+        return self._decode_step_tail_args
+
+    def _one_call_ready(self) -> bool:
+        """Whether a steady decode token can take the one-call step: the artifact has one, a
+        decode step already went through the checked per-segment path, and every expert is
+        loaded, with no routing recorder listening."""
+        return self._decode_step_checked and self.manifest.decode_step is not None and self.resident \
+            and self.recorder is None
+
+    def _steady_step_arguments(self, cache: "KVCache", token: int) -> list:
+        """The one-call step's arguments for the next token on an in-place cache (on the CPU):
+        made once per cache buffers and kept with the cache, the token and its position written
+        into their kept arrays and the held positions a view of a kept arange (what was a dict
+        of inputs, three aligned copies and ~50 conversions a token)."""
+        plan = cache.steady_plan
+        if plan is None or plan[0] is not cache.keys[0]:  # the first token, or buffers grown since
+            (tokens_in, positions_in, *kv_in), _ = cache.io_names
+            held = set(kv_in[:len(cache.held_inputs())])
+            token_at, position_at = aligned_copy(np.zeros((1, 1), np.int64)), aligned_copy(np.zeros((1, 1), np.int64))
+            fixed = {tokens_in: tvm_runtime.from_dlpack(token_at), positions_in: tvm_runtime.from_dlpack(position_at),
+                     **dict(zip(kv_in[len(held):], [*cache.keys, *cache.values, *cache.states]))}
+            names = self.manifest.decode_step.inputs
+            args = [fixed.get(name) for name in names] + self._decode_step_tail()
+            plan = cache.steady_plan = (cache.keys[0], args, token_at, position_at,
+                                        aligned_copy(np.arange(cache.capacity, dtype=np.int64)),
+                                        [i for i, name in enumerate(names) if name in held])
+        _, args, token_at, position_at, arange, held_at = plan
+        token_at[0, 0], position_at[0, 0] = token, cache.length
+        past = tvm_runtime.from_dlpack(arange[:cache.length].reshape(1, cache.length))  # in place: all positions
+        for i in held_at:
+            args[i] = past
+        return args
 
     def _last_rows(self, x: tvm_runtime.Tensor) -> tvm_runtime.Tensor:
         """(batch, seq, ...) -> (batch, 1, ...): the last position's rows."""
@@ -811,6 +846,15 @@ class MoEModel:
             raise InputError(f"sequence of {p + s} tokens exceeds the model's {limit} positions")
         if cache.batch != b:
             raise InputError(f"a KV cache of batch {cache.batch} cannot take tokens of batch {b}")
+        if s == 1 and cache.layout == "in_place" and self._on_cpu and p < cache.capacity and self._one_call_ready():
+            started, self._thread.steady = time.perf_counter(), True  # (see run_program)
+            try:
+                logits = self._decode_step(self._steady_step_arguments(cache, int(tokens[0, 0])))
+            finally:
+                self._thread.steady = False
+            cache.length = p + 1
+            self.timings.steps += time.perf_counter() - started
+            return logits, cache
         (tokens_in, positions_in, *kv_in), (logits_out, *kv_out) = cache.io_names
         held = cache.held_inputs()
         inputs = {tokens_in: tokens, positions_in: np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy()}
@@ -1006,6 +1050,7 @@ class KVCache:
             values = [np.zeros((batch, value_heads, 0, value_dim), np.float32)] * layers
         self.keys, self.values = keys or [], values or []
         self.states = []  # in_place: one buffer per kv_cache.states entry, made at the first reserve
+        self.steady_plan = None  # in_place: the one-call step's arguments (Model._steady_step_arguments)
         self._layers = layers
         self.io_names = manifest.model.io_names  # the step's (inputs, outputs), in order: computed once per manifest
 

@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+import tvm
 from tvm import relax, tirx
 
 from moetvm.artifact import lm_io_names
@@ -39,6 +40,46 @@ def test_kv_layout_changes_are_views_not_kernels(lowered_segments):
     (1-4 ms each at 512 positions). Reshapes must be views, identity broadcasts gone."""
     kernels = [gv.name_hint for gv, f in lowered_segments.functions_items() if isinstance(f, tirx.PrimFunc)]
     assert not [k for k in kernels if k.startswith(("reshape", "broadcast_to"))], kernels
+
+
+def test_each_rms_norm_is_one_kernel(lowered_segments):
+    """x * rsqrt(mean(x ** 2) + eps) * w lowers to relax's rms_norm: one kernel a norm, where
+    FuseOps left the square as a kernel of its own (it fuses no elementwise producer into a
+    reduction). The fp32 tests against PyTorch hold its numerics."""
+    kernels = [gv.name_hint for gv, f in lowered_segments.functions_items() if isinstance(f, tirx.PrimFunc)]
+    assert any("rms_norm" in k for k in kernels), kernels
+    assert not [k for k in kernels if k.startswith("power") or "mean" in k], kernels
+
+
+def test_rms_norm_rewrite_leaves_other_reductions_alone():
+    """Only the norm's exact shape is rewritten: a cube's mean, or a mean over another axis,
+    stays as it was."""
+    from moetvm.compiler.lowering import rms_norm_as_one_op
+
+    def norm(exponent: float, axis: int) -> tvm.IRModule:
+        bb = relax.BlockBuilder()
+        x, w = relax.Var("x", relax.TensorType((1, 4, 8), "float32")), relax.Var("w", relax.TensorType((8,), "float32"))
+        with bb.function("main", [x, w]):
+            with bb.dataflow():
+                mean = relax.op.mean(relax.op.power(x, relax.const(exponent, "float32")), axis=[axis], keepdims=True)
+                scaled = relax.op.multiply(x, relax.op.rsqrt(relax.op.add(mean, relax.const(1e-6, "float32"))))
+                out = bb.emit_output(bb.emit(relax.op.multiply(scaled, w)))
+            bb.emit_func_output(out)
+        return rms_norm_as_one_op(bb.get())
+
+    def ops(mod) -> set[str]:
+        return {c.op.name for c in _calls(mod["main"])}
+
+    assert "relax.nn.rms_norm" in ops(norm(2.0, -1)) and "relax.power" not in ops(norm(2.0, -1))
+    for exponent, axis in ((3.0, -1), (2.0, 1)):
+        assert "relax.nn.rms_norm" not in ops(norm(exponent, axis)) and "relax.power" in ops(norm(exponent, axis))
+
+
+def _calls(func) -> list:
+    found = []
+    relax.analysis.post_order_visit(func, lambda e: found.append(e) if isinstance(e, relax.Call)
+                                    and isinstance(e.op, tvm.ir.Op) else None)
+    return found
 
 
 @pytest.mark.slow
