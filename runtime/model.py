@@ -846,7 +846,7 @@ class MoEModel:
             raise InputError(f"sequence of {p + s} tokens exceeds the model's {limit} positions")
         if cache.batch != b:
             raise InputError(f"a KV cache of batch {cache.batch} cannot take tokens of batch {b}")
-        if s == 1 and cache.layout == "in_place" and self._on_cpu and p < cache.capacity and self._one_call_ready():
+        if b == s == 1 and cache.layout == "in_place" and self._on_cpu and p < cache.capacity and self._one_call_ready():
             started, self._thread.steady = time.perf_counter(), True  # (see run_program)
             try:
                 logits = self._decode_step(self._steady_step_arguments(cache, int(tokens[0, 0])))

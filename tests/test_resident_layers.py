@@ -73,6 +73,14 @@ def test_resident_layers_compute_what_the_host_path_computes(which, reference_ar
         _, cache = fresh.step(tokens[None, position:position + 1], cache)
         assert fresh.timings.call_count - before == calls and fresh.resident_calls - layer_calls == layers
     assert fresh.stats()["time_ms"]["decode_steps"] > 0
+    # A batch of two after the one-call step is in use: its steps go through the segments (the
+    # one-call step is for one token of one sequence), each row the single sequence's logits.
+    pair = fresh.new_cache(2)
+    logits, pair = fresh.step(np.stack([tokens[:8]] * 2), pair)
+    for position in (8, 9):
+        logits, pair = fresh.step(np.array([[tokens[position]]] * 2), pair)
+        for row in logits[:, -1]:
+            assert relative_error(row, a[position - 7]) < 1e-5
     cache = resident.new_cache()
     _, cache = resident.step(tokens[None, :8], cache)
     resident.manifest = dataclasses.replace(resident.manifest, decode_step=None)
