@@ -270,8 +270,7 @@ class MoEModel:
         # the whole step as one call, decided before anything else is built for the step.
         positions = inputs.get("positions")
         resident = self.resident and self.recorder is None and positions is not None and np.size(positions) == 1
-        if resident and self._decode_step_checked and self.manifest.decode_step is not None \
-                and self._thread.__dict__.get("steady"):
+        if resident and self._thread.__dict__.get("steady") and self._one_call_ready():
             args = [self._as_tensor(inputs[name]) for name in self.manifest.decode_step.inputs] + self._decode_step_tail()
             out = {self.manifest.outputs[0].name: self._decode_step(args)}
             self.timings.steps += time.perf_counter() - started
