@@ -45,7 +45,7 @@ def relax_pipeline(target: tvm.target.Target, tuned: tvm.transform.Pass | None =
             passes = (
                 until_scheduling(backend, target)
                 + schedules
-                + backend.dataflow_lower_passes(target)
+                + dataflow_lower_passes(backend, target)
                 + backend.finalize_passes(target)
                 + [canonical_shape_funcs]
             )
@@ -92,6 +92,20 @@ def legalize_passes(backend, target: tvm.target.Target) -> list:
     return passes
 
 
+def dataflow_lower_passes(backend, target: tvm.target.Target) -> list:
+    """`backend.dataflow_lower_passes(target)` with `collapse_reshapes` right after
+    RewriteDataflowReshape, while the functions are still dataflow (every reshape a Relax op), and
+    `drop_unused_tuples` after CallTIRRewrite."""
+    passes = []
+    for p in backend.dataflow_lower_passes(target):
+        passes.append(p)
+        if p.info.name == "RewriteDataflowReshape":
+            passes.append(collapse_reshapes)
+        elif p.info.name == "CallTIRRewrite":
+            passes.append(drop_unused_tuples)
+    return passes
+
+
 @tvm.transform.module_pass(opt_level=0, name="MoetvmOpaqueArange")
 def _opaque_arange(mod, _ctx):
     """`arange` kernels stay unfused: TVM 0.27's FuseTIR fails (renew_defs: VarRemapGet) on a
@@ -134,6 +148,104 @@ def drop_identity_layout(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     drop = _DropIdentityLayout(mod)
     for gv, func in mod.functions_items():
         out[gv] = drop.visit_expr(func) if isinstance(func, relax.Function) else func
+    return out
+
+
+@relax.expr_functor.mutator
+class _CollapseReshapes(relax.PyExprMutator):
+    """reshape(reshape(x, a), b) -> reshape(x, b), and a reshape to x's own shape -> x."""
+
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.analyzer = Analyzer()
+        self.reshape = tvm.ir.Op.get("relax.reshape")
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not call.op.same_as(self.reshape):
+            return call
+        source = call.args[0]
+        while isinstance(source, relax.Var):  # through reshapes and aliases (a reshape gone)
+            bound = self.lookup_binding(source)
+            if isinstance(bound, relax.Call) and bound.op.same_as(self.reshape):
+                source = bound.args[0]
+            elif isinstance(bound, relax.Var):
+                source = bound
+            else:
+                break
+        src, dst = getattr(source.ty, "shape", None), getattr(call.ty, "shape", None)
+        if (isinstance(src, relax.ShapeExpr) and isinstance(dst, relax.ShapeExpr)
+                and len(src.values) == len(dst.values)
+                and all(self.analyzer.can_prove_equal(a, b) for a, b in zip(src.values, dst.values))):
+            return source
+        return call if source.same_as(call.args[0]) else relax.op.reshape(source, call.args[1])
+
+
+@tvm.transform.module_pass(opt_level=0, name="MoetvmCollapseReshapes")
+def collapse_reshapes(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Each chain of reshapes becomes one reshape, or none where it comes back to the shape it
+    started from. Each is a vm.builtin.reshape a call (a view object made, then freed): the one-call
+    decode step took ~13 a GraniteMoE layer, chains of two and three among them (a GEMV's rows
+    back to (1, 1, n), then heads, then a transpose of a unit axis), and the round trips of a
+    (1, 1, d) hidden state to the (1, d) rows a kernel takes."""
+    out = tvm.IRModule(attrs=mod.attrs, global_infos=mod.global_infos)
+    collapse = _CollapseReshapes(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            func = relax.analysis.remove_all_unused(collapse.visit_expr(func))
+        out[gv] = func
+    return out
+
+
+@relax.expr_functor.visitor
+class _UsedVars(relax.PyExprVisitor):
+    def __init__(self):
+        super().__init__()
+        self.used = set()
+
+    def visit_var_(self, var):
+        self.used.add(var)
+
+    def visit_dataflow_var_(self, var):
+        self.used.add(var)
+
+
+@relax.expr_functor.mutator
+class _DropUnusedTuples(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, used: set):
+        super().__init__(mod)
+        self.used = used
+
+    def visit_var_binding_(self, binding):
+        if isinstance(binding.value, relax.Tuple) and binding.var not in self.used:
+            return  # not emitted
+        super().visit_var_binding_(binding)
+
+
+@relax.expr_functor.mutator
+class _ItemsFromTuples(relax.PyExprMutator):
+    """t[i] of a tuple built in the function -> the tuple's i-th field."""
+
+    def visit_tuple_getitem_(self, op):
+        op = super().visit_tuple_getitem_(op)
+        bound = self.lookup_binding(op.tuple_value) if isinstance(op.tuple_value, relax.Var) else None
+        return bound.fields[op.index] if isinstance(bound, relax.Tuple) else op
+
+
+@tvm.transform.module_pass(opt_level=0, name="MoetvmDropUnusedTuples")
+def drop_unused_tuples(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """A kernel of several outputs leaves, after CallTIRRewrite, a tuple of its outputs whose
+    items are then taken one by one: each item becomes the output itself, and the tuple, unused,
+    goes (a vm.builtin.make_tuple and its kill a call: 96 instructions a GraniteMoE decode token,
+    top-k's and attention's)."""
+    out = tvm.IRModule(attrs=mod.attrs, global_infos=mod.global_infos)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            func = _ItemsFromTuples(mod).visit_expr(func)
+            uses = _UsedVars()
+            uses.visit_expr(func)
+            func = _DropUnusedTuples(mod, uses.used).visit_expr(func)
+        out[gv] = func
     return out
 
 

@@ -101,8 +101,9 @@ class ResidentRouting:
 @dataclass(frozen=True)
 class DecodeLayer:
     """A layer's decode function (artifact.MoELayer.decode_function), built into the router
-    library beside the layer's router: x (1, 1, d) -> its router's scores -> the resident function
-    `routing.function` (built there too, as in the workload library) -> (1, 1, d)."""
+    library beside the layer's router: x (1, 1, d) -> its router's logits -> the kernels of the
+    resident function `routing.function` (built there too, as in the workload library), top-k
+    scoring the logits -> (1, 1, d)."""
 
     function: str
     router: str  # the layer's router function
@@ -113,16 +114,20 @@ class DecodeLayer:
     slot: tuple  # (offsets, slot_bytes) of the experts' workload
 
 
-def top_k_kernel(r: ResidentRouting, cpu: bool = True) -> tvm.tirx.PrimFunc:
+def top_k_kernel(r: ResidentRouting, cpu: bool = True, score_fn: str | None = None) -> tvm.tirx.PrimFunc:
     """scores (1, E) -> (chosen (k,) int64, weights (1, k) f32): the k best experts in ascending
     expert order (the order the host path sums them in), ties to the lower index as
     moetvm.routing.select_experts breaks them; weights are their scores, renormalised and
     scaled as the router says. Always k distinct experts in [0, E), whatever the scores (NaN
     included): the pool views taken from them stay in bounds. cpu: its scratch on the stack
     (attention.STACK), where "local" scope made five heap workspaces a call (120 allocations and
-    frees a GraniteMoE token)."""
+    frees a GraniteMoE token). `score_fn` ("softmax", "sigmoid"): it takes the router's logits
+    and scores them itself, as the router function's softmax (exp(x - max) / sum) or sigmoid
+    does: one kernel a decode step's layer fewer."""
     from tvm.script import tirx as T
 
+    if score_fn not in (None, "softmax", "sigmoid"):
+        raise QuantizationError(f"top-k cannot score logits by {score_fn!r}")
     scratch = STACK if cpu else "local"
     n, k = r.n_experts, r.top_k
     scaling = float(r.scaling)
@@ -130,7 +135,7 @@ def top_k_kernel(r: ResidentRouting, cpu: bool = True) -> tvm.tirx.PrimFunc:
     @T.prim_func(private=True, s_tir=True)
     def top_k(scores_h: T.handle, chosen_h: T.handle, weights_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        scores = T.match_buffer(scores_h, (1, n), "float32")
+        logits = T.match_buffer(scores_h, (1, n), "float32")  # the scores, where score_fn is None
         chosen = T.match_buffer(chosen_h, (k,), "int64")
         weights = T.match_buffer(weights_h, (1, k), "float32")
         # One opaque block: Relax inspects single-input kernels for a reshape pattern, which
@@ -141,23 +146,40 @@ def top_k_kernel(r: ResidentRouting, cpu: bool = True) -> tvm.tirx.PrimFunc:
             arg = T.decl_buffer((1,), "int32", scope=scratch)
             count = T.decl_buffer((1,), "int32", scope=scratch)
             total = T.decl_buffer((1,), "float32", scope=scratch)
+            probs = T.decl_buffer((n,), "float32", scope=scratch)  # the scores it selects on
+            if score_fn == "softmax":
+                best[0] = logits[0, 0]
+                for e in T.serial(n):
+                    best[0] = T.max(best[0], logits[0, e])
+                total[0] = T.float32(0)
+                for e in T.serial(n):
+                    probs[e] = T.exp(logits[0, e] - best[0])
+                    total[0] = total[0] + probs[e]
+                for e in T.serial(n):
+                    probs[e] = probs[e] / total[0]
+            elif score_fn == "sigmoid":
+                for e in T.serial(n):
+                    probs[e] = T.float32(1) / (T.float32(1) + T.exp(T.float32(0) - logits[0, e]))
+            else:
+                for e in T.serial(n):
+                    probs[e] = logits[0, e]
             for e in T.serial(n):
                 taken[e] = 0
             for j in T.serial(k):
                 arg[0] = -1
                 best[0] = T.float32(0)
                 for e in T.serial(n):
-                    if taken[e] == 0 and (arg[0] < 0 or scores[0, e] > best[0]):
+                    if taken[e] == 0 and (arg[0] < 0 or probs[e] > best[0]):
                         arg[0] = e
-                        best[0] = scores[0, e]
+                        best[0] = probs[e]
                 taken[arg[0]] = 1
             count[0] = 0
             total[0] = T.float32(0)
             for e in T.serial(n):
                 if taken[e] == 1:
                     chosen[count[0]] = T.Cast("int64", e)
-                    weights[0, count[0]] = scores[0, e]
-                    total[0] = total[0] + scores[0, e]
+                    weights[0, count[0]] = probs[e]
+                    total[0] = total[0] + probs[e]
                     count[0] = count[0] + 1
             for j in T.serial(k):
                 if r.normalize:
@@ -286,25 +308,33 @@ def _fused_resident_layer(bb: relax.BlockBuilder, d_model: int, d_ff: int, s: Sc
                           specs: list, slot: tuple[list[int], int]) -> None:
     """The resident function (x (1, d), scores (1, E), pool) -> (1, d) as two kernels: top-k,
     then the whole layer (gemv.resident_layer) reading the pool and the pool viewed as scales."""
+    x = relax.Var("x", relax.TensorType((1, d_model), "float32"))
+    scores = relax.Var("scores", relax.TensorType((1, r.n_experts), "float32"))
+    pool = relax.Var("pool", relax.TensorType((r.n_experts * slot[1],), "uint8"))
+    with bb.function(r.function, [x, scores, pool]):
+        with bb.dataflow():
+            out = bb.emit_output(_emit_resident_layer(bb, x, scores, pool, d_model, d_ff, s, r, specs, slot))
+        bb.emit_func_output(out)
+
+
+def _emit_resident_layer(bb: relax.BlockBuilder, x, scores, pool, d_model: int, d_ff: int, s: Scheme,
+                         r: ResidentRouting, specs: list, slot: tuple[list[int], int],
+                         score_fn: str | None = None) -> relax.Expr:
+    """Top-k of `scores` (or of the logits, scored by `score_fn` in the top-k kernel), then the
+    layer's kernel, emitted into the current dataflow block: (1, d)."""
     offsets, slot_bytes = slot
     pool_bytes = r.n_experts * slot_bytes
     layer = gemv.resident_layer(d_model, d_ff, s, r.n_experts, r.top_k,
                                 {name: offset for (name, _, _), offset in zip(specs, offsets)}, slot_bytes)
     scales = gemv.resident_view_dtype(s)  # the kernel also reads the pool through a view of this dtype
-    x = relax.Var("x", relax.TensorType((1, d_model), "float32"))
-    scores = relax.Var("scores", relax.TensorType((1, r.n_experts), "float32"))
-    pool = relax.Var("pool", relax.TensorType((pool_bytes,), "uint8"))
-    with bb.function(r.function, [x, scores, pool]):
-        with bb.dataflow():
-            top_k = bb.add_func(top_k_kernel(r), f"top{r.top_k}_of_{r.n_experts}")
-            picked = bb.emit(relax.call_tir(top_k, [scores], [relax.TensorType((r.top_k,), "int64"),
-                                                              relax.TensorType((1, r.top_k), "float32")]))
-            scales = bb.emit(relax.op.memory.view(pool, [pool_bytes // DTYPE_BYTES[scales]], scales, relax.prim_value(0)))
-            kernel = bb.add_func(layer, f"{r.function}_layer")
-            out = bb.emit(relax.call_tir(kernel, [x, bb.emit(relax.TupleGetItem(picked, 1)), bb.emit(relax.TupleGetItem(picked, 0)),
-                                                  pool, scales], relax.TensorType((1, d_model), "float32")))
-            out = bb.emit_output(out)
-        bb.emit_func_output(out)
+    top_k = bb.add_func(top_k_kernel(r, score_fn=score_fn),
+                        f"top{r.top_k}_of_{r.n_experts}" + (f"_{score_fn}" if score_fn else ""))
+    picked = bb.emit(relax.call_tir(top_k, [scores], [relax.TensorType((r.top_k,), "int64"),
+                                                      relax.TensorType((1, r.top_k), "float32")]))
+    scales = bb.emit(relax.op.memory.view(pool, [pool_bytes // DTYPE_BYTES[scales]], scales, relax.prim_value(0)))
+    kernel = bb.add_func(layer, f"{r.function}_layer")
+    return bb.emit(relax.call_tir(kernel, [x, bb.emit(relax.TupleGetItem(picked, 1)), bb.emit(relax.TupleGetItem(picked, 0)),
+                                           pool, scales], relax.TensorType((1, d_model), "float32")))
 
 
 def router_module(routers: list[tuple[str, np.ndarray, np.ndarray | None, str]], s: Scheme,
@@ -321,8 +351,11 @@ def router_module(routers: list[tuple[str, np.ndarray, np.ndarray | None, str]],
     And each of `decode`'s functions (x (1, 1, d), pool) -> (1, 1, d): a decode step's whole MoE
     layer in one call from the host, where the router and the resident function were two, with
     a view of the hidden state before and of the result after (GraniteMoE int4s, 1 thread: the
-    share of decode time outside compiled code, as timed, 6.0-6.7% -> 5.0-5.5%)."""
+    share of decode time outside compiled code, as timed, 6.0-6.7% -> 5.0-5.5%): the router's
+    logits, then the resident function's kernels, its top-k scoring the logits (softmax or
+    sigmoid) itself."""
     bb = relax.BlockBuilder(base)
+    logits_of = {}  # router -> (x -> its logits, emitted where called; its score function)
     for name, weight, bias, score_fn in routers:
         if score_fn not in SCORE_FNS:
             raise QuantizationError(f"unknown router score function {score_fn!r}")
@@ -331,12 +364,18 @@ def router_module(routers: list[tuple[str, np.ndarray, np.ndarray | None, str]],
         lanes = gemv.lanes_for(weight.shape[0]) if cpu else None
         stored_as = s.tiled(lanes) if lanes else s
         stored = quantize(np.ascontiguousarray(weight.T), stored_as)
+        consts = [relax.const(stored[key]) for key in ("", ".scale", ".zero") if key in stored]
+        bias_const = relax.const(np.asarray(bias, np.float32)) if bias is not None else None
+
+        def router_logits(x, name=name, consts=consts, stored_as=stored_as, bias_const=bias_const):
+            logits = matmul_call(bb, x, consts, stored_as, f"{name}_logits", cpu)
+            return logits if bias_const is None else bb.emit(relax.op.add(logits, bias_const))
+
+        if score_fn != "sparsemixer":
+            logits_of[name] = (router_logits, score_fn)
         with bb.function(name, [x]):
             with bb.dataflow():
-                consts = [relax.const(stored[key]) for key in ("", ".scale", ".zero") if key in stored]
-                logits = matmul_call(bb, x, consts, stored_as, f"{name}_logits", cpu)
-                if bias is not None:
-                    logits = bb.emit(relax.op.add(logits, relax.const(np.asarray(bias, np.float32))))
+                logits = router_logits(x)
                 if score_fn != "sparsemixer":
                     logits = bb.emit(relax.op.nn.softmax(logits, axis=-1) if score_fn == "softmax"
                                      else relax.op.sigmoid(logits))
@@ -345,19 +384,25 @@ def router_module(routers: list[tuple[str, np.ndarray, np.ndarray | None, str]],
     built = set()  # resident functions, one per distinct routing, shared by the layers using it
     for layer in decode:
         d, r = layer.d_model, layer.routing
+        specs = expert_params(d, layer.d_ff, layer.scheme)
         if r.function not in built:
-            _fused_resident_layer(bb, d, layer.d_ff, layer.scheme, r, expert_params(d, layer.d_ff, layer.scheme),
-                                  layer.slot)
+            _fused_resident_layer(bb, d, layer.d_ff, layer.scheme, r, specs, layer.slot)
             built.add(r.function)
-        module = bb.get()
-        router, resident = module.get_global_var(layer.router), module.get_global_var(r.function)
         x = relax.Var("x", relax.TensorType((1, 1, d), "float32"))
         pool = relax.Var("pool", relax.TensorType((r.n_experts * layer.slot[1],), "uint8"))
         with bb.function(layer.function, [x, pool]):
             with bb.dataflow():
                 row = bb.emit(relax.op.reshape(x, [1, d]))
-                scores = bb.emit(relax.Call(router, [row]))
-                out = bb.emit(relax.Call(resident, [row, scores, pool]))
+                if layer.router in logits_of:
+                    # the router's logits, scored in the top-k kernel: the softmax's kernel, its
+                    # output's allocation and free fewer a layer
+                    router_logits, score_fn = logits_of[layer.router]
+                    out = _emit_resident_layer(bb, row, router_logits(row), pool, d, layer.d_ff, layer.scheme, r,
+                                               specs, layer.slot, score_fn)
+                else:
+                    module = bb.get()
+                    scores = bb.emit(relax.Call(module.get_global_var(layer.router), [row]))
+                    out = bb.emit(relax.Call(module.get_global_var(r.function), [row, scores, pool]))
                 y = bb.emit_output(relax.op.reshape(out, [1, 1, d]))
             bb.emit_func_output(y)
     return bb.get()

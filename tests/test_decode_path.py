@@ -75,6 +75,27 @@ def test_rms_norm_rewrite_leaves_other_reductions_alone():
         assert "relax.nn.rms_norm" not in ops(norm(exponent, axis)) and "relax.power" in ops(norm(exponent, axis))
 
 
+def test_reshape_chains_collapse_and_round_trips_vanish():
+    """A chain of reshapes is one view, and a chain back to the shape it started from none: each
+    was a vm.builtin.reshape (a view object made and freed) a decode step."""
+    from moetvm.compiler.lowering import collapse_reshapes
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 1, 64), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            rows = bb.emit(relax.op.reshape(x, [1, 64]))
+            heads = bb.emit(relax.op.reshape(bb.emit(relax.op.reshape(rows, [1, 1, 64])), [1, 1, 4, 16]))
+            back = bb.emit(relax.op.reshape(bb.emit(relax.op.reshape(x, [1, 64])), [1, 1, 64]))
+            out = bb.emit_output(relax.Tuple([heads, back]))
+        bb.emit_func_output(out)
+    func = collapse_reshapes(bb.get())["main"]
+    reshapes = [c for c in _calls(func) if c.op.name == "relax.reshape"]
+    # x -> (1, 1, 4, 16) directly; the round trip leaves no reshape at all
+    assert len(reshapes) == 1 and reshapes[0].args[0].same_as(func.params[0])
+    assert [int(d) for d in reshapes[0].ty.shape.values] == [1, 1, 4, 16]
+
+
 def _calls(func) -> list:
     found = []
     relax.analysis.post_order_visit(func, lambda e: found.append(e) if isinstance(e, relax.Call)

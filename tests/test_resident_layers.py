@@ -12,7 +12,7 @@ from tvm import relax
 from moetvm.artifact import Router, TensorSpec, read_manifest, slot_layout
 from moetvm.compiler import compile_model
 from moetvm.compiler import gemv, quant
-from moetvm.compiler.quant_kernels import ResidentRouting, expert_module
+from moetvm.compiler.quant_kernels import ResidentRouting, expert_module, top_k_kernel
 from moetvm.compiler.lowering import relax_pipeline
 from moetvm.compiler.build_target import BuildTarget
 from moetvm.routing import select_experts
@@ -168,6 +168,49 @@ def test_resident_top_k_selects_and_weights_as_the_host_does(normalize, scaling,
         # The fused kernel's silu takes a polynomial exp (within 2e-7), not libm's: an activation
         # may round differently.
         assert relative_error(got, want) < (1e-5 if fused else 1e-6), name
+
+
+def test_the_decode_step_takes_no_view_of_a_view_and_builds_no_tuple(int4_artifact):
+    """The one-call step's VM code (the instructions a token runs): a chain of reshapes is one
+    view, and no kernel's outputs are packed into a tuple nothing reads (collapse_reshapes,
+    drop_unused_tuples); its top-k scores the router's logits (no softmax kernel of its own)."""
+    m = read_manifest(int4_artifact)
+    library = next(lib for lib in m.libraries if lib.name == "segments")
+    text = relax.VMExecutable(tvm.runtime.load_module(str(int4_artifact / library.file.path))).as_text()
+    body = text.split(f"@{m.decode_step.function}:", 1)[1].split("\n@", 1)[0]
+    calls = [line.split() for line in body.splitlines() if line.strip().startswith("call")]
+    views = {c[-1] for c in calls if c[1] == "vm.builtin.reshape"}
+    assert views and not [c for c in calls if c[1] == "vm.builtin.reshape" and c[3].rstrip(",") in views]
+    assert not [c for c in calls if c[1] == "vm.builtin.make_tuple"]
+    assert not [c for c in calls if c[1].startswith("softmax")]
+    assert len([c for c in calls if c[1].startswith("top")]) == len(m.moe_layers)
+
+
+@pytest.mark.parametrize("score_fn", ["softmax", "sigmoid"])
+def test_top_k_scores_the_logits_as_the_router_does(score_fn):
+    """A decode function's top-k takes the router's logits and scores them itself (one kernel a
+    layer fewer): the experts and weights the router's scores give the host path, to float32
+    rounding, the ties included."""
+    n, k = 32, 8
+    bb = relax.BlockBuilder()
+    logits = relax.Var("logits", relax.TensorType((1, n), "float32"))
+    with bb.function("main", [logits]):
+        with bb.dataflow():
+            kernel = bb.add_func(top_k_kernel(ResidentRouting("layer", n, k, True, 1.0), cpu=True, score_fn=score_fn), "top_k")
+            out = bb.emit_output(bb.emit(relax.call_tir(kernel, [logits], [relax.TensorType((k,), "int64"),
+                                                                            relax.TensorType((1, k), "float32")])))
+        bb.emit_func_output(out)
+    target = BuildTarget.resolve("host").tvm
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
+    router = Router(library="", function="", n_experts=n, top_k=k, score_fn=score_fn, normalize=True, scaling=1.0)
+    rng = np.random.default_rng(3)
+    for z in (rng.standard_normal((1, n)).astype(np.float32) * 3, np.zeros((1, n), np.float32)):
+        scores = np.exp(z - z.max()) / np.exp(z - z.max()).sum() if score_fn == "softmax" else 1 / (1 + np.exp(-z))
+        chosen, weights = vm["main"](tvm.runtime.tensor(z))
+        indices, want = select_experts(scores.astype(np.float32), router)
+        order = np.argsort(indices[0], kind="stable")
+        assert chosen.numpy().tolist() == indices[0][order].tolist()
+        np.testing.assert_allclose(weights.numpy()[0], want[0][order], rtol=1e-6)
 
 
 @pytest.mark.parametrize("scheme", SCHEME_CASES)

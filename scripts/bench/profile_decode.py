@@ -43,11 +43,18 @@ CATEGORIES = [  # (name, test on a DSO's file name), first match wins
 
 # TVM's thread pool waits by sched_yield: a worker for its next task, the launching thread at a
 # parallel loop's end for the others. Inside a kernel call, and counted with the kernels: every
-# sample whose call chain passes through the yield (perf's "parent"), the syscall's entry and
-# libc's wrapper included. Filed by leaf alone (the scheduler's symbols), the entry and the
-# wrapper (1.4% of a 2-thread GraniteMoE token's main-thread samples) counted as outside.
+# sample whose call chain passes through the yield, the syscall's entry and libc's wrapper
+# included. Filed by leaf alone (the scheduler's symbols), the entry and the wrapper (1.4% of a
+# 2-thread GraniteMoE token's main-thread samples) counted as outside.
 POOL_WAIT = "kernels: parallel loops' waits (sched_yield)"
-POOL_WAIT_FRAMES = "sched_yield|YieldThread"  # perf report --parent: a regex on the chain's symbols
+POOL_WAIT_FRAMES = re.compile(r"sched_yield|YieldThread")
+# A sample in the OS kernel is filed by the user-space code it interrupted: a kernel's first
+# write to a page of the KV cache or of its workspace faults (transparent huge pages zero 2 MB),
+# and that is the kernel's time. The user frame under a trap is the faulting instruction itself,
+# exact even where user stacks, compiled without frame pointers, are not. Filed as the OS
+# kernel's, these faults were 0.5% of a 2-thread GraniteMoE token's main-thread samples.
+OS_KERNEL = "[kernel.kallsyms]"
+FRAME = re.compile(r"^\s*([0-9a-f]+) (.*?) \((.*)\)$")
 
 
 def fail(message: str) -> None:
@@ -70,33 +77,52 @@ def kernel_name(symbol: str) -> str:
     return symbol[:-len(KERNEL_SUFFIX)] if symbol.endswith(KERNEL_SUFFIX) else symbol
 
 
-def attribute(report: str, libraries: dict[str, Path], main_thread: int) -> dict[str, collections.Counter]:
-    """perf report lines (share, thread, parent, DSO, symbol) -> the main thread's shares by category and by
-    (kernel, library), and the other threads' (TVM's pool workers) by category."""
+def perf_samples(script: str):
+    """`perf script -F tid,period,ip,sym,dso` with call chains -> (thread, period, frames), each
+    frame (address, symbol, DSO's file name), the leaf first."""
+    for block in script.split("\n\n"):
+        lines = block.strip("\n").splitlines()
+        if not lines:
+            continue
+        head = lines[0].split()
+        if len(head) < 2 or not head[0].isdigit():
+            continue
+        frames = []
+        for line in lines[1:]:
+            m = FRAME.match(line)
+            if m:
+                dso = m.group(3).removesuffix(" (deleted)").rsplit("/", 1)[-1].removeprefix("memfd:")
+                frames.append((int(m.group(1), 16), m.group(2), dso))
+        if frames:
+            yield int(head[0]), int(head[1]), frames
+
+
+def attribute(script: str, libraries: dict[str, Path], main_thread: int) -> dict[str, collections.Counter]:
+    """perf script's samples -> the main thread's time by category and by (kernel, library), and
+    the other threads' (TVM's pool workers) by category."""
     tables = {}
     out = {"main": collections.Counter(), "kernels": collections.Counter(), "workers": collections.Counter()}
-    for line in report.splitlines():
-        parts = line.split("\t")
-        if line.startswith("#") or len(parts) < 5:
-            continue
-        share, thread, parent, dso, sym = (float(parts[0].strip().rstrip("%")), *(p.strip() for p in parts[1:5]))
-        main = int(thread.split(":", 1)[0]) == main_thread
-        base = dso.removeprefix("memfd:").removesuffix(" (deleted)").rsplit("/", 1)[-1]
-        library = base.removesuffix(".so")
-        if parent != "[other]":  # in the pool's yield (see POOL_WAIT)
+    for thread, period, frames in perf_samples(script):
+        main = thread == main_thread
+        address, sym, dso = frames[0]
+        if dso == OS_KERNEL:  # filed by the user code it interrupted (see OS_KERNEL)
+            user = next((f for f in frames if f[2] != OS_KERNEL), None)
+            if user is not None and user[2].removesuffix(".so") in libraries:
+                address, sym, dso = user
+        library = dso.removesuffix(".so")
+        if any(POOL_WAIT_FRAMES.search(f[1]) for f in frames):
             category = POOL_WAIT
         elif library in libraries:  # one of the artifact's libraries: name the kernel
             category = f"kernels: {library}"
-            sym = re.sub(r"^\[\.\]\s*", "", sym)
-            if sym.startswith("0x"):
+            if sym == "[unknown]" or sym.startswith("0x"):
                 addresses, names = tables.get(library) or tables.setdefault(library, symbol_table(libraries[library]))
-                i = bisect.bisect_right(addresses, int(sym, 16)) - 1
+                i = bisect.bisect_right(addresses, address) - 1
                 sym = names[i] if i >= 0 else "?"
             if main:
-                out["kernels"][kernel_name(sym), library] += share
+                out["kernels"][kernel_name(re.sub(r"\+0x[0-9a-f]+$", "", sym)), library] += period
         else:
-            category = next((name for name, test in CATEGORIES if test(base)), "other")
-        out["main" if main else "workers"][category] += share
+            category = next((name for name, test in CATEGORIES if test(dso)), "other")
+        out["main" if main else "workers"][category] += period
     return out
 
 
@@ -139,12 +165,11 @@ def main() -> None:
         model.generate(prompt, a.tokens, ignore_eos=True)
         perf.send_signal(signal.SIGINT)
         perf.wait(timeout=60)
-        report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "pid,parent,dso,sym",
-                                 "--parent", POOL_WAIT_FRAMES, "-g", "none",
-                                 "--stdio", "-t", "\t", "--percent-limit", "0"], capture_output=True, text=True)
-    if report.returncode != 0:
-        fail(f"perf report failed: {report.stderr.strip()}")
-    shares = attribute(report.stdout, libraries, os.getpid())
+        script = subprocess.run(["perf", "script", "-i", str(data), "-F", "tid,period,ip,sym,dso"],
+                                capture_output=True, text=True)
+    if script.returncode != 0:
+        fail(f"perf script failed: {script.stderr.strip().splitlines()[-1:] or script.returncode}")
+    shares = attribute(script.stdout, libraries, os.getpid())
     categories, kernels, workers = shares["main"], shares["kernels"], shares["workers"]
     total = sum(categories.values())
     if total <= 0:
