@@ -95,6 +95,11 @@ _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"  # acc.i32x16 += 4-byte dots of u8x64
 _OFFSET = {dtype: SLOT_ALIGN // DTYPE_BYTES[dtype] for dtype in ("uint8", "int8", "float16", "bfloat16", "float32")}
 
 
+# A kernel attribute: the kernel's last parameter is its output (rows, n), which it stores each
+# element of once, in one BufferStore, and never reads (lowering.with_residual relies on it).
+STORES_OUTPUT_ONCE = "moetvm.stores_output_once"
+
+
 def lanes_for(*dims: int) -> int | None:
     """The tile (vector width) for weights with these output widths, or None when no
     hand-scheduled kernel fits them all."""
@@ -115,13 +120,15 @@ def matmul(k_dim: int, n_dim: int, s: Scheme) -> tirx.PrimFunc:
     tiles = n_dim // lanes
     if s.dot:
         assert dot_fits(s, k_dim) and lanes % 16 == 0, (s, k_dim)
-        return _int4_dot(k_dim, n_dim, s.group_size, lanes, tiles, s.vnni, s.symmetric) if s.name == "int4" \
+        kernel = _int4_dot(k_dim, n_dim, s.group_size, lanes, tiles, s.vnni, s.symmetric) if s.name == "int4" \
             else _int8_dot(k_dim, n_dim, lanes, tiles)
-    if s.name == "int4":
-        return _int4(k_dim, n_dim, s.group_size, lanes, tiles, s.symmetric)
-    if s.name == "int8":
-        return _int8(k_dim, n_dim, lanes, tiles)
-    return _float(k_dim, n_dim, FLOAT_DTYPES[s.name], lanes, tiles)
+    elif s.name == "int4":
+        kernel = _int4(k_dim, n_dim, s.group_size, lanes, tiles, s.symmetric)
+    elif s.name == "int8":
+        kernel = _int8(k_dim, n_dim, lanes, tiles)
+    else:
+        kernel = _float(k_dim, n_dim, FLOAT_DTYPES[s.name], lanes, tiles)
+    return kernel.with_attr(STORES_OUTPUT_ONCE, True)
 
 
 @T.macro
@@ -474,7 +481,14 @@ def resident_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: in
     A chosen id outside [0, E) is clamped: the kernel never reads outside the pool."""
     assert fuses_resident_layer(s), s
     if s.name in FLOAT_DTYPES:
-        return _resident_float_layer(d_model, d_ff, FLOAT_DTYPES[s.name], s.tile, n_experts, top_k, offsets, slot_bytes)
+        kernel = _resident_float_layer(d_model, d_ff, FLOAT_DTYPES[s.name], s.tile, n_experts, top_k, offsets, slot_bytes)
+    else:
+        kernel = _resident_int_layer(d_model, d_ff, s, n_experts, top_k, offsets, slot_bytes)
+    return kernel.with_attr(STORES_OUTPUT_ONCE, True)
+
+
+def _resident_int_layer(d_model: int, d_ff: int, s: Scheme, n_experts: int, top_k: int, offsets: dict[str, int],
+                        slot_bytes: int) -> tirx.PrimFunc:
     lanes, f32 = s.tile, "float32"
     scales_dtype = scale_dtype(s)
     scale_bytes = DTYPE_BYTES[scales_dtype]

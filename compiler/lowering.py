@@ -75,6 +75,8 @@ def legalize_passes(backend, target: tvm.target.Target) -> list:
     functions put in canonical form right after FuseOps and the kernels right after FuseTIR
     (`canonical_fusion`, `canonical_kernels`)."""
     passes = [drop_identity_layout, rms_norm_as_one_op]
+    if target.kind.name == "llvm":  # the CPU kernels store each output once (gemv.py)
+        passes.append(residual_into_kernels)
     for p in backend.legalize_passes(target):
         if p.info.name == "LegalizeOps":
             # A reshape is a view of a compact tensor: it stays a Relax op, which VMBuiltinLower
@@ -246,6 +248,158 @@ def drop_unused_tuples(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
             uses.visit_expr(func)
             func = _DropUnusedTuples(mod, uses.used).visit_expr(func)
         out[gv] = func
+    return out
+
+
+def with_residual(kernel: tirx.PrimFunc, scale: float | None) -> tirx.PrimFunc | None:
+    """`kernel` (..., out (rows, n)), one that stores each output element once and never reads it
+    (gemv.STORES_OUTPUT_ONCE), as (..., residual (1, rows, n), out (1, rows, n)) storing
+    residual + value * scale instead: a residual connection as the kernel's epilogue. None where
+    the kernel does not say so, or holds a statement this does not know."""
+    from .gemv import STORES_OUTPUT_ONCE
+
+    *inputs, out = kernel.params  # (TVM 0.27's tirx: a buffer parameter is the Buffer itself)
+    if not (kernel.attrs and kernel.attrs.get(STORES_OUTPUT_ONCE)) or not isinstance(out, tirx.Buffer) \
+            or len(out.shape) != 2:
+        return None
+    rows, n = out.shape
+    shape = [tirx.IntImm(str(rows.ty), 1), rows, n]  # (.ty: a tirx.Var's dtype is its buffer's)
+    residual, fused_out = tirx.decl_buffer(shape, out.dtype, "residual"), tirx.decl_buffer(shape, out.dtype, "out")
+
+    class Unknown(Exception):
+        pass
+
+    def rewrite(stmt):
+        if isinstance(stmt, tirx.BufferStore):
+            if not stmt.buffer.same_as(out):
+                return stmt
+            index = [tirx.IntImm(str(stmt.indices[0].ty), 0), *stmt.indices]
+            value = stmt.value if scale is None else stmt.value * tirx.FloatImm(out.dtype, scale)
+            return tirx.BufferStore(fused_out, tirx.BufferLoad(residual, index) + value, index)
+        if isinstance(stmt, tirx.SeqStmt):
+            return tirx.SeqStmt([rewrite(s) for s in stmt.seq])
+        if isinstance(stmt, tirx.For):
+            return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, rewrite(stmt.body), stmt.thread_binding,
+                            stmt.annotations, stmt.step)
+        if isinstance(stmt, tirx.IfThenElse):
+            return tirx.IfThenElse(stmt.condition, rewrite(stmt.then_case),
+                                   rewrite(stmt.else_case) if stmt.else_case is not None else None)
+        if isinstance(stmt, tirx.AttrStmt):
+            return tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, rewrite(stmt.body))
+        if isinstance(stmt, tirx.While):
+            return tirx.While(stmt.condition, rewrite(stmt.body))
+        if hasattr(stmt, "body"):
+            raise Unknown(type(stmt).__name__)
+        return stmt  # a leaf that stores nothing: an allocation, a binding, an evaluation
+
+    try:
+        body = rewrite(kernel.body)
+    except Unknown:
+        return None
+    return tirx.PrimFunc([*inputs, residual, fused_out], body, kernel.ret_type,
+                         kernel.attrs).without_attr(STORES_OUTPUT_ONCE)
+
+
+@relax.expr_functor.visitor
+class _UseCounts(relax.PyExprVisitor):
+    def __init__(self):
+        super().__init__()
+        self.count = {}
+
+    def visit_var_(self, var):
+        self.count[var] = self.count.get(var, 0) + 1
+
+    def visit_dataflow_var_(self, var):
+        self.count[var] = self.count.get(var, 0) + 1
+
+
+@relax.expr_functor.mutator
+class _ResidualIntoKernels(relax.PyExprMutator):
+    """residual + reshape(kernel(...)) [* scale], residual (1, 1, n) and the kernel's output
+    (1, n) static, each intermediate used once -> kernel_residual(..., residual)."""
+
+    def __init__(self, mod: tvm.IRModule, uses: dict):
+        super().__init__(mod)
+        self.mod, self.uses, self.made = mod, uses, {}
+        self.op = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("add", "multiply", "reshape", "call_tir")}
+
+    def _once(self, var) -> relax.Expr | None:
+        """What `var` is bound to, where it has one use (this one)."""
+        if not isinstance(var, relax.Var) or self.uses.get(var, 0) != 1:
+            return None
+        return self.lookup_binding(var)
+
+    def _is(self, expr, name: str) -> bool:
+        return isinstance(expr, relax.Call) and expr.op.same_as(self.op[name])
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if self._is(call, "add"):
+            for residual, term in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
+                fused = self._fused(residual, term)
+                if fused is not None:
+                    return fused
+        return call
+
+    def _fused(self, residual, term) -> relax.Expr | None:
+        rt = residual.ty
+        if not (isinstance(rt, relax.TensorType) and rt.dtype == "float32" and isinstance(rt.shape, relax.ShapeExpr)
+                and [_static(d) for d in rt.shape.values][:2] == [1, 1] and rt.ndim == 3):
+            return None
+        scale, bound = None, self._once(term)
+        if self._is(bound, "multiply"):
+            for value, factor in ((bound.args[0], bound.args[1]), (bound.args[1], bound.args[0])):
+                if isinstance(factor, tvm.ir.expr.GenericConst) and factor.value.numpy().size == 1 \
+                        and str(factor.value.dtype) == "float32":
+                    scale, bound = float(factor.value.numpy()), self._once(value)
+                    break
+            else:
+                return None
+        if not self._is(bound, "reshape"):
+            return None
+        kernel_call = self._once(bound.args[0])
+        if not self._is(kernel_call, "call_tir") or len(kernel_call.args) != 2:  # (no tir_vars)
+            return None
+        out_ty = kernel_call.ty
+        if not (isinstance(out_ty, relax.TensorType) and isinstance(out_ty.shape, relax.ShapeExpr)
+                and out_ty.dtype == "float32" and out_ty.ndim == 2 and _static(out_ty.shape.values[0]) == 1
+                and Analyzer().can_prove_equal(out_ty.shape.values[1], rt.shape.values[2])):
+            return None
+        gv = kernel_call.args[0]
+        key = (gv.name_hint, scale)
+        if key not in self.made:
+            kernel = self.mod[gv]
+            fused = with_residual(kernel, scale) if isinstance(kernel, tirx.PrimFunc) else None
+            self.made[key] = fused and self.builder_.add_func(fused, f"{gv.name_hint}_residual")
+        if self.made[key] is None:
+            return None
+        return relax.call_tir(self.made[key], [*kernel_call.args[1].fields, residual], rt)
+
+
+def _static(d) -> int | None:
+    return int(d) if isinstance(d, tirx.IntImm) else None
+
+
+@tvm.transform.module_pass(opt_level=0, name="MoetvmResidualIntoKernels")
+def residual_into_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """A residual connection after a CPU GEMV or a resident MoE layer (a decode step's attention
+    output projection and MoE layer: `residual + out * multiplier`, GraniteMoE's, or `residual +
+    out`) becomes that kernel's epilogue, writing the new residual stream (1, 1, d) itself: the
+    elementwise kernel, its output's allocation and free, and the view of the kernel's rows as
+    (1, 1, d) go (GraniteMoE's decode step: 48 kernel calls and ~290 VM instructions a token).
+    Same arithmetic, in the same order: (value * multiplier), then + residual."""
+    uses = _UseCounts()
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            uses.visit_expr(func)
+    mutator = _ResidualIntoKernels(mod, uses.count)
+    out = tvm.IRModule(attrs=mod.attrs, global_infos=mod.global_infos)
+    for gv, func in mod.functions_items():
+        out[gv] = relax.analysis.remove_all_unused(mutator.visit_expr(func)) if isinstance(func, relax.Function) else func
+    made = {gv.name_hint for gv in mutator.made.values() if gv is not None}
+    for gv, func in mutator.builder_.get().functions_items():
+        if gv.name_hint in made:
+            out[gv] = func
     return out
 
 

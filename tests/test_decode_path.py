@@ -96,6 +96,57 @@ def test_reshape_chains_collapse_and_round_trips_vanish():
     assert [int(d) for d in reshapes[0].ty.shape.values] == [1, 1, 4, 16]
 
 
+def _residual_after_gemv(scale: float | None, reuse: bool = False):
+    """residual + reshape(fp32 GEMV(x)) [* scale] as a decode step has it after attention's
+    output projection: (module, x, residual, weight (K, N)); `reuse`: the GEMV's rows also
+    returned (so they must stay)."""
+    from moetvm.compiler import gemv, quant
+
+    k_dim, n_dim = 64, 128
+    s = quant.scheme("fp32").tiled(64)
+    w = np.random.default_rng(0).standard_normal((k_dim, n_dim)).astype(np.float32)
+    stored = quant.quantize(w, s)[""]
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, k_dim), "float32"))
+    r = relax.Var("r", relax.TensorType((1, 1, n_dim), "float32"))
+    with bb.function("main", [x, r]):
+        with bb.dataflow():
+            kernel = bb.add_func(gemv.matmul(k_dim, n_dim, s), "gemv")
+            rows = bb.emit(relax.call_tir(kernel, [x, relax.const(stored)], relax.TensorType((1, n_dim), "float32")))
+            term = bb.emit(relax.op.reshape(rows, [1, 1, n_dim]))
+            if scale is not None:
+                term = bb.emit(relax.op.multiply(term, relax.const(scale, "float32")))
+            out = bb.emit(relax.op.add(r, term))
+            out = bb.emit_output(relax.Tuple([out, rows]) if reuse else out)
+        bb.emit_func_output(out)
+    return bb.get(), w
+
+
+@pytest.mark.parametrize("scale, reuse", [(0.22, False), (None, False), (0.22, True)])
+def test_a_residual_connection_is_the_gemv_epilogue(scale, reuse):
+    """residual + rows * multiplier (GraniteMoE) or residual + rows after a CPU GEMV is one kernel
+    writing the new residual stream, as a NumPy reference computes it; where the GEMV's rows are
+    also used elsewhere, nothing is fused (the GEMV would run twice)."""
+    from moetvm.compiler.lowering import residual_into_kernels
+
+    mod, w = _residual_after_gemv(scale, reuse)
+    fused = residual_into_kernels(mod)
+    kernels = {gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tirx.PrimFunc)}
+    assert ("gemv_residual" in kernels) == (not reuse), kernels
+    assert {c.op.name for c in _calls(fused["main"])} >= ({"relax.add"} if reuse else set())
+    if not reuse:
+        assert not {"relax.add", "relax.multiply", "relax.reshape"} & {c.op.name for c in _calls(fused["main"])}
+    target = BuildTarget.resolve("host").tvm
+    vm = relax.VirtualMachine(tvm.compile(relax.transform.ConvertToDataflow()(mod), target,
+                                          relax_pipeline=relax_pipeline(target)), tvm.cpu())
+    rng = np.random.default_rng(1)
+    x, r = rng.standard_normal((1, 64)).astype(np.float32), rng.standard_normal((1, 1, 128)).astype(np.float32)
+    got = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(r))
+    got = (got[0] if reuse else got).numpy()
+    want = r + (x @ w)[None] * (1.0 if scale is None else scale)
+    assert relative_error(got, want) < 1e-6
+
+
 def _calls(func) -> list:
     found = []
     relax.analysis.post_order_visit(func, lambda e: found.append(e) if isinstance(e, relax.Call)

@@ -173,7 +173,8 @@ def test_resident_top_k_selects_and_weights_as_the_host_does(normalize, scaling,
 def test_the_decode_step_takes_no_view_of_a_view_and_builds_no_tuple(int4_artifact):
     """The one-call step's VM code (the instructions a token runs): a chain of reshapes is one
     view, and no kernel's outputs are packed into a tuple nothing reads (collapse_reshapes,
-    drop_unused_tuples); its top-k scores the router's logits (no softmax kernel of its own)."""
+    drop_unused_tuples); its top-k scores the router's logits (no softmax kernel of its own); the
+    residual connections are kernels' epilogues."""
     m = read_manifest(int4_artifact)
     library = next(lib for lib in m.libraries if lib.name == "segments")
     text = relax.VMExecutable(tvm.runtime.load_module(str(int4_artifact / library.file.path))).as_text()
@@ -184,6 +185,11 @@ def test_the_decode_step_takes_no_view_of_a_view_and_builds_no_tuple(int4_artifa
     assert not [c for c in calls if c[1] == "vm.builtin.make_tuple"]
     assert not [c for c in calls if c[1].startswith("softmax")]
     assert len([c for c in calls if c[1].startswith("top")]) == len(m.moe_layers)
+    # the residual connections after attention's output projection (a GEMV) and after each MoE
+    # layer are those kernels' epilogues (residual_into_kernels)
+    fused = [c[1] for c in calls if c[1].endswith("_residual")]
+    assert len([f for f in fused if f.endswith("_layer_residual")]) == len(m.moe_layers)
+    assert len([f for f in fused if "_matmul_" in f]) == len(m.moe_layers)
 
 
 @pytest.mark.parametrize("score_fn", ["softmax", "sigmoid"])
