@@ -200,26 +200,28 @@ def collapse_reshapes(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 
 @relax.expr_functor.visitor
-class _UsedVars(relax.PyExprVisitor):
+class _UseCounts(relax.PyExprVisitor):
+    """How many times each variable is read (its definitions not counted)."""
+
     def __init__(self):
         super().__init__()
-        self.used = set()
+        self.count = {}
 
     def visit_var_(self, var):
-        self.used.add(var)
+        self.count[var] = self.count.get(var, 0) + 1
 
     def visit_dataflow_var_(self, var):
-        self.used.add(var)
+        self.count[var] = self.count.get(var, 0) + 1
 
 
 @relax.expr_functor.mutator
 class _DropUnusedTuples(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, used: set):
+    def __init__(self, mod: tvm.IRModule, uses: dict):
         super().__init__(mod)
-        self.used = used
+        self.uses = uses
 
     def visit_var_binding_(self, binding):
-        if isinstance(binding.value, relax.Tuple) and binding.var not in self.used:
+        if isinstance(binding.value, relax.Tuple) and not self.uses.get(binding.var):
             return  # not emitted
         super().visit_var_binding_(binding)
 
@@ -244,9 +246,9 @@ def drop_unused_tuples(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             func = _ItemsFromTuples(mod).visit_expr(func)
-            uses = _UsedVars()
+            uses = _UseCounts()
             uses.visit_expr(func)
-            func = _DropUnusedTuples(mod, uses.used).visit_expr(func)
+            func = _DropUnusedTuples(mod, uses.count).visit_expr(func)
         out[gv] = func
     return out
 
@@ -298,19 +300,6 @@ def with_residual(kernel: tirx.PrimFunc, scale: float | None) -> tirx.PrimFunc |
         return None
     return tirx.PrimFunc([*inputs, residual, fused_out], body, kernel.ret_type,
                          kernel.attrs).without_attr(STORES_OUTPUT_ONCE)
-
-
-@relax.expr_functor.visitor
-class _UseCounts(relax.PyExprVisitor):
-    def __init__(self):
-        super().__init__()
-        self.count = {}
-
-    def visit_var_(self, var):
-        self.count[var] = self.count.get(var, 0) + 1
-
-    def visit_dataflow_var_(self, var):
-        self.count[var] = self.count.get(var, 0) + 1
 
 
 @relax.expr_functor.mutator
