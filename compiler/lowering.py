@@ -136,12 +136,14 @@ class _DropIdentityLayout(relax.PyExprMutator):
         call = super().visit_call_(call)
         if not any(call.op.same_as(op) for op in self.ops):
             return call
-        src, dst = getattr(call.args[0].ty, "shape", None), getattr(call.ty, "shape", None)
-        if (isinstance(src, relax.ShapeExpr) and isinstance(dst, relax.ShapeExpr)
-                and len(src.values) == len(dst.values)
-                and all(self.analyzer.can_prove_equal(a, b) for a, b in zip(src.values, dst.values))):
-            return call.args[0]
-        return call
+        return call.args[0] if _same_shape(self.analyzer, call.args[0], call) else call
+
+
+def _same_shape(analyzer: Analyzer, a: relax.Expr, b: relax.Expr) -> bool:
+    """Whether `a` and `b` have shapes provably equal, dimension by dimension."""
+    sa, sb = getattr(a.ty, "shape", None), getattr(b.ty, "shape", None)
+    return (isinstance(sa, relax.ShapeExpr) and isinstance(sb, relax.ShapeExpr) and len(sa.values) == len(sb.values)
+            and all(analyzer.can_prove_equal(x, y) for x, y in zip(sa.values, sb.values)))
 
 
 @tvm.transform.module_pass(opt_level=0, name="MoetvmDropIdentityLayout")
@@ -175,10 +177,7 @@ class _CollapseReshapes(relax.PyExprMutator):
                 source = bound
             else:
                 break
-        src, dst = getattr(source.ty, "shape", None), getattr(call.ty, "shape", None)
-        if (isinstance(src, relax.ShapeExpr) and isinstance(dst, relax.ShapeExpr)
-                and len(src.values) == len(dst.values)
-                and all(self.analyzer.can_prove_equal(a, b) for a, b in zip(src.values, dst.values))):
+        if _same_shape(self.analyzer, source, call):
             return source
         return call if source.same_as(call.args[0]) else relax.op.reshape(source, call.args[1])
 
@@ -310,6 +309,7 @@ class _ResidualIntoKernels(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule, uses: dict):
         super().__init__(mod)
         self.mod, self.uses, self.made = mod, uses, {}
+        self.analyzer = Analyzer()
         self.op = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("add", "multiply", "reshape", "call_tir")}
 
     def _once(self, var) -> relax.Expr | None:
@@ -352,7 +352,7 @@ class _ResidualIntoKernels(relax.PyExprMutator):
         out_ty = kernel_call.ty
         if not (isinstance(out_ty, relax.TensorType) and isinstance(out_ty.shape, relax.ShapeExpr)
                 and out_ty.dtype == "float32" and out_ty.ndim == 2 and _static(out_ty.shape.values[0]) == 1
-                and Analyzer().can_prove_equal(out_ty.shape.values[1], rt.shape.values[2])):
+                and self.analyzer.can_prove_equal(out_ty.shape.values[1], rt.shape.values[2])):
             return None
         gv = kernel_call.args[0]
         key = (gv.name_hint, scale)

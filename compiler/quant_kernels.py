@@ -305,36 +305,36 @@ def expert_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[
 
 
 def _fused_resident_layer(bb: relax.BlockBuilder, d_model: int, d_ff: int, s: Scheme, r: ResidentRouting,
-                          specs: list, slot: tuple[list[int], int]) -> None:
+                          specs: list, slot: tuple[list[int], int]) -> tvm.ir.GlobalVar:
     """The resident function (x (1, d), scores (1, E), pool) -> (1, d) as two kernels: top-k,
-    then the whole layer (gemv.resident_layer) reading the pool and the pool viewed as scales."""
+    then the whole layer (gemv.resident_layer) reading the pool and the pool viewed as scales.
+    Returns the layer's kernel."""
+    offsets, slot_bytes = slot
+    layer = bb.add_func(gemv.resident_layer(d_model, d_ff, s, r.n_experts, r.top_k,
+                                            {name: offset for (name, _, _), offset in zip(specs, offsets)}, slot_bytes),
+                        f"{r.function}_layer")
     x = relax.Var("x", relax.TensorType((1, d_model), "float32"))
     scores = relax.Var("scores", relax.TensorType((1, r.n_experts), "float32"))
-    pool = relax.Var("pool", relax.TensorType((r.n_experts * slot[1],), "uint8"))
+    pool = relax.Var("pool", relax.TensorType((r.n_experts * slot_bytes,), "uint8"))
     with bb.function(r.function, [x, scores, pool]):
         with bb.dataflow():
-            out = bb.emit_output(_emit_resident_layer(bb, x, scores, pool, d_model, d_ff, s, r, specs, slot))
+            top_k = bb.add_func(top_k_kernel(r), f"top{r.top_k}_of_{r.n_experts}")
+            out = bb.emit_output(_emit_resident_layer(bb, x, scores, pool, d_model, s, r, top_k, layer))
         bb.emit_func_output(out)
+    return layer
 
 
-def _emit_resident_layer(bb: relax.BlockBuilder, x, scores, pool, d_model: int, d_ff: int, s: Scheme,
-                         r: ResidentRouting, specs: list, slot: tuple[list[int], int],
-                         score_fn: str | None = None) -> relax.Expr:
-    """Top-k of `scores` (or of the logits, scored by `score_fn` in the top-k kernel), then the
-    layer's kernel, emitted into the current dataflow block: (1, d)."""
-    offsets, slot_bytes = slot
-    pool_bytes = r.n_experts * slot_bytes
-    layer = gemv.resident_layer(d_model, d_ff, s, r.n_experts, r.top_k,
-                                {name: offset for (name, _, _), offset in zip(specs, offsets)}, slot_bytes)
+def _emit_resident_layer(bb: relax.BlockBuilder, x, scores, pool, d_model: int, s: Scheme, r: ResidentRouting,
+                         top_k: tvm.ir.GlobalVar, layer: tvm.ir.GlobalVar) -> relax.Expr:
+    """The `top_k` kernel on `scores` (or on the logits, for a top-k that scores them), then the
+    `layer` kernel, emitted into the current dataflow block: (1, d)."""
+    pool_bytes = int(pool.ty.shape.values[0])
     scales = gemv.resident_view_dtype(s)  # the kernel also reads the pool through a view of this dtype
-    top_k = bb.add_func(top_k_kernel(r, score_fn=score_fn),
-                        f"top{r.top_k}_of_{r.n_experts}" + (f"_{score_fn}" if score_fn else ""))
     picked = bb.emit(relax.call_tir(top_k, [scores], [relax.TensorType((r.top_k,), "int64"),
                                                       relax.TensorType((1, r.top_k), "float32")]))
     scales = bb.emit(relax.op.memory.view(pool, [pool_bytes // DTYPE_BYTES[scales]], scales, relax.prim_value(0)))
-    kernel = bb.add_func(layer, f"{r.function}_layer")
-    return bb.emit(relax.call_tir(kernel, [x, bb.emit(relax.TupleGetItem(picked, 1)), bb.emit(relax.TupleGetItem(picked, 0)),
-                                           pool, scales], relax.TensorType((1, d_model), "float32")))
+    return bb.emit(relax.call_tir(layer, [x, bb.emit(relax.TupleGetItem(picked, 1)), bb.emit(relax.TupleGetItem(picked, 0)),
+                                          pool, scales], relax.TensorType((1, d_model), "float32")))
 
 
 def router_module(routers: list[tuple[str, np.ndarray, np.ndarray | None, str]], s: Scheme,
@@ -381,13 +381,14 @@ def router_module(routers: list[tuple[str, np.ndarray, np.ndarray | None, str]],
                                      else relax.op.sigmoid(logits))
                 out = bb.emit_output(logits)
             bb.emit_func_output(out)
-    built = set()  # resident functions, one per distinct routing, shared by the layers using it
+    # Resident functions and their kernels, one per distinct routing, shared by the layers using
+    # it (a kernel is parsed once: ~0.2 s each)
+    layers, top_ks = {}, {}
     for layer in decode:
         d, r = layer.d_model, layer.routing
-        specs = expert_params(d, layer.d_ff, layer.scheme)
-        if r.function not in built:
-            _fused_resident_layer(bb, d, layer.d_ff, layer.scheme, r, specs, layer.slot)
-            built.add(r.function)
+        if r.function not in layers:
+            layers[r.function] = _fused_resident_layer(bb, d, layer.d_ff, layer.scheme, r,
+                                                       expert_params(d, layer.d_ff, layer.scheme), layer.slot)
         x = relax.Var("x", relax.TensorType((1, 1, d), "float32"))
         pool = relax.Var("pool", relax.TensorType((r.n_experts * layer.slot[1],), "uint8"))
         with bb.function(layer.function, [x, pool]):
@@ -397,8 +398,11 @@ def router_module(routers: list[tuple[str, np.ndarray, np.ndarray | None, str]],
                     # the router's logits, scored in the top-k kernel: the softmax's kernel, its
                     # output's allocation and free fewer a layer
                     router_logits, score_fn = logits_of[layer.router]
-                    out = _emit_resident_layer(bb, row, router_logits(row), pool, d, layer.d_ff, layer.scheme, r,
-                                               specs, layer.slot, score_fn)
+                    if (r.function, score_fn) not in top_ks:
+                        top_ks[r.function, score_fn] = bb.add_func(top_k_kernel(r, score_fn=score_fn),
+                                                                   f"top{r.top_k}_of_{r.n_experts}_{score_fn}")
+                    out = _emit_resident_layer(bb, row, router_logits(row), pool, d, layer.scheme, r,
+                                               top_ks[r.function, score_fn], layers[r.function])
                 else:
                     module = bb.get()
                     scores = bb.emit(relax.Call(module.get_global_var(layer.router), [row]))

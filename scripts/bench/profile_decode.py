@@ -114,12 +114,12 @@ def attribute(script: str, libraries: dict[str, Path], main_thread: int) -> dict
             category = POOL_WAIT
         elif library in libraries:  # one of the artifact's libraries: name the kernel
             category = f"kernels: {library}"
-            if sym == "[unknown]" or sym.startswith("0x"):
+            if sym == "[unknown]":  # (a memfd library: perf cannot read its symbols)
                 addresses, names = tables.get(library) or tables.setdefault(library, symbol_table(libraries[library]))
                 i = bisect.bisect_right(addresses, address) - 1
                 sym = names[i] if i >= 0 else "?"
             if main:
-                out["kernels"][kernel_name(re.sub(r"\+0x[0-9a-f]+$", "", sym)), library] += period
+                out["kernels"][kernel_name(sym), library] += period
         else:
             category = next((name for name, test in CATEGORIES if test(dso)), "other")
         out["main" if main else "workers"][category] += period
