@@ -21,6 +21,15 @@ float32 scale per position and head: artifact.KVCacheLayout); products and sums 
 int8 keys and values are quantized per position (symmetric, round to nearest, scale = max|x| /
 127) as they are appended; a key's scale multiplies its score, a value's its softmax weight.
 Queries are grouped onto KV heads (GQA): head h reads KV head h // (heads // kv_heads).
+
+On CPUs with 4-byte integer dot products (x86 AVX512-VNNI, `vpdpbusd`) an int8 cache is kept in
+"dot order" (KVCacheLayout.dot), and both products are integer dots, as the int8 GEMVs are
+(compiler/gemv.py): scores from the query quantized to int8 (one scale per head row) against
+keys stored 4 dimensions to 4 bytes per position; the output from the softmax weights (times
+each value row's scale) quantized to uint8 per block of positions against values stored 4
+positions to 4 bytes per dimension. Converting each int8 to float32 (a shuffle-port extend, a
+convert, a multiply-add: 12 cycles a position at 64 dimensions) had made the attention's
+arithmetic as slow as its memory, and the two did not overlap: `dot_attention`.
 """
 
 from __future__ import annotations
@@ -95,8 +104,11 @@ def scale_byte(scale, k: int):
 
 
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
-def append_keys(kv_heads: int, head_dim: int, dtype: str, block: int):
-    """cache (b, kv_heads, blocks, head_dim, block) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1."""
+def append_keys(kv_heads: int, head_dim: int, dtype: str, block: int, dot: bool = False):
+    """cache (b, kv_heads, blocks, head_dim, block) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1
+    (dot: the int8 cache in dot order, append_dot)."""
+    if dot:
+        return append_dot(kv_heads, head_dim, True, block)
     if dtype in KV_QUANTIZED:
         return append_quantized(kv_heads, head_dim, True, block)
 
@@ -116,8 +128,11 @@ def append_keys(kv_heads: int, head_dim: int, dtype: str, block: int):
 
 
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
-def append_values(kv_heads: int, head_dim: int, dtype: str, block: int):
-    """cache (b, kv_heads, blocks, block, head_dim) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1."""
+def append_values(kv_heads: int, head_dim: int, dtype: str, block: int, dot: bool = False):
+    """cache (b, kv_heads, blocks, block, head_dim) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1
+    (dot: the int8 cache in dot order, append_dot)."""
+    if dot:
+        return append_dot(kv_heads, head_dim, False, block)
     if dtype in KV_QUANTIZED:
         return append_quantized(kv_heads, head_dim, False, block)
 
@@ -180,6 +195,60 @@ def append_quantized(kv_heads: int, head_dim: int, transposed: bool, block: int)
     return kv_append_quantized
 
 
+def dot_order_fits(key_dim: int, value_dim: int, block: int) -> bool:
+    """Whether an int8 cache of these sizes can be kept in dot order: whole 4-byte groups of key
+    dimensions and of positions, and whole 16-lane vectors of positions and of value dimensions."""
+    return key_dim % 4 == 0 and value_dim % 16 == 0 and block % 16 == 0
+
+
+@functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
+def append_dot(kv_heads: int, head_dim: int, keys: bool, block: int):
+    """int8 cache in dot order (KVCacheLayout.dot) <- new (b, kv_heads, s, head_dim) at positions
+    p..p+s-1, each position quantized as append_quantized does:
+      keys   (b, kv_heads, blocks, head_dim / 4 + 1, block * 4): dimension d of position l at
+             [d // 4, 4 l + d % 4], plus 128 (the unsigned operand of vpdpbusd); the last row holds
+             the positions' scales, [4 l : 4 l + 4] position l's float32 (one vector load a block);
+      values (b, kv_heads, blocks, block * (head_dim + 4)): dimension d of position j at
+             [(j // 4) * 4 head_dim + 4 d + j % 4], then the block's scales, position j's float32 at
+             [block * head_dim + 4 j]."""
+    groups = head_dim // 4
+
+    def shape(b, blocks):
+        return (b, kv_heads, blocks, groups + 1, block * 4) if keys else (b, kv_heads, blocks, block * (head_dim + KV_SCALE_BYTES))
+
+    @T.prim_func(private=True)
+    def kv_append_dot(cache_h: T.handle, new_h: T.handle, p: T.int64):
+        # Opaque: a position's scale needs its whole row, so FuseOps must not treat this as elementwise.
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        b, s, blocks = T.int64(), T.int64(), T.int64()
+        cache = T.match_buffer(cache_h, shape(b, blocks), "int8")
+        new = T.match_buffer(new_h, (b, kv_heads, s, head_dim), "float32")
+        for bh in T.parallel(b * kv_heads):
+            for i in T.serial(s):
+                if True:
+                    amax = T.decl_buffer((1,), "float32", scope=STACK)
+                    bi: T.let[T.int64] = bh // kv_heads
+                    g: T.let[T.int64] = bh % kv_heads
+                    amax[0] = T.float32(0)
+                    for d in T.serial(head_dim):
+                        amax[0] = T.max(amax[0], T.fabs(new[bi, g, i, d]))
+                    inv: T.let[T.float32] = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+                    kb: T.let[T.int64] = (p + i) // block
+                    kl: T.let[T.int64] = (p + i) % block
+                    for d in T.serial(head_dim):
+                        if keys:  # q + 128 in 1..255: the byte's bits, as an int8 element
+                            cache[bi, g, kb, d // 4, kl * 4 + d % 4] = T.Cast("int8", T.Cast("int32", T.round(new[bi, g, i, d] * inv)) + 128)
+                        else:
+                            cache[bi, g, kb, kl // 4 * (4 * head_dim) + d * 4 + kl % 4] = T.Cast("int8", T.round(new[bi, g, i, d] * inv))
+                    for k in T.unroll(KV_SCALE_BYTES):
+                        if keys:
+                            cache[bi, g, kb, groups, kl * 4 + k] = scale_byte(amax[0] / T.float32(127), k)
+                        else:
+                            cache[bi, g, kb, block * head_dim + kl * 4 + k] = scale_byte(amax[0] / T.float32(127), k)
+
+    return kv_append_dot
+
+
 def _shared_heads(heads: int, kv_heads: int) -> int:
     """Query heads per attention task: those sharing a KV head, at most 4 (a divisor of the group).
     Sharing reads each key and value once for the task, not once per head; past 4 the key block
@@ -199,7 +268,8 @@ def key_block(heads: int, kv_heads: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
-def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dtype: str, scale: float, block: int):
+def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dtype: str, scale: float, block: int,
+                     dot: bool = False):
     """out (b, s, heads, value_dim) = causal softmax(q K^T * scale) V for queries q (b, heads, s,
     key_dim) at positions p..p+s-1 over cached positions 0..p+s-1. `scores` (b, heads, s, cap) is
     scratch. Keys past the visible length are read (to the next multiple of the block, within
@@ -208,7 +278,9 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
     One task per KV head (`shared` query heads, up to 4, of the `group` that share it): its query
     heads are scored and summed together, so each cached key and value is read (and converted to
     float32) once a task, not once per query head; the key block shrinks by the heads so the
-    accumulators stay LANES wide in all."""
+    accumulators stay LANES wide in all. dot: an int8 cache in dot order, dot_attention."""
+    if dot:
+        return dot_attention(heads, kv_heads, key_dim, value_dim, scale, block)
     group = heads // kv_heads
     vd = value_dim
     quantized = dtype in KV_QUANTIZED
@@ -350,5 +422,172 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
                                 out[bi, i, h0 + m, d] = out[bi, i, h0 + m, d] + o[m, u + 1, d]
                         for d in T.vectorized(vd):
                             out[bi, i, h0 + m, d] = out[bi, i, h0 + m, d] / total[m]
+
+    return attention
+
+
+_VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"  # acc.i32x16 += 4-byte dots of u8x64 (first) and s8x64 (second)
+
+
+def _dot4(acc, unsigned, signed):
+    return T.call_llvm_pure_intrin("int32x16", _VPDPBUSD, acc, unsigned, signed)
+
+
+def _splat4(buffer, m, at):
+    """Bytes at..at+3 of buffer row m, as 16 copies of their int32 (the operand every lane shares)."""
+    return T.reinterpret("int8x64", T.broadcast(T.reinterpret("int32", buffer[m, T.ramp(at, 1, 4)]), 16))
+
+
+# Into L2 (prefetcht2), as the integer GEMVs' weights (gemv.PREFETCH_LOCALITY): the OLMoE-style
+# attention over 1024 positions, 16 layers, 1 thread, other data read between the layers: 3.14-3.31
+# ms against 3.38-3.47 with prefetcht0.
+DOT_PREFETCH_LOCALITY = 1
+
+
+@functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
+def dot_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, scale: float, block: int):
+    """cached_attention over an int8 cache in dot order (append_dot), in integer dot products.
+
+    Per task (KV head, `shared` query heads) and query: each query head row is quantized to int8
+    (scale amax / 127), and a key block's scores are `lanes` int32 sums of (key + 128) * q, less
+    128 * sum(q), times the two scales. The softmax as cached_attention's; then per cache block,
+    each position's weight times its value row's scale, quantized to uint8 (scale: the block's
+    largest / 255; positions past the visible ones weigh 0), is the unsigned operand against the
+    values: per block `value_dim` int32 sums, added to the float32 output times that scale. The
+    rounding of both (relative error of the output ~1e-3 of its largest element on random data,
+    tests/test_decode_path.py) comes on top of the cache's own int8 rounding.
+
+    OLMoE-style shape (16 heads of 64, no GQA), 1 thread: 512 cached positions held in L2, 16 layers,
+    39-47 us a layer for cached_attention against 25-31 us; 1024 positions from memory, other data
+    read between the layers, 3.7-4.0 ms against 3.1-3.3 ms for the 16."""
+    assert dot_order_fits(key_dim, value_dim, block), (key_dim, value_dim, block)
+    group = heads // kv_heads
+    shared = _shared_heads(heads, kv_heads)
+    lanes = min(key_block(heads, kv_heads), block)
+    per_block = block // lanes
+    kd, vd = key_dim, value_dim
+    groups = kd // 4  # rows of 4 key dimensions; row `groups` holds the scales
+    value_bytes = block * (vd + KV_SCALE_BYTES)
+    key_lines = lanes * 4 // 64  # per row of a key block
+    value_lines = -(-value_bytes // 64 // (block // 4))  # per 4 positions: the next block's lines, spread
+    locality = DOT_PREFETCH_LOCALITY
+
+    @T.prim_func(private=True)
+    def attention(q_h: T.handle, keys_h: T.handle, values_h: T.handle, p: T.int64, out_h: T.handle, scores_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        b, s, nb, cap = T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (b, heads, s, kd), "float32")
+        keys = T.match_buffer(keys_h, (b, kv_heads, nb, groups + 1, block * 4), "int8")
+        values = T.match_buffer(values_h, (b, kv_heads, nb, value_bytes), "int8")
+        out = T.match_buffer(out_h, (b, s, heads, vd), "float32")
+        scores = T.match_buffer(scores_h, (b, heads, s, cap), "float32")
+        for task in T.parallel(b * (heads // shared)):
+            for i in T.serial(s):
+                if True:
+                    q8 = T.decl_buffer((shared, kd), "int8", scope=STACK)
+                    q_scale = T.decl_buffer((shared,), "float32", scope=STACK)
+                    q_offset = T.decl_buffer((shared,), "int32", scope=STACK)  # 128 * sum(q8)
+                    amax = T.decl_buffer((1,), "float32", scope=STACK)
+                    q_sum = T.decl_buffer((1,), "int32", scope=STACK)
+                    dots = T.decl_buffer((shared, lanes), "int32", scope=STACK)
+                    key_scale = T.decl_buffer((lanes,), "float32", scope=STACK)
+                    lane_max = T.decl_buffer((shared, lanes), "float32", scope=STACK)
+                    lane_total = T.decl_buffer((shared, lanes), "float32", scope=STACK)
+                    row_max = T.decl_buffer((shared,), "float32", scope=STACK)
+                    total = T.decl_buffer((shared,), "float32", scope=STACK)
+                    value_scale = T.decl_buffer((block,), "float32", scope=STACK)
+                    w = T.decl_buffer((shared, block), "float32", scope=STACK)
+                    w8 = T.decl_buffer((shared, block), "uint8", scope=STACK)
+                    w_max = T.decl_buffer((shared,), "float32", scope=STACK)
+                    sums = T.decl_buffer((shared, vd), "int32", scope=STACK)
+                    o = T.decl_buffer((shared, vd), "float32", scope=STACK)
+                    visible: T.let[T.int64] = p + i + 1
+                    blocks: T.let[T.int64] = T.min((visible + lanes - 1) // lanes, nb * per_block)
+                    bi: T.let[T.int64] = task // (heads // shared)
+                    h0: T.let[T.int64] = task % (heads // shared) * shared  # the task's first query head
+                    g: T.let[T.int64] = h0 // group
+                    for m in T.unroll(shared):
+                        amax[0] = T.float32(0)
+                        for d in T.serial(kd):
+                            amax[0] = T.max(amax[0], T.fabs(q[bi, h0 + m, i, d]))
+                        q_sum[0] = 0
+                        for d in T.serial(kd):
+                            q8[m, d] = T.Cast("int8", T.round(q[bi, h0 + m, i, d] * T.if_then_else(
+                                amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))))
+                            q_sum[0] = q_sum[0] + T.Cast("int32", q8[m, d])
+                        q_scale[m] = amax[0] / T.float32(127) * T.float32(scale)
+                        q_offset[m] = q_sum[0] * 128
+                        for l in T.vectorized(lanes):
+                            lane_max[m, l] = T.float32(-3.0e38)
+                            lane_total[m, l] = T.float32(0)
+                        for d in T.vectorized(vd):
+                            o[m, d] = T.float32(0)
+                    for jb in T.serial(blocks):
+                        for m in T.unroll(shared):
+                            for l in T.vectorized(lanes):
+                                dots[m, l] = 0
+                        # A run-time trip count (nb >= 1: `groups`): unrolled whole, LLVM hoisted the
+                        # query's broadcasts out of the block loop and spilled them (1.3x slower).
+                        for r in T.serial(T.min(groups, nb * groups)):
+                            for line in T.unroll(key_lines):
+                                prefetch_line(T.address_of(keys[bi, g, (jb + 1) // per_block, r, (jb + 1) % per_block * lanes * 4 + line * 64]), locality)
+                            for m in T.unroll(shared):
+                                for v in T.unroll(lanes // 16):
+                                    dots[m, T.ramp(v * 16, 1, 16)] = _dot4(
+                                        dots[m, T.ramp(v * 16, 1, 16)],
+                                        keys[bi, g, jb // per_block, r, T.ramp(jb % per_block * lanes * 4 + v * 64, 1, 64)], _splat4(q8, m, r * 4))
+                        for line in T.unroll(key_lines):
+                            prefetch_line(T.address_of(keys[bi, g, (jb + 1) // per_block, groups, (jb + 1) % per_block * lanes * 4 + line * 64]), locality)
+                        for v in T.unroll(lanes // 16):
+                            key_scale[T.ramp(v * 16, 1, 16)] = T.reinterpret(
+                                "float32x16", keys[bi, g, jb // per_block, groups, T.ramp(jb % per_block * lanes * 4 + v * 64, 1, 64)])
+                        for m in T.unroll(shared):
+                            for l in T.vectorized(lanes):
+                                scores[bi, h0 + m, i, jb * lanes + l] = T.if_then_else(
+                                    jb * lanes + l < visible,
+                                    T.Cast("float32", dots[m, l] - q_offset[m]) * q_scale[m] * key_scale[l], T.float32(-3.0e38))
+                                lane_max[m, l] = T.max(lane_max[m, l], scores[bi, h0 + m, i, jb * lanes + l])
+                    for m in T.unroll(shared):
+                        row_max[m] = T.float32(-3.0e38)
+                        for l in T.serial(lanes):
+                            row_max[m] = T.max(row_max[m], lane_max[m, l])
+                        for jb in T.serial(blocks):
+                            for l in T.vectorized(lanes):
+                                scores[bi, h0 + m, i, jb * lanes + l] = T.if_then_else(
+                                    jb * lanes + l < visible, vector_exp(scores[bi, h0 + m, i, jb * lanes + l] - row_max[m]), T.float32(0))
+                                lane_total[m, l] = lane_total[m, l] + scores[bi, h0 + m, i, jb * lanes + l]
+                        total[m] = T.float32(0)
+                        for l in T.serial(lanes):
+                            total[m] = total[m] + lane_total[m, l]
+                    for jc in T.serial((visible + block - 1) // block):
+                        for v in T.unroll(block // 16):
+                            value_scale[T.ramp(v * 16, 1, 16)] = T.reinterpret(
+                                "float32x16", values[bi, g, jc, T.ramp(block * vd + v * 64, 1, 64)])
+                        for m in T.unroll(shared):
+                            for l in T.vectorized(block):
+                                w[m, l] = T.if_then_else(jc * block + l < visible, scores[bi, h0 + m, i, jc * block + l] * value_scale[l],
+                                                         T.float32(0))
+                            w_max[m] = T.float32(0)
+                            for l in T.serial(block):
+                                w_max[m] = T.max(w_max[m], w[m, l])
+                            for l in T.vectorized(block):
+                                w8[m, l] = T.Cast("uint8", T.round(w[m, l] * T.if_then_else(
+                                    w_max[m] > T.float32(0), T.float32(255) / w_max[m], T.float32(0))))
+                            for d in T.vectorized(vd):
+                                sums[m, d] = 0
+                        # The visible groups of 4 positions (a run-time count, as the key rows').
+                        for j4 in T.serial(T.min(block // 4, (visible - jc * block + 3) // 4)):
+                            for line in T.unroll(value_lines):
+                                prefetch_line(T.address_of(values[bi, g, jc + 1, (j4 * value_lines + line) * 64]), locality)
+                            for m in T.unroll(shared):
+                                for v in T.unroll(vd // 16):
+                                    sums[m, T.ramp(v * 16, 1, 16)] = _dot4(
+                                        sums[m, T.ramp(v * 16, 1, 16)], _splat4(w8, m, j4 * 4), values[bi, g, jc, T.ramp(j4 * vd * 4 + v * 64, 1, 64)])
+                        for m in T.unroll(shared):
+                            for d in T.vectorized(vd):
+                                o[m, d] = o[m, d] + T.Cast("float32", sums[m, d]) * (w_max[m] / T.float32(255))
+                    for m in T.unroll(shared):
+                        for d in T.vectorized(vd):
+                            out[bi, i, h0 + m, d] = o[m, d] / total[m]
 
     return attention

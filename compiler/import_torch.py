@@ -15,7 +15,7 @@ from moetvm.errors import UsageError
 
 from . import frontend, quant_plan
 from .attention import LANES as KV_CAPACITY_MULTIPLE
-from .attention import key_block
+from .attention import dot_order_fits, key_block
 from .dense_weights import store_dense_weights
 from .build_target import BuildTarget
 from .options import CompileOptions
@@ -66,8 +66,11 @@ def import_torch(model: nn.Module, example_inputs: tuple, target: BuildTarget, o
         window = getattr(model, "window", None)
         states = list(getattr(model, "state_layout", []))
         kv_dtype = options.kv_cache_dtype()
-        kv = (KVCacheLayout("in_place", kv_dtype, KV_CAPACITY_MULTIPLE, states=states,
-                            block=key_block(model.query_heads, kv_shapes(model.kv_layout)[1][0]))
+        _, (kv_heads, key_dim), (_, value_dim) = kv_shapes(model.kv_layout)
+        block = key_block(model.query_heads, kv_heads)
+        # int8 keys and values in the order of the CPU's integer dot products, where it has them
+        dot = kv_dtype == "int8" and target.int8_dot and dot_order_fits(key_dim, value_dim, block)
+        kv = (KVCacheLayout("in_place", kv_dtype, KV_CAPACITY_MULTIPLE, states=states, block=block, dot=dot)
               if getattr(model, "in_place_kv", False) else
               KVCacheLayout("concat", "float32", window=window, full_layers=list(getattr(model, "full_layers", [])),
                             chunk=getattr(model, "chunk", None) if getattr(model, "full_layers", None) else None))

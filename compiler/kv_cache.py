@@ -99,10 +99,14 @@ def convert_cached_attention(node, importer):
     kv_heads, value_dim = int(v.ty.shape.values[1]), int(v.ty.shape.values[3])
     heads, key_dim, dtype = int(heads), int(key_dim), str(key_buffer.ty.dtype)
     p = relax.prim_value(past_positions.ty.shape.values[1])
-    blocks, block = key_buffer.ty.shape.values[2], int(key_buffer.ty.shape.values[4])
-    append_k = bb.add_func(kernels.append_keys(kv_heads, key_dim, dtype, block), f"kv_append_keys_{dtype}")
-    append_v = bb.add_func(kernels.append_values(kv_heads, value_dim, dtype, block), f"kv_append_values_{dtype}")
-    attend = bb.add_func(kernels.cached_attention(heads, kv_heads, key_dim, value_dim, dtype, scale, block), "cached_attention")
+    # Dot order (artifact.KVCacheLayout.dot) is the one layout with 4-D value buffers, (b, kv_heads,
+    # blocks, block * (value_dim + 4)), and its key buffers' last dimension is 4 bytes a position.
+    dot = len(value_buffer.ty.shape.values) == 4
+    blocks, block = key_buffer.ty.shape.values[2], int(key_buffer.ty.shape.values[4]) // (4 if dot else 1)
+    append_k = bb.add_func(kernels.append_keys(kv_heads, key_dim, dtype, block, dot), f"kv_append_keys_{dtype}")
+    append_v = bb.add_func(kernels.append_values(kv_heads, value_dim, dtype, block, dot), f"kv_append_values_{dtype}")
+    attend = bb.add_func(kernels.cached_attention(heads, kv_heads, key_dim, value_dim, dtype, scale, block, dot),
+                         "cached_attention")
     keys = bb.emit(relax.call_tir_inplace(append_k, [key_buffer, k, p], 0, key_buffer.ty))
     values = bb.emit(relax.call_tir_inplace(append_v, [value_buffer, v, p], 0, value_buffer.ty))
     capacity = blocks * block

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from moetvm.errors import MoetvmError
 
-FORMAT_VERSION = 13  # 2: the dense part's weights in weight files (`weights`), not in the segments library
+# 2: the dense part's weights in weight files (`weights`), not in the segments library
 # 3: resident MoE layers (a layer's experts in one pool, routed and run in one call)
 # 4: the LM's tokenizer (`tokenizer`) and bf16 weights: a runtime before them says so by version
 # 5: sparsemixer routing (PhiMoE: score_fn "sparsemixer", jitter_eps); a sliding window's bounded cache
@@ -42,7 +42,9 @@ FORMAT_VERSION = 13  # 2: the dense part's weights in weight files (`weights`), 
 #     in one call on the hidden state as the segments hand it over
 # 13: a decode step in one call (`decode_step`): every segment and every layer's decode function for
 #     one token, the routers and decode functions beside the segments in their library
-SUPPORTED_FORMAT_VERSIONS = (1, 13)
+# 14: an int8 in-place KV cache in dot order (kv_cache.dot): its buffers' shapes and byte order differ
+FORMAT_VERSION = 14
+SUPPORTED_FORMAT_VERSIONS = (1, 14)
 SLOT_ALIGN = 64  # bytes: every tensor in an expert's pool slot starts at a multiple (the kernels' vector alignment)
 MANIFEST_NAME = "manifest.json"
 
@@ -215,7 +217,10 @@ class KVCacheLayout:
     positions and keep only the current chunk's (length mod chunk).
     int8 (in_place, format 7): each position's key column and value row is quantized on its own,
     symmetric, and carries its float32 scale (little-endian) in KV_SCALE_BYTES extra int8 elements:
-    key buffers have key dim + 4 rows, value rows value dim + 4 elements."""
+    key buffers have key dim + 4 rows, value rows value dim + 4 elements.
+    dot (int8, format 14; compiler/attention.py append_dot): the same numbers in the order of 4-byte
+    integer dot products, for CPUs that have them: keys (batch, key heads, blocks, key dim / 4 + 1,
+    block * 4), values (batch, value heads, blocks, block * (value dim + 4))."""
 
     layout: str = "concat"  # one of KV_LAYOUTS
     dtype: str = "float32"  # one of KV_DTYPES
@@ -225,6 +230,7 @@ class KVCacheLayout:
     chunk: int | None = None  # concat: chunked attention (Llama 4) in every layer but full_layers
     states: list[LayerState] = field(default_factory=list)  # in_place: layers that carry a state, not keys and values
     block: int | None = None  # in_place (format 9): positions per block of the key and value buffers
+    dot: bool = False  # int8 in_place with a block (format 14): stored in dot order
 
     @property
     def scale_bytes(self) -> int:
@@ -238,6 +244,8 @@ class KVCacheLayout:
         key_rows, value_row = key_dim + self.scale_bytes, value_dim + self.scale_bytes
         if self.block is None:
             return (None, key_heads, key_rows, None), (None, value_heads, None, value_row)
+        if self.dot:
+            return (None, key_heads, None, key_dim // 4 + 1, self.block * 4), (None, value_heads, None, self.block * value_row)
         return (None, key_heads, None, key_rows, self.block), (None, value_heads, None, self.block, value_row)
 
     def buffer_shapes(self, kv_layout: list[int], batch: int, capacity: int) -> tuple[tuple, tuple]:
@@ -736,6 +744,9 @@ def _check_model_fields(m: Manifest) -> None:
                                          and kv.capacity_multiple % kv.block == 0):
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache.block must be a positive integer dividing the "
                                 f"capacity_multiple, and only with the in_place layout, got {kv!r}")
+        if kv.dot and not (kv.dtype == "int8" and kv.block is not None and kv_shapes(layout)[1][1] % 4 == 0):
+            raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache.dot needs an int8 cache in blocks and a key dim that is a "
+                                f"multiple of 4, got {kv!r} with kv_layout {layout!r}")
         if kv.dtype in KV_QUANTIZED and kv.layout != "in_place":
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_cache dtype {kv.dtype} needs the in_place layout, "
                                 f"got {kv.layout!r}")
@@ -816,19 +827,16 @@ def _check_program(m: Manifest) -> None:
         if m.model.kv.layout == "in_place":
             # every dimension but the batch and the capacity fixed (KVCacheLayout.buffer_dims)
             key_buffer, value_buffer = m.model.kv.buffer_dims(m.model.kv_layout)
-            rank = len(key_buffer)  # 4, or 5 in blocks; the value buffer's is the same
-            kv_fits = all(len(t.shape) == rank and all(want is None or d == want for d, want in zip(t.shape, dims))
+            kv_fits = all(len(t.shape) == len(dims) and all(want is None or d == want for d, want in zip(t.shape, dims))
                           for t in m.inputs if t.name.startswith(("key_buffer_", "value_buffer_"))
                           for dims in [key_buffer if t.name.startswith("key_buffer_") else value_buffer])
         else:
-            rank = 4
-            kv_fits = all(t.shape[1::2] == list(key_shape if t.name.startswith("past_keys_") else value_shape)
+            kv_fits = all(len(t.shape) == 4 and t.shape[1::2] == list(key_shape if t.name.startswith("past_keys_") else value_shape)
                           for t in m.inputs if t.name.startswith(("past_keys_", "past_values_")))
         states = m.model.kv.states
         first = 4 if m.model.kv.full_layers else 3  # tokens, positions, past_positions (, window_positions)
         state_inputs = m.inputs[first + 2 * layers:]
         if len(m.inputs) != first + 2 * layers + len(states) \
-                or any(len(t.shape) != rank for t in m.inputs[first:first + 2 * layers]) \
                 or not kv_fits \
                 or any(t.shape[1:] != s.shape or t.dtype != s.dtype for t, s in zip(state_inputs, states)):
             raise ArtifactError(f"{MANIFEST_NAME}: model.kv_layout {m.model.kv_layout} does not match the "

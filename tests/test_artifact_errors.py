@@ -74,7 +74,7 @@ def test_tampered_library_detected_before_loading(artifact_copy):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda d: d.update(format_version=99), r"format_version 99 is not supported \(this runtime reads versions 1\.\.13\)"),
+        (lambda d: d.update(format_version=99), r"format_version 99 is not supported \(this runtime reads versions 1\.\.14\)"),
         (lambda d: d["moe_layers"][0]["experts"][0]["file"].update(path="../../etc/passwd"), "escapes the artifact directory"),
         (lambda d: d["moe_layers"][0]["experts"][0]["file"].update(path="/etc/passwd"), "escapes the artifact directory"),
         (lambda d: d["moe_layers"][0]["router"].update(top_k="2"), r"top_k: expected int, got str"),
@@ -86,6 +86,8 @@ def test_tampered_library_detected_before_loading(artifact_copy):
         (lambda d: d["model"].update(kv_cache={"layout": "in_place", "capacity_multiple": 64, "block": 48}),
          r"model.kv_cache.block must be a positive integer dividing the capacity_multiple"),
         (lambda d: d["model"].update(kv_cache={"layout": "concat", "block": 64}), r"model.kv_cache.block .* only with the in_place layout"),
+        (lambda d: d["model"].update(kv_cache={"layout": "in_place", "dtype": "float16", "capacity_multiple": 64, "block": 64,
+                                               "dot": True}), r"model.kv_cache.dot needs an int8 cache in blocks"),
         (lambda d: d["model"].update(kv_cache={"layout": "concat", "full_layers": [0]}),
          r"model.kv_cache.full_layers must be distinct KV layer indices below \d+, and only with a window"),
         (lambda d: d["model"].update(kv_cache={"layout": "concat", "window": 4, "full_layers": [0, 0]}),

@@ -149,7 +149,10 @@ def test_quantized_artifact_on_board_matches_host(board, reference_model, heldou
 
 def test_int8_kv_cache_on_board_matches_host(board, reference_model, heldout_tokens, tmp_path):
     """The int8 KV cache's kernels (quantize on append, scales in the buffer) built for NEON
-    compute what the host's compute, through a prefill and 32 decode steps."""
+    compute what the host's compute, through a prefill and 32 decode steps: within 1e-4, or
+    where the host keeps the cache in dot order (AVX512-VNNI: the query and the softmax weights
+    rounded to 8 bits, which the board's float kernels do not) within 1e-2 (measured 1.8e-3)."""
+    from moetvm.artifact import read_manifest
     from moetvm.compiler import compile_model
     from moetvm.runtime import load_model
 
@@ -160,7 +163,9 @@ def test_int8_kv_cache_on_board_matches_host(board, reference_model, heldout_tok
     proc = subprocess.run([board, "-c", BOARD_SCRIPT, a72, "100%", json.dumps(tokens.tolist()), out],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert relative_error(np.load(out), load_model(host)(tokens)) < 1e-4
+    dot = read_manifest(host).model.kv_cache.dot
+    assert not read_manifest(a72).model.kv_cache.dot
+    assert relative_error(np.load(out), load_model(host)(tokens)) < (1e-2 if dot else 1e-4)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["new"] == load_model(host).generate(tokens[0], 32)
 
 

@@ -27,7 +27,7 @@ def test_profile_names_the_kernels_and_the_host_share(reference_artifact, tmp_pa
     assert run.returncode == 0, run.stderr
     assert "outside the kernels" in run.stdout and "kernel (main thread)" in run.stdout
     result = json.loads(out.read_text())
-    assert result["tokens"] == 399 and result["threads"] == 1
+    assert result["tokens"] == 400 and result["threads"] == 1  # the prompt's token is prefilled before sampling
     assert sum(result["categories"].values()) == pytest.approx(1.0, abs=1e-6)
     assert 0 < result["outside_kernels_share"] < 1
     # Every kernel is named from its library's symbols: a TVM kernel, never a raw address.

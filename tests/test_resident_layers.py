@@ -81,11 +81,16 @@ def test_resident_layers_compute_what_the_host_path_computes(which, reference_ar
         logits, pair = fresh.step(np.array([[tokens[position]]] * 2), pair)
         for row in logits[:, -1]:
             assert relative_error(row, a[position - 7]) < 1e-5
+    # The paths below run the same kernels, up to float rounding (~1e-7); an int8 cache in dot order
+    # rounds the query and the softmax weights to 8 bits, where such a difference can tip one
+    # rounding, and that step's keys and values carry it on (measured: 1e-7 until a step near the
+    # 12th, then ~1e-3 of the largest logit).
+    same_kernels = 1e-2 if m.model.kv.dot else 1e-6
     cache = resident.new_cache()
     _, cache = resident.step(tokens[None, :8], cache)
     resident.manifest = dataclasses.replace(resident.manifest, decode_step=None)
     per_layer = _steps(resident, tokens)
-    assert max(relative_error(x, y) for x, y in zip(a, per_layer)) < 1e-6
+    assert max(relative_error(x, y) for x, y in zip(a, per_layer)) < same_kernels
     before = resident.timings.call_count
     resident.step(tokens[None, 8:9], cache)
     assert resident.timings.call_count - before == segments + layers
@@ -93,7 +98,7 @@ def test_resident_layers_compute_what_the_host_path_computes(which, reference_ar
         resident._layers[index] = dataclasses.replace(layer, decode_function=None)
     resident._thread.__dict__.pop("resident_plans")
     two_calls = _steps(resident, tokens)
-    assert max(relative_error(x, y) for x, y in zip(a, two_calls)) < 1e-6
+    assert max(relative_error(x, y) for x, y in zip(a, two_calls)) < same_kernels
     before = resident.timings.call_count
     resident.step(tokens[None, 8:9], cache)
     assert resident.timings.call_count - before == segments + 2 * layers

@@ -1,6 +1,8 @@
 """Issue 14's decode path: the dense part quantized and stored in weight files, the in-place KV
 cache, a token's experts in one call, and one cache budget meaning everywhere."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -143,7 +145,8 @@ def test_dense_weights_are_weight_files_not_code(int4_artifact):
     names = {t.name for w in m.weights for t in w.tensors}
     assert {"blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.weight.scale", "embed.weight"} <= names
     assert "blocks.0.attn_norm.weight" in names  # norms stay fp32 parameters
-    assert m.model.kv_cache == KVCacheLayout("in_place", "int8", 64, block=64)  # int4 weights: int8 keys and values
+    # int4 weights: int8 keys and values, in dot order where the CPU has 4-byte integer dots
+    assert m.model.kv_cache == KVCacheLayout("in_place", "int8", 64, block=64, dot=BuildTarget.resolve("host").int8_dot)
     from safetensors.numpy import load_file
 
     library = (int4_artifact / m.library("segments").file.path).read_bytes()
@@ -240,12 +243,16 @@ def test_int8_kv_cache_is_its_stated_quantization_and_keeps_the_model(reference_
                                                                       heldout_tokens, tmp_path):
     """--kv-dtype int8: each position's key and value quantized per head, its scale in the
     buffer. Over 300 decode steps (the buffers grow 256 -> 512, scales copied with them) the
-    compiled model computes what PyTorch computes with the same quantization (1e-4). Against the
+    compiled model computes what PyTorch computes with the same quantization (1e-4); in dot order
+    (CPUs with AVX512-VNNI) the query and the softmax weights are also rounded to 8 bits, which
+    PyTorch's op does not do: median within 1e-2, every step within 0.25 of the largest logit,
+    the same top-1 at 98% of the steps (measured: median 2.1e-3, max 8.3e-2, 100%). Against the
     fp32 cache, on 2 x 512 held-out bytes: cross-entropy within 0.5%, top-1 agreement >= 98%
     (measured: 4.2940 vs 4.2947 bits/byte, 99.6%; single logits move up to ~0.2 of the largest)."""
     art = compile_model(reference_model, out=tmp_path / "int8kv", kv_dtype="int8", progress=False)
     kv = read_manifest(art).model.kv_cache
-    assert kv == KVCacheLayout("in_place", "int8", 64, block=64) and kv.scale_bytes == 4
+    dot = BuildTarget.resolve("host").int8_dot
+    assert kv == KVCacheLayout("in_place", "int8", 64, block=64, dot=dot) and kv.scale_bytes == 4
     int8_kv = load_model(art, prefetch=False, preload=0)
     tokens = heldout_tokens[9000:9316]
     cache = int8_kv.new_cache()
@@ -255,9 +262,14 @@ def test_int8_kv_cache_is_its_stated_quantization_and_keeps_the_model(reference_
         logits, cache = int8_kv.step(np.array([[t]]), cache)
         ours.append(logits[0, -1])
     assert cache.capacity == 512 and cache.keys[0].dtype == "int8"
-    assert cache.keys[0].shape[3] == reference_model.kv_layout[2] + 4
-    eager = _eager_in_place_logits(reference_model, kv, tokens[:-1], 16)
-    assert max(relative_error(x, y) for x, y in zip(ours, eager)) < 1e-4
+    assert cache.keys[0].shape[3] == (reference_model.kv_layout[2] // 4 + 1 if dot else reference_model.kv_layout[2] + 4)
+    eager = _eager_in_place_logits(reference_model, dataclasses.replace(kv, dot=False), tokens[:-1], 16)
+    errors = [relative_error(x, y) for x, y in zip(ours, eager)]
+    if dot:
+        assert np.median(errors) < 1e-2 and max(errors) < 0.25
+        assert np.mean([x.argmax() == y.argmax() for x, y in zip(ours, eager)]) >= 0.98
+    else:
+        assert max(errors) < 1e-4
 
     fp32_kv = load_model(reference_artifact, prefetch=False, preload=0)
     windows = np.stack([heldout_tokens[s:s + 513] for s in (0, 4096)])

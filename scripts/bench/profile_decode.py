@@ -131,14 +131,16 @@ def main() -> None:
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=256, help="new tokens decoded while sampling")
+    ap.add_argument("--context", type=int, default=1,
+                    help="prompt tokens, prefilled before sampling starts: the sampled steps attend over context..context+tokens positions")
     ap.add_argument("--frequency", type=int, default=2000, help="samples a second per thread")
     ap.add_argument("--top", type=int, default=12, help="kernels listed")
     ap.add_argument("--json", type=Path, help="also write the shares here")
     a = ap.parse_args()
     if shutil.which("perf") is None:
         fail("`perf` is not installed (Debian: linux-perf; Ubuntu: linux-tools-generic)")
-    if a.threads < 1 or a.tokens < 8:
-        fail("--threads must be >= 1 and --tokens >= 8")
+    if a.threads < 1 or a.tokens < 8 or a.context < 1:
+        fail("--threads must be >= 1, --tokens >= 8 and --context >= 1")
     os.environ["TVM_NUM_THREADS"] = str(a.threads)  # read when TVM's thread pool starts
     from moetvm.artifact import ArtifactError
     from moetvm.runtime import load_model
@@ -151,9 +153,11 @@ def main() -> None:
         fail(f"{a.artifact}: a causal LM artifact is needed, this one is a {model.manifest.kind}")
     libraries = {lib.name: a.artifact / lib.file.path for lib in model.manifest.libraries}
     vocab = model.manifest.model.vocab_size
-    prompt = [3 % vocab]  # one token: every sampled step is a decode step
-    model.generate(prompt, 8, ignore_eos=True)  # warm: handles, pages, caches
+    prompt = [(3 + i) % vocab for i in range(a.context)]
+    model.generate(prompt[:1], 8, ignore_eos=True)  # warm: handles, pages, caches
     model.timings = type(model.timings)()  # the sampled generation's alone
+    generation = iter(model.stream(prompt, a.tokens + 1, ignore_eos=True))
+    next(generation)  # the prompt's prefill and the first token, before sampling: every sampled step is a decode step
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "perf.data"
         perf = subprocess.Popen(["perf", "record", "-q", "-g", "-e", "cpu-clock", "-F", str(a.frequency), "-p", str(os.getpid()),
@@ -162,7 +166,8 @@ def main() -> None:
         if perf.poll() is not None:
             fail(f"perf record failed: {perf.stderr.read().strip().splitlines()[-1:] or perf.returncode}")
         print(f"sampling {a.tokens} decoded tokens at {a.threads} thread(s)...", file=sys.stderr)
-        model.generate(prompt, a.tokens, ignore_eos=True)
+        for _ in generation:
+            pass
         perf.send_signal(signal.SIGINT)
         perf.wait(timeout=60)
         script = subprocess.run(["perf", "script", "-i", str(data), "-F", "tid,period,ip,sym,dso"],
@@ -188,7 +193,8 @@ def main() -> None:
         "kernels": [{"kernel": k, "library": lib, "share": v / total} for (k, lib), v in kernels.most_common()],
         "worker_threads": {k: v / worker_total for k, v in workers.most_common()} if worker_total else {},
     }
-    print(f"{a.artifact}: {tokens} decode steps at {a.threads} thread(s), {token_ms:.2f} ms a token (mean); "
+    print(f"{a.artifact}: {tokens} decode steps at {a.threads} thread(s) after a {a.context}-token prompt, "
+          f"{token_ms:.2f} ms a token (mean); "
           f"shares of the main thread's samples, which run every step end to end")
     print(f"\n{'where':<44} {'share':>7}  {'ms/token':>8}")
     for name, share in categories.most_common():
