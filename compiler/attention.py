@@ -106,11 +106,9 @@ def scale_byte(scale, k: int):
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
 def append_keys(kv_heads: int, head_dim: int, dtype: str, block: int, dot: bool = False):
     """cache (b, kv_heads, blocks, head_dim, block) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1
-    (dot: the int8 cache in dot order, append_dot)."""
-    if dot:
-        return append_dot(kv_heads, head_dim, True, block)
+    (dot: the int8 cache in dot order, append_quantized)."""
     if dtype in KV_QUANTIZED:
-        return append_quantized(kv_heads, head_dim, True, block)
+        return append_quantized(kv_heads, head_dim, True, block, dot)
 
     @T.prim_func(private=True, s_tir=True)
     def kv_append_keys(cache_h: T.handle, new_h: T.handle, p: T.int64):
@@ -130,11 +128,9 @@ def append_keys(kv_heads: int, head_dim: int, dtype: str, block: int, dot: bool 
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
 def append_values(kv_heads: int, head_dim: int, dtype: str, block: int, dot: bool = False):
     """cache (b, kv_heads, blocks, block, head_dim) <- new (b, kv_heads, s, head_dim) at positions p..p+s-1
-    (dot: the int8 cache in dot order, append_dot)."""
-    if dot:
-        return append_dot(kv_heads, head_dim, False, block)
+    (dot: the int8 cache in dot order, append_quantized)."""
     if dtype in KV_QUANTIZED:
-        return append_quantized(kv_heads, head_dim, False, block)
+        return append_quantized(kv_heads, head_dim, False, block, dot)
 
     @T.prim_func(private=True, s_tir=True)
     def kv_append_values(cache_h: T.handle, new_h: T.handle, p: T.int64):
@@ -153,14 +149,37 @@ def append_values(kv_heads: int, head_dim: int, dtype: str, block: int, dot: boo
 
 
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
-def append_quantized(kv_heads: int, head_dim: int, transposed: bool, block: int):
+def append_quantized(kv_heads: int, head_dim: int, keys: bool, block: int, dot: bool = False):
     """int8 cache <- new (b, kv_heads, s, head_dim) at positions p..p+s-1, each position's row
-    quantized with its scale's bytes after it: keys (transposed) (b, kv_heads, blocks, head_dim + 4,
-    block), values (b, kv_heads, blocks, block, head_dim + 4)."""
-    rows = head_dim + KV_SCALE_BYTES
+    quantized with its scale's bytes beside it:
+      keys   (b, kv_heads, blocks, head_dim + 4, block) (transposed), the scale's 4 rows after;
+      values (b, kv_heads, blocks, block, head_dim + 4), the scale after each row;
+    or in dot order (KVCacheLayout.dot, dot_attention's operands):
+      keys   (b, kv_heads, blocks, head_dim / 4 + 1, block * 4): dimension d of position l at
+             [d // 4, 4 l + d % 4], plus 128 (the unsigned operand of vpdpbusd); the last row holds
+             the positions' scales, [4 l : 4 l + 4] position l's float32 (one vector load a block);
+      values (b, kv_heads, blocks, block * (head_dim + 4)): dimension d of position j at
+             [(j // 4) * 4 head_dim + 4 d + j % 4], then the block's scales, position j's float32 at
+             [block * head_dim + 4 j]."""
+    rows, groups = head_dim + KV_SCALE_BYTES, head_dim // 4
+    if not dot:
+        shape = (lambda b, n: (b, kv_heads, n, rows, block)) if keys else (lambda b, n: (b, kv_heads, n, block, rows))
+        element = (lambda bi, g, kb, kl, d: (bi, g, kb, d, kl)) if keys else (lambda bi, g, kb, kl, d: (bi, g, kb, kl, d))
+        scale_element = (lambda bi, g, kb, kl, k: (bi, g, kb, head_dim + k, kl)) if keys else \
+            (lambda bi, g, kb, kl, k: (bi, g, kb, kl, head_dim + k))
+    elif keys:
+        shape = lambda b, n: (b, kv_heads, n, groups + 1, block * 4)  # noqa: E731
+        element = lambda bi, g, kb, kl, d: (bi, g, kb, d // 4, kl * 4 + d % 4)  # noqa: E731
+        scale_element = lambda bi, g, kb, kl, k: (bi, g, kb, groups, kl * 4 + k)  # noqa: E731
+    else:
+        shape = lambda b, n: (b, kv_heads, n, block * rows)  # noqa: E731
+        element = lambda bi, g, kb, kl, d: (bi, g, kb, kl // 4 * (4 * head_dim) + d * 4 + kl % 4)  # noqa: E731
+        scale_element = lambda bi, g, kb, kl, k: (bi, g, kb, block * head_dim + kl * 4 + k)  # noqa: E731
 
-    def shape(b, blocks):
-        return (b, kv_heads, blocks, rows, block) if transposed else (b, kv_heads, blocks, block, rows)
+    def stored(x):
+        if dot and keys:  # x + 128 in 1..255: the byte's bits, as an int8 element
+            return T.Cast("int8", T.Cast("int32", T.round(x)) + 128)
+        return T.Cast("int8", T.round(x))
 
     @T.prim_func(private=True)
     def kv_append_quantized(cache_h: T.handle, new_h: T.handle, p: T.int64):
@@ -182,15 +201,9 @@ def append_quantized(kv_heads: int, head_dim: int, transposed: bool, block: int)
                     kb: T.let[T.int64] = (p + i) // block
                     kl: T.let[T.int64] = (p + i) % block
                     for d in T.serial(head_dim):
-                        if transposed:
-                            cache[bi, g, kb, d, kl] = T.Cast("int8", T.round(new[bi, g, i, d] * inv))
-                        else:
-                            cache[bi, g, kb, kl, d] = T.Cast("int8", T.round(new[bi, g, i, d] * inv))
+                        cache[element(bi, g, kb, kl, d)] = stored(new[bi, g, i, d] * inv)
                     for k in T.unroll(KV_SCALE_BYTES):
-                        if transposed:
-                            cache[bi, g, kb, head_dim + k, kl] = scale_byte(amax[0] / T.float32(127), k)
-                        else:
-                            cache[bi, g, kb, kl, head_dim + k] = scale_byte(amax[0] / T.float32(127), k)
+                        cache[scale_element(bi, g, kb, kl, k)] = scale_byte(amax[0] / T.float32(127), k)
 
     return kv_append_quantized
 
@@ -199,54 +212,6 @@ def dot_order_fits(key_dim: int, value_dim: int, block: int) -> bool:
     """Whether an int8 cache of these sizes can be kept in dot order: whole 4-byte groups of key
     dimensions and of positions, and whole 16-lane vectors of positions and of value dimensions."""
     return key_dim % 4 == 0 and value_dim % 16 == 0 and block % 16 == 0
-
-
-@functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
-def append_dot(kv_heads: int, head_dim: int, keys: bool, block: int):
-    """int8 cache in dot order (KVCacheLayout.dot) <- new (b, kv_heads, s, head_dim) at positions
-    p..p+s-1, each position quantized as append_quantized does:
-      keys   (b, kv_heads, blocks, head_dim / 4 + 1, block * 4): dimension d of position l at
-             [d // 4, 4 l + d % 4], plus 128 (the unsigned operand of vpdpbusd); the last row holds
-             the positions' scales, [4 l : 4 l + 4] position l's float32 (one vector load a block);
-      values (b, kv_heads, blocks, block * (head_dim + 4)): dimension d of position j at
-             [(j // 4) * 4 head_dim + 4 d + j % 4], then the block's scales, position j's float32 at
-             [block * head_dim + 4 j]."""
-    groups = head_dim // 4
-
-    def shape(b, blocks):
-        return (b, kv_heads, blocks, groups + 1, block * 4) if keys else (b, kv_heads, blocks, block * (head_dim + KV_SCALE_BYTES))
-
-    @T.prim_func(private=True)
-    def kv_append_dot(cache_h: T.handle, new_h: T.handle, p: T.int64):
-        # Opaque: a position's scale needs its whole row, so FuseOps must not treat this as elementwise.
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
-        b, s, blocks = T.int64(), T.int64(), T.int64()
-        cache = T.match_buffer(cache_h, shape(b, blocks), "int8")
-        new = T.match_buffer(new_h, (b, kv_heads, s, head_dim), "float32")
-        for bh in T.parallel(b * kv_heads):
-            for i in T.serial(s):
-                if True:
-                    amax = T.decl_buffer((1,), "float32", scope=STACK)
-                    bi: T.let[T.int64] = bh // kv_heads
-                    g: T.let[T.int64] = bh % kv_heads
-                    amax[0] = T.float32(0)
-                    for d in T.serial(head_dim):
-                        amax[0] = T.max(amax[0], T.fabs(new[bi, g, i, d]))
-                    inv: T.let[T.float32] = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
-                    kb: T.let[T.int64] = (p + i) // block
-                    kl: T.let[T.int64] = (p + i) % block
-                    for d in T.serial(head_dim):
-                        if keys:  # q + 128 in 1..255: the byte's bits, as an int8 element
-                            cache[bi, g, kb, d // 4, kl * 4 + d % 4] = T.Cast("int8", T.Cast("int32", T.round(new[bi, g, i, d] * inv)) + 128)
-                        else:
-                            cache[bi, g, kb, kl // 4 * (4 * head_dim) + d * 4 + kl % 4] = T.Cast("int8", T.round(new[bi, g, i, d] * inv))
-                    for k in T.unroll(KV_SCALE_BYTES):
-                        if keys:
-                            cache[bi, g, kb, groups, kl * 4 + k] = scale_byte(amax[0] / T.float32(127), k)
-                        else:
-                            cache[bi, g, kb, block * head_dim + kl * 4 + k] = scale_byte(amax[0] / T.float32(127), k)
-
-    return kv_append_dot
 
 
 @T.macro
@@ -453,7 +418,7 @@ DOT_PREFETCH_LOCALITY = 1
 
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
 def dot_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, scale: float, block: int):
-    """cached_attention over an int8 cache in dot order (append_dot), in integer dot products.
+    """cached_attention over an int8 cache in dot order (append_quantized), in integer dot products.
 
     Per task (KV head, `shared` query heads) and query: each query head row is quantized to int8
     (scale amax / 127), and a key block's scores are `lanes` int32 sums of (key + 128) * q, less

@@ -218,7 +218,7 @@ class KVCacheLayout:
     int8 (in_place, format 7): each position's key column and value row is quantized on its own,
     symmetric, and carries its float32 scale (little-endian) in KV_SCALE_BYTES extra int8 elements:
     key buffers have key dim + 4 rows, value rows value dim + 4 elements.
-    dot (int8, format 14; compiler/attention.py append_dot): the same numbers in the order of 4-byte
+    dot (int8, format 14; compiler/attention.py append_quantized): the same numbers in the order of 4-byte
     integer dot products, for CPUs that have them: keys (batch, key heads, blocks, key dim / 4 + 1,
     block * 4), values (batch, value heads, blocks, block * (value dim + 4))."""
 
