@@ -398,11 +398,10 @@ def cached_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, dt
     return attention
 
 
-_VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"  # acc.i32x16 += 4-byte dots of u8x64 (first) and s8x64 (second)
-
-
-def _dot4(acc, unsigned, signed):
-    return T.call_llvm_pure_intrin("int32x16", _VPDPBUSD, acc, unsigned, signed)
+def dot4(acc, unsigned, signed):
+    """x86 AVX512-VNNI vpdpbusd: acc (int32x16) + in each lane the dot of 4 unsigned bytes of
+    `unsigned` and the 4 signed bytes of `signed` (both int8x64)."""
+    return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, unsigned, signed)
 
 
 def _splat4(buffer, m, at):
@@ -506,7 +505,7 @@ def dot_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, scale
                                 prefetch_line(T.address_of(keys[bi, g, (jb + 1) // per_block, r, (jb + 1) % per_block * lanes * 4 + line * 64]), locality)
                             for m in T.unroll(shared):
                                 for v in T.unroll(lanes // 16):
-                                    dots[m, T.ramp(v * 16, 1, 16)] = _dot4(
+                                    dots[m, T.ramp(v * 16, 1, 16)] = dot4(
                                         dots[m, T.ramp(v * 16, 1, 16)],
                                         keys[bi, g, jb // per_block, r, T.ramp(jb % per_block * lanes * 4 + v * 64, 1, 64)], _splat4(q8, m, r * 4))
                         for line in T.unroll(key_lines):
@@ -544,7 +543,7 @@ def dot_attention(heads: int, kv_heads: int, key_dim: int, value_dim: int, scale
                                 prefetch_line(T.address_of(values[bi, g, jc + 1, (j4 * value_lines + line) * 64]), locality)
                             for m in T.unroll(shared):
                                 for v in T.unroll(vd // 16):
-                                    sums[m, T.ramp(v * 16, 1, 16)] = _dot4(
+                                    sums[m, T.ramp(v * 16, 1, 16)] = dot4(
                                         sums[m, T.ramp(v * 16, 1, 16)], _splat4(w8, m, j4 * 4), values[bi, g, jc, T.ramp(j4 * vd * 4 + v * 64, 1, 64)])
                         for m in T.unroll(shared):
                             for d in T.vectorized(vd):

@@ -55,7 +55,7 @@ from tvm.script import tirx as T
 
 from moetvm.artifact import DTYPE_BYTES, SLOT_ALIGN
 
-from .attention import STACK, prefetch_line, vector_exp
+from .attention import STACK, dot4, prefetch_line, vector_exp
 from .quant import FLOAT_DTYPES, SYMMETRIC_ZERO, Scheme, scale_dtype
 
 LANES = 64
@@ -86,7 +86,6 @@ RESIDENT_PARTIALS = "local"
 # time in TVM's runtime outside the kernels; 1,995 a token with chunks (counted by wrapping
 # TVMBackendAllocWorkspace). Decode speed the same within the noise.
 RESIDENT_CHUNKS = 16
-_VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"  # acc.i32x16 += 4-byte dots of u8x64 and s8x64
 
 
 # Weights may be views into a resident layer's pool (artifact.MoELayer.resident_function), which
@@ -259,8 +258,7 @@ def _quantize_activations(x, xq, xd, xs, rows, blocks):
 def _dot(acc, at, weights, activations):
     """acc[at : at+16] += 4-byte dot products of weights (16 x 4 bytes, unsigned) and the same 4
     activation bytes for every column (signed)."""
-    return T.call_llvm_pure_intrin("int32x16", _VPDPBUSD, acc[T.ramp(at, 1, 16)],
-                                   T.reinterpret("int8x64", weights), T.reinterpret("int8x64", T.broadcast(activations, 16)))
+    return dot4(acc[T.ramp(at, 1, 16)], T.reinterpret("int8x64", weights), T.reinterpret("int8x64", T.broadcast(activations, 16)))
 
 
 def _dot_avx2(acc, at, weights, activations):
