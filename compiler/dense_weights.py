@@ -11,6 +11,11 @@ padded with zero columns and the matmul's result sliced back: a ragged tail turn
 LM head kernel into predicated scalar code (69 ms a token for GraniteMoE's head, 7x slower
 than the same bytes in an expert kernel). At int4, the vocabulary tables (embeddings and the LM head) take int8, as llama.cpp keeps its
 output tensor at 6 bits in a q4_0 file: the logits are where 4-bit error shows most.
+On CPU targets, linear weights that one block multiplies the same input by (a layer's q, k and v
+projections; a dense MLP's gate and up) are stored as one weight, their rows stacked, and read by
+one GEMV that writes each member's output apart (gemv.matmul's parts): at batch 1 each GEMV is a
+kernel launch and a parallel loop whose threads meet at its end. GraniteMoE int4s: 347 -> 299
+kernel calls a token.
 Everything else (norm scales, biases, small tables) stays a plain fp32 parameter. All of them
 leave the compiler as named tensors, which the artifact stores in weight files the runtime
 loads, verified, beside the libraries: the segments library holds code only.
@@ -26,8 +31,9 @@ import tvm
 from tvm import relax
 
 from . import quant as quantization
+from .checkpoint import LazyTensor
 from .quantized import QuantizedNumbers, identity
-from .quant_kernels import gather_te, matmul_call
+from .quant_kernels import gather_te, matmul_call, stacked_matmul_call
 from .gemv import LANES, dot_fits
 
 
@@ -65,6 +71,7 @@ PAD = LANES  # output columns: the vector tile of the GEMV kernels (and a multip
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _TAKE = tvm.ir.Op.get("relax.take")
+_RESHAPE = tvm.ir.Op.get("relax.reshape")
 
 
 def _is_transpose(call) -> bool:
@@ -103,6 +110,58 @@ def _uses(func: relax.Function, weights: list) -> dict:
     return uses
 
 
+def _siblings(func: relax.Function, candidates: set) -> list[list]:
+    """Groups (2 or more, in order of use) of `candidates` that a block multiplies the same input
+    by (as traced, each linear layer reshapes it to rows of its own), each weight in one matmul."""
+    bindings = _bindings(func)
+    transposed = {b.var: b.value.args[0] for b in bindings if _is_transpose(b.value)}
+    reshaped = {b.var: b.value.args[0] for b in bindings
+                if isinstance(b.value, relax.Call) and b.value.op.same_as(_RESHAPE)}
+    matmuls = [(b.value.args[0], transposed[b.value.args[1]]) for b in bindings
+               if isinstance(b.value, relax.Call) and b.value.op.same_as(_MATMUL) and b.value.args[1] in transposed]
+    once = {w for w in candidates if sum(1 for _, m in matmuls if m.same_as(w)) == 1}
+    groups = []
+    for block in func.body.blocks:
+        by_input: dict = {}
+        for b in block.bindings:
+            value = b.value
+            if isinstance(value, relax.Call) and value.op.same_as(_MATMUL) and value.args[1] in transposed \
+                    and transposed[value.args[1]] in once and isinstance(value.args[0], relax.Var):
+                x = value.args[0]
+                by_input.setdefault(reshaped.get(x, x), []).append(transposed[value.args[1]])
+        groups += [ws for ws in by_input.values() if len(ws) > 1]
+    return groups
+
+
+def _stacked_name(names: list[str]) -> str:
+    """model.layers.0.self_attn.{q,k,v}_proj.weight -> model.layers.0.self_attn.q_proj+k_proj+v_proj.weight"""
+    parts = [n.split(".") for n in names]
+    head = 0
+    while all(len(p) > head + 1 and p[head] == parts[0][head] for p in parts):
+        head += 1
+    tail = 0
+    while all(len(p) > head + tail + 1 and p[-1 - tail] == parts[0][-1 - tail] for p in parts):
+        tail += 1
+    middle = "+".join(".".join(p[head:len(p) - tail]) for p in parts)
+    return ".".join([*parts[0][:head], middle, *parts[0][len(parts[0]) - tail:]])
+
+
+def _stacked(sources: list) -> LazyTensor:
+    """PyTorch (out, in) weights as one, their rows stacked, each read only when its rows are."""
+    starts = np.cumsum([0] + [w.shape[0] for w in sources])
+
+    def rows(start: int, stop: int) -> np.ndarray:
+        out = []
+        for w, first, end in zip(sources, starts[:-1], starts[1:]):
+            a, b = max(start, first), min(stop, end)
+            if a < b:
+                out.append(w.rows(a - first, b - first) if hasattr(w, "rows") else np.asarray(w[a - first:b - first]))
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    return LazyTensor((int(starts[-1]), sources[0].shape[1]), lambda: rows(0, int(starts[-1])),
+                      "stacked:" + ",".join(identity(w) for w in sources), rows)
+
+
 @relax.expr_functor.mutator
 class _UseStoredWeights(relax.PyExprMutator):
     """matmul(x, permute_dims(w)) -> dequantize-matmul; take(w, ids) -> dequantizing gather; the
@@ -110,8 +169,10 @@ class _UseStoredWeights(relax.PyExprMutator):
 
     def __init__(self, mod, stored: dict, cpu: bool):
         super().__init__(mod)
-        self.stored, self.cpu = stored, cpu  # weight var -> (its stored vars, K, scheme)
+        # weight var -> (its stored vars, K, scheme, (its place, the widths) in a stacked weight or None)
+        self.stored, self.cpu = stored, cpu
         self.transposed: dict = {}
+        self.products: dict = {}  # a stacked weight's first stored var -> its GEMV's outputs
 
     def visit_var_binding_(self, binding):
         value = binding.value
@@ -122,15 +183,19 @@ class _UseStoredWeights(relax.PyExprMutator):
 
     def visit_call_(self, call):
         if call.op.same_as(_MATMUL) and call.args[1] in self.transposed:
-            stored, _k, s = self.stored[self.transposed[call.args[1]]]
+            stored, _k, s, part = self.stored[self.transposed[call.args[1]]]
             x = self.visit_expr(call.args[0])
+            if part is not None:
+                if stored[0] not in self.products:
+                    self.products[stored[0]] = stacked_matmul_call(self.builder_, x, stored, s, part[1])
+                return self.products[stored[0]][part[0]]
             y = matmul_call(self.builder_, x, stored, s, "dense", self.cpu)
             n = int(call.ty.shape.values[-1])
             if int(y.ty.shape.values[-1]) == n:  # the stored width (tiled storage hides it in two dims)
                 return y
             return relax.op.strided_slice(y, axes=[y.ty.ndim - 1], begin=[0], end=[n])
         if call.op.same_as(_TAKE) and call.args[0] in self.stored:
-            stored, k, s = self.stored[call.args[0]]
+            stored, k, s, _part = self.stored[call.args[0]]
             ids = self.visit_expr(call.args[1])
             flat = ids if ids.ty.ndim == 1 else self.builder_.emit(relax.op.reshape(ids, [-1]))
             rows = self.builder_.emit(self.builder_.call_te(
@@ -166,8 +231,7 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
 
     vocabularies = {shapes[w][0] for w in weights if "embedding" in uses[w]}
     table_scheme = quantization.scheme("int8") if scheme.name == "int4" else scheme
-    stored: dict = {}  # quantized weight var -> (stored vars, K, scheme)
-    params, makers, stored_names, specs, schemes = list(main.params[:n_inputs]), [], [], [], {}
+    stored_scheme: dict = {}  # weight var -> its scheme, for the weights stored at one
     for w in weights:
         shape, kinds = shapes[w], uses[w]
         s = table_scheme if len(shape) == 2 and ("embedding" in kinds or shape[0] in vocabularies) else scheme
@@ -175,17 +239,37 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
         s = s.tiled(LANES if cpu else None, cpu and s.name in dot and len(shape) == 2 and dot_fits(s, shape[1]), vnni)
         fits = len(shape) == 2 and w.ty.dtype == "float32" and (s.name != "int4" or shape[1] % s.group_size == 0)
         if kinds and kinds <= {"linear", "embedding"} and fits:
-            padded_n = (shape[0] + PAD - 1) // PAD * PAD
+            stored_scheme[w] = s
+    # Stacked on CPU targets, where gemv.py's kernel stores each member's output apart (a slice
+    # per member would be a copy kernel), and where no member needs padding.
+    candidates = {w for w, s in stored_scheme.items() if uses[w] == {"linear"} and shapes[w][0] % PAD == 0} if cpu else set()
+    groups = [[w for w in group if stored_scheme[w] == s] for group in _siblings(main, candidates)
+              for s in dict.fromkeys(stored_scheme[w] for w in group)]
+    stacks = {group[0]: group for group in groups if len(group) > 1}
+    stacked = {w for group in stacks.values() for w in group}
+    stored: dict = {}  # quantized weight var -> (stored vars, K, scheme, (place, widths) if stacked)
+    params, makers, stored_names, specs, schemes = list(main.params[:n_inputs]), [], [], [], {}
+    for w in weights:
+        shape, kinds = shapes[w], uses[w]
+        if w in stored_scheme and (w in stacks or w not in stacked):
+            s, members = stored_scheme[w], stacks.get(w, [w])
+            name = _stacked_name([names[m] for m in members]) if len(members) > 1 else names[w]
+            n = sum(shapes[m][0] for m in members)
+            padded_n = (n + PAD - 1) // PAD * PAD
             vars_ = []
-            for name, stored_shape, dtype in quantization.weight_params(names[w], shape[1], padded_n, s):
-                vars_.append(relax.Var(name, relax.TensorType(stored_shape, dtype)))
-                stored_names.append(name)
+            for part, stored_shape, dtype in quantization.weight_params(name, shape[1], padded_n, s):
+                vars_.append(relax.Var(part, relax.TensorType(stored_shape, dtype)))
+                stored_names.append(part)
                 specs.append((tuple(stored_shape), dtype))
             params.extend(vars_)
-            makers.append(lambda quantized, w=w, s=s, padded_n=padded_n: _stored(quantized, value(w), padded_n, s))
-            stored[w] = (vars_, shape[1], s)
-            schemes[names[w]] = s
-        elif kinds:
+            source = (lambda members=members: _stacked([value(m) for m in members])) if len(members) > 1 \
+                else (lambda w=w: value(w))
+            makers.append(lambda quantized, source=source, s=s, padded_n=padded_n: _stored(quantized, source(), padded_n, s))
+            widths = tuple(shapes[m][0] for m in members)
+            for place, m in enumerate(members):
+                stored[m] = (vars_, shape[1], s, (place, widths) if len(members) > 1 else None)
+                schemes[names[m]] = s
+        elif kinds and w not in stacked:
             params.append(w)
             makers.append(lambda _quantized, w=w: [np.ascontiguousarray(np.asarray(value(w)))])
             stored_names.append(names[w])

@@ -111,9 +111,13 @@ def dot_fits(s: Scheme, *k_dims: int) -> bool:
     return blocks_fit and (s.name == "int8" or (s.name == "int4" and s.group_size % ACT_BLOCK == 0))
 
 
-def matmul(k_dim: int, n_dim: int, s: Scheme) -> tirx.PrimFunc:
+def matmul(k_dim: int, n_dim: int, s: Scheme, parts: tuple[int, ...] = ()) -> tirx.PrimFunc:
     """(x (rows, K) f32, *stored weights) -> out (rows, N) f32, for the tiled stored form of `s`
-    (quant.py: each (rows, N) tensor as (N / tile, rows, tile))."""
+    (quant.py: each (rows, N) tensor as (N / tile, rows, tile)). parts: widths (whole tiles, summing
+    to N) of the outputs that one stacked weight's columns go to (rows, part) each, in order,
+    instead of one output."""
+    if parts:
+        return _split_output(matmul(k_dim, n_dim, s), parts, s.tile)
     lanes = s.tile
     assert lanes and n_dim % lanes == 0, (s, n_dim)
     tiles = n_dim // lanes
@@ -128,6 +132,58 @@ def matmul(k_dim: int, n_dim: int, s: Scheme) -> tirx.PrimFunc:
     else:
         kernel = _float(k_dim, n_dim, FLOAT_DTYPES[s.name], lanes, tiles)
     return kernel.with_attr(STORES_OUTPUT_ONCE, True)
+
+
+class UnknownStatement(Exception):
+    """A kernel holds a statement `map_stores` does not know how to walk."""
+
+
+def map_stores(stmt: tirx.Stmt, rewrite, loops: tuple = ()) -> tirx.Stmt:
+    """`stmt` with each BufferStore replaced by rewrite(store, its enclosing For loops, outermost
+    first); raises UnknownStatement at a statement with a body that it does not know."""
+    if isinstance(stmt, tirx.BufferStore):
+        return rewrite(stmt, loops)
+    if isinstance(stmt, tirx.SeqStmt):
+        return tirx.SeqStmt([map_stores(s, rewrite, loops) for s in stmt.seq])
+    if isinstance(stmt, tirx.For):
+        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, map_stores(stmt.body, rewrite, (*loops, stmt)),
+                        stmt.thread_binding, stmt.annotations, stmt.step)
+    if isinstance(stmt, tirx.IfThenElse):
+        return tirx.IfThenElse(stmt.condition, map_stores(stmt.then_case, rewrite, loops),
+                               map_stores(stmt.else_case, rewrite, loops) if stmt.else_case is not None else None)
+    if isinstance(stmt, tirx.AttrStmt):
+        return tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, map_stores(stmt.body, rewrite, loops))
+    if isinstance(stmt, tirx.While):
+        return tirx.While(stmt.condition, map_stores(stmt.body, rewrite, loops))
+    if hasattr(stmt, "body"):
+        raise UnknownStatement(type(stmt).__name__)
+    return stmt  # a leaf that stores nothing: an allocation, a binding, an evaluation
+
+
+def _split_output(kernel: tirx.PrimFunc, parts: tuple[int, ...], lanes: int) -> tirx.PrimFunc:
+    """A GEMV kernel (STORES_OUTPUT_ONCE, its columns split across threads by tile in its parallel
+    loop) with its output (rows, N) as one output per part: each tile's store goes to the part
+    holding its columns, chosen by the tile alone (parts are whole tiles), so the vector stores stay."""
+    *inputs, out = kernel.params
+    rows, n = out.shape
+    assert sum(parts) == int(n) and all(p % lanes == 0 for p in parts), (parts, n, lanes)
+    outs = [tirx.decl_buffer((rows, p), out.dtype, f"out{j}") for j, p in enumerate(parts)]
+    starts = [sum(parts[:j]) for j in range(len(parts))]
+
+    def rewrite(store, loops):
+        if not store.buffer.same_as(out):
+            return store
+        (tile,) = [loop.loop_var for loop in loops if loop.kind == tirx.ForKind.PARALLEL]
+        i, column = store.indices
+        chosen = None
+        for j in reversed(range(len(parts))):
+            part = tirx.BufferStore(outs[j], store.value, [i, column - tirx.const(starts[j], str(column.ty))])
+            chosen = part if chosen is None else \
+                tirx.IfThenElse(tile < tirx.const((starts[j] + parts[j]) // lanes, str(tile.ty)), part, chosen)
+        return chosen
+
+    return tirx.PrimFunc([*inputs, *outs], map_stores(kernel.body, rewrite), kernel.ret_type,
+                         kernel.attrs).without_attr(STORES_OUTPUT_ONCE)
 
 
 @T.macro

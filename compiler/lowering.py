@@ -257,7 +257,7 @@ def with_residual(kernel: tirx.PrimFunc, scale: float | None) -> tirx.PrimFunc |
     (gemv.STORES_OUTPUT_ONCE), as (..., residual (1, rows, n), out (1, rows, n)) storing
     residual + value * scale instead: a residual connection as the kernel's epilogue. None where
     the kernel does not say so, or holds a statement this does not know."""
-    from .gemv import STORES_OUTPUT_ONCE
+    from .gemv import STORES_OUTPUT_ONCE, UnknownStatement, map_stores
 
     *inputs, out = kernel.params  # (TVM 0.27's tirx: a buffer parameter is the Buffer itself)
     if not (kernel.attrs and kernel.attrs.get(STORES_OUTPUT_ONCE)) or not isinstance(out, tirx.Buffer) \
@@ -267,35 +267,16 @@ def with_residual(kernel: tirx.PrimFunc, scale: float | None) -> tirx.PrimFunc |
     shape = [tirx.IntImm(str(rows.ty), 1), rows, n]  # (.ty: a tirx.Var's dtype is its buffer's)
     residual, fused_out = tirx.decl_buffer(shape, out.dtype, "residual"), tirx.decl_buffer(shape, out.dtype, "out")
 
-    class Unknown(Exception):
-        pass
-
-    def rewrite(stmt):
-        if isinstance(stmt, tirx.BufferStore):
-            if not stmt.buffer.same_as(out):
-                return stmt
-            index = [tirx.IntImm(str(stmt.indices[0].ty), 0), *stmt.indices]
-            value = stmt.value if scale is None else stmt.value * tirx.FloatImm(out.dtype, scale)
-            return tirx.BufferStore(fused_out, tirx.BufferLoad(residual, index) + value, index)
-        if isinstance(stmt, tirx.SeqStmt):
-            return tirx.SeqStmt([rewrite(s) for s in stmt.seq])
-        if isinstance(stmt, tirx.For):
-            return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, rewrite(stmt.body), stmt.thread_binding,
-                            stmt.annotations, stmt.step)
-        if isinstance(stmt, tirx.IfThenElse):
-            return tirx.IfThenElse(stmt.condition, rewrite(stmt.then_case),
-                                   rewrite(stmt.else_case) if stmt.else_case is not None else None)
-        if isinstance(stmt, tirx.AttrStmt):
-            return tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, rewrite(stmt.body))
-        if isinstance(stmt, tirx.While):
-            return tirx.While(stmt.condition, rewrite(stmt.body))
-        if hasattr(stmt, "body"):
-            raise Unknown(type(stmt).__name__)
-        return stmt  # a leaf that stores nothing: an allocation, a binding, an evaluation
+    def rewrite(store, _loops):
+        if not store.buffer.same_as(out):
+            return store
+        index = [tirx.IntImm(str(store.indices[0].ty), 0), *store.indices]
+        value = store.value if scale is None else store.value * tirx.FloatImm(out.dtype, scale)
+        return tirx.BufferStore(fused_out, tirx.BufferLoad(residual, index) + value, index)
 
     try:
-        body = rewrite(kernel.body)
-    except Unknown:
+        body = map_stores(kernel.body, rewrite)
+    except UnknownStatement:
         return None
     return tirx.PrimFunc([*inputs, residual, fused_out], body, kernel.ret_type,
                          kernel.attrs).without_attr(STORES_OUTPUT_ONCE)

@@ -69,22 +69,42 @@ def gather_te(ids: te.Tensor, weights: list[te.Tensor], s: Scheme, k_dim: int, n
     return te.compute((ids.shape[0], k_dim), body, name=name)
 
 
+def _stored_dims(weights: list, s: Scheme) -> tuple[int, int]:
+    """(K, N) of a weight from its stored tensors."""
+    shape = [int(d) for d in weights[0].ty.shape.values]
+    if s.tile:
+        return shape[1] * s.interleave, shape[0] * s.tile
+    return shape[0] * (2 if s.name == "int4" else 1), shape[1]
+
+
 def matmul_call(bb: relax.BlockBuilder, x: relax.Expr, weights: list, s: Scheme, name: str, cpu: bool) -> relax.Expr:
     """x (..., K) @ the stored weight (K, N) -> (..., N): on CPU targets the hand-scheduled GEMV
     kernel where N allows (compiler/gemv.py), else the TE form for the target's schedules."""
-    shape = [int(d) for d in weights[0].ty.shape.values]
-    if s.tile:
-        k_dim, n_dim = shape[1] * s.interleave, shape[0] * s.tile
-    else:
-        k_dim, n_dim = shape[0] * (2 if s.name == "int4" else 1), shape[1]
     if not cpu or not s.tile:
         return bb.emit_te(lambda a, *w: _matmul_te(a, list(w), s, name), x, *weights,
                           primfunc_name_hint=f"{name}_{s.tag}_matmul")
+    (y,) = stacked_matmul_call(bb, x, weights, s, ())
+    return y
+
+
+def stacked_matmul_call(bb: relax.BlockBuilder, x: relax.Expr, weights: list, s: Scheme,
+                        parts: tuple[int, ...]) -> list[relax.Expr]:
+    """x (..., K) @ a stacked weight (K, sum(parts)) -> (..., part) for each part, from one call
+    of gemv.py's kernel (CPU targets, tiled storage); no parts: one output (..., N)."""
+    k_dim, n_dim = _stored_dims(weights, s)
     lead = list(x.ty.shape.values[:-1])
     rows = x if len(lead) == 1 else bb.emit(relax.op.reshape(x, [-1, k_dim]))
-    kernel = bb.add_func(gemv.matmul(k_dim, n_dim, s), f"{s.tag}_matmul_{k_dim}x{n_dim}")
-    y = bb.emit(relax.call_tir(kernel, [rows, *weights], relax.TensorType((rows.ty.shape.values[0], n_dim), "float32")))
-    return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, [*lead, n_dim]))
+    n_rows = rows.ty.shape.values[0]
+    widths = parts or (n_dim,)
+    kernel = bb.add_func(gemv.matmul(k_dim, n_dim, s, parts),
+                         f"{s.tag}_matmul_{k_dim}x" + "_".join(map(str, widths)))
+    types = [relax.TensorType((n_rows, n), "float32") for n in widths]
+    if parts:
+        products = bb.emit(relax.call_tir(kernel, [rows, *weights], types))
+        ys = [bb.emit(relax.TupleGetItem(products, j)) for j in range(len(parts))]
+    else:
+        ys = [bb.emit(relax.call_tir(kernel, [rows, *weights], types[0]))]
+    return ys if len(lead) == 1 else [bb.emit(relax.op.reshape(y, [*lead, n])) for y, n in zip(ys, widths)]
 
 
 @dataclass(frozen=True)

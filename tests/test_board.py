@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from moetvm.artifact import read_manifest
 from moetvm.verify import relative_error
 from servers import start, stop
 
@@ -194,12 +195,13 @@ def test_tune_on_board_through_tracker_then_cross_compile(board, tracker, refere
     assert relative_error(np.load(tmp_path / "l.npy"), theirs) < 1e-4
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "granitemoehybrid", "qwen3_next"])
+@pytest.mark.parametrize("family", ["gpt_oss", "granitemoehybrid", "qwen3_next", "olmoe"])
 def test_transformers_family_on_emulated_board(board, family, tmp_path):
     """GPT-OSS, the family with the most new kinds (clamped SwiGLU experts with biases as their
     own kernels, a biased router, attention sinks, sliding and full layers) and Granite-4.0-H (a
     Mamba2 mixer: a convolution state, LFM2's kind too, and a scan state, each its own in-place
     kernel, carried by the runtime between steps) and Qwen3-Next (a gated delta net's memory),
+    and OLMoE (64-wide q, k and v: stacked into one weight, one GEMV writing the three),
     cross-compiled for the A72 and run on the emulated board with an evicting cache: logits and
     32 greedy tokens as transformers gives them here."""
     from hf_models import tiny_model
@@ -208,6 +210,9 @@ def test_transformers_family_on_emulated_board(board, family, tmp_path):
 
     model = tiny_model(family)
     out = compile_model(model, target="cortex-a72", out=tmp_path / "a72", progress=False)
+    if family == "olmoe":
+        assert "model.layers.0.self_attn.q_proj+k_proj+v_proj.weight" in \
+            {t.name for w in read_manifest(out).weights for t in w.tensors}
     tokens = np.random.default_rng(0).integers(0, 128, size=(1, 12))
     proc = subprocess.run([board, "-c", BOARD_SCRIPT, out, "30%", json.dumps(tokens.tolist()), tmp_path / "l.npy"],
                           capture_output=True, text=True, timeout=600)

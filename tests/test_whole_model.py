@@ -114,6 +114,69 @@ def test_only_padded_widths_are_sliced_back(cpu):
     assert mod["main"].script().count("strided_slice") == 1
 
 
+class _Siblings(nn.Module):
+    """Three projections of one input (q, k, v), one more whose 40 outputs are padded, and one of
+    another input."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(64, 128), nn.Linear(64, 64, bias=False), nn.Linear(64, 64)
+        self.gate = nn.Linear(64, 40)
+        self.out = nn.Linear(128, 64, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        return torch.cat([self.out(q) * k + v, self.gate(x)], -1)
+
+
+@pytest.mark.parametrize("name, cpu, integer_dot", [
+    pytest.param(name, cpu, integer_dot, id=f"{name}-{kind}")
+    for name in ("fp32", "int8", "int4")
+    for kind, cpu, integer_dot in (("gemv", True, False), ("dot", True, True), ("te", False, False))
+    if name != "fp32" or not integer_dot])
+def test_sibling_linears_are_one_stored_weight_and_one_gemv(name, cpu, integer_dot):
+    """On CPU targets q, k and v of one input are stored as one weight, their rows stacked, and
+    multiplied in one kernel that writes each its own output; a padded width (40) stays apart.
+    GPU targets keep them apart. Against NumPy on the same stored tensors dequantized (with the
+    activations rounded as the integer-dot kernels round them), and the fp32 model against PyTorch."""
+    host = BuildTarget.resolve("host")
+    dot = tuple(p for p in ("int8", "int4") if host.dot_for(p) and p == name) if integer_dot else ()
+    if integer_dot and not dot:
+        pytest.skip(f"this CPU has no integer dot products for {name}")
+    torch.manual_seed(0)
+    model = _Siblings().eval()
+    x = np.random.default_rng(0).standard_normal((2, 3, 64)).astype(np.float32)
+    # 3-D, as a transformer's hidden state: each linear layer reshapes it to rows of its own
+    mod = frontend._import(model, (torch.zeros(2, 3, 64),), ({1: Dim("seq", min=1, max=64)},), keep_params=True)
+    mod, dense = store_dense_weights(mod, quant.scheme(name), cpu=cpu, dot=dot, vnni=host.int8_dot)
+    stored = dict(dense.tensors())
+    assert all(bool(dense.schemes[n].dot) == bool(dot) for n in dense.schemes)
+    qkv = ["q+k+v.weight"] if cpu else ["q.weight", "k.weight", "v.weight"]
+    assert set(stored) & {"q+k+v.weight", "q.weight", "k.weight", "v.weight"} == set(qkv)
+    assert {dense.schemes[n] for n in ("q.weight", "k.weight", "v.weight")} == {dense.schemes["gate.weight"]}
+    script = mod["main"].script()
+    assert script.count("_matmul") == len(qkv) + 2  # and gate, out
+    assert script.count("strided_slice") == 1  # gate's padding only
+    target = host.tvm
+    vm = relax.VirtualMachine(tvm.compile(mod, target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
+    ours = vm["main"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(a) for _, a in dense.tensors()]).numpy()
+    rounded = quant.quantize_activations if dot else (lambda a: a)
+
+    def weight(name, n):  # (K, n) as stored, dequantized
+        tensors = {suffix: stored[name + suffix] for suffix in ("", ".scale", ".zero") if name + suffix in stored}
+        return quant.dequantize(tensors, dense.schemes[name if name in dense.schemes else "q.weight"])[:, :n]
+
+    p = {n: t.detach().numpy() for n, t in model.named_parameters()}
+    w = np.concatenate([weight(n, width) for n, width in zip(qkv, (256,) if cpu else (128, 64, 64))], -1)
+    q, k, v = np.split(rounded(x) @ w, [128, 192], -1)
+    q, v = q + p["q.bias"], v + p["v.bias"]
+    theirs = np.concatenate([(rounded(q) @ weight("out.weight", 64)) * k + v,
+                             rounded(x) @ weight("gate.weight", 40) + p["gate.bias"]], -1)
+    assert relative_error(ours, theirs) < 1e-5
+    if name == "fp32":
+        assert relative_error(ours, model(torch.from_numpy(x)).detach().numpy()) < 1e-5
+
+
 @pytest.fixture(scope="module")
 def int4_artifact(tmp_path_factory, reference_model):
     return compile_model(reference_model, out=tmp_path_factory.mktemp("int4") / "a", quant="int4", progress=False)
