@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -284,12 +285,12 @@ def moetvm_compile(model_dir: Path, quant: str, root: Path, timeout: float, kv_d
     return art, {"reused": False, "compile_s": wall, "compile_peak_rss_mb": rss}
 
 
-def moetvm_active_bytes(m: dict) -> dict:
+def moetvm_active_bytes(m: dict, summary: dict) -> dict:
     """Bytes one decode token reads from the artifact: the top-k largest experts per MoE layer
     (their weight_bytes; all experts of a layer share one size unless --quant auto) + shared
-    experts + the dense weights (the manifest's weight files; with tied embeddings the table is
-    read whole as the LM head, untied it counts whole too though a token reads one row of it), from
-    the artifact's manifest `m`."""
+    experts + the dense weights (the manifest's weight files), of the input embedding table one
+    row unless it is tied (then it is read whole as the LM head), as gguf_active_bytes counts;
+    from the artifact's manifest `m` and the model's summary."""
     experts = 0
     for layer in m["moe_layers"]:
         sizes = [e["weight_bytes"] for e in layer["experts"]]
@@ -297,6 +298,12 @@ def moetvm_active_bytes(m: dict) -> dict:
         experts += sum(sorted(sizes)[-k:]) if sizes else 0
         experts += sum(s["expert"]["weight_bytes"] for s in layer.get("shared", []))
     dense = sum(w["weight_bytes"] for w in m.get("weights", []))
+    if not summary.get("tied", True):  # the table's tensors (its numbers and their scales) are per vocabulary entry
+        from moetvm.artifact import DTYPE_BYTES
+
+        table = sum(math.prod(t["shape"]) * DTYPE_BYTES[t["dtype"]] for w in m.get("weights", []) for t in w["tensors"]
+                    if t["name"].split(".weight")[0].endswith("embed_tokens"))
+        dense -= table - table // summary["config"]["vocab_size"]
     return {"experts": experts, "dense": dense, "total": experts + dense,
             "total_expert_bytes": sum(e["weight_bytes"] for layer in m["moe_layers"] for e in layer["experts"])}
 
@@ -720,7 +727,7 @@ def main() -> None:
                     if engine == "moetvm":
                         art, info["compile"][prec] = moetvm_compile(model_dir, prec, root, a.timeout, a.kv_dtype)
                         manifest = json.loads((art / "manifest.json").read_text())
-                        info["active_bytes"][("moetvm", prec)] = moetvm_active_bytes(manifest)
+                        info["active_bytes"][("moetvm", prec)] = moetvm_active_bytes(manifest, s)
                         info["kv_cache"][f"moetvm/{prec}"] = manifest["model"]["kv_cache"]["dtype"]
                         targets[cell] = ("moetvm", art, ids, depth_prompts)
                     elif engine == "llama.cpp":
