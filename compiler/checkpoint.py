@@ -36,14 +36,21 @@ class CheckpointError(UsageError):
 class LazyTensor:
     """An fp32 array read when asked (`np.asarray`), never kept: only its shape is held, and
     `identity`, which names the bytes it reads (file, size, modification time, key, part): what
-    a resumed compile compares instead of reading them."""
+    a resumed compile compares instead of reading them. Given as a function, it is made the first
+    time it is asked for (naming in-memory weights hashes their bytes, which most compiles never need)."""
 
     dtype = np.dtype(np.float32)
 
-    def __init__(self, shape, load: Callable[[], np.ndarray], identity: str,
+    def __init__(self, shape, load: Callable[[], np.ndarray], identity: str | Callable[[], str],
                  load_rows: Callable[[int, int], np.ndarray] | None = None):
         self.shape = tuple(int(d) for d in shape)
-        self._load, self.identity, self._load_rows = load, identity, load_rows
+        self._load, self._identity, self._load_rows = load, identity, load_rows
+
+    @property
+    def identity(self) -> str:
+        if callable(self._identity):
+            self._identity = self._identity()
+        return self._identity
 
     @property
     def ndim(self) -> int:

@@ -23,6 +23,7 @@ loads, verified, beside the libraries: the segments library holds code only.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -117,9 +118,9 @@ def _siblings(func: relax.Function, candidates: set) -> list[list]:
     transposed = {b.var: b.value.args[0] for b in bindings if _is_transpose(b.value)}
     reshaped = {b.var: b.value.args[0] for b in bindings
                 if isinstance(b.value, relax.Call) and b.value.op.same_as(_RESHAPE)}
-    matmuls = [(b.value.args[0], transposed[b.value.args[1]]) for b in bindings
-               if isinstance(b.value, relax.Call) and b.value.op.same_as(_MATMUL) and b.value.args[1] in transposed]
-    once = {w for w in candidates if sum(1 for _, m in matmuls if m.same_as(w)) == 1}
+    matmuls = Counter(transposed[b.value.args[1]] for b in bindings
+                      if isinstance(b.value, relax.Call) and b.value.op.same_as(_MATMUL) and b.value.args[1] in transposed)
+    once = {w for w in candidates if matmuls[w] == 1}
     groups = []
     for block in func.body.blocks:
         by_input: dict = {}
@@ -159,7 +160,7 @@ def _stacked(sources: list) -> LazyTensor:
         return np.concatenate(out).astype(np.float32, copy=False)
 
     return LazyTensor((int(starts[-1]), sources[0].shape[1]), lambda: rows(0, int(starts[-1])),
-                      "stacked:" + ",".join(identity(w) for w in sources), rows)
+                      lambda: "stacked:" + ",".join(identity(w) for w in sources), rows)
 
 
 @relax.expr_functor.mutator
@@ -250,8 +251,10 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
     stored: dict = {}  # quantized weight var -> (stored vars, K, scheme, (place, widths) if stacked)
     params, makers, stored_names, specs, schemes = list(main.params[:n_inputs]), [], [], [], {}
     for w in weights:
+        if w in stacked and w not in stacks:
+            continue  # stored with its stack, at the stack's first member
         shape, kinds = shapes[w], uses[w]
-        if w in stored_scheme and (w in stacks or w not in stacked):
+        if w in stored_scheme:
             s, members = stored_scheme[w], stacks.get(w, [w])
             name = _stacked_name([names[m] for m in members]) if len(members) > 1 else names[w]
             n = sum(shapes[m][0] for m in members)
@@ -269,7 +272,7 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
             for place, m in enumerate(members):
                 stored[m] = (vars_, shape[1], s, (place, widths) if len(members) > 1 else None)
                 schemes[names[m]] = s
-        elif kinds and w not in stacked:
+        elif kinds:
             params.append(w)
             makers.append(lambda _quantized, w=w: [np.ascontiguousarray(np.asarray(value(w)))])
             stored_names.append(names[w])

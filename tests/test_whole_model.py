@@ -44,6 +44,12 @@ class _Dense(nn.Module):
         return self.head(self.norm(h))
 
 
+def _dequantized(stored: dict, name: str, scheme) -> np.ndarray:
+    """A stored weight (K, N as stored, padding included) dequantized in NumPy from its tensors."""
+    tensors = {suffix: stored[name + suffix] for suffix in ("", ".scale", ".zero") if name + suffix in stored}
+    return quant.dequantize(tensors, scheme)
+
+
 def _numpy_reference(model: _Dense, ids: np.ndarray, stored: dict, schemes: dict) -> np.ndarray:
     """The same model with each stored weight dequantized in NumPy (dequantize, then matmul)."""
     def weight(name):
@@ -51,8 +57,7 @@ def _numpy_reference(model: _Dense, ids: np.ndarray, stored: dict, schemes: dict
         w = dict(model.named_parameters(remove_duplicate=False))[name].detach().numpy()
         if scheme is None:
             return w.T
-        tensors = {suffix: stored[name + suffix] for suffix in ("", ".scale", ".zero") if name + suffix in stored}
-        return quant.dequantize(tensors, scheme)[:, : w.shape[0]]  # (K, N), padding dropped
+        return _dequantized(stored, name, scheme)[:, : w.shape[0]]  # (K, N), padding dropped
 
     def matmul(x, name):  # the integer-dot kernels round activations to int8 per 32 inputs
         return (quant.quantize_activations(x) if name in schemes and schemes[name].dot else x) @ weight(name)
@@ -162,9 +167,10 @@ def test_sibling_linears_are_one_stored_weight_and_one_gemv(name, cpu, integer_d
     ours = vm["main"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(a) for _, a in dense.tensors()]).numpy()
     rounded = quant.quantize_activations if dot else (lambda a: a)
 
-    def weight(name, n):  # (K, n) as stored, dequantized
-        tensors = {suffix: stored[name + suffix] for suffix in ("", ".scale", ".zero") if name + suffix in stored}
-        return quant.dequantize(tensors, dense.schemes[name if name in dense.schemes else "q.weight"])[:, :n]
+    schemes = {**dense.schemes, "q+k+v.weight": dense.schemes["q.weight"]}  # the stack's, its members'
+
+    def weight(name, n):  # (K, n), padding dropped
+        return _dequantized(stored, name, schemes[name])[:, :n]
 
     p = {n: t.detach().numpy() for n, t in model.named_parameters()}
     w = np.concatenate([weight(n, width) for n, width in zip(qkv, (256,) if cpu else (128, 64, 64))], -1)
