@@ -231,6 +231,25 @@ def test_a_prefill_runs_the_lm_head_on_the_last_position_alone(reference_artifac
     assert rows_seen == [1, 1, 1] and model.stats()["time_ms"]["decode_steps"] > 0
 
 
+def test_a_prefill_drops_each_intermediate_after_its_last_reader(reference_artifact):
+    """A step of the program (a prefill chunk, or any multi-token call) frees each value right
+    after the last step that reads it, so it holds one layer's activations at a time, not every
+    layer's: on the artifact's real program, every intermediate is dropped exactly once, at a
+    step that reads or makes it, never before a later reader, and no program output is dropped.
+    (A wrong drop would also fail the prefill tests above with a missing value.)"""
+    model = load_model(reference_artifact, cache_budget="100%")
+    program = model.manifest.program
+    outputs = {spec.name for spec in model.manifest.outputs}
+    dead = model._dead_after
+    dropped = [name for names in dead for name in names]
+    assert len(dropped) == len(set(dropped))
+    assert {name for step in program for name in step.outputs} - outputs <= set(dropped)
+    assert not outputs & set(dropped)
+    for index, names in enumerate(dead):
+        assert set(names) <= set(program[index].inputs) | set(program[index].outputs)
+        assert not set(names) & {name for step in program[index + 1:] for name in step.inputs}
+
+
 def _dot_kernels(kv_heads: int):
     """compiler/attention.py's dot-order kernels (append keys, append values, attend) for 8 query
     heads of 16 key and 32 value dimensions over `kv_heads`, built for the host."""
