@@ -508,7 +508,10 @@ def read_bandwidth(mb: int, threads: int = 1) -> float:
     the floor's denominator. A max over bytes, which numpy vectorises on every SIMD ISA and runs
     without the GIL; a float32 sum is pairwise and falls below memory speed on some CPUs (5.2
     against 9.7 GB/s for this max on a 2-core Xeon). One thread's figure is no floor for two:
-    on a 2-vCPU Xeon two threads read 26.7-28.2 GB/s against 14.2-15.4 for one."""
+    on a 2-vCPU Xeon two threads read 26.7-28.2 GB/s against 14.2-15.4 for one. Each thread reads
+    one stream; a GEMV reading many rows at once keeps more misses in flight and can read
+    faster (an int4s decode at 1 thread: 17.4 GB/s against this probe's 15.2), so the floor is
+    an estimate, not a bound."""
     import threading
 
     import numpy as np
@@ -620,7 +623,9 @@ def print_table(rows: list[dict], models: dict, bandwidth: dict[int, float], dep
           f"(fp32~f32, int8~q8_0, int4 and int4s~q4_0); vs torch = moetvm/PyTorch eager fp32. MB/tok: weights read per "
           f"decode token (dense + top-k experts); floor = MB/tok / read bandwidth with the row's threads reading an "
           f"array, the best of the rounds' measurements ({', '.join(f'{t} thread(s) {b / 1e9:.1f} GB/s' for t, b in bandwidth.items())}); floor % = floor / "
-          f"ms@16, the share of that bandwidth the decode reaches. host %: moetvm's share of decode time spent "
+          f"ms@16, the share of that bandwidth the decode reaches (the probe reads one stream a thread; a decode "
+          f"reading many rows at once can beat it: over 100 means the floor is lower than printed). host %: moetvm's "
+          f"share of decode time spent "
           f"outside compiled code (Python dispatch, routing decisions, cache bookkeeping)."
           + (" *: llama.cpp's repacked CPU kernels crashed in "
              + " and ".join(sorted({w for r in rows for w in r.get("repack_off", [])}))
