@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import ml_dtypes
 import numpy as np
 
 from moetvm.errors import MoetvmError
@@ -40,15 +39,23 @@ TRIM_EVERY_LOADS = 16  # expert loads between trims of malloc's free memory (hos
 # (64: 137 MB, 6.8 s; 256: 366 MB, 7.5 s); the OLMoE-style one 728 MB and 8.1 s, then 249 MB and 3.6 s.
 PREFILL_CHUNK = 128
 # safetensors' names of the dtypes a weight file may hold (artifact.DTYPE_BYTES); bf16 arrays are
-# ml_dtypes' (a dependency of TVM's), which safetensors.numpy does not read.
-STORED_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I8": np.int8, "U8": np.uint8,
-                 "I32": np.int32, "I64": np.int64}
+# ml_dtypes' (a dependency of TVM's, imported only where an artifact holds them: 0.8 s), which
+# safetensors.numpy does not read.
+STORED_DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8, "I32": np.int32, "I64": np.int64}
+
+
+def _stored_dtype(name: str) -> np.dtype:
+    if name == "BF16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return STORED_DTYPES[name]
 
 
 def _wrap(array: np.ndarray) -> tvm_runtime.Tensor:
     """A TVM tensor over `array`'s memory (no copy). DLPack has no bfloat16: such an array
     crosses as its 16-bit patterns and is viewed as bfloat16 on the TVM side."""
-    if array.dtype != ml_dtypes.bfloat16:
+    if array.dtype.name != "bfloat16":
         return tvm_runtime.from_dlpack(array)
     return tvm_runtime.view(tvm_runtime.from_dlpack(array.view(np.uint16)), array.shape, "bfloat16")
 
@@ -752,7 +759,7 @@ class MoEModel:
         from safetensors import deserialize
 
         try:  # the bytes just verified, not the path again
-            tensors = {name: np.frombuffer(view["data"], STORED_DTYPES[view["dtype"]]).reshape(view["shape"])
+            tensors = {name: np.frombuffer(view["data"], _stored_dtype(view["dtype"])).reshape(view["shape"])
                        for name, view in deserialize(data)}
         except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file
             raise ArtifactError(f"{ref.path}: not a readable safetensors file ({e!r})") from None
@@ -957,7 +964,8 @@ class MoEModel:
             # Every position the generation can reach, once, as part of the prefill: growing by
             # doubling mid-generation stalls one token for the copy and the new pages' first
             # touch (GraniteMoE at 1024 positions: 0.3-0.4 s, against 28 ms per token).
-            cache.reserve(tokens.shape[1] + max(max_new_tokens - 1, 0), self.device, self.manifest.model.max_positions)
+            cache.reserve(tokens.shape[1] + max(max_new_tokens - 1, 0), self.device, self.manifest.model.max_positions,
+                          exact=True)
         for start in range(0, tokens.shape[1], PREFILL_CHUNK):
             logits = None  # a chunk's logits are dropped before the next: only the last row is sampled
             logits, cache = self._lm_step(tokens[:, start:start + PREFILL_CHUNK], cache, last_only=True)
@@ -1079,15 +1087,18 @@ class KVCache:
     def capacity(self) -> int:
         return self.manifest.model.kv.capacity_of(self.keys[0].shape) if self.layout == "in_place" and self.keys else 0
 
-    def reserve(self, positions: int, device, limit: int | None = None) -> None:
-        """In-place buffers for at least `positions` positions (doubling), the cached ones kept."""
+    def reserve(self, positions: int, device, limit: int | None = None, exact: bool = False) -> None:
+        """In-place buffers for at least `positions` positions (doubling), the cached ones kept.
+        `exact`: the caller knows every position it will write (a generation: prompt + new
+        tokens), so no more than that, to the capacity multiple: the doubling's minimum of 256
+        positions is 24 MB of fp32 GraniteMoE cache, resident at the first write (huge pages)."""
         if len(self.states) < len(self.manifest.model.kv.states):
             # Whatever they hold is read as zeros at the first step (artifact.LayerState).
             self.states = _device_tensors([aligned_copy(np.zeros((self.batch, *state.shape), state.dtype))
                                            for state in self.manifest.model.kv.states], device)
         if positions <= self.capacity:
             return
-        capacity = max(self.capacity, self.INITIAL_CAPACITY)
+        capacity = positions if exact else max(self.capacity, self.INITIAL_CAPACITY)
         while capacity < positions:
             capacity *= 2
         if limit:

@@ -250,6 +250,38 @@ def test_a_prefill_drops_each_intermediate_after_its_last_reader(reference_artif
         assert not set(names) & {name for step in program[index + 1:] for name in step.inputs}
 
 
+def test_a_generation_reserves_the_positions_it_can_reach(reference_artifact, heldout_tokens, monkeypatch):
+    """A generation knows every position it can write (prompt + new tokens - 1): its in-place
+    cache holds that many, to the capacity multiple, not the 256 a cache grown step by step
+    starts with (fp32 GraniteMoE: 12 of 24 MB resident from the first write, on huge pages).
+    A cache grown by `step` still doubles, the cached positions kept."""
+    from moetvm.runtime import model as runtime_model
+
+    model = load_model(reference_artifact, cache_budget="100%")
+    multiple = model.manifest.model.kv.capacity_multiple
+    assert model.manifest.model.kv.layout == "in_place" and multiple < runtime_model.KVCache.INITIAL_CAPACITY
+    capacities = []
+    reserve = runtime_model.KVCache.reserve
+
+    def noting(cache, positions, *args, **kwargs):  # the real reserve, noting the capacity it left
+        reserve(cache, positions, *args, **kwargs)
+        capacities.append(cache.capacity)
+
+    monkeypatch.setattr(runtime_model.KVCache, "reserve", noting)
+    prompt, new = heldout_tokens[:16], multiple + 2  # prompt + new - 1 positions: one more than a multiple
+    assert len(model.generate(prompt, new)) == new
+    assert set(capacities) == {2 * multiple}
+    capacities.clear()
+    cache = model.new_cache()
+    logits, cache = model.step(prompt[None], cache)
+    for token in heldout_tokens[16:16 + runtime_model.KVCache.INITIAL_CAPACITY]:
+        logits, cache = model.step(np.array([[token]]), cache)
+    assert capacities[0] == runtime_model.KVCache.INITIAL_CAPACITY and capacities[-1] == 2 * runtime_model.KVCache.INITIAL_CAPACITY
+    stepped = logits[0, -1]
+    whole, _ = model.step(heldout_tokens[None, :17 + runtime_model.KVCache.INITIAL_CAPACITY - 1], model.new_cache())
+    assert relative_error(stepped, whole[0, -1]) < 1e-4  # the positions cached before the growth were kept
+
+
 def _dot_kernels(kv_heads: int):
     """compiler/attention.py's dot-order kernels (append keys, append values, attend) for 8 query
     heads of 16 key and 32 value dimensions over `kv_heads`, built for the host."""

@@ -177,6 +177,16 @@ def test_keep_the_checkpoints_precision(tmp_path):
         want = reference(torch.from_numpy(tokens)).logits.numpy()
     # the weights are the checkpoint's own bytes: the error is the fp16 KV cache's
     assert np.abs(ours - want).max() / np.abs(want).max() < 1e-2
+    # A runtime process of its own imports ml_dtypes only when it meets the bfloat16 weights (tvm_ffi's
+    # import of it is blocked: runtime/__init__.py), and gives the same logits.
+    script = ("import sys, numpy as np\nfrom moetvm.runtime import load_model\nbefore = 'ml_dtypes' in sys.modules\n"
+              "np.save(sys.argv[2], load_model(sys.argv[1])(np.array([[1, 7, 42, 255, 3, 99]])))\n"
+              "print(before, 'ml_dtypes' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "art"), str(tmp_path / "logits.npy")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "True"]
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), ours, rtol=1e-6, atol=1e-6 * np.abs(ours).max())
 
 
 def test_targets_share_one_read_of_the_checkpoint(tmp_path):
