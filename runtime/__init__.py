@@ -7,7 +7,7 @@ import sys as _sys
 def _import_tvm_runtime() -> None:
     """Import TVM's runtime with `import torch` and `import ml_dtypes` made to fail, so the
     runtime's process stays free of torch (about 200 MB of RSS on a workstation) even where torch
-    is installed, and of ml_dtypes unless an artifact holds bfloat16 (0.8 s of start-up and 7.6 MB).
+    is installed, and of ml_dtypes unless an artifact holds bfloat16 (0.8 s of start-up and 7.4 MB).
 
     apache-tvm-ffi 0.1.14 imports torch, when it can, from five places while it is imported, and no
     setting turns all of them off: tvm_ffi/__init__.py ("try importing torch first", no switch),
@@ -31,7 +31,7 @@ def _import_tvm_runtime() -> None:
         return
     blocked = [name for name in ("torch", "ml_dtypes") if name not in _sys.modules]
     for name in blocked:
-        _sys.modules[name] = None  # `import torch` (and torch.*) now raises ImportError
+        _sys.modules[name] = None  # `import torch` (and torch.*), `import ml_dtypes` now raise ImportError
     try:
         from . import tvm_runtime  # noqa: F401 - tvm_ffi and TVM's runtime library, not the tvm package
     finally:
