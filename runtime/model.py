@@ -38,18 +38,10 @@ TRIM_EVERY_LOADS = 16  # expert loads between trims of malloc's free memory (hos
 # process 1,145 MB above its loaded size and 9.2 s (2 threads); in steps of 128, 232 MB and 7.0 s
 # (64: 137 MB, 6.8 s; 256: 366 MB, 7.5 s); the OLMoE-style one 728 MB and 8.1 s, then 249 MB and 3.6 s.
 PREFILL_CHUNK = 128
-# safetensors' names of the dtypes a weight file may hold (artifact.DTYPE_BYTES); bf16 arrays are
-# ml_dtypes' (a dependency of TVM's, imported only where an artifact holds them: 0.8 s), which
-# safetensors.numpy does not read.
-STORED_DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8, "I32": np.int32, "I64": np.int64}
-
-
-def _stored_dtype(name: str) -> np.dtype:
-    if name == "BF16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return STORED_DTYPES[name]
+# safetensors' names of the dtypes a weight file may hold, as artifact.DTYPE_BYTES names them (bf16
+# arrays are ml_dtypes', which safetensors.numpy does not read: tvm_runtime.numpy_dtype).
+STORED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "U8": "uint8", "I32": "int32",
+                 "I64": "int64"}
 
 
 def _wrap(array: np.ndarray) -> tvm_runtime.Tensor:
@@ -725,7 +717,7 @@ class MoEModel:
         be filled by the caller: on the CPU in one huge-page block, each a zero-offset tensor."""
         if not self._on_cpu or not specs:
             return [tvm_runtime.empty(shape, dtype, self.device) for shape, dtype in specs]
-        block, arrays = host_arrays(specs)
+        block, arrays = host_arrays([(shape, tvm_runtime.numpy_dtype(dtype)) for shape, dtype in specs])
         self._host_blocks.append(block)
         return [_wrap(array) for array in arrays]
 
@@ -759,8 +751,8 @@ class MoEModel:
         from safetensors import deserialize
 
         try:  # the bytes just verified, not the path again
-            tensors = {name: np.frombuffer(view["data"], _stored_dtype(view["dtype"])).reshape(view["shape"])
-                       for name, view in deserialize(data)}
+            tensors = {name: np.frombuffer(view["data"], tvm_runtime.numpy_dtype(STORED_DTYPES[view["dtype"]]))
+                       .reshape(view["shape"]) for name, view in deserialize(data)}
         except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file
             raise ArtifactError(f"{ref.path}: not a readable safetensors file ({e!r})") from None
         del data

@@ -121,8 +121,10 @@ def _random_fill(tensor) -> None:
     a board carries lacks it (it is built with USE_RANDOM), so the board supplies it."""
     import numpy as np
 
+    from .tvm_runtime import numpy_dtype
+
     rng = np.random.default_rng()
-    dtype = np.dtype(str(tensor.dtype))
+    dtype = numpy_dtype(str(tensor.dtype))
     if dtype.kind == "f":
         values = rng.uniform(-1, 1, tuple(tensor.shape)).astype(dtype)
     else:

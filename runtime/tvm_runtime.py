@@ -109,14 +109,19 @@ def copy_into(x: Tensor, source: np.ndarray | Tensor) -> Tensor:
     return x
 
 
-def to_numpy(x: Tensor) -> np.ndarray:
-    """A NumPy copy of `x` (from any device). The dtypes NumPy lacks are ml_dtypes' (bfloat16)."""
-    dtype = str(x.dtype)
+def numpy_dtype(dtype: str) -> np.dtype:
+    """NumPy's dtype for a TVM dtype name. bfloat16, which NumPy lacks, is ml_dtypes' (a dependency
+    of TVM's), imported here and only for it: its import is 0.8 s (runtime/__init__.py)."""
     if dtype == "bfloat16":
-        import ml_dtypes  # only here: its import is 0.8 s
+        import ml_dtypes
 
-        dtype = ml_dtypes.bfloat16
-    out = np.empty(tuple(x.shape), dtype=dtype)
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
+def to_numpy(x: Tensor) -> np.ndarray:
+    """A NumPy copy of `x` (from any device)."""
+    out = np.empty(tuple(x.shape), dtype=numpy_dtype(str(x.dtype)))
     _copy_to_bytes(x, out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
     return out
 
