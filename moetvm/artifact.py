@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -291,6 +292,19 @@ class ModelInfo:
     def kv_shapes(self) -> tuple[int, tuple[int, int], tuple[int, int]]:
         """(layers, (key heads, key dim), (value heads, value dim)) of a causal LM."""
         return kv_shapes(self.kv_layout)
+
+    @property
+    def kv_position_bytes(self) -> int | None:
+        """in_place: the bytes the KV cache holds per position over all layers (keys and values,
+        with int8's scales), which every decode step reads again for each position in context;
+        None for the concat layout."""
+        kv = self.kv
+        if self.kv_layout is None or kv.layout != "in_place":
+            return None
+        multiple = kv.capacity_multiple  # a whole number of blocks
+        key_shape, value_shape = kv.buffer_shapes(self.kv_layout, 1, multiple)
+        elements = sum(math.prod(shape) for shape in (key_shape, value_shape))
+        return self.kv_layout[0] * elements * DTYPE_BYTES[kv.dtype] // multiple
 
     @functools.cached_property
     def io_names(self) -> tuple[list[str], list[str]]:

@@ -3,6 +3,7 @@ row-wise copies, not per-element index arithmetic, and a long greedy decode stil
 PyTorch token for token. Speed itself is measured by scripts, not asserted here."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -277,6 +278,8 @@ def test_a_generation_reserves_the_positions_it_can_reach(reference_artifact, he
     for token in heldout_tokens[16:16 + runtime_model.KVCache.INITIAL_CAPACITY]:
         logits, cache = model.step(np.array([[token]]), cache)
     assert capacities[0] == runtime_model.KVCache.INITIAL_CAPACITY and capacities[-1] == 2 * runtime_model.KVCache.INITIAL_CAPACITY
+    held = sum(math.prod(t.shape) * np.dtype(str(t.dtype)).itemsize for t in cache.keys + cache.values)
+    assert held == cache.capacity * model.manifest.model.kv_position_bytes  # the manifest's count, the benchmark's floor
     stepped = logits[0, -1]
     whole, _ = model.step(heldout_tokens[None, :17 + runtime_model.KVCache.INITIAL_CAPACITY - 1], model.new_cache())
     assert relative_error(stepped, whole[0, -1]) < 1e-4  # the positions cached before the growth were kept

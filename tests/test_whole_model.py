@@ -2,6 +2,7 @@
 cache, a token's experts in one call, and one cache budget meaning everywhere."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -331,6 +332,8 @@ def test_int8_kv_cache_is_its_stated_quantization_and_keeps_the_model(reference_
         logits, cache = int8_kv.step(np.array([[t]]), cache)
         ours.append(logits[0, -1])
     assert cache.capacity == 512 and cache.keys[0].dtype == "int8"
+    # The manifest's count of cache bytes a position (the decode benchmark's context floor) is what is held.
+    assert sum(math.prod(t.shape) for t in cache.keys + cache.values) == 512 * read_manifest(art).model.kv_position_bytes
     assert cache.keys[0].shape[3] == (reference_model.kv_layout[2] // 4 + 1 if dot else reference_model.kv_layout[2] + 4)
     eager = _eager_in_place_logits(reference_model, dataclasses.replace(kv, dot=False), tokens[:-1], 16)
     errors = [relative_error(x, y) for x, y in zip(ours, eager)]

@@ -383,6 +383,20 @@ def llama_gguf(model_dir: Path, quant: str, root: Path) -> Path:
     return out
 
 
+def moetvm_kv_position_bytes(art: Path) -> int | None:
+    """The artifact's KV cache bytes per position over all layers (its manifest's own count)."""
+    from moetvm import artifact
+
+    return artifact.parse((art / "manifest.json").read_bytes()).model.kv_position_bytes
+
+
+def plain_kv_position_bytes(summary: dict, element_bytes: float) -> float:
+    """Keys and values of every layer at `element_bytes` an element, per position (llama.cpp, PyTorch)."""
+    c = summary["config"]
+    head_dim = c["hidden_size"] // c["num_attention_heads"]
+    return c["num_hidden_layers"] * 2 * (c.get("num_key_value_heads") or c["num_attention_heads"]) * head_dim * element_bytes
+
+
 def gguf_active_bytes(path: Path, summary: dict) -> dict:
     """Bytes one decode token reads from a GGUF: every tensor but the merged expert tensors and
     the embedding table, k/n of the expert tensors, one embedding row (all of it when tied)."""
@@ -410,6 +424,7 @@ REPACK_OFF: set[tuple[Path, str]] = set()  # (GGUF, measurement) whose repacked 
 LLAMA_KV: list = []  # llama-bench's cache options matching moetvm's --kv-dtype (int8: q8_0 keys and values)
 LLAMA_KV_ARGS = {"int8": ["-ctk", "q8_0", "-ctv", "q8_0", "-fa", 1], "float32": ["-ctk", "f32", "-ctv", "f32"]}
 LLAMA_KV_TYPE = {"int8": "q8_0", "float32": "f32"}  # llama.cpp's cache type for --kv-dtype (else its default f16)
+LLAMA_KV_ELEMENT_BYTES = {"f16": 2, "f32": 4, "q8_0": 34 / 32}  # q8_0: 32 int8 and an fp16 scale a block
 
 
 def llama_bench(gguf: Path, threads: int, args: list, timeout: float, what: str) -> tuple[list[dict], float]:
@@ -572,7 +587,10 @@ def fmt(v, spec=".1f"):
     return "-" if v is None else format(v, spec)
 
 
-def print_table(rows: list[dict], models: dict, bandwidth: dict[int, float], depths: list[int]) -> None:
+def print_table(rows: list[dict], models: dict, bandwidth: dict[int, float], depths: list[int],
+                prompt_tokens: int, new_tokens: int) -> None:
+    # Positions the median token at the longest depth attends to beyond the median token after the prompt.
+    moved = max(depths) + DEPTH_NEW / 2 - (prompt_tokens + new_tokens / 2) if depths else 0
     label = {"moetvm": "moetvm", "llama.cpp": "llama.cpp", "pytorch": "PyTorch"}
     for model in dict.fromkeys(r["model"] for r in rows):
         info = models[model]
@@ -586,7 +604,8 @@ def print_table(rows: list[dict], models: dict, bandwidth: dict[int, float], dep
             continue
         head = (f"  {'thr':>3} {'engine':9} {'prec':5} {'KV':7} {'tok/s':>8} {'vs llama':>8} {'vs torch':>8} {'prefill16':>9}"
                 + "".join(f" {'ms@' + str(d):>8}" for d in [16, *depths])
-                + (f" {'pp' + str(max(depths)) + ' s':>8}" if depths else "")
+                + (f" {'x@' + str(max(depths)):>7} {'+ms@' + str(max(depths)):>8} {'+floor':>7}"
+                   f" {'pp' + str(max(depths)) + ' s':>8}" if depths else "")
                 + f" {'RSS MB':>7}" + (f" {'RSS@ctx':>7}" if depths else "") + f" {'MB/tok':>7} {'floor ms':>8} {'floor %':>7}"
                 + f" {'host %':>6}")
         print(head)
@@ -603,17 +622,27 @@ def print_table(rows: list[dict], models: dict, bandwidth: dict[int, float], dep
             mbt = active["total"] / 1e6 if active else None
             floor = active["total"] / bandwidth[r["threads"]] * 1e3 if active else None
             at_floor = floor and r["ms_per_token"] and 100 * floor / r["ms_per_token"]
+            at_depth = r["depth_ms"].get(str(max(depths))) if depths else None
+            kv_bytes = info.get("kv_position_bytes", {}).get(f"{r['engine']}/{r['precision']}")
+            growth_floor = kv_bytes and moved * kv_bytes / bandwidth[r["threads"]] * 1e3
             print(f"{pre} {fmt(r['tok_s']):>8} {fmt(r.get('vs_llama_cpp'), '.2f'):>8} "
                   f"{fmt(r.get('vs_pytorch_fp32'), '.2f'):>8} {fmt(r['prefill_ms'], '.2f'):>9}"
                   + f" {fmt(r['ms_per_token'], '.2f'):>8}"
                   + "".join(f" {fmt(r['depth_ms'].get(str(d)), '.2f'):>8}" for d in depths)
-                  + (f" {fmt(long_prefill and long_prefill / 1e3, '.2f'):>8}" if depths else "")
+                  + (f" {fmt(at_depth and r['ms_per_token'] and at_depth / r['ms_per_token'], '.2f'):>7}"
+                     f" {fmt(at_depth and r['ms_per_token'] and at_depth - r['ms_per_token'], '.2f'):>8}"
+                     f" {fmt(growth_floor, '.2f'):>7}"
+                     f" {fmt(long_prefill and long_prefill / 1e3, '.2f'):>8}" if depths else "")
                   + f" {fmt(r['peak_rss_mb'], '.0f'):>7}" + (f" {fmt(r.get('depth_peak_rss_mb'), '.0f'):>7}" if depths else "")
                   + f" {fmt(mbt, '.1f'):>7} {fmt(floor, '.3f'):>8} {fmt(at_floor, '.0f'):>7}"
                   + f" {fmt(r.get('outside_share') and 100 * r['outside_share'], '.0f'):>6}")
     print(f"\ntok/s: decode, median over rounds (moetvm/PyTorch: median per-token step after a 16-token prompt; "
           f"llama.cpp: llama-bench tg64 from an empty context). ms@16 = 1000/tok/s; ms@D = per-token latency "
           f"of {DEPTH_NEW} tokens after a D-token context"
+          + (f"; x@{max(depths)}: ms@{max(depths)} / ms@16; +ms@{max(depths)}: their difference; +floor: the "
+             f"least it can be, the {moved:.0f} more cached positions that token attends to times the KV cache's "
+             f"bytes a position (keys and values of every layer, in the engine's cache dtype) over the read "
+             f"bandwidth below" if depths else "")
           + (f"; pp{max(depths)} s: the prefill of a {max(depths)}-token prompt (time to the first token; "
              f"llama.cpp: llama-bench pp{max(depths)})" if depths else "")
           + f". RSS MB: peak RSS of the decode run (the prompt and new "
@@ -729,7 +758,7 @@ def main() -> None:
     llama_reason = llama_setup(not a.no_llama_build) if "llama.cpp" in engines else None
     for name in (m for m in a.models.split(",") if m):
         key = f"{name}-{a.scale}"
-        info = models[key] = {"active_bytes": {}, "compile": {}, "kv_cache": {}}
+        info = models[key] = {"active_bytes": {}, "compile": {}, "kv_cache": {}, "kv_position_bytes": {}}
         try:
             model_dir = make_model(name, a.scale, root, a.seed)
         except Exception as e:  # noqa: BLE001 - reported in the table
@@ -752,6 +781,7 @@ def main() -> None:
                         manifest = json.loads((art / "manifest.json").read_text())
                         info["active_bytes"][("moetvm", prec)] = moetvm_active_bytes(manifest, s)
                         info["kv_cache"][f"moetvm/{prec}"] = manifest["model"]["kv_cache"]["dtype"]
+                        info["kv_position_bytes"][f"moetvm/{prec}"] = moetvm_kv_position_bytes(art)
                         targets[cell] = ("moetvm", art, ids, depth_prompts)
                     elif engine == "llama.cpp":
                         if llama_reason:
@@ -759,10 +789,13 @@ def main() -> None:
                         gguf = llama_gguf(model_dir, prec, root)
                         info["active_bytes"][("llama.cpp", prec)] = gguf_active_bytes(gguf, s)
                         info["kv_cache"][f"llama.cpp/{prec}"] = LLAMA_KV_TYPE.get(a.kv_dtype, "f16")
+                        info["kv_position_bytes"][f"llama.cpp/{prec}"] = plain_kv_position_bytes(
+                            s, LLAMA_KV_ELEMENT_BYTES[info["kv_cache"][f"llama.cpp/{prec}"]])
                         targets[cell] = ("llama.cpp", gguf)
                     else:
                         info["active_bytes"][("pytorch", prec)] = {"total": s["active_params"] * 4}
                         info["kv_cache"][f"pytorch/{prec}"] = "float32"
+                        info["kv_position_bytes"][f"pytorch/{prec}"] = plain_kv_position_bytes(s, 4)
                         targets[cell] = ("pytorch", model_dir, ids, depth_prompts)
                 except Exception as e:  # noqa: BLE001 - reported in the table
                     reason = str(e) if isinstance(e, EngineError) else f"{type(e).__name__}: {first_line(str(e))}"
@@ -809,7 +842,7 @@ def main() -> None:
     print(f"decode benchmark: scale {a.scale}, {a.rounds} round(s), batch 1, {a.prompt_tokens}-token prompt, "
           f"{a.new_tokens} new tokens; KV cache {a.kv_dtype or 'default per engine'}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs")
-    print_table(rows, models, bandwidth, depths)
+    print_table(rows, models, bandwidth, depths, a.prompt_tokens, a.new_tokens)
     for info in models.values():
         info["active_bytes"] = {f"{e}/{p}": v for (e, p), v in info["active_bytes"].items()}
         for prec, v in info["active_bytes"].items():
