@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import mmap
 
 import numpy as np
@@ -44,13 +45,20 @@ def host_arrays(specs: list[tuple[tuple[int, ...], str]]) -> tuple[mmap.mmap, li
                    for (shape, dtype), start in zip(specs, starts)]
 
 
-def aligned_copy(array) -> np.ndarray:
-    """A C-contiguous copy of `array` starting at a multiple of ALIGN bytes (what a tensor
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array starting at a multiple of ALIGN bytes (what a tensor
     wrapped from DLPack must be, without a copy by TVM)."""
-    array = np.asarray(array)
-    raw = np.empty(array.nbytes + ALIGN, np.uint8)
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
     start = -raw.ctypes.data % ALIGN
-    out = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def aligned_copy(array) -> np.ndarray:
+    """A copy of `array` in an aligned_empty array."""
+    array = np.asarray(array)
+    out = aligned_empty(array.shape, array.dtype)
     out[...] = array
     return out
 
