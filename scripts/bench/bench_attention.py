@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 
+PROBE_MB = 512  # the probe's array, as bench_decode.py's --bandwidth-mb default
 SHAPES = {  # query heads, KV heads, head dim, layers: bench_decode.py's models
     "granitemoe": (16, 8, 64, 24),
     "olmoe": (16, 16, 64, 16),
@@ -119,7 +120,7 @@ def main() -> None:
         times["read, cold"].append(plain_read())
         times["kernel, warm"].append(kernel(False))
         print(f"bench_attention: round {r + 1}/{a.rounds}", file=sys.stderr, end="\r")
-    bandwidth = read_bandwidth(512, a.threads)
+    bandwidth = read_bandwidth(PROBE_MB, a.threads)
     print(f"\n{a.shape} attention, {a.kv_dtype} cache, {a.context} positions, {layers} layers, {a.threads} thread(s): "
           f"{read / 1e6:.1f} MB of keys and values a token ({info.kv_position_bytes} bytes a position over the layers; "
           f"{DTYPE_BYTES[a.kv_dtype]}-byte elements{', with a float32 scale a position and head' if a.kv_dtype == 'int8' else ''}); "
@@ -128,7 +129,7 @@ def main() -> None:
     for name, ts in times.items():
         ms = statistics.median(ts) * 1e3
         print(f"  {name:14} {ms:7.3f} {read / ms / 1e6:6.1f}" + ("   (one thread)" if name == "read, cold" and a.threads > 1 else ""))
-    print(f"  {'probe floor':14} {read / bandwidth * 1e3:7.3f} {bandwidth / 1e9:6.1f}   (one {512} MB stream)")
+    print(f"  {'probe floor':14} {read / bandwidth * 1e3:7.3f} {bandwidth / 1e9:6.1f}   (one {PROBE_MB} MB stream)")
 
 
 if __name__ == "__main__":

@@ -383,11 +383,11 @@ def llama_gguf(model_dir: Path, quant: str, root: Path) -> Path:
     return out
 
 
-def moetvm_kv_position_bytes(art: Path) -> int | None:
+def moetvm_kv_position_bytes(manifest_text: bytes) -> int | None:
     """The artifact's KV cache bytes per position over all layers (its manifest's own count)."""
     from moetvm import artifact
 
-    return artifact.parse((art / "manifest.json").read_bytes()).model.kv_position_bytes
+    return artifact.parse(manifest_text).model.kv_position_bytes
 
 
 def plain_kv_position_bytes(summary: dict, element_bytes: float) -> float:
@@ -778,10 +778,11 @@ def main() -> None:
                 try:
                     if engine == "moetvm":
                         art, info["compile"][prec] = moetvm_compile(model_dir, prec, root, a.timeout, a.kv_dtype)
-                        manifest = json.loads((art / "manifest.json").read_text())
+                        manifest_text = (art / "manifest.json").read_bytes()
+                        manifest = json.loads(manifest_text)
                         info["active_bytes"][("moetvm", prec)] = moetvm_active_bytes(manifest, s)
                         info["kv_cache"][f"moetvm/{prec}"] = manifest["model"]["kv_cache"]["dtype"]
-                        info["kv_position_bytes"][f"moetvm/{prec}"] = moetvm_kv_position_bytes(art)
+                        info["kv_position_bytes"][f"moetvm/{prec}"] = moetvm_kv_position_bytes(manifest_text)
                         targets[cell] = ("moetvm", art, ids, depth_prompts)
                     elif engine == "llama.cpp":
                         if llama_reason:
