@@ -14,7 +14,7 @@ so the inner loop is: load a row of stored bytes for LANES columns, unpack the t
 convert, multiply-add; one pass per byte row serves two values of k. LANES columns give
 LANES / 8 independent AVX2 accumulators (4 at 32), enough to hide the FMA latency. Columns
 are split across threads (`parallel`), rows of x loop inside, so a prefill re-reads each tile
-of weights from cache rather than memory.
+of weights from cache rather than memory (the integer-dot kernels two rows at a time: ROW_BLOCK).
 
 On CPUs with 4-byte integer dot products (x86 AVX512-VNNI: `vpdpbusd`, 64 byte products per
 instruction) int8 and int4 weights take the integer path llama.cpp takes (its q8_0 activations):
@@ -86,6 +86,14 @@ RESIDENT_PARTIALS = "local"
 # time in TVM's runtime outside the kernels; 1,995 a token with chunks (counted by wrapping
 # TVMBackendAllocWorkspace). Decode speed the same within the noise.
 RESIDENT_CHUNKS = 16
+# Rows of x an integer-dot GEMV runs together (a prefill's; a decode token has one row and takes
+# the single-row path as before): each weight operand is loaded and unpacked once for both. One
+# row at a time, the unpacking (and, shift, and) outnumbered the vpdpbusd it fed. GraniteMoE's
+# int4s expert (1024 x 512), 1 thread, a different expert each call: 21.1 -> 16.4 us a row at 32
+# rows (int8 28.5 -> 20.4); a 1024-token prefill 7.3 -> 6.1 s. Four rows: 1.25x slower than one,
+# their sums (4 x 64 lanes, 1 KB) past TVM's stack limit for a kernel's buffers (attention.STACK),
+# so in a heap workspace; three: 1.6-1.9x slower (not looked into).
+ROW_BLOCK = 2
 
 
 # Weights may be views into a resident layer's pool (artifact.MoELayer.resident_function), which
@@ -94,8 +102,9 @@ RESIDENT_CHUNKS = 16
 _OFFSET = {dtype: SLOT_ALIGN // DTYPE_BYTES[dtype] for dtype in ("uint8", "int8", "float16", "bfloat16", "float32")}
 
 
-# A kernel attribute: the kernel's last parameter is its output (rows, n), which it stores each
-# element of once, in one BufferStore, and never reads (lowering.with_residual relies on it).
+# A kernel attribute: the kernel's last parameter is its output (rows, n), each element of which
+# it stores once (by one BufferStore of its body: the integer-dot kernels have two, for row pairs
+# and the last odd row) and never reads (lowering.with_residual relies on it).
 STORES_OUTPUT_ONCE = "moetvm.stores_output_once"
 
 
@@ -375,21 +384,59 @@ def _accumulate_tile(acc, xq, xd, xs, row, weights, tile, k_dim, lanes, operand,
 
 
 @T.macro
+def _accumulate_tile_rows(acc, xq, xd, xs, first_row, weights, tile, k_dim, lanes, operand, block_value, ahead, dot):
+    """_accumulate_tile for ROW_BLOCK rows at once (acc: ROW_BLOCK x lanes, row-major): each
+    operand is loaded and unpacked once for all of them, and each row keeps one int32 chain per
+    block (ROW_BLOCK x lanes/16 independent chains: enough to keep vpdpbusd busy). The sums are
+    the single-row path's, exactly: int32 in the blocks, the same fp32 order across them."""
+    chain = T.decl_buffer((ROW_BLOCK * lanes,), "int32", scope=STACK)
+    for b in T.serial(k_dim // ACT_BLOCK):
+        for l in T.vectorized(ROW_BLOCK * lanes):
+            chain[l] = 0
+        for r in T.serial(ACT_BLOCK // 8):
+            for v in T.unroll(lanes // 16):
+                T.evaluate(ahead(weights, tile, b * (ACT_BLOCK // 8) + r, v, 0))
+                T.evaluate(ahead(weights, tile, b * (ACT_BLOCK // 8) + r, v, 1))
+                for rr in T.unroll(ROW_BLOCK):  # (LLVM loads and unpacks each operand once for all rows)
+                    chain[T.ramp(rr * lanes + v * 16, 1, 16)] = dot(
+                        chain, rr * lanes + v * 16, operand(weights, tile, b * (ACT_BLOCK // 8) + r, v, 0),
+                        T.reinterpret("int32", xq[first_row + rr, T.ramp(b * ACT_BLOCK + r * 8, 1, 4)]))
+                    chain[T.ramp(rr * lanes + v * 16, 1, 16)] = dot(
+                        chain, rr * lanes + v * 16, operand(weights, tile, b * (ACT_BLOCK // 8) + r, v, 1),
+                        T.reinterpret("int32", xq[first_row + rr, T.ramp(b * ACT_BLOCK + r * 8 + 4, 1, 4)]))
+        for rr in T.unroll(ROW_BLOCK):
+            for l in T.vectorized(lanes):
+                acc[rr * lanes + l] = acc[rr * lanes + l] + block_value(
+                    weights, tile, b, l, chain[rr * lanes + l], xd[first_row + rr, b], xs[first_row + rr, b])
+
+
+@T.macro
 def _integer_dot_tiles(x, out, weights, rows, k_dim, lanes, tiles, operand, block_value, finish, ahead, dot):
-    """The integer-dot GEMV both precisions share: quantize x, then per tile and row the tile's
-    sums (_accumulate_tile), finish(weights, tile, l, acc) -> the output."""
+    """The integer-dot GEMV both precisions share: quantize x, then per tile the rows in blocks of
+    ROW_BLOCK (_accumulate_tile_rows) and the rest one by one (_accumulate_tile),
+    finish(weights, tile, l, acc) -> the output."""
     xq = T.alloc_buffer((rows, k_dim), "int8")
     xd = T.alloc_buffer((rows, k_dim // ACT_BLOCK), "float32")
     xs = T.alloc_buffer((rows, k_dim // ACT_BLOCK), "int32")
     _quantize_activations(x, xq, xd, xs, rows, k_dim // ACT_BLOCK)
     for tile in T.parallel(tiles):
-        for i in T.serial(rows):
+        for ib in T.serial(rows // ROW_BLOCK):
+            accs = T.decl_buffer((ROW_BLOCK * lanes,), "float32", scope=STACK)
+            for l in T.vectorized(ROW_BLOCK * lanes):
+                accs[l] = T.float32(0)
+            _accumulate_tile_rows(accs, xq, xd, xs, ib * ROW_BLOCK, weights, tile, k_dim, lanes, operand, block_value,
+                                  ahead, dot)
+            for rr in T.unroll(ROW_BLOCK):
+                for l in T.vectorized(lanes):
+                    out[ib * ROW_BLOCK + rr, tile * lanes + l] = finish(weights, tile, l, accs[rr * lanes + l])
+        for i in T.serial(rows - rows // ROW_BLOCK * ROW_BLOCK):
             acc = T.decl_buffer((lanes,), "float32", scope=STACK)
             for l in T.vectorized(lanes):
                 acc[l] = T.float32(0)
-            _accumulate_tile(acc, xq, xd, xs, i, weights, tile, k_dim, lanes, operand, block_value, ahead, dot)
+            _accumulate_tile(acc, xq, xd, xs, rows // ROW_BLOCK * ROW_BLOCK + i, weights, tile, k_dim, lanes, operand,
+                             block_value, ahead, dot)
             for l in T.vectorized(lanes):
-                out[i, tile * lanes + l] = finish(weights, tile, l, acc[l])
+                out[rows // ROW_BLOCK * ROW_BLOCK + i, tile * lanes + l] = finish(weights, tile, l, acc[l])
 
 
 def _int4_terms(q_row, q_line, scale_at, zero_at, group: int, lanes: int):
