@@ -14,7 +14,7 @@ so the inner loop is: load a row of stored bytes for LANES columns, unpack the t
 convert, multiply-add; one pass per byte row serves two values of k. LANES columns give
 LANES / 8 independent AVX2 accumulators (4 at 32), enough to hide the FMA latency. Columns
 are split across threads (`parallel`), rows of x loop inside, so a prefill re-reads each tile
-of weights from cache rather than memory (the integer-dot kernels two rows at a time: ROW_BLOCK).
+of weights from cache rather than memory (two rows at a time: ROW_BLOCK).
 
 On CPUs with 4-byte integer dot products (x86 AVX512-VNNI: `vpdpbusd`, 64 byte products per
 instruction) int8 and int4 weights take the integer path llama.cpp takes (its q8_0 activations):
@@ -86,11 +86,12 @@ RESIDENT_PARTIALS = "local"
 # time in TVM's runtime outside the kernels; 1,995 a token with chunks (counted by wrapping
 # TVMBackendAllocWorkspace). Decode speed the same within the noise.
 RESIDENT_CHUNKS = 16
-# Rows of x an integer-dot GEMV runs together (a prefill's; a decode token has one row and takes
-# the single-row path as before): each weight operand is loaded and unpacked once for both. One
-# row at a time, the unpacking (and, shift, and) outnumbered the vpdpbusd it fed. GraniteMoE's
-# int4s expert (1024 x 512), 1 thread, a different expert each call: 21.1 -> 16.4 us a row at 32
-# rows (int8 28.5 -> 20.4); a 1024-token prefill 7.3 -> 6.1 s. Four rows: 1.25x slower than one,
+# Rows of x a GEMV runs together (a prefill's; a decode token has one row and takes the
+# single-row path as before): each weight operand is loaded and converted (or unpacked) once for
+# both. One row at a time, the unpacking (and, shift, and) outnumbered the vpdpbusd it fed.
+# GraniteMoE's expert (1024 x 512), 1 thread, a different expert each call, us a row at 32 rows:
+# integer dots int4s 21.1 -> 16.4, int8 28.5 -> 20.4 (a 1024-token int4s prefill 7.3 -> 6.1 s);
+# fp32 products (CPUs without VNNI, the A72) fp32 59.6 -> 47.5, int8 59.5 -> 42.6, int4s 75.4 -> 58.1. Four rows: 1.25x slower than one,
 # their sums (4 x 64 lanes, 1 KB) past TVM's stack limit for a kernel's buffers (attention.STACK),
 # so in a heap workspace; three: 1.6-1.9x slower (not looked into).
 ROW_BLOCK = 2
@@ -196,31 +197,62 @@ def _split_output(kernel: tirx.PrimFunc, parts: tuple[int, ...], lanes: int) -> 
 
 
 @T.macro
-def _int4_tiles(x, q, scale, zero_of, out, rows, lanes, tiles, group, groups, pairs):
-    """The int4 GEMV both int4 formats share; zero_of(tile, g, l) -> the zero point (a stored one, or 8)."""
+def _row_blocks(rows, tiles, rows_kernel, *args):
+    """Per tile (split across threads), rows_kernel(tile, first row, count, *args) over the rows in
+    blocks of ROW_BLOCK, then the rest one at a time."""
     for tile in T.parallel(tiles):
-        for i in T.serial(rows):
-            acc = T.decl_buffer((lanes,), "float32", scope=STACK)
-            part = T.decl_buffer((lanes,), "float32", scope=STACK)
-            x_sum = T.decl_buffer((1,), "float32", scope=STACK)
-            for l in T.vectorized(lanes):
-                acc[l] = T.float32(0)
-            for g in T.serial(groups):
-                x_sum[0] = T.float32(0)
+        for ib in T.serial(rows // ROW_BLOCK):
+            rows_kernel(tile, ib * ROW_BLOCK, ROW_BLOCK, *args)
+        for i in T.serial(rows - rows // ROW_BLOCK * ROW_BLOCK):
+            rows_kernel(tile, rows // ROW_BLOCK * ROW_BLOCK + i, 1, *args)
+
+
+@T.macro
+def _int4_rows(tile, first, count, x, q, scale, zero_of, out, lanes, group, groups, pairs):
+    """Rows first..first+count of one tile of the int4 GEMV both int4 formats share; zero_of(tile,
+    g, l) -> the zero point (a stored one, or 8)."""
+    acc = T.decl_buffer((count * lanes,), "float32", scope=STACK)
+    part = T.decl_buffer((count * lanes,), "float32", scope=STACK)
+    x_sum = T.decl_buffer((count,), "float32", scope=STACK)
+    for l in T.vectorized(count * lanes):
+        acc[l] = T.float32(0)
+    for g in T.serial(groups):
+        for rr in T.unroll(count):
+            x_sum[rr] = T.float32(0)
+        for l in T.vectorized(count * lanes):
+            part[l] = T.float32(0)
+        for kk in T.serial(pairs):
+            for rr in T.unroll(count):
                 for l in T.vectorized(lanes):
-                    part[l] = T.float32(0)
-                for kk in T.serial(pairs):
-                    for l in T.vectorized(lanes):
-                        part[l] = part[l] + x[i, g * group + kk * 2] * T.Cast(
-                            "float32", T.bitwise_and(q[tile, g * pairs + kk, l], T.uint8(15))) \
-                            + x[i, g * group + kk * 2 + 1] * T.Cast(
-                            "float32", T.shift_right(q[tile, g * pairs + kk, l], T.uint8(4)))
-                    x_sum[0] = x_sum[0] + x[i, g * group + kk * 2] + x[i, g * group + kk * 2 + 1]
-                for l in T.vectorized(lanes):
-                    acc[l] = acc[l] + T.Cast("float32", scale[tile, g, l]) * (
-                        part[l] - T.Cast("float32", zero_of(tile, g, l)) * x_sum[0])
+                    part[rr * lanes + l] = part[rr * lanes + l] + x[first + rr, g * group + kk * 2] * T.Cast(
+                        "float32", T.bitwise_and(q[tile, g * pairs + kk, l], T.uint8(15))) \
+                        + x[first + rr, g * group + kk * 2 + 1] * T.Cast(
+                        "float32", T.shift_right(q[tile, g * pairs + kk, l], T.uint8(4)))
+                x_sum[rr] = x_sum[rr] + x[first + rr, g * group + kk * 2] + x[first + rr, g * group + kk * 2 + 1]
+        for rr in T.unroll(count):
             for l in T.vectorized(lanes):
-                out[i, tile * lanes + l] = acc[l]
+                acc[rr * lanes + l] = acc[rr * lanes + l] + T.Cast("float32", scale[tile, g, l]) * (
+                    part[rr * lanes + l] - T.Cast("float32", zero_of(tile, g, l)) * x_sum[rr])
+    for rr in T.unroll(count):
+        for l in T.vectorized(lanes):
+            out[first + rr, tile * lanes + l] = acc[rr * lanes + l]
+
+
+@T.macro
+def _float_rows(tile, first, count, x, w, out, k_dim, lanes, scale_of):
+    """Rows first..first+count of one tile of the GEMV with fp32 products of stored values w
+    (float, or int8 times scale_of(tile, l) per column; None: no scale)."""
+    acc = T.decl_buffer((count * lanes,), "float32", scope=STACK)
+    for l in T.vectorized(count * lanes):
+        acc[l] = T.float32(0)
+    for k in T.serial(k_dim):
+        for rr in T.unroll(count):
+            for l in T.vectorized(lanes):
+                acc[rr * lanes + l] = acc[rr * lanes + l] + x[first + rr, k] * T.Cast("float32", w[tile, k, l])
+    for rr in T.unroll(count):
+        for l in T.vectorized(lanes):
+            out[first + rr, tile * lanes + l] = acc[rr * lanes + l] if scale_of is None else \
+                acc[rr * lanes + l] * scale_of(tile, l)
 
 
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
@@ -235,7 +267,8 @@ def _int4(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int, symmetric:
             q = T.match_buffer(q_h, (tiles, k_dim // 2, lanes), "uint8", offset_factor=_OFFSET["uint8"])
             scale = T.match_buffer(scale_h, (tiles, groups, lanes), "float16", offset_factor=_OFFSET["float16"])
             out = T.match_buffer(out_h, (rows, n_dim), "float32")
-            _int4_tiles(x, q, scale, lambda tile, g, l: T.uint8(SYMMETRIC_ZERO), out, rows, lanes, tiles, group, groups, pairs)
+            _row_blocks(rows, tiles, _int4_rows, x, q, scale, lambda tile, g, l: T.uint8(SYMMETRIC_ZERO), out, lanes, group,
+                        groups, pairs)
 
         return int4s_matmul
 
@@ -248,7 +281,8 @@ def _int4(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int, symmetric:
         scale = T.match_buffer(scale_h, (tiles, groups, lanes), "float16", offset_factor=_OFFSET["float16"])
         zero = T.match_buffer(zero_h, (tiles, groups, lanes), "uint8", offset_factor=_OFFSET["uint8"])
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
-        _int4_tiles(x, q, scale, lambda tile, g, l: zero[tile, g, l], out, rows, lanes, tiles, group, groups, pairs)
+        _row_blocks(rows, tiles, _int4_rows, x, q, scale, lambda tile, g, l: zero[tile, g, l], out, lanes, group, groups,
+                    pairs)
 
     return int4_matmul
 
@@ -263,16 +297,7 @@ def _int8(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
         q = T.match_buffer(q_h, (tiles, k_dim, lanes), "int8", offset_factor=_OFFSET["int8"])
         scale = T.match_buffer(scale_h, (n_dim,), "float32", offset_factor=_OFFSET["float32"])
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
-        for tile in T.parallel(tiles):
-            for i in T.serial(rows):
-                acc = T.decl_buffer((lanes,), "float32", scope=STACK)
-                for l in T.vectorized(lanes):
-                    acc[l] = T.float32(0)
-                for k in T.serial(k_dim):
-                    for l in T.vectorized(lanes):
-                        acc[l] = acc[l] + x[i, k] * T.Cast("float32", q[tile, k, l])
-                for l in T.vectorized(lanes):
-                    out[i, tile * lanes + l] = acc[l] * scale[tile * lanes + l]
+        _row_blocks(rows, tiles, _float_rows, x, q, out, k_dim, lanes, lambda tile, l: scale[tile * lanes + l])
 
     return int8_matmul
 
@@ -286,16 +311,7 @@ def _float(k_dim: int, n_dim: int, dtype: str, lanes: int, tiles: int) -> tirx.P
         x = T.match_buffer(x_h, (rows, k_dim), "float32")
         w = T.match_buffer(w_h, (tiles, k_dim, lanes), dtype, offset_factor=_OFFSET[dtype])
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
-        for tile in T.parallel(tiles):
-            for i in T.serial(rows):
-                acc = T.decl_buffer((lanes,), "float32", scope=STACK)
-                for l in T.vectorized(lanes):
-                    acc[l] = T.float32(0)
-                for k in T.serial(k_dim):
-                    for l in T.vectorized(lanes):
-                        acc[l] = acc[l] + x[i, k] * T.Cast("float32", w[tile, k, l])
-                for l in T.vectorized(lanes):
-                    out[i, tile * lanes + l] = acc[l]
+        _row_blocks(rows, tiles, _float_rows, x, w, out, k_dim, lanes, None)
 
     return float_matmul
 
