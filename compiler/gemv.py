@@ -91,9 +91,10 @@ RESIDENT_CHUNKS = 16
 # both. One row at a time, the unpacking (and, shift, and) outnumbered the vpdpbusd it fed.
 # GraniteMoE's expert (1024 x 512), 1 thread, a different expert each call, us a row at 32 rows:
 # integer dots int4s 21.1 -> 16.4, int8 28.5 -> 20.4 (a 1024-token int4s prefill 7.3 -> 6.1 s);
-# fp32 products (CPUs without VNNI, the A72) fp32 59.6 -> 47.5, int8 59.5 -> 42.6, int4s 75.4 -> 58.1. Four rows: 1.25x slower than one,
-# their sums (4 x 64 lanes, 1 KB) past TVM's stack limit for a kernel's buffers (attention.STACK),
-# so in a heap workspace; three: 1.6-1.9x slower (not looked into).
+# fp32 products (CPUs without VNNI, the A72) fp32 59.6 -> 47.5, int8 59.5 -> 42.6, int4s 75.4 ->
+# 58.1. Four rows (integer dots): 1.25x slower than one, their sums (4 x 64 lanes, 1 KB) past
+# TVM's stack limit for a kernel's buffers (attention.STACK), so in a heap workspace; three:
+# 1.6-1.9x slower (not looked into).
 ROW_BLOCK = 2
 
 
