@@ -105,8 +105,7 @@ _OFFSET = {dtype: SLOT_ALIGN // DTYPE_BYTES[dtype] for dtype in ("uint8", "int8"
 
 
 # A kernel attribute: the kernel's last parameter is its output (rows, n), each element of which
-# it stores once (by one BufferStore of its body: the integer-dot kernels have two, for row pairs
-# and the last odd row) and never reads (lowering.with_residual relies on it).
+# it stores once and never reads (lowering.with_residual relies on it, rewriting each store).
 STORES_OUTPUT_ONCE = "moetvm.stores_output_once"
 
 
@@ -401,59 +400,61 @@ def _accumulate_tile(acc, xq, xd, xs, row, weights, tile, k_dim, lanes, operand,
 
 
 @T.macro
-def _accumulate_tile_rows(acc, xq, xd, xs, first_row, weights, tile, k_dim, lanes, operand, block_value, ahead, dot):
-    """_accumulate_tile for ROW_BLOCK rows at once (acc: ROW_BLOCK x lanes, row-major): each
-    operand is loaded and unpacked once for all of them, and each row keeps one int32 chain per
-    block (ROW_BLOCK x lanes/16 independent chains: enough to keep vpdpbusd busy). The sums are
-    the single-row path's, exactly: int32 in the blocks, the same fp32 order across them."""
-    chain = T.decl_buffer((ROW_BLOCK * lanes,), "int32", scope=STACK)
+def _accumulate_tile_rows(acc, xq, xd, xs, first_row, count, weights, tile, k_dim, lanes, operand, block_value, ahead,
+                          dot):
+    """_accumulate_tile for `count` rows at once (acc: count x lanes, row-major): each operand is
+    loaded and unpacked once for all of them, and each row keeps one int32 chain per block (count
+    x lanes/16 independent chains: enough to keep vpdpbusd busy). The sums are the single-row
+    path's, exactly: int32 in the blocks, the same fp32 order across them."""
+    chain = T.decl_buffer((count * lanes,), "int32", scope=STACK)
     for b in T.serial(k_dim // ACT_BLOCK):
-        for l in T.vectorized(ROW_BLOCK * lanes):
+        for l in T.vectorized(count * lanes):
             chain[l] = 0
         for r in T.serial(ACT_BLOCK // 8):
             for v in T.unroll(lanes // 16):
                 T.evaluate(ahead(weights, tile, b * (ACT_BLOCK // 8) + r, v, 0))
                 T.evaluate(ahead(weights, tile, b * (ACT_BLOCK // 8) + r, v, 1))
-                for rr in T.unroll(ROW_BLOCK):  # (LLVM loads and unpacks each operand once for all rows)
+                for rr in T.unroll(count):  # (LLVM loads and unpacks each operand once for all rows)
                     chain[T.ramp(rr * lanes + v * 16, 1, 16)] = dot(
                         chain, rr * lanes + v * 16, operand(weights, tile, b * (ACT_BLOCK // 8) + r, v, 0),
                         T.reinterpret("int32", xq[first_row + rr, T.ramp(b * ACT_BLOCK + r * 8, 1, 4)]))
                     chain[T.ramp(rr * lanes + v * 16, 1, 16)] = dot(
                         chain, rr * lanes + v * 16, operand(weights, tile, b * (ACT_BLOCK // 8) + r, v, 1),
                         T.reinterpret("int32", xq[first_row + rr, T.ramp(b * ACT_BLOCK + r * 8 + 4, 1, 4)]))
-        for rr in T.unroll(ROW_BLOCK):
+        for rr in T.unroll(count):
             for l in T.vectorized(lanes):
                 acc[rr * lanes + l] = acc[rr * lanes + l] + block_value(
                     weights, tile, b, l, chain[rr * lanes + l], xd[first_row + rr, b], xs[first_row + rr, b])
 
 
 @T.macro
+def _integer_dot_rows(tile, first, count, xq, xd, xs, out, weights, k_dim, lanes, operand, block_value, finish, ahead,
+                      dot):
+    """Rows first..first+count of one tile of the integer-dot GEMV; one row (a decode token's)
+    with its two chains (_accumulate_tile), more with one chain each (_accumulate_tile_rows)."""
+    acc = T.decl_buffer((count * lanes,), "float32", scope=STACK)
+    for l in T.vectorized(count * lanes):
+        acc[l] = T.float32(0)
+    if count == 1:
+        _accumulate_tile(acc, xq, xd, xs, first, weights, tile, k_dim, lanes, operand, block_value, ahead, dot)
+    else:
+        _accumulate_tile_rows(acc, xq, xd, xs, first, count, weights, tile, k_dim, lanes, operand, block_value, ahead,
+                              dot)
+    for rr in T.unroll(count):
+        for l in T.vectorized(lanes):
+            out[first + rr, tile * lanes + l] = finish(weights, tile, l, acc[rr * lanes + l])
+
+
+@T.macro
 def _integer_dot_tiles(x, out, weights, rows, k_dim, lanes, tiles, operand, block_value, finish, ahead, dot):
-    """The integer-dot GEMV both precisions share: quantize x, then per tile the rows in blocks of
-    ROW_BLOCK (_accumulate_tile_rows) and the rest one by one (_accumulate_tile),
-    finish(weights, tile, l, acc) -> the output."""
+    """The integer-dot GEMV both precisions share: quantize x, then the tiles' rows
+    (_integer_dot_rows), finish(weights, tile, l, acc) -> the output."""
     xq = T.alloc_buffer((rows, k_dim), "int8")
     xd = T.alloc_buffer((rows, k_dim // ACT_BLOCK), "float32")
     xs = T.alloc_buffer((rows, k_dim // ACT_BLOCK), "int32")
     _quantize_activations(x, xq, xd, xs, rows, k_dim // ACT_BLOCK)
-    for tile in T.parallel(tiles):
-        for ib in T.serial(rows // ROW_BLOCK):
-            accs = T.decl_buffer((ROW_BLOCK * lanes,), "float32", scope=STACK)
-            for l in T.vectorized(ROW_BLOCK * lanes):
-                accs[l] = T.float32(0)
-            _accumulate_tile_rows(accs, xq, xd, xs, ib * ROW_BLOCK, weights, tile, k_dim, lanes, operand, block_value,
-                                  ahead, dot)
-            for rr in T.unroll(ROW_BLOCK):
-                for l in T.vectorized(lanes):
-                    out[ib * ROW_BLOCK + rr, tile * lanes + l] = finish(weights, tile, l, accs[rr * lanes + l])
-        for i in T.serial(rows - rows // ROW_BLOCK * ROW_BLOCK):
-            acc = T.decl_buffer((lanes,), "float32", scope=STACK)
-            for l in T.vectorized(lanes):
-                acc[l] = T.float32(0)
-            _accumulate_tile(acc, xq, xd, xs, rows // ROW_BLOCK * ROW_BLOCK + i, weights, tile, k_dim, lanes, operand,
-                             block_value, ahead, dot)
-            for l in T.vectorized(lanes):
-                out[rows // ROW_BLOCK * ROW_BLOCK + i, tile * lanes + l] = finish(weights, tile, l, acc[l])
+    _row_blocks(rows, tiles, _integer_dot_rows, xq, xd, xs, out, weights, k_dim, lanes, operand, block_value, finish,
+                ahead, dot)
 
 
 def _int4_terms(q_row, q_line, scale_at, zero_at, group: int, lanes: int):
