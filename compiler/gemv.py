@@ -91,10 +91,10 @@ RESIDENT_CHUNKS = 16
 # both. One row at a time, the unpacking (and, shift, and) outnumbered the vpdpbusd it fed.
 # GraniteMoE's expert (1024 x 512), 1 thread, a different expert each call, us a row at 32 rows:
 # integer dots int4s 21.1 -> 16.4, int8 28.5 -> 20.4 (a 1024-token int4s prefill 7.3 -> 6.1 s);
-# fp32 products (CPUs without VNNI, the A72) fp32 59.6 -> 47.5, int8 59.5 -> 42.6, int4s 75.4 ->
-# 58.1. Four rows (integer dots): 1.25x slower than one, their sums (4 x 64 lanes, 1 KB) past
-# TVM's stack limit for a kernel's buffers (attention.STACK), so in a heap workspace; three:
-# 1.6-1.9x slower (not looked into).
+# fp32 products on AVX-512 fp32 59.6 -> 47.5 (where they pair: float_rows_together). Four rows
+# (integer dots): 1.25x slower than one, their sums (4 x 64 lanes, 1 KB) past TVM's stack limit
+# for a kernel's buffers (attention.STACK), so in a heap workspace; three: 1.6-1.9x slower (not
+# looked into).
 ROW_BLOCK = 2
 
 
@@ -136,11 +136,11 @@ def matmul(k_dim: int, n_dim: int, s: Scheme, parts: tuple[int, ...] = ()) -> ti
         kernel = _int4_dot(k_dim, n_dim, s.group_size, lanes, tiles, s.vnni, s.symmetric) if s.name == "int4" \
             else _int8_dot(k_dim, n_dim, lanes, tiles)
     elif s.name == "int4":
-        kernel = _int4(k_dim, n_dim, s.group_size, lanes, tiles, s.symmetric)
+        kernel = _int4(k_dim, n_dim, s.group_size, lanes, tiles, s.symmetric, float_rows_together(s))
     elif s.name == "int8":
-        kernel = _int8(k_dim, n_dim, lanes, tiles)
+        kernel = _int8(k_dim, n_dim, lanes, tiles, float_rows_together(s))
     else:
-        kernel = _float(k_dim, n_dim, FLOAT_DTYPES[s.name], lanes, tiles)
+        kernel = _float(k_dim, n_dim, FLOAT_DTYPES[s.name], lanes, tiles, float_rows_together(s))
     return kernel.with_attr(STORES_OUTPUT_ONCE, True)
 
 
@@ -196,15 +196,28 @@ def _split_output(kernel: tirx.PrimFunc, parts: tuple[int, ...], lanes: int) -> 
                          kernel.attrs).without_attr(STORES_OUTPUT_ONCE)
 
 
+def float_rows_together(s: Scheme) -> int:
+    """Rows the fp32-product kernels run together at `s`: ROW_BLOCK where the CPU has AVX-512's
+    32 registers of 64 bytes (Scheme.vnni: AVX512-VNNI's CPUs), one elsewhere. Two rows' sums
+    (2 x 64 fp32) take all 16 AVX2 registers (or all 32 of NEON's 16-byte ones, the A72) and
+    spill: the fp32 expert built for AVX2 (haswell), run here, 72.8 -> 104.5 us a row at 32 rows.
+    The integer-dot kernels' pairs gain there too (AVX2 int4s 38.5 -> 33.8): they always pair."""
+    return ROW_BLOCK if s.vnni else 1
+
+
 @T.macro
-def _row_blocks(rows, tiles, rows_kernel, *args):
+def _row_blocks(rows, tiles, together, rows_kernel, *args):
     """Per tile (split across threads), rows_kernel(tile, first row, count, *args) over the rows in
-    blocks of ROW_BLOCK, then the rest one at a time."""
+    blocks of `together`, then the rest one at a time."""
     for tile in T.parallel(tiles):
-        for ib in T.serial(rows // ROW_BLOCK):
-            rows_kernel(tile, ib * ROW_BLOCK, ROW_BLOCK, *args)
-        for i in T.serial(rows - rows // ROW_BLOCK * ROW_BLOCK):
-            rows_kernel(tile, rows // ROW_BLOCK * ROW_BLOCK + i, 1, *args)
+        if together == 1:
+            for i in T.serial(rows):
+                rows_kernel(tile, i, 1, *args)
+        else:
+            for ib in T.serial(rows // together):
+                rows_kernel(tile, ib * together, together, *args)
+            for i in T.serial(rows - rows // together * together):
+                rows_kernel(tile, rows // together * together + i, 1, *args)
 
 
 @T.macro
@@ -256,7 +269,7 @@ def _float_rows(tile, first, count, x, w, out, k_dim, lanes, scale_of):
 
 
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
-def _int4(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int, symmetric: bool) -> tirx.PrimFunc:
+def _int4(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int, symmetric: bool, together: int) -> tirx.PrimFunc:
     groups, pairs = k_dim // group, group // 2
     if symmetric:
         @T.prim_func(private=True)
@@ -267,8 +280,8 @@ def _int4(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int, symmetric:
             q = T.match_buffer(q_h, (tiles, k_dim // 2, lanes), "uint8", offset_factor=_OFFSET["uint8"])
             scale = T.match_buffer(scale_h, (tiles, groups, lanes), "float16", offset_factor=_OFFSET["float16"])
             out = T.match_buffer(out_h, (rows, n_dim), "float32")
-            _row_blocks(rows, tiles, _int4_rows, x, q, scale, lambda tile, g, l: T.uint8(SYMMETRIC_ZERO), out, lanes, group,
-                        groups, pairs)
+            _row_blocks(rows, tiles, together, _int4_rows, x, q, scale, lambda tile, g, l: T.uint8(SYMMETRIC_ZERO), out,
+                        lanes, group, groups, pairs)
 
         return int4s_matmul
 
@@ -281,14 +294,14 @@ def _int4(k_dim: int, n_dim: int, group: int, lanes: int, tiles: int, symmetric:
         scale = T.match_buffer(scale_h, (tiles, groups, lanes), "float16", offset_factor=_OFFSET["float16"])
         zero = T.match_buffer(zero_h, (tiles, groups, lanes), "uint8", offset_factor=_OFFSET["uint8"])
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
-        _row_blocks(rows, tiles, _int4_rows, x, q, scale, lambda tile, g, l: zero[tile, g, l], out, lanes, group, groups,
-                    pairs)
+        _row_blocks(rows, tiles, together, _int4_rows, x, q, scale, lambda tile, g, l: zero[tile, g, l], out, lanes,
+                    group, groups, pairs)
 
     return int4_matmul
 
 
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
-def _int8(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
+def _int8(k_dim: int, n_dim: int, lanes: int, tiles: int, together: int) -> tirx.PrimFunc:
     @T.prim_func(private=True)
     def int8_matmul(x_h: T.handle, q_h: T.handle, scale_h: T.handle, out_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
@@ -297,13 +310,14 @@ def _int8(k_dim: int, n_dim: int, lanes: int, tiles: int) -> tirx.PrimFunc:
         q = T.match_buffer(q_h, (tiles, k_dim, lanes), "int8", offset_factor=_OFFSET["int8"])
         scale = T.match_buffer(scale_h, (n_dim,), "float32", offset_factor=_OFFSET["float32"])
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
-        _row_blocks(rows, tiles, _float_rows, x, q, out, k_dim, lanes, lambda tile, l: scale[tile * lanes + l])
+        _row_blocks(rows, tiles, together, _float_rows, x, q, out, k_dim, lanes,
+                    lambda tile, l: scale[tile * lanes + l])
 
     return int8_matmul
 
 
 @functools.lru_cache(maxsize=None)  # one parse per kernel: TVMScript parsing costs ~0.2 s
-def _float(k_dim: int, n_dim: int, dtype: str, lanes: int, tiles: int) -> tirx.PrimFunc:
+def _float(k_dim: int, n_dim: int, dtype: str, lanes: int, tiles: int, together: int) -> tirx.PrimFunc:
     @T.prim_func(private=True)
     def float_matmul(x_h: T.handle, w_h: T.handle, out_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
@@ -311,7 +325,7 @@ def _float(k_dim: int, n_dim: int, dtype: str, lanes: int, tiles: int) -> tirx.P
         x = T.match_buffer(x_h, (rows, k_dim), "float32")
         w = T.match_buffer(w_h, (tiles, k_dim, lanes), dtype, offset_factor=_OFFSET[dtype])
         out = T.match_buffer(out_h, (rows, n_dim), "float32")
-        _row_blocks(rows, tiles, _float_rows, x, w, out, k_dim, lanes, None)
+        _row_blocks(rows, tiles, together, _float_rows, x, w, out, k_dim, lanes, None)
 
     return float_matmul
 
@@ -453,8 +467,8 @@ def _integer_dot_tiles(x, out, weights, rows, k_dim, lanes, tiles, operand, bloc
     xd = T.alloc_buffer((rows, k_dim // ACT_BLOCK), "float32")
     xs = T.alloc_buffer((rows, k_dim // ACT_BLOCK), "int32")
     _quantize_activations(x, xq, xd, xs, rows, k_dim // ACT_BLOCK)
-    _row_blocks(rows, tiles, _integer_dot_rows, xq, xd, xs, out, weights, k_dim, lanes, operand, block_value, finish,
-                ahead, dot)
+    _row_blocks(rows, tiles, ROW_BLOCK, _integer_dot_rows, xq, xd, xs, out, weights, k_dim, lanes, operand, block_value,
+                finish, ahead, dot)
 
 
 def _int4_terms(q_row, q_line, scale_at, zero_at, group: int, lanes: int):
