@@ -248,7 +248,12 @@ def expert_module(d_model: int, d_ff: int, s: Scheme, name: str, fused_k: tuple[
             return matmul_call(bb, a, group, s, prefix, cpu)
 
         if clamped == SWIGLU:
-            h = bb.emit(relax.op.multiply(relax.op.nn.silu(matmul(x, "w_gate")), matmul(x, "w_up")))
+            gate, up = matmul(x, "w_gate"), matmul(x, "w_up")
+            if cpu and gemv.silu_fits(d_ff):
+                h = bb.emit(relax.call_tir(bb.add_func(gemv.silu_multiply(d_ff), "silu_multiply"), [gate, up],
+                                           relax.TensorType((x.ty.shape.values[0], d_ff), "float32")))
+            else:
+                h = bb.emit(relax.op.multiply(relax.op.nn.silu(gate), up))
             return matmul(h, "w_down")
         if clamped == PLAIN:
             biased = lambda y, b: relax.op.add(y, params[b]) if constants["biases"] else y  # noqa: E731
