@@ -60,7 +60,9 @@ class Scheme:
     group_size: int | None = None  # int4 only
     tile: int | None = None  # stored tile-major (N / tile, rows, tile), see above
     dot: bool = False  # tiles dot-interleaved for integer dot products, see above
-    vnni: bool = True  # dot: the CPU's 4-byte dots are AVX512-VNNI's (else AVX2's, int4 only; gemv._dot_avx2)
+    # The CPU has AVX512-VNNI: with dot, its 4-byte dots (else AVX2's, int4 only; gemv._dot_avx2);
+    # without, AVX-512's 32 registers, where the fp32-product GEMVs pair rows (gemv.float_rows_together).
+    vnni: bool = True
     symmetric: bool = False  # int4 only: no zero points (the zero is SYMMETRIC_ZERO), see above
 
     def __post_init__(self):
