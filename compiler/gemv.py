@@ -14,7 +14,8 @@ so the inner loop is: load a row of stored bytes for LANES columns, unpack the t
 convert, multiply-add; one pass per byte row serves two values of k. LANES columns give
 LANES / 8 independent AVX2 accumulators (4 at 32), enough to hide the FMA latency. Columns
 are split across threads (`parallel`), rows of x loop inside, so a prefill re-reads each tile
-of weights from cache rather than memory (two rows at a time: ROW_BLOCK).
+of weights from cache rather than memory (two rows at a time where the registers hold both:
+ROW_BLOCK, float_rows_together).
 
 On CPUs with 4-byte integer dot products (x86 AVX512-VNNI: `vpdpbusd`, 64 byte products per
 instruction) int8 and int4 weights take the integer path llama.cpp takes (its q8_0 activations):
