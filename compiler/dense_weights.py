@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import tvm
@@ -49,6 +49,9 @@ class DenseWeights:
     makers: list[Callable[..., list[np.ndarray]]]  # in order, each makes the next stored tensors (a weight's parts)
     scheme: quantization.Scheme
     schemes: dict[str, quantization.Scheme]  # PyTorch name -> how each quantized weight is stored (the rest stay fp32)
+    # stored name -> token rows per slice along its first axis, for the stored tensors of a table
+    # only gathered at the token ids (artifact.TensorSpec.lookup_rows)
+    lookup_rows: dict[str, int] = field(default_factory=dict)
 
     def nbytes_of(self, i: int) -> int:
         shape, dtype = self.specs[i]
@@ -73,6 +76,7 @@ _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _TAKE = tvm.ir.Op.get("relax.take")
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
+_ASTYPE = tvm.ir.Op.get("relax.astype")
 
 
 def _is_transpose(call) -> bool:
@@ -109,6 +113,24 @@ def _uses(func: relax.Function, weights: list) -> dict:
         elif v in transposed:
             uses[transposed[v]].add("other")
     return uses
+
+
+def _token_tables(func: relax.Function, weights: list) -> set:
+    """The weights gathered by row at the token ids (an LM's `main` takes them first), through
+    the casts and reshapes the trace puts between: `take(w, reshape(astype(tokens)))`."""
+    tokens = func.params[0]
+    derived = {b.var: b.value.args[0] for b in _bindings(func)
+               if isinstance(b.value, relax.Call) and (b.value.op.same_as(_RESHAPE) or b.value.op.same_as(_ASTYPE))}
+    tables = set()
+    for b in _bindings(func):
+        value = b.value
+        if isinstance(value, relax.Call) and value.op.same_as(_TAKE) and value.args[0] in weights:
+            index = value.args[1]
+            while index in derived:
+                index = derived[index]
+            if index.same_as(tokens):
+                tables.add(value.args[0])
+    return tables
 
 
 def _siblings(func: relax.Function, candidates: set) -> list[list]:
@@ -250,6 +272,10 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
     stacked = {w for group in stacks.values() for w in group}
     stored: dict = {}  # quantized weight var -> (stored vars, K, scheme, (place, widths) if stacked)
     params, makers, stored_names, specs, schemes = list(main.params[:n_inputs]), [], [], [], {}
+    # Tables read only at the token ids (an untied input embedding), stored in tiles of token rows:
+    # a runtime may hold just the tiles of the tokens it has seen (each tiled part, not 1-D scales).
+    lookups = {w for w in _token_tables(main, weights) if uses[w] == {"embedding"}}
+    lookup_rows: dict[str, int] = {}
     for w in weights:
         if w in stacked and w not in stacks:
             continue  # stored with its stack, at the stack's first member
@@ -264,6 +290,8 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
                 vars_.append(relax.Var(part, relax.TensorType(stored_shape, dtype)))
                 stored_names.append(part)
                 specs.append((tuple(stored_shape), dtype))
+                if w in lookups and s.tile and len(stored_shape) == 3:
+                    lookup_rows[part] = s.tile
             params.extend(vars_)
             source = (lambda members=members: _stacked([value(m) for m in members])) if len(members) > 1 \
                 else (lambda w=w: value(w))
@@ -287,7 +315,7 @@ def store_dense_weights(mod: tvm.IRModule, scheme: quantization.Scheme, cpu: boo
     out = rewrite.builder_.get()  # the mutator's module: every PrimFunc it added
     out["main"] = new_main.without_attr("params").without_attr("param_names")
     out = relax.transform.DeadCodeElimination(["main"])(out)
-    return out, DenseWeights(stored_names, specs, makers, scheme, schemes)
+    return out, DenseWeights(stored_names, specs, makers, scheme, schemes, lookup_rows)
 
 
 ROW_BLOCK = 4096  # outputs quantized at once: bounds the working set of a vocabulary table

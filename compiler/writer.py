@@ -270,7 +270,8 @@ def _write_dense_weights(root: Path, dense: DenseWeights, specs: list[TensorSpec
         path = folder / f"dense-{n:05d}.safetensors"
         arrays = dict(next(tensors) for _ in shard)
         save_file(arrays, str(path))
-        files.append(WeightFile(file=file_ref(root, path), tensors=[specs[i] for i in shard],
+        shard_specs = [dataclasses.replace(specs[i], lookup_rows=dense.lookup_rows.get(specs[i].name)) for i in shard]
+        files.append(WeightFile(file=file_ref(root, path), tensors=shard_specs,
                                 weight_bytes=int(sum(a.nbytes for a in arrays.values())), quant=dense.scheme.tag))
         del arrays
     return files

@@ -44,8 +44,10 @@ from moetvm.errors import MoetvmError
 # 13: a decode step in one call (`decode_step`): every segment and every layer's decode function for
 #     one token, the routers and decode functions beside the segments in their library
 # 14: an int8 in-place KV cache in dot order (kv_cache.dot): its buffers' shapes and byte order differ
-FORMAT_VERSION = 14
-SUPPORTED_FORMAT_VERSIONS = (1, 14)
+# 15: a dense weight only gathered by token rows (TensorSpec.lookup_rows: an untied input embedding
+#     table), which the runtime may hold slice by slice, as tokens reach it
+FORMAT_VERSION = 15
+SUPPORTED_FORMAT_VERSIONS = (1, 15)
 SLOT_ALIGN = 64  # bytes: every tensor in an expert's pool slot starts at a multiple (the kernels' vector alignment)
 MANIFEST_NAME = "manifest.json"
 
@@ -66,6 +68,11 @@ class TensorSpec:
     name: str
     shape: list[int | str]  # str entries are symbolic dimensions ("batch", "seq", ...)
     dtype: str
+    # A dense weight that the program only gathers rows of, at the `tokens` input's ids (an input
+    # embedding table the LM head does not share), stored so that each slice along its first axis
+    # holds this many consecutive token rows: token t's row lies in slice t // lookup_rows alone.
+    # A runtime may hold just the slices of the tokens it has seen (format 15).
+    lookup_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -541,6 +548,9 @@ def _check_consistency(m: Manifest) -> None:
     for t in m.inputs + m.outputs:
         if any(type(d) is int and not 0 < d < MAX_DIM for d in t.shape):
             raise ArtifactError(f"{MANIFEST_NAME}: tensor {t.name} has a dimension outside 1..{MAX_DIM - 1}: {t.shape}")
+    for t in m.inputs + m.outputs + [p for w in m.workloads for p in w.params]:
+        if t.lookup_rows is not None:
+            raise ArtifactError(f"{MANIFEST_NAME}: tensor {t.name}: lookup_rows is for dense weights only")
     _check_weight_files(m)
     wids = {w.id for w in m.workloads}
     workload_bytes = {}
@@ -725,6 +735,12 @@ def _check_weight_files(m: Manifest) -> None:
                 raise ArtifactError(f"{MANIFEST_NAME}: weight tensor {t.name!r} is named twice")
             seen.add(t.name)
             total += _tensor_bytes(t, w.file.path)
+            if t.lookup_rows is not None:
+                vocab = m.model.vocab_size
+                if not (m.kind == "causal_lm" and vocab is not None and _positive_int(t.lookup_rows) and len(t.shape) >= 2
+                        and t.shape[0] * t.lookup_rows >= vocab):
+                    raise ArtifactError(f"{MANIFEST_NAME}: weight tensor {t.name!r}: lookup_rows {t.lookup_rows!r} does "
+                                        f"not give every token a slice of its {t.shape} (vocabulary {vocab})")
         if w.weight_bytes != total or w.file.size < total:
             raise ArtifactError(f"{MANIFEST_NAME}: {w.file.path}: {w.weight_bytes} weight bytes in a {w.file.size}-byte "
                                 f"file, its tensors take {total}")

@@ -286,6 +286,10 @@ def print_run_report(report: dict, fallback: str = "error") -> None:
                f"evictions {report['evictions']}  load time {report['expert_load_ms']:.1f} ms")
     click.echo(f"expert memory         budget {report['cache_budget_bytes'] / 1e6:.2f} MB of "
                f"{report['total_expert_bytes'] / 1e6:.2f} MB; resident {report['resident_expert_bytes'] / 1e6:.2f} MB")
+    if report.get("lookup_tables"):  # an untied input embedding table, held by the slices tokens reached
+        lt = report["lookup_tables"]
+        click.echo(f"embedding table       {lt['slices_read']} of {lt['slices']} slices read: "
+                   f"{lt['resident_bytes'] / 1e6:.2f} of {lt['bytes'] / 1e6:.2f} MB")
     t = report["time_ms"]
     click.echo(f"time split            segments {t['segments']:.1f} ms  routing {t['routing']:.1f} ms  "
                f"experts {t['experts']:.1f} ms (incl. loads)"

@@ -28,6 +28,7 @@ from .generation import Generation, GenerationError, Sampler, Sampling, Token
 from .tokenizer import Tokenizer, load_tokenizer
 from . import tvm_runtime
 from .host_memory import ALIGN, aligned_copy, aligned_empty, host_arrays, release_freed_memory, settle
+from .lookup_table import LookupTable, tensor_offsets
 from moetvm.routing import SKIPPED, FixedPattern, allowed_experts, group_by_expert, route, skip_light_experts
 
 
@@ -182,6 +183,7 @@ class MoEModel:
         self._on_cpu = tvm_runtime.is_cpu(self.device)
         self._modules = {lib.name: _load_library(root, lib, verify) for lib in manifest.libraries}
         self._host_blocks: list = []  # the huge-page mappings of weights, settled once filled
+        self._lookups: list[LookupTable] = []  # tables gathered at the token ids, held by slices
         # The dense part's weights, resident for the model's life (the segments take them as inputs).
         self._weights: dict[str, tvm_runtime.Tensor] = {}
         for weight_file in manifest.weights:
@@ -269,6 +271,9 @@ class MoEModel:
         # shortest host path: no routing decision, cache lookup or timing lock per layer), or
         # the whole step as one call, decided before anything else is built for the step.
         positions = inputs.get("positions")
+        tokens = inputs.get("tokens")
+        for table in self._lookups:  # the slices of embedding rows this step gathers
+            table.fill(tokens)
         resident = self.resident and self.recorder is None and positions is not None and np.size(positions) == 1
         if resident and self._thread.__dict__.get("steady") and self._one_call_ready():
             args = [self._as_tensor(inputs[name]) for name in self.manifest.decode_step.inputs] + self._decode_step_tail()
@@ -279,7 +284,6 @@ class MoEModel:
         env.update((name, self._as_tensor(value)) for name, value in inputs.items())
         predictions: dict[int, np.ndarray] = {}  # this call's lookahead guesses, by layer
         # What fixed-pattern routers look at: token ids and positions, one per row of an MoE input.
-        tokens = inputs.get("tokens")
         where = {"tokens": None if tokens is None else np.asarray(tokens).ravel(),
                  "positions": None if positions is None else np.asarray(positions).ravel()}
         for index, step in enumerate(self.manifest.program):
@@ -358,6 +362,8 @@ class MoEModel:
                                         aligned_copy(np.arange(cache.capacity, dtype=np.int64)),
                                         [i for i, name in enumerate(names) if name in held])
         _, args, token_at, position_at, arange, held_at = plan
+        for table in self._lookups:
+            table.fill_token(token)
         token_at[0, 0], position_at[0, 0] = token, cache.length
         past = tvm_runtime.from_dlpack(arange[:cache.length].reshape(1, cache.length))  # in place: all positions
         for i in held_at:
@@ -744,19 +750,32 @@ class MoEModel:
         release_freed_memory()
 
     def _load_dense(self, weight_file) -> dict[str, tvm_runtime.Tensor]:
-        """One dense weight file's tensors, verified, in one block of resident tensors."""
-        arrays = self._read_tensors(weight_file.file, weight_file.tensors)
-        tensors = self._resident_tensors([(tuple(t.shape), t.dtype) for t in weight_file.tensors])
-        for spec, tensor in zip(weight_file.tensors, tensors):
+        """One dense weight file's tensors, verified, in one block of resident tensors; a table
+        gathered only at the token ids (lookup_table.py) is held by the slices tokens reach, on
+        the CPU, from a plain file of the artifact (not decrypted in memory, not from a store)."""
+        ref = weight_file.file
+        sliced = self._on_cpu and self._cipher is None and (self.store is None or (self.root / ref.path).exists())
+        lookups = [t for t in weight_file.tensors if t.lookup_rows is not None] if sliced else []
+        offsets: dict[str, int] = {}
+        arrays = self._read_tensors(ref, weight_file.tensors, offsets)
+        out = {}
+        for spec in lookups:
+            table = LookupTable(self.root / ref.path, offsets[spec.name], arrays.pop(spec.name), spec.lookup_rows)
+            self._lookups.append(table)
+            out[spec.name] = _wrap(table.array)
+        whole = [t for t in weight_file.tensors if t.name in arrays]
+        for spec, tensor in zip(whole, self._resident_tensors([(tuple(t.shape), t.dtype) for t in whole])):
             tvm_runtime.copy_into(tensor, arrays.pop(spec.name))
-        return {spec.name: tensor for spec, tensor in zip(weight_file.tensors, tensors)}
+            out[spec.name] = tensor
+        return out
 
     def _load_tensors(self, ref, specs) -> dict[str, tvm_runtime.Tensor]:
         """The tensors `specs` of one safetensors file, read once, verified, on the device."""
         return {name: tvm_runtime.tensor(array, self.device) for name, array in self._read_tensors(ref, specs).items()}
 
-    def _read_tensors(self, ref, specs) -> dict[str, np.ndarray]:
-        """The arrays `specs` of one safetensors file, read once and verified."""
+    def _read_tensors(self, ref, specs, offsets: dict | None = None) -> dict[str, np.ndarray]:
+        """The arrays `specs` of one safetensors file, read once and verified; `offsets`, if
+        given, gets each tensor's byte offset in those bytes."""
         if self.store is not None and not (self.root / ref.path).exists():
             data = self.store.read(ref)  # verified against the manifest on the way in
         else:
@@ -768,6 +787,8 @@ class MoEModel:
         try:  # the bytes just verified, not the path again
             tensors = {name: np.frombuffer(view["data"], tvm_runtime.numpy_dtype(STORED_DTYPES[view["dtype"]]))
                        .reshape(view["shape"]) for name, view in deserialize(data)}
+            if offsets is not None:
+                offsets.update(tensor_offsets(data))
         except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file
             raise ArtifactError(f"{ref.path}: not a readable safetensors file ({e!r})") from None
         del data
@@ -1028,6 +1049,11 @@ class MoEModel:
                 "cache_budget_history": [list(change) for change in self.cache.budget_history]}
                if self.cache.adaptive else {}),
             "total_expert_bytes": self.total_expert_bytes,
+            # tables gathered at the token ids, held by the slices read so far (lookup_table.py)
+            **({"lookup_tables": {"slices_read": sum(t.slices_read for t in self._lookups),
+                                  "slices": sum(t.shape[0] for t in self._lookups),
+                                  "resident_bytes": sum(t.resident_bytes for t in self._lookups),
+                                  "bytes": sum(t.array.nbytes for t in self._lookups)}} if self._lookups else {}),
             "latency_ms": pct,
             "decode_tokens": self.timings.decode_tokens,
             "prefill_ms": [t * 1e3 for t in self.timings.prefill],

@@ -74,7 +74,11 @@ def test_tampered_library_detected_before_loading(artifact_copy):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda d: d.update(format_version=99), r"format_version 99 is not supported \(this runtime reads versions 1\.\.14\)"),
+        (lambda d: d.update(format_version=99), r"format_version 99 is not supported \(this runtime reads versions 1\.\.15\)"),
+        # A table held by slices: only a dense weight, and every token's row in a slice.
+        (lambda d: d["inputs"][0].update(lookup_rows=4), r"tensor tokens: lookup_rows is for dense weights only"),
+        (lambda d: d["weights"][0]["tensors"][0].update(lookup_rows=0),
+         r"lookup_rows 0 does not give every token a slice"),
         (lambda d: d["moe_layers"][0]["experts"][0]["file"].update(path="../../etc/passwd"), "escapes the artifact directory"),
         (lambda d: d["moe_layers"][0]["experts"][0]["file"].update(path="/etc/passwd"), "escapes the artifact directory"),
         (lambda d: d["moe_layers"][0]["router"].update(top_k="2"), r"top_k: expected int, got str"),
