@@ -954,6 +954,32 @@ def copy_verified(root: Path, ref: FileRef, sink, verify: bool = True) -> None:
         raise ArtifactError(f"{ref.path}: SHA-256 mismatch (corrupted or tampered)")
 
 
+def read_verified_into(root: Path, ref: FileRef, allocate, verify: bool = True):
+    """The file read once, through one descriptor, into `allocate(its first 8 bytes)` (a writable
+    buffer of ref.size bytes, which the caller may place by what those bytes say), hashing the
+    bytes where they lie; that buffer, or ArtifactError as copy_verified. No copy beside the
+    read's own."""
+    h, size = hashlib.sha256(), 0
+    with _open_regular(resolve(root, ref), ref.path, "file", f"{ref.path}: missing from the artifact") as (f, info):
+        if info.st_size != ref.size:
+            raise ArtifactError(f"{ref.path}: size {info.st_size} bytes, manifest says {ref.size} (truncated or replaced)")
+        buffer = allocate(os.pread(f.fileno(), 8, 0))
+        view = memoryview(buffer).cast("B")
+        while size < ref.size:
+            got = f.readinto(view[size:min(size + (1 << 20), ref.size)])
+            if not got:
+                break
+            h.update(view[size:size + got])
+            size += got
+        if size == ref.size and f.read(1):  # grown since the fstat
+            size += 1
+    if size != ref.size:
+        raise ArtifactError(f"{ref.path}: size {size} bytes, manifest says {ref.size} (truncated or replaced)")
+    if verify and h.hexdigest() != ref.sha256:
+        raise ArtifactError(f"{ref.path}: SHA-256 mismatch (corrupted or tampered)")
+    return buffer
+
+
 def read_verified(root: Path, ref: FileRef, verify: bool = True) -> bytes:
     """The file's bytes, read once and checked against the manifest (see `copy_verified`)."""
     chunks: list[bytes] = []

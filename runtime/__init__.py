@@ -20,7 +20,7 @@ def _import_tvm_runtime() -> None:
     reach tvm_ffi through DLPack instead of tvm_ffi's torch fast path).
     ml_dtypes the same way (dtype.pxi, _dtype.py): tvm_ffi then names NumPy's bfloat16 by its
     string, as it does with it, and the runtime never hands tvm_ffi a bfloat16 array (DLPack has
-    none: model._wrap); the runtime imports ml_dtypes itself where it meets bfloat16.
+    none: tvm_runtime.wrap); the runtime imports ml_dtypes itself where it meets bfloat16.
 
     Nothing is done if tvm_ffi or torch is already imported (the compiler came first), or if
     MOETVM_RUNTIME_ALLOW_TORCH=1. (The CLI's runtime commands block torch for the whole process.)

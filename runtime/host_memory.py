@@ -86,7 +86,7 @@ _MALLOC_TRIM = _malloc_trim()
 
 def release_freed_memory() -> None:
     """Hand the memory malloc holds free back to the system (glibc; elsewhere nothing). An expert
-    load frees ~1 MB buffers (the file's bytes, then safetensors' arrays) that glibc keeps in its
+    load frees ~1 MB buffers (an evicted expert's file buffer, weight_files.py) that glibc keeps in its
     heap: at a 25% budget of the int4 GraniteMoE (~220 loads per token) peak RSS was 430-442 MB,
     400-404 MB with a trim every 16 loads."""
     if _MALLOC_TRIM is not None:

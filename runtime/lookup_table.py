@@ -16,7 +16,6 @@ ArtifactError, as an expert's is when fetched).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import mmap
 import os
@@ -80,10 +79,3 @@ class LookupTable:
     def resident_bytes(self) -> int:
         return self.slices_read * self.slice_bytes
 
-
-def tensor_offsets(data: bytes | memoryview) -> dict[str, int]:
-    """name -> the file offset of its bytes, from a safetensors file's header (8 bytes of header
-    length, little-endian, then a JSON object whose data_offsets count from the header's end)."""
-    length = int.from_bytes(data[:8], "little")
-    header = json.loads(bytes(data[8:8 + length]))
-    return {name: 8 + length + entry["data_offsets"][0] for name, entry in header.items() if name != "__metadata__"}

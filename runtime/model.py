@@ -28,7 +28,8 @@ from .generation import Generation, GenerationError, Sampler, Sampling, Token
 from .tokenizer import Tokenizer, load_tokenizer
 from . import tvm_runtime
 from .host_memory import ALIGN, aligned_copy, aligned_empty, host_arrays, release_freed_memory, settle
-from .lookup_table import LookupTable, tensor_offsets
+from .lookup_table import LookupTable
+from .weight_files import as_tensor, read_weight_file, tensors_of
 from moetvm.routing import SKIPPED, FixedPattern, allowed_experts, group_by_expert, route, skip_light_experts
 
 
@@ -39,18 +40,6 @@ TRIM_EVERY_LOADS = 16  # expert loads between trims of malloc's free memory (hos
 # process 1,145 MB above its loaded size and 9.2 s (2 threads); in steps of 128, 232 MB and 7.0 s
 # (64: 137 MB, 6.8 s; 256: 366 MB, 7.5 s); the OLMoE-style one 728 MB and 8.1 s, then 249 MB and 3.6 s.
 PREFILL_CHUNK = 128
-# safetensors' names of the dtypes a weight file may hold, as artifact.DTYPE_BYTES names them (bf16
-# arrays are ml_dtypes', which safetensors.numpy does not read: tvm_runtime.numpy_dtype).
-STORED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "U8": "uint8", "I32": "int32",
-                 "I64": "int64"}
-
-
-def _wrap(array: np.ndarray) -> tvm_runtime.Tensor:
-    """A TVM tensor over `array`'s memory (no copy). DLPack has no bfloat16: such an array
-    crosses as its 16-bit patterns and is viewed as bfloat16 on the TVM side."""
-    if array.dtype.name != "bfloat16":
-        return tvm_runtime.from_dlpack(array)
-    return tvm_runtime.view(tvm_runtime.from_dlpack(array.view(np.uint16)), array.shape, "bfloat16")
 
 
 class InputError(MoetvmError, ValueError):
@@ -715,7 +704,7 @@ class MoEModel:
             time.sleep(expert.file.size / (self.storage_mbps * 1e6))
         workload = self.manifest.workload(expert.workload)
         if isinstance(key[1], int) and key[0] in self._pools:
-            tensors = self._into_slot(key, self._read_tensors(expert.file, workload.params))
+            tensors = self._into_slot(key, self._read_tensors(expert.file, workload.params)[0])
         else:
             tensors = list(self._load_tensors(expert.file, workload.params).values())
         self._loads_untrimmed += 1  # (approximate across the prefetch thread: only a cadence)
@@ -740,7 +729,7 @@ class MoEModel:
             return [tvm_runtime.empty(shape, dtype, self.device) for shape, dtype in specs]
         block, arrays = host_arrays([(shape, tvm_runtime.numpy_dtype(dtype)) for shape, dtype in specs])
         self._host_blocks.append(block)
-        return [_wrap(array) for array in arrays]
+        return [tvm_runtime.wrap(array) for array in arrays]
 
     def settle_memory(self) -> None:
         """Collapse the filled weight blocks into huge pages where their faults got small ones
@@ -756,13 +745,12 @@ class MoEModel:
         ref = weight_file.file
         sliced = self._on_cpu and self._cipher is None and (self.store is None or (self.root / ref.path).exists())
         lookups = [t for t in weight_file.tensors if t.lookup_rows is not None] if sliced else []
-        offsets: dict[str, int] = {}
-        arrays = self._read_tensors(ref, weight_file.tensors, offsets)
+        arrays, offsets = self._read_tensors(ref, weight_file.tensors)
         out = {}
         for spec in lookups:
             table = LookupTable(self.root / ref.path, offsets[spec.name], arrays.pop(spec.name), spec.lookup_rows)
             self._lookups.append(table)
-            out[spec.name] = _wrap(table.array)
+            out[spec.name] = tvm_runtime.wrap(table.array)
         whole = [t for t in weight_file.tensors if t.name in arrays]
         for spec, tensor in zip(whole, self._resident_tensors([(tuple(t.shape), t.dtype) for t in whole])):
             tvm_runtime.copy_into(tensor, arrays.pop(spec.name))
@@ -770,36 +758,21 @@ class MoEModel:
         return out
 
     def _load_tensors(self, ref, specs) -> dict[str, tvm_runtime.Tensor]:
-        """The tensors `specs` of one safetensors file, read once, verified, on the device."""
-        return {name: tvm_runtime.tensor(array, self.device) for name, array in self._read_tensors(ref, specs).items()}
+        """The tensors `specs` of one safetensors file, read once, verified, on the device (on the
+        CPU, where they lie in the file's buffer: weight_files.py)."""
+        arrays, _ = self._read_tensors(ref, specs)
+        return {name: as_tensor(array, self.device, self._on_cpu) for name, array in arrays.items()}
 
-    def _read_tensors(self, ref, specs, offsets: dict | None = None) -> dict[str, np.ndarray]:
-        """The arrays `specs` of one safetensors file, read once and verified; `offsets`, if
-        given, gets each tensor's byte offset in those bytes."""
+    def _read_tensors(self, ref, specs) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """The arrays `specs` of one safetensors file, read once and verified, as views of its
+        bytes, and their byte offsets in the file (weight_files.tensors_of)."""
         if self.store is not None and not (self.root / ref.path).exists():
             data = self.store.read(ref)  # verified against the manifest on the way in
+        elif self._cipher is not None:
+            data = self._cipher.decrypt(ref.path, read_verified(self.root, ref, self.verify))  # in memory only
         else:
-            data = read_verified(self.root, ref, self.verify)  # also catches files changed after load
-        if self._cipher is not None:
-            data = self._cipher.decrypt(ref.path, data)  # in memory: no plaintext reaches a disk
-        from safetensors import deserialize
-
-        try:  # the bytes just verified, not the path again
-            tensors = {name: np.frombuffer(view["data"], tvm_runtime.numpy_dtype(STORED_DTYPES[view["dtype"]]))
-                       .reshape(view["shape"]) for name, view in deserialize(data)}
-            if offsets is not None:
-                offsets.update(tensor_offsets(data))
-        except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file
-            raise ArtifactError(f"{ref.path}: not a readable safetensors file ({e!r})") from None
-        del data
-        out = {}
-        for spec in specs:
-            array = tensors.pop(spec.name, None)
-            if array is None or list(array.shape) != spec.shape or str(array.dtype) != spec.dtype:
-                got = None if array is None else f"{array.dtype}{list(array.shape)}"
-                raise ArtifactError(f"{ref.path}: tensor {spec.name} is {got}, expected {spec.dtype}{spec.shape}")
-            out[spec.name] = array
-        return out
+            data = read_weight_file(self.root, ref, self.verify)  # also catches files changed after load
+        return tensors_of(data, specs, ref.path)
 
     def _add_time(self, what: str, seconds: float) -> None:
         with self._timing_lock:

@@ -70,6 +70,14 @@ def from_dlpack(array) -> Tensor:
     return tvm_ffi.from_dlpack(array, require_alignment=64, require_contiguous=True)
 
 
+def wrap(array: np.ndarray) -> Tensor:
+    """from_dlpack for any weight dtype: DLPack has no bfloat16, so such an array crosses as its
+    16-bit patterns and is viewed as bfloat16 on the TVM side."""
+    if array.dtype.name != "bfloat16":
+        return from_dlpack(array)
+    return view(from_dlpack(array.view(np.uint16)), array.shape, "bfloat16")
+
+
 def empty(shape, dtype, dev: tvm_ffi.Device) -> Tensor:
     return _alloc(Shape([int(n) for n in shape]), tvm_ffi.dtype(str(dtype)), dev, None)
 
