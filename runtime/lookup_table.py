@@ -67,7 +67,10 @@ class LookupTable:
                 self._read_locked(index)
 
     def _read_locked(self, index: int) -> None:
-        data = os.pread(self._file.fileno(), self.slice_bytes, self.offset + index * self.slice_bytes)
+        try:
+            data = os.pread(self._file.fileno(), self.slice_bytes, self.offset + index * self.slice_bytes)
+        except OSError as e:
+            raise ArtifactError(f"{self.path}: cannot read slice {index} of an embedding table ({e.strerror or e})") from None
         if len(data) != self.slice_bytes or hashlib.sha256(data).digest() != self._digests[index]:
             raise ArtifactError(f"{self.path}: changed since it was loaded (slice {index} of an embedding table "
                                 f"differs from the bytes verified then)")
