@@ -933,58 +933,64 @@ def _open_regular(path: Path, label: str, what: str, missing: str):
         yield f, info
 
 
-def copy_verified(root: Path, ref: FileRef, sink, verify: bool = True) -> None:
-    """Feed the file's bytes to `sink(chunk)` through one descriptor, hashing the very bytes fed;
-    ArtifactError (after the last chunk) if size or SHA-256 differ from the manifest. Whoever
-    uses what the sink kept uses exactly the bytes verified: swapping the file after the check
-    and before the use cannot work, as nothing reads the path twice."""
+READ_CHUNK = 1 << 20  # bytes a read asks for
+
+
+def _verified_chunks(root: Path, ref: FileRef, verify: bool, buffer_for):
+    """The file's bytes through one descriptor, each read into the writable buffer
+    `buffer_for(the file's first 8 bytes)` gives (gone round as a ring: one as long as the file
+    holds it whole, where the caller may place it by what those bytes say), hashed where it lies
+    and yielded as a view of it; after the last, ArtifactError if size or SHA-256 differ from the
+    manifest. Whoever uses what it read uses exactly the bytes verified: swapping the file after
+    the check and before the use cannot work, as nothing reads the path twice."""
     h, size = hashlib.sha256(), 0
     with _open_regular(resolve(root, ref), ref.path, "file", f"{ref.path}: missing from the artifact") as (f, info):
         if info.st_size != ref.size:
             raise ArtifactError(f"{ref.path}: size {info.st_size} bytes, manifest says {ref.size} (truncated or replaced)")
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            size += len(chunk)
-            if size > ref.size:  # grown since the fstat: read no further than the manifest allows
-                break
-            h.update(chunk)
-            sink(chunk)
-    if size != ref.size:
-        raise ArtifactError(f"{ref.path}: size {size} bytes, manifest says {ref.size} (truncated or replaced)")
-    if verify and h.hexdigest() != ref.sha256:
-        raise ArtifactError(f"{ref.path}: SHA-256 mismatch (corrupted or tampered)")
-
-
-def read_verified_into(root: Path, ref: FileRef, allocate, verify: bool = True):
-    """The file read once, through one descriptor, into `allocate(its first 8 bytes)` (a writable
-    buffer of ref.size bytes, which the caller may place by what those bytes say), hashing the
-    bytes where they lie; that buffer, or ArtifactError as copy_verified. No copy beside the
-    read's own."""
-    h, size = hashlib.sha256(), 0
-    with _open_regular(resolve(root, ref), ref.path, "file", f"{ref.path}: missing from the artifact") as (f, info):
-        if info.st_size != ref.size:
-            raise ArtifactError(f"{ref.path}: size {info.st_size} bytes, manifest says {ref.size} (truncated or replaced)")
-        buffer = allocate(os.pread(f.fileno(), 8, 0))
-        view = memoryview(buffer).cast("B")
+        ring = memoryview(buffer_for(os.pread(f.fileno(), 8, 0))).cast("B")
         while size < ref.size:
-            got = f.readinto(view[size:min(size + (1 << 20), ref.size)])
+            at = size % len(ring)
+            got = f.readinto(ring[at:at + min(READ_CHUNK, ref.size - size, len(ring) - at)])
             if not got:
                 break
-            h.update(view[size:size + got])
+            h.update(ring[at:at + got])
+            yield ring[at:at + got]
             size += got
-        if size == ref.size and f.read(1):  # grown since the fstat
+        if size == ref.size and f.read(1):  # grown since the fstat: read no further than the manifest allows
             size += 1
     if size != ref.size:
         raise ArtifactError(f"{ref.path}: size {size} bytes, manifest says {ref.size} (truncated or replaced)")
     if verify and h.hexdigest() != ref.sha256:
         raise ArtifactError(f"{ref.path}: SHA-256 mismatch (corrupted or tampered)")
+
+
+def copy_verified(root: Path, ref: FileRef, sink, verify: bool = True) -> None:
+    """Feed the file's bytes to `sink(chunk)` (a view, valid until the next call: the sink copies
+    what it keeps), hashing the very bytes fed; ArtifactError (after the last chunk) if size or
+    SHA-256 differ from the manifest (`_verified_chunks`)."""
+    for chunk in _verified_chunks(root, ref, verify, lambda _first: bytearray(max(1, min(READ_CHUNK, ref.size)))):
+        sink(chunk)
+
+
+def read_verified_into(root: Path, ref: FileRef, allocate, verify: bool = True):
+    """The file read once into `allocate(its first 8 bytes)` (a writable buffer of ref.size bytes,
+    which the caller may place by what those bytes say) and hashed there: that buffer, or
+    ArtifactError as copy_verified. No copy beside the read's own."""
+    buffer = None
+
+    def buffer_for(first: bytes):
+        nonlocal buffer
+        buffer = allocate(first)
+        return buffer
+
+    for _ in _verified_chunks(root, ref, verify, buffer_for):
+        pass
     return buffer
 
 
 def read_verified(root: Path, ref: FileRef, verify: bool = True) -> bytes:
     """The file's bytes, read once and checked against the manifest (see `copy_verified`)."""
-    chunks: list[bytes] = []
-    copy_verified(root, ref, chunks.append, verify)
-    return b"".join(chunks)
+    return bytes(read_verified_into(root, ref, lambda _first: bytearray(ref.size), verify))
 
 
 def file_ref(root: Path, path: Path) -> FileRef:

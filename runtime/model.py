@@ -743,9 +743,9 @@ class MoEModel:
         gathered only at the token ids (lookup_table.py) is held by the slices tokens reach, on
         the CPU, from a plain file of the artifact (not decrypted in memory, not from a store)."""
         ref = weight_file.file
-        sliced = self._on_cpu and self._cipher is None and (self.store is None or (self.root / ref.path).exists())
-        lookups = [t for t in weight_file.tensors if t.lookup_rows is not None] if sliced else []
         arrays, offsets = self._read_tensors(ref, weight_file.tensors)
+        sliced = self._on_cpu and offsets is not None  # the table's slices are read again from the file
+        lookups = [t for t in weight_file.tensors if t.lookup_rows is not None] if sliced else []
         out = {}
         for spec in lookups:
             table = LookupTable(self.root / ref.path, offsets[spec.name], arrays.pop(spec.name), spec.lookup_rows)
@@ -763,16 +763,17 @@ class MoEModel:
         arrays, _ = self._read_tensors(ref, specs)
         return {name: as_tensor(array, self.device, self._on_cpu) for name, array in arrays.items()}
 
-    def _read_tensors(self, ref, specs) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    def _read_tensors(self, ref, specs) -> tuple[dict[str, np.ndarray], dict[str, int] | None]:
         """The arrays `specs` of one safetensors file, read once and verified, as views of its
-        bytes, and their byte offsets in the file (weight_files.tensors_of)."""
+        bytes, and their byte offsets in the artifact's file (weight_files.tensors_of), or None
+        where the bytes are not the file's own (fetched from the store, or decrypted)."""
         if self.store is not None and not (self.root / ref.path).exists():
             data = self.store.read(ref)  # verified against the manifest on the way in
         elif self._cipher is not None:
             data = self._cipher.decrypt(ref.path, read_verified(self.root, ref, self.verify))  # in memory only
-        else:
-            data = read_weight_file(self.root, ref, self.verify)  # also catches files changed after load
-        return tensors_of(data, specs, ref.path)
+        else:  # (also catches files changed after load)
+            return tensors_of(read_weight_file(self.root, ref, self.verify), specs, ref.path)
+        return tensors_of(data, specs, ref.path)[0], None
 
     def _add_time(self, what: str, seconds: float) -> None:
         with self._timing_lock:

@@ -2,7 +2,7 @@
 
 An expert loaded through a cache at a 25% budget is one of ~220 loads a GraniteMoE int4 token
 makes. Read into chunks and joined, then deserialized by safetensors (a copy of each tensor),
-then uploaded (another), a 885 KB file took 1.35 ms, 0.54 of it SHA-256. Here the file is read
+then uploaded (another), a 885 KB file took 1.54 ms, 0.53 of it SHA-256; now 1.16. The file is read
 straight into one buffer, hashed there, and its tensors are views of it: the buffer is placed
 so that the data section (after the 8-byte length and the JSON header) starts on a 64-byte
 boundary, and a tensor whose offset keeps that alignment crosses to TVM without a copy.
