@@ -1,21 +1,31 @@
 """The expert cache: loaded experts, least-recently-used first out, under a budget in bytes.
 
-Demand fetches (`get`) run on the caller's thread. Optionally a background loader thread
-fetches predicted experts ahead of use (`prefetch`): it never evicts a pinned expert or one the
-current layer still needs, skips when there is no room, and a failed prefetch leaves nothing
-behind (the demand path then loads, or reports, the expert itself). Hot experts from a usage
-profile can be `preload`ed and pinned.
+Demand fetches (`get_many`: a layer's experts for one token) run on the caller's thread, which
+hands the layer's other misses to a background loader thread and loads beside it. The layer's
+resident experts are marked used before its misses evict anything: a layer never evicts its own.
+
+The loader thread also fetches predicted experts ahead of use (`prefetch`), after any demand:
+it never evicts a pinned expert, one the current layer still needs or one of the same
+prediction, skips when there is no room, and a failed prefetch leaves nothing behind (the demand
+path then loads, or reports, the expert itself). A prefetched expert goes in first out until it
+is used, and no demand evicts it before its layer runs: a wrong prediction then evicts the last
+wrong one, not an expert the next token needs (inserted as most recently used, at a budget of
+about one token's experts, each wrong one started a chain of evictions: docs/decode-history.md).
+
+Hot experts from a usage profile can be `preload`ed and pinned.
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
+import itertools
 import queue
 import threading
 import time
 import weakref
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Hashable, Iterable
 
@@ -98,6 +108,23 @@ class AdaptiveBudget:
         return max((self.ceiling - self.floor) // 8, 1)
 
 
+class SlowStorage:
+    """A storage device of `mbps` MB/s for studying slow storage (an SD card, say): each read
+    waits its turn and its time, whichever thread reads, so two threads loading at once get the
+    device's bandwidth between them, not twice it."""
+
+    def __init__(self, mbps: float):
+        self.bytes_per_s = mbps * 1e6
+        self._free_at = 0.0  # (time.monotonic) when the reads asked for so far are done
+        self._lock = threading.Lock()
+
+    def read(self, nbytes: int) -> None:
+        with self._lock:
+            self._free_at = max(time.monotonic(), self._free_at) + nbytes / self.bytes_per_s
+            done = self._free_at
+        time.sleep(max(0.0, done - time.monotonic()))
+
+
 class ExpertCache:
     """Thread-safe LRU cache of loaded experts.
 
@@ -120,7 +147,9 @@ class ExpertCache:
         self._inflight: dict[Hashable, threading.Event] = {}
         self._queued: set = set()  # prefetches not yet started: a demand takes them over
         self._lock = threading.Lock()
-        self._queue: queue.Queue | None = None
+        self._queue: queue.PriorityQueue | None = None
+        self._upcoming: frozenset = frozenset()  # the last prefetch's keys: no demand evicts them
+        self._arrival = itertools.count()  # first in, first out within a priority
         self.stats = CacheStats()
         self.errors: list[str] = []  # prefetch failures, for the report
 
@@ -128,35 +157,82 @@ class ExpertCache:
     def get(self, key: Hashable, order: Callable[[list], list] | None = None):
         """The expert's value, loading it on a miss. `order`, if given, ranks eviction candidates
         (first evicted first) instead of least-recently-used order."""
+        return self.get_many([key], order)[0]
+
+    def get_many(self, keys: list, order: Callable[[list], list] | None = None) -> list:
+        """The values of `keys` (distinct: a layer's experts for one token), in that order.
+
+        The resident ones are hits and marked used first; the misses are loaded on two threads
+        (this one and the loader, which takes them ahead of its prefetches), then inserted in
+        the order of `keys`, evicting as they go. A key the loader is prefetching is waited for
+        once this thread has nothing left to load."""
+        found = {}
         while True:
+            mine, pending = [], None
             with self._lock:
-                if self.adaptive is not None and (self.stats.hits + self.stats.misses) % self.adaptive.window == 0:
-                    self._adapt()
-                entry = self._entries.get(key)
-                if entry is not None:
-                    self._entries.move_to_end(key)
-                    self.stats.hits += 1
-                    if entry.prefetched:
-                        entry.prefetched = False
-                        self.stats.prefetch_useful += 1
-                    return entry.value
-                pending = self._inflight.get(key)
-                if pending is None or key in self._queued:
-                    # Not loading yet (or only queued behind other prefetches): load it here,
-                    # never wait behind the prefetch queue.
-                    self._queued.discard(key)
-                    self.stats.misses += 1
-                    self._inflight.setdefault(key, threading.Event())
-                    break
-                self.stats.demand_waits += 1
-            pending.wait()  # its load is under way: wait, then look again (it may have failed)
+                for key in keys:
+                    if key in found:
+                        continue
+                    if self.adaptive is not None and (self.stats.hits + self.stats.misses) % self.adaptive.window == 0:
+                        self._adapt()
+                    entry = self._entries.get(key)
+                    if entry is not None:
+                        self._entries.move_to_end(key)
+                        self.stats.hits += 1
+                        if entry.prefetched:
+                            entry.prefetched = False
+                            self.stats.prefetch_useful += 1
+                        found[key] = entry.value
+                    elif key in self._inflight and key not in self._queued:
+                        pending = pending or self._inflight[key]  # being loaded (a prefetch under way)
+                    else:  # not loading, or only queued as a prefetch: a miss, loaded here
+                        self._queued.discard(key)
+                        self._inflight.setdefault(key, threading.Event())
+                        self.stats.misses += 1
+                        mine.append(key)
+                if not mine:
+                    if pending is None:
+                        return [found[key] for key in keys]
+                    self.stats.demand_waits += 1
+            if not mine:
+                pending.wait()  # its load is under way: wait, then look again (it may have failed)
+                continue
+            try:
+                loaded = self._load_all(mine)
+                with self._lock:
+                    for key in keys:  # in order: misses inserted, the layer's hits marked used again
+                        if key in loaded:
+                            value, nbytes = loaded[key]
+                            found[key] = value
+                            self._insert(key, value, nbytes, prefetched=False, protected=self._upcoming, order=order)
+                        elif key in found and key in self._entries:
+                            self._entries.move_to_end(key)
+            finally:
+                for key in mine:
+                    self._finish(key)
+
+    def _load_all(self, keys: list) -> dict:
+        """{key: (value, nbytes)}: the first loaded here, the others handed to the loader thread,
+        those it has not started taken back from the end of its queue (the two meet in the middle).
+        One that failed there is loaded again here, so its error is this thread's to raise."""
+        handed = [(key, self._request(0, key, Future())) for key in keys[1:]]
         try:
-            value, nbytes = self._timed_load(key)
-            with self._lock:
-                self._insert(key, value, nbytes, prefetched=False, protected=(), order=order)
-            return value
-        finally:
-            self._finish(key)
+            loaded, started = {keys[0]: self._timed_load(keys[0])}, []
+            for key, future in reversed(handed):
+                if future.cancel():
+                    loaded[key] = self._timed_load(key)
+                else:
+                    started.append((key, future))
+            for key, future in started:
+                try:
+                    loaded[key] = future.result()
+                except Exception:  # noqa: BLE001 - loaded again here, where a lasting error is raised
+                    loaded[key] = self._timed_load(key)
+            return loaded
+        except BaseException:
+            for _, future in handed:  # (whatever the loader has not started)
+                future.cancel()
+            raise
 
     def _adapt(self) -> None:
         """One decision of the adaptive budget (under the lock), from the last window's hit rate
@@ -246,24 +322,11 @@ class ExpertCache:
     # --- prefetch --------------------------------------------------------------------------
     def prefetch(self, keys: Iterable[Hashable], protected: Iterable[Hashable] = (), order=None) -> None:
         """Ask the loader thread for `keys`; returns at once. `protected` (the experts the
-        current layer still needs) are never evicted to make room."""
-        if self._queue is None:
-            self._queue = queue.Queue()
-            # The thread holds the cache weakly: a dropped model (and its experts) is freed, and
-            # its thread ends, instead of living as long as the process.
-            thread = threading.Thread(target=_prefetch_loop, args=(weakref.ref(self), self._queue),
-                                      name="moetvm-prefetch", daemon=True)
-            thread.start()
-            # A daemon thread still inside a TVM call (GIL released) when the interpreter finalizes
-            # is ended there by pthread_exit, whose unwinding through TVM's C++ frames aborts the
-            # process ("terminate called without an active exception"): stop it first, at exit.
-            stop = functools.partial(_stop_prefetcher, self._queue, thread)
-            atexit.register(stop)
-            # Not at exit: weakref.finalize runs live finalizers from its own atexit hook, which,
-            # registered after `stop`, ran first, unregistered it and left the thread loading
-            # the queued experts while the interpreter finalized (the same abort, ~1 in 60 exits).
-            weakref.finalize(self, _retire_prefetcher, self._queue, stop).atexit = False
-        protected = frozenset(protected)
+        current layer still needs) and `keys` are never evicted to make room for them."""
+        keys = list(keys)
+        protected = frozenset(protected) | frozenset(keys)
+        with self._lock:
+            self._upcoming = frozenset(keys)
         for key in keys:
             with self._lock:
                 if key in self._entries or key in self._inflight:
@@ -273,12 +336,42 @@ class ExpertCache:
                 self._inflight[key] = threading.Event()
                 self._queued.add(key)
                 self.stats.prefetch_requests += 1
-            self._queue.put((key, protected, order))
+            self._request(1, key, (protected, order))
+
+    def _request(self, priority: int, key, detail):
+        """Queue a load for the loader thread (started on first use): a demand's (0, `detail` its
+        Future) before a prefetch (1, `detail` its (protected, order)). Returns `detail`."""
+        if self._queue is None:
+            self._queue = queue.PriorityQueue()
+            # The thread holds the cache weakly: a dropped model (and its experts) is freed, and
+            # its thread ends, instead of living as long as the process.
+            thread = threading.Thread(target=_loader_loop, args=(weakref.ref(self), self._queue),
+                                      name="moetvm-loader", daemon=True)
+            thread.start()
+            # A daemon thread still inside a TVM call (GIL released) when the interpreter finalizes
+            # is ended there by pthread_exit, whose unwinding through TVM's C++ frames aborts the
+            # process ("terminate called without an active exception"): stop it first, at exit.
+            stop = functools.partial(_stop_loader, self._queue, thread)
+            atexit.register(stop)
+            # Not at exit: weakref.finalize runs live finalizers from its own atexit hook, which,
+            # registered after `stop`, ran first, unregistered it and left the thread loading
+            # the queued experts while the interpreter finalized (the same abort, ~1 in 60 exits).
+            weakref.finalize(self, _retire_loader, self._queue, stop).atexit = False
+        self._queue.put((priority, next(self._arrival), key, detail))
+        return detail
 
     def drain(self) -> None:
-        """Wait until every requested prefetch has finished (tests, orderly shutdown)."""
+        """Wait until every request to the loader thread has finished (tests, orderly shutdown)."""
         if self._queue is not None:
             self._queue.join()
+
+    def _load_handed(self, key, future: Future) -> None:
+        """A demand's miss, on the loader thread, unless the demand took it back."""
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(self._timed_load(key))
+            except Exception as e:  # noqa: BLE001 - the demand's thread loads it again
+                future.set_exception(e)
 
     def _prefetch_one(self, key, protected, order) -> None:
         with self._lock:
@@ -290,7 +383,9 @@ class ExpertCache:
             value, nbytes = self._timed_load(key)
             with self._lock:
                 self.stats.prefetch_loads += 1
-                if not self._insert(key, value, nbytes, prefetched=True, protected=protected, order=order):
+                if self._insert(key, value, nbytes, prefetched=True, protected=protected, order=order):
+                    self._entries.move_to_end(key, last=False)  # first out, until used
+                else:
                     self.stats.prefetch_skipped += 1
         except Exception as e:  # noqa: BLE001 - a failed prefetch must not poison the cache
             with self._lock:
@@ -308,34 +403,46 @@ class ExpertCache:
             return list(self._entries)
 
 
-def _stop_prefetcher(requests: queue.Queue, thread: threading.Thread) -> None:
+_STOPS = itertools.count()
+
+
+def _stop_request() -> tuple:
+    return (-1, next(_STOPS), None, None)  # first out of the queue: the loader thread ends
+
+
+def _stop_loader(requests: queue.PriorityQueue, thread: threading.Thread) -> None:
     """At exit: drop the requests not started, let the load in progress finish, end the thread."""
     while True:
         try:
-            requests.get_nowait()
+            _, _, _, detail = requests.get_nowait()
         except queue.Empty:
             break
+        if isinstance(detail, Future):
+            detail.cancel()  # (its demand loads it itself)
         requests.task_done()
-    requests.put(None)
+    requests.put(_stop_request())
     thread.join()
 
 
-def _retire_prefetcher(requests: queue.Queue, stop) -> None:
+def _retire_loader(requests: queue.PriorityQueue, stop) -> None:
     """The cache was collected: end its thread, and forget it at exit."""
-    requests.put(None)
+    requests.put(_stop_request())
     atexit.unregister(stop)
 
 
-def _prefetch_loop(cache_ref, requests: queue.Queue) -> None:
-    """The prefetch thread: one request at a time until its cache is gone (None is queued when
+def _loader_loop(cache_ref, requests: queue.PriorityQueue) -> None:
+    """The loader thread: one request at a time until its cache is gone (a stop request is queued when
     the cache is collected)."""
     while True:
-        item = requests.get()
-        cache = cache_ref() if item is not None else None
+        priority, _, key, detail = requests.get()
+        cache = cache_ref() if priority >= 0 else None
         try:
             if cache is None:
                 return
-            cache._prefetch_one(*item)
+            if priority == 0:
+                cache._load_handed(key, detail)
+            else:
+                cache._prefetch_one(key, *detail)
         finally:
             del cache
             requests.task_done()

@@ -23,7 +23,7 @@ from moetvm.artifact import (FIXED_MODES, ArtifactError, Expert, Manifest, MoELa
                              fused_function, read_manifest, read_verified)
 from moetvm.encryption import EncryptionError, WeightCipher, key_from
 
-from .cache import DEFAULT_PIN_FRACTION, AdaptiveBudget, ExpertCache, parse_budget
+from .cache import DEFAULT_PIN_FRACTION, AdaptiveBudget, ExpertCache, SlowStorage, parse_budget
 from .generation import Generation, GenerationError, Sampler, Sampling, Token
 from .tokenizer import Tokenizer, load_tokenizer
 from . import tvm_runtime
@@ -85,7 +85,8 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
     them all and the artifact has resident layers (decode then routes and runs each such layer
     in one call), else the hottest experts that fit in DEFAULT_PIN_FRACTION of the budget (none
     without a usage profile), the policy that scored best in the cache studies (runtime/simulator.py).
-    storage_mbps: throttle expert reads to this many MB/s (to study slow storage such as an SD card).
+    storage_mbps: throttle expert reads to this many MB/s, one read at a time across threads (to
+    study slow storage such as an SD card: cache.SlowStorage).
     fallback: when an expert cannot be loaded at run time (I/O error, vanished or altered file):
     "error" (default: raise, never a silently wrong result), "skip" (renormalise each token over
     its remaining experts) or "dense" (the layer's compiled fallback expert stands in). Each
@@ -167,6 +168,7 @@ class MoEModel:
         self.fallbacks = {"skip": 0, "dense": 0}  # token-expert slots served by a fallback
         self.fallback_errors: list[str] = []
         self.prefetch_enabled, self.storage_mbps = prefetch, storage_mbps
+        self._storage = SlowStorage(storage_mbps) if storage_mbps else None
         self.recorder = None  # a TraceRecorder while recording routing traces
         self.device = tvm_runtime.device(manifest.target.device)
         self._on_cpu = tvm_runtime.is_cpu(self.device)
@@ -535,7 +537,7 @@ class MoEModel:
                 or self._layers[index].router.scale_input:  # one input for all k: weights must scale outputs
             return None
         try:
-            loaded = [self.cache.get(key, order=order) for key in keys]
+            loaded = self.cache.get_many(keys, order=order)
         except (ArtifactError, OSError):
             if self.fallback == "error":
                 raise
@@ -700,8 +702,8 @@ class MoEModel:
     def _load_expert(self, key) -> tuple[list, int]:
         """Read, verify and upload one expert's weights (the cache's loader)."""
         expert: Expert = self._experts[key]
-        if self.storage_mbps:
-            time.sleep(expert.file.size / (self.storage_mbps * 1e6))
+        if self._storage is not None:
+            self._storage.read(expert.file.size)
         workload = self.manifest.workload(expert.workload)
         if isinstance(key[1], int) and key[0] in self._pools:
             tensors = self._into_slot(key, self._read_tensors(expert.file, workload.params)[0])

@@ -1,8 +1,9 @@
 """Replay a routing trace against expert-cache policies under a byte budget (numpy + stdlib only).
 
 Every policy sees the runtime's demand accesses (`trace.accesses`): per step, per layer, the
-distinct selected experts in ascending order. A demand access to a resident expert is a hit;
-otherwise it is a miss and the expert is loaded, evicting by the policy's rule until it fits.
+distinct selected experts in ascending order, served a layer at a time as `ExpertCache.get_many`
+serves them: the resident ones are hits, marked used first; then each miss, in order, is loaded,
+evicting by the policy's rule until it fits (the layer's hits marked used again in their turn).
 
 Policies:
   lru      the runtime's `ExpertCache` today (same hits, misses and evictions).
@@ -46,24 +47,34 @@ class LRU:
         self.hits = self.misses = self.evictions = self.loads = self.bytes_loaded = 0
         self.useful_prefetches = 0
 
+    def visit(self, keys: list[Key], pos: int) -> None:
+        """One layer's demand accesses, numbers `pos`, `pos` + 1, ... of the sequence."""
+        missing = set()
+        for i, key in enumerate(keys):
+            if key in self.pinned or key in self.resident:
+                self.hits += 1
+                if key in self.resident:
+                    self.resident.move_to_end(key)
+                if key in self.prefetched:
+                    self.useful_prefetches += 1
+                    self.prefetched.discard(key)
+                self.touch(key, pos + i)
+            else:
+                missing.add(key)
+        for i, key in enumerate(keys):
+            if key in missing:
+                self.misses += 1
+                while self.used + self.sizes[key] > self.budget:
+                    self._evict(self.victim())
+                self._load(key)
+                self.touch(key, pos + i)
+            elif key in self.resident:
+                self.resident.move_to_end(key)
+
     def access(self, key: Key, pos: int) -> bool:
-        """Demand access number `pos` of the sequence; True on a hit."""
-        if key in self.pinned:
-            self.hits += 1
-            return True
-        hit = key in self.resident
-        if hit:
-            self.hits += 1
-            self.resident.move_to_end(key)
-            if key in self.prefetched:
-                self.useful_prefetches += 1
-                self.prefetched.discard(key)
-        else:
-            self.misses += 1
-            while self.used + self.sizes[key] > self.budget:
-                self._evict(self.victim())
-            self._load(key)
-        self.touch(key, pos)
+        """Demand access number `pos` of the sequence, alone; True on a hit."""
+        hit = key in self.pinned or key in self.resident
+        self.visit([key], pos)
         return hit
 
     def prefetch(self, layer: int, previous: int | None, experts: list[int]) -> None:
@@ -149,9 +160,11 @@ class Runtime(Pinned):
     room can be made by evicting, least recently used first, experts that are neither pinned nor
     of layer L (about to run) nor of the layer before L in the same step (in a pipelined runtime
     the prefetch overlaps that layer's compute, so its weights are in use). If that cannot make
-    room the prefetch is skipped; it never evicts a protected expert. A predicted expert already
-    resident is moved to most recently used so the layer's own misses do not evict it first.
-    A prefetched expert's first demand access is a hit and a useful prefetch.
+    room the prefetch is skipped; it never evicts a protected expert. A prefetched expert goes in
+    as the least recently used (first out, until a demand uses it: a wrong prediction then costs
+    the last wrong one, not an expert in use). A predicted expert already resident is moved to
+    most recently used so the layer's own misses do not evict it first. A prefetched expert's
+    first demand access is a hit and a useful prefetch.
     """
 
     def __init__(self, budget, sizes, pinned):
@@ -180,6 +193,7 @@ class Runtime(Pinned):
             for k in victims:
                 self._evict(k)
             self._load(key)
+            self.resident.move_to_end(key, last=False)
             self.prefetched.add(key)
             self.prefetch_loads += 1
             self.prefetch_bytes += self.sizes[key]
@@ -284,9 +298,8 @@ def _replay(trace: RoutingTrace, cache: LRU) -> dict:
             cache.prefetch(layer, previous, predicted)
             predicted_total, actual_total = predicted_total + len(predicted), actual_total + len(demand)
             overlap += len(set(predicted) & set(demand))
-        for expert in demand:
-            cache.access((layer, expert), pos)
-            pos += 1
+        cache.visit([(layer, expert) for expert in demand], pos)
+        pos += len(demand)
     result = cache.result()
     if isinstance(cache, Runtime):  # the predictor's own quality, whatever the cache did with it
         result.update(has_predictions=predicted_total + actual_total > 0,

@@ -11,7 +11,7 @@ import numpy as np
 
 from moetvm.compiler.models import ASSETS
 from moetvm.runtime import load_model
-from moetvm.runtime.cache import ExpertCache
+from moetvm.runtime.cache import ExpertCache, SlowStorage
 from moetvm.runtime.simulator import simulate
 from moetvm.runtime.trace import RoutingTrace
 
@@ -66,7 +66,7 @@ def test_failed_prefetch_does_not_poison_the_cache(reference_artifact, heldout_t
     real_loader = model.cache.loader
 
     def flaky(key):  # storage that fails for every other expert, but only on the prefetch thread
-        if threading.current_thread().name == "moetvm-prefetch" and key[1] % 2:
+        if threading.current_thread().name == "moetvm-loader" and key[1] % 2:
             raise OSError(f"injected read error for {key}")
         return real_loader(key)
 
@@ -101,6 +101,91 @@ def test_budget_never_exceeded_with_prefetch_and_threads():
     assert s.prefetch_failed == 0, cache.errors  # an over-budget insert would fail its assertion
     assert s.peak_resident_bytes <= 20 and s.hits + s.misses == 1800
     assert 0 in cache and 1 in cache  # pinned by preload: never evicted
+
+
+def test_a_layers_misses_load_on_two_threads():
+    threads, gate = [], threading.Event()
+
+    def load(key):
+        threads.append(threading.current_thread().name)
+        if threads[-1] == "moetvm-loader":
+            gate.set()
+        elif key != "a":
+            gate.wait(5)  # this thread's load lasts until the loader thread is inside one too
+        return f"w{key}", 1
+
+    cache = ExpertCache(10, load)
+    cache.get("a")  # one miss: this thread alone (no loader thread yet)
+    assert threads == ["MainThread"]
+    assert cache.get_many(["a", "b", "c", "d"]) == ["wa", "wb", "wc", "wd"]
+    assert sorted(set(threads[1:])) == ["MainThread", "moetvm-loader"] and len(threads) == 4
+    s = cache.stats
+    assert (s.hits, s.misses, s.loads) == (1, 4, 4) and cache.keys() == ["a", "b", "c", "d"]
+
+
+def test_misses_the_loader_has_not_started_are_taken_back():
+    # The loader thread is held inside a prefetch: the demand loads all its misses itself.
+    release, loads = threading.Event(), []
+
+    def load(key):
+        loads.append((key, threading.current_thread().name))
+        if key == "slow":
+            release.wait(5)
+        return key, 1
+
+    cache = ExpertCache(10, load)
+    cache.prefetch(["slow"])
+    while not loads:
+        time.sleep(0.001)
+    assert cache.get_many(["a", "b", "c"]) == ["a", "b", "c"]
+    assert [k for k, t in loads if t == "MainThread"] == ["a", "c", "b"]  # first, then from the end
+    release.set()
+    cache.drain()
+    assert sorted(cache.keys()) == ["a", "b", "c", "slow"]
+
+
+def test_a_miss_that_fails_on_the_loader_is_loaded_again_and_a_lasting_error_raised():
+    def load(key):
+        if key == "bad" or (key == "flaky" and threading.current_thread().name == "moetvm-loader"):
+            raise OSError(f"cannot read {key}")
+        return key, 1
+
+    cache = ExpertCache(10, load)
+    assert cache.get_many(["a", "flaky"]) == ["a", "flaky"]
+    try:
+        cache.get_many(["b", "bad"])
+        raise AssertionError("expected the read error")
+    except OSError as e:
+        assert "cannot read bad" in str(e)
+    cache.drain()
+    assert "bad" not in cache and cache.stats.resident_bytes == len(cache.keys())
+
+
+def test_a_prefetch_goes_in_first_out_until_used():
+    cache = ExpertCache(3, lambda key: (key, 1))
+    for key in "abc":
+        cache.get(key)
+    cache.prefetch(["d"])  # evicts a, the least recently used, and goes in first out: [d b c]
+    cache.drain()
+    cache.prefetch(["e"])  # a wrong prediction costs the last one, d, not b or c: [e b c]
+    cache.drain()
+    assert cache.keys() == ["e", "b", "c"]
+    cache.get("f")  # no demand evicts the prediction before its layer runs: b goes [e c f]
+    assert cache.keys() == ["e", "c", "f"]
+    cache.get("e")  # used: now it is most recent [c f e]
+    assert cache.keys() == ["c", "f", "e"] and cache.stats.prefetch_useful == 1
+
+
+def test_slow_storage_is_one_device_for_all_threads():
+    # 4 reads of 0.1 MB at 10 MB/s: 40 ms at least, however many threads read at once.
+    storage = SlowStorage(10)
+    start = time.monotonic()
+    readers = [threading.Thread(target=storage.read, args=(100_000,)) for _ in range(4)]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join()
+    assert time.monotonic() - start >= 0.04
 
 
 def test_preload_pins_the_hottest_experts(reference_artifact):

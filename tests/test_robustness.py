@@ -136,7 +136,7 @@ def test_slow_and_failing_storage_mid_run(reference_artifact, heldout_tokens):
             calls["n"] += 1
             n = calls["n"]
         time.sleep(0.002 * (n % 3))  # jittery latency
-        prefetching = threading.current_thread().name == "moetvm-prefetch"
+        prefetching = threading.current_thread().name == "moetvm-loader"
         # A bad patch of storage mid-run, on both the demand and the prefetch path; then it recovers.
         if 60 < n < 200 and n % (3 if prefetching else 5) == 0:
             raise OSError(f"injected EIO reading expert {key}")

@@ -12,7 +12,7 @@ import pytest
 from moetvm.artifact import Expert, FileRef, Manifest, ModelInfo, MoELayer, Router, TargetInfo
 from moetvm.runtime.cache import ExpertCache
 from moetvm.routing import group_by_expert
-from moetvm.runtime.simulator import LFU, POLICIES, hot_set, simulate, sweep
+from moetvm.runtime.simulator import LFU, POLICIES, _visits, hot_set, simulate, sweep
 from moetvm.runtime.trace import LayerRouting, RoutingTrace, TraceError, TraceRecorder, accesses
 
 
@@ -149,12 +149,11 @@ def test_belady_says_inexact_with_mixed_sizes():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_lru_matches_expert_cache(seed):
     trace = random_trace(seed, n_layers=3, n_experts=10, steps=60, sizes=(100, 400))
-    seq = accesses(trace)
     for budget in (400, 1000, "20%", "35%", "50%", "80%", "100%"):
         r = simulate(trace, budget, ["lru"])["lru"]
         cache = ExpertCache(r["budget_bytes"], lambda key: (key, trace.expert_bytes[key]))
-        for key in seq:
-            cache.get(key)
+        for layer, _, demand, _ in _visits(trace):
+            assert cache.get_many([(layer, e) for e in demand]) == [(layer, e) for e in demand]
         s = cache.stats
         assert (r["hits"], r["misses"], r["evictions"], r["loads"]) == (s.hits, s.misses, s.evictions, s.loads)
         assert r["max_resident_bytes"] == s.peak_resident_bytes
@@ -232,16 +231,34 @@ def test_prefetch_never_evicts_the_layer_served_or_pinned():
 
 
 def test_predicted_resident_expert_is_kept():
-    # Budget 2, one layer: C, then B -> [C B]. Step 2 selects A and C and predicted C: C is
-    # resident, so the prefetch just marks it most recent [B C]; A's miss then evicts B, not C,
-    # and C hits. (Plain LRU would evict C for A and miss C again.)
-    w1, w2 = np.ones((1, 1), np.float32), np.ones((1, 2), np.float32)
+    # Budget 2, one layer: C, then B -> [C B]. Step 2 selects A and predicted C: C is resident,
+    # so the prefetch just marks it most recent [B C]; A's miss then evicts B, not C, and step
+    # 3's C hits. (Plain LRU evicts C for A and misses C again.)
+    w = np.ones((1, 1), np.float32)
     trace = RoutingTrace(1, [3], {(0, e): 1 for e in range(3)}, [
-        {0: LayerRouting(np.array([[C]], np.int16), w1)}, {0: LayerRouting(np.array([[B]], np.int16), w1)},
-        {0: LayerRouting(np.array([[A, C]], np.int16), w2, predicted=np.array([[C]], np.int16))}])
+        {0: LayerRouting(np.array([[C]], np.int16), w)}, {0: LayerRouting(np.array([[B]], np.int16), w)},
+        {0: LayerRouting(np.array([[A]], np.int16), w, predicted=np.array([[C]], np.int16))},
+        {0: LayerRouting(np.array([[C]], np.int16), w)}])
     r = simulate(trace, 2, ["runtime", "lru"], pin_fraction=0.0)
     assert (r["runtime"]["hits"], r["runtime"]["misses"]) == (1, 3)
     assert (r["lru"]["hits"], r["lru"]["misses"]) == (0, 4)
+
+
+def test_a_layers_misses_never_evict_its_own_hits():
+    # Budget 2, one layer: C, then B -> [C B]. Step 2 selects A and C: C is a hit and marked used
+    # before A's miss evicts anything, so A evicts B, and C is marked used again after it [A C].
+    # (One access at a time, A would evict C and C miss again: 0 hits.) The runtime's get_many
+    # serves a layer the same way.
+    w1, w2 = np.ones((1, 1), np.float32), np.ones((1, 2), np.float32)
+    trace = RoutingTrace(1, [3], {(0, e): 1 for e in range(3)}, [
+        {0: LayerRouting(np.array([[C]], np.int16), w1)}, {0: LayerRouting(np.array([[B]], np.int16), w1)},
+        {0: LayerRouting(np.array([[A, C]], np.int16), w2)}])
+    r = simulate(trace, 2, ["lru"])["lru"]
+    assert (r["hits"], r["misses"], r["evictions"]) == (1, 3, 1)
+    cache = ExpertCache(2, lambda key: (key, 1))
+    for layer, _, demand, _ in _visits(trace):
+        cache.get_many([(layer, e) for e in demand])
+    assert (cache.stats.hits, cache.stats.misses) == (1, 3) and cache.keys() == [(0, A), (0, C)]
 
 
 def test_prefetch_usefulness_accounting():
