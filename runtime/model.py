@@ -709,7 +709,7 @@ class MoEModel:
             tensors = self._into_slot(key, self._read_tensors(expert.file, workload.params)[0])
         else:
             tensors = list(self._load_tensors(expert.file, workload.params).values())
-        self._loads_untrimmed += 1  # (approximate across the prefetch thread: only a cadence)
+        self._loads_untrimmed += 1  # (approximate across the loader thread: only a cadence)
         if self._loads_untrimmed >= TRIM_EVERY_LOADS:
             self._loads_untrimmed = 0
             release_freed_memory()
