@@ -48,6 +48,14 @@ def capped_cgroup(cap_mib: int) -> Path:
     return group
 
 
+def remove_cgroup(group: Path) -> None:
+    """The cgroup gone again (its runs have ended): the machine left as it was."""
+    try:
+        group.rmdir()
+    except OSError:
+        pass
+
+
 def drop_page_cache() -> None:
     subprocess.run(["sync"], check=True)
     Path("/proc/sys/vm/drop_caches").write_text("3")
@@ -180,13 +188,16 @@ def main() -> None:
              "llama.cpp mmap, --repack 0": lambda: llama_capped(group, gguf, args.new_tokens, args.threads, False,
                                                                 args.timeout)}
     runs: dict[str, list[dict]] = {cell: [] for cell in cells}
-    for round_ in range(args.rounds):
-        for cell, run in cells.items():
-            bd.log(f"round {round_ + 1}/{args.rounds}: {cell} under {args.cap} MiB")
-            runs[cell].append(run())
-            result = runs[cell][-1]
-            bd.log(f"  {result['error']}" if "error" in result else f"  {result['tok_s']:.2f} tok/s, "
-                   f"peak RSS {result['peak_rss_mb']:.0f} MB, cap hit {result['failcnt']} times")
+    try:
+        for round_ in range(args.rounds):
+            for cell, run in cells.items():
+                bd.log(f"round {round_ + 1}/{args.rounds}: {cell} under {args.cap} MiB")
+                runs[cell].append(run())
+                result = runs[cell][-1]
+                bd.log(f"  {result['error']}" if "error" in result else f"  {result['tok_s']:.2f} tok/s, "
+                       f"peak RSS {result['peak_rss_mb']:.0f} MB, cap hit {result['failcnt']} times")
+    finally:
+        remove_cgroup(group)
     rows = summarise(runs)
     print_table(rows, args)
     results = {"model": args.model, "precision": args.precision, "cap_mib": args.cap, "budget": args.budget,
