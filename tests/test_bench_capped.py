@@ -1,7 +1,6 @@
 """scripts/bench/bench_capped.py: runs under a real memory cgroup, from a cold page cache; a run
 the cap kills is reported as killed, not as a speed."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -11,15 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"
 import bench_capped  # noqa: E402
 
 
-def _cgroup_v1_writable() -> bool:
-    try:
-        bench_capped.remove_cgroup(bench_capped.capped_cgroup(1024))
-    except bench_capped.CapError:
-        return False
-    return os.access("/proc/sys/vm/drop_caches", os.W_OK)
-
-
-@pytest.mark.skipif(not _cgroup_v1_writable(), reason="needs root and a cgroup v1 memory controller")
+@pytest.mark.skipif(not bench_capped.can_cap(), reason="needs root and a cgroup v1 memory controller")
 def test_a_run_under_the_cap_and_one_the_cap_kills(reference_artifact):
     ok = bench_capped.moetvm_capped(bench_capped.capped_cgroup(1024), reference_artifact, [105, 109, 112], 8, 1,
                                     "25%", True, 300)
@@ -28,8 +19,9 @@ def test_a_run_under_the_cap_and_one_the_cap_kills(reference_artifact):
     killed = bench_capped.moetvm_capped(bench_capped.capped_cgroup(24), reference_artifact, [105, 109, 112], 8, 1,
                                         "25%", True, 300)
     assert "signal 9" in killed["error"] and killed["failcnt"] > 0
-    bench_capped.remove_cgroup(bench_capped.capped_cgroup(24))
-    assert not (bench_capped.CGROUPS / "moetvm-bench-capped").exists()
+    group = bench_capped.capped_cgroup(24)
+    bench_capped.remove_cgroup(group)
+    assert not group.exists()
     rows = {r["cell"]: r for r in bench_capped.summarise({"moetvm": [ok, ok], "llama.cpp mmap": [killed]})}
     assert rows["moetvm"]["completed"] == 2 and rows["moetvm"]["vs_best_llama_cpp"] is None
     assert rows["llama.cpp mmap"]["completed"] == 0 and "signal 9" in rows["llama.cpp mmap"]["errors"][0]

@@ -38,14 +38,20 @@ class CapError(Exception):
 
 
 def capped_cgroup(cap_mib: int) -> Path:
-    """A cgroup of our own limited to `cap_mib` MiB of memory (page cache included)."""
-    group = CGROUPS / "moetvm-bench-capped"
+    """A cgroup of this process's own limited to `cap_mib` MiB of memory (page cache included)."""
+    group = CGROUPS / f"moetvm-bench-capped-{os.getpid()}"
     try:
         group.mkdir(exist_ok=True)
         (group / "memory.limit_in_bytes").write_text(str(cap_mib << 20))
     except OSError as e:
         raise CapError(f"cannot make a memory cgroup at {group} ({e.strerror or e}): this needs root and cgroup v1") from None
     return group
+
+
+def can_cap() -> bool:
+    """Whether this process may make memory cgroups (v1) and drop the page cache."""
+    return os.access(CGROUPS, os.W_OK) and (CGROUPS / "memory.limit_in_bytes").is_file() \
+        and os.access("/proc/sys/vm/drop_caches", os.W_OK)
 
 
 def remove_cgroup(group: Path) -> None:
