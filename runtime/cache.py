@@ -414,11 +414,11 @@ def _stop_loader(requests: queue.PriorityQueue, thread: threading.Thread) -> Non
     """At exit: drop the requests not started, let the load in progress finish, end the thread."""
     while True:
         try:
-            _, _, _, detail = requests.get_nowait()
+            priority, _, _, detail = requests.get_nowait()
         except queue.Empty:
             break
-        if isinstance(detail, Future):
-            detail.cancel()  # (its demand loads it itself)
+        if priority == 0:
+            detail.cancel()  # a demand's Future: its thread loads it itself
         requests.task_done()
     requests.put(_stop_request())
     thread.join()

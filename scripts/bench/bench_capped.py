@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_decode as bd  # noqa: E402 - the same models, artifacts, GGUF files and process runner
 
 CGROUPS = Path("/sys/fs/cgroup/memory")
-LLAMA_QUANT = {"int4s": "int4", "int4": "int4", "int8": "int8", "fp32": "fp32"}  # bench_decode's GGUF_TYPE keys
 
 
 class CapError(Exception):
@@ -163,7 +162,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=sorted(bd.SHAPES["full"]), default="granitemoe")
-    ap.add_argument("--precision", choices=sorted(LLAMA_QUANT), default="int4s")
+    ap.add_argument("--precision", choices=bd.PRECISIONS, default="int4s")
     ap.add_argument("--cap", type=int, default=420, help="MiB for each run, page cache included")
     ap.add_argument("--budget", default="25%", help="moetvm's --cache-budget")
     ap.add_argument("--threads", type=int, default=1)
@@ -184,7 +183,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = bd.make_model(args.model, "full", args.out, seed=0)
     art, _ = bd.moetvm_compile(model_dir, args.precision, args.out, args.timeout)
-    gguf = bd.llama_gguf(model_dir, LLAMA_QUANT[args.precision], args.out)
+    gguf = bd.llama_gguf(model_dir, bd.LLAMA_CELL.get(args.precision, args.precision), args.out)
     ids = bd.prompt_ids(model_dir, 16)
     cells = {f"moetvm {args.budget}, prefetch": lambda: moetvm_capped(group, art, ids, args.new_tokens, args.threads,
                                                                        args.budget, True, args.timeout),
