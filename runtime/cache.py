@@ -8,7 +8,8 @@ The loader thread also fetches predicted experts ahead of use (`prefetch`), afte
 it never evicts a pinned expert, one the current layer still needs or one of the same
 prediction, skips when there is no room, and a failed prefetch leaves nothing behind (the demand
 path then loads, or reports, the expert itself). A prefetched expert goes in first out until it
-is used, and no demand evicts it before its layer runs: a wrong prediction then evicts the last
+is used, and no demand evicts it before its layer runs (a demand for any of the last prediction's
+experts ends that protection for all of them): a wrong prediction then evicts the last
 wrong one, not an expert the next token needs (inserted as most recently used, at a budget of
 about one token's experts, each wrong one started a chain of evictions: docs/decode-history.md).
 
@@ -167,6 +168,9 @@ class ExpertCache:
         the order of `keys`, evicting as they go. A key the loader is prefetching is waited for
         once this thread has nothing left to load."""
         found = {}
+        with self._lock:
+            if not self._upcoming.isdisjoint(keys):  # the predicted layer runs: its prediction is spent
+                self._upcoming = frozenset()
         while True:
             mine, pending = [], None
             with self._lock:

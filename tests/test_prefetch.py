@@ -176,6 +176,18 @@ def test_a_prefetch_goes_in_first_out_until_used():
     assert cache.keys() == ["c", "f", "e"] and cache.stats.prefetch_useful == 1
 
 
+def test_a_demand_for_a_predicted_expert_ends_the_predictions_protection():
+    # The last layer makes no prediction of its own: had the protection outlived the layer it
+    # predicted, a prefetch that filled the cache would have left that layer's misses no room
+    # (seen in CI as a prefill that never evicted, with the loader thread ahead of the demand).
+    cache = ExpertCache(2, lambda key: (key, 1))
+    cache.prefetch(["a", "b"])  # the cache holds the prediction: [b a]
+    cache.drain()
+    cache.get("a")  # the predicted layer runs [b a]
+    cache.get("c")  # b was not used: a wrong prediction goes first [a c]
+    assert cache.keys() == ["a", "c"] and cache.stats.evictions == 1
+
+
 def test_slow_storage_is_one_device_for_all_threads():
     # 4 reads of 0.1 MB at 10 MB/s: 40 ms at least, however many threads read at once.
     storage = SlowStorage(10)
