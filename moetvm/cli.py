@@ -336,8 +336,9 @@ def sampling_options(command):
 @click.option("--stop", multiple=True, help="stop before this text (repeatable)")
 @click.option("--ignore-eos", is_flag=True, help="go on past the end-of-sequence token")
 @click.option("--cache-budget", default="25%", show_default=True, help="bytes, size (64MB) or percent of all experts")
-@click.option("--prefetch/--no-prefetch", default=True, show_default=True,
-              help="load each next layer's predicted experts in the background")
+@click.option("--prefetch/--no-prefetch", default=False, show_default=True,
+              help="load each next layer's predicted experts in the background (off by default: "
+                   "slower in every configuration measured, docs/decode-history.md)")
 @click.option("--preload", default="auto", show_default=True,
               help="fraction of experts, hottest first, pinned at start; auto: the hottest that fit in half the budget")
 @click.option("--storage-mbps", type=float, default=None, help="throttle expert reads to simulate slow storage")

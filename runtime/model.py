@@ -68,7 +68,7 @@ class Timings:
 
 
 def load_model(path: str | Path, cache_budget: int | float | str = "100%", verify: bool = True, *,
-               prefetch: bool = True, preload: float | str = "auto", storage_mbps: float | None = None,
+               prefetch: bool = False, preload: float | str = "auto", storage_mbps: float | None = None,
                fallback: str = "error", trusted_keys: list | None = None,
                decrypt_key: str | Path | bytes | None = None, min_expert_weight: float = 0.0,
                expert_source: str | None = None, expert_store: str | Path | None = None,
@@ -79,7 +79,11 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
     size ("64MB"); or "FLOOR..CEILING" ("25%..60%"): a budget that grows by the hit rate and
     shrinks when memory runs short, never past the ceiling (cache.AdaptiveBudget). Every file's size and SHA-256 is checked before any library is loaded.
     prefetch: a background thread loads each next layer's predicted experts (the next router
-    applied to this layer's input) while this layer computes.
+    applied to this layer's input) while this layer computes. Off by default: on a CPU it was
+    slower in every configuration measured (exact predictions, slow storage and real reads under
+    a memory cap included: docs/decode-history.md). The loads it would overlap cost the same
+    cores and storage the demand needs, and a token's compute hides less than its wrong
+    predictions cost; a layer's misses already load on two threads.
     preload: fraction of the experts, hottest first by the artifact's usage profile, loaded and
     pinned at start (within the budget); "auto" (default): every expert when the budget holds
     them all and the artifact has resident layers (decode then routes and runs each such layer

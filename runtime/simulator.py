@@ -11,9 +11,11 @@ Policies:
            also those before an eviction (MoE expert popularity is fairly stable, and in-cache
            counts would evict each newcomer first); ties go to the least recently used.
   pinned   a hot set chosen from a usage profile is loaded up front and never evicted; LRU
-           runs in the rest of the budget (see `hot_set`).
-  runtime  pinned + LRU + prefetch of each layer's `predicted` experts before the layer runs
-           (see `Runtime`). Needs `LayerRouting.predicted` in the trace; without it, = pinned.
+           runs in the rest of the budget (see `hot_set`). The runtime's default.
+  runtime  the runtime with `--prefetch`: pinned + LRU + prefetch of each layer's `predicted`
+           experts before the layer runs (see `Runtime`). Needs `LayerRouting.predicted` in the
+           trace; without it, = pinned. It hits more than `pinned`, but hits are not time: its
+           wrong predictions are loads too (why prefetch is off by default: `load_model`).
   belady   Belady's MIN: evict the resident expert whose next use is furthest away. Optimal for
            demand fetching when all experts have one size; with mixed sizes it is only a good
            heuristic (the optimum is NP-hard), and the result says `"exact": False`.
@@ -154,7 +156,7 @@ class Pinned(LRU):
 
 
 class Runtime(Pinned):
-    """The runtime's own policy: pinned hot set + LRU + prefetch of predicted experts.
+    """The runtime's policy with `--prefetch`: pinned hot set + LRU + prefetch of predicted experts.
 
     Before layer L runs, each predicted expert of L (ascending) that is not resident is loaded if
     room can be made by evicting, least recently used first, experts that are neither pinned nor
