@@ -398,6 +398,13 @@ class Manifest:
         return sum(e.weight_bytes for layer in self.moe_layers for e in layer.experts) + \
             sum(s.expert.weight_bytes for layer in self.moe_layers for s in layer.shared)
 
+    @property
+    def token_cache_bytes(self) -> int:
+        """The cache bytes one token's experts take: per MoE layer, its top-k routed experts (at
+        the layer's mean expert size) and its shared experts."""
+        return sum(layer.router.top_k * sum(e.weight_bytes for e in layer.experts) // max(len(layer.experts), 1)
+                   + sum(s.expert.weight_bytes for s in layer.shared) for layer in self.moe_layers)
+
     def library(self, name: str) -> Library:
         for lib in self.libraries:
             if lib.name == name:

@@ -340,7 +340,8 @@ def sampling_options(command):
               help="load each next layer's predicted experts in the background (off by default: "
                    "slower in every configuration measured, docs/decode-history.md)")
 @click.option("--preload", default="auto", show_default=True,
-              help="fraction of experts, hottest first, pinned at start; auto: the hottest that fit in half the budget")
+              help="fraction of experts, hottest first, pinned at start; auto: the hottest that leave the rest "
+                   "room for a token's experts, at most half the budget")
 @click.option("--storage-mbps", type=float, default=None, help="throttle expert reads to simulate slow storage")
 @click.option("--fallback", type=click.Choice(["error", "skip", "dense"]), default="error", show_default=True,
               help="when an expert cannot be loaded: fail, renormalise over the rest, or use the dense stand-in")

@@ -23,7 +23,7 @@ from moetvm.artifact import (FIXED_MODES, ArtifactError, Expert, Manifest, MoELa
                              fused_function, read_manifest, read_verified)
 from moetvm.encryption import EncryptionError, WeightCipher, key_from
 
-from .cache import DEFAULT_PIN_FRACTION, AdaptiveBudget, ExpertCache, SlowStorage, parse_budget
+from .cache import AdaptiveBudget, ExpertCache, SlowStorage, hot_set_bytes, parse_budget
 from .generation import Generation, GenerationError, Sampler, Sampling, Token
 from .tokenizer import Tokenizer, load_tokenizer
 from . import tvm_runtime
@@ -87,8 +87,8 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
     preload: fraction of the experts, hottest first by the artifact's usage profile, loaded and
     pinned at start (within the budget); "auto" (default): every expert when the budget holds
     them all and the artifact has resident layers (decode then routes and runs each such layer
-    in one call), else the hottest experts that fit in DEFAULT_PIN_FRACTION of the budget (none
-    without a usage profile), the policy that scored best in the cache studies (runtime/simulator.py).
+    in one call), else the hottest experts that fit in `cache.hot_set_bytes` of the budget (none
+    without a usage profile): what leaves the rest room for a token's experts, at most half.
     storage_mbps: throttle expert reads to this many MB/s, one read at a time across threads (to
     study slow storage such as an SD card: cache.SlowStorage).
     fallback: when an expert cannot be loaded at run time (I/O error, vanished or altered file):
@@ -151,7 +151,7 @@ def load_model(path: str | Path, cache_budget: int | float | str = "100%", verif
     if preload == "auto" and model._pools:  # everything fits: load it all, so decode runs resident
         model.preload_hot(1.0)
     elif preload == "auto":
-        model.preload_hot_within(DEFAULT_PIN_FRACTION * model.cache.budget)
+        model.preload_hot_within(hot_set_bytes(model.cache.budget, manifest.token_cache_bytes))
     elif preload:
         model.preload_hot(preload)
     model.settle_memory()

@@ -27,7 +27,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 
 from moetvm.budget import BudgetError, parse_budget
-from .cache import DEFAULT_PIN_FRACTION
+from .cache import hot_set_bytes
 from .trace import TraceError, Key, RoutingTrace, accesses
 
 POLICIES = ("lru", "lfu", "pinned", "runtime", "belady")
@@ -124,12 +124,11 @@ class LFU(LRU):
         return min(self.resident, key=self.count.__getitem__)
 
 
-def hot_set(counts: Mapping[Key, int], sizes: Mapping[Key, int], budget: int,
-            pin_fraction: float = DEFAULT_PIN_FRACTION) -> set[Key]:
-    """The experts to pin: most used first (ties by key), while their bytes stay within
-    `pin_fraction * budget` and the unpinned rest of the budget still holds the largest expert.
-    Experts the profile never saw are not pinned."""
-    limit, largest = int(pin_fraction * budget), max(sizes.values(), default=0)
+def hot_set(counts: Mapping[Key, int], sizes: Mapping[Key, int], budget: int, limit: int) -> set[Key]:
+    """The experts to pin: most used first (ties by key), while their bytes stay within `limit`
+    and the unpinned rest of the budget still holds the largest expert. Experts the profile
+    never saw are not pinned."""
+    largest = max(sizes.values(), default=0)
     pinned, used = set(), 0
     for key in sorted(counts, key=lambda k: (-counts[k], k)):
         n = sizes.get(key)
@@ -262,14 +261,15 @@ def _check_profile(trace: RoutingTrace, profile) -> None:
 
 def simulate(trace: RoutingTrace, budget: int | float | str, policies: Iterable[str] = POLICIES,
              profile: RoutingTrace | Mapping[Key, int] | None = None,
-             pin_fraction: float = DEFAULT_PIN_FRACTION) -> dict[str, dict]:
+             pin_fraction: float | None = None) -> dict[str, dict]:
     """Replay `trace` under `budget` (bytes, a fraction, "25%" of all routed experts' bytes, or a
     size like "64MB") for each policy; returns {policy: {"hits", "misses", "hit_rate",
     "bytes_loaded" (every load: demand, prefetch and pinned preload), ...}}.
 
     profile: usage counts that choose the pinned hot set (pinned, runtime): a RoutingTrace
     (counts of its accesses), a {(layer, expert): count} mapping, or None for this trace's own
-    counts. pin_fraction: the share of the budget the hot set may take.
+    counts. pin_fraction: the share of the budget the hot set may take; None: the runtime's
+    rule (`cache.hot_set_bytes`: room for a token's experts left, at most half pinned).
     """
     policies, sizes = tuple(policies), trace.expert_bytes
     _check_profile(trace, profile)
@@ -281,7 +281,8 @@ def simulate(trace: RoutingTrace, budget: int | float | str, policies: Iterable[
                           f"experts after {trace.shared_bytes} of shared experts, below one expert ({largest} bytes)")
     sequence = accesses(trace)
     needs_pins = {"pinned", "runtime"} & set(policies)
-    pinned = hot_set(_profile_counts(trace, profile), sizes, budget_bytes, pin_fraction) if needs_pins else set()
+    limit = hot_set_bytes(budget_bytes, trace.token_bytes) if pin_fraction is None else int(pin_fraction * budget_bytes)
+    pinned = hot_set(_profile_counts(trace, profile), sizes, budget_bytes, limit) if needs_pins else set()
     makers = {"lru": lambda: LRU(budget_bytes, sizes), "lfu": lambda: LFU(budget_bytes, sizes),
               "pinned": lambda: Pinned(budget_bytes, sizes, pinned),
               "runtime": lambda: Runtime(budget_bytes, sizes, pinned),
@@ -311,7 +312,7 @@ def _replay(trace: RoutingTrace, cache: LRU) -> dict:
 
 
 def sweep(trace: RoutingTrace, budgets: Iterable[int | float | str], policies: Iterable[str] = POLICIES,
-          profile=None, pin_fraction: float = DEFAULT_PIN_FRACTION) -> list[dict]:
+          profile=None, pin_fraction: float | None = None) -> list[dict]:
     """One row per (budget, policy): {"budget", "budget_bytes", "policy", **simulate's result}."""
     policies = tuple(policies)
     return [{"budget": b, "policy": name, **result}

@@ -73,6 +73,19 @@ class RoutingTrace:
         bytes, routed and shared (Manifest.cache_bytes)."""
         return self.total_bytes + self.shared_bytes
 
+    @property
+    def token_bytes(self) -> int:
+        """A token's routed experts' bytes: per MoE layer, its top-k (the widest routing the
+        trace recorded for it) at the layer's mean expert size."""
+        top_k = {}
+        for step in self.steps:
+            for layer, r in step.items():
+                top_k[layer] = max(top_k.get(layer, 0), r.indices.shape[1])
+        sizes = {}
+        for (layer, _), nbytes in self.expert_bytes.items():
+            sizes.setdefault(layer, []).append(nbytes)
+        return sum(k * sum(sizes[layer]) // len(sizes[layer]) for layer, k in top_k.items() if layer in sizes)
+
     def validate(self) -> "RoutingTrace":
         """Check internal consistency; raise TraceError naming the first problem. Returns self."""
         if len(self.n_experts) != self.n_layers:

@@ -211,6 +211,13 @@ def test_preload_pins_the_hottest_experts(reference_artifact):
     assert all(experts[k].usage <= coldest_resident for k in experts.keys() - resident)
 
 
+def test_default_preload_leaves_room_for_a_token(reference_artifact):
+    # The shipped model's token takes 8 of its 32 experts (4 layers, top-2): 25%.
+    pinned = {budget: load_model(reference_artifact, cache_budget=budget).stats()["preloaded"]
+              for budget in ("12.5%", "25%", "37.5%", "50%")}
+    assert pinned == {"12.5%": 2, "25%": 0, "37.5%": 4, "50%": 8}
+
+
 EXIT_DURING_PREFETCH = """
 import time, tvm_ffi
 from moetvm.runtime.cache import ExpertCache

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from moetvm.artifact import Expert, FileRef, Manifest, ModelInfo, MoELayer, Router, TargetInfo
-from moetvm.runtime.cache import ExpertCache
+from moetvm.runtime.cache import ExpertCache, hot_set_bytes
 from moetvm.routing import group_by_expert
 from moetvm.runtime.simulator import LFU, POLICIES, _visits, hot_set, simulate, sweep
 from moetvm.runtime.trace import LayerRouting, RoutingTrace, TraceError, TraceRecorder, accesses
@@ -274,10 +274,10 @@ def test_prefetch_usefulness_accounting():
 def test_hot_set_profile():
     sizes = {(0, e): 10 for e in range(6)}
     counts = Counter({(0, 3): 9, (0, 1): 9, (0, 5): 4, (0, 0): 1})
-    # 50% of 40 bytes -> two experts, most used first, ties by key; never-used ones never pinned.
-    assert hot_set(counts, sizes, 40, 0.5) == {(0, 1), (0, 3)}
-    assert hot_set(counts, sizes, 40, 1.0) == {(0, 1), (0, 3), (0, 5)}  # keeps room for one expert
-    assert hot_set(counts, sizes, 1000, 1.0) == {(0, 0), (0, 1), (0, 3), (0, 5)}
+    # 20 of 40 bytes -> two experts, most used first, ties by key; never-used ones never pinned.
+    assert hot_set(counts, sizes, 40, 20) == {(0, 1), (0, 3)}
+    assert hot_set(counts, sizes, 40, 40) == {(0, 1), (0, 3), (0, 5)}  # keeps room for one expert
+    assert hot_set(counts, sizes, 1000, 1000) == {(0, 0), (0, 1), (0, 3), (0, 5)}
     # A separate calibration profile decides the pins: here it pins what the trace never uses.
     trace = sequence_trace([A, B, A, B, C, A, B, C])
     calib = {(0, D): 5, (0, E): 5}
@@ -288,6 +288,23 @@ def test_hot_set_profile():
     # The trace's own counts (A 3, B 3, C 2) pin A and B: only C's first use misses.
     own = simulate(trace, 4, ["pinned"])["pinned"]
     assert (own["hits"], own["misses"]) == (7, 1)
+
+
+def test_pins_leave_lru_room_for_a_token():
+    # A token needs 2 experts of 10 bytes (top-2 in one layer); half the budget always pinned
+    # would leave LRU one expert's room at a budget of 20, so it would hit nothing.
+    assert (hot_set_bytes(20, 20), hot_set_bytes(30, 20), hot_set_bytes(80, 20), hot_set_bytes(10, 20)) == (0, 10, 40, 5)
+    # Six tokens of A and B, then six of C and D: every expert as hot as the others.
+    pairs = [[A, B]] * 6 + [[C, D]] * 6
+    trace = RoutingTrace(1, [5], {(0, e): 10 for e in range(5)},
+                         [{0: LayerRouting(np.array([p]), np.ones((1, 2), np.float32))} for p in pairs])
+    assert trace.token_bytes == 20
+    # Budget 20 (one token's experts): nothing pinned, LRU holds each pair: 2 + 2 misses, 20 hits.
+    # Half pinned (A) leaves one expert's room: B stays (5 hits), then C and D share it: each
+    # token one of them hits and the other's miss evicts it (7 misses).
+    rule, half = simulate(trace, 20, ["pinned"])["pinned"], simulate(trace, 20, ["pinned"], pin_fraction=0.5)["pinned"]
+    assert (rule["pinned"], rule["hits"], rule["misses"]) == (0, 20, 4)
+    assert (half["pinned"], half["hits"], half["misses"]) == (1, 16, 8)
 
 
 # --- accounting and the budget, for every policy ---------------------------------------------

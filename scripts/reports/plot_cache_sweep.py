@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/reports/plot_cache_sweep.py TRACE.npz -o sweep.png
         [--budgets 12.5%,25%,50%,100%] [--policies lru,lfu,pinned,runtime,belady]
-        [--profile CALIBRATION.npz] [--pin-fraction 0.5]
+        [--profile CALIBRATION.npz] [--pin-fraction F]
 
 The table has one row per (budget, policy): hit rate, demand misses and MB loaded (every load:
 demand, prefetch and the pinned hot set). The plot has hit rate against budget (% of all routed
@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from moetvm.runtime.simulator import DEFAULT_PIN_FRACTION, POLICIES, sweep
+from moetvm.runtime.simulator import POLICIES, sweep
 from moetvm.runtime.trace import RoutingTrace
 
 DEFAULT_BUDGETS = "12.5%,25%,37.5%,50%,62.5%,75%,87.5%,100%"
@@ -31,8 +31,9 @@ def main(argv=None) -> int:
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated, from " + ", ".join(POLICIES))
     ap.add_argument("--profile", type=Path, help="calibration trace choosing the pinned hot set "
                                                  "(default: the trace's own counts, an optimistic oracle)")
-    ap.add_argument("--pin-fraction", type=float, default=DEFAULT_PIN_FRACTION,
-                    help="share of the budget the pinned hot set may take (default %(default)s)")
+    ap.add_argument("--pin-fraction", type=float, default=None,
+                    help="share of the budget the pinned hot set may take (default: the runtime's rule, "
+                         "room for a token's experts left, at most half)")
     args = ap.parse_args(argv)
 
     try:
