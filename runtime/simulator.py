@@ -11,7 +11,8 @@ Policies:
            also those before an eviction (MoE expert popularity is fairly stable, and in-cache
            counts would evict each newcomer first); ties go to the least recently used.
   pinned   a hot set chosen from a usage profile is loaded up front and never evicted; LRU
-           runs in the rest of the budget (see `hot_set`). The runtime's default.
+           runs in the rest of the budget (see `hot_set`), by layer under a budget smaller than
+           a token's experts (see `Pinned`). The runtime's default.
   runtime  the runtime with `--prefetch`: pinned + LRU + prefetch of each layer's `predicted`
            experts before the layer runs (see `Runtime`). Needs `LayerRouting.predicted` in the
            trace; without it, = pinned. It hits more than `pinned`, but hits are not time: its
@@ -140,14 +141,39 @@ def hot_set(counts: Mapping[Key, int], sizes: Mapping[Key, int], budget: int, li
 
 class Pinned(LRU):
     """LRU with a hot set loaded at start (counted in loads and bytes_loaded, not as misses:
-    the runtime would load it with the model)."""
+    the runtime would load it with the model). Under a budget smaller than a token's experts
+    (`token_bytes`; `layers` in the order they run) it evicts as the runtime does there
+    (`MoEModel._layer_order`): experts their layer's last run did not use first, least recently
+    used first; then by when their layer runs next, furthest first."""
 
-    def __init__(self, budget, sizes, pinned: set[Key]):
+    def __init__(self, budget, sizes, pinned: set[Key], token_bytes: int = 0, layers: Iterable[int] = ()):
         super().__init__(budget, sizes)
         for key in sorted(pinned):
             self._load(key)
             del self.resident[key]  # held apart from the LRU order, never a victim
         self.pinned = set(pinned)
+        self.by_layer = budget < token_bytes
+        self.rank = {layer: i for i, layer in enumerate(layers)}
+        self.runs = dict.fromkeys(self.rank, 0)
+        self.used_at: dict[Key, int] = {}
+        self.current = 0
+
+    def visit(self, keys: list[Key], pos: int) -> None:
+        if self.by_layer and keys:
+            layer = keys[0][0]
+            self.current, run = self.rank[layer], self.runs[layer] + 1
+            self.runs[layer] = run
+            self.used_at.update(dict.fromkeys(keys, run))
+        super().visit(keys, pos)
+
+    def victim(self):
+        if not self.by_layer:
+            return super().victim()
+        for key in self.resident:  # least recently used first
+            if self.used_at.get(key, 0) < self.runs[key[0]]:
+                return key
+        n = len(self.rank)
+        return max(self.resident, key=lambda key: (self.rank[key[0]] - self.current - 1) % n)  # first of the furthest
 
     def result(self):
         return {**super().result(), "pinned": len(self.pinned),
@@ -168,8 +194,8 @@ class Runtime(Pinned):
     first demand access is a hit and a useful prefetch.
     """
 
-    def __init__(self, budget, sizes, pinned):
-        super().__init__(budget, sizes, pinned)
+    def __init__(self, budget, sizes, pinned, token_bytes: int = 0, layers: Iterable[int] = ()):
+        super().__init__(budget, sizes, pinned, token_bytes, layers)
         self.prefetch_loads = self.prefetch_bytes = self.prefetch_skipped = 0
 
     def prefetch(self, layer, previous, experts):
@@ -283,9 +309,10 @@ def simulate(trace: RoutingTrace, budget: int | float | str, policies: Iterable[
     needs_pins = {"pinned", "runtime"} & set(policies)
     limit = hot_set_bytes(budget_bytes, trace.token_bytes) if pin_fraction is None else int(pin_fraction * budget_bytes)
     pinned = hot_set(_profile_counts(trace, profile), sizes, budget_bytes, limit) if needs_pins else set()
+    layers = sorted({layer for layer, _ in sizes})  # the order MoE layers run in a step
     makers = {"lru": lambda: LRU(budget_bytes, sizes), "lfu": lambda: LFU(budget_bytes, sizes),
-              "pinned": lambda: Pinned(budget_bytes, sizes, pinned),
-              "runtime": lambda: Runtime(budget_bytes, sizes, pinned),
+              "pinned": lambda: Pinned(budget_bytes, sizes, pinned, trace.token_bytes, layers),
+              "runtime": lambda: Runtime(budget_bytes, sizes, pinned, trace.token_bytes, layers),
               "belady": lambda: Belady(budget_bytes, sizes, sequence)}
     unknown = [name for name in policies if name not in makers]
     if unknown:

@@ -293,7 +293,7 @@ def test_hot_set_profile():
 def test_pins_leave_lru_room_for_a_token():
     # A token needs 2 experts of 10 bytes (top-2 in one layer); half the budget always pinned
     # would leave LRU one expert's room at a budget of 20, so it would hit nothing.
-    assert (hot_set_bytes(20, 20), hot_set_bytes(30, 20), hot_set_bytes(80, 20), hot_set_bytes(10, 20)) == (0, 10, 40, 5)
+    assert (hot_set_bytes(20, 20), hot_set_bytes(30, 20), hot_set_bytes(80, 20), hot_set_bytes(10, 20)) == (0, 10, 40, 0)
     # Six tokens of A and B, then six of C and D: every expert as hot as the others.
     pairs = [[A, B]] * 6 + [[C, D]] * 6
     trace = RoutingTrace(1, [5], {(0, e): 10 for e in range(5)},
@@ -305,6 +305,20 @@ def test_pins_leave_lru_room_for_a_token():
     rule, half = simulate(trace, 20, ["pinned"])["pinned"], simulate(trace, 20, ["pinned"], pin_fraction=0.5)["pinned"]
     assert (rule["pinned"], rule["hits"], rule["misses"]) == (0, 20, 4)
     assert (half["pinned"], half["hits"], half["misses"]) == (1, 16, 8)
+
+
+def test_under_a_tokens_experts_eviction_goes_by_layer():
+    # Two layers, A and B in each, every token: a token takes 40 bytes, the budget 30.
+    steps = [{0: LayerRouting(np.array([[A, B]]), np.ones((1, 2), np.float32)),
+              1: LayerRouting(np.array([[A, B]]), np.ones((1, 2), np.float32))} for _ in range(5)]
+    trace = RoutingTrace(2, [2, 2], {(layer, e): 10 for layer in (0, 1) for e in (A, B)}, steps)
+    r = simulate(trace, 30, ["lru", "pinned"])
+    # LRU: from the second token on, each layer's one resident expert hits and its miss evicts
+    # the next layer's oldest, which that layer needs next.
+    assert (r["lru"]["hits"], r["lru"]["misses"]) == (8, 12)
+    # By layer, layer 1's second miss evicts layer 1's first (its layer runs furthest ahead): from
+    # the second token on, layer 0's two hit, and in layer 1 one hits and the other's miss evicts it.
+    assert (r["pinned"]["pinned"], r["pinned"]["hits"], r["pinned"]["misses"]) == (0, 12, 8)
 
 
 # --- accounting and the budget, for every policy ---------------------------------------------
