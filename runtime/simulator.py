@@ -191,7 +191,8 @@ class Runtime(Pinned):
     as the least recently used (first out, until a demand uses it: a wrong prediction then costs
     the last wrong one, not an expert in use). A predicted expert already resident is moved to
     most recently used so the layer's own misses do not evict it first. A prefetched expert's
-    first demand access is a hit and a useful prefetch.
+    first demand access is a hit and a useful prefetch. (Under a budget smaller than a token's
+    experts the runtime's prefetches evict by layer, as its demand does; here they evict by LRU.)
     """
 
     def __init__(self, budget, sizes, pinned, token_bytes: int = 0, layers: Iterable[int] = ()):
