@@ -146,6 +146,17 @@ def test_symlink_escaping_artifact_refused(artifact_copy, tmp_path):
         load_model(artifact_copy)
 
 
+def test_symlink_into_a_sibling_whose_name_extends_the_artifacts_refused(artifact_copy):
+    # /x/art2/... starts with the characters of /x/art: containment is by path components.
+    path = _expert_path(artifact_copy)
+    sibling = artifact_copy.with_name(artifact_copy.name + "2")
+    sibling.mkdir()
+    shutil.move(path, sibling / path.name)
+    path.symlink_to(sibling / path.name)
+    with pytest.raises(ArtifactError, match="resolves outside the artifact directory"):
+        load_model(artifact_copy)
+
+
 def test_not_an_artifact(tmp_path):
     with pytest.raises(ArtifactError, match="no manifest"):
         load_model(tmp_path)
