@@ -167,13 +167,21 @@ class Pinned(LRU):
         super().visit(keys, pos)
 
     def victim(self):
+        return next(self.eviction_order()) if self.by_layer else super().victim()
+
+    def eviction_order(self) -> Iterator[Key]:
+        """Resident (unpinned) experts, first evicted first."""
         if not self.by_layer:
-            return super().victim()
-        for key in self.resident:  # least recently used first
+            yield from self.resident  # least recently used first
+            return
+        fresh = []
+        for key in self.resident:
             if self.used_at.get(key, 0) < self.runs[key[0]]:
-                return key
+                yield key
+            else:
+                fresh.append(key)
         n = len(self.rank)
-        return max(self.resident, key=lambda key: (self.rank[key[0]] - self.current - 1) % n)  # first of the furthest
+        yield from sorted(fresh, key=lambda key: (self.current - self.rank[key[0]]) % n)
 
     def result(self):
         return {**super().result(), "pinned": len(self.pinned),
@@ -191,8 +199,8 @@ class Runtime(Pinned):
     as the least recently used (first out, until a demand uses it: a wrong prediction then costs
     the last wrong one, not an expert in use). A predicted expert already resident is moved to
     most recently used so the layer's own misses do not evict it first. A prefetched expert's
-    first demand access is a hit and a useful prefetch. (Under a budget smaller than a token's
-    experts the runtime's prefetches evict by layer, as its demand does; here they evict by LRU.)
+    first demand access is a hit and a useful prefetch. Under a budget smaller than a token's
+    experts, "least recently used first" is `Pinned.eviction_order`, as for the demand.
     """
 
     def __init__(self, budget, sizes, pinned, token_bytes: int = 0, layers: Iterable[int] = ()):
@@ -209,7 +217,7 @@ class Runtime(Pinned):
                 self.resident.move_to_end(key)
                 continue
             need, victims = self.used + self.sizes[key] - self.budget, []
-            for k in self.resident:  # least recently used first
+            for k in self.eviction_order():
                 if need <= 0:
                     break
                 if k[0] not in protected:

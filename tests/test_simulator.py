@@ -12,7 +12,7 @@ import pytest
 from moetvm.artifact import Expert, FileRef, Manifest, ModelInfo, MoELayer, Router, TargetInfo
 from moetvm.runtime.cache import ExpertCache, hot_set_bytes
 from moetvm.routing import group_by_expert
-from moetvm.runtime.simulator import LFU, POLICIES, _visits, hot_set, simulate, sweep
+from moetvm.runtime.simulator import LFU, POLICIES, Pinned, _visits, hot_set, simulate, sweep
 from moetvm.runtime.trace import LayerRouting, RoutingTrace, TraceError, TraceRecorder, accesses
 
 
@@ -319,6 +319,17 @@ def test_under_a_tokens_experts_eviction_goes_by_layer():
     # By layer, layer 1's second miss evicts layer 1's first (its layer runs furthest ahead): from
     # the second token on, layer 0's two hit, and in layer 1 one hits and the other's miss evicts it.
     assert (r["pinned"]["pinned"], r["pinned"]["hits"], r["pinned"]["misses"]) == (0, 12, 8)
+
+
+def test_eviction_order_by_layer_what_a_layers_last_run_left_first():
+    sizes = {(layer, e): 10 for layer in (0, 1) for e in (A, B)}
+    cache = Pinned(30, sizes, set(), token_bytes=40, layers=[0, 1])
+    cache.visit([(0, A), (0, B)], 0)
+    cache.visit([(1, A)], 2)
+    assert list(cache.eviction_order()) == [(1, A), (0, A), (0, B)]  # the layer now running first
+    cache.visit([(0, A)], 3)  # layer 0 ran again without B: B goes first, then by layer
+    assert list(cache.eviction_order()) == [(0, B), (0, A), (1, A)]
+    assert list(Pinned(30, sizes, set()).eviction_order()) == []  # at or over a token's experts: LRU
 
 
 # --- accounting and the budget, for every policy ---------------------------------------------
