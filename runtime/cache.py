@@ -28,7 +28,7 @@ import weakref
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable
+from typing import Callable, Hashable, Iterable, Iterator
 
 from moetvm.budget import parse_budget  # noqa: F401 - re-exported: the runtime's budget parser
 
@@ -41,11 +41,42 @@ def hot_set_bytes(budget: int, token_bytes: int) -> int:
     Least-recently-used order keeps what consecutive tokens share only while its part of the
     budget holds a whole token's experts: with less, it evicts each expert just before its next
     use and hits nothing. So the pins leave that room, and take at most half. Under a token's
-    experts nothing is pinned: eviction then goes by layer (`MoEModel._layer_order`), which does
+    experts nothing is pinned: eviction then goes by layer (`LayerUse`), which does
     better without pins. The shipped model's held-out trace, hit rate at 12.5/25/37.5/50% of
     its experts (a token's are 25%): 18.8/39.4/48.6/56.0%, against 7.9/16.0/40.6/56.0% for half
     the budget pinned always and 0.0/39.4/44.6/58.7% for plain LRU (`moetvm simulate`)."""
     return int(min(PIN_FRACTION * budget, max(budget - token_bytes, 0)))
+
+
+class LayerUse:
+    """Eviction under a budget smaller than a token's experts, where least-recently-used order
+    evicts each expert just before its next use and hits nothing: which run of its layer last
+    used each expert, and the order that follows. (By layer alone, without "not used at its
+    layer's last run" first, the layers a prefill left holding more experts kept them for good.)"""
+
+    def __init__(self, layers: Iterable[int]):
+        self.rank = {layer: i for i, layer in enumerate(layers)}  # layers in the order they run
+        self.runs = dict.fromkeys(self.rank, 0)
+        self.used_at: dict = {}  # expert key (its layer first) -> the run of its layer that last used it
+
+    def note(self, layer: int, keys: Iterable[Hashable]) -> None:
+        """Layer `layer` runs, using `keys`."""
+        run = self.runs[layer] = self.runs[layer] + 1
+        self.used_at.update(dict.fromkeys(keys, run))
+
+    def order(self, keys: Iterable[Hashable], layer: int) -> Iterator[Hashable]:
+        """`keys` (least recently used first) in eviction order while `layer` runs: those their
+        layer's last run did not use first, as they come; then by when their layer runs next,
+        furthest first: `layer` itself, then the one before it, and so on."""
+        rank, runs, used_at = self.rank, self.runs, self.used_at
+        fresh = []
+        for key in keys:
+            if used_at.get(key, 0) < runs[key[0]]:
+                yield key
+            else:
+                fresh.append(key)
+        n, current = len(rank), rank[layer]
+        yield from sorted(fresh, key=lambda key: (current - rank[key[0]]) % n)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from moetvm.artifact import (FIXED_MODES, ArtifactError, Expert, Manifest, MoELa
                              fused_function, read_manifest, read_verified)
 from moetvm.encryption import EncryptionError, WeightCipher, key_from
 
-from .cache import AdaptiveBudget, ExpertCache, SlowStorage, hot_set_bytes, parse_budget
+from .cache import AdaptiveBudget, ExpertCache, LayerUse, SlowStorage, hot_set_bytes, parse_budget
 from .generation import Generation, GenerationError, Sampler, Sampling, Token
 from .tokenizer import Tokenizer, load_tokenizer
 from . import tvm_runtime
@@ -235,9 +235,7 @@ class MoEModel:
         moe_steps = [step.layer for step in manifest.program if step.op == "moe"]
         self._next_layer = dict(zip(moe_steps, moe_steps[1:]))
         self._next_layer_order = moe_steps
-        self._run_rank = {layer: i for i, layer in enumerate(moe_steps)}
-        self._layer_runs = dict.fromkeys(moe_steps, 0)  # runs of each MoE layer so far
-        self._used_at: dict = {}  # expert key -> the run of its layer that last used it
+        self._layer_use = LayerUse(moe_steps)  # eviction under a token's experts
         self._token_bytes = manifest.token_cache_bytes
         self._decode_step_hits = sum(self._layers[layer].router.top_k for layer in moe_steps)
         # (lookahead span, slots per layer) when every layer's routing is fixed by position
@@ -410,10 +408,9 @@ class MoEModel:
         prefetching = self.prefetch_enabled and self.cache.stats.resident_bytes < self.total_expert_bytes
         order = self._future_order(index, where)
         if order is None and self.cache.budget < self._token_bytes:  # under a token's experts: by layer
-            run = self._layer_runs[index] = self._layer_runs[index] + 1
-            self._used_at.update(dict.fromkeys([(index, int(e)) for e in np.unique(indices) if e != SKIPPED], run))
-            self._used_at.update(dict.fromkeys([(index, "shared", j) for j in range(len(layer.shared))], run))
-            order = self._layer_order(index)
+            self._layer_use.note(index, [(index, int(e)) for e in np.unique(indices) if e != SKIPPED]
+                                 + [(index, "shared", j) for j in range(len(layer.shared))])
+            order = functools.partial(self._layer_use.order, layer=index)
         if nxt is not None and (prefetching or self.recorder is not None):
             # Gate lookahead: the next layer's router on this layer's input predicts its experts
             # (exactly, for fixed-pattern routing).
@@ -608,25 +605,6 @@ class MoEModel:
             return float("inf")
 
         return lambda keys: sorted(keys, key=next_use, reverse=True)
-
-    def _layer_order(self, index: int):
-        """Eviction under a budget smaller than a token's experts, where least-recently-used order
-        evicts each expert just before its next use and hits nothing. Candidates (least recently
-        used first) that their layer's last run did not use go first; then by when their layer
-        runs next, furthest first: the layer now running, then the one before it, and so on.
-        (By layer alone, the layers that a prefill left holding more experts kept them for good.)"""
-        rank, runs, used_at = self._run_rank, self._layer_runs, self._used_at
-        n, current = len(rank), rank[index]
-
-        def order(keys):
-            fresh = []
-            for key in keys:
-                if used_at.get(key, 0) < runs[key[0]]:
-                    yield key
-                else:
-                    fresh.append(key)
-            yield from sorted(fresh, key=lambda key: (current - rank[key[0]]) % n)
-        return order
 
     def adopt_experts(self, previous: "MoEModel") -> int:
         """Pick up a new artifact version without reloading what did not change: every expert

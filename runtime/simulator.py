@@ -28,7 +28,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 
 from moetvm.budget import BudgetError, parse_budget
-from .cache import hot_set_bytes
+from .cache import LayerUse, hot_set_bytes
 from .trace import TraceError, Key, RoutingTrace, accesses
 
 POLICIES = ("lru", "lfu", "pinned", "runtime", "belady")
@@ -143,8 +143,8 @@ class Pinned(LRU):
     """LRU with a hot set loaded at start (counted in loads and bytes_loaded, not as misses:
     the runtime would load it with the model). Under a budget smaller than a token's experts
     (`token_bytes`; `layers` in the order they run) it evicts as the runtime does there
-    (`MoEModel._layer_order`): experts their layer's last run did not use first, least recently
-    used first; then by when their layer runs next, furthest first."""
+    (`cache.LayerUse`): experts their layer's last run did not use first, least recently used
+    first; then by when their layer runs next, furthest first."""
 
     def __init__(self, budget, sizes, pinned: set[Key], token_bytes: int = 0, layers: Iterable[int] = ()):
         super().__init__(budget, sizes)
@@ -152,36 +152,24 @@ class Pinned(LRU):
             self._load(key)
             del self.resident[key]  # held apart from the LRU order, never a victim
         self.pinned = set(pinned)
-        self.by_layer = budget < token_bytes
-        self.rank = {layer: i for i, layer in enumerate(layers)}
-        self.runs = dict.fromkeys(self.rank, 0)
-        self.used_at: dict[Key, int] = {}
-        self.current = 0
+        self.layer_use = LayerUse(layers) if budget < token_bytes else None
+        # The layer last visited (a prefetch comes before its own layer's visit): the first at start.
+        self.current = next(iter(self.layer_use.rank), None) if self.layer_use is not None else None
 
     def visit(self, keys: list[Key], pos: int) -> None:
-        if self.by_layer and keys:
-            layer = keys[0][0]
-            self.current, run = self.rank[layer], self.runs[layer] + 1
-            self.runs[layer] = run
-            self.used_at.update(dict.fromkeys(keys, run))
+        if self.layer_use is not None and keys:
+            self.current = keys[0][0]
+            self.layer_use.note(self.current, keys)
         super().visit(keys, pos)
 
     def victim(self):
-        return next(self.eviction_order()) if self.by_layer else super().victim()
+        return next(self.eviction_order()) if self.layer_use is not None else super().victim()
 
     def eviction_order(self) -> Iterator[Key]:
         """Resident (unpinned) experts, first evicted first."""
-        if not self.by_layer:
-            yield from self.resident  # least recently used first
-            return
-        fresh = []
-        for key in self.resident:
-            if self.used_at.get(key, 0) < self.runs[key[0]]:
-                yield key
-            else:
-                fresh.append(key)
-        n = len(self.rank)
-        yield from sorted(fresh, key=lambda key: (self.current - self.rank[key[0]]) % n)
+        if self.layer_use is None:
+            return iter(self.resident)  # least recently used first
+        return self.layer_use.order(self.resident, self.current)
 
     def result(self):
         return {**super().result(), "pinned": len(self.pinned),
