@@ -71,6 +71,9 @@ def olmoe(tmp_path_factory):
 
 def test_transformers_model_decodes_as_the_python_runtime(native, olmoe):
     model, fp32, int4 = olmoe
+    tables = [t for w in json.loads((fp32 / "manifest.json").read_text())["weights"] for t in w["tensors"]
+              if t.get("lookup_rows")]
+    assert tables  # its untied table is read by the slices the tokens reach
     prompt = np.random.default_rng(3).integers(0, 128, size=12).tolist()
     assert run_native(native, fp32, prompt, 24)["new_ids"] == _greedy(model, prompt, 24)
     # Quantized weights and scales in their pools' slots, the dense part's too: the same kernels

@@ -123,6 +123,7 @@ FileRef file_ref(const Json& v, const std::string& what) {
 struct TensorSpec {
   std::string name, dtype;
   std::vector<int64_t> shape;
+  int64_t lookup_rows = 0;  // a table gathered at token ids, slice i holding rows [i * rows, (i + 1) * rows)
   int64_t bytes() const;
 };
 DLDataType dl_dtype(const std::string& name) {
@@ -147,6 +148,10 @@ TensorSpec tensor_spec(const Json& v, const std::string& what) {
   TensorSpec spec{text(o, "name", what), text(o, "dtype", what), {}};
   for (const Json& d : array(get(o, "shape", what), what + ".shape")) spec.shape.push_back(integer(d, what + ".shape"));
   dl_dtype(spec.dtype);
+  if (has(o, "lookup_rows")) {
+    spec.lookup_rows = integer(o, "lookup_rows", what);
+    if (spec.lookup_rows <= 0 || spec.shape.size() < 2) refuse("manifest.json: tensor " + spec.name + ": bad lookup_rows");
+  }
   return spec;
 }
 
@@ -380,6 +385,7 @@ class VerifiedFile {
     if (ref_.sha256 != hex) refuse(ref_.path + ": SHA-256 mismatch (corrupted or tampered)");
   }
   int64_t size() const { return ref_.size; }
+  int duplicate() const { return dup(fd_); }  // this very file, for reads after the check
 
  private:
   FileRef ref_;
@@ -508,12 +514,66 @@ ffi::Module load_library(const std::string& root, const FileRef& ref, const std:
 
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
 
+// An input embedding table held by the slices its tokens reach (runtime/lookup_table.py): a token
+// reads one row of an untied table, yet loaded whole it stays resident (OLMoE's is 206 MB at
+// fp32). Its file was read and hashed whole at load, and each slice's SHA-256 kept; a slice is
+// read again from the same descriptor when its first token comes, and used only if its digest
+// matches. Small pages: a huge page would back 2 MB at the first row.
+class LookupTable {
+ public:
+  LookupTable(const char* verified, const TensorSpec& spec, int fd, int64_t offset, const std::string& path)
+      : spec_(spec), fd_(fd), offset_(offset), path_(path) {
+    slices_ = spec.shape[0];
+    slice_bytes_ = spec.bytes() / slices_;
+    for (int64_t i = 0; i < slices_; ++i) digests_.push_back(digest(verified + i * slice_bytes_));
+    filled_.assign(slices_, false);
+    length_ = std::max<size_t>(1, spec.bytes());
+    base_ = static_cast<char*>(mmap(nullptr, length_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    if (base_ == MAP_FAILED) refuse("cannot map an embedding table");
+    madvise(base_, length_, MADV_NOHUGEPAGE);
+  }
+  ~LookupTable() {
+    munmap(base_, length_);
+    close(fd_);
+  }
+  ffi::Tensor tensor() const { return tensor_at(base_, spec_.shape, spec_.dtype); }
+  void fill_token(int64_t token) {
+    int64_t i = std::min(std::max<int64_t>(token, 0) / spec_.lookup_rows, slices_ - 1);
+    if (filled_[i]) return;
+    char* at = base_ + i * slice_bytes_;
+    if (pread(fd_, at, slice_bytes_, offset_ + i * slice_bytes_) != slice_bytes_ || digest(at) != digests_[i]) {
+      std::memset(at, 0, slice_bytes_);
+      refuse(path_ + ": changed since it was loaded (slice " + std::to_string(i) +
+             " of an embedding table differs from the bytes verified then)");
+    }
+    filled_[i] = true;
+  }
+
+ private:
+  std::string digest(const char* data) const {
+    unsigned char out[32];
+    unsigned int n = 0;
+    EVP_Digest(data, slice_bytes_, out, &n, EVP_sha256(), nullptr);
+    return std::string(reinterpret_cast<char*>(out), n);
+  }
+  TensorSpec spec_;
+  int fd_;
+  int64_t offset_;
+  std::string path_;
+  int64_t slices_ = 0, slice_bytes_ = 0;
+  size_t length_ = 0;
+  char* base_ = nullptr;
+  std::vector<std::string> digests_;
+  std::vector<bool> filled_;
+};
+
 struct Model {
   Manifest manifest;
   std::map<std::string, ffi::Module> vms;
   std::vector<std::unique_ptr<HostBlock>> blocks;
   std::unordered_map<std::string, ffi::Tensor> weights;
   std::map<int64_t, ffi::Tensor> pools;
+  std::vector<std::unique_ptr<LookupTable>> lookups;
 
   ffi::Function function(const std::string& library, const std::string& name) {
     auto vm = vms.find(library);
@@ -536,13 +596,28 @@ void load_dense(const std::string& root, Model& model) {
     file.read_into(data, wf.file.size);
     file.finish();
     auto offsets = tensor_offsets(data, wf.file.size, wf.tensors, wf.file.path);
+    model.blocks.back()->settle();
     for (const TensorSpec& spec : wf.tensors) {
       char* at = data + offsets[spec.name];
+      if (spec.lookup_rows) {
+        if (spec.shape[0] * spec.lookup_rows < model.manifest.vocab)
+          refuse("manifest.json: tensor " + spec.name + ": its slices do not cover the vocabulary");
+        model.lookups.push_back(std::make_unique<LookupTable>(at, spec, file.duplicate(), offsets[spec.name], wf.file.path));
+        model.weights.emplace(spec.name, model.lookups.back()->tensor());
+        // The table's bytes here go back to the system (small pages first, so that no huge page
+        // comes back over them).
+        uintptr_t page = sysconf(_SC_PAGESIZE), first = (reinterpret_cast<uintptr_t>(at) + page - 1) / page * page;
+        uintptr_t last = (reinterpret_cast<uintptr_t>(at) + spec.bytes()) / page * page;
+        if (last > first) {
+          madvise(reinterpret_cast<void*>(first), last - first, MADV_NOHUGEPAGE);
+          madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+        }
+        continue;
+      }
       if (reinterpret_cast<uintptr_t>(at) % kAlign)
         refuse(wf.file.path + ": tensor " + spec.name + " is not 64-byte aligned in its file");
       model.weights.emplace(spec.name, tensor_at(at, spec.shape, spec.dtype));
     }
-    model.blocks.back()->settle();
   }
 }
 
@@ -799,6 +874,7 @@ int run(int argc, char** argv) {
     int64_t token = i < prompt.size() ? prompt[i] : next;
     double t0 = clock();
     *token_at = token, *position_at = length;
+    for (auto& table : model.lookups) table->fill_token(token);
     ffi::Tensor logits;
     if (length == 0) {
       logits = checked_step(0);
