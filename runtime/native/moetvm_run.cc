@@ -336,11 +336,22 @@ std::string real_path(const std::string& path) {
   return buf;
 }
 
+// A relative path with no '..' component, backslash or control character
+// (artifact.safe_relative_path); symbolic links are refused by where they resolve.
+bool relative_inside(const std::string& path) {
+  if (path.empty() || path[0] == '/') return false;
+  for (unsigned char c : path)
+    if (c < 32 || c == '\\') return false;
+  std::stringstream parts(path);
+  for (std::string part; std::getline(parts, part, '/');)
+    if (part == "..") return false;
+  return true;
+}
+
 class VerifiedFile {
  public:
   VerifiedFile(const std::string& root, const FileRef& ref) : ref_(ref) {
-    if (ref.path.empty() || ref.path[0] == '/' || ref.path.find("..") != std::string::npos)
-      refuse(ref.path + ": escapes the artifact directory");
+    if (!relative_inside(ref.path)) refuse("manifest.json: path '" + ref.path + "' escapes the artifact directory");
     std::string real_root = real_path(root), full = real_path(root + "/" + ref.path);
     if (full.empty()) refuse(ref.path + ": missing from the artifact");
     if (full.compare(0, real_root.size() + 1, real_root + "/") != 0) refuse(ref.path + ": resolves outside the artifact directory");
@@ -635,6 +646,7 @@ void load_pools(const std::string& root, Model& model, const std::vector<int64_t
   for (int64_t index : layers) {
     const MoELayer& layer = model.manifest.moe_layers.at(index);
     const Workload& w = model.manifest.workloads.at(layer.workload);
+    if (w.slot_bytes % kAlign) refuse("manifest.json: MoE layer " + std::to_string(index) + ": its slots are not 64-byte multiples");
     for (size_t i = 0; i < w.params.size(); ++i) {
       bool placed = w.slot_offsets[i] >= 0 && w.slot_offsets[i] % kAlign == 0 && w.slot_offsets[i] + w.params[i].bytes() <= w.slot_bytes;
       if (!placed || (i && w.slot_offsets[i] < w.slot_offsets[i - 1] + w.params[i - 1].bytes()))

