@@ -262,8 +262,11 @@ def _thp_enabled() -> bool:
 
 @pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="no transparent huge pages here")
 def test_what_every_token_reads_lives_in_huge_page_memory(reference_artifact, heldout_tokens):
-    """Dense weights, expert pools and the KV cache are advised for huge pages ("hg"): 4 KB pages
-    made the int4 GraniteMoE decode token 5-50% slower and its speed vary between processes."""
+    """Dense weights, expert pools and the KV cache are advised for huge pages ("hg") where they
+    fill whole ones: 4 KB pages made the int4 GraniteMoE decode token 5-50% slower and its speed
+    vary between processes. A block's last partial huge page, and a block smaller than one (the
+    shipped model's weight files, a short KV cache), takes small pages ("nh"): a huge page there
+    backs up to 2 MB never used (test_a_blocks_partial_huge_page_takes_small_pages)."""
     model = load_model(reference_artifact, cache_budget="100%")
     cache = model.new_cache()
     model.step(heldout_tokens[None, :8], cache)
@@ -273,10 +276,30 @@ def test_what_every_token_reads_lives_in_huge_page_memory(reference_artifact, he
     pools = [pool for pool, _ in model._pools.values()]
     assert weights and pools and cache.keys
     for tensor in [weights[0], weights[-1], pools[0], pools[-1], cache.keys[0], cache.values[-1]]:
-        assert "hg" in _mapping(tensor.data_ptr())["VmFlags"].split(), tensor.shape
+        flags = _mapping(tensor.data_ptr())["VmFlags"].split()
+        assert "hg" in flags or "nh" in flags, tensor.shape  # placed by host_arrays, never left to the default
         assert tensor.data_ptr() % 64 == 0
+    for pool in pools:  # 3 MB each, in one 12 MB block: whole huge pages
+        assert "hg" in _mapping(pool.data_ptr())["VmFlags"].split()
     for name in lookups:
         assert "nh" in _mapping(model._weights[name].data_ptr())["VmFlags"].split(), name
     if _thp_enabled():  # filled blocks are huge pages now, whatever the fault got (host_memory.settle)
-        for tensor in (weights[0], pools[0]):
+        for tensor in (pools[0], pools[-1]):
             assert int(_mapping(tensor.data_ptr())["AnonHugePages"].split()[0]) > 0, tensor.shape
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="no transparent huge pages here")
+def test_a_blocks_partial_huge_page_takes_small_pages():
+    from moetvm.runtime.host_memory import HUGE_PAGE, host_arrays
+
+    _, (whole_and_half, tail) = host_arrays([((HUGE_PAGE * 2 + HUGE_PAGE // 2,), "uint8"), ((1000,), "float32")])
+    assert whole_and_half.ctypes.data % HUGE_PAGE == 0
+    assert "hg" in _mapping(whole_and_half.ctypes.data)["VmFlags"].split()
+    assert "hg" in _mapping(whole_and_half.ctypes.data + HUGE_PAGE * 2 - 1)["VmFlags"].split()
+    assert "nh" in _mapping(whole_and_half.ctypes.data + HUGE_PAGE * 2)["VmFlags"].split()
+    assert "nh" in _mapping(tail.ctypes.data)["VmFlags"].split()
+    _, (small,) = host_arrays([((HUGE_PAGE // 4,), "uint8")])
+    assert "nh" in _mapping(small.ctypes.data)["VmFlags"].split()
+    whole_and_half[:] = 1  # written whole: two huge pages, the half in small ones
+    if _thp_enabled():
+        assert int(_mapping(whole_and_half.ctypes.data)["AnonHugePages"].split()[0]) <= 2 * HUGE_PAGE // 1024

@@ -36,7 +36,6 @@
 #include <map>
 #include <memory>
 #include <optional>
-#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -716,127 +715,142 @@ const char* kUsage =
     "usage: moetvm-run ARTIFACT --token-ids 1,2,3 [--max-new-tokens N] [--ignore-eos] [--threads N] [--json]\n"
     "Greedy decode of a moetvm artifact (every expert resident, one call a token), without Python.\n";
 
-int run(int argc, char** argv) {
-  std::string root, ids_text;
+struct Options {
+  std::string root, token_ids;
   int64_t max_new = 64;
   bool ignore_eos = false, as_json = false;
+};
+
+// The command line, or nullopt where it asked for --help or --version (printed here).
+std::optional<Options> parse_options(int argc, char** argv) {
+  Options o;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&]() -> std::string {
       if (i + 1 >= argc) refuse(a + " needs a value");
       return argv[++i];
     };
-    if (a == "--token-ids") ids_text = value();
-    else if (a == "--max-new-tokens") {
-      std::string v = value();
+    auto positive = [&](const std::string& v) {
       char* end;
-      max_new = std::strtoll(v.c_str(), &end, 10);
-      if (*end || max_new < 1) refuse("--max-new-tokens must be a positive integer, got '" + v + "'");
-    } else if (a == "--threads") {
-      std::string v = value();
-      if (v.empty() || v.find_first_not_of("0123456789") != std::string::npos || v == "0")
-        refuse("--threads must be a positive integer, got '" + v + "'");
-      setenv("TVM_NUM_THREADS", v.c_str(), 1);  // read when TVM's thread pool starts
-    } else if (a == "--ignore-eos") ignore_eos = true;
-    else if (a == "--json") as_json = true;
+      long long n = std::strtoll(v.c_str(), &end, 10);
+      if (v.empty() || *end || n < 1) refuse(a + " must be a positive integer, got '" + v + "'");
+      return static_cast<int64_t>(n);
+    };
+    if (a == "--token-ids") o.token_ids = value();
+    else if (a == "--max-new-tokens") o.max_new = positive(value());
+    else if (a == "--threads") setenv("TVM_NUM_THREADS", std::to_string(positive(value())).c_str(), 1);  // read when TVM's pool starts
+    else if (a == "--ignore-eos") o.ignore_eos = true;
+    else if (a == "--json") o.as_json = true;
     else if (a == "--version") {
       std::printf("moetvm-run (artifact formats %lld-%lld)\n", static_cast<long long>(kMinFormat), static_cast<long long>(kMaxFormat));
-      return 0;
+      return std::nullopt;
     } else if (a == "-h" || a == "--help") {
       std::fputs(kUsage, stdout);
-      return 0;
+      return std::nullopt;
     } else if (!a.empty() && a[0] == '-') refuse("unknown option " + a);
-    else if (root.empty()) root = a;
+    else if (o.root.empty()) o.root = a;
     else refuse("one artifact directory, got a second: " + a);
   }
-  if (root.empty() || ids_text.empty()) refuse("give an artifact directory and --token-ids (see --help)");
+  if (o.root.empty() || o.token_ids.empty()) refuse("give an artifact directory and --token-ids (see --help)");
   struct stat info;
-  if (stat(root.c_str(), &info) || !S_ISDIR(info.st_mode)) refuse(root + ": no such artifact directory");
+  if (stat(o.root.c_str(), &info) || !S_ISDIR(info.st_mode)) refuse(o.root + ": no such artifact directory");
+  return o;
+}
 
-  auto clock = [] { return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count(); };
-  double t_start = clock();
-  Model model;
-  model.manifest = read_manifest(root);
-  Manifest& m = model.manifest;
-  std::vector<int64_t> prompt;
-  std::stringstream ids(ids_text);
-  for (std::string item; std::getline(ids, item, ',');) {
+std::vector<int64_t> parse_token_ids(const std::string& text, int64_t vocab) {
+  std::vector<int64_t> ids;
+  std::stringstream items(text);
+  for (std::string item; std::getline(items, item, ',');) {
     char* end;
     long long id = std::strtoll(item.c_str(), &end, 10);
-    if (item.empty() || *end || id < 0 || id >= m.vocab)
-      refuse("token id '" + item + "' is not in the vocabulary [0, " + std::to_string(m.vocab) + ")");
-    prompt.push_back(id);
+    if (item.empty() || *end || id < 0 || id >= vocab)
+      refuse("token id '" + item + "' is not in the vocabulary [0, " + std::to_string(vocab) + ")");
+    ids.push_back(id);
   }
-  int64_t positions = static_cast<int64_t>(prompt.size()) + max_new;
-  if (m.max_positions && positions > m.max_positions)
-    refuse("sequence of " + std::to_string(positions) + " tokens exceeds the model's " + std::to_string(m.max_positions) + " positions");
+  return ids;
+}
 
-  for (const auto& [name, ref] : m.libraries) model.vms.emplace(name, load_library(root, ref, machine()));
-  load_dense(root, model);
-  std::vector<int64_t> moe_order;
-  for (const Step& step : m.program)
-    if (step.op == "moe") {
-      if (!m.moe_layers.count(step.layer)) refuse("manifest.json: step " + step.name + " names no MoE layer");
-      moe_order.push_back(step.layer);
+// One token at a time on the KV cache in place: the step's inputs (KV buffers, the token and
+// its position, the cached positions) and the one-call step's arguments, made once.
+class Decoder {
+ public:
+  // KV buffers for exactly the positions a generation writes, to the capacity multiple: each the
+  // shape the manifest's input gives, batch 1, its symbolic dimension the capacity (in blocks
+  // where the layout has them).
+  Decoder(Model& model, const std::vector<int64_t>& moe_order, int64_t positions) : model_(model), m_(model.manifest) {
+    capacity_ = (positions + m_.capacity_multiple - 1) / m_.capacity_multiple * m_.capacity_multiple;
+    int64_t held = m_.block ? capacity_ / m_.block : capacity_;
+    std::vector<TensorSpec> buffers;
+    size_t bytes = 3 * kAlign + capacity_ * sizeof(int64_t);
+    for (const TensorSpec& spec : m_.inputs)
+      if (spec.name.rfind("key_buffer_", 0) == 0 || spec.name.rfind("value_buffer_", 0) == 0) {
+        TensorSpec buffer = spec;
+        if (buffer.shape.empty() || spec.dtype != m_.kv_dtype) refuse("manifest.json: KV buffer " + spec.name + " disagrees with the cache");
+        buffer.shape[0] = 1;
+        for (size_t i = 1; i < buffer.shape.size(); ++i) buffer.shape[i] = buffer.shape[i] < 0 ? held : buffer.shape[i];
+        buffers.push_back(buffer);
+        bytes += aligned(buffer.bytes());
+      }
+    block_ = std::make_unique<HostBlock>(bytes);  // read whole by every token at long contexts, as the weights are
+    char* at = block_->data();
+    for (const TensorSpec& buffer : buffers) {
+      inputs_.emplace(buffer.name, tensor_at(at, buffer.shape, buffer.dtype));
+      at += aligned(buffer.bytes());
     }
-  load_pools(root, model, moe_order);
+    token_ = reinterpret_cast<int64_t*>(at);
+    position_ = reinterpret_cast<int64_t*>(at + kAlign);
+    arange_ = reinterpret_cast<int64_t*>(at + 2 * kAlign);
+    for (int64_t i = 0; i < capacity_; ++i) arange_[i] = i;
+    inputs_.emplace("tokens", tensor_at(token_, {1, 1}, "int64"));
+    inputs_.emplace("positions", tensor_at(position_, {1, 1}, "int64"));
 
-  // The KV cache in place, for exactly the positions this generation writes (to the capacity
-  // multiple): each buffer the shape the manifest's input gives, batch 1, its symbolic dimension
-  // the capacity (in blocks where the layout has them).
-  int64_t capacity = (positions + m.capacity_multiple - 1) / m.capacity_multiple * m.capacity_multiple;
-  int64_t held = m.block ? capacity / m.block : capacity;
-  std::unordered_map<std::string, ffi::Tensor> inputs;
-  std::vector<std::pair<const TensorSpec*, std::vector<int64_t>>> buffers;
-  size_t kv_bytes = 0;
-  for (const TensorSpec& spec : m.inputs)
-    if (spec.name.rfind("key_buffer_", 0) == 0 || spec.name.rfind("value_buffer_", 0) == 0) {
-      std::vector<int64_t> shape = spec.shape;
-      if (shape.empty() || spec.dtype != m.kv_dtype) refuse("manifest.json: KV buffer " + spec.name + " disagrees with the cache");
-      shape[0] = 1;
-      for (size_t i = 1; i < shape.size(); ++i) shape[i] = shape[i] < 0 ? held : shape[i];
-      buffers.emplace_back(&spec, shape);
-      kv_bytes += (TensorSpec{spec.name, spec.dtype, shape}.bytes() + kAlign - 1) / kAlign * kAlign;
+    // The one-call step's arguments: its inputs (the cached positions set per token), the dense
+    // weights, then each MoE layer's pool in program order.
+    decode_step_ = model.function("segments", m_.decode_function);
+    for (const std::string& name : m_.decode_inputs) {
+      if (name == "past_positions") {
+        past_at_.push_back(step_args_.size());
+        step_args_.emplace_back(nullptr);
+      } else if (inputs_.count(name)) step_args_.emplace_back(inputs_.at(name));
+      else refuse("manifest.json: decode_step takes an input '" + name + "' moetvm-run does not know");
     }
-  model.blocks.push_back(std::make_unique<HostBlock>(kv_bytes + 3 * kAlign + capacity * 8));
-  char* at = model.blocks.back()->data();
-  for (const auto& [spec, shape] : buffers) {
-    inputs.emplace(spec->name, tensor_at(at, shape, spec->dtype));
-    at += (TensorSpec{spec->name, spec->dtype, shape}.bytes() + kAlign - 1) / kAlign * kAlign;
+    for (const std::string& name : m_.decode_weights) {
+      if (!model.weights.count(name)) refuse("manifest.json: decode_step names a weight '" + name + "' no weight file holds");
+      step_args_.emplace_back(model.weights.at(name));
+    }
+    for (int64_t layer : moe_order) step_args_.emplace_back(model.pools.at(layer));
   }
-  int64_t* token_at = reinterpret_cast<int64_t*>(at);
-  int64_t* position_at = reinterpret_cast<int64_t*>(at + kAlign);
-  int64_t* arange = reinterpret_cast<int64_t*>(at + 2 * kAlign);
-  for (int64_t i = 0; i < capacity; ++i) arange[i] = i;
-  inputs.emplace("tokens", tensor_at(token_at, {1, 1}, "int64"));
-  inputs.emplace("positions", tensor_at(position_at, {1, 1}, "int64"));
 
-  // The one-call step's arguments: its inputs (past_positions per token), the dense weights,
-  // then each MoE layer's pool in program order.
-  ffi::Function decode_step = model.function("segments", m.decode_function);
-  std::vector<ffi::Any> step_args;
-  std::vector<size_t> past_at;
-  for (const std::string& name : m.decode_inputs) {
-    if (name == "past_positions") {
-      past_at.push_back(step_args.size());
-      step_args.emplace_back(nullptr);
-    } else if (inputs.count(name)) step_args.emplace_back(inputs.at(name));
-    else refuse("manifest.json: decode_step takes an input '" + name + "' moetvm-run does not know");
+  int64_t capacity() const { return capacity_; }
+
+  // The logits of `token` at the next position: the first through the checked program, the rest
+  // in one call each.
+  ffi::Tensor step(int64_t token) {
+    *token_ = token, *position_ = length_;
+    for (auto& table : model_.lookups) table->fill_token(token);
+    ffi::Tensor logits;
+    if (length_ == 0) {
+      logits = checked_step();
+    } else {
+      ffi::Tensor past = tensor_at(arange_, {1, length_}, "int64");
+      for (size_t i : past_at_) step_args_[i] = past;
+      logits = call(decode_step_, step_args_, "segments:" + m_.decode_function).cast<ffi::Tensor>();
+    }
+    ++length_;
+    return logits;
   }
-  for (const std::string& name : m.decode_weights) {
-    if (!model.weights.count(name)) refuse("manifest.json: decode_step names a weight '" + name + "' no weight file holds");
-    step_args.emplace_back(model.weights.at(name));
-  }
-  for (int64_t layer : moe_order) step_args.emplace_back(model.pools.at(layer));
+
+ private:
+  static size_t aligned(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
   // A token through the per-segment program: the segments' and layers' functions check every
   // weight's and pool's shape, which the one-call step does not (artifact.DecodeStep).
-  auto checked_step = [&](int64_t length) -> ffi::Tensor {
+  ffi::Tensor checked_step() {
     std::unordered_map<std::string, ffi::Any> env;
-    for (const auto& [name, tensor] : model.weights) env.emplace(name, tensor);
-    for (const auto& [name, tensor] : inputs) env.emplace(name, tensor);
-    env.emplace("past_positions", tensor_at(arange, {1, length}, "int64"));
-    for (const Step& step : m.program) {
+    for (const auto& [name, tensor] : model_.weights) env.emplace(name, tensor);
+    for (const auto& [name, tensor] : inputs_) env.emplace(name, tensor);
+    env.emplace("past_positions", tensor_at(arange_, {1, length_}, "int64"));
+    for (const Step& step : m_.program) {
       std::vector<ffi::Any> args;
       for (const std::string& name : step.inputs) {
         auto it = env.find(name);
@@ -845,23 +859,23 @@ int run(int argc, char** argv) {
       }
       std::vector<ffi::Any> out;
       if (step.op == "segment") {
-        out = results_of(call(model.function("segments", step.name), args, "segments:" + step.name));
+        out = results_of(call(model_.function("segments", step.name), args, "segments:" + step.name));
         if (out.size() != step.outputs.size())
           refuse("segments:" + step.name + ": returns " + std::to_string(out.size()) + " values, the manifest names " +
                  std::to_string(step.outputs.size()));
       } else {
-        const MoELayer& layer = m.moe_layers.at(step.layer);
-        const Workload& w = m.workloads.at(layer.workload);
-        ffi::Tensor pool = model.pools.at(step.layer);
-        if (!layer.decode_function.empty()) {
-          out = {call(model.function(layer.router_library, layer.decode_function), {args[0], pool}, layer.decode_function)};
+        const MoELayer& layer = m_.moe_layers.at(step.layer);
+        ffi::Tensor pool = model_.pools.at(step.layer);
+        if (!layer.decode_function.empty()) {  // router and layer in one call
+          out = {call(model_.function(layer.router_library, layer.decode_function), {args[0], pool}, layer.decode_function)};
         } else {  // the router's scores, then the layer's experts, on the token's (1, d) row
           auto x = args[0].try_cast<ffi::Tensor>();
           if (!x) refuse(step.name + ": its input is not a tensor");
           std::string dtype = ffi::DLDataTypeToString(x->dtype());
           ffi::Tensor row = tensor_at(x->data_ptr(), {1, layer.d_model}, dtype);
-          ffi::Any scores = call(model.function(layer.router_library, layer.router_function), {row}, layer.router_function);
-          ffi::Any y = call(model.function(w.library, layer.resident_function), {row, scores, pool}, layer.resident_function);
+          ffi::Any scores = call(model_.function(layer.router_library, layer.router_function), {row}, layer.router_function);
+          const std::string& library = m_.workloads.at(layer.workload).library;
+          ffi::Any y = call(model_.function(library, layer.resident_function), {row, scores, pool}, layer.resident_function);
           auto yt = y.try_cast<ffi::Tensor>();
           if (!yt) refuse(layer.resident_function + ": did not return a tensor");
           env["\x01" + step.name] = y;  // keeps the memory the (1, 1, d) view below lies in
@@ -873,46 +887,69 @@ int run(int argc, char** argv) {
     auto logits = env.count("logits") ? env.at("logits").try_cast<ffi::Tensor>() : std::nullopt;
     if (!logits) refuse("the program gives no logits tensor");
     return *logits;
-  };
+  }
 
+  Model& model_;
+  const Manifest& m_;
+  int64_t capacity_ = 0, length_ = 0;
+  std::unique_ptr<HostBlock> block_;
+  std::unordered_map<std::string, ffi::Tensor> inputs_;
+  int64_t *token_ = nullptr, *position_ = nullptr, *arange_ = nullptr;
+  ffi::Function decode_step_;
+  std::vector<ffi::Any> step_args_;
+  std::vector<size_t> past_at_;
+};
+
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+int run(const Options& options) {
+  double t_start = now_ms();
+  Model model;
+  model.manifest = read_manifest(options.root);
+  const Manifest& m = model.manifest;
+  std::vector<int64_t> prompt = parse_token_ids(options.token_ids, m.vocab);
+  int64_t positions = static_cast<int64_t>(prompt.size()) + options.max_new;
+  if (m.max_positions && positions > m.max_positions)
+    refuse("sequence of " + std::to_string(positions) + " tokens exceeds the model's " + std::to_string(m.max_positions) + " positions");
+
+  for (const auto& [name, ref] : m.libraries) model.vms.emplace(name, load_library(options.root, ref, machine()));
+  load_dense(options.root, model);
+  std::vector<int64_t> moe_order;
+  for (const Step& step : m.program)
+    if (step.op == "moe") {
+      if (!m.moe_layers.count(step.layer)) refuse("manifest.json: step " + step.name + " names no MoE layer");
+      moe_order.push_back(step.layer);
+    }
+  load_pools(options.root, model, moe_order);
+  Decoder decoder(model, moe_order, positions);
   malloc_trim(0);  // what loading freed (the manifest's parse, read buffers) back to the system
-  double loaded_ms = clock() - t_start;
+  double loaded_ms = now_ms() - t_start;
+
+  // The prompt a token a step (the decode step takes one), then each new token fed back.
   std::vector<int64_t> generated;
   std::vector<double> latencies;
   std::string finish = "length";
-  double prefill_ms = 0;
-  int64_t length = 0, next = 0;
-  for (size_t i = 0; i < prompt.size() + max_new - 1; ++i) {
-    int64_t token = i < prompt.size() ? prompt[i] : next;
-    double t0 = clock();
-    *token_at = token, *position_at = length;
-    for (auto& table : model.lookups) table->fill_token(token);
-    ffi::Tensor logits;
-    if (length == 0) {
-      logits = checked_step(0);
-    } else {
-      ffi::Tensor past = tensor_at(arange, {1, length}, "int64");
-      for (size_t at_index : past_at) step_args[at_index] = past;
-      logits = call(decode_step, step_args, "segments:" + m.decode_function).cast<ffi::Tensor>();
-    }
-    ++length;
-    if (i + 1 < prompt.size()) continue;
-    next = argmax(logits, m.vocab);
-    double elapsed = clock() - t0;
-    if (i + 1 == prompt.size()) prefill_ms = clock() - t_start - loaded_ms;
-    else latencies.push_back(elapsed);
+  for (size_t i = 0; i + 1 < prompt.size(); ++i) decoder.step(prompt[i]);
+  int64_t next = argmax(decoder.step(prompt.back()), m.vocab);
+  double prefill_ms = now_ms() - t_start - loaded_ms;
+  while (true) {
     generated.push_back(next);
-    if (!as_json) std::printf("%lld,", static_cast<long long>(next)), std::fflush(stdout);
-    if (!ignore_eos && std::find(m.eos.begin(), m.eos.end(), next) != m.eos.end()) {
+    if (!options.as_json) std::printf("%lld,", static_cast<long long>(next)), std::fflush(stdout);
+    if (!options.ignore_eos && std::find(m.eos.begin(), m.eos.end(), next) != m.eos.end()) {
       finish = "eos";
       break;
     }
-    if (static_cast<int64_t>(generated.size()) == max_new) break;
+    if (static_cast<int64_t>(generated.size()) == options.max_new) break;
+    double t0 = now_ms();
+    next = argmax(decoder.step(next), m.vocab);
+    latencies.push_back(now_ms() - t0);
   }
-  // The last token counted: the loop feeds each generated token but the last back in.
+
   struct rusage usage;
   getrusage(RUSAGE_SELF, &usage);
-  if (!as_json) {
+  if (!options.as_json) {
     std::printf("\n");
     std::fprintf(stderr, "prefill %.1f ms (%zu tokens, one step each), decode p50 %.2f ms a token, load %.0f ms, peak RSS %.0f MB\n",
                  prefill_ms, prompt.size(), percentile(latencies, 0.5), loaded_ms, usage.ru_maxrss / 1024.0);
@@ -924,7 +961,7 @@ int run(int argc, char** argv) {
   json << "], \"finish_reason\": \"" << finish << "\", \"decode_tokens\": " << latencies.size()
        << ", \"latency_ms\": {\"p50\": " << percentile(latencies, 0.5) << ", \"p95\": " << percentile(latencies, 0.95)
        << ", \"p99\": " << percentile(latencies, 0.99) << "}, \"prefill_ms\": [" << prefill_ms << "], \"load_ms\": " << loaded_ms
-       << ", \"kv_capacity\": " << capacity << ", \"peak_rss_mb\": " << usage.ru_maxrss / 1024.0 << "}";
+       << ", \"kv_capacity\": " << decoder.capacity() << ", \"peak_rss_mb\": " << usage.ru_maxrss / 1024.0 << "}";
   std::printf("%s\n", json.str().c_str());
   return 0;
 }
@@ -933,7 +970,8 @@ int run(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   try {
-    return run(argc, argv);
+    std::optional<Options> options = parse_options(argc, argv);
+    return options ? run(*options) : 0;
   } catch (const Refusal& e) {
     std::fprintf(stderr, "moetvm-run: error: %s\n", e.what());
   } catch (const ffi::Error& e) {
