@@ -38,7 +38,8 @@ Engines, interleaved round-robin within each round, medians over --rounds:
 Scenario: batch 1, a 16-token prompt, 64 new tokens, at thread counts --threads (default 1,2);
 per-token latency at context --depths (a D-token prompt, then 16 tokens; llama-bench -d D).
 
-Output: a table on stdout, progress on stderr, build/bench-decode/results.json and decode.png.
+Output: a table on stdout, progress on stderr, build/bench-decode/results.json and decode.png
+(decode tok/s and peak RSS per engine).
 A failed or missing engine is a row "n/a (reason)", never a crash.
 """
 
@@ -689,6 +690,8 @@ def print_table(rows: list[dict], models: dict, bandwidth: dict[int, float], dep
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Decode tok/s (left) and peak RSS (right) per model and thread count, a bar per engine and
+    precision."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -696,29 +699,32 @@ def plot(rows: list[dict], path: Path) -> None:
 
     groups = list(dict.fromkeys((r["model"], r["threads"]) for r in rows))
     series = list(dict.fromkeys((r["engine"], r["precision"]) for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(groups)), 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(2 * max(6, 2.2 * len(groups)), 4.5))
     width = 0.8 / max(len(series), 1)
     colors = {"moetvm": "tab:blue", "moetvm-run": "tab:cyan", "llama.cpp": "tab:orange", "pytorch": "tab:green"}
     hatch = {"fp32": "", "int8": "//", "int4": "xx", "int4s": ".."}
-    for i, (engine, prec) in enumerate(series):
-        xs, ys = [], []
-        for g, (model, threads) in enumerate(groups):
-            r = next((r for r in rows if (r["model"], r["threads"], r["engine"], r["precision"]) ==
-                      (model, threads, engine, prec)), None)
-            x = g + (i - (len(series) - 1) / 2) * width
-            if r is None or r.get("tok_s") is None:
-                ax.text(x, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
-                continue
-            xs.append(x)
-            ys.append(r["tok_s"])
-        name = f"{engine} {GGUF_TYPE[prec] if engine == 'llama.cpp' else prec}"
-        ax.bar(xs, ys, width, label=name, color=colors.get(engine), hatch=hatch.get(prec, ""), edgecolor="black",
-               linewidth=0.4)
-    ax.set_xticks(range(len(groups)), [f"{m}\n{t} thread{'s' if t > 1 else ''}" for m, t in groups])
-    ax.set_ylabel("decode tokens/s (batch 1)")
-    ax.set_title("Decode speed, 16-token prompt, 64 new tokens")
-    ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
+    for ax, key, label in ((axes[0], "tok_s", "decode tokens/s (batch 1)"), (axes[1], "peak_rss_mb", "peak RSS, MB")):
+        for i, (engine, prec) in enumerate(series):
+            xs, ys = [], []
+            for g, (model, threads) in enumerate(groups):
+                r = next((r for r in rows if (r["model"], r["threads"], r["engine"], r["precision"]) ==
+                          (model, threads, engine, prec)), None)
+                x = g + (i - (len(series) - 1) / 2) * width
+                if r is None or r.get(key) is None:
+                    ax.text(x, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
+                    continue
+                xs.append(x)
+                ys.append(r[key])
+            name = f"{engine} {GGUF_TYPE[prec] if engine == 'llama.cpp' else prec}"
+            ax.bar(xs, ys, width, label=name, color=colors.get(engine), hatch=hatch.get(prec, ""), edgecolor="black",
+                   linewidth=0.4)
+        ax.set_xticks(range(len(groups)), [f"{m}\n{t} thread{'s' if t > 1 else ''}" for m, t in groups])
+        ax.set_ylabel(label)
+    axes[0].set_title("Decode speed, 16-token prompt, 64 new tokens")
+    axes[1].set_title("Peak RSS of the decode run (every expert resident)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(series), 6), fontsize=7)
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(series) - 1) // 6), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
