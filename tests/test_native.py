@@ -179,3 +179,11 @@ def test_board_build_decodes_the_cortex_a72_artifact_on_the_emulated_board(board
     host = out.with_name("host-moetvm-run")
     assert subprocess.run([REPO / "scripts" / "build-native", "-o", host], capture_output=True, timeout=600).returncode == 0
     _refused(run_native(host, a72_artifact, prompt, expect_ok=False), "built for aarch64, this machine is x86-64")
+
+
+def test_the_build_never_replaces_a_file_that_is_not_its_own(tmp_path):
+    mine = tmp_path / "moetvm-run"
+    mine.write_text("a user's file")
+    proc = subprocess.run([REPO / "scripts" / "build-native", "-o", mine], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "not a moetvm-run binary; not replacing it" in proc.stderr, proc.stderr
+    assert mine.read_text() == "a user's file"
