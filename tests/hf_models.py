@@ -1,7 +1,8 @@
 """Small random-weight Hugging Face transformers MoE models (2 layers, 8 experts, hidden 64), made
 locally: no model hub. Weights are drawn wider than transformers' init (std 0.02 would leave
 router scores nearly tied, so top-k could flip on rounding) and every routing bias is random, so
-tests can fail on a mistranslated term."""
+tests can fail on a mistranslated term. And the reference the tests hold greedy decoding to:
+`greedy_ids`, a model's own forward over the whole sequence at every step."""
 
 from __future__ import annotations
 
@@ -103,3 +104,17 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
                 # decay (A_log), skip (D) and time-step bias at one value per head
                 param.normal_(0, 0.5)
     return model
+
+
+def greedy_ids(model: torch.nn.Module, prompt, n: int) -> list[int]:
+    """The n greedy tokens after `prompt` (token ids, any shape holding one sequence) by `model`'s
+    own forward over the whole sequence at every step, with no KV cache to share bugs with: a
+    transformers model (its output's .logits) or the shipped reference model (logits itself)."""
+    seq = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
+    start = seq.shape[1]
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(seq)
+            logits = getattr(logits, "logits", logits)
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq[0, start:].tolist()

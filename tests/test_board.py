@@ -14,6 +14,7 @@ import torch
 
 from moetvm.artifact import read_manifest
 from moetvm.verify import relative_error
+from hf_models import greedy_ids
 from servers import start, stop
 
 pytestmark = pytest.mark.slow
@@ -43,12 +44,7 @@ def test_a72_artifact_runs_on_emulated_board(board, a72_artifact, reference_mode
     with torch.no_grad():
         theirs = reference_model(torch.from_numpy(tokens)).numpy()
     assert relative_error(np.load(out), theirs) < 1e-4
-    ids, greedy = torch.from_numpy(tokens), []
-    with torch.no_grad():
-        for _ in range(32):
-            greedy.append(int(reference_model(ids)[0, -1].argmax()))
-            ids = torch.cat([ids, torch.tensor([[greedy[-1]]])], dim=1)
-    assert result["new"] == greedy
+    assert result["new"] == greedy_ids(reference_model, tokens, 32)
     assert result["stats"]["evictions"] > 0  # 25% budget: the board's cache really worked
 
 
@@ -219,12 +215,9 @@ def test_transformers_family_on_emulated_board(board, family, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["machine"] == "aarch64" and result["stats"]["evictions"] > 0
-    ids = torch.from_numpy(tokens)
     with torch.no_grad():
-        assert relative_error(np.load(tmp_path / "l.npy"), model(ids).logits.numpy()) < 1e-4
-        for _ in range(32):
-            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert result["new"] == ids[0, 12:].tolist()
+        assert relative_error(np.load(tmp_path / "l.npy"), model(torch.from_numpy(tokens)).logits.numpy()) < 1e-4
+    assert result["new"] == greedy_ids(model, tokens, 32)
 
 
 def test_encrypted_artifact_on_emulated_board(board, reference_model, heldout_tokens, tmp_path):

@@ -21,6 +21,7 @@ from moetvm.compiler.build_target import BuildTarget
 from moetvm.runtime import load_model
 
 from moetvm.verify import relative_error
+from hf_models import greedy_ids
 
 
 @pytest.fixture(scope="module")
@@ -162,14 +163,7 @@ def test_long_greedy_decode_matches_pytorch(reference_artifact, reference_model,
     prompt = heldout_tokens[:32]
     model = load_model(reference_artifact, cache_budget="100%")
     ours = model.generate(prompt, 320)
-    ids = torch.from_numpy(prompt[None])
-    theirs = []
-    with torch.no_grad():
-        for _ in range(320):
-            logits = reference_model(ids)[0, -1]
-            theirs.append(int(logits.argmax()))
-            ids = torch.cat([ids, torch.tensor([[theirs[-1]]])], dim=1)
-    assert ours == theirs
+    assert ours == greedy_ids(reference_model, prompt, 320)
     full = np.concatenate([prompt, np.array(ours[:-1])])[None]
     with torch.no_grad():
         expected = reference_model(torch.from_numpy(full)).numpy()

@@ -7,6 +7,7 @@ import torch
 from moetvm.runtime import load_model
 
 from moetvm.verify import relative_error
+from hf_models import greedy_ids
 
 TOLERANCE = 1e-4  # fp32 end to end: observed ~5e-7
 
@@ -57,14 +58,7 @@ def test_each_moe_layer_matches_on_fresh_random_inputs(reference_artifact, refer
 def test_greedy_generation_matches_pytorch(reference_artifact, reference_model, heldout_tokens):
     model = load_model(reference_artifact, cache_budget="25%", prefetch=False, preload=0)  # plain LRU accounting
     prompt = heldout_tokens[2000:2016]
-    ours = model.generate(prompt, 32)
-    ids = torch.from_numpy(prompt[None])
-    theirs = []
-    with torch.no_grad():
-        for _ in range(32):
-            theirs.append(int(reference_model(ids)[0, -1].argmax()))
-            ids = torch.cat([ids, torch.tensor([[theirs[-1]]])], dim=1)
-    assert ours == theirs
+    assert model.generate(prompt, 32) == greedy_ids(reference_model, prompt, 32)
     stats = model.stats()
     assert stats["decode_tokens"] == 31 and stats["latency_ms"]["p50"] > 0
     assert 0 < stats["hit_rate"] < 1 and stats["expert_loads"] == stats["misses"]

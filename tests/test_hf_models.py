@@ -11,7 +11,7 @@ from moetvm.compiler import compile_model
 from moetvm.runtime import load_model
 
 from moetvm.verify import relative_error
-from hf_models import FAMILIES, MOE_LAYERS, tiny_model
+from hf_models import FAMILIES, MOE_LAYERS, greedy_ids, tiny_model
 
 pytest.importorskip("transformers")
 
@@ -22,15 +22,6 @@ def compiled(request, tmp_path_factory):
     out = compile_model(model, target="host", out=tmp_path_factory.mktemp("hf") / request.param,
                         source=f"transformers:{request.param}", progress=False)
     return request.param, model, out
-
-
-def _greedy(model, prompt: torch.Tensor, n: int) -> list[int]:
-    """transformers' own forward over the whole sequence at every step: no cache to share bugs with."""
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(n):
-            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return seq[0, prompt.shape[1]:].tolist()
 
 
 @pytest.mark.slow
@@ -53,7 +44,7 @@ def test_family_matches_transformers_with_evicting_cache(compiled):
         assert relative_error(ours, theirs) < 1e-4, family
 
     prompt = torch.from_numpy(rng.integers(0, 128, size=(1, 5)))
-    assert runtime.generate(prompt[0].numpy(), 16) == _greedy(model, prompt, 16)
+    assert runtime.generate(prompt[0].numpy(), 16) == greedy_ids(model, prompt, 16)
     assert runtime.stats()["evictions"] > 0
     if family == "olmoe":  # compiled from a module, not a directory: no tokenizer, so text is refused up front
         import subprocess

@@ -16,7 +16,7 @@ from moetvm.artifact import FORMAT_VERSION, file_ref
 from moetvm.compiler import compile_model
 from moetvm.compiler.options import CompileOptions
 from moetvm.runtime import load_model
-from hf_models import tiny_model
+from hf_models import greedy_ids, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,23 +38,12 @@ def run_native(native, artifact, ids, new=24, *extra, expect_ok=True):
     return proc
 
 
-def _greedy(model, prompt: list[int], n: int) -> list[int]:
-    """transformers' forward over the whole sequence at every step (no cache shared with ours)."""
-    seq = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(seq)
-            logits = getattr(logits, "logits", logits)
-            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return seq[0, len(prompt):].tolist()
-
-
 def test_shipped_model_decodes_as_the_python_runtime_and_pytorch(native, reference_artifact, reference_model,
                                                                  heldout_tokens):
     prompt = heldout_tokens[5000:5016].tolist()
     result = run_native(native, reference_artifact, prompt, 32)
     python = load_model(reference_artifact, cache_budget="100%").generate(prompt, 32, ignore_eos=True)
-    assert result["new_ids"] == python == _greedy(reference_model, prompt, 32)
+    assert result["new_ids"] == python == greedy_ids(reference_model, prompt, 32)
     assert result["prompt_tokens"] == 16 and result["decode_tokens"] == 31 and result["finish_reason"] == "length"
     assert result["peak_rss_mb"] > 0 and result["latency_ms"]["p50"] > 0
 
@@ -75,7 +64,7 @@ def test_transformers_model_decodes_as_the_python_runtime(native, olmoe):
               if t.get("lookup_rows")]
     assert tables  # its untied table is read by the slices the tokens reach
     prompt = np.random.default_rng(3).integers(0, 128, size=12).tolist()
-    assert run_native(native, fp32, prompt, 24)["new_ids"] == _greedy(model, prompt, 24)
+    assert run_native(native, fp32, prompt, 24)["new_ids"] == greedy_ids(model, prompt, 24)
     # Quantized weights and scales in their pools' slots, the dense part's too: the same kernels
     # as the Python runtime's one-call step, so the same tokens.
     python = load_model(int4, cache_budget="100%").generate(prompt, 24, ignore_eos=True)
@@ -87,7 +76,7 @@ def test_stops_at_the_end_of_sequence_id_unless_told(native, olmoe, tmp_path):
 
     model, fp32, _ = olmoe
     prompt = [5, 9, 17, 3]
-    first = _greedy(model, prompt, 1)[0]
+    first = greedy_ids(model, prompt, 1)[0]
     art = _copy(fp32, tmp_path)
     (art / "tokenizer").mkdir()
     vocab = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
@@ -102,7 +91,7 @@ def test_stops_at_the_end_of_sequence_id_unless_told(native, olmoe, tmp_path):
     result = json.loads(proc.stdout)
     assert result["new_ids"] == [first] == load_model(art, cache_budget="100%").generate(prompt, 8)
     assert result["finish_reason"] == "eos"
-    assert run_native(native, art, prompt, 8)["new_ids"] == _greedy(model, prompt, 8)  # --ignore-eos
+    assert run_native(native, art, prompt, 8)["new_ids"] == greedy_ids(model, prompt, 8)  # --ignore-eos
 
 
 def _copy(artifact: Path, tmp_path: Path) -> Path:
@@ -175,7 +164,7 @@ def test_board_build_decodes_the_cortex_a72_artifact_on_the_emulated_board(board
                            ",".join(map(str, prompt)), "--max-new-tokens", "16", "--ignore-eos", "--json"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout)["new_ids"] == _greedy(reference_model, prompt, 16)
+    assert json.loads(proc.stdout)["new_ids"] == greedy_ids(reference_model, prompt, 16)
     host = out.with_name("host-moetvm-run")
     assert subprocess.run([REPO / "scripts" / "build-native", "-o", host], capture_output=True, timeout=600).returncode == 0
     _refused(run_native(host, a72_artifact, prompt, expect_ok=False), "built for aarch64, this machine is x86-64")

@@ -327,25 +327,25 @@ def native_binary(root: Path, timeout: float) -> Path:
 
 
 def native_run(binary: Path, art: Path, ids: list[int], new: int, threads: int, timeout: float) -> dict:
-    out, _, wall, rss = run_proc([binary, art, "--token-ids", ",".join(map(str, ids)), "--max-new-tokens", new, "--json"],
-                                 env=thread_env(threads), timeout=timeout)
-    r = json.loads(out.strip().splitlines()[-1])
-    p50 = r["latency_ms"]["p50"]
-    return {"ms_per_token": p50, "tok_s": 1e3 / p50 if p50 else None, "prefill_ms": r["prefill_ms"][0],
-            "peak_rss_mb": rss, "wall_s": wall}
+    return decode_run([binary, art, "--token-ids", ",".join(map(str, ids)), "--max-new-tokens", new, "--json"],
+                      threads, timeout)
 
 
 def moetvm_run(art: Path, ids: list[int], new: int, threads: int, timeout: float) -> dict:
     # Every expert resident and preloaded: decode speed, not first-touch loads from disk.
-    out, _, wall, rss = run_proc([*moetvm_cmd(), "run", art, "--token-ids", ",".join(map(str, ids)),
-                                  "--max-new-tokens", new, "--cache-budget", "100%", "--preload", "1", "--json"],
-                                 env=thread_env(threads), timeout=timeout)
+    return decode_run([*moetvm_cmd(), "run", art, "--token-ids", ",".join(map(str, ids)), "--max-new-tokens", new,
+                       "--cache-budget", "100%", "--preload", "1", "--json"], threads, timeout)
+
+
+def decode_run(cmd: list, threads: int, timeout: float) -> dict:
+    """One decode by `moetvm run --json` or `moetvm-run --json` (the same report, less the
+    Python runtime's cache and timer fields for moetvm-run)."""
+    out, _, wall, rss = run_proc(cmd, env=thread_env(threads), timeout=timeout)
     r = json.loads(out.strip().splitlines()[-1])
     p50 = r["latency_ms"]["p50"]
     return {"ms_per_token": p50, "tok_s": 1e3 / p50 if p50 else None, "prefill_ms": r["prefill_ms"][0],
-            "peak_rss_mb": rss, "wall_s": wall, "time_ms": r["time_ms"], "expert_loads": r["expert_loads"],
-            "outside_compiled_share": r.get("outside_compiled_share"),
-            "evictions": r["evictions"], "expert_load_ms": r["expert_load_ms"]}
+            "peak_rss_mb": rss, "wall_s": wall, "outside_compiled_share": r.get("outside_compiled_share"),
+            **{k: r[k] for k in ("time_ms", "expert_loads", "evictions", "expert_load_ms") if k in r}}
 
 
 # --- llama.cpp --------------------------------------------------------------------------------
