@@ -11,9 +11,14 @@ from pathlib import Path
 
 
 def start(cmd, ready: str, log: Path, timeout: float = 120):
-    """Start `cmd`; wait for a log line containing `ready`; return (process, that line)."""
+    """Start `cmd`; wait for a log line containing `ready`; return (process, that line). Its
+    temporary files (an RPC server's workspace: uploaded artifacts) go beside the log, under the
+    test's own directory: a killed server never cleans up after itself."""
     handle = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    scratch = log.with_name(log.stem + ".tmp")
+    scratch.mkdir(exist_ok=True)
+    proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(scratch)})
     deadline = time.time() + timeout
     while time.time() < deadline:
         text = log.read_text()

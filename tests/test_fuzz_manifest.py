@@ -501,8 +501,10 @@ def campaign(artifact: Path, examples: int, forward: bool = True, seed: int | No
 
     if seed is not None:
         run = hseed(seed)(run)
-    run()
-    shutil.rmtree(root.parent, ignore_errors=True)
+    try:
+        run()
+    finally:
+        shutil.rmtree(root.parent, ignore_errors=True)
     return result
 
 
@@ -545,8 +547,9 @@ if __name__ == "__main__":
         from moetvm.compiler import compile_model
         from moetvm.compiler.models import calibration_windows, load_model_source
 
+        scratch = tempfile.TemporaryDirectory(prefix="moetvm-fuzz-")  # removed as the process ends
         artifact = compile_model(load_model_source("reference"), target="host",
-                                 out=Path(tempfile.mkdtemp()) / "reference-host", source="reference",
+                                 out=Path(scratch.name) / "reference-host", source="reference",
                                  progress=False, calibration=calibration_windows())
     res = campaign(Path(artifact), args.campaign, forward=not args.no_forward, seed=args.seed,
                    parse_only=args.parse_only)
