@@ -48,6 +48,17 @@ def test_shipped_model_decodes_as_the_python_runtime_and_pytorch(native, referen
     assert result["peak_rss_mb"] > 0 and result["latency_ms"]["p50"] > 0
 
 
+@pytest.mark.parametrize("length", [1, 300])
+def test_a_prompt_of_one_token_or_of_several_chunks(native, reference_artifact, reference_model, heldout_tokens, length):
+    """The prompt goes through the program 128 positions a call (300: three chunks, the last one
+    short), or as one token, which takes the pooled VM's steady path: the same tokens either way."""
+    prompt = heldout_tokens[7000:7000 + length].tolist()
+    result = run_native(native, reference_artifact, prompt, 16)
+    python = load_model(reference_artifact, cache_budget="100%").generate(prompt, 16, ignore_eos=True)
+    assert result["new_ids"] == python == greedy_ids(reference_model, prompt, 16)
+    assert result["prompt_tokens"] == length
+
+
 @pytest.fixture(scope="module")
 def olmoe(tmp_path_factory):
     """A transformers OLMoE (untied embedding table) at fp32 and with the whole model at int4."""

