@@ -442,6 +442,8 @@ class HostBlock {
   char* start_;
 };
 
+size_t aligned(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
 // Tensors over memory this program owns (it outlives every call): no copy, no free.
 struct Borrowed {
   void AllocData(DLTensor* t, void* data) { t->data = data; }
@@ -455,8 +457,7 @@ ffi::Tensor tensor_at(void* data, const std::vector<int64_t>& shape, const std::
 // Tensors over memory of their own, aligned as the kernels expect, freed with the last reference.
 struct Owned {
   void AllocData(DLTensor* t) {
-    size_t bytes = (std::max<size_t>(ffi::GetDataSize(*t), 1) + kAlign - 1) / kAlign * kAlign;
-    t->data = std::aligned_alloc(kAlign, bytes);
+    t->data = std::aligned_alloc(kAlign, aligned(std::max<size_t>(ffi::GetDataSize(*t), 1)));
     if (!t->data) throw std::bad_alloc();
   }
   void FreeData(DLTensor* t) { std::free(t->data); }
@@ -701,7 +702,7 @@ void load_pools(const std::string& root, Model& model, const std::vector<int64_t
       for (size_t i = 0; i < w.params.size(); ++i)
         std::memcpy(at + e * w.slot_bytes + w.slot_offsets[i], scratch.data() + offsets[w.params[i].name], w.params[i].bytes());
     }
-    at += ((layer.n_experts * w.slot_bytes + kAlign - 1) / kAlign) * kAlign;
+    at += aligned(layer.n_experts * w.slot_bytes);
   }
   std::vector<char>().swap(scratch);
   model.blocks.back()->settle();
@@ -809,8 +810,10 @@ std::vector<int64_t> parse_token_ids(const std::string& text, int64_t vocab) {
   return ids;
 }
 
-// One token at a time on the KV cache in place: the step's inputs (KV buffers, the token and
-// its position, the cached positions) and the one-call step's arguments, made once.
+// A generation on the KV cache in place: the prompt in chunks through the per-segment program,
+// then a token at a time through the one-call step. The steps' inputs (KV buffers, the token and
+// its position, the cached positions), the one-call step's arguments and what the program drops
+// after each step are made once.
 class Decoder {
  public:
   // KV buffers for exactly the positions a generation writes, to the capacity multiple: each the
@@ -858,6 +861,22 @@ class Decoder {
       step_args_.emplace_back(model.weights.at(name));
     }
     for (int64_t layer : moe_order) step_args_.emplace_back(model.pools.at(layer));
+
+    // For a prefill chunk (runtime/model.py's _dead_after and _head_segments): the values no later
+    // step reads, dropped after their last step, so that a chunk holds one layer's intermediates
+    // at a time; and the segments giving the model's outputs (the final norm, the LM head) that
+    // run on the last position alone, since a prefill uses only its logits.
+    std::unordered_map<std::string, size_t> last_use;
+    for (size_t i = 0; i < m_.program.size(); ++i)
+      for (const auto* names : {&m_.program[i].inputs, &m_.program[i].outputs})
+        for (const std::string& name : *names) last_use[name] = i;
+    dead_after_.resize(m_.program.size());
+    for (const auto& [name, last] : last_use)
+      if (!m_.outputs.count(name)) dead_after_[last].push_back(name);
+    for (const Step& step : m_.program)
+      on_last_position_.push_back(step.op == "segment" && step.per_position &&
+                                  std::all_of(step.outputs.begin(), step.outputs.end(),
+                                              [&](const std::string& o) { return m_.outputs.count(o) > 0; }));
   }
 
   int64_t capacity() const { return capacity_; }
@@ -892,17 +911,13 @@ class Decoder {
   }
 
  private:
-  static size_t aligned(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
-
   static const DLTensor& checked_tensor(const ffi::Any& value, const std::string& what) {
     auto t = value.as<ffi::Tensor>();
     if (!t) refuse(what + " is not a tensor");
     return *t->GetDLTensorPtr();
   }
 
-  // Positions [length_, length_ + n) through the program; the values no later step reads are
-  // dropped after their last step (runtime/model.py's _dead_after): a chunk holds one layer's
-  // intermediates at a time.
+  // Positions [length_, length_ + n) through the program.
   ffi::Tensor prefill_chunk(const std::vector<int64_t>& tokens) {
     const int64_t n = static_cast<int64_t>(tokens.size());
     ffi::Tensor ids = empty_tensor({1, n}, DLDataType{kDLInt, 64, 1});
@@ -915,21 +930,14 @@ class Decoder {
     env["tokens"] = ids;
     env["positions"] = tensor_at(arange_ + length_, {1, n}, "int64");  // 8-byte steps: chunks start at multiples of 128
     env["past_positions"] = tensor_at(arange_, {1, length_}, "int64");
-    std::unordered_map<std::string, size_t> last_use;
-    for (size_t i = 0; i < m_.program.size(); ++i)
-      for (const auto* names : {&m_.program[i].inputs, &m_.program[i].outputs})
-        for (const std::string& name : *names) last_use[name] = i;
-
     for (size_t index = 0; index < m_.program.size(); ++index) {
       const Step& step = m_.program[index];
-      // The final norm and LM head on the last position's rows: the only logits a prefill uses.
-      bool last_row = step.op == "segment" && step.per_position &&
-                      std::all_of(step.outputs.begin(), step.outputs.end(), [&](const std::string& o) { return m_.outputs.count(o); });
       std::vector<ffi::Any> args;
       for (const std::string& name : step.inputs) {
         auto it = env.find(name);
         if (it == env.end()) refuse("manifest.json: step " + step.name + " reads '" + name + "', which nothing gives");
-        args.push_back(last_row && !model_.weights.count(name) ? last_position(it->second, n, step.name) : it->second);
+        bool rows = on_last_position_[index] && !model_.weights.count(name);
+        args.push_back(rows ? last_position(it->second, n, step.name) : it->second);
       }
       std::vector<ffi::Any> out;
       if (step.op == "segment") {
@@ -941,8 +949,7 @@ class Decoder {
         out = {moe_rows(m_.moe_layers.at(step.layer), model_.pools.at(step.layer), args[0], n, step.name)};
       }
       for (size_t i = 0; i < step.outputs.size(); ++i) env[step.outputs[i]] = out[i];
-      for (const auto& [name, last] : last_use)
-        if (last == index && !m_.outputs.count(name) && !model_.weights.count(name) && !inputs_.count(name)) env.erase(name);
+      for (const std::string& name : dead_after_[index]) env.erase(name);  // a weight or KV buffer lives on in the model
     }
     length_ += n;
     auto logits = env.count("logits") ? env.at("logits").try_cast<ffi::Tensor>() : std::nullopt;
@@ -1006,6 +1013,8 @@ class Decoder {
   ffi::Function decode_step_;
   std::vector<ffi::Any> step_args_;
   std::vector<size_t> past_at_;
+  std::vector<std::vector<std::string>> dead_after_;
+  std::vector<bool> on_last_position_;
 };
 
 double now_ms() {
